@@ -1,0 +1,86 @@
+"""A hospital's local data as the client sees it: decoded images, splits, rejections.
+
+Everything here stays on the site. Only counts leave it (see client/app.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core_models.data import SiteData, load_site, write_rejected
+from core_models.splits import assign_splits, check_no_leakage
+
+STATE_DIR = ".equifed"  # per-site state that must persist: split, rejections (later: privacy ledger)
+
+
+@dataclass
+class LocalSite:
+    name: str
+    path: Path
+    data: SiteData
+    split: pd.Series  # "train" / "val" / "test" per accepted row
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        mask = (self.split == name).to_numpy()
+        return self.data.images[mask], self.data.labels[mask]
+
+    def count(self, name: str) -> int:
+        return int((self.split == name).sum())
+
+
+_LOADED: dict[tuple[str, int, int], LocalSite] = {}
+
+
+def resolve_site_path(node_config: dict, run_config: dict) -> Path:
+    """The site's data folder: `data-path` from the SuperNode's node config (deployment),
+    else the `partition-id`-th site of the run's `data-root` (simulation)."""
+    if node_config.get("data-path"):
+        return Path(str(node_config["data-path"])).expanduser()
+    root = str(run_config.get("data-root", ""))
+    if not root or "partition-id" not in node_config:
+        raise ValueError(
+            "no data for this client: set node config 'data-path' (deployment) "
+            "or run config 'data-root' (simulation)"
+        )
+    sites = list_sites(Path(root))
+    pid = int(node_config["partition-id"])
+    if pid >= len(sites):
+        raise ValueError(f"partition-id {pid} but data-root {root} holds only {len(sites)} site(s)")
+    return sites[pid]
+
+
+def list_sites(root: Path) -> list[Path]:
+    """Client site folders of a consortium folder, in the generator's order when known."""
+    index = root / "consortium.json"
+    if index.exists():
+        listed = json.loads(index.read_text())["sites"]
+        return [root / Path(p).name if not Path(p).is_absolute() else Path(p) for p in listed]
+    return sorted(p for p in root.iterdir() if (p / "manifest.csv").exists() and p.name != "holdout")
+
+
+def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name: str | None = None) -> LocalSite:
+    """Load (once per process) and split a site; write its split and rejection list locally."""
+    key = (str(path.resolve()), image_size, seed)
+    if key in _LOADED:
+        return _LOADED[key]
+    data = load_site(path, image_size=image_size, num_classes=num_classes)
+    split = assign_splits(data.frame, seed=seed)
+    frame = data.frame.assign(split=split.to_numpy())
+    check_no_leakage(frame)
+    state = path / STATE_DIR
+    try:
+        state.mkdir(exist_ok=True)
+        frame[["patient_id", "split"]].drop_duplicates().to_csv(state / f"split_seed{seed}.csv", index=False)
+        write_rejected(data.rejected, state / "rejected.csv")
+    except OSError:
+        pass  # read-only data folder: the split is deterministic from the seed anyway
+    if name is None:
+        name = str(frame["site"].iloc[0]) if "site" in frame.columns else path.name
+    site = LocalSite(name=name, path=path, data=data, split=split.reset_index(drop=True))
+    _LOADED[key] = site
+    return site

@@ -1,0 +1,111 @@
+"""The equifed ServerApp: runs the chosen strategy, evaluates the global model on a
+held-out set when one is configured, checkpoints every round, and writes the run folder."""
+
+from __future__ import annotations
+
+import math
+import time
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from core_models.data import load_site
+from core_models.networks import build_model
+from core_models.training import evaluate, make_loader
+from server.checkpoint import load_latest, save_checkpoint
+from server.results import plot_learning_curve, round_table, write_summary, write_tables
+from server.strategy import build_strategy
+
+app = ServerApp()
+
+
+class RunFailed(RuntimeError):
+    """A round in which no site could train: the run cannot make progress."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = dict(context.run_config)
+    out_dir = Path(str(cfg["out-dir"])).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total_rounds = int(cfg["num-server-rounds"])
+    torch.manual_seed(int(cfg["seed"]))
+    model = build_model(str(cfg["model"]), int(cfg["num-classes"]))
+    strategy = build_strategy(str(cfg["strategy"]), cfg)
+    global_rows: list[dict] = []
+
+    done = 0
+    if bool(cfg.get("resume", False)):
+        checkpoint = load_latest(out_dir)
+        if checkpoint is not None:
+            done = int(checkpoint["round"])
+            model.load_state_dict(checkpoint["model"])
+            strategy.load_state(checkpoint["strategy"])
+            global_rows = list(checkpoint["history"]["global"])
+            strategy.site_rows = list(checkpoint["history"]["sites"])
+            log(INFO, "equifed: resuming %s after round %d of %d", out_dir, done, total_rounds)
+    strategy.round_offset = done
+
+    holdout = None
+    if str(cfg.get("holdout-path", "")):
+        data = load_site(Path(str(cfg["holdout-path"])), image_size=int(cfg["image-size"]),
+                         num_classes=int(cfg["num-classes"]))
+        holdout = make_loader(data.images, data.labels, batch_size=256)
+    eval_model = build_model(str(cfg["model"]), int(cfg["num-classes"]))
+    started = time.time()
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Runs after every round (and once before round 1): evaluate, checkpoint, report."""
+        current = server_round + done
+        row: dict = {"round": current, "elapsed_s": round(time.time() - started, 2)}
+        if holdout is not None:
+            eval_model.load_state_dict(arrays.to_torch_state_dict())
+            metrics = evaluate(eval_model, holdout)
+            row.update({f"holdout_{k}": v for k, v in metrics.items()})
+        if server_round == 0 and done > 0:
+            return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        if server_round > 0:
+            train_ok = [r for r in strategy.site_rows if r["round"] == current and r["phase"] == "train"
+                        and r["status"] == "ok"]
+            if not train_ok:
+                raise RunFailed(f"round {current}: no site returned a model; see per_site.csv")
+            row["sites_trained"] = len(train_ok)
+            row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
+                                                 weights=[r["num-examples"] for r in train_ok]))
+            save_checkpoint(out_dir, current, arrays.to_torch_state_dict(), strategy.state(),
+                            {"global": global_rows + [row], "sites": strategy.site_rows})
+        global_rows.append(row)
+        write_tables(out_dir, global_rows, strategy.site_rows)
+        log(INFO, "equifed round %d/%d\n%s", current, total_rounds, round_table(current, strategy.site_rows, row))
+        return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
+                             and not (isinstance(v, float) and math.isnan(v))})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=max(total_rounds - done, 0),
+        timeout=float(cfg["round-timeout"]),
+        train_config=ConfigRecord({"local-epochs": int(cfg["local-epochs"])}),
+        evaluate_fn=evaluate_round,
+    )
+    final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    torch.save(final, out_dir / "final_model.pt")
+    write_tables(out_dir, global_rows, strategy.site_rows)
+    plot_learning_curve(out_dir, global_rows, strategy.site_rows)
+    last = global_rows[-1] if global_rows else {}
+    first = global_rows[0] if global_rows else {}
+    write_summary(out_dir, {
+        "status": "completed",
+        "rounds": total_rounds,
+        "strategy": cfg["strategy"],
+        "model": cfg["model"],
+        "initial_holdout_auroc": first.get("holdout_auroc"),
+        "final_holdout_auroc": last.get("holdout_auroc"),
+        "wall_time_s": round(time.time() - started, 1),
+        "run_config": cfg,
+    })

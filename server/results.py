@@ -1,0 +1,78 @@
+"""The run folder a consortium reads: metrics.csv, per_site.csv, summary.json, a learning curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def write_tables(out_dir: Path, global_rows: list[dict], site_rows: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(global_rows).to_csv(out_dir / "metrics.csv", index=False)
+    pd.DataFrame(site_rows).to_csv(out_dir / "per_site.csv", index=False)
+
+
+def round_table(server_round: int, site_rows: list[dict], global_row: dict | None) -> str:
+    """One round as printed lines: each site's train loss and AUROC of the global model."""
+    rows = [r for r in site_rows if r["round"] == server_round]
+    sites = sorted({r["site"] for r in rows})
+    lines = []
+    for site in sites:
+        train = next((r for r in rows if r["site"] == site and r["phase"] == "train"), {})
+        ev = next((r for r in rows if r["site"] == site and r["phase"] == "evaluate"), {})
+        status = train.get("status", "absent") if train.get("status") != "ok" else ev.get("status", "absent")
+        lines.append(
+            f"  round {server_round:>3} | {site:<18} | train loss {_fmt(train.get('train-loss'))} "
+            f"| site AUROC {_fmt(ev.get('eval-auroc'))} | n {int(train.get('num-examples', 0) or 0):>5} | {status}"
+        )
+    if global_row:
+        lines.append(
+            f"  round {server_round:>3} | {'HOLDOUT (global)':<18} | loss {_fmt(global_row.get('holdout_loss'))} "
+            f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "  -  "
+    return f"{float(value):.3f}"
+
+
+def plot_learning_curve(out_dir: Path, global_rows: list[dict], site_rows: list[dict]) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sites = pd.DataFrame(site_rows)
+    if not sites.empty and "eval-auroc" in sites.columns:
+        ev = sites[(sites["phase"] == "evaluate") & (sites["status"] == "ok")]
+        for site, part in ev.groupby("site"):
+            ax.plot(part["round"], part["eval-auroc"], marker="o", alpha=0.6, label=str(site))
+    glob = pd.DataFrame(global_rows)
+    if not glob.empty and "holdout_auroc" in glob.columns and glob["holdout_auroc"].notna().any():
+        ax.plot(glob["round"], glob["holdout_auroc"], "k-", lw=2.5, marker="s", label="holdout (global)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("AUROC of the global model")
+    ax.set_title("equifed learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out_dir / "learning_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)

@@ -1,0 +1,125 @@
+"""Strategies that keep what Flower's default aggregation throws away.
+
+Flower's FedAvg keeps only the weighted mean of the sites' metrics. A consortium needs
+each site's numbers (which hospital is lagging, which dropped out), and a restart must
+continue the round count and the optimiser state. The mixin adds both on top of
+Flower's own FedAvg / FedProx / FedAdam; aggregation itself stays Flower's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+class SiteTrackingMixin:
+    """Records per-site metrics per round and shifts round numbers after a resume."""
+
+    round_offset: int = 0
+
+    def _init_tracking(self) -> None:
+        self.site_rows: list[dict] = []  # one row per (round, phase, site)
+        self.round_started: dict[int, float] = {}
+        self.expected_nodes: dict[tuple[int, str], list[int]] = {}
+
+    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self.site_rows.append(
+                    {"round": server_round, "phase": phase, "site": f"node-{node}", "status": "error",
+                     "error": msg.error.reason}
+                )
+                continue
+            site = msg.content["site"]["name"] if "site" in msg.content.config_records else f"node-{node}"
+            metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
+            self.site_rows.append({"round": server_round, "phase": phase, "site": site, "status": "ok", **metrics})
+        for node in self.expected_nodes.get((server_round, phase), []):
+            if node not in answered:
+                self.site_rows.append(
+                    {"round": server_round, "phase": phase, "site": f"node-{node}", "status": "no reply"}
+                )
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        server_round += self.round_offset
+        self.round_started[server_round] = time.time()
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.expected_nodes[(server_round, "train")] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.round_offset
+        replies = list(replies)
+        self._record(server_round, "train", replies)
+        return super().aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        server_round += self.round_offset
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.expected_nodes[(server_round, "evaluate")] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
+        replies = list(replies)
+        self._record(server_round, "evaluate", replies)
+        return super().aggregate_evaluate(server_round, replies)
+
+    # --- state for checkpoints -------------------------------------------------------
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Server-optimiser state that a resume needs (FedAdam's moments); empty for FedAvg."""
+        out = {}
+        for name in ("m_t", "v_t"):
+            value = getattr(self, name, None)
+            if value:
+                out[name] = {k: np.asarray(v) for k, v in value.items()}
+        return out
+
+    def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
+
+
+class TrackedFedAvg(SiteTrackingMixin, FedAvg):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._init_tracking()
+
+
+class TrackedFedProx(SiteTrackingMixin, FedProx):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._init_tracking()
+
+
+class TrackedFedAdam(SiteTrackingMixin, FedAdam):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._init_tracking()
+
+
+def build_strategy(name: str, run_config: dict) -> SiteTrackingMixin:
+    """The strategy named in run config, with the consortium's participation settings."""
+    common = dict(
+        fraction_train=float(run_config.get("fraction-train", 1.0)),
+        fraction_evaluate=1.0,
+        min_train_nodes=int(run_config.get("min-train-nodes", 2)),
+        min_evaluate_nodes=int(run_config.get("min-train-nodes", 2)),
+        min_available_nodes=int(run_config.get("min-train-nodes", 2)),
+    )
+    if name == "fedavg":
+        return TrackedFedAvg(**common)
+    if name == "fedprox":
+        return TrackedFedProx(proximal_mu=float(run_config.get("proximal-mu", 0.1)), **common)
+    if name == "fedadam":
+        return TrackedFedAdam(eta=float(run_config.get("server-lr", 0.01)), **common)
+    raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
