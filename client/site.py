@@ -58,8 +58,7 @@ def list_sites(root: Path) -> list[Path]:
     """Client site folders of a consortium folder, in the generator's order when known."""
     index = root / "consortium.json"
     if index.exists():
-        listed = json.loads(index.read_text())["sites"]
-        return [root / Path(p).name if not Path(p).is_absolute() else Path(p) for p in listed]
+        return [root / d for d in json.loads(index.read_text())["site_dirs"]]
     return sorted(p for p in root.iterdir() if (p / "manifest.csv").exists() and p.name != "holdout")
 
 

@@ -20,7 +20,7 @@ def make_loader(
     images: np.ndarray, labels: np.ndarray, batch_size: int = 32, shuffle: bool = False, seed: int = 0
 ) -> DataLoader:
     """A DataLoader over in-memory arrays (images are decoded and cached once per site)."""
-    dataset = TensorDataset(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
+    dataset = TensorDataset(torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override any [tool.flwr.app.config] key, e.g. -c strategy=fedprox")
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
-    parser.add_argument("--cpus-per-client", type=float, default=1.0)
+    parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--overwrite-data", action="store_true", help="regenerate data even if the scenario changed")
     return parser.parse_args(argv)
 
