@@ -3,15 +3,55 @@ weights and aggregate metrics only (no pixels, no patient IDs, no per-record val
 
 from __future__ import annotations
 
+import functools
+import traceback
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import LocalSite, open_site, resolve_site_path
+from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path
 from core_models.networks import build_model, get_device
 from core_models.training import evaluate, make_loader, train_epochs
 
 app = ClientApp()
+
+
+class SiteError(RuntimeError):
+    """What the server learns when a site fails: the kind of failure, never the details."""
+
+
+def keep_details_local(handler):
+    """Error messages can name files or patients; they stay in the site's own log.
+
+    Flower sends an exception's text to the server, so the handler re-raises a message
+    carrying only the site's name and the exception type.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            name = context.node_config.get("site") or f"partition {context.node_config.get('partition-id', '?')}"
+            log_path = _error_log(context)
+            if log_path is not None:
+                with open(log_path, "a", encoding="utf-8") as fh:
+                    fh.write(f"--- {handler.__name__}\n{traceback.format_exc()}\n")
+            raise SiteError(f"site {name}: {type(err).__name__} during {handler.__name__}; "
+                            f"details in the site's {STATE_DIR}/client_errors.log") from None
+
+    return wrapper
+
+
+def _error_log(context: Context) -> Path | None:
+    try:
+        state = resolve_site_path(dict(context.node_config), dict(context.run_config)) / STATE_DIR
+        state.mkdir(parents=True, exist_ok=True)
+        return state / "client_errors.log"
+    except (OSError, ValueError):
+        return None
 
 
 def _site(context: Context) -> LocalSite:
@@ -39,6 +79,7 @@ def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
 
 
 @app.train()
+@keep_details_local
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's train split for `local-epochs`."""
     cfg = context.run_config
@@ -74,6 +115,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@keep_details_local
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the received global model on the site's own test split."""
     site = _site(context)

@@ -1,0 +1,114 @@
+"""The ClientApp's handlers called with real Flower records on a generated site:
+what leaves the site, how a site is found, and what the server learns on failure."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import SiteError, evaluate_global, train
+from client.site import resolve_site_path
+from core_models.networks import build_model
+from simulations.generator import generate_consortium
+
+RUN_CONFIG = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+SCENARIO = """
+name = "client-test"
+seed = 5
+image_size = 32
+[defaults]
+n = 60
+[[sites]]
+name = "gamma"
+[[sites]]
+name = "delta"
+"""
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower's runtime sets who is sending before any Message is built; so do we."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    out = tmp_path_factory.mktemp("client")
+    (out / "s.toml").write_text(SCENARIO)
+    return generate_consortium(out / "s.toml", out / "data")
+
+
+def _context(node_config, **overrides):
+    run_config = {**RUN_CONFIG, "image-size": 32, "local-epochs": 1, **overrides}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def _message(kind="train"):
+    model = build_model("cnn")
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type=kind)
+
+
+def _strings(record_dict: RecordDict) -> list[str]:
+    out = []
+    for record in record_dict.config_records.values():
+        out += [str(v) for v in record.values()]
+    for record in record_dict.metric_records.values():
+        out += [str(k) for k in record.keys()]
+    return out
+
+
+def test_site_found_by_node_config_or_partition(consortium):
+    gamma, delta = consortium
+    assert resolve_site_path({"data-path": str(delta)}, {"data-root": ""}) == delta
+    root = gamma.parent
+    assert resolve_site_path({"partition-id": 1, "num-partitions": 2}, {"data-root": str(root)}) == delta
+    with pytest.raises(ValueError, match="only 2 site"):
+        resolve_site_path({"partition-id": 5}, {"data-root": str(root)})
+    with pytest.raises(ValueError, match="data-path"):
+        resolve_site_path({}, {"data-root": ""})
+
+
+def test_train_reply_holds_weights_and_aggregates_only(consortium):
+    gamma = consortium[0]
+    reply = train(_message(), _context({"data-path": str(gamma), "site": "gamma"}))
+    state = reply.content["arrays"].to_torch_state_dict()
+    assert set(state) == set(build_model("cnn").state_dict())
+    assert not any(k.startswith("_module.") for k in state)
+    metrics = reply.content["metrics"]
+    assert set(metrics) == {"train-loss", "val-auroc", "val-loss", "num-examples", "rejected"}
+    assert 0 < metrics["num-examples"] < 60  # the train split only
+    # no patient identifiers anywhere in what is sent back
+    texts = " ".join(_strings(reply.content))
+    assert "gamma-0" not in texts and texts.count("gamma") == 1  # only the site's name
+    # the weights moved
+    before = build_model("cnn").state_dict()
+    assert any(not torch.equal(state[k], before[k]) for k in state if k.endswith("weight"))
+
+
+def test_evaluate_reply(consortium):
+    delta = consortium[1]
+    reply = evaluate_global(_message("evaluate"), _context({"data-path": str(delta)}))
+    metrics = reply.content["metrics"]
+    assert set(metrics) == {"eval-auroc", "eval-accuracy", "eval-loss", "num-examples"}
+    assert 0.0 <= metrics["eval-accuracy"] <= 1.0
+
+
+def test_failure_reaches_server_without_details(tmp_path):
+    site = tmp_path / "broken_site"
+    (site / "images").mkdir(parents=True)
+    (site / "images" / "PAT-SECRET-001.dcm").write_bytes(b"garbage")
+    (site / "manifest.csv").write_text("patient_id,image_path,label\nPAT-SECRET-001,images/PAT-SECRET-001.dcm,1\n")
+    with pytest.raises(SiteError) as err:
+        train(_message(), _context({"data-path": str(site), "site": "broken"}))
+    assert "PAT-SECRET" not in str(err.value)
+    assert "ManifestError" in str(err.value) and "site broken" in str(err.value)
+    log = (site / ".equifed" / "client_errors.log").read_text()
+    assert "PAT-SECRET-001" in log  # the details stay at the hospital
