@@ -1,7 +1,7 @@
 """Federated simulation wall time vs centralised training of the same model on the pooled
 data for the same number of optimizer steps, measured side by side in one run.
 
-    .venv/bin/python benchmarks/bench_federated_vs_central.py [--rounds 5] [--local-epochs 4]
+    .venv/bin/python benchmarks/bench_federated_vs_central.py [--rounds 5] [--local-epochs 20] [--site-evaluation]
 
 Federated: `equifed-simulate` on the default 4-hospital scenario (own SuperLink, Ray,
 1 CPU per client, 2 clients at a time on 2 cores), timed from the command's start to its
@@ -61,7 +61,9 @@ def central(sites: list[Path], holdout: Path, rounds: int, local_epochs: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--local-epochs", type=int, default=4)
+    parser.add_argument("--local-epochs", type=int, default=20)
+    parser.add_argument("--site-evaluation", action="store_true",
+                        help="also let every site score the global model each round (the demo does; centralised has no equivalent)")
     parser.add_argument("--work", default=None, help="folder for data and the run (default: a temp dir)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="equifed-bench-"))
@@ -71,7 +73,8 @@ def main() -> None:
     t_c1, steps, auc_c1 = central(sites, holdout, args.rounds, args.local_epochs)
     start = time.perf_counter()
     code = simulate([str(DEFAULT_SCENARIO), "--out", str(work / "fed"), "--rounds", str(args.rounds),
-                     "-c", f"local-epochs={args.local_epochs}"])
+                     "-c", f"local-epochs={args.local_epochs}",
+                     "-c", f"fraction-evaluate={1.0 if args.site_evaluation else 0.0}"])
     t_fed = time.perf_counter() - start
     if code != 0:
         raise SystemExit("federated run failed")
@@ -80,6 +83,7 @@ def main() -> None:
     t_c = (t_c1 + t_c2) / 2
 
     print(f"\nworkload: default scenario, {args.rounds} rounds x {args.local_epochs} local epochs, "
+          f"site evaluation {'on' if args.site_evaluation else 'off'}, "
           f"{steps} optimizer steps in total, batch {BATCH}, {SIZE}px")
     print(f"{'':34}{'wall s':>9}{'holdout AUROC':>15}")
     print(f"{'centralised (run 1)':34}{t_c1:9.1f}{auc_c1:15.3f}")

@@ -4,18 +4,34 @@ weights and aggregate metrics only (no pixels, no patient IDs, no per-record val
 from __future__ import annotations
 
 import functools
+import math
 import traceback
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
-from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path
+
+from client.dp import plan_dp, train_dp
+from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
+from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path, site_max_epsilon
 from core_models.networks import build_model, get_device
 from core_models.training import evaluate, make_loader, train_epochs
 
 app = ClientApp()
+
+BUDGET_EXHAUSTED = 4001  # Error code in replies from a site that refuses to train
+
+
+def central_dp_mod(msg: Message, context: Context, call_next):
+    """Flower's fixedclipping_mod, only when the server runs central (site-level) DP:
+    the server's DifferentialPrivacyClientSideFixedClipping wrapper sends the clipping norm."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config is not None and "clipping_norm" in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
 
 
 class SiteError(RuntimeError):
@@ -78,28 +94,46 @@ def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
     return Message(content=RecordDict({**content, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[central_dp_mod])
 @keep_details_local
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on the site's train split for `local-epochs`."""
+    """Train the global model on the site's train split; with DP, within the site's budget."""
     cfg = context.run_config
     site = _site(context)
     model = _model(msg, context)
-    seed = int(cfg["seed"]) + int(msg.content["config"].get("server-round", 0))
+    server_round = int(msg.content["config"].get("server-round", 0))
+    seed = int(cfg["seed"]) + server_round
     x, y = site.part("train")
     if len(y) == 0:
         raise ValueError(f"site {site.name}: no training images after the split")
-    stats = train_epochs(
-        model,
-        make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed),
-        epochs=int(cfg["local-epochs"]),
-        optimizer=str(cfg["optimizer"]),
-        lr=float(cfg["learning-rate"]),
-        weight_decay=float(cfg["weight-decay"]),
-        grad_accumulation=int(cfg["grad-accumulation"]),
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        device=get_device(),
-    )
+    common = dict(optimizer=str(cfg["optimizer"]), lr=float(cfg["learning-rate"]),
+                  weight_decay=float(cfg["weight-decay"]),
+                  proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
+    privacy: dict = {}
+    if bool(cfg.get("dp", False)):
+        ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
+                                    max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),
+                                    fingerprint=dataset_fingerprint(site.path))
+        plan = plan_dp(len(y), int(cfg["batch-size"]), int(cfg["local-epochs"]), int(cfg["num-server-rounds"]),
+                       float(cfg["target-epsilon"]), float(cfg["target-delta"]))
+        epsilon_before = ledger.epsilon()
+        try:
+            ledger.check_budget([plan.mechanism])
+        except BudgetExhausted as err:
+            return Message(Error(code=BUDGET_EXHAUSTED, reason=f"site {site.name}: budget exhausted: {err}"),
+                           reply_to=msg)
+        stats = train_dp(model, x, y, plan, ledger, batch_size=int(cfg["batch-size"]),
+                         physical_batch_size=int(cfg["physical-batch-size"]),
+                         max_grad_norm=float(cfg["max-grad-norm"]), seed=seed, server_round=server_round,
+                         run_id=str(context.run_id), **common)
+        privacy = {"fingerprint": ledger.fingerprint}
+        epsilon, noise = ledger.epsilon(), plan.noise_multiplier
+    else:
+        stats = train_epochs(model, make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed),
+                             epochs=int(cfg["local-epochs"]), grad_accumulation=int(cfg["grad-accumulation"]),
+                             device=get_device(), **common)
+        epsilon_before = epsilon = math.inf
+        noise = 0.0
     xv, yv = site.part("val")
     val = evaluate(model, make_loader(xv, yv, 256), get_device())
     metrics = MetricRecord(
@@ -109,9 +143,16 @@ def train(msg: Message, context: Context) -> Message:
             "val-loss": val["loss"],
             "num-examples": len(y),
             "rejected": len(site.data.rejected),
+            "steps": stats["steps"],
+            "epsilon-before": epsilon_before,
+            "epsilon": epsilon,
+            "noise-multiplier": noise,
         }
     )
-    return _reply(msg, site, {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}
+    if privacy:
+        content["privacy"] = ConfigRecord(privacy)
+    return _reply(msg, site, content)
 
 
 @app.evaluate()

@@ -13,12 +13,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from core_models.data import load_site
 from core_models.networks import build_model
 from core_models.training import evaluate, make_loader
 from server.checkpoint import load_latest, save_checkpoint
 from server.results import plot_learning_curve, round_table, write_summary, write_tables
+from server.privacy_registry import PrivacyRegistry
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -37,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(int(cfg["seed"]))
     model = build_model(str(cfg["model"]), int(cfg["num-classes"]))
     strategy = build_strategy(str(cfg["strategy"]), cfg)
+    strategy.registry = PrivacyRegistry(str(cfg.get("registry-path", "")) or out_dir / "privacy_registry.json")
     global_rows: list[dict] = []
 
     done = 0
@@ -72,11 +75,13 @@ def main(grid: Grid, context: Context) -> None:
         if server_round > 0:
             train_ok = [r for r in strategy.site_rows if r["round"] == current and r["phase"] == "train"
                         and r["status"] == "ok"]
-            if not train_ok:
+            exhausted = [r for r in strategy.site_rows if r["round"] == current and r["status"] == "budget exhausted"]
+            if not train_ok and not exhausted:
                 raise RunFailed(f"round {current}: no site returned a model; see per_site.csv")
             row["sites_trained"] = len(train_ok)
-            row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
-                                                 weights=[r["num-examples"] for r in train_ok]))
+            if train_ok:
+                row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
+                                                     weights=[r["num-examples"] for r in train_ok]))
             save_checkpoint(out_dir, current, arrays.to_torch_state_dict(), strategy.state(),
                             {"global": global_rows + [row], "sites": strategy.site_rows})
         global_rows.append(row)
@@ -85,7 +90,15 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
                              and not (isinstance(v, float) and math.isnan(v))})
 
-    result = strategy.start(
+    runner = strategy
+    if bool(cfg.get("central-dp", False)):
+        runner = DifferentialPrivacyClientSideFixedClipping(
+            strategy,
+            noise_multiplier=float(cfg["central-dp-noise"]),
+            clipping_norm=float(cfg["central-dp-clip"]),
+            num_sampled_clients=int(cfg["min-train-nodes"]),
+        )
+    result = runner.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=max(total_rounds - done, 0),

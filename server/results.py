@@ -28,9 +28,12 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
         train = next((r for r in rows if r["site"] == site and r["phase"] == "train"), {})
         ev = next((r for r in rows if r["site"] == site and r["phase"] == "evaluate"), {})
         status = train.get("status", "absent") if train.get("status") != "ok" else ev.get("status", "absent")
+        eps = _number(train.get("epsilon"))
+        spent = f" | eps {eps:6.2f}" if math.isfinite(eps) else ""
+        n = _number(train.get("num-examples"))
         lines.append(
             f"  round {server_round:>3} | {site:<18} | train loss {_fmt(train.get('train-loss'))} "
-            f"| site AUROC {_fmt(ev.get('eval-auroc'))} | n {int(train.get('num-examples', 0) or 0):>5} | {status}"
+            f"| site AUROC {_fmt(ev.get('eval-auroc'))} | n {int(n) if math.isfinite(n) else 0:>5}{spent} | {status}"
         )
     if global_row:
         lines.append(
@@ -38,6 +41,14 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
             f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
         )
     return "\n".join(lines)
+
+
+def _number(value) -> float:
+    """A metric read back from CSV or a record; NaN when absent."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _fmt(value) -> str:

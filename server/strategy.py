@@ -16,18 +16,43 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from server.privacy_registry import PrivacyRegistry
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
 class SiteTrackingMixin:
-    """Records per-site metrics per round and shifts round numbers after a resume."""
+    """Records per-site metrics per round, shifts round numbers after a resume, and
+    refuses sites whose privacy ledger went backwards."""
 
     round_offset: int = 0
+    registry: PrivacyRegistry | None = None
 
     def _init_tracking(self) -> None:
         self.site_rows: list[dict] = []  # one row per (round, phase, site)
         self.round_started: dict[int, float] = {}
         self.expected_nodes: dict[tuple[int, str], list[int]] = {}
+        self.refused_nodes: dict[int, str] = {}  # node id -> reason, for the rest of this run
+
+    def _screen_privacy(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Drop (and remember) replies from sites whose reported spend is inconsistent."""
+        kept = []
+        for msg in replies:
+            privacy = msg.content.config_records.get("privacy") if not msg.has_error() else None
+            if privacy is None or self.registry is None:
+                kept.append(msg)
+                continue
+            site = msg.content["site"]["name"]
+            reason = self.registry.check(str(privacy["fingerprint"]), site,
+                                         float(msg.content["metrics"]["epsilon-before"]))
+            if reason is None:
+                kept.append(msg)
+                self.registry.record(str(privacy["fingerprint"]), site, float(msg.content["metrics"]["epsilon"]))
+            else:
+                self.refused_nodes[msg.metadata.src_node_id] = reason
+                self.site_rows.append({"round": server_round, "phase": "train", "site": site,
+                                       "status": "refused", "error": reason})
+        return kept
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         answered = set()
@@ -35,16 +60,18 @@ class SiteTrackingMixin:
             node = msg.metadata.src_node_id
             answered.add(node)
             if msg.has_error():
+                reason = msg.error.reason
+                status = "budget exhausted" if "budget exhausted" in reason else "error"
+                site = reason.split(":")[0].removeprefix("site ") if reason.startswith("site ") else f"node-{node}"
                 self.site_rows.append(
-                    {"round": server_round, "phase": phase, "site": f"node-{node}", "status": "error",
-                     "error": msg.error.reason}
+                    {"round": server_round, "phase": phase, "site": site, "status": status, "error": reason}
                 )
                 continue
             site = msg.content["site"]["name"] if "site" in msg.content.config_records else f"node-{node}"
             metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
             self.site_rows.append({"round": server_round, "phase": phase, "site": site, "status": "ok", **metrics})
         for node in self.expected_nodes.get((server_round, phase), []):
-            if node not in answered:
+            if node not in answered and node not in self.refused_nodes:
                 self.site_rows.append(
                     {"round": server_round, "phase": phase, "site": f"node-{node}", "status": "no reply"}
                 )
@@ -52,19 +79,21 @@ class SiteTrackingMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
         self.round_started[server_round] = time.time()
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = [m for m in super().configure_train(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id not in self.refused_nodes]
         self.expected_nodes[(server_round, "train")] = [m.metadata.dst_node_id for m in messages]
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
-        replies = list(replies)
+        replies = self._screen_privacy(server_round, list(replies))
         self._record(server_round, "train", replies)
         return super().aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = [m for m in super().configure_evaluate(server_round, arrays, config, grid)
+                    if m.metadata.dst_node_id not in self.refused_nodes]
         self.expected_nodes[(server_round, "evaluate")] = [m.metadata.dst_node_id for m in messages]
         return messages
 
@@ -111,7 +140,7 @@ def build_strategy(name: str, run_config: dict) -> SiteTrackingMixin:
     """The strategy named in run config, with the consortium's participation settings."""
     common = dict(
         fraction_train=float(run_config.get("fraction-train", 1.0)),
-        fraction_evaluate=1.0,
+        fraction_evaluate=float(run_config.get("fraction-evaluate", 1.0)),
         min_train_nodes=int(run_config.get("min-train-nodes", 2)),
         min_evaluate_nodes=int(run_config.get("min-train-nodes", 2)),
         min_available_nodes=int(run_config.get("min-train-nodes", 2)),

@@ -1,0 +1,154 @@
+"""DP-SGD at the sites: noise sized for the whole run, every step in the ledger, budgets
+enforced by the site, rolled-back ledgers refused by the server."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from client.dp import plan_dp, train_dp
+from client.ledger import PrivacyLedger
+from core_models.networks import build_model
+from simulations.generator import generate_consortium
+from simulations.run import main as simulate
+
+
+def test_plan_spends_the_target_over_all_rounds():
+    plan = plan_dp(n_train=400, batch_size=16, local_epochs=2, rounds=5, target_epsilon=3.0, delta=1e-5)
+    assert plan.sample_rate == pytest.approx(16 / 400)
+    assert plan.steps_per_round == 2 * 25
+    acc = RDPAccountant()
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, 5 * plan.steps_per_round)]
+    assert acc.get_epsilon(1e-5) == pytest.approx(3.0, abs=0.05)
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    one_round = acc.get_epsilon(1e-5)
+    assert 3.0 / 5 < one_round < 3.0 * 0.6  # a fraction; more than 1/5 because RDP composes sublinearly
+
+
+def _toy(n=128, size=28, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.4, 0.1, (n, 1, size, size)).astype(np.float32)
+    y = rng.integers(0, 2, n)
+    x[y == 1, :, 8:16, 8:16] += 0.4
+    return x, y
+
+
+def _site_dir(tmp_path: Path, name: str) -> Path:
+    site = tmp_path / name
+    site.mkdir()
+    (site / "manifest.csv").write_text("patient_id,image_path,label\n")
+    return site
+
+
+@pytest.mark.parametrize("physical", [16, 64])
+def test_logical_batches_count_once_whatever_the_physical_size(tmp_path, physical):
+    x, y = _toy()
+    plan = plan_dp(len(y), batch_size=64, local_epochs=2, rounds=3, target_epsilon=8, delta=1e-5)
+    ledger = PrivacyLedger.open(_site_dir(tmp_path, "s"), delta=1e-5, max_epsilon=100, fingerprint="toy")
+    model = build_model("cnn")
+    stats = train_dp(model, x, y, plan, ledger, batch_size=64, physical_batch_size=physical, max_grad_norm=1.0)
+    assert stats["steps"] == plan.steps_per_round == 4
+    steps_in_ledger = sum(steps for _, _, steps in ledger_history(ledger))
+    assert steps_in_ledger == plan.steps_per_round
+    assert not any(k.startswith("_module.") for k in model.state_dict())
+    assert set(model.state_dict()) == set(build_model("cnn").state_dict())
+
+
+def ledger_history(ledger: PrivacyLedger) -> list[tuple[float, float, int]]:
+    return [(e["sigma"], e["q"], e["steps"]) for e in ledger.entries if e["kind"] == "train"]
+
+
+def test_epsilon_grows_every_round_and_matches_opacus(tmp_path):
+    x, y = _toy(96)
+    plan = plan_dp(len(y), batch_size=32, local_epochs=1, rounds=3, target_epsilon=4, delta=1e-5)
+    site = _site_dir(tmp_path, "s")
+    eps = []
+    for r in range(1, 4):
+        ledger = PrivacyLedger.open(site, delta=1e-5, max_epsilon=100, fingerprint="toy")  # as a new round would
+        train_dp(build_model("cnn"), x, y, plan, ledger, batch_size=32, physical_batch_size=16, max_grad_norm=1.0,
+                 server_round=r)
+        eps.append(ledger.epsilon())
+    assert eps[0] < eps[1] < eps[2]
+    acc = RDPAccountant()
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round)]
+    assert eps[2] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert eps[2] == pytest.approx(4.0, abs=0.1)  # the planned total, reached after the planned rounds
+
+
+SCENARIO = """
+name = "dp-test"
+seed = 3
+image_size = 32
+[defaults]
+n = 120
+lesion_contrast = 0.6
+[[sites]]
+name = "north"
+[[sites]]
+name = "south"
+[[sites]]
+name = "tiny_budget"
+[holdout]
+n = 100
+"""
+
+DP = ["-c", "dp=true", "-c", "target-epsilon=6.0", "-c", "local-epochs=1", "-c", "batch-size=32",
+      "-c", "physical-batch-size=16", "-c", "image-size=32", "-c", "min-train-nodes=2"]
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    (out / "s.toml").write_text(SCENARIO)
+    sites = generate_consortium(out / "s.toml", out / "data")
+    (sites[2] / "site.toml").write_text("max-epsilon = 4.5\n")  # enough for round 1 of 2, not round 2
+    code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "2", "--timeout", "600", *DP])
+    assert code == 0
+    return out, sites
+
+
+def test_small_budget_site_stops_others_finish(dp_run):
+    out, _ = dp_run
+    rows = pd.read_csv(out / "per_site.csv")
+    train = rows[rows["phase"] == "train"]
+    ok = train[train["status"] == "ok"]
+    assert sorted(ok[ok["round"] == 2]["site"]) == ["north", "south"]
+    assert set(ok[ok["round"] == 1]["site"]) == {"north", "south", "tiny_budget"}
+    refused = train[(train["round"] == 2) & (train["site"] == "tiny_budget")]
+    assert list(refused["status"]) == ["budget exhausted"]
+    assert "4.5" in refused["error"].iloc[0]
+    # epsilon reported per site grows round over round and stays under the run's target
+    north = ok[ok["site"] == "north"].sort_values("round")
+    assert north["epsilon"].is_monotonic_increasing and north["epsilon"].iloc[0] < north["epsilon"].iloc[1] <= 6.1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flower_status"] == "finished:completed"
+
+
+def test_ledgers_on_disk_agree_with_reports(dp_run):
+    out, sites = dp_run
+    rows = pd.read_csv(out / "per_site.csv")
+    for site in sites:
+        ledger = PrivacyLedger.open(site, delta=1e-5)
+        reported = rows[(rows["site"] == site.name) & (rows["status"] == "ok") & (rows["phase"] == "train")]
+        assert ledger.epsilon() == pytest.approx(reported["epsilon"].max(), rel=1e-6)
+    registry = json.loads((out / "privacy_registry.json").read_text())
+    assert len(registry) == 3
+
+
+def test_deleted_ledger_is_refused_by_the_server(dp_run):
+    out, sites = dp_run
+    (sites[0] / ".equifed" / "privacy_ledger.json").unlink()  # north loses its ledger
+    code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "1", *DP, "-c", "target-epsilon=4.0"])
+    assert code == 0
+    rows = pd.read_csv(out / "per_site.csv")
+    north = rows[(rows["site"] == "north") & (rows["phase"] == "train")]
+    assert list(north["status"]) == ["refused"]
+    assert "ledger is missing" in north["error"].iloc[0]
+    south = rows[(rows["site"] == "south") & (rows["phase"] == "train")]
+    assert list(south["status"]) == ["ok"]
+    assert south["epsilon-before"].iloc[0] > 0  # south's ledger carried over from the first run
