@@ -127,12 +127,14 @@ def train(msg: Message, context: Context) -> Message:
                          max_grad_norm=float(cfg["max-grad-norm"]), seed=seed, server_round=server_round,
                          run_id=str(context.run_id), **common)
         privacy = {"fingerprint": ledger.fingerprint}
+        spent = ledger.summary()
         epsilon, noise = ledger.epsilon(), plan.noise_multiplier
+        epsilon_train, epsilon_release = spent["epsilon_train"], spent["epsilon_release"]
     else:
         stats = train_epochs(model, make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed),
                              epochs=int(cfg["local-epochs"]), grad_accumulation=int(cfg["grad-accumulation"]),
                              device=get_device(), **common)
-        epsilon_before = epsilon = math.inf
+        epsilon_before = epsilon = epsilon_train = epsilon_release = math.inf
         noise = 0.0
     xv, yv = site.part("val")
     val = evaluate(model, make_loader(xv, yv, 256), get_device())
@@ -146,6 +148,8 @@ def train(msg: Message, context: Context) -> Message:
             "steps": stats["steps"],
             "epsilon-before": epsilon_before,
             "epsilon": epsilon,
+            "epsilon-train": epsilon_train,
+            "epsilon-release": epsilon_release,
             "noise-multiplier": noise,
         }
     )
