@@ -1,1 +1,53 @@
-"""equifed: fairness."""
+"""equifed: causal fairness audit of a model's scores (DESIGN.md section 5, issue 5). Imports no Flower code.
+
+Public API::
+
+    from fairness import load_graph_spec, identify, estimate_effects, group_metrics, run_audit
+
+    spec = load_graph_spec("synthetic")            # fairness/graphs/synthetic.toml, or any path
+    warnings = spec.validate(frame)                # columns exist, no missing values, two groups
+    spec.classify_paths()                          # every A -> ... -> Ŷ path, permissible or not
+    ident = identify(spec)                         # .identified, .recanting_witnesses, .identified_alternative,
+                                                   # .assumptions, .positivity, .estimands
+    effects = estimate_effects(frame, spec, n_boot=200, seed=0)
+    effects.table                                  # outcome (score|label|amplification) x effect (total|
+                                                   # impermissible|permissible|direct) x estimator (weighting|
+                                                   # gformula): estimate, ci_low, ci_high, se, p_value, identified
+    effects.get("impermissible")                   # the score's social-pathway effect, weighting estimator
+    effects.diagnostics                            # effective sample sizes, clipped weights, positivity warnings,
+                                                   # graph checks (testable implications)
+    gm = group_metrics(frame, spec)                # fairlearn MetricFrame: by_group, summary (worst-group AUROC,
+                                                   # gaps at specificity 0.8), controlled (within permissible
+                                                   # mediator strata)
+    audit = run_audit(frame, spec)                 # all of it as a JSON-serialisable dict, with a verdict
+
+Modules: :mod:`fairness.graph` (spec, validation, paths, projection; errors :class:`GraphError`,
+:class:`SpecError`, :class:`CycleError`, :class:`RoleError`, :class:`MissingColumnError`),
+:mod:`fairness.identification` (recanting witness / district criterion), :mod:`fairness.pse` (estimators,
+bootstrap), :mod:`fairness.group_metrics`, :mod:`fairness.audit`.
+
+Still to come (issue 5): DoWhy refuters and independence tests (item 4), the federated audit from noised per-site
+cell statistics (item 6; the g-formula already runs on cell counts and sums only), the HTML report and
+``equifed-audit`` command (item 7).
+"""
+
+from fairness.audit import run_audit, verdict, write_audit_json
+from fairness.graph import (
+    CausalPath,
+    CausalSpec,
+    CycleError,
+    GraphError,
+    MissingColumnError,
+    RoleError,
+    SpecError,
+    load_graph_spec,
+)
+from fairness.group_metrics import GroupMetrics, group_metrics
+from fairness.identification import Identification, identify
+from fairness.pse import EffectTable, EstimationError, estimate_effects
+
+__all__ = [
+    "CausalPath", "CausalSpec", "CycleError", "EffectTable", "EstimationError", "GraphError", "GroupMetrics",
+    "Identification", "MissingColumnError", "RoleError", "SpecError", "estimate_effects", "group_metrics",
+    "identify", "load_graph_spec", "run_audit", "verdict", "write_audit_json",
+]

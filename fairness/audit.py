@@ -1,0 +1,121 @@
+"""One call for the whole audit of a table of predictions: graph checks, identification, effects, group metrics and
+a plain-language verdict, as a JSON-serialisable dict (what the HTML report will render)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fairness.graph import CausalSpec, load_graph_spec
+from fairness.group_metrics import group_metrics
+from fairness.pse import EffectTable, estimate_effects
+
+AUDIT_VERSION = 1
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.3f}" if round(x, 3) != 0 else "0.000"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
+    """The headline: the impermissible (social-pathway) effect on the score, its CI and test, against the label's."""
+    ident = effects.identification
+    s = effects.get("impermissible", "score")
+    a0, a1 = effects.levels
+    sig = bool(s["p_value"] < alpha)
+    who = f"{ident.sensitive} ({a0!r} -> {a1!r})"
+    ci = f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]"
+    if not ident.identified:
+        text = (f"The social-pathway (impermissible) effect of {who} on the score is not identified from these data: "
+                + " ".join(ident.reasons))
+        alt = ident.identified_alternative[0]["name"] if ident.identified_alternative else None
+        tot = effects.get("total", "score")
+        if alt and alt.startswith("edge effect") and math.isfinite(s["estimate"]):
+            text += (f" What is identified instead, the {alt}, is {_fmt(s['estimate'])} ({effects.ci:.0%} CI {ci}, "
+                     f"{_p(s['p_value'])}).")
+        elif math.isfinite(tot["estimate"]):
+            text += (f" Only the total effect is estimated: {_fmt(tot['estimate'])} ({effects.ci:.0%} CI "
+                     f"[{_fmt(tot['ci_low'])}, {_fmt(tot['ci_high'])}]).")
+    else:
+        text = (f"The social-pathway (impermissible) effect of {who} on the score is {_fmt(s['estimate'])} "
+                f"({effects.ci:.0%} CI {ci}, {_p(s['p_value'])}): "
+                + ("significant" if sig else "not significant") + f" at the {alpha:g} level.")
+    out: dict[str, Any] = {"identified": ident.identified, "significant": sig, "alpha": alpha,
+                           "impermissible_score": s}
+    try:
+        lab = effects.get("impermissible", "label")
+        if not math.isfinite(lab["estimate"]):
+            raise KeyError("no label estimate")
+        amp = effects.get("impermissible", "amplification")
+        text += (f" The label's own effect along the same paths is {_fmt(lab['estimate'])} "
+                 f"[{_fmt(lab['ci_low'])}, {_fmt(lab['ci_high'])}]; the score's exceeds it by {_fmt(amp['estimate'])} "
+                 f"[{_fmt(amp['ci_low'])}, {_fmt(amp['ci_high'])}]"
+                 + (" (the model adds social-pathway dependence the label does not have)."
+                    if amp["ci_low"] > 0 else "."))
+        out["impermissible_label"], out["amplification"] = lab, amp
+    except KeyError:
+        pass
+    warn = effects.diagnostics.get("positivity_warnings", []) + effects.diagnostics.get("graph_checks", [])
+    if warn:
+        text += f" {len(warn)} warning(s) on positivity or the graph: see diagnostics."
+    out["text"] = text
+    return out
+
+
+def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int = 200, seed: int = 0,
+              specificity: float = 0.8, alpha: float = 0.05, effects_kwargs: dict[str, Any] | None = None,
+              metrics_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Audit one table of predictions (a column per observed node of ``spec``) and return a JSON-serialisable dict:
+    ``spec``, ``data``, ``warnings``, ``paths``, ``identification``, ``effects`` (see :class:`EffectTable`),
+    ``group_metrics`` (see :class:`GroupMetrics`), ``verdict`` and ``timing_s``."""
+    t0 = time.perf_counter()
+    if not isinstance(spec, CausalSpec):
+        spec = load_graph_spec(spec)
+    warnings = spec.validate(frame)
+    effects = estimate_effects(frame, spec, n_boot=n_boot, seed=seed, **(effects_kwargs or {}))
+    t1 = time.perf_counter()
+    gm = group_metrics(frame, spec, specificity=specificity, **(metrics_kwargs or {})) if spec.outcome else None
+    t2 = time.perf_counter()
+    eff = effects.to_dict()
+    result = {
+        "audit_version": AUDIT_VERSION,
+        "spec": spec.to_dict(), "spec_source": spec.source,
+        "data": {"n_rows": int(len(frame)), "n_by_group": effects.n,
+                 "levels": eff["levels"]},
+        "warnings": warnings,
+        "paths": [p.to_dict() for p in effects.identification.paths],
+        "identification": eff.pop("identification"),
+        "effects": eff,
+        "group_metrics": gm.to_dict() if gm is not None else None,
+        "verdict": verdict(effects, alpha),
+        "timing_s": {"effects": round(t1 - t0, 3), "group_metrics": round(t2 - t1, 3),
+                     "total": round(time.perf_counter() - t0, 3)},
+    }
+    result["verdict"] = json.loads(json.dumps(result["verdict"], default=_default))
+    return result
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        v = o.item()
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def write_audit_json(audit: dict[str, Any], path: str | Path) -> Path:
+    """Write ``run_audit``'s dict as strict JSON (NaN written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(audit, indent=2, default=_default, allow_nan=False))
+    return path

@@ -1,0 +1,652 @@
+"""Path-specific effects of the sensitive attribute on the model's score and on the label, with bootstrap CIs.
+
+For A switched from a0 (reference) to a1, and effects defined in the reference group (contrasts of
+``E[T(α) | A=a0]`` with ``E[T | A=a0]`` for T = the score Ŷ and T = the label Y):
+
+* ``total``: A switched on every path;
+* ``impermissible``: A switched on the impermissible paths only (the social-pathway effect to test and remove);
+* ``permissible``: A switched on the permissible paths only (e.g. biology through the disease);
+* ``direct``: A switched only on paths that avoid every observed mediator (zero under the generator's graph: an
+  estimate away from zero says the graph misses a path, e.g. A visible in the image).
+
+The ``amplification`` rows are score effect minus label effect (paired bootstrap): does the model carry more of A's
+influence than the label does? Identification and the A-setting of each entry come from
+:func:`fairness.identification.identify`.
+
+**Estimators.** Both work on the rows compressed to patterns of (A, observed mediators, label, covariates): within a
+pattern only the score varies, so a bootstrap replicate is a vector of pattern counts and score sums (exactly what
+refitting on the resampled rows would see), and every nuisance model is refitted on every replicate at the cost of a
+few matrix products. That is what makes 100k rows × 200 replicates take seconds.
+
+* ``weighting`` (primary): the reference-group rows (or the a1 rows, when the score's own A-input is switched) are
+  reweighted by the product over switched entries M of ``p(m | a1, pa, c)/p(m | a0, pa, c)``, each ratio obtained by
+  Bayes from two logistic classifiers of A, ``odds(a1 | m, pa, c)/odds(a1 | pa, c)`` (one-hot of the mediators'
+  joint levels, covariates linear + quadratic, covariate × mediator interactions), and a1 rows additionally by
+  ``p(c | a0)/p(c | a1)``. Hajek-normalised (mean weight 1), clipped at ``max_weight``; the diagnostics report the
+  clipped count, the effective sample size and positivity warnings.
+* ``gformula`` (cross-check): the edge g-formula with cell means ``E[T | a, m, c]`` and cell frequencies
+  ``p(m_j | a, pa_j, c)`` over (A, mediators, covariates cut into ``gformula_bins`` quantile bins per numeric
+  covariate); empty cells fall back to pooling over covariates. It is a function of the per-cell counts and sums only
+  (what a federated site can release).
+
+Tests of "effect = 0": Wald z with the bootstrap standard error (``p_value``); CIs are bootstrap percentiles.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from scipy.special import expit
+from scipy.stats import norm
+
+from fairness.graph import CausalSpec, GraphError
+from fairness.identification import EFFECTS, Identification, identify
+
+OUTCOMES = ("score", "label", "amplification")
+ESTIMATORS = ("weighting", "gformula")
+
+
+class EstimationError(GraphError):
+    """The data cannot be analysed as asked (e.g. a continuous mediator, one group empty)."""
+
+
+# --------------------------------------------------------------------------------------------- result
+
+@dataclass
+class EffectTable:
+    """Effects of A on the score and the label, both estimators, with CIs; ``table`` has one row per
+    (outcome, effect, estimator) and columns estimate, ci_low, ci_high, se, p_value, n_boot_ok, identified, target."""
+
+    table: pd.DataFrame
+    identification: Identification
+    diagnostics: dict[str, Any]
+    levels: tuple[Any, Any]
+    n: dict[str, int]
+    baseline: dict[str, float]
+    n_boot: int
+    ci: float
+    seconds: float
+    replicates: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def get(self, effect: str, outcome: str = "score", estimator: str = "weighting") -> dict[str, Any]:
+        t = self.table
+        row = t[(t.outcome == outcome) & (t.effect == effect) & (t.estimator == estimator)]
+        if row.empty:
+            raise KeyError(f"no row for outcome={outcome!r}, effect={effect!r}, estimator={estimator!r}")
+        return row.iloc[0].to_dict()
+
+    def estimate(self, effect: str, outcome: str = "score", estimator: str = "weighting") -> float:
+        return float(self.get(effect, outcome, estimator)["estimate"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "levels": {"a0": _jsonable(self.levels[0]), "a1": _jsonable(self.levels[1])},
+            "n": self.n, "baseline": self.baseline, "n_boot": self.n_boot, "ci": self.ci,
+            "seconds": round(self.seconds, 3),
+            "effects": [{k: _jsonable(v) for k, v in r.items()} for r in self.table.to_dict("records")],
+            "diagnostics": _jsonable(self.diagnostics),
+            "identification": self.identification.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        t = self.table[self.table.estimator == "weighting"]
+        lines = [f"effects of A ({self.levels[0]!r} -> {self.levels[1]!r}) in the reference group, "
+                 f"{self.n_boot} bootstrap replicates, {self.ci:.0%} CI"]
+        for r in t.itertuples():
+            flag = "" if r.identified else "  [not the requested effect: see identification]"
+            lines.append(f"  {r.outcome:13s} {r.effect:13s} {r.estimate:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
+                         f"  p={r.p_value:.3g}{flag}")
+        return "\n".join(lines)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return [_jsonable(x) for x in v.tolist()]
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        return None if not math.isfinite(float(v)) else float(v)
+    return v
+
+
+# --------------------------------------------------------------------------------------------- data prep
+
+@dataclass
+class _Var:
+    name: str
+    column: str
+    codes: np.ndarray  # per row
+    levels: list[Any]
+    numeric: bool = False
+    values: np.ndarray | None = None  # numeric covariates: value per code
+
+
+def _categorical(frame: pd.DataFrame, node: str, column: str, max_levels: int, what: str) -> _Var:
+    col = frame[column]
+    levels = sorted(pd.unique(col).tolist(), key=lambda x: (str(type(x)), x))
+    if len(levels) > max_levels:
+        raise EstimationError(f"{what} '{node}' (column '{column}') has {len(levels)} levels; the estimator needs "
+                              f"categorical {what}s with at most {max_levels} levels: bin it first")
+    codes = pd.Categorical(col, categories=levels).codes.astype(np.int64)
+    return _Var(node, column, codes, levels)
+
+
+def _covariate(frame: pd.DataFrame, node: str, column: str, max_levels: int) -> _Var:
+    col = frame[column]
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        v = col.to_numpy(dtype=np.float64)
+        uniq = np.unique(v)
+        if len(uniq) <= max_levels:
+            codes = np.searchsorted(uniq, v)
+            return _Var(node, column, codes, uniq.tolist(), True, uniq)
+        edges = np.unique(np.quantile(v, np.linspace(0, 1, max_levels + 1)[1:-1]))
+        codes = np.searchsorted(edges, v, side="right")
+        means = np.bincount(codes, weights=v) / np.maximum(np.bincount(codes), 1)
+        return _Var(node, column, codes, [f"bin{i}" for i in range(len(means))], True, means)
+    return _categorical(frame, node, column, max_levels, "covariate")
+
+
+def _mixed_radix(cols: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    key = np.zeros(len(cols[0]) if cols else 0, dtype=np.int64)
+    for c, s in zip(cols, sizes):
+        key = key * s + c
+    return key
+
+
+# --------------------------------------------------------------------------------------------- nuisance
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float = 1e-3, max_iter: int = 50,
+                 tol: float = 1e-9) -> np.ndarray:
+    """Logistic regressions of y on x with frequency weights, one per column of ``w`` (K x B), by Newton's method
+    vectorised over the columns; small ridge ``lam`` keeps separated cells finite. Returns beta (p x B)."""
+    k, p = x.shape
+    b = w.shape[1]
+    beta = np.zeros((p, b))
+    eye = lam * np.eye(p)
+    for _ in range(max_iter):
+        mu = expit(x @ beta)
+        grad = x.T @ (w * (y[:, None] - mu)) - lam * beta
+        h = w * mu * (1.0 - mu)
+        hess = np.einsum("kp,kb,kq->bpq", x, h, x, optimize=True) + eye
+        step = np.linalg.solve(hess, grad.T[..., None])[..., 0].T
+        step = np.clip(step, -10.0, 10.0)
+        beta += step
+        if np.max(np.abs(step)) < tol:
+            break
+    return beta
+
+
+class _Design:
+    """Patterns of (A, mediators, label, covariates) with per-replicate counts and sums."""
+
+    def __init__(self, a: np.ndarray, meds: list[_Var], label: np.ndarray | None, label_in_meds: bool,
+                 covs: list[_Var], score: np.ndarray, n_boot: int, seed: int):
+        cols = [a] + [m.codes for m in meds] + [c.codes for c in covs]
+        sizes = [2] + [len(m.levels) for m in meds] + [len(c.levels) for c in covs]
+        if label is not None and not label_in_meds:
+            lab_levels, lab_codes = np.unique(label, return_inverse=True)
+            cols.append(lab_codes)
+            sizes.append(len(lab_levels))
+        key = _mixed_radix(cols, sizes)
+        uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        self.k = len(uniq)
+        self.pattern = inv
+        self.a = a[first]
+        self.med = np.stack([m.codes[first] for m in meds], axis=1) if meds else np.zeros((self.k, 0), np.int64)
+        self.cov = [c.codes[first] for c in covs]
+        self.label = None if label is None else label[first].astype(np.float64)
+        n = len(a)
+        b1 = n_boot + 1
+        self.N = np.empty((self.k, b1))
+        self.T = np.empty((self.k, b1))
+        self.N[:, 0] = np.bincount(inv, minlength=self.k)
+        self.T[:, 0] = np.bincount(inv, weights=score, minlength=self.k)
+        rng = np.random.default_rng(seed)
+        for j in range(1, b1):
+            idx = rng.integers(0, n, n)
+            p = inv[idx]
+            self.N[:, j] = np.bincount(p, minlength=self.k)
+            self.T[:, j] = np.bincount(p, weights=score[idx], minlength=self.k)
+        self.L = None if self.label is None else self.N * self.label[:, None]
+
+
+def _features(d: _Design, med_idx: list[int], meds: list[_Var], covs: list[_Var], n_rows: np.ndarray) -> np.ndarray:
+    """Pattern-level design matrix: one-hot of the joint levels of the chosen mediators (or an intercept),
+    numeric covariates standardised (+ square when > 2 levels, + interaction with the mediator one-hot),
+    categorical covariates one-hot (first level dropped)."""
+    parts = []
+    if med_idx:
+        joint = _mixed_radix([d.med[:, i] for i in med_idx], [len(meds[i].levels) for i in med_idx])
+        _u, jcode = np.unique(joint, return_inverse=True)
+        onehot = np.eye(len(_u))[jcode]
+    else:
+        onehot = np.ones((d.k, 1))
+    parts.append(onehot)
+    w = n_rows / n_rows.sum()
+    for c, codes in zip(covs, d.cov):
+        if c.numeric:
+            v = c.values[codes]
+            mu = float(w @ v)
+            sd = math.sqrt(float(w @ (v - mu) ** 2)) or 1.0
+            z = (v - mu) / sd
+            cols = [z] + ([z ** 2] if len(c.levels) > 2 else [])
+            for zc in cols:
+                parts.append(zc[:, None])
+                if onehot.shape[1] > 1:
+                    parts.append(onehot[:, 1:] * zc[:, None])
+        else:
+            parts.append(np.eye(len(c.levels))[codes][:, 1:])
+    return np.concatenate(parts, axis=1)
+
+
+# --------------------------------------------------------------------------------------------- estimators
+
+def _weighting(d: _Design, ident: Identification, meds: list[_Var], covs: list[_Var], max_weight: float,
+               parents: dict[str, list[str]]) -> tuple[dict, dict, dict]:
+    names = [m.name for m in meds]
+    entries = [w for w in ident.switch["total"] if w in names]
+    n0 = d.N[:, 0]
+    cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def eta(med_idx: list[int]) -> np.ndarray:
+        key = tuple(sorted(med_idx))
+        if key not in cache:
+            x = _features(d, list(key), meds, covs, n0)
+            cache[key] = x @ fit_logistic(x, d.a.astype(np.float64), d.N)
+        return cache[key]
+
+    log_ratio = {}
+    for w in entries:
+        pa = [names.index(p) for p in parents[w]]
+        log_ratio[w] = eta(pa + [names.index(w)]) - eta(pa)
+    eta_cov = eta([])
+    means: dict[str, dict[str, np.ndarray]] = {"score": {}, "label": {}}
+    diag: dict[str, Any] = {}
+    for eff in EFFECTS:
+        ay = ident.outcome_world[eff]
+        logw = np.zeros_like(d.N)
+        for w in entries:
+            if ident.switch[eff].get(w, ay) != ay:
+                logw += log_ratio[w] if ay == 0 else -log_ratio[w]
+        if ay == 1:
+            logw -= eta_cov
+        mask = (d.a == ay)[:, None]
+        logw = np.where(mask, logw, -np.inf)
+        logw -= np.max(np.where(mask, logw, -np.inf), axis=0, keepdims=True)
+        w = np.exp(logw)
+        nw = d.N * w
+        w = w * (d.N * mask).sum(0, keepdims=True) / np.maximum(nw.sum(0, keepdims=True), 1e-300)
+        over = w > max_weight
+        wc = np.minimum(w, max_weight)
+        den = (d.N * wc).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means["score"][eff] = (d.T * wc).sum(0) / den
+            if d.L is not None:
+                means["label"][eff] = (d.L * wc).sum(0) / den
+        ng = float((d.N[:, 0] * mask[:, 0]).sum())
+        s1 = float((d.N[:, 0] * wc[:, 0]).sum())
+        s2 = float((d.N[:, 0] * wc[:, 0] ** 2).sum())
+        diag[eff] = {
+            "rows_reweighted": f"A=a{ay}", "n_rows": int(ng),
+            "effective_sample_size": s1 * s1 / s2 if s2 > 0 else 0.0,
+            "n_clipped": int((d.N[:, 0] * over[:, 0]).sum()),
+            "max_weight": float(np.max(np.where(mask[:, 0] & (d.N[:, 0] > 0), w[:, 0], 0.0))),
+        }
+    return means["score"], means["label"], diag
+
+
+def _gformula(d: _Design, ident: Identification, meds: list[_Var], covs: list[_Var], bins: int,
+              parents: dict[str, list[str]], max_cells: int) -> tuple[dict, dict, dict] | None:
+    names = [m.name for m in meds]
+    entries = set(ident.switch["total"]) & set(names)
+    # coarse covariate cell per pattern
+    ccols, csizes = [], []
+    w0 = d.N[:, 0]
+    for c, codes in zip(covs, d.cov):
+        if c.numeric and len(c.levels) > bins:
+            v = c.values[codes]
+            order = np.argsort(v)
+            cum = np.cumsum(w0[order]) / w0.sum()
+            cuts = np.unique([v[order][np.searchsorted(cum, q)] for q in np.linspace(0, 1, bins + 1)[1:-1]])
+            cc = np.searchsorted(cuts, v, side="left")
+            ccols.append(cc)
+            csizes.append(len(cuts) + 1)
+        else:
+            ccols.append(codes)
+            csizes.append(len(c.levels))
+    if ccols:
+        _u, ccell = np.unique(_mixed_radix(ccols, csizes), return_inverse=True)
+        lc = len(_u)
+    else:
+        ccell, lc = np.zeros(d.k, np.int64), 1
+    lm = [len(m.levels) for m in meds]
+    shape = [2] + lm + [lc]
+    g = int(np.prod(shape))
+    if g > max_cells:
+        return None
+    flat = _mixed_radix([d.a] + [d.med[:, i] for i in range(len(meds))] + [ccell], shape)
+    agg = sparse.csr_matrix((np.ones(d.k), (flat, np.arange(d.k))), shape=(g, d.k))
+    b1 = d.N.shape[1]
+    N = (agg @ d.N).reshape(shape + [b1])
+    T = (agg @ d.T).reshape(shape + [b1])
+    L = None if d.L is None else (agg @ d.L).reshape(shape + [b1])
+    m_axes = list(range(1, 1 + len(meds)))
+    c_axis = 1 + len(meds)
+    fallbacks = {"empty_outcome_cells": int((N[..., 0] == 0).sum()), "empty_mediator_strata": 0}
+
+    def cell_mean(S: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            q = S / N
+            pooled = S.sum(c_axis, keepdims=True) / N.sum(c_axis, keepdims=True)
+            overall = S.sum(tuple(m_axes + [c_axis]), keepdims=True) / N.sum(tuple(m_axes + [c_axis]), keepdims=True)
+        q = np.where(N > 0, q, np.where(N.sum(c_axis, keepdims=True) > 0, pooled, overall))
+        return q
+
+    def conditional(j: int) -> np.ndarray:
+        name = names[j]
+        keep = {1 + j, c_axis} | {1 + names.index(p) for p in parents[name]}
+        if name in entries:
+            keep.add(0)
+        drop = tuple(ax for ax in range(len(shape)) if ax not in keep)
+        sub = N.sum(drop, keepdims=True) if drop else N
+        den = sub.sum(1 + j, keepdims=True)
+        sub_nc = sub.sum(c_axis, keepdims=True)
+        den_nc = sub_nc.sum(1 + j, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = np.where(den > 0, sub / den, np.where(den_nc > 0, sub_nc / den_nc, 1.0 / lm[j]))
+        fallbacks["empty_mediator_strata"] += int((den[..., 0] == 0).sum())
+        return p
+
+    conds = [conditional(j) for j in range(len(meds))]
+    qs = {"score": cell_mean(T)}
+    if L is not None:
+        qs["label"] = cell_mean(L)
+    n_a0 = N[0].sum(tuple(ax - 1 for ax in m_axes), keepdims=False)  # (lc, b1)
+    pc = n_a0 / n_a0.sum(0, keepdims=True)
+    out: dict[str, dict[str, np.ndarray]] = {k: {} for k in qs}
+    for eff in EFFECTS:
+        ay = ident.outcome_world[eff]
+        prod = np.ones([1] * len(lm) + [1, 1])
+        for j, name in enumerate(names):
+            p = conds[j]
+            a_idx = ident.switch[eff].get(name, ay) if name in entries else 0
+            prod = prod * p[a_idx]
+        for k, q in qs.items():
+            if eff == "total":  # model-free: E[T | a1, c] averaged over the reference group's covariates
+                s = (T if k == "score" else L)[1].sum(tuple(ax - 1 for ax in m_axes))
+                n = N[1].sum(tuple(ax - 1 for ax in m_axes))
+                overall = s.sum(0, keepdims=True) / np.maximum(n.sum(0, keepdims=True), 1e-300)
+                inner = np.where(n > 0, s / np.where(n > 0, n, 1), overall)
+            else:
+                inner = (q[ay] * prod).sum(tuple(ax - 1 for ax in m_axes))
+            out[k][eff] = (pc * inner).sum(0)
+    return out["score"], out.get("label", {}), {"cells": g, "covariate_cells": lc, "empty_cell_fallbacks": fallbacks}
+
+
+# --------------------------------------------------------------------------------------------- main entry
+
+def _summarise(rep: np.ndarray, ci: float) -> dict[str, float]:
+    est = float(rep[0])
+    boot = rep[1:]
+    boot = boot[np.isfinite(boot)]
+    if len(boot) < 2:
+        return {"estimate": est, "ci_low": math.nan, "ci_high": math.nan, "se": math.nan, "p_value": math.nan,
+                "n_boot_ok": int(len(boot))}
+    lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    se = float(np.std(boot, ddof=1))
+    if se > 0:
+        p = float(2 * norm.sf(abs(est) / se))
+    else:
+        p = 1.0 if abs(est) < 1e-12 else 0.0
+    return {"estimate": est, "ci_low": float(lo), "ci_high": float(hi), "se": se, "p_value": p,
+            "n_boot_ok": int(len(boot))}
+
+
+def _targets(ident: Identification, direct_ok: bool) -> dict[str, tuple[bool, str]]:
+    y, a = ident.target, ident.sensitive
+    imp_entries = [w for w, v in ident.switch["impermissible"].items() if v]
+    per_entries = [w for w, v in ident.switch["permissible"].items() if v]
+    out = {"total": (ident.total_effect_identified, f"total effect of {a} on every path")}
+    if ident.identified:
+        out["impermissible"] = (True, "effect along the impermissible paths (" +
+                                "; ".join(str(p) for p in ident.paths if not p.permissible) + ")")
+        out["permissible"] = (True, "effect along the permissible paths (" +
+                              "; ".join(str(p) for p in ident.paths if p.permissible) + ")")
+    else:
+        out["impermissible"] = (False, "NOT the impermissible PSE (not identified): edge effect of "
+                                + (", ".join(f"{a} -> {w}" for w in imp_entries) or "no edge"))
+        out["permissible"] = (False, "NOT the permissible PSE (not identified): edge effect of "
+                              + (", ".join(f"{a} -> {w}" for w in per_entries) or "no edge"))
+    if y in ident.entries:
+        out["direct"] = (direct_ok, f"effect along paths from {a} to {y} through no observed mediator")
+    else:
+        out["direct"] = (direct_ok, f"zero under the graph (every path from {a} to {y} passes an observed "
+                                    "mediator); away from zero means the graph misses a path")
+    return out
+
+
+def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200, seed: int = 0,
+                     levels: tuple[Any, Any] | None = None, ci: float = 0.95, max_weight: float = 50.0,
+                     max_covariate_levels: int = 50, max_mediator_levels: int = 20, gformula_bins: int = 4,
+                     positivity_ratio: float = 20.0, min_cell: int = 5, max_gformula_cells: int = 200_000
+                     ) -> EffectTable:
+    """Estimate total, impermissible, permissible and direct effects of the sensitive attribute on the score (and
+    on the label, when the spec has an outcome node) with ``n_boot`` bootstrap replicates.
+
+    ``levels=(a0, a1)`` picks the two levels to compare (default: the spec's reference level, then the other one).
+    Mediators must be categorical (at most ``max_mediator_levels`` levels); numeric covariates with more than
+    ``max_covariate_levels`` distinct values are cut into that many quantile bins for the weights.
+    """
+    t0 = time.perf_counter()
+    spec.validate(frame)
+    ident = identify(spec)
+    a_node = spec.nodes[spec.sensitive]
+    col_a = frame[a_node.column]
+    if levels is None:
+        present = sorted(pd.unique(col_a).tolist(), key=lambda x: (str(type(x)), x))
+        if len(present) != 2:
+            raise EstimationError(f"sensitive column '{a_node.column}' has {len(present)} levels {present}; "
+                                  "pass levels=(a0, a1)")
+        a0 = a_node.reference if a_node.reference is not None else present[0]
+        a1 = next(v for v in present if v != a0)
+        levels = (a0, a1)
+    else:
+        frame = frame[col_a.isin(levels)]
+        col_a = frame[a_node.column]
+    a = (col_a.to_numpy() == levels[1]).astype(np.int64)
+    if a.sum() == 0 or a.sum() == len(a):
+        raise EstimationError(f"one of the groups {levels} of '{a_node.column}' is empty")
+
+    med_names = ident.mediators
+    meds = [_categorical(frame, m, spec.column(m), max_mediator_levels, "mediator") for m in med_names]
+    covs = [_covariate(frame, c, spec.column(c), max_covariate_levels) for c in spec.covariates]
+    out_node = spec.outcome
+    label = None
+    if out_node is not None:
+        label = pd.to_numeric(frame[spec.column(out_node)], errors="coerce").to_numpy(dtype=np.float64)
+        if np.isnan(label).any():
+            raise EstimationError(f"outcome column '{spec.column(out_node)}' is not numeric")
+    score = pd.to_numeric(frame[spec.column(spec.prediction)], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(score).all():
+        raise EstimationError(f"score column '{spec.column(spec.prediction)}' has non-numeric or infinite values")
+
+    proj, bidirected = spec.projection()
+    parents = {m: [p for p in proj.predecessors(m) if p in med_names] for m in med_names}
+    relevant = set(med_names) | {spec.sensitive, spec.prediction} | set(spec.covariates)
+    hidden = [sorted(e) for e in bidirected if e <= relevant]
+    markovian = not hidden
+    target_district = next((dd for dd in spec.districts(relevant) if spec.prediction in dd), {spec.prediction})
+    direct_ok = ident.total_effect_identified and not (target_district & set(ident.entries) - {spec.prediction})
+
+    d = _Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
+    t_design = time.perf_counter() - t0
+
+    # baseline E[T | A=a0] per replicate
+    m0 = (d.a == 0)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        base = {"score": (d.T * m0).sum(0) / (d.N * m0).sum(0)}
+        if d.L is not None:
+            base["label"] = (d.L * m0).sum(0) / (d.N * m0).sum(0)
+
+    notes: list[str] = []
+    if markovian:
+        w_score, w_label, w_diag = _weighting(d, ident, meds, covs, max_weight, parents)
+        g = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells)
+        if g is None:
+            notes.append("g-formula skipped: too many (A, mediator, covariate) cells")
+            g_score, g_label, g_diag = {}, {}, {}
+        else:
+            g_score, g_label, g_diag = g
+    else:
+        notes.append("latent confounding among " + "; ".join(" <-> ".join(h) for h in hidden) +
+                     ": only the total effect is estimated")
+        sub = _Ident_total_only(ident)
+        w_score, w_label, w_diag = _weighting(d, sub, [], covs, max_weight, {})
+        g_score, g_label, g_diag = {}, {}, {}
+        for dct in (w_score, w_label):
+            for eff in list(dct):
+                if eff != "total":
+                    dct[eff] = np.full(d.N.shape[1], np.nan)
+    t_fit = time.perf_counter() - t0 - t_design
+
+    targets = _targets(ident, direct_ok)
+    if not markovian:
+        why = "not estimated: latent confounding among " + "; ".join(" <-> ".join(h) for h in hidden)
+        targets.update({eff: (False, why) for eff in EFFECTS if eff != "total"})
+    rows, reps = [], {}
+    est_means = {"weighting": {"score": w_score, "label": w_label}, "gformula": {"score": g_score, "label": g_label}}
+    for estimator, by_out in est_means.items():
+        for eff in EFFECTS:
+            effects = {}
+            for outcome in ("score", "label"):
+                mean = by_out[outcome].get(eff)
+                if mean is None or outcome not in base:
+                    continue
+                effects[outcome] = mean - base[outcome]
+            if "score" in effects and "label" in effects:
+                effects["amplification"] = effects["score"] - effects["label"]
+            for outcome, rep in effects.items():
+                reps[(outcome, eff, estimator)] = rep
+                ok, text = targets[eff]
+                rows.append({"outcome": outcome, "effect": eff, "estimator": estimator, **_summarise(rep, ci),
+                             "identified": bool(ok), "target": text})
+    table = pd.DataFrame(rows)
+
+    diagnostics = {
+        "weights": w_diag, "gformula": g_diag, "notes": notes,
+        "positivity_warnings": _positivity(d, meds, ident, positivity_ratio, min_cell),
+        "patterns": d.k, "max_weight": max_weight,
+        "timing_s": {"design_and_bootstrap": round(t_design, 3), "estimation": round(t_fit, 3)},
+    }
+    for eff, dg in w_diag.items():
+        if dg["n_clipped"]:
+            diagnostics["positivity_warnings"].append(
+                f"{eff}: {dg['n_clipped']} of {dg['n_rows']} reweighted rows had weights above {max_weight} (clipped)")
+        if dg["n_rows"] and dg["effective_sample_size"] < 0.1 * dg["n_rows"]:
+            diagnostics["positivity_warnings"].append(
+                f"{eff}: effective sample size {dg['effective_sample_size']:.0f} is under 10% of the "
+                f"{dg['n_rows']} reweighted rows")
+    diagnostics["graph_checks"] = _graph_checks(spec, ident, reps, ci)
+    n = {"a0": int((a == 0).sum()), "a1": int(a.sum()), "total": int(len(a))}
+    baseline = {k: float(v[0]) for k, v in base.items()}
+    return EffectTable(table=table, identification=ident, diagnostics=diagnostics, levels=levels, n=n,
+                       baseline=baseline, n_boot=n_boot, ci=ci, seconds=time.perf_counter() - t0, replicates=reps)
+
+
+class _Ident_total_only:
+    """Minimal stand-in for Identification when only the total effect can be estimated."""
+
+    def __init__(self, ident: Identification):
+        self.switch = {eff: {} for eff in EFFECTS}
+        self.outcome_world = {eff: (1 if eff == "total" else 0) for eff in EFFECTS}
+
+
+def _positivity(d: _Design, meds: list[_Var], ident: Identification, ratio: float, min_cell: int) -> list[str]:
+    out = []
+    n0 = d.N[:, 0]
+    tot = [float(n0[d.a == g].sum()) for g in (0, 1)]
+    names = [m.name for m in meds]
+    for w in ident.switch["total"]:
+        if w not in names:
+            continue
+        j = names.index(w)
+        m = meds[j]
+        for code, lev in enumerate(m.levels):
+            sel = d.med[:, j] == code
+            c0, c1 = float(n0[sel & (d.a == 0)].sum()), float(n0[sel & (d.a == 1)].sum())
+            share0, share1 = c0 / tot[0], c1 / tot[1]
+            r = share1 / share0 if share0 > 0 else math.inf
+            if min(c0, c1) < min_cell or r > ratio or r < 1 / ratio:
+                out.append(f"{w}={lev!r} (column '{m.column}'): {int(c0)} rows in group a0 vs {int(c1)} in a1 "
+                           f"(p({w}|a1)/p({w}|a0) = {r:.3g}): positivity is doubtful, weights for this level are "
+                           "extreme or undefined")
+        if d.cov:
+            cell = _mixed_radix([d.med[:, j]] + d.cov, [len(m.levels)] + [int(c.max()) + 1 for c in d.cov])
+            u, inv = np.unique(cell, return_inverse=True)
+            c0 = np.bincount(inv, weights=n0 * (d.a == 0), minlength=len(u))
+            c1 = np.bincount(inv, weights=n0 * (d.a == 1), minlength=len(u))
+            thin = int(((c0 == 0) & (c1 >= min_cell)).sum())
+            if thin:
+                out.append(f"{w}: {thin} of {len(u)} ({w}, covariate) cells have >= {min_cell} rows in group a1 and "
+                           "none in group a0")
+    return out
+
+
+def _graph_checks(spec: CausalSpec, ident: Identification, reps: dict, ci: float, min_effect: float = 0.005,
+                  alpha: float = 0.01) -> list[str]:
+    """Testable implications of the graph, from the estimates (each flagged when p < ``alpha`` and the effect is at
+    least ``min_effect``, or, for the estimator comparison, when the paired CI of the difference excludes 0 and the
+    difference is at least 0.01):
+
+    * the two estimators target the same quantity under the graph; a disagreement says an edge is missing (e.g.
+      S -> D: the g-formula assumes D ⊥ S | A, C, the weighting does not);
+    * the direct effect is zero when every path from A to the score passes an observed mediator;
+    * the label's impermissible effect is zero when no impermissible path reaches the label.
+    """
+    out = []
+    for eff in ("impermissible", "permissible", "direct"):
+        w, g = reps.get(("score", eff, "weighting")), reps.get(("score", eff, "gformula"))
+        if w is None or g is None or not (np.isfinite(w[0]) and np.isfinite(g[0])):
+            continue
+        diff = w - g
+        boot = diff[1:][np.isfinite(diff[1:])]
+        if len(boot) > 1:
+            lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+            if (lo > 0 or hi < 0) and abs(diff[0]) >= 0.01:
+                out.append(f"{eff}: weighting {w[0]:+.4f} and g-formula {g[0]:+.4f} disagree (difference "
+                           f"{diff[0]:+.4f}, {ci:.0%} CI [{lo:+.4f}, {hi:+.4f}]); under the graph they estimate the "
+                           "same quantity: an edge between mediators (e.g. S -> D) or a covariate link may be missing")
+
+    def significant(rep: np.ndarray | None) -> tuple[bool, float]:
+        if rep is None or not np.isfinite(rep[0]):
+            return False, math.nan
+        s = _summarise(rep, ci)
+        return (s["p_value"] < alpha and abs(s["estimate"]) >= min_effect), s["p_value"]
+
+    if spec.prediction not in ident.entries:
+        hit, p = significant(reps.get(("score", "direct", "weighting")))
+        if hit:
+            out.append(f"direct effect on the score is {reps[('score', 'direct', 'weighting')][0]:+.4f} (p={p:.2g}) "
+                       f"although every path from {spec.sensitive} to {spec.prediction} passes an observed mediator: "
+                       "the graph may miss a path (e.g. the group visible in the image: A -> X)")
+    if spec.outcome is not None and spec.outcome in ident.mediators:
+        label_paths = spec.classify_paths(spec.outcome)
+        if all(pp.permissible for pp in label_paths):
+            hit, p = significant(reps.get(("label", "impermissible", "weighting")))
+            if hit:
+                out.append(f"the label's impermissible effect is {reps[('label', 'impermissible', 'weighting')][0]:+.4f}"
+                           f" (p={p:.2g}) although no impermissible path reaches '{spec.outcome}': the graph may miss "
+                           f"an edge from a social mediator into '{spec.outcome}'")
+    return out
