@@ -83,7 +83,12 @@ def test_train_reply_holds_weights_and_aggregates_only(consortium):
     assert set(state) == set(build_model("cnn").state_dict())
     assert not any(k.startswith("_module.") for k in state)
     metrics = reply.content["metrics"]
-    assert set(metrics) == {"train-loss", "val-auroc", "val-loss", "num-examples", "rejected"}
+    assert set(metrics) == {
+        "train-loss", "val-auroc", "val-loss", "num-examples", "rejected", "steps", "noise-multiplier",
+        "epsilon-before", "epsilon", "epsilon-train", "epsilon-release",
+    }
+    # DP is off by default: no privacy claim is made, and none is implied by a finite number
+    assert metrics["epsilon"] == float("inf") and metrics["noise-multiplier"] == 0.0
     assert 0 < metrics["num-examples"] < 60  # the train split only
     # no patient identifiers anywhere in what is sent back
     texts = " ".join(_strings(reply.content))

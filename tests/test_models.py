@@ -1,5 +1,6 @@
 """Networks are DP-compatible at every supported size; loops learn and stop early."""
 
+import copy
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from core_models.networks import build_model
+from core_models.networks import DPConv2d, SmallCNN, build_model, prepare_for_dp
 from core_models.training import auroc, evaluate, fit, make_loader, train_epochs
 
 
@@ -19,6 +20,78 @@ def test_networks_accept_sizes_and_pass_opacus(name, size):
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     out = model(torch.randn(2, 1, size, size))
     assert out.shape == (2, 3)
+
+
+def _private(model, x, y, mode="hooks"):
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
+    module, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+        poisson_sampling=True, grad_sample_mode=mode)
+    return module, opt
+
+
+def _grad_samples(model, x, y, mode="hooks"):
+    module, opt = _private(model, x, y, mode)
+    torch.nn.functional.cross_entropy(module(x), y).backward()
+    samples = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return samples, module, opt
+
+
+@pytest.mark.parametrize("stem_stride", [1, 2])
+def test_dp_fast_path_gives_opacus_per_sample_gradients(stem_stride):
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 1, 40, 40), torch.tensor([0, 1, 1, 0, 1, 0])
+    base = SmallCNN(num_classes=2, stem_stride=stem_stride)
+    stock = copy.deepcopy(base)
+    for m in stock.modules():
+        if type(m) is DPConv2d:
+            m.__class__ = torch.nn.Conv2d  # Opacus' own conv grad sampler
+    want, _, _ = _grad_samples(stock, x, y)
+    for variant in ({}, {"freeze_stem": False}, {"skip_summed_grads": False}):
+        model = prepare_for_dp(copy.deepcopy(base), **variant)
+        got, _, opt = _grad_samples(model, x, y)
+        frozen = variant.get("freeze_stem", True)
+        assert set(got) == {n for n in want if not (frozen and n.startswith("features.stem."))}
+        for name, g in got.items():
+            torch.testing.assert_close(g, want[name], atol=1e-5, rtol=1e-4)
+        opt.step()
+        for name, p in model.named_parameters():
+            changed = not torch.equal(p, base.state_dict()[name])
+            assert changed == (name in got), name  # frozen stem untouched, everything else noised+stepped
+
+
+def test_skip_summed_grads_refuses_to_train_without_opacus_hooks():
+    x, y = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    model = prepare_for_dp(build_model("cnn"))
+    with pytest.raises(RuntimeError, match="skip_summed_grads"):
+        model(x)
+    with torch.no_grad():
+        assert model(x).shape == (4, 2)  # evaluation is fine
+    with pytest.raises(RuntimeError, match="skip_summed_grads"):
+        _grad_samples(copy.deepcopy(model), x, y, mode="functorch")
+    prepare_for_dp(model, freeze_stem=False, skip_summed_grads=False)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_checkpoints_of_the_previous_layout_fail_to_load():
+    """The stride-1 stem used the same parameter shapes; its flat layer names keep its checkpoints out."""
+    old_names = {"stem.0": "1", "stem.1": "2", "block2.0": "5", "block2.1": "6", "block3.0": "9", "block3.1": "10",
+                 "block4.0": "13", "block4.1": "14"}
+    state = {}
+    for key, value in SmallCNN(stem_stride=1).state_dict().items():
+        for new, old in old_names.items():
+            key = key.replace(f"features.{new}.", f"features.{old}.")
+        state[key] = value
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_model("cnn").load_state_dict(state)
+    assert build_model("cnn").features.stem[0].stride == (2, 2)
+    with pytest.raises(ValueError, match="stem_stride"):
+        SmallCNN(stem_stride=4)
 
 
 def test_unknown_model_and_bad_classes():
