@@ -17,6 +17,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from client.dp import plan_dp, train_dp
 from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
 from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path, site_max_epsilon
+from client.statistics import Releaser, produce
 from core_models.networks import build_model, get_device
 from core_models.training import evaluate, make_loader, train_epochs
 
@@ -176,3 +177,31 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         }
     )
     return _reply(msg, site, {"metrics": metrics})
+
+
+@app.query()
+@keep_details_local
+def statistics(msg: Message, context: Context) -> Message:
+    """Release the statistics the server asks for (config `statistics`, comma-separated),
+    each noised and charged to the site's ledger; a site out of budget releases nothing."""
+    cfg = context.run_config
+    site = _site(context)
+    model = _model(msg, context) if "arrays" in msg.content.array_records else None
+    request = dict(msg.content["config"])
+    server_round = int(request.get("server-round", 0))
+    ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
+                                max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),
+                                fingerprint=dataset_fingerprint(site.path))
+    releaser = Releaser(ledger, noise_multiplier=float(cfg["release-noise"]),
+                        min_count=int(cfg["release-min-count"]), round=server_round, run_id=str(context.run_id))
+    kinds = [k.strip() for k in str(request["statistics"]).split(",") if k.strip()]
+    epsilon_before = ledger.epsilon()
+    try:
+        released = produce(kinds, site, model, request, releaser)
+    except BudgetExhausted as err:
+        return Message(Error(code=BUDGET_EXHAUSTED, reason=f"site {site.name}: budget exhausted: {err}"),
+                       reply_to=msg)
+    content: dict = {kind: MetricRecord(values) for kind, values in released.items()}
+    content["privacy"] = ConfigRecord({"fingerprint": ledger.fingerprint})
+    content["metrics"] = MetricRecord({"epsilon-before": epsilon_before, "epsilon": ledger.epsilon()})
+    return _reply(msg, site, content)

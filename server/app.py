@@ -21,6 +21,7 @@ from core_models.training import evaluate, make_loader
 from server.checkpoint import load_latest, save_checkpoint
 from server.results import plot_learning_curve, round_table, write_summary, write_tables
 from server.privacy_registry import PrivacyRegistry
+from server.site_statistics import analyse, request_config, request_statistics, requested_kinds, to_releases
 from server.strategy import build_strategy
 
 app = ServerApp()
@@ -61,6 +62,17 @@ def main(grid: Grid, context: Context) -> None:
         holdout = make_loader(data.images, data.labels, batch_size=256)
     eval_model = build_model(str(cfg["model"]), int(cfg["num-classes"]))
     started = time.time()
+    kinds = requested_kinds(cfg)
+
+    def collect_statistics(current: int, arrays: ArrayRecord) -> None:
+        """Ask every site still in the run for its released statistics; analyse them."""
+        nodes = [n for n in grid.get_node_ids() if n not in strategy.refused_nodes]
+        replies = request_statistics(grid, arrays, request_config(cfg, current, kinds), nodes,
+                                     timeout=float(cfg["round-timeout"]))
+        strategy.expected_nodes[(current, "statistics")] = nodes
+        replies = strategy._screen_privacy(current, replies, phase="statistics")
+        strategy._record(current, "statistics", replies)
+        analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Runs after every round (and once before round 1): evaluate, checkpoint, report."""
@@ -82,6 +94,8 @@ def main(grid: Grid, context: Context) -> None:
             if train_ok:
                 row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
                                                      weights=[r["num-examples"] for r in train_ok]))
+            if kinds:
+                collect_statistics(current, arrays)
             save_checkpoint(out_dir, current, arrays.to_torch_state_dict(), strategy.state(),
                             {"global": global_rows + [row], "sites": strategy.site_rows})
         global_rows.append(row)

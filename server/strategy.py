@@ -34,7 +34,7 @@ class SiteTrackingMixin:
         self.expected_nodes: dict[tuple[int, str], list[int]] = {}
         self.refused_nodes: dict[int, str] = {}  # node id -> reason, for the rest of this run
 
-    def _screen_privacy(self, server_round: int, replies: list[Message]) -> list[Message]:
+    def _screen_privacy(self, server_round: int, replies: list[Message], phase: str = "train") -> list[Message]:
         """Drop (and remember) replies from sites whose reported spend is inconsistent."""
         kept = []
         for msg in replies:
@@ -50,7 +50,7 @@ class SiteTrackingMixin:
                 self.registry.record(str(privacy["fingerprint"]), site, float(msg.content["metrics"]["epsilon"]))
             else:
                 self.refused_nodes[msg.metadata.src_node_id] = reason
-                self.site_rows.append({"round": server_round, "phase": "train", "site": site,
+                self.site_rows.append({"round": server_round, "phase": phase, "site": site,
                                        "status": "refused", "error": reason})
         return kept
 
