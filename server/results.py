@@ -27,7 +27,8 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
     for site in sites:
         train = next((r for r in rows if r["site"] == site and r["phase"] == "train"), {})
         ev = next((r for r in rows if r["site"] == site and r["phase"] == "evaluate"), {})
-        status = train.get("status", "absent") if train.get("status") != "ok" else ev.get("status", "absent")
+        # a site that trained is "ok" unless its evaluation failed; evaluation may be off
+        status = train.get("status", "absent") if train.get("status") != "ok" else ev.get("status", "ok")
         eps = _number(train.get("epsilon"))
         spent = f" | eps {eps:6.2f}" if math.isfinite(eps) else ""
         n = _number(train.get("num-examples"))
