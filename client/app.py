@@ -14,14 +14,19 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 
+from client.audit import audit_mod
 from client.dp import plan_dp, train_dp
 from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
 from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path, site_max_epsilon
-from client.statistics import Releaser, produce
+from client.statistics import Releaser, produce, producer
+import client.shift_stats  # noqa: F401  (registers the "shift" producer)
+import client.fairness_stats  # noqa: F401  (registers the "fairness" producer)
+from core_models.meta_loader import make_meta_loader
 from core_models.networks import build_model, get_device
-from core_models.training import evaluate, make_loader, train_epochs
+from core_models.training import evaluate, make_loader, predict_proba, train_epochs
+from fairness import mitigation
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])  # audit_mod: the site's own log of what it sends (client/audit.py)
 
 BUDGET_EXHAUSTED = 4001  # Error code in replies from a site that refuses to train
 
@@ -95,6 +100,41 @@ def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
     return Message(content=RecordDict({**content, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
+def _fair_meta(site: LocalSite, cfg, part: str = "train"):
+    """(A, S, C) rows of a split, from the columns named by run config `fair-*`."""
+    frame = site.data.frame[(site.split == part).to_numpy()]
+    return mitigation.meta_array(frame, str(cfg.get("fair-sensitive", "group")),
+                                 str(cfg.get("fair-mediator", "scanner_legacy")), str(cfg.get("fair-covariate", "")),
+                                 int(cfg.get("fair-reference", 0)))
+
+
+def _fair_penalty(msg: Message, cfg, site: LocalSite):
+    """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has broadcast the
+    consortium's PSE and density-ratio table (from round 2 on); else (None, None)."""
+    config = msg.content["config"]
+    lam = float(cfg.get("fair-lambda", 0.0))
+    if lam <= 0 or "fair-ratio" not in config:
+        return None, None
+    weights = mitigation.DensityRatio.from_config(config, int(cfg.get("fair-mediator-levels", 2)),
+                                                  mitigation.parse_edges(cfg.get("fair-covariate-edges", "")))
+    return mitigation.PathSpecificPenalty(weights, lam=lam, pse=float(config["fair-pse"])), _fair_meta(site, cfg)
+
+
+@producer("fair-pse")
+def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
+    """Cell counts of (A, S, C-bin) and the global model's score sums over the reference group's cells, on the
+    train split, each noised (sensitivity 1: one patient is in one cell, score in [0, 1]) and charged."""
+    x, y = site.part("train")
+    scores = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
+    counts, sums = mitigation.site_release_vectors(
+        _fair_meta(site, request), scores, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
+        int(request.get("fair-mediator-levels", 2)))
+    out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
+    if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
+        out["counts"] = releaser.release_counts("fair-pse-counts", counts, 1.0)
+    return out
+
+
 @app.train(mods=[central_dp_mod])
 @keep_details_local
 def train(msg: Message, context: Context) -> Message:
@@ -111,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
                   weight_decay=float(cfg["weight-decay"]),
                   proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     privacy: dict = {}
+    penalty, meta = _fair_penalty(msg, cfg, site)
     if bool(cfg.get("dp", False)):
         ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
                                     max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),
@@ -126,15 +167,17 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_dp(model, x, y, plan, ledger, batch_size=int(cfg["batch-size"]),
                          physical_batch_size=int(cfg["physical-batch-size"]),
                          max_grad_norm=float(cfg["max-grad-norm"]), seed=seed, server_round=server_round,
-                         run_id=str(context.run_id), **common)
+                         run_id=str(context.run_id), meta=meta, penalty_fn=penalty, **common)
         privacy = {"fingerprint": ledger.fingerprint}
         spent = ledger.summary()
         epsilon, noise = ledger.epsilon(), plan.noise_multiplier
         epsilon_train, epsilon_release = spent["epsilon_train"], spent["epsilon_release"]
     else:
-        stats = train_epochs(model, make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed),
-                             epochs=int(cfg["local-epochs"]), grad_accumulation=int(cfg["grad-accumulation"]),
-                             device=get_device(), **common)
+        loader = (make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed) if penalty is None else
+                  make_meta_loader(x, y, meta, int(cfg["batch-size"]), shuffle=True, seed=seed))
+        stats = train_epochs(model, loader, epochs=int(cfg["local-epochs"]),
+                             grad_accumulation=int(cfg["grad-accumulation"]), device=get_device(),
+                             penalty_fn=penalty, **common)
         epsilon_before = epsilon = epsilon_train = epsilon_release = math.inf
         noise = 0.0
     xv, yv = site.part("val")

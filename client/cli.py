@@ -59,6 +59,79 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the data folder as `start` does, print the summary; nothing is sent."""
+    from client.supernode import DataFolderError, check_data
+
+    try:
+        summary = check_data(args.data, site=args.site, image_size=args.image_size, seed=args.seed)
+    except DataFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Validate the data folder, then run this hospital's SuperNode against the server."""
+    from client.supernode import run_site
+
+    return run_site(args.site, args.data, args.server, args.ca, args.key, image_size=args.image_size,
+                    seed=args.seed, max_epsilon=args.max_epsilon, audit_log=args.audit_log,
+                    runtime_port=args.runtime_port, max_wait=args.max_wait, auth_retries=args.auth_retries,
+                    log_file=args.log_file)
+
+
+def add_deployment_commands(sub) -> None:
+    def data_args(p, site_required: bool) -> None:
+        p.add_argument("--data", required=True, help="the site's data folder (holds manifest.csv)")
+        p.add_argument("--site", required=site_required, help="this hospital's name (as registered)")
+        p.add_argument("--image-size", type=int, default=64, help="image size the consortium trains at")
+        p.add_argument("--seed", type=int, default=0, help="split seed the consortium uses")
+
+    p = sub.add_parser("check", help="validate the site's data folder and print a summary")
+    data_args(p, site_required=False)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("start", help="validate the data, then connect this hospital to the consortium")
+    data_args(p, site_required=True)
+    p.add_argument("--server", required=True, help="the consortium server, HOST:PORT")
+    p.add_argument("--ca", required=True, help="the consortium's CA certificate (ca.crt)")
+    p.add_argument("--key", required=True, help="this hospital's private key (<site>.key)")
+    p.add_argument("--max-epsilon", type=float, default=None,
+                   help="this site's privacy budget (the smaller of this and site.toml applies)")
+    p.add_argument("--audit-log", default=None,
+                   help="append a JSON line describing every message this site sends")
+    p.add_argument("--runtime-port", type=int, default=None,
+                   help="local port of the SuperNode's runtime API (default: a free one)")
+    p.add_argument("--max-wait", type=float, default=3600,
+                   help="give up when the server stays unreachable this many seconds")
+    p.add_argument("--auth-retries", type=int, default=2,
+                   help="retries after the server refuses the key (it may be registered a moment later)")
+    p.add_argument("--log-file", default=None, help="also write the SuperNode's output here")
+    p.set_defaults(func=cmd_start)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    """Prior adaptation of a new site from unlabelled images (client/adapt.py)."""
+    from client.adapt import main as adapt_main
+
+    return adapt_main(args)
+
+
+def add_adapt_command(sub) -> None:
+    p = sub.add_parser("adapt", help="estimate this site's label prior from unlabelled images and correct the "
+                                     "global model's probabilities for it")
+    p.add_argument("--data", required=True, help="the site's data folder (manifest.csv; labels optional)")
+    p.add_argument("--model", required=True, help="the global model (final_model.pt or a round checkpoint)")
+    p.add_argument("--consortium-stats", required=True,
+                   help="the consortium's released shift statistics (shift_consortium.json of a run folder)")
+    p.add_argument("--out", required=True, help="folder for adapted_predictions.csv and prior.json")
+    p.add_argument("--image-size", type=int, default=None, help="default: the consortium's image size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap interval")
+    p.set_defaults(func=cmd_adapt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equifed-client", description="equifed hospital client")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report epsilon at this delta (default: the delta stored with each dataset)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ledger)
+
+    add_deployment_commands(sub)
+    add_adapt_command(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 
 from client.ledger import PrivacyLedger
+from core_models.meta_loader import make_meta_loader
 from core_models.networks import get_device, prepare_for_dp
 from core_models.training import make_loader, make_optimizer
 
@@ -74,6 +75,8 @@ def train_dp(
     seed: int = 0,
     server_round: int | None = None,
     run_id: str | None = None,
+    meta: np.ndarray | None = None,
+    penalty_fn=None,
 ) -> dict[str, float]:
     """Train `model` in place with DP-SGD for `plan.steps_per_round` logical steps.
 
@@ -82,6 +85,9 @@ def train_dp(
     batch, so memory follows the physical size and privacy the logical one.
     FedProx's proximal pull is applied after each noised step as a separate update: it
     uses only the server's weights, so it is post-processing and costs no privacy.
+    `penalty_fn(logits, y, meta)` (with `meta` rows next to the images) is added to the loss; it
+    must be a mean of per-sample terms with public coefficients (e.g. the fairness penalty with the
+    server's broadcast PSE), so per-sample clipping still bounds each patient's influence.
     """
     device = get_device()
     model.to(device).train()
@@ -91,7 +97,10 @@ def train_dp(
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     torch.manual_seed(seed)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
-    loader = make_loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
+    if meta is not None:
+        loader = make_meta_loader(images, labels, meta, batch_size=batch_size, shuffle=True, seed=seed)
+    else:
+        loader = make_loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_opt, private_loader = engine.make_private(
         module=model,
@@ -117,12 +126,14 @@ def train_dp(
         with BatchMemoryManager(
             data_loader=private_loader, max_physical_batch_size=physical_batch_size, optimizer=private_opt
         ) as batches:
-            for x, y in batches:
+            for x, y, *m in batches:
                 if len(y) == 0:
                     continue
                 x, y = x.to(device), y.to(device)
-                loss = criterion(private_model(x), y)
-                loss.backward()
+                logits = private_model(x)
+                loss = criterion(logits, y)
+                objective = loss if penalty_fn is None else loss + penalty_fn(logits, y, m[0].to(device))
+                objective.backward()
                 before = noised[0]
                 private_opt.step()
                 private_opt.zero_grad()

@@ -44,11 +44,15 @@ def train_epochs(
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
     progress: bool = False,
+    penalty_fn=None,
 ) -> dict[str, float]:
     """Train in place; return the mean training loss and the number of optimizer steps.
 
     `proximal_mu > 0` adds FedProx's term mu/2 * ||w - w_global||^2, with w_global the
     weights the model holds on entry (the server's global model).
+    `penalty_fn(logits, y, meta) -> tensor` is added to the loss (e.g. the path-specific fairness
+    penalty); it gets the batch's logits (one forward pass) and `meta` from a loader whose batches
+    are (x, y, meta) (core_models/meta_loader.py).
     """
     if grad_accumulation < 1:
         raise ValueError("grad_accumulation must be >= 1")
@@ -61,13 +65,16 @@ def train_epochs(
     opt.zero_grad()
     for epoch in range(epochs):
         batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for i, (x, y) in enumerate(batches):
+        for i, (x, y, *meta) in enumerate(batches):
             x, y = x.to(device), y.to(device)
-            loss = criterion(model(x), y)
+            logits = model(x)
+            loss = criterion(logits, y)
             objective = loss
             if global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
                 objective = loss + 0.5 * proximal_mu * prox
+            if penalty_fn is not None:
+                objective = objective + penalty_fn(logits, y, meta[0].to(device) if meta else None)
             (objective / grad_accumulation).backward()
             if (i + 1) % grad_accumulation == 0 or i + 1 == len(loader):
                 opt.step()

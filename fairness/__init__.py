@@ -21,14 +21,15 @@ Public API::
                                                    # mediator strata)
     audit = run_audit(frame, spec)                 # all of it as a JSON-serialisable dict, with a verdict
 
+    audit = run_audit(frame, spec, placebo=True, dowhy=True, site_column="site")   # + robustness, per site
+    write_report(audit, "out/")                    # fairness_audit.html (self-contained) + fairness_audit.json
+
 Modules: :mod:`fairness.graph` (spec, validation, paths, projection; errors :class:`GraphError`,
 :class:`SpecError`, :class:`CycleError`, :class:`RoleError`, :class:`MissingColumnError`),
 :mod:`fairness.identification` (recanting witness / district criterion), :mod:`fairness.pse` (estimators,
-bootstrap), :mod:`fairness.group_metrics`, :mod:`fairness.audit`.
-
-Still to come (issue 5): DoWhy refuters and independence tests (item 4), the federated audit from noised per-site
-cell statistics (item 6; the g-formula already runs on cell counts and sums only), the HTML report and
-``equifed-audit`` command (item 7).
+bootstrap), :mod:`fairness.group_metrics`, :mod:`fairness.audit`, :mod:`fairness.dowhy_checks` (DoWhy total effect,
+refuters, kernel independence tests), :mod:`fairness.federated` (the audit from per-site DP-noised cell
+statistics), :mod:`fairness.report` (HTML + JSON) and :mod:`fairness.cli` (``equifed-audit``).
 """
 
 from fairness.audit import run_audit, verdict, write_audit_json
@@ -45,9 +46,10 @@ from fairness.graph import (
 from fairness.group_metrics import GroupMetrics, group_metrics
 from fairness.identification import Identification, identify
 from fairness.pse import EffectTable, EstimationError, estimate_effects
+from fairness.report import write_report
 
 __all__ = [
     "CausalPath", "CausalSpec", "CycleError", "EffectTable", "EstimationError", "GraphError", "GroupMetrics",
     "Identification", "MissingColumnError", "RoleError", "SpecError", "estimate_effects", "group_metrics",
-    "identify", "load_graph_spec", "run_audit", "verdict", "write_audit_json",
+    "identify", "load_graph_spec", "run_audit", "verdict", "write_audit_json", "write_report",
 ]

@@ -1,5 +1,6 @@
-"""One call for the whole audit of a table of predictions: graph checks, identification, effects, group metrics and
-a plain-language verdict, as a JSON-serialisable dict (what the HTML report will render)."""
+"""One call for the whole audit of a table of predictions: graph checks, identification, effects, group metrics, a
+plain-language verdict and optional robustness checks, as a JSON-serialisable dict (what :mod:`fairness.report`
+renders)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from fairness.graph import CausalSpec, load_graph_spec
+from fairness.graph import CausalSpec, GraphError, load_graph_spec
 from fairness.group_metrics import group_metrics
 from fairness.pse import EffectTable, estimate_effects
 
@@ -73,12 +75,53 @@ def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
     return out
 
 
+def _row(effects: EffectTable, effect: str) -> dict[str, Any]:
+    r = effects.get(effect)
+    return {k: (None if isinstance(r[k], float) and not math.isfinite(r[k]) else r[k])
+            for k in ("estimate", "ci_low", "ci_high", "p_value")}
+
+
+def placebo_check(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int, seed: int,
+                  effects_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The PSE with the sensitive column randomly permuted: every effect of the placebo must be null (its CI
+    covering 0); one that is not says the estimator finds structure that is not there."""
+    col = spec.column(spec.sensitive)
+    shuffled = frame.assign(**{col: np.random.default_rng(seed + 7919).permutation(frame[col].to_numpy())})
+    eff = estimate_effects(shuffled, spec, n_boot=n_boot, seed=seed, **(effects_kwargs or {}))
+    out = {effect: _row(eff, effect) for effect in ("impermissible", "total")}
+    for r in out.values():
+        r["covers_zero"] = bool(r["ci_low"] is not None and r["ci_low"] <= 0 <= r["ci_high"])
+    out["passed"] = all(r["covers_zero"] for r in out.values())
+    return out
+
+
+def per_site_effects(frame: pd.DataFrame, spec: CausalSpec, site_column: str, *, n_boot: int, seed: int,
+                     effects_kwargs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Each site's impermissible and total effect on the score (the forest plot's rows); a site whose data do not
+    allow the estimate (one group missing, ...) says why."""
+    if site_column not in frame.columns:
+        raise GraphError(f"site column '{site_column}' not in the data (columns: {', '.join(map(str, frame.columns))})")
+    out = {}
+    for name, sub in frame.groupby(site_column, sort=True):
+        try:
+            eff = estimate_effects(sub, spec, n_boot=n_boot, seed=seed, **(effects_kwargs or {}))
+        except (GraphError, np.linalg.LinAlgError, ValueError) as err:
+            out[str(name)] = {"status": f"not estimable: {err}"}
+            continue
+        out[str(name)] = {"status": "ok", "n": eff.n, "impermissible": _row(eff, "impermissible"),
+                          "total": _row(eff, "total")}
+    return out
+
+
 def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int = 200, seed: int = 0,
               specificity: float = 0.8, alpha: float = 0.05, effects_kwargs: dict[str, Any] | None = None,
-              metrics_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+              metrics_kwargs: dict[str, Any] | None = None, placebo: bool = False, dowhy: bool = False,
+              dowhy_kwargs: dict[str, Any] | None = None, site_column: str | None = None) -> dict[str, Any]:
     """Audit one table of predictions (a column per observed node of ``spec``) and return a JSON-serialisable dict:
     ``spec``, ``data``, ``warnings``, ``paths``, ``identification``, ``effects`` (see :class:`EffectTable`),
-    ``group_metrics`` (see :class:`GroupMetrics`), ``verdict`` and ``timing_s``."""
+    ``group_metrics`` (see :class:`GroupMetrics`), ``verdict`` and ``timing_s``; with ``placebo`` the permuted-A
+    check, with ``dowhy`` DoWhy's total effect, refuters and independence tests (:mod:`fairness.dowhy_checks`),
+    with ``site_column`` each site's effects (``per_site``)."""
     t0 = time.perf_counter()
     if not isinstance(spec, CausalSpec):
         spec = load_graph_spec(spec)
@@ -87,9 +130,22 @@ def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int
     t1 = time.perf_counter()
     gm = group_metrics(frame, spec, specificity=specificity, **(metrics_kwargs or {})) if spec.outcome else None
     t2 = time.perf_counter()
+    robustness: dict[str, Any] = {}
+    if placebo:
+        robustness["placebo"] = placebo_check(frame, spec, n_boot=n_boot, seed=seed, effects_kwargs=effects_kwargs)
+    if dowhy:
+        from fairness.dowhy_checks import dowhy_checks
+
+        robustness["dowhy"] = dowhy_checks(frame, spec, levels=effects.levels, seed=seed, alpha=alpha,
+                                           **(dowhy_kwargs or {}))
+    per_site = None
+    if site_column:
+        per_site = per_site_effects(frame, spec, site_column, n_boot=min(n_boot, 100), seed=seed,
+                                    effects_kwargs=effects_kwargs)
+    t3 = time.perf_counter()
     eff = effects.to_dict()
     result = {
-        "audit_version": AUDIT_VERSION,
+        "audit_version": AUDIT_VERSION, "mode": "pooled",
         "spec": spec.to_dict(), "spec_source": spec.source,
         "data": {"n_rows": int(len(frame)), "n_by_group": effects.n,
                  "levels": eff["levels"]},
@@ -99,8 +155,10 @@ def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int
         "effects": eff,
         "group_metrics": gm.to_dict() if gm is not None else None,
         "verdict": verdict(effects, alpha),
+        "robustness": robustness,
+        "per_site": per_site,
         "timing_s": {"effects": round(t1 - t0, 3), "group_metrics": round(t2 - t1, 3),
-                     "total": round(time.perf_counter() - t0, 3)},
+                     "robustness_and_sites": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)},
     }
     result["verdict"] = json.loads(json.dumps(result["verdict"], default=_default))
     return result

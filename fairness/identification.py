@@ -77,6 +77,7 @@ class Identification:
     assumptions: list[str]
     positivity: str
     reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how edges between mediators were read (e.g. S -> D)
 
     @property
     def permissible_identified(self) -> bool:
@@ -103,7 +104,7 @@ class Identification:
             "mediators": list(self.mediators), "covariates": list(self.covariates),
             "switch": self.switch, "outcome_world": self.outcome_world, "estimands": self.estimands,
             "identified_alternative": self.identified_alternative, "assumptions": list(self.assumptions),
-            "positivity": self.positivity, "reasons": list(self.reasons),
+            "positivity": self.positivity, "reasons": list(self.reasons), "notes": list(self.notes),
         }
 
 
@@ -243,10 +244,34 @@ def identify(spec: CausalSpec, target: str | None = None) -> Identification:
            "p(m | a1, pa, c) > 0), otherwise the density ratio p(m | a1, ·)/p(m | a0, ·) is unbounded. Checked "
            "empirically by the estimator: positivity warnings per level, clipped weights, effective sample size."
            if switched else "."))
+    notes = _mediator_edge_notes(spec, proj, classes)
     return Identification(
+        notes=notes,
         identified=identified, target=target, sensitive=a, paths=paths, entries=classes,
         recanting_witnesses=witnesses, recanting_districts=rec_districts, witness_paths=witness_paths,
         total_effect_identified=total_ok, mediators=meds, covariates=covs, switch=switch, outcome_world=world,
         estimands=estimands, identified_alternative=alternatives, assumptions=assumptions, positivity=positivity,
         reasons=reasons,
     )
+
+
+def _mediator_edge_notes(spec: CausalSpec, proj: nx.DiGraph, classes: dict[str, str]) -> list[str]:
+    """Plain words for each edge from an impermissible entry into a permissible one (e.g. S -> D), the case where
+    the path rule decides who, if anyone, is a recanting witness."""
+    a = spec.sensitive
+    notes = []
+    for u, v in proj.edges:
+        if classes.get(u) in ("impermissible", "mixed") and v in classes and u != a and v != spec.prediction:
+            if spec.nodes[v].resolving:
+                notes.append(f"{u} -> {v} with '{v}' resolving: influence of {a} that reaches the score through "
+                             f"{v} counts as justified, so {a} -> {u} -> {v} -> ... is permissible while "
+                             f"{a} -> {u} -> ... (not through {v}) is impermissible: '{u}' (not '{v}') is the "
+                             "recanting witness and the impermissible PSE is not identified.")
+            else:
+                notes.append(f"{u} -> {v}: the path {a} -> {u} -> {v} -> ... contains the impermissible edge "
+                             f"{a} -> {u}, so under the default rule it is impermissible; '{v}' is NOT a recanting "
+                             f"witness and the effect of the edge {a} -> {u} (its influence on {v} included) is "
+                             f"identified. If influence through {v} should count as justified, mark '{v}' "
+                             f"resolving = true: then '{u}' becomes the recanting witness and the PSE is not "
+                             "identified.")
+    return notes

@@ -482,6 +482,20 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
     if not np.isfinite(score).all():
         raise EstimationError(f"score column '{spec.column(spec.prediction)}' has non-numeric or infinite values")
 
+    d = _Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
+    return effects_from_design(d, spec, ident, meds, covs, levels, n_boot=n_boot, ci=ci, max_weight=max_weight,
+                               gformula_bins=gformula_bins, positivity_ratio=positivity_ratio, min_cell=min_cell,
+                               max_gformula_cells=max_gformula_cells, t0=t0)
+
+
+def effects_from_design(d: "_Design", spec: CausalSpec, ident: Identification, meds: list[_Var], covs: list[_Var],
+                        levels: tuple[Any, Any], *, n_boot: int, ci: float, max_weight: float, gformula_bins: int,
+                        positivity_ratio: float, min_cell: int, max_gformula_cells: int,
+                        t0: float | None = None) -> EffectTable:
+    """The estimation proper, on pattern counts and sums (``d.N``, ``d.T``: column 0 the data, then one column
+    per bootstrap replicate). Shared by :func:`estimate_effects` (rows) and :mod:`fairness.federated` (cells)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    med_names = [m.name for m in meds]
     proj, bidirected = spec.projection()
     parents = {m: [p for p in proj.predecessors(m) if p in med_names] for m in med_names}
     relevant = set(med_names) | {spec.sensitive, spec.prediction} | set(spec.covariates)
@@ -489,8 +503,6 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
     markovian = not hidden
     target_district = next((dd for dd in spec.districts(relevant) if spec.prediction in dd), {spec.prediction})
     direct_ok = ident.total_effect_identified and not (target_district & set(ident.entries) - {spec.prediction})
-
-    d = _Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
     t_design = time.perf_counter() - t0
 
     # baseline E[T | A=a0] per replicate
@@ -559,7 +571,8 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
                 f"{eff}: effective sample size {dg['effective_sample_size']:.0f} is under 10% of the "
                 f"{dg['n_rows']} reweighted rows")
     diagnostics["graph_checks"] = _graph_checks(spec, ident, reps, ci)
-    n = {"a0": int((a == 0).sum()), "a1": int(a.sum()), "total": int(len(a))}
+    n0, n1 = float(d.N[d.a == 0, 0].sum()), float(d.N[d.a == 1, 0].sum())
+    n = {"a0": int(round(n0)), "a1": int(round(n1)), "total": int(round(n0 + n1))}
     baseline = {k: float(v[0]) for k, v in base.items()}
     return EffectTable(table=table, identification=ident, diagnostics=diagnostics, levels=levels, n=n,
                        baseline=baseline, n_boot=n_boot, ci=ci, seconds=time.perf_counter() - t0, replicates=reps)

@@ -22,7 +22,10 @@ from server.checkpoint import load_latest, save_checkpoint
 from server.results import plot_learning_curve, round_table, write_summary, write_tables
 from server.privacy_registry import PrivacyRegistry
 from server.site_statistics import analyse, request_config, request_statistics, requested_kinds, to_releases
+import server.shift  # noqa: F401  (registers the "shift" analyser)
+import server.fairness_audit  # noqa: F401  (registers the "fairness" analyser)
 from server.strategy import build_strategy
+from fairness import mitigation
 
 app = ServerApp()
 
@@ -74,6 +77,35 @@ def main(grid: Grid, context: Context) -> None:
         strategy._record(current, "statistics", replies)
         analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
 
+    fair_counts: list[np.ndarray] = []  # the consortium's (A, S, C-bin) counts: released once, summed over sites
+
+    def collect_fair(current: int, arrays: ArrayRecord) -> dict:
+        """Consortium PSE of the new global model from the sites' noised cell counts and score sums; broadcast it
+        with the density-ratio table in the next rounds' train config (fair-lambda > 0)."""
+        nodes = [n for n in grid.get_node_ids() if n not in strategy.refused_nodes]
+        request = ConfigRecord({"statistics": "fair-pse", "server-round": current, "seed": int(cfg["seed"]),
+                                "fair-counts": not fair_counts,
+                                **{k: v for k, v in cfg.items() if k.startswith("fair-")}})
+        replies = request_statistics(grid, arrays, request, nodes, timeout=float(cfg["round-timeout"]))
+        strategy.expected_nodes[(current, "fair-pse")] = nodes
+        replies = strategy._screen_privacy(current, replies, phase="fair-pse")
+        strategy._record(current, "fair-pse", replies)
+        got = [r.records["fair-pse"] for r in to_releases(replies, ["fair-pse"]) if "fair-pse" in r.records]
+        if not fair_counts:
+            got = [g for g in got if "counts" in g]
+            if not got:
+                return {}
+            fair_counts.append(np.sum([np.asarray(g["counts"]) for g in got], axis=0).reshape(2, -1))
+        if not got:
+            return {}
+        edges = mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
+        n_s = int(cfg.get("fair-mediator-levels", 2))
+        weights = mitigation.DensityRatio.from_counts(fair_counts[0], n_s, edges,
+                                                      max_weight=float(cfg.get("fair-max-weight", 20.0)))
+        pse = weights.pse_from_released(fair_counts[0], np.sum([np.asarray(g["sums"]) for g in got], axis=0))
+        strategy.broadcast = {"fair-pse": pse, **weights.to_config()}
+        return {"fair_pse": pse, "fair_sites": len(got)}
+
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Runs after every round (and once before round 1): evaluate, checkpoint, report."""
         current = server_round + done
@@ -94,6 +126,8 @@ def main(grid: Grid, context: Context) -> None:
             if train_ok:
                 row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
                                                      weights=[r["num-examples"] for r in train_ok]))
+            if float(cfg.get("fair-lambda", 0.0)) > 0:
+                row.update(collect_fair(current, arrays))
             if kinds:
                 collect_statistics(current, arrays)
             save_checkpoint(out_dir, current, arrays.to_torch_state_dict(), strategy.state(),

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from server.privacy_registry import PrivacyRegistry
+
+# Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
+# with it); they come from the SuperLink's node id, not the site's.
+UNREACHABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
@@ -27,6 +34,7 @@ class SiteTrackingMixin:
 
     round_offset: int = 0
     registry: PrivacyRegistry | None = None
+    broadcast: dict | None = None  # extra train-config entries for the next rounds (e.g. the fairness penalty's)
 
     def _init_tracking(self) -> None:
         self.site_rows: list[dict] = []  # one row per (round, phase, site)
@@ -54,10 +62,19 @@ class SiteTrackingMixin:
                                        "status": "refused", "error": reason})
         return kept
 
+    def _site_of(self, node: int) -> str:
+        """The site name a node last answered with (kept in the rows, so it survives a resume)."""
+        for row in reversed(self.site_rows):
+            if row.get("node") == str(node) and row.get("status") == "ok":
+                return row["site"]
+        return f"node-{node}"
+
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         answered = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error() and msg.error.code in UNREACHABLE:
+                continue  # the SuperLink's stand-in for a site that went away: a "no reply" row below
             answered.add(node)
             if msg.has_error():
                 reason = msg.error.reason
@@ -69,16 +86,22 @@ class SiteTrackingMixin:
                 continue
             site = msg.content["site"]["name"] if "site" in msg.content.config_records else f"node-{node}"
             metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
-            self.site_rows.append({"round": server_round, "phase": phase, "site": site, "status": "ok", **metrics})
+            self.site_rows.append({"round": server_round, "phase": phase, "site": site, "status": "ok",
+                                   "node": str(node), **metrics})
         for node in self.expected_nodes.get((server_round, phase), []):
             if node not in answered and node not in self.refused_nodes:
+                site = self._site_of(node)
+                log(WARNING, "equifed round %d (%s): site %s did not reply; the round goes on without it",
+                    server_round, phase, site)
                 self.site_rows.append(
-                    {"round": server_round, "phase": phase, "site": f"node-{node}", "status": "no reply"}
+                    {"round": server_round, "phase": phase, "site": site, "status": "no reply", "node": str(node)}
                 )
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
         self.round_started[server_round] = time.time()
+        if self.broadcast:
+            config = ConfigRecord({**dict(config), **self.broadcast})
         messages = [m for m in super().configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id not in self.refused_nodes]
         self.expected_nodes[(server_round, "train")] = [m.metadata.dst_node_id for m in messages]

@@ -1,8 +1,10 @@
-"""Start and drive a Flower SuperLink that we own: a free loopback port, our own
-FLWR_HOME, no `uv sync` at run time, killed by PID when we are done.
+"""Start and drive a Flower SuperLink that we own: our own FLWR_HOME, no `uv sync` at
+run time, killed by PID when we are done.
 
 Flower's auto-started local SuperLink needs the network and outlives the command, so
-simulations, tests and CI use this instead.
+simulations, tests and CI use this instead. The same class runs the consortium's
+deployment SuperLink (`equifed-server start`): TLS, a database file that survives a
+restart, and SuperNode authentication against an allow-list of public keys.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -34,20 +37,45 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-class LocalSuperLink:
-    """A SuperLink in simulation mode on 127.0.0.1, used as a context manager."""
+@dataclass(frozen=True)
+class TLSFiles:
+    """The SuperLink's TLS material (PEM files); `ca` is what clients trust."""
 
-    def __init__(self, log_path: Path | None = None, simulation: bool = True, startup_timeout: float = 60):
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.home = Path(tempfile.mkdtemp(prefix="equifed-flwr-home-"))
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class LocalSuperLink:
+    """A SuperLink we start and stop by PID, used as a context manager.
+
+    Default: simulation mode, plain HTTP on a free loopback port, a throw-away FLWR_HOME.
+    Deployment: `simulation=False` with `tls`, `database` and `auth=True`, a fixed
+    host/port the hospitals dial and a persistent `home` (keeps the FLWR config).
+    """
+
+    def __init__(self, log_path: Path | None = None, simulation: bool = True, startup_timeout: float = 60,
+                 host: str = "127.0.0.1", port: int | None = None, tls: TLSFiles | None = None,
+                 database: Path | None = None, auth: bool = False, home: Path | None = None):
+        if auth and tls is None:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it on a plain connection)")
+        self.host = host
+        self.port = port or free_port()
+        dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.address = f"{dial}:{self.port}"
+        self.home = Path(home) if home else Path(tempfile.mkdtemp(prefix="equifed-flwr-home-"))
+        self.home.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_path) if log_path else self.home / "superlink.log"
         self.simulation = simulation
         self.startup_timeout = startup_timeout
+        self.tls = TLSFiles(*(Path(p).resolve() for p in (tls.ca, tls.cert, tls.key))) if tls else None
+        self.database = Path(database).resolve() if database else None
+        self.auth = auth
         self.process: subprocess.Popen | None = None
+        security = (f'root-certificates = "{self.tls.ca}"\n' if self.tls else "insecure = true\n")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\ninsecure = true\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}'
         )
 
     @property
@@ -63,11 +91,25 @@ class LocalSuperLink:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
-        cmd = [_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-               "--host", "127.0.0.1", "--port", str(self.port)]
+    def command(self) -> list[str]:
+        cmd = [_bin("flower-superlink"), "--disable-runtime-dependency-installation",
+               "--host", self.host, "--port", str(self.port)]
+        if self.tls:
+            cmd += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                    "--ssl-keyfile", str(self.tls.key)]
+        else:
+            cmd.append("--insecure")
+        if self.database:
+            self.database.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--database", str(self.database)]
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
         if self.simulation:
             cmd.append("--simulation")
+        return cmd
+
+    def start(self) -> None:
+        cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
@@ -76,33 +118,20 @@ class LocalSuperLink:
             if self.process.poll() is not None:
                 raise RuntimeError(f"SuperLink exited at start (code {self.process.returncode}); see {self.log_path}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection(self.address.rsplit(":", 1), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"SuperLink did not open port {self.port} within {self.startup_timeout}s; see {self.log_path}")
 
-    def stop(self) -> None:
-        """Kill the SuperLink and everything it started (SuperExec, ServerApp, Ray)."""
+    def stop(self, hard: bool = False) -> None:
+        """Kill the SuperLink and everything it started (SuperExec, ServerApp, Ray).
+        `hard=True` sends SIGKILL to all of them at once: what a crashed machine looks like."""
         if self.process is None:
             return
-        try:
-            parent = psutil.Process(self.process.pid)
-            family = parent.children(recursive=True) + [parent]
-        except psutil.NoSuchProcess:
-            family = []
-        for proc in family:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=10)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(self.process.pid, hard=hard)
+        self.process.wait()
         self.process = None
         self._log.close()
 
@@ -135,21 +164,99 @@ class LocalSuperLink:
             raise RuntimeError(f"run {run_id} unknown to the SuperLink: {done.stdout}")
         return runs[0]
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None) -> dict:
-        """Block until the run finishes; return its status row. Raises TimeoutError."""
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None, status_every: float = 0) -> dict:
+        """Block until the run finishes; return its status row. Raises TimeoutError.
+        `on_poll` runs every `poll` seconds, the status query (a `flwr` process, about a
+        CPU-second) every `status_every` seconds (default: every poll)."""
         deadline = time.time() + timeout
+        next_status = 0.0
         while time.time() < deadline:
-            row = self.status(run_id)
             if on_poll:
                 on_poll()
-            if str(row.get("status", "")).startswith("finished"):
-                return row
+            if time.time() >= next_status:
+                row = self.status(run_id)
+                if str(row.get("status", "")).startswith("finished"):
+                    if on_poll:
+                        on_poll()
+                    return row
+                next_status = time.time() + status_every
             time.sleep(poll)
         self.flwr("stop", str(run_id), CONNECTION)
         raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
 
     def logs(self, run_id: int) -> str:
         return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
+
+    def runs(self) -> list[dict]:
+        """Every run the SuperLink knows (its database keeps them across restarts)."""
+        done = self.flwr("ls", "--format", "json")
+        try:
+            return json.loads(done.stdout[done.stdout.index("{"):]).get("runs", [])
+        except ValueError:
+            raise RuntimeError(f"flwr ls failed (code {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+
+    def stop_unfinished_runs(self) -> list[int]:
+        """Mark runs left 'running' by a dead ServerApp (a crash) as stopped, so that they
+        hand no more work to the hospitals; returns their ids."""
+        stale = [int(r["run-id"]) for r in self.runs() if not str(r.get("status", "")).startswith("finished")]
+        for run_id in stale:
+            self.flwr("stop", str(run_id), CONNECTION)
+        return stale
+
+    # --- SuperNode allow-list ---------------------------------------------------------
+    def register_node(self, public_key: Path, name: str) -> int | None:
+        """Put a hospital's public key on the allow-list; returns its node id, or None
+        when the key was registered before (the database remembers it)."""
+        done = self.flwr("supernode", "register", str(Path(public_key).resolve()), CONNECTION,
+                         "--name", name, "--format", "json")
+        try:
+            payload = json.loads(done.stdout[done.stdout.index("{"):])
+        except ValueError:
+            payload = {}
+        if payload.get("success"):
+            return int(payload["node-id"])
+        if "already in use" in str(payload.get("error-message", "")):
+            return None
+        raise RuntimeError(f"could not register {name}'s public key {public_key}:\n{done.stdout}\n{done.stderr}")
+
+    def nodes(self) -> list[dict]:
+        """The registered SuperNodes with their status (registered / online / offline)."""
+        done = self.flwr("supernode", "list", CONNECTION, "--format", "json")
+        try:
+            return json.loads(done.stdout[done.stdout.index("{"):]).get("nodes", [])
+        except ValueError:
+            raise RuntimeError(f"flwr supernode list failed:\n{done.stdout}\n{done.stderr}") from None
+
+    def wait_for_nodes(self, count: int, timeout: float, poll: float = 3.0) -> int:
+        """Block until `count` SuperNodes are online; returns how many are. TimeoutError."""
+        deadline = time.time() + timeout
+        while True:
+            online = sum(1 for n in self.nodes() if n.get("status") == "online")
+            if online >= count:
+                return online
+            if time.time() > deadline:
+                raise TimeoutError(f"only {online} of {count} hospital(s) connected within {timeout:.0f}s")
+            time.sleep(poll)
+
+
+def kill_tree(pid: int, hard: bool = False, timeout: float = 10) -> None:
+    """Signal a process and all its descendants (SIGTERM, then SIGKILL for stragglers)."""
+    try:
+        parent = psutil.Process(pid)
+        family = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for proc in family:
+        try:
+            proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _toml(value) -> str:

@@ -193,9 +193,32 @@ def sample_truth(site: SiteSpec, seed: int, n: int | None = None, *, image_size:
     """
     name = name or site.name
     n = site.n if n is None else n
-    exo, seeds = exogenous_draws(seed, name, n)
-    structural = structural_rows(site, exo, causal_rates(site)["base_logit"])
+    b0 = causal_rates(site)["base_logit"]
+    if site.label_prior >= 0:
+        exo, seeds, structural = _label_prior_draws(site, seed, name, n, b0)
+    else:
+        exo, seeds = exogenous_draws(seed, name, n)
+        structural = structural_rows(site, exo, b0)
     return finish_truth(name, structural, seeds, image_size, site_columns(site), site.name)
+
+
+def _label_prior_draws(site: SiteSpec, seed: int, name: str, n: int, b0: float):
+    """Pure label shift: the first round(n*q) diseased and n - round(n*q) healthy patients of the site's own stream.
+
+    Keeping whole patients of the structural model, class by class, leaves P(A, C, S, X | D) untouched.
+    """
+    n1 = int(round(n * site.label_prior))
+    need = {1: n1, 0: n - n1}
+    pool = max(2 * n, 64)
+    while True:
+        exo, seeds = exogenous_draws(seed, name, pool)
+        rows = structural_rows(site, exo, b0)
+        d = rows["D"].to_numpy()
+        if all((d == k).sum() >= m for k, m in need.items()):
+            break
+        pool *= 2
+    keep = np.sort(np.concatenate([np.flatnonzero(d == k)[:m] for k, m in need.items()]))
+    return exo.iloc[keep], seeds[keep], rows.iloc[keep].reset_index(drop=True)
 
 
 def sample_holdout_truth(scenario: Scenario, n: int | None = None) -> pd.DataFrame:

@@ -14,6 +14,17 @@ structural model per site (see DESIGN.md section 5/6) is::
 label-shift knob). ``extra_noise_std``, ``contrast_scale`` and ``brightness_offset`` act on both scanner types alike:
 they are the site-wide covariate-shift knobs.
 
+Shift knobs (checked against the truth by the shift statistics, issue 4):
+
+* none: leave them all at their defaults.
+* pure label shift: ``label_prior = q`` keeps the site's structural model and redraws its patients class by class
+  (the first ``round(n*q)`` diseased and ``n - round(n*q)`` healthy patients of the model's stream), so
+  P(A, C, S, X | D) is exactly the model's and only P(D) moves to q. ``prevalence_offset`` also moves P(D), but
+  through the structural equations, so P(S | D) (hence P(X | D)) moves a little when ``beta_a != 0``.
+* pure covariate shift: ``extra_noise_std`` (scanner noise), ``contrast_scale``, ``brightness_offset``; P(D) is
+  unchanged, P(X | D) changes.
+* both: combine the two.
+
 Example::
 
     name = "example"
@@ -63,6 +74,7 @@ class SiteSpec:
     p_s_a1: float = 0.4  # P(S=1 | A=1)
     prevalence: float = 0.3  # target marginal P(D=1)
     prevalence_offset: float = 0.0  # label-shift knob, added to prevalence
+    label_prior: float = -1.0  # pure label shift: P(D=1) of the site's patients by class-wise redraw; < 0 = off
     beta_a: float = 0.5  # A -> D (permissible, biological)
     beta_c: float = 0.4  # C -> D, per 15 years above 55
     beta_s: float = 0.0  # S -> D (absent by default; makes D a recanting witness)
@@ -185,6 +197,8 @@ def _validate_site(where: str, label: str, s: SiteSpec) -> None:
     for key in _POSITIVE_KEYS:
         if getattr(s, key) <= 0:
             raise bad(key, "must be > 0")
+    if s.label_prior >= 0 and not 0.0 < s.label_prior < 1.0:
+        raise bad("label_prior", "must lie strictly between 0 and 1 (or be negative: off)")
     if s.age_mean < 18 or s.age_mean > 95:
         raise bad("age_mean", "must lie in [18, 95]")
 
@@ -270,12 +284,22 @@ def load_scenario(path: str | Path) -> Scenario:
     return scenario_from_dict(raw, where=str(p))
 
 
+# Knobs added after consortia were first generated: left out of the hash while off, so the folders generated
+# before they existed still match their scenario.
+_LATER_KNOBS = {"label_prior": -1.0}
+
+
+def _site_dict(s: SiteSpec) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    return {k: v for k, v in d.items() if not (k in _LATER_KNOBS and v == _LATER_KNOBS[k])}
+
+
 def _resolved_dict(scenario: Scenario) -> dict[str, Any]:
     return {
         "name": scenario.name,
         "seed": scenario.seed,
         "image_size": scenario.image_size,
-        "sites": [dataclasses.asdict(s) for s in scenario.sites],
+        "sites": [_site_dict(s) for s in scenario.sites],
         "holdout": dataclasses.asdict(scenario.holdout) if scenario.holdout else None,
     }
 

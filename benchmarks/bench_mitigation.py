@@ -1,0 +1,340 @@
+"""Removing the social-pathway effect, side by side, with the truth from counterfactual re-renders (issue 7).
+
+    nice .venv/bin/python benchmarks/bench_mitigation.py [--seeds 0] [--epochs 10] [--lams 3,10,30]
+        [--figure benchmarks/mitigation_gradcam.png]
+
+Data: simulations/scenarios/social_shortcut_32.toml (4 hospitals x 500 patients, 32 px, corner marker on legacy
+scanners, P(S=1|A) ~0.1 vs ~0.85, A -> D biological), rendered in memory with the generator; 80/20 train/val from
+the sites (pooled: centralised training), the scenario's 1000-patient holdout as the test set.
+
+Truth: for the test set's reference-group (A = a0) patients, every method scores (i) the factual render, (ii) the
+same patient rendered with S set to its value under a1 (same seeds: the social path switched), (iii) the same patient
+with D set to its value under a1, S kept (the biological path switched). TRUE social PSE = mean (ii) - (i), TRUE
+permissible PSE = mean (iii) - (i). "est. social PSE" is the weighting estimate from observational test data.
+
+Methods (same data, same seed, same network and schedule):
+* unmitigated; "drop A" (A is not an input of an image model: the same model; the A-probe AUROC on its embeddings
+  shows the network recovers A from the image anyway);
+* path-specific penalty at several lambda (fairness/mitigation.py: 2*lam*PSE_running*PSE_batch, per-sample, running
+  PSE = bias-corrected moving average of earlier batches);
+* post-processing: logit shift by S estimated within (A, D) strata on the validation set;
+* fairlearn ThresholdOptimizer (equalized odds) on the float64 scores, fitted on the validation set (expected
+  decision = its randomised thresholds' probability);
+* fairlearn CorrelationRemover and ExponentiatedGradient (demographic parity) on the frozen penultimate embeddings
+  of the unmitigated model, logistic head;
+* S-blind reference: the same network trained and scored on renders with the social mechanism off (S = 0 for all):
+  the best a model without the social path can do.
+
+Grad-CAM (MONAI) on test images that carry the marker: share of the class-1 CAM mass in the marker corner, for the
+unmitigated and the penalised model, with the parameter-randomisation check (Adebayo et al. 2018: rank correlation
+between the trained and a randomly re-initialised model's maps must be low).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from core_models.meta_loader import make_meta_loader
+from core_models.networks import SmallCNN
+from core_models.training import make_loader, train_epochs
+from fairness.mitigation import DensityRatio, PathSpecificPenalty, ScoreShiftCorrection, pct
+from simulations.generator import MAX_PIXEL, marker_mask, render, sample_holdout_truth, sample_truth, to_uint12
+from simulations.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIO = ROOT / "simulations" / "scenarios" / "social_shortcut_32.toml"
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def _render(rows: pd.DataFrame, s=None, d=None) -> np.ndarray:
+    """Images (N, 1, H, W) float32 on the 12-bit storage grid, optionally with S and/or D overridden."""
+    out = []
+    for i, row in enumerate(rows.to_dict("records")):
+        if d is not None:
+            row = {**row, "D": int(d[i])}
+        out.append(to_uint12(render(row, s=None if s is None else int(s[i]))) / MAX_PIXEL)
+    return np.stack(out)[:, None].astype(np.float32)
+
+
+def load_data(scenario_path: Path = SCENARIO, n_per_site: int | None = None, n_holdout: int | None = None,
+              seed: int = 0) -> dict:
+    """Train/val (from the sites, split by ``seed``) and test (holdout) sets, with truth rows and counterfactuals."""
+    sc = load_scenario(scenario_path)
+    truth = pd.concat([sample_truth(s, sc.seed, n_per_site, image_size=sc.image_size) for s in sc.sites],
+                      ignore_index=True)
+    test = sample_holdout_truth(sc, n_holdout)
+    rng = np.random.default_rng(seed)
+    is_val = rng.random(len(truth)) < 0.2
+    parts = {"train": truth[~is_val].reset_index(drop=True), "val": truth[is_val].reset_index(drop=True),
+             "test": test.reset_index(drop=True)}
+    data = {}
+    for name, rows in parts.items():
+        data[name] = {"rows": rows, "x": _render(rows), "y": rows["D"].to_numpy().astype(np.int64),
+                      "meta": rows[["A", "S", "C"]].to_numpy().astype(np.float64)}
+    t = parts["test"]
+    a0 = t[t["A"] == 0].reset_index(drop=True)
+    d_a1 = (a0["U_D"].to_numpy() < a0["p_D_a1"].to_numpy()).astype(int)  # D with A -> D switched, S kept
+    data["cf"] = {
+        "rows": a0,
+        "x": _render(a0), "s": a0["S"].to_numpy(),
+        "x_social": _render(a0, s=a0["S_a1"].to_numpy()), "s_social": a0["S_a1"].to_numpy(),
+        "x_perm": _render(a0, d=d_a1),
+    }
+    # the S-blind world: same patients, the social mechanism switched off (S = 0 everywhere)
+    data["blind"] = {name: _render(parts[name], s=np.zeros(len(parts[name]), int)) for name in ("train", "test")}
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.ndarray | None = None,
+              lr: float = 0.002, batch_size: int = 32) -> tuple[SmallCNN, dict]:
+    """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty."""
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    tr = data["train"]
+    x = tr["x"] if x_train is None else x_train
+    info: dict = {}
+    if lam > 0:
+        weights = DensityRatio.fit(tr["meta"][:, 0], tr["meta"][:, 1])
+        penalty = PathSpecificPenalty(weights, lam=lam)
+        loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
+        train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"),
+                     penalty_fn=penalty)
+        info["running_pse_last"] = penalty.running
+    else:
+        loader = make_loader(x, tr["y"], batch_size, shuffle=True, seed=seed)
+        train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"))
+    return model.eval(), info
+
+
+@torch.no_grad()
+def cnn_scores(model, x: np.ndarray) -> np.ndarray:
+    return torch.cat([torch.softmax(model(torch.from_numpy(x[i:i + 512])), 1)[:, 1]
+                      for i in range(0, len(x), 512)]).numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def cnn_embed(model, x: np.ndarray) -> np.ndarray:
+    return torch.cat([model.embed(torch.from_numpy(x[i:i + 512])) for i in range(0, len(x), 512)]).numpy()
+
+
+class ScoreAsProba(BaseEstimator, ClassifierMixin):
+    """A prefit 'classifier' whose input is the network's score: lets ThresholdOptimizer post-process it."""
+
+    def fit(self, x, y):
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, x):
+        s = np.asarray(x, dtype=np.float64)[:, 0]
+        return np.stack([1 - s, s], axis=1)
+
+    def predict(self, x):
+        return (np.asarray(x)[:, 0] > 0.5).astype(int)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def evaluate(score_fn, data: dict) -> dict:
+    """AUROC, worst-group AUROC, equalized-odds gap (at 0.5) on the test set; TRUE social and permissible PSE from
+    the re-renders; the weighting estimate of the social PSE from the observational test data.
+    ``score_fn(x, s, a) -> scores``: s and a are the metadata a deployed model could read."""
+    te, cf = data["test"], data["cf"]
+    a, s, y = te["meta"][:, 0], te["meta"][:, 1], te["y"]
+    p = score_fn(te["x"], s, a)
+    a0 = np.zeros(len(cf["rows"]))
+    f = score_fn(cf["x"], cf["s"], a0)
+    social = float(np.mean(score_fn(cf["x_social"], cf["s_social"], a0) - f))
+    perm = float(np.mean(score_fn(cf["x_perm"], cf["s"], a0) - f))
+    weights = DensityRatio.fit(a, s)
+    yhat = p > 0.5
+    rates = [(yhat[(a == g) & (y == 1)].mean(), yhat[(a == g) & (y == 0)].mean()) for g in (0, 1)]
+    return {
+        "auroc": float(roc_auc_score(y, p)),
+        "worst_group_auroc": float(min(roc_auc_score(y[a == g], p[a == g]) for g in (0, 1))),
+        "eo_gap": float(max(abs(rates[0][0] - rates[1][0]), abs(rates[0][1] - rates[1][1]))),
+        "true_social_pse": social,
+        "true_permissible_pse": perm,
+        "est_social_pse": weights.pse(a, s, None, p),
+    }
+
+
+def gradcam_corner_share(model, x: np.ndarray, layer: str = "features.block2") -> tuple[np.ndarray, float]:
+    """Class-1 Grad-CAM maps (N, H, W) and the mean share of their mass in the marker corner (the marker square
+    grown by the CAM layer's stride, 4 px)."""
+    from monai.visualize import GradCAM
+
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    cam = GradCAM(nn_module=model, target_layers=layer)
+    maps = cam(torch.from_numpy(x), class_idx=1).detach().numpy()[:, 0]
+    size = x.shape[-1]
+    ys, xs = np.nonzero(marker_mask(size))
+    corner = np.zeros((size, size), bool)
+    corner[: ys.max() + 1 + 4, : xs.max() + 1 + 4] = True
+    mass = maps.reshape(len(maps), -1).sum(1)
+    share = maps[:, corner].sum(1) / np.maximum(mass, 1e-12)
+    return maps, float(share.mean())
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None) -> list[dict]:
+    rows = []
+    t0 = time.perf_counter()
+
+    def add(method: str, fn, **extra):
+        rows.append({"seed": seed, "method": method, **evaluate(fn, data), **extra})
+
+    base, _ = train_cnn(data, epochs, seed)
+    add("unmitigated", lambda x, s, a: cnn_scores(base, x), seconds=round(time.perf_counter() - t0, 1))
+
+    # "drop A": an image model never takes A as an input, so dropping it changes nothing; A is in the image
+    emb_tr, emb_te = cnn_embed(base, data["train"]["x"]), cnn_embed(base, data["test"]["x"])
+    probe = LogisticRegression(max_iter=2000).fit(emb_tr, data["train"]["meta"][:, 0])
+    a_probe = float(roc_auc_score(data["test"]["meta"][:, 0], probe.predict_proba(emb_te)[:, 1]))
+    add("drop A (no-op: A not an input)", lambda x, s, a: cnn_scores(base, x), a_probe_auroc=a_probe)
+
+    penalised = {}
+    for lam in lams:
+        t = time.perf_counter()
+        model, info = train_cnn(data, epochs, seed, lam=lam)
+        penalised[lam] = model
+        add(f"path-specific penalty lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
+            seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"])
+
+    va = data["val"]
+    val_scores = cnn_scores(base, va["x"])
+    post = ScoreShiftCorrection().fit(val_scores, va["meta"][:, 0], va["meta"][:, 1], va["y"])
+    add("post-processing (logit shift by S)", lambda x, s, a: post.transform(cnn_scores(base, x), s),
+        delta=float(post.delta[1]))
+
+    from fairlearn.postprocessing import ThresholdOptimizer
+
+    to = ThresholdOptimizer(estimator=ScoreAsProba().fit(None, None), constraints="equalized_odds", prefit=True,
+                            predict_method="predict_proba")
+    to.fit(val_scores[:, None].astype(np.float64), va["y"], sensitive_features=va["meta"][:, 0].astype(int))
+    add("fairlearn ThresholdOptimizer (equalized odds)",
+        lambda x, s, a: to._pmf_predict(cnn_scores(base, x)[:, None], sensitive_features=a.astype(int))[:, 1])
+
+    from fairlearn.preprocessing import CorrelationRemover
+
+    a_tr = data["train"]["meta"][:, 0]
+    cr = CorrelationRemover(sensitive_feature_ids=[0]).fit(np.column_stack([a_tr, emb_tr]))
+    head = LogisticRegression(max_iter=2000).fit(cr.transform(np.column_stack([a_tr, emb_tr])), data["train"]["y"])
+    add("fairlearn CorrelationRemover (embeddings)",
+        lambda x, s, a: head.predict_proba(cr.transform(np.column_stack([a, cnn_embed(base, x)])))[:, 1])
+
+    from fairlearn.reductions import DemographicParity, ExponentiatedGradient
+
+    eg = ExponentiatedGradient(LogisticRegression(max_iter=2000), DemographicParity(), max_iter=30)
+    eg.fit(emb_tr, data["train"]["y"], sensitive_features=a_tr.astype(int))
+    add("fairlearn ExponentiatedGradient DP (embeddings)",
+        lambda x, s, a: eg._pmf_predict(cnn_embed(base, x))[:, 1])
+
+    blind, _ = train_cnn(data, epochs, seed, x_train=data["blind"]["train"])
+    te = data["test"]
+    p_blind = cnn_scores(blind, data["blind"]["test"])
+    rows.append({"seed": seed, "method": "S-blind reference (social mechanism off)",
+                 "auroc": float(roc_auc_score(te["y"], p_blind)),
+                 "worst_group_auroc": float(min(roc_auc_score(te["y"][te["meta"][:, 0] == g],
+                                                              p_blind[te["meta"][:, 0] == g]) for g in (0, 1)))})
+
+    # Grad-CAM on test images that carry the marker
+    marked = te["x"][te["meta"][:, 1] == 1][:200]
+    lam_cam = max(lams) if lams else None
+    maps0, share0 = gradcam_corner_share(base, marked)
+    rows[0]["cam_corner_share"] = share0
+    torch.manual_seed(seed + 1000)
+    maps_rand, share_rand = gradcam_corner_share(SmallCNN().eval(), marked)
+    rho = float(np.nanmedian([spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(maps0, maps_rand)]))
+    rows[0]["cam_randomised_rank_corr"] = rho
+    if lam_cam is not None:
+        maps1, share1 = gradcam_corner_share(penalised[lam_cam], marked)
+        for r in rows:
+            if r["method"] == f"path-specific penalty lam={lam_cam:g}":
+                r["cam_corner_share"] = share1
+        if figure is not None:
+            _figure(figure, marked, maps0, maps1, share0, share1, lam_cam)
+    return rows
+
+
+def _figure(path: Path, x, maps0, maps1, share0, share1, lam) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = 4
+    fig, ax = plt.subplots(3, k, figsize=(2.2 * k, 6.6))
+    for j in range(k):
+        ax[0, j].imshow(x[j, 0], cmap="gray", vmin=0, vmax=1)
+        ax[1, j].imshow(x[j, 0], cmap="gray", vmin=0, vmax=1)
+        ax[1, j].imshow(maps0[j], cmap="jet", alpha=0.5)
+        ax[2, j].imshow(x[j, 0], cmap="gray", vmin=0, vmax=1)
+        ax[2, j].imshow(maps1[j], cmap="jet", alpha=0.5)
+        for i in range(3):
+            ax[i, j].axis("off")
+    ax[0, 0].set_title("image (marker top-left)", fontsize=8, loc="left")
+    ax[1, 0].set_title(f"unmitigated: corner share {share0:.2f}", fontsize=8, loc="left")
+    ax[2, 0].set_title(f"penalty lam={lam:g}: corner share {share1:.2f}", fontsize=8, loc="left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summarise(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    agg = df.groupby("method", sort=False).mean(numeric_only=True).drop(columns=["seed"])
+    base = agg.loc["unmitigated"]
+    agg["social_removed_%"] = [100 - pct(v, base["true_social_pse"]) for v in agg["true_social_pse"]]
+    agg["permissible_kept_%"] = [pct(v, base["true_permissible_pse"]) for v in agg["true_permissible_pse"]]
+    return agg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lams", default="3,10,30")
+    parser.add_argument("--figure", default=str(ROOT / "benchmarks" / "mitigation_gradcam.png"))
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    lams = [float(x) for x in args.lams.split(",") if x.strip()]
+    rows = []
+    t0 = time.perf_counter()
+    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
+        data = load_data(seed=seed)
+        rows += run(data, seed, args.epochs, lams, Path(args.figure) if (args.figure and i == 0) else None)
+    agg = summarise(rows)
+    cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
+            "social_removed_%", "permissible_kept_%", "cam_corner_share"]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(agg[[c for c in cols if c in agg]].to_string())
+        extra = agg[[c for c in ("a_probe_auroc", "cam_randomised_rank_corr", "delta", "running_pse_last")
+                     if c in agg]].dropna(how="all")
+        print(extra.to_string())
+    print(f"seeds {args.seeds}, epochs {args.epochs}, wall {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()

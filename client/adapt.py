@@ -1,0 +1,137 @@
+"""New-site prior adaptation (issue 4): a hospital with unlabelled scans and the global model estimates its own
+label prior and corrects the model's probabilities for it.
+
+Nothing leaves the site: its images are scored locally, and the only outside input is the consortium's released
+(noised) statistics that the server writes to `shift_consortium.json` (server/shift.py): the per-label histograms
+of the model's log-odds on the sites' holdouts, their confusion counts and their label counts.
+
+* prior: MLLS on the fixed log-odds bins (EM; the consortium's per-label histograms act as the calibration), with a
+  95% parametric-bootstrap interval; BBSE from the confusion counts as a cross-check.
+* correction (Saerens et al. 2002): p'(y | x) is proportional to p(y | x) * prior_new(y) / prior_train(y), where
+  prior_train is the consortium's label mix, the prior the global model learnt. It assumes the model's
+  probabilities are calibrated at that prior; a CNN trained to near-separation is overconfident, and then the
+  correction gains little or loses (see tests/test_shift.py and benchmarks/RESULTS_shift.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from client.shift_stats import N_BINS, model_outputs, output_bins
+from client.site import STATE_DIR
+from core_models.data import load_site
+from core_models.networks import build_model
+from client.label_shift import bbse_prior, mlls_interval
+
+
+def load_model_weights(path: str | Path) -> dict:
+    """A state dict from `final_model.pt` or a round checkpoint (which holds it under "model")."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["model"] if isinstance(state, dict) and "model" in state else state
+
+
+def prior_correct(probs: np.ndarray, new_prior: np.ndarray, train_prior: np.ndarray) -> np.ndarray:
+    """Bayes' rule with the label prior swapped: p(y|x) * new(y) / train(y), renormalised."""
+    w = np.asarray(new_prior, float) / np.maximum(np.asarray(train_prior, float), 1e-12)
+    out = np.asarray(probs, float) * w
+    return out / out.sum(1, keepdims=True)
+
+
+def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Log-loss and Brier score (sum over classes) of probabilities against labels."""
+    p = np.clip(probs, 1e-7, 1.0)
+    onehot = np.eye(probs.shape[1])[labels]
+    return {"log_loss": float(-np.mean(np.log(p[np.arange(len(labels)), labels]))),
+            "brier": float(np.mean(((probs - onehot) ** 2).sum(1)))}
+
+
+def estimate_prior(logits: np.ndarray, consortium: dict, rng: np.random.Generator) -> dict:
+    """The site's label prior from its (local, unnoised) output bins and the consortium's released statistics."""
+    if list(consortium["logodds_edges"]) != list(np.arange(-8.0, 8.5, 1.0)):
+        raise ValueError("the consortium statistics use other log-odds bins than this client")
+    bins = output_bins(logits)
+    target = np.stack([np.bincount(bins[:, o], minlength=N_BINS) for o in range(bins.shape[1])]).astype(float)
+    cond = np.asarray(consortium["output_hist"], float)
+    prior, lo, hi = mlls_interval(target, 0.0, cond, float(consortium["output_hist_sigma"]), rng)
+    k = cond.shape[0]
+    bbse = bbse_prior(np.bincount(logits.argmax(1), minlength=k), np.asarray(consortium["confusion"], float))
+    return {"prior": prior, "lo": lo, "hi": hi, "bbse": bbse}
+
+
+def _load_images(data: Path, image_size: int, num_classes: int):
+    """The site's images; a manifest without (complete) labels is read through a copy with placeholder labels."""
+    manifest = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    labelled = "label" in manifest.columns and (manifest["label"].str.strip() != "").all()
+    if labelled:
+        site = load_site(data, image_size=image_size, num_classes=num_classes)
+        return site.images, site.frame, site.labels
+    copy = manifest.assign(label="0")
+    copy["image_path"] = [p if Path(p).is_absolute() else str(Path("..") / p) for p in copy["image_path"]]
+    (data / STATE_DIR).mkdir(exist_ok=True)
+    copy.to_csv(data / STATE_DIR / "adapt_manifest.csv", index=False)
+    site = load_site(data, image_size=image_size, num_classes=num_classes, manifest=f"{STATE_DIR}/adapt_manifest.csv")
+    return site.images, site.frame, None
+
+
+def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | Path, out_dir: str | Path,
+               image_size: int | None = None, seed: int = 0) -> dict:
+    """Estimate the site's prior, correct the global model's probabilities, write
+    `adapted_predictions.csv` and `prior.json` to `out_dir`; return the summary."""
+    torch.set_num_threads(1)
+    data, out_dir = Path(data), Path(out_dir)
+    consortium = json.loads(Path(consortium_path).read_text())
+    k = int(consortium["num_classes"])
+    model = build_model(str(consortium["model"]), k)
+    model.load_state_dict(load_model_weights(model_path))
+    images, frame, labels = _load_images(data, int(image_size or consortium["image_size"]), k)
+    logits, _ = model_outputs(model, images)
+    probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
+    est = estimate_prior(logits, consortium, np.random.default_rng(seed))
+    train_prior = np.clip(np.asarray(consortium["label_counts"], float), 0.0, None)
+    train_prior = train_prior / train_prior.sum()
+    adapted = prior_correct(probs, est["prior"], train_prior)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({"patient_id": frame["patient_id"], "image_path": frame["image_path"]})
+    for y in range(k):
+        table[f"p_model_{y}"] = probs[:, y]
+        table[f"p_adapted_{y}"] = adapted[:, y]
+    if labels is not None:
+        table["label"] = labels
+    table.to_csv(out_dir / "adapted_predictions.csv", index=False)
+    summary = {
+        "n_images": int(len(probs)),
+        "estimated_prior": est["prior"].tolist(),
+        "interval_95": [est["lo"].tolist(), est["hi"].tolist()],
+        "bbse_prior": est["bbse"].tolist(),
+        "train_prior": train_prior.tolist(),
+        "method": "MLLS on fixed log-odds bins against the consortium's released per-label histograms",
+        "consortium_round": consortium.get("round"),
+        "consortium_sites": consortium.get("sites"),
+    }
+    if labels is not None:  # a site that does have labels can see what the correction bought
+        summary["labelled_prior"] = (np.bincount(labels, minlength=k) / len(labels)).tolist()
+        summary["before"] = scores(probs, labels)
+        summary["after"] = scores(adapted, labels)
+    (out_dir / "prior.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def main(args) -> int:
+    """`equifed-client adapt`: print the estimated prior and where the predictions went."""
+    summary = adapt_site(args.data, args.model, args.consortium_stats, args.out, args.image_size, args.seed)
+    lo, hi = summary["interval_95"]
+    print(f"{summary['n_images']} images; estimated label prior (MLLS): "
+          + ", ".join(f"{p:.3f} [{a:.3f}, {b:.3f}]" for p, a, b in zip(summary["estimated_prior"], lo, hi))
+          + f"; consortium (training) prior: {', '.join(f'{p:.3f}' for p in summary['train_prior'])}")
+    if "before" in summary:
+        b, a = summary["before"], summary["after"]
+        print(f"with labels: log-loss {b['log_loss']:.4f} -> {a['log_loss']:.4f}, "
+              f"Brier {b['brier']:.4f} -> {a['brier']:.4f}")
+    print(f"wrote {Path(args.out) / 'adapted_predictions.csv'} and {Path(args.out) / 'prior.json'}")
+    return 0

@@ -1,0 +1,38 @@
+"""Fairness-audit statistics a site releases (producer "fairness", issue 5 item 6).
+
+The global model scores the site's test split (one image per patient, so "one record" in a sensitivity is one
+patient); the scores sit next to the manifest columns the graph spec names. What leaves the site, every vector
+through `Releaser` (noise for its L2 sensitivity, charged to the ledger), is documented in fairness/federated.py:
+cell counts, cell score sums and sums of squares (scores clipped to [0, 1]: sensitivity 1 each), and score
+histograms per group x label (sensitivity 1). The cells (levels, covariate bin edges, score bins) come from the
+run config's `stats-fairness-*` keys, fixed before any data are seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from client.shift_stats import model_outputs, one_per_patient
+from client.site import LocalSite
+from client.statistics import Releaser, producer
+from fairness.federated import layout_for, release_statistics, site_statistics
+
+
+def scores(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """P(class 1) of a binary model, float64."""
+    logits, _ = model_outputs(model, images)
+    if logits.shape[1] != 2:
+        raise ValueError(f"the fairness audit needs a binary model, this one has {logits.shape[1]} outputs")
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)[:, 1].numpy()
+
+
+@producer("fairness")
+def produce_fairness(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
+    if model is None:
+        raise ValueError("the fairness statistics need the global model")
+    layout = layout_for(request)
+    keep = one_per_patient(site.data.frame) & (site.split == "test").to_numpy()
+    frame = site.data.frame.loc[keep].reset_index(drop=True)
+    frame[layout.spec.column(layout.spec.prediction)] = scores(model, site.data.images[keep])
+    return release_statistics(site_statistics(frame, layout, site.name), releaser)

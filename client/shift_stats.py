@@ -1,0 +1,188 @@
+"""Dataset-shift statistics a site releases (producer "shift", DESIGN.md section 4, issue 4).
+
+Every vector leaves through `Releaser` with the L2 sensitivity stated below. Each patient
+contributes at most one image (the first of theirs in the manifest), so "one record" in a
+sensitivity is "one patient". Add/remove adjacency: a patient's record lands in one cell.
+
+| released (key)     | what                                                             | data      | L2 sens.  |
+|--------------------|------------------------------------------------------------------|-----------|-----------|
+| `label_counts`     | K label counts                                                   | all       | 1         |
+| `confusion`        | K x K counts, row = true label, column = predicted label         | holdout   | 1         |
+| `output_hist`      | K x K' x B counts: per true label, per output, fixed log-odds bin | holdout   | sqrt(K')  |
+| `rff_sum`          | K x D per-label sums of random-Fourier features of clipped        | holdout   | 1         |
+|                    | penultimate features, each feature vector of norm exactly 1       |           |           |
+| `intensity_hist`   | sum over images of each image's pixel-intensity histogram (sums  | all       | 1         |
+|                    | to 1 per image, so its L2 norm is <= 1)                           |           |           |
+| `manufacturers`    | image counts per manufacturer of a fixed vocabulary, plus "other" | all       | 1         |
+
+K' = 1 output (the log-odds of class 1) for binary models, else K one-vs-rest log-odds: each
+record sits in one bin of each of the K' histograms. "holdout" = the site's val and test
+splits (never trained on), "all" = every image. The bins and the random-feature map are
+fixed before any data is seen (the map from the run seed the server sends), so every site's
+statistics are comparable and the server's analysis (server/shift.py) can pool them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from client.site import LocalSite
+from client.statistics import Releaser, producer
+
+# Interior edges of the fixed log-odds bins: (-inf, -8], (-8, -7], ..., (7, 8], (8, inf).
+# Equal-width bins on probabilities would lump every confident output into the end bins.
+LOGODDS_EDGES = np.arange(-8.0, 8.5, 1.0)
+N_BINS = len(LOGODDS_EDGES) + 1
+INTENSITY_BINS = 16
+DEFAULT_MANUFACTURERS = ("GE", "Siemens", "Philips", "Canon", "Toshiba", "Fujifilm", "Carestream", "Agfa",
+                         "Konica", "Shimadzu", "Samsung", "Hologic")
+DEFAULTS = {"stats-rff-dim": 64, "stats-feature-clip": 20.0, "stats-rff-bandwidth": 0.5}  # pyproject.toml
+
+
+def log_odds(logits: np.ndarray) -> np.ndarray:
+    """(N, K') log-odds: class 1 vs 0 for K=2, else each class vs the rest."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] == 2:
+        return logits[:, 1:2] - logits[:, 0:1]
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    return logp - np.log(-np.expm1(np.minimum(logp, -1e-12)))
+
+
+def output_bins(logits: np.ndarray) -> np.ndarray:
+    """(N, K') bin index of each output on the fixed log-odds bins."""
+    return np.searchsorted(LOGODDS_EDGES, log_odds(logits), side="left")
+
+
+def confusion_counts(labels: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
+    """K x K counts, row = true label, column = predicted (argmax) label."""
+    return np.bincount(labels * k + np.asarray(logits).argmax(1), minlength=k * k).reshape(k, k).astype(float)
+
+
+def class_output_hist(labels: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
+    """K x K' x B counts of the output log-odds bins, per true label."""
+    bins = output_bins(logits)
+    out = np.zeros((k, bins.shape[1], N_BINS))
+    for j in range(bins.shape[1]):
+        np.add.at(out[:, j], (labels, bins[:, j]), 1.0)
+    return out
+
+
+def rff_map(seed: int, in_dim: int, dim: int, bandwidth: float) -> np.ndarray:
+    """(dim/2, in_dim) frequencies of a Gaussian-kernel random-Fourier map shared by all sites (same seed)."""
+    rng = np.random.default_rng([int(seed), 4, in_dim, dim])
+    return rng.standard_normal((dim // 2, in_dim)) / bandwidth
+
+
+def rff_features(features: np.ndarray, freqs: np.ndarray, clip: float) -> np.ndarray:
+    """[cos, sin] random features of the clipped, rescaled features; every row has L2 norm exactly 1.
+
+    Clipping each feature vector to norm `clip` and dividing by `clip` puts it in the unit ball,
+    where the kernel bandwidth means the same thing at every site.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(f, axis=1, keepdims=True)
+    f = f * np.minimum(1.0, clip / np.maximum(norms, 1e-12)) / clip
+    proj = f @ freqs.T
+    return np.hstack([np.cos(proj), np.sin(proj)]) / np.sqrt(freqs.shape[0])
+
+
+def rff_class_sums(labels: np.ndarray, rff: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((k, rff.shape[1]))
+    np.add.at(out, labels, rff)
+    return out
+
+
+def intensity_hist(images: np.ndarray) -> np.ndarray:
+    """Sum over images of each image's normalised histogram of pixel values in [0, 1]."""
+    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    idx = np.minimum((np.clip(flat, 0.0, 1.0) * INTENSITY_BINS).astype(int), INTENSITY_BINS - 1)
+    counts = np.bincount(idx.ravel() + INTENSITY_BINS * np.arange(len(flat)).repeat(flat.shape[1]),
+                         minlength=INTENSITY_BINS * len(flat)).reshape(len(flat), INTENSITY_BINS)
+    return (counts / flat.shape[1]).sum(0)
+
+
+def manufacturer_counts(names, vocabulary) -> np.ndarray:
+    """Counts per vocabulary entry (a name matches when it starts with the entry, case-insensitive), plus "other"."""
+    vocab = [v.strip().lower() for v in vocabulary]
+    out = np.zeros(len(vocab) + 1)
+    for name in names:
+        text = str(name).strip().lower() if name is not None and name == name else ""
+        hit = next((i for i, v in enumerate(vocab) if v and text.startswith(v)), len(vocab))
+        out[hit] += 1
+    return out
+
+
+@torch.no_grad()
+def model_outputs(model: torch.nn.Module, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, penultimate features); networks without `embed` give their logits as features."""
+    model.eval()
+    if len(images) == 0:
+        logits, feats = model_outputs(model, np.zeros((1, *np.shape(images)[1:]), np.float32))
+        return logits[:0], feats[:0]
+    logits, feats = [], []
+    for i in range(0, len(images), batch):
+        x = torch.as_tensor(images[i:i + batch], dtype=torch.float32)
+        if hasattr(model, "embed"):
+            f = model.embed(x)
+            out = model.head(f) if hasattr(model, "head") else model(x)
+        else:
+            out = f = model(x)
+        logits.append(out.numpy())
+        feats.append(f.numpy())
+    return np.concatenate(logits), np.concatenate(feats)
+
+
+def request_settings(request: dict) -> dict:
+    """The `stats-*` settings the server sent, with defaults."""
+    out = {k: request.get(k, v) for k, v in DEFAULTS.items()}
+    vocab = str(request.get("stats-manufacturers", "")).strip()
+    out["manufacturers"] = [v for v in vocab.split(",") if v.strip()] if vocab else list(DEFAULT_MANUFACTURERS)
+    out["seed"] = int(request.get("seed", 0))
+    return out
+
+
+def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all: np.ndarray, manufacturers,
+                  holdout_labels: np.ndarray, logits: np.ndarray, features: np.ndarray, settings: dict) -> dict:
+    """Release every shift statistic (see the module table) from one patient's worth of records each.
+
+    `labels_all`/`images_all`/`manufacturers`: one record per patient, every split.
+    `holdout_labels`/`logits`/`features`: one record per patient of the val and test splits.
+    """
+    k_out = 1 if k == 2 else k
+    freqs = rff_map(settings["seed"], features.shape[1], int(settings["stats-rff-dim"]),
+                    float(settings["stats-rff-bandwidth"]))
+    rff = rff_features(features, freqs, float(settings["stats-feature-clip"]))
+    values = {
+        "label_counts": releaser.release_counts("shift/label_counts", np.bincount(labels_all, minlength=k), 1.0),
+        "confusion": releaser.release_counts("shift/confusion", confusion_counts(holdout_labels, logits, k), 1.0),
+        "output_hist": releaser.release_counts("shift/output_hist", class_output_hist(holdout_labels, logits, k),
+                                               float(np.sqrt(k_out))),
+        "rff_sum": releaser.release("shift/rff_sum", rff_class_sums(holdout_labels, rff, k), 1.0),
+        "intensity_hist": releaser.release_counts("shift/intensity_hist", intensity_hist(images_all), 1.0),
+        "manufacturers": releaser.release_counts("shift/manufacturers",
+                                                 manufacturer_counts(manufacturers, settings["manufacturers"]), 1.0),
+    }
+    shape = {"num_classes": k, "num_outputs": k_out, "bins": N_BINS, "rff_dim": rff.shape[1],
+             "min_count": releaser.min_count}
+    sigmas = {f"sigma_{name}": releaser.released[f"shift/{name}"] for name in values}
+    return {**values, **shape, **sigmas}
+
+
+def one_per_patient(frame) -> np.ndarray:
+    """Mask keeping each patient's first image: the sensitivities above count one record per patient."""
+    return ~frame["patient_id"].astype(str).duplicated().to_numpy()
+
+
+@producer("shift")
+def produce_shift(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
+    if model is None:
+        raise ValueError("the shift statistics need the global model")
+    k = model_outputs(model, site.data.images[:1])[0].shape[1]
+    keep = one_per_patient(site.data.frame)
+    holdout = keep & site.split.isin(["val", "test"]).to_numpy()
+    logits, feats = model_outputs(model, site.data.images[holdout])
+    manufacturers = site.data.frame["manufacturer"].to_numpy()[keep] if "manufacturer" in site.data.frame \
+        else [""] * int(keep.sum())
+    return release_shift(releaser, k, site.data.labels[keep], site.data.images[keep], manufacturers,
+                         site.data.labels[holdout], logits, feats, request_settings(request))

@@ -1,0 +1,516 @@
+"""The federated audit: the same causal fairness audit from per-site sufficient statistics (issue 5, item 6).
+
+Nothing per-record leaves a site. Each site computes, on its own rows (one per patient: the model's score on the
+site's test split, next to the manifest columns of the graph spec):
+
+| statistic          | what                                                                 | L2 sensitivity |
+|--------------------|----------------------------------------------------------------------|----------------|
+| ``cells_n``        | counts per cell of (A, mediators, label, coarse covariates)          | 1              |
+| ``cells_score``    | sums of the score (clipped to [0, 1]) per cell                       | 1              |
+| ``cells_score_sq`` | sums of the squared score per cell (the bootstrap's within-cell var.) | 1              |
+| ``hist``           | counts per (A, label, score bin): B equal-width bins on [0, 1]       | 1              |
+
+Adding or removing one patient changes one entry of each vector by at most 1 (the score is clipped to [0, 1]), so
+each has L2 sensitivity 1. The cells are fixed before any data are seen (declared levels, fixed covariate bin
+edges, fixed score bins), so every site's vectors line up and the server just adds them.
+
+Why these suffice: the PSE estimators of :mod:`fairness.pse` already work on patterns of (A, mediators, label,
+covariates) with counts and score sums, so with the covariates coarsened to the same bins **the federated point
+estimates equal the pooled ones** (:func:`coarse_frame` gives the pooled table they equal). Bootstrap replicates
+cannot resample rows here: a replicate draws the cell counts from the multinomial the row bootstrap implies, the
+cells' score sums from a normal with the cell's mean and variance, and adds fresh Gaussian noise of the size each
+site used (parametric bootstrap), so the CIs include the privacy noise. The group metrics come from the score
+histograms through fairlearn's ``MetricFrame`` with the bin counts as sample weights (scores at the bin midpoints;
+exact for counts, TPR/FPR/FNR and selection rate because the operating point is a bin edge; AUROC and calibration
+are those of the binned scores).
+
+A release is any object with ``release(label, value, sensitivity)`` and ``release_counts(label, value,
+sensitivity)`` returning lists and a ``released`` dict of noise stds (``client.statistics.Releaser``); this module
+imports no Flower or client code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from fairlearn.metrics import (
+    MetricFrame,
+    false_negative_rate,
+    false_positive_rate,
+    selection_rate,
+    true_negative_rate,
+    true_positive_rate,
+)
+from sklearn.metrics import roc_auc_score
+
+from fairness.audit import AUDIT_VERSION, _default, verdict
+from fairness.graph import CausalSpec, GraphError, load_graph_spec
+from fairness.group_metrics import GAP_METRICS, METRICS
+from fairness.identification import identify
+from fairness.pse import EffectTable, EstimationError, _Design, _Var, effects_from_design
+
+SENSITIVITY = {"cells_n": 1.0, "cells_score": 1.0, "cells_score_sq": 1.0, "hist": 1.0}
+DEFAULT_SCORE_BINS = 20
+DEFAULT_GRAPH = "synthetic"
+DEFAULT_BINS = "C:40|55|70"  # age edges for the shipped synthetic spec
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+def _norm(v: Any) -> str:
+    """A level as text: 1, 1.0, "1" and True all read "1" (manifest columns arrive as text or numbers)."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(int(v))
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v).strip()
+    return str(int(f)) if math.isfinite(f) and f == int(f) else repr(f)
+
+
+def _parse_level(text: str) -> Any:
+    text = text.strip()
+    try:
+        f = float(text)
+    except ValueError:
+        return text
+    return int(f) if f == int(f) else f
+
+
+def parse_node_lists(text: str, what: str) -> dict[str, list[str]]:
+    """``"C:40|55|70;S:0|1"`` -> {"C": ["40", "55", "70"], "S": ["0", "1"]}."""
+    out: dict[str, list[str]] = {}
+    for part in str(text or "").split(";"):
+        if not part.strip():
+            continue
+        if ":" not in part:
+            raise GraphError(f"{what}: expected 'node:v1|v2|...', got {part.strip()!r}")
+        node, values = part.split(":", 1)
+        vals = [v.strip() for v in values.split("|") if v.strip()]
+        if not vals:
+            raise GraphError(f"{what}: node {node.strip()!r} has no values")
+        out[node.strip()] = vals
+    return out
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One axis of the cell grid after A: a mediator, the label, or a coarsened covariate."""
+
+    node: str
+    column: str
+    role: str  # "mediator" | "label" | "covariate"
+    levels: tuple[Any, ...]  # the values, or for a binned covariate the bin codes 0..len(edges)
+    edges: tuple[float, ...] | None = None  # binned numeric covariate: interior edges, bins (-inf, e0], (e0, e1], ...
+
+    def codes(self, col: pd.Series) -> np.ndarray:
+        if self.edges is not None:
+            v = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+            if np.isnan(v).any():
+                raise EstimationError(f"covariate column '{self.column}' has non-numeric values")
+            return np.searchsorted(np.asarray(self.edges), v, side="left").astype(np.int64)
+        index = {_norm(v): i for i, v in enumerate(self.levels)}
+        text = col.map(_norm)
+        bad = sorted(set(text) - set(index))
+        if bad:
+            raise EstimationError(f"column '{self.column}' (node {self.node}) has values {bad[:5]} outside the "
+                                  f"declared levels {list(self.levels)}: declare them in stats-fairness-levels")
+        return text.map(index).to_numpy(dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """The cell grid every site uses: A (a0, a1) x factors, and B score bins for the histograms."""
+
+    spec: CausalSpec
+    a_levels: tuple[Any, Any]
+    factors: tuple[Factor, ...]
+    score_bins: int = DEFAULT_SCORE_BINS
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (2, *(len(f.levels) for f in self.factors))
+
+    @property
+    def label_factor(self) -> Factor | None:
+        out = self.spec.outcome
+        return next((f for f in self.factors if f.node == out), None)
+
+    @classmethod
+    def from_settings(cls, spec: CausalSpec, settings: Mapping[str, Any] | None = None) -> "CellLayout":
+        """Levels and bins from ``stats-fairness-levels`` / ``stats-fairness-bins`` / ``stats-fairness-score-bins``
+        (run-config keys; every categorical node defaults to levels 0|1)."""
+        settings = dict(settings or {})
+        levels = parse_node_lists(settings.get("stats-fairness-levels", ""), "stats-fairness-levels")
+        bins = parse_node_lists(settings.get("stats-fairness-bins", DEFAULT_BINS), "stats-fairness-bins")
+        unknown = sorted((set(levels) | set(bins)) - set(spec.nodes))
+        if unknown:
+            raise GraphError(f"stats-fairness-levels/bins name unknown node(s) {unknown} (nodes: {list(spec.nodes)})")
+        a = spec.nodes[spec.sensitive]
+        a_lv = [_parse_level(v) for v in levels.get(a.name, ["0", "1"])]
+        if len(a_lv) != 2:
+            raise GraphError(f"the federated audit compares two levels of '{a.name}'; declared {a_lv}")
+        if a.reference is not None:
+            if _norm(a.reference) not in {_norm(v) for v in a_lv}:
+                raise GraphError(f"reference level {a.reference!r} of '{a.name}' is not among its levels {a_lv}")
+            a0 = next(v for v in a_lv if _norm(v) == _norm(a.reference))
+            a_lv = [a0, next(v for v in a_lv if v is not a0)]
+        ident = identify(spec)
+        factors = []
+        for m in ident.mediators:
+            role = "label" if m == spec.outcome else "mediator"
+            lv = sorted((_parse_level(v) for v in levels.get(m, ["0", "1"])), key=lambda x: (str(type(x)), x))
+            factors.append(Factor(m, spec.column(m), role, tuple(lv)))
+        if spec.outcome is not None and spec.outcome not in ident.mediators:
+            lv = sorted(_parse_level(v) for v in levels.get(spec.outcome, ["0", "1"]))
+            factors.append(Factor(spec.outcome, spec.column(spec.outcome), "label", tuple(lv)))
+        for c in spec.covariates:
+            if c in bins:
+                edges = tuple(sorted(float(v) for v in bins[c]))
+                factors.append(Factor(c, spec.column(c), "covariate", tuple(range(len(edges) + 1)), edges))
+            elif c in levels:
+                lv = sorted((_parse_level(v) for v in levels[c]), key=lambda x: (str(type(x)), x))
+                factors.append(Factor(c, spec.column(c), "covariate", tuple(lv)))
+            else:
+                raise GraphError(f"covariate '{c}' needs fixed cells for the federated audit: give bin edges "
+                                 f"(stats-fairness-bins = \"{c}:40|55|70\") or levels (stats-fairness-levels)")
+        lab = next((f for f in factors if f.role == "label"), None)
+        if lab is not None and {_norm(v) for v in lab.levels} != {"0", "1"}:
+            raise GraphError(f"the label '{lab.column}' must have levels 0|1, declared {list(lab.levels)}")
+        b = int(settings.get("stats-fairness-score-bins", DEFAULT_SCORE_BINS))
+        if not 2 <= b <= 1000:
+            raise GraphError(f"stats-fairness-score-bins must lie in [2, 1000], got {b}")
+        return cls(spec, (a_lv[0], a_lv[1]), tuple(factors), b)
+
+
+def coarse_frame(frame: pd.DataFrame, layout: CellLayout) -> pd.DataFrame:
+    """The pooled table the federated audit equals: binned covariates replaced by their bin codes."""
+    out = frame.copy()
+    for f in layout.factors:
+        if f.edges is not None:
+            out[f.column] = f.codes(frame[f.column])
+    return out
+
+
+def score_bin(score: np.ndarray, b: int) -> np.ndarray:
+    """Bins (k/b, (k+1)/b] (the first also holds 0): ``score > k/b`` iff ``bin >= k``, so a threshold on an edge
+    is exact."""
+    return np.clip(np.ceil(np.clip(score, 0.0, 1.0) * b).astype(np.int64) - 1, 0, b - 1)
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+@dataclass
+class FairnessStats:
+    """Summed (or one site's) sufficient statistics; ``sigma`` = std of the Gaussian noise in each entry."""
+
+    layout: CellLayout
+    n: np.ndarray  # cells, shape layout.shape
+    score: np.ndarray
+    score_sq: np.ndarray
+    hist: np.ndarray | None  # (2, 2, B) A x label x score bin
+    sigma: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in SENSITIVITY})
+    sites: list[str] = field(default_factory=list)
+
+    @property
+    def noisy(self) -> bool:
+        return any(v > 0 for v in self.sigma.values())
+
+
+def site_statistics(frame: pd.DataFrame, layout: CellLayout, site: str = "") -> FairnessStats:
+    """One site's exact statistics from its table (one row per patient). Rows whose sensitive value is neither
+    a0 nor a1 are an error (declare the levels)."""
+    spec = layout.spec
+    missing = [f"'{c}'" for c in [spec.column(spec.sensitive), spec.column(spec.prediction)]
+               + [f.column for f in layout.factors] if c not in frame.columns]
+    if missing:
+        raise EstimationError(f"columns {', '.join(missing)} missing (available: {', '.join(map(str, frame.columns))})")
+    a = Factor(spec.sensitive, spec.column(spec.sensitive), "sensitive", layout.a_levels).codes(
+        frame[spec.column(spec.sensitive)])
+    codes = [a] + [f.codes(frame[f.column]) for f in layout.factors]
+    score = pd.to_numeric(frame[spec.column(spec.prediction)], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(score).all():
+        raise EstimationError(f"score column '{spec.column(spec.prediction)}' has non-numeric values")
+    score = np.clip(score, 0.0, 1.0)  # what makes the sensitivity 1
+    flat = np.ravel_multi_index(codes, layout.shape) if len(frame) else np.zeros(0, np.int64)
+    size = int(np.prod(layout.shape))
+
+    def cells(w: np.ndarray | None) -> np.ndarray:
+        return np.bincount(flat, weights=w, minlength=size).astype(np.float64).reshape(layout.shape)
+
+    hist = None
+    lab = layout.label_factor
+    if lab is not None:
+        y = codes[1 + layout.factors.index(lab)]
+        hist = np.bincount((a * 2 + y) * layout.score_bins + score_bin(score, layout.score_bins),
+                           minlength=4 * layout.score_bins).astype(np.float64).reshape(2, 2, layout.score_bins)
+    return FairnessStats(layout, cells(None), cells(score), cells(score ** 2), hist, sites=[site] if site else [])
+
+
+def release_statistics(stats: FairnessStats, releaser, prefix: str = "fairness") -> dict[str, Any]:
+    """Every vector through the releaser (noise for its declared sensitivity, charged to the ledger); returns what
+    the site sends: flat lists plus the noise std of each (``sigma_<name>``)."""
+    out: dict[str, Any] = {
+        "cells_n": releaser.release_counts(f"{prefix}/cells_n", stats.n.ravel(), SENSITIVITY["cells_n"]),
+        "cells_score": releaser.release(f"{prefix}/cells_score", stats.score.ravel(), SENSITIVITY["cells_score"]),
+        "cells_score_sq": releaser.release(f"{prefix}/cells_score_sq", stats.score_sq.ravel(),
+                                           SENSITIVITY["cells_score_sq"]),
+    }
+    if stats.hist is not None:
+        out["hist"] = releaser.release_counts(f"{prefix}/hist", stats.hist.ravel(), SENSITIVITY["hist"])
+    for name in list(out):
+        out[f"sigma_{name}"] = float(releaser.released[f"{prefix}/{name}"])
+    return out
+
+
+def stats_from_record(record: Mapping[str, Any], layout: CellLayout, site: str = "") -> FairnessStats:
+    """Parse one site's released record (what :func:`release_statistics` returned) on the server."""
+    size = int(np.prod(layout.shape))
+
+    def arr(name: str, n: int) -> np.ndarray:
+        v = np.asarray(record[name], dtype=np.float64)
+        if v.size != n:
+            raise GraphError(f"site {site or '?'}: '{name}' has {v.size} values, the layout needs {n}: the site and "
+                             "the server use different stats-fairness-* settings or graph")
+        return v
+
+    n = arr("cells_n", size).reshape(layout.shape)
+    hist = arr("hist", 4 * layout.score_bins).reshape(2, 2, layout.score_bins) if "hist" in record else None
+    sigma = {k: float(record.get(f"sigma_{k}", 0.0)) for k in SENSITIVITY}
+    return FairnessStats(layout, n, arr("cells_score", size).reshape(layout.shape),
+                         arr("cells_score_sq", size).reshape(layout.shape), hist, sigma, [site] if site else [])
+
+
+def sum_statistics(parts: list[FairnessStats]) -> FairnessStats:
+    """The consortium's statistics: entries add, independent noise stds add in quadrature."""
+    if not parts:
+        raise EstimationError("no site released fairness statistics")
+    first = parts[0]
+    hist = None if first.hist is None else sum(p.hist for p in parts)
+    sigma = {k: math.sqrt(sum(p.sigma.get(k, 0.0) ** 2 for p in parts)) for k in SENSITIVITY}
+    return FairnessStats(first.layout, sum(p.n for p in parts), sum(p.score for p in parts),
+                         sum(p.score_sq for p in parts), hist, sigma, [s for p in parts for s in p.sites])
+
+
+# --------------------------------------------------------------------------------------------- effects
+
+def _clean_cells(stats: FairnessStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Noised cells made consistent: n >= 0, 0 <= sum <= n, sum^2/n <= sum of squares <= sum."""
+    n = np.maximum(stats.n, 0.0)
+    t = np.clip(stats.score, 0.0, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lo = np.where(n > 0, t * t / n, 0.0)
+    q = np.clip(stats.score_sq, lo, t)
+    t = np.where(n > 0, t, 0.0)
+    return n, t, np.where(n > 0, q, 0.0)
+
+
+def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: int = 0, ci: float = 0.95,
+                            max_weight: float = 50.0, gformula_bins: int = 4, positivity_ratio: float = 20.0,
+                            min_cell: int = 5, max_gformula_cells: int = 200_000) -> EffectTable:
+    """:func:`fairness.pse.estimate_effects` on cell statistics. Column 0 is the data; each bootstrap replicate
+    draws cell counts ~ Multinomial(n, cell shares), cell score sums ~ Normal(count x mean, count x variance), then
+    adds the privacy noise (std ``stats.sigma``) again, so the CIs cover sampling and noise."""
+    t0 = time.perf_counter()
+    layout, spec = stats.layout, stats.layout.spec
+    n, t, q = _clean_cells(stats)
+    present = np.flatnonzero(n.ravel() > 0)
+    if present.size == 0:
+        raise EstimationError("every released cell is empty")
+    idx = np.unravel_index(present, layout.shape)
+    a = idx[0].astype(np.int64)
+    if (n.reshape(2, -1).sum(1) <= 0).any():
+        raise EstimationError(f"one of the groups {layout.a_levels} of '{spec.column(spec.sensitive)}' is empty")
+    n0, t0c, q0 = n.ravel()[present], t.ravel()[present], q.ravel()[present]
+
+    def var(codes_axis: np.ndarray, f: Factor) -> _Var:
+        used = np.unique(codes_axis)
+        values = [f.levels[i] for i in used]
+        codes = np.searchsorted(used, codes_axis)
+        numeric = f.edges is not None
+        return _Var(f.node, f.column, codes.astype(np.int64), values if not numeric else [float(v) for v in values],
+                    numeric, np.asarray(values, dtype=np.float64) if numeric else None)
+
+    ident = identify(spec)
+    by_node = {f.node: (i, f) for i, f in enumerate(layout.factors)}
+    meds = [var(idx[1 + by_node[m][0]], by_node[m][1]) for m in ident.mediators]
+    covs = [var(idx[1 + by_node[c][0]], by_node[c][1]) for c in spec.covariates]
+    lab = layout.label_factor
+    label = None if lab is None else np.asarray([float(lab.levels[i]) for i in idx[1 + layout.factors.index(lab)]])
+
+    b1 = n_boot + 1
+    rng = np.random.default_rng(seed)
+    N = np.empty((present.size, b1))
+    T = np.empty((present.size, b1))
+    N[:, 0], T[:, 0] = n0, t0c
+    total = int(round(n0.sum()))
+    share = n0 / n0.sum()
+    mean = t0c / n0
+    sd = np.sqrt(np.maximum(q0 / n0 - mean ** 2, 0.0))
+    s_n, s_t = stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)
+    for j in range(1, b1):
+        nj = rng.multinomial(total, share).astype(np.float64)
+        tj = nj * mean + np.sqrt(nj) * sd * rng.standard_normal(present.size)
+        if s_n > 0 or s_t > 0:
+            nj = nj + s_n * rng.standard_normal(present.size)
+            tj = tj + s_t * rng.standard_normal(present.size)
+        nj = np.maximum(nj, 0.0)
+        N[:, j], T[:, j] = nj, np.clip(tj, 0.0, nj)
+
+    d = object.__new__(_Design)
+    d.k, d.pattern, d.a = present.size, None, a
+    d.med = np.stack([m.codes for m in meds], axis=1) if meds else np.zeros((present.size, 0), np.int64)
+    d.cov = [c.codes for c in covs]
+    d.label, d.N, d.T = label, N, T
+    d.L = None if label is None else N * label[:, None]
+    table = effects_from_design(d, spec, ident, meds, covs, layout.a_levels, n_boot=n_boot, ci=ci,
+                                max_weight=max_weight, gformula_bins=gformula_bins, positivity_ratio=positivity_ratio,
+                                min_cell=min_cell, max_gformula_cells=max_gformula_cells, t0=t0)
+    if stats.noisy:
+        table.diagnostics["notes"].append(
+            "federated: cells carry Gaussian privacy noise (std per cell: counts {:.3g}, score sums {:.3g}); the "
+            "bootstrap adds it again, so the CIs include it".format(s_n, s_t))
+    return table
+
+
+# --------------------------------------------------------------------------------------------- group metrics
+
+def _weighted_bundle(threshold: float):
+    def bundle(y_true, y_score, sample_weight):
+        y = np.asarray(y_true, dtype=np.int64)
+        s = np.asarray(y_score, dtype=np.float64)
+        w = np.asarray(sample_weight, dtype=np.float64)
+        tot, pos, neg = w.sum(), w[y == 1].sum(), w[y == 0].sum()
+        call = (s > threshold).astype(int)
+        nan = math.nan
+        ece_bins = np.minimum((s * 10).astype(int), 9)
+        gap = np.abs(np.bincount(ece_bins, w * y, 10) - np.bincount(ece_bins, w * s, 10)).sum()
+        return (
+            float(tot),
+            float((w * y).sum() / tot) if tot > 0 else nan,
+            float((w * s).sum() / tot) if tot > 0 else nan,
+            float(roc_auc_score(y, s, sample_weight=w)) if pos > 0 and neg > 0 else nan,
+            float(true_positive_rate(y, call, pos_label=1, sample_weight=w)) if pos > 0 else nan,
+            float(false_positive_rate(y, call, pos_label=1, sample_weight=w)) if neg > 0 else nan,
+            float(false_negative_rate(y, call, pos_label=1, sample_weight=w)) if pos > 0 else nan,
+            float(true_negative_rate(y, call, pos_label=1, sample_weight=w)) if neg > 0 else nan,
+            float(selection_rate(y, call, pos_label=1, sample_weight=w)) if tot > 0 else nan,
+            float(gap / tot) if tot > 0 else nan,
+            float((w * (s - y) ** 2).sum() / tot) if tot > 0 else nan,
+        )
+    return bundle
+
+
+def group_metrics_from_histogram(stats: FairnessStats, specificity: float = 0.8) -> dict[str, Any]:
+    """Per-group metrics from the (A, label, score bin) counts, through fairlearn's MetricFrame with the counts as
+    sample weights and each bin's scores at its midpoint. The threshold is the first bin edge at which the pooled
+    negatives reach ``specificity``. Same keys as :meth:`fairness.group_metrics.GroupMetrics.to_dict`."""
+    layout = stats.layout
+    if stats.hist is None:
+        raise GraphError("group metrics need an outcome (label) node in the spec")
+    b = layout.score_bins
+    h = np.maximum(stats.hist, 0.0)
+    neg = h[:, 0, :].sum(0)
+    cum = np.cumsum(neg) / max(neg.sum(), 1e-300)
+    k = int(min(np.searchsorted(cum, specificity - 1e-12) + 1, b - 1))
+    threshold = k / b
+    mid = (np.arange(b) + 0.5) / b
+    a_idx, y_idx, s_idx = (g.ravel() for g in np.meshgrid(np.arange(2), np.arange(2), np.arange(b), indexing="ij"))
+    w = h.ravel()
+    keep = w > 0
+    lab = layout.label_factor
+    y_vals = np.asarray([int(float(v)) for v in lab.levels])[y_idx[keep]]
+    a_name = layout.spec.sensitive
+    groups = np.asarray(layout.a_levels, dtype=object)[a_idx[keep]]
+    mf = MetricFrame(metrics={"all": _weighted_bundle(threshold)}, y_true=y_vals, y_pred=mid[s_idx[keep]],
+                     sensitive_features=pd.Series(groups, name=a_name),
+                     sample_params={"all": {"sample_weight": w[keep]}})
+    by_group = pd.DataFrame([list(v) for v in mf.by_group["all"].to_numpy()], index=mf.by_group.index,
+                            columns=list(METRICS), dtype=np.float64)
+    overall = dict(zip(METRICS, mf.overall["all"]))
+    summary: dict[str, Any] = {"threshold": threshold, "realised_specificity": float(cum[k - 1]),
+                               "groups": [str(g) for g in by_group.index], "score_bins": b}
+    for m in GAP_METRICS:
+        col = by_group[m]
+        summary[f"{m}_min"], summary[f"{m}_max"] = float(col.min()), float(col.max())
+        summary[f"{m}_gap"] = float(col.max() - col.min())
+    summary["worst_group_auroc"] = summary["auroc_min"]
+    summary["worst_auroc_group"] = str(by_group["auroc"].idxmin()) if by_group["auroc"].notna().any() else None
+    summary["worst_fnr_group"] = str(by_group["fnr"].idxmax()) if by_group["fnr"].notna().any() else None
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, (np.integer,)):
+            return int(v)
+        if isinstance(v, (float, np.floating)):
+            return None if not math.isfinite(float(v)) else float(v)
+        return v
+
+    return {"threshold": threshold, "specificity_target": specificity,
+            "overall": {k2: clean(v) for k2, v in overall.items()},
+            "by_group": [{str(k2): clean(v) for k2, v in r.items()} for r in by_group.reset_index().to_dict("records")],
+            "summary": {k2: clean(v) for k2, v in summary.items()}, "control_features": [], "controlled": None,
+            "controlled_summary": None, "ci": None,
+            "note": f"from {b}-bin score histograms (scores at bin midpoints); threshold at a bin edge"}
+
+
+# --------------------------------------------------------------------------------------------- the audit
+
+def _site_effect(stats: FairnessStats, n_boot: int, seed: int) -> dict[str, Any]:
+    try:
+        eff = effects_from_statistics(stats, n_boot=n_boot, seed=seed)
+    except (EstimationError, np.linalg.LinAlgError, ValueError) as err:
+        return {"status": f"not estimable: {err}"}
+    out = {"status": "ok", "n": eff.n}
+    for effect in ("impermissible", "total"):
+        out[effect] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in eff.get(effect).items() if k in ("estimate", "ci_low", "ci_high", "p_value")}
+    return out
+
+
+def audit_from_statistics(stats: FairnessStats, per_site: Mapping[str, FairnessStats] | None = None, *,
+                          n_boot: int = 200, seed: int = 0, specificity: float = 0.8, alpha: float = 0.05,
+                          site_boot: int = 100) -> dict[str, Any]:
+    """The audit dict of :func:`fairness.audit.run_audit` from summed statistics, plus a ``federated`` section with
+    each site's impermissible and total effects (for the forest plot) and the noise levels."""
+    t0 = time.perf_counter()
+    layout, spec = stats.layout, stats.layout.spec
+    effects = effects_from_statistics(stats, n_boot=n_boot, seed=seed)
+    t1 = time.perf_counter()
+    gm = group_metrics_from_histogram(stats, specificity) if stats.hist is not None else None
+    eff = effects.to_dict()
+    result = {
+        "audit_version": AUDIT_VERSION, "mode": "federated",
+        "spec": spec.to_dict(), "spec_source": spec.source,
+        "data": {"n_rows": effects.n["total"], "n_by_group": effects.n, "levels": eff["levels"]},
+        "warnings": list(spec.warnings),
+        "paths": [p.to_dict() for p in effects.identification.paths],
+        "identification": eff.pop("identification"),
+        "effects": eff,
+        "group_metrics": gm,
+        "verdict": verdict(effects, alpha),
+        "federated": {
+            "sites": list(stats.sites), "noise_sigma": stats.sigma,
+            "cells": {"shape": list(layout.shape), "factors": [
+                {"node": f.node, "column": f.column, "levels": list(f.levels),
+                 **({"edges": list(f.edges)} if f.edges is not None else {})} for f in layout.factors],
+                "score_bins": layout.score_bins},
+        },
+        "robustness": {},
+        "per_site": {name: _site_effect(s, site_boot, seed) for name, s in (per_site or {}).items()} or None,
+        "timing_s": {"effects": round(t1 - t0, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+    result["verdict"] = json.loads(json.dumps(result["verdict"], default=_default))
+    return result
+
+
+def layout_for(settings: Mapping[str, Any] | None = None) -> CellLayout:
+    """The layout of a run: graph from ``stats-fairness-graph`` (a path or a shipped name, default "synthetic")."""
+    settings = dict(settings or {})
+    spec = load_graph_spec(str(settings.get("stats-fairness-graph", "") or DEFAULT_GRAPH))
+    return CellLayout.from_settings(spec, settings)

@@ -1,0 +1,271 @@
+"""Removing the impermissible (social-pathway) effect of A on the score in training, and a post-processing fallback.
+
+The quantity is the audit's (fairness/pse.py, weighting estimator): in the reference group a0,
+
+    PSE = E[ŷ · (r(S, C) - 1) | A = a0],        r(s, c) = p(s | a1, c) / p(s | a0, c),
+
+the change in the mean score when A is switched from a0 to a1 on the A -> S edge only. Written over ALL rows it is a
+per-sample mean, ``PSE = E[h(A, S, C) · ŷ]`` with ``h = 1[A = a0] / P(a0) · (r(S, C) - 1)``, which is why this module
+works under DP-SGD (each sample's term depends on that sample only) and in federation (a site's mean of ``h · ŷ``,
+weighted by its size as FedAvg does, sums to the pooled value exactly).
+
+**The penalty.** ``λ · PSE²`` has gradient ``2λ · PSE · ∇PSE``. Squaring a minibatch estimate instead also
+penalises its sampling variance, which shrinks every source of score variation, the biological one included (issue 7's
+table: 70 % of the permissible effect kept). Here the factor ``PSE`` is a detached value that does not depend on the
+batch (the consortium's PSE of the previous global model, broadcast by the server; or, centrally, a running mean of
+earlier batches), and only ``∇PSE`` comes from the batch, as the unbiased per-sample mean above with consortium-level
+normalisers (``P(a0)`` and the ratio table are global, not batch-level: a Hajek ratio inside the batch is biased and
+not per-sample). The returned term is ``2λ · PSE_running · PSE_batch``: its value is not meaningful, its gradient is.
+
+**The weights** come from a table of counts of (A, S, C-bin) cells: summable across sites (released noised by each
+site), and exactly the Bayes-free form of the audit's ratio when C is binned (``c_edges``; none when the graph has no
+C -> S edge). Ratios are clipped at ``max_weight`` and renormalised so that ``E[r | a0] = 1`` under the table.
+
+**Post-processing** (:class:`ScoreShiftCorrection`): without retraining, remove the S-specific shift of the logit,
+estimated within (A, D) strata of a labelled calibration set (S ⟂ D | A under the graph, so the within-stratum
+difference is what the scanner does to the score), using S from the DICOM metadata at inference.
+
+No Flower import: the server and client glue lives in client/app.py and server/app.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+# meta columns carried by core_models.meta_loader batches
+META_COLUMNS = ("A", "S", "C")
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+def cell_index(s: np.ndarray, c: np.ndarray | None, c_edges: tuple[float, ...], n_s: int) -> np.ndarray:
+    """Flat index of the (S level, C bin) cell of each row; S must be coded 0..n_s-1."""
+    s = np.asarray(s, dtype=np.int64)
+    if s.size and (s.min() < 0 or s.max() >= n_s):
+        raise ValueError(f"mediator values must be coded 0..{n_s - 1}, got {sorted(set(s.tolist()))}")
+    cb = np.zeros_like(s) if not c_edges or c is None else np.searchsorted(np.asarray(c_edges), np.asarray(c, float),
+                                                                            side="right")
+    return s * (len(c_edges) + 1) + cb
+
+
+def cell_counts(a: np.ndarray, s: np.ndarray, c: np.ndarray | None, c_edges: tuple[float, ...] = (),
+                n_s: int = 2) -> np.ndarray:
+    """Counts of (A, S, C-bin), shape (2, n_s * n_c): what a site releases (noised) for the weight model.
+    ``a`` is 1 for a1 and 0 for the reference group a0."""
+    n_cells = n_s * (len(c_edges) + 1)
+    idx = cell_index(s, c, c_edges, n_s)
+    a = np.asarray(a, dtype=np.int64)
+    return np.stack([np.bincount(idx[a == g], minlength=n_cells) for g in (0, 1)]).astype(np.float64)
+
+
+def score_sums_a0(a: np.ndarray, s: np.ndarray, c: np.ndarray | None, scores: np.ndarray,
+                  c_edges: tuple[float, ...] = (), n_s: int = 2) -> np.ndarray:
+    """Sum of the score over the reference-group rows of each (S, C-bin) cell: with the counts, all the server needs
+    to compute the consortium PSE."""
+    n_cells = n_s * (len(c_edges) + 1)
+    idx = cell_index(s, c, c_edges, n_s)
+    m = np.asarray(a) == 0
+    return np.bincount(idx[m], weights=np.asarray(scores, float)[m], minlength=n_cells)
+
+
+@dataclass
+class DensityRatio:
+    """``r(s, c) = p(s | a1, c) / p(s | a0, c)`` per (S level, C bin) cell, clipped and normalised so that
+    ``E[r | a0] = 1``, plus ``p0 = P(A = a0)``: everything the per-sample penalty needs, and small enough to broadcast."""
+
+    ratio: np.ndarray  # (n_s * n_c,)
+    p0: float
+    n_s: int = 2
+    c_edges: tuple[float, ...] = ()
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, n_s: int = 2, c_edges: tuple[float, ...] = (),
+                    max_weight: float = 20.0, prior: float = 0.5) -> "DensityRatio":
+        """From (noised, summed) cell counts (2, n_cells). ``prior`` pseudo-counts keep empty cells finite."""
+        n = np.clip(np.asarray(counts, np.float64), 0.0, None).reshape(2, n_s, len(c_edges) + 1)
+        p_s = (n + prior) / (n.sum(1, keepdims=True) + prior * n_s)  # p(s | a, c-bin)
+        r = np.minimum(p_s[1] / p_s[0], max_weight)
+        p0_cells = n[0] / max(n[0].sum(), 1e-12)  # p(s, c | a0)
+        norm = float((p0_cells * r).sum())
+        r = r / norm if norm > 0 else np.ones_like(r)
+        p0 = float(n[0].sum() / max(n.sum(), 1e-12))
+        if not 0.0 < p0 < 1.0:
+            raise ValueError(f"both groups are needed for the density ratio; P(a0) = {p0}")
+        return cls(ratio=r.ravel(), p0=p0, n_s=n_s, c_edges=tuple(float(e) for e in c_edges))
+
+    @classmethod
+    def fit(cls, a, s, c=None, **kwargs) -> "DensityRatio":
+        n_s = kwargs.pop("n_s", 2)
+        c_edges = tuple(kwargs.pop("c_edges", ()))
+        return cls.from_counts(cell_counts(a, s, c, c_edges, n_s), n_s, c_edges, **kwargs)
+
+    def h(self, a, s, c=None) -> np.ndarray:
+        """Per-row factor ``1[a0] / p0 · (r - 1)``: the PSE is the mean of ``h · score`` over all rows."""
+        r = self.ratio[cell_index(s, c, self.c_edges, self.n_s)]
+        return (np.asarray(a) == 0) / self.p0 * (r - 1.0)
+
+    def pse(self, a, s, c, scores) -> float:
+        """Plug-in PSE of ``scores`` on a pooled table (what the per-sample penalty estimates)."""
+        return float(np.mean(self.h(a, s, c) * np.asarray(scores, float)))
+
+    def pse_from_released(self, counts: np.ndarray, sums_a0: np.ndarray) -> float:
+        """The same PSE from cell counts and reference-group score sums (summed over sites)."""
+        n0 = float(np.clip(np.asarray(counts, float)[0], 0.0, None).sum())
+        return float(((self.ratio - 1.0) * np.asarray(sums_a0, float)).sum() / max(n0, 1e-12))
+
+    # --- broadcast (plain floats for a Flower ConfigRecord) ---
+    def to_config(self) -> dict[str, Any]:
+        return {"fair-ratio": [float(x) for x in self.ratio], "fair-p0": float(self.p0)}
+
+    @classmethod
+    def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "DensityRatio":
+        return cls(np.asarray(list(config["fair-ratio"]), float), float(config["fair-p0"]), n_s, tuple(c_edges))
+
+
+def parse_edges(text: str) -> tuple[float, ...]:
+    """Covariate bin edges from run config ("" = no covariate bins; "45,65" = three age bins)."""
+    return tuple(float(x) for x in str(text).split(",") if x.strip())
+
+
+# --------------------------------------------------------------------------------------------- penalty
+
+def positive_score(logits: torch.Tensor) -> torch.Tensor:
+    """The score the audit uses: p(class 1)."""
+    return torch.softmax(logits, dim=1)[:, 1]
+
+
+def batch_pse(scores: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Unbiased minibatch estimate of the PSE, a per-sample mean (differentiable in ``scores``)."""
+    return (h * scores).mean()
+
+
+def penalty_term(scores: torch.Tensor, h: torch.Tensor, pse_running: float, lam: float) -> torch.Tensor:
+    """``2·λ·PSE_running·PSE_batch``: its gradient is ``λ·∇(PSE²)`` at the running value, without the
+    variance term a squared minibatch estimate would add."""
+    return (2.0 * lam * float(pse_running)) * batch_pse(scores, h)
+
+
+@dataclass
+class PathSpecificPenalty:
+    """The ``penalty_fn(logits, y, meta)`` hook of ``core_models.training.train_epochs`` and ``client.dp.train_dp``.
+
+    ``meta`` columns are A (0 = reference a0, 1 = a1), S (0..n_s-1), C (numeric). With ``pse`` given (federated: the
+    consortium's PSE broadcast by the server; under DP it must be such a public value) the factor is fixed; with
+    ``pse=None`` it is a bias-corrected running mean (``momentum``) of the earlier batches' estimates, updated after
+    the term is built so that it never depends on the current batch.
+    """
+
+    weights: DensityRatio
+    lam: float
+    pse: float | None = None
+    momentum: float = 0.9
+    center: bool = True
+    _ema: float = 0.0
+    _base: float = 0.5
+    _steps: int = 0
+    history: list[float] = field(default_factory=list)  # running value used at each call
+
+    @property
+    def running(self) -> float:
+        if self.pse is not None:
+            return float(self.pse)
+        return self._ema / (1.0 - self.momentum ** self._steps) if self._steps else 0.0
+
+    def h(self, meta: torch.Tensor) -> torch.Tensor:
+        m = meta.detach().cpu().numpy()
+        c = m[:, 2] if m.shape[1] > 2 else None
+        return torch.as_tensor(self.weights.h(m[:, 0].round(), m[:, 1].round(), c), dtype=torch.float32,
+                               device=meta.device)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        h = self.h(meta)
+        scores = positive_score(logits)
+        value = self.running
+        self.history.append(value)
+        term = penalty_term(scores, h, value, self.lam)
+        if self.pse is None:
+            s = scores.detach()
+            # E[h] = 0, so h * (score - b) has the same mean for any constant b and a far smaller variance when
+            # b is near the reference group's mean score (the few rows with large h dominate otherwise)
+            a0 = meta[:, 0] == 0
+            if self.center and bool(a0.any()):
+                self._base = 0.9 * self._base + 0.1 * float(s[a0].mean())
+            est = float(batch_pse(s - (self._base if self.center else 0.0), h))
+            self._ema = self.momentum * self._ema + (1.0 - self.momentum) * est
+            self._steps += 1
+        return term
+
+
+def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", reference: Any = 0) -> np.ndarray:
+    """(N, 3) float array of A (0 = reference level, 1 = other), S, C from a site's manifest rows."""
+    a = (frame[sensitive].to_numpy() != reference).astype(np.float64)
+    s = frame[mediator].to_numpy().astype(np.float64)
+    c = frame[covariate].to_numpy().astype(np.float64) if covariate else np.zeros(len(frame))
+    return np.stack([a, s, c], axis=1)
+
+
+# --------------------------------------------------------------------------------------------- federation
+
+def site_release_vectors(meta: np.ndarray, scores: np.ndarray, c_edges: tuple[float, ...] = (),
+                         n_s: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """What one site releases (each noised through its Releaser): flat cell counts (2 * n_cells,) with L2
+    sensitivity 1, and reference-group score sums (n_cells,) with sensitivity 1 (scores lie in [0, 1])."""
+    a, s, c = meta[:, 0], meta[:, 1], meta[:, 2]
+    return (cell_counts(a, s, c, c_edges, n_s).ravel(), score_sums_a0(a, s, c, scores, c_edges, n_s))
+
+
+def consortium_pse(counts: list[np.ndarray], sums: list[np.ndarray], c_edges: tuple[float, ...] = (),
+                   n_s: int = 2, max_weight: float = 20.0) -> tuple[DensityRatio, float]:
+    """Server side: the density-ratio table and the consortium PSE from the sites' released vectors."""
+    total_counts = np.sum([np.asarray(x, float) for x in counts], axis=0).reshape(2, -1)
+    total_sums = np.sum([np.asarray(x, float) for x in sums], axis=0)
+    weights = DensityRatio.from_counts(total_counts, n_s, c_edges, max_weight=max_weight)
+    return weights, weights.pse_from_released(total_counts, total_sums)
+
+
+# --------------------------------------------------------------------------------------------- post-processing
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, float), 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+@dataclass
+class ScoreShiftCorrection:
+    """Post-processing: subtract the S-specific logit shift ``delta[s]`` (``delta[0] = 0``), estimated on labelled
+    calibration data as the mean within-(A, D) difference of logits between S = s and S = 0, strata weighted by
+    their size. S is read from metadata at inference; A is not needed at inference."""
+
+    delta: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    def fit(self, scores, a, s, d) -> "ScoreShiftCorrection":
+        z, a, s, d = _logit(scores), np.asarray(a), np.asarray(s).astype(int), np.asarray(d)
+        n_s = int(s.max()) + 1
+        delta = np.zeros(n_s)
+        for lev in range(1, n_s):
+            num = den = 0.0
+            for g in np.unique(a):
+                for y in np.unique(d):
+                    m = (a == g) & (d == y)
+                    m1, m0 = m & (s == lev), m & (s == 0)
+                    if m1.sum() and m0.sum():
+                        w = min(m1.sum(), m0.sum())
+                        num += w * (z[m1].mean() - z[m0].mean())
+                        den += w
+            delta[lev] = num / den if den else 0.0
+        self.delta = delta
+        return self
+
+    def transform(self, scores, s) -> np.ndarray:
+        z = _logit(scores) - self.delta[np.asarray(s).astype(int)]
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def pct(part: float, whole: float) -> float:
+    """``part`` as a percentage of ``whole`` (NaN when ``whole`` is 0)."""
+    return 100.0 * part / whole if whole else math.nan

@@ -1,0 +1,124 @@
+"""Key material for a consortium, made with `cryptography` (no openssl binary needed).
+
+- a private certificate authority (`ca.crt`, `ca.key`): hospitals trust the server through it;
+- the server's TLS certificate (`server.crt`, `server.key`) signed by the CA, valid for the
+  host names and IP addresses the hospitals will dial;
+- one SuperNode key pair per hospital (`<site>.key` / `<site>.pub`): EC P-384 in OpenSSH
+  format, the only format Flower 1.42's `flower-supernode --auth-supernode-private-key` and
+  `flwr supernode register` read. The public key is the hospital's entry on the allow-list.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALID_DAYS = 825  # the longest lifetime common TLS clients accept for a server certificate
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Private keys are readable by their owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "equifed consortium"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def create_ca(folder: Path, name: str = "equifed consortium CA") -> tuple[Path, Path]:
+    """A self-signed CA certificate and key; returns (ca.crt, ca.key)."""
+    folder = Path(folder)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name)).issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    crt_path, key_path = folder / "ca.crt", folder / "ca.key"
+    folder.mkdir(parents=True, exist_ok=True)
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, _pem_key(key))
+    return crt_path, key_path
+
+
+def create_server_cert(folder: Path, ca_crt: Path, ca_key: Path, hosts: list[str]) -> tuple[Path, Path]:
+    """The SuperLink's TLS certificate, signed by the CA, with every host as a SAN
+    (IP addresses as IP SANs, names as DNS SANs); returns (server.crt, server.key)."""
+    if not hosts:
+        raise ValueError("the server certificate needs at least one host name or IP address")
+    folder = Path(folder)
+    ca_cert = x509.load_pem_x509_certificate(Path(ca_crt).read_bytes())
+    ca_private = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP384R1())
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
+        .sign(ca_private, hashes.SHA384())
+    )
+    crt_path, key_path = folder / "server.crt", folder / "server.key"
+    folder.mkdir(parents=True, exist_ok=True)
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, _pem_key(key))
+    return crt_path, key_path
+
+
+def create_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
+    """A hospital's SuperNode key pair (EC P-384, OpenSSH format); returns (key, pub)."""
+    folder = Path(folder)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    key_path, pub_path = folder / f"{site}.key", folder / f"{site}.pub"
+    _write_private(key_path, private)
+    pub_path.write_bytes(public + f" equifed-site-{site}\n".encode())
+    return key_path, pub_path
+
+
+def public_key_fingerprint(pub_path: Path) -> str:
+    """SHA-256 of the key's bytes, to compare the allow-list with what a hospital holds."""
+    key = serialization.load_ssh_public_key(Path(pub_path).read_bytes().split(b" equifed-site-")[0])
+    raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()

@@ -1,0 +1,205 @@
+"""`equifed-server`: the consortium's aggregation server.
+
+    equifed-server setup --dir CONSORTIUM --site st_aurelia --site city_general --host server.example.org
+    equifed-server start --dir CONSORTIUM --out runs/study1 --port 9092 --rounds 20
+    equifed-server start --dir CONSORTIUM --out runs/study1 --port 9092 --rounds 20 --resume   # after a crash
+
+`start` runs Flower's SuperLink with TLS, SuperNode authentication (only the registered
+hospitals' keys get in) and a database file, submits the equifed app with `flwr run`
+(no dependency installation at run time), prints each round, and exits non-zero unless
+Flower reports the run `finished:completed` (`flwr run --stream` itself exits 0 on failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from server.deploy import ConsortiumError, deployment_superlink, load_index, setup_consortium, sync_allow_list
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml (the Flower app)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    from simulations.run import _parse_overrides as parse
+
+    return parse(items)
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    public_keys = {}
+    for item in args.public_key:
+        name, _, path = item.partition("=")
+        if not path or not Path(path).exists():
+            print(f"error: --public-key expects NAME=FILE with an existing file, got {item!r}", file=sys.stderr)
+            return 2
+        public_keys[name] = Path(path)
+    if not args.site and not public_keys:
+        print("error: name at least one hospital with --site NAME (or --public-key NAME=FILE)", file=sys.stderr)
+        return 2
+    try:
+        index = setup_consortium(Path(args.dir), args.site, args.host, public_keys)
+    except ConsortiumError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    folder = Path(args.dir).resolve()
+    print(f"consortium folder {folder}")
+    print(f"  CA certificate      {folder / 'ca.crt'}   (keep {folder / 'ca.key'} offline)")
+    print(f"  server certificate  {folder / 'server.crt'}  valid for {', '.join(index['hosts'])}")
+    for name, site in index["sites"].items():
+        bundle = folder / "sites" / name
+        has_private = (bundle / f"{name}.key").exists()
+        print(f"  site {name:<18} {site['fingerprint'][:23]}…  send {bundle}/ to the hospital"
+              + ("" if has_private else " (public key supplied by the hospital)"))
+    if args.no_register:
+        return 0
+    link = deployment_superlink(folder)
+    try:
+        link.start()
+        added = sync_allow_list(link, folder)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"error: could not register the hospitals' keys: {err}", file=sys.stderr)
+        return 1
+    finally:
+        link.stop()
+    print(f"allow-list: {len(index['sites'])} site key(s) in {link.database}"
+          + (f" ({', '.join(added)} new)" if added else ""))
+    return 0
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop the SuperLink."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def _last_round(out: Path) -> int:
+    metrics = out / "metrics.csv"
+    if not metrics.exists() or metrics.stat().st_size == 0:
+        return -1
+    return int(pd.read_csv(metrics)["round"].max())
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from simulations.run import RoundPrinter
+
+    folder = Path(args.dir).resolve()
+    out = Path(args.out).resolve()
+    try:
+        index = load_index(folder)
+    except ConsortiumError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    checkpoint = out / "checkpoints" / "latest.pt"
+    if not args.resume and checkpoint.exists():
+        print(f"error: {out} already holds a run (checkpoints/latest.pt); continue it with --resume "
+              f"or choose another --out", file=sys.stderr)
+        return 2
+    if args.resume and not checkpoint.exists():
+        print(f"equifed-server: no checkpoint in {out}: the run starts from round 1", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    n_sites = len(index["sites"])
+    run_config = {
+        "out-dir": str(out),
+        "resume": bool(args.resume),
+        "min-train-nodes": args.min_sites,
+        "registry-path": str(folder / "state" / "privacy_registry.json"),  # outlives any one run
+    }
+    if args.rounds is not None:
+        run_config["num-server-rounds"] = args.rounds
+    run_config.update(_parse_overrides(args.run_config))
+
+    _exit_on_sigterm()
+    link = deployment_superlink(folder, host=args.host, port=args.port)
+    try:
+        link.start()
+        print(f"equifed-server: SuperLink listening on {args.host}:{link.port} (TLS, SuperNode authentication, "
+              f"database {link.database})", flush=True)
+        added = sync_allow_list(link, folder)
+        if added:
+            print(f"equifed-server: registered {', '.join(added)}", flush=True)
+        stale = link.stop_unfinished_runs()
+        if stale:
+            print(f"equifed-server: stopped run(s) {', '.join(map(str, stale))} left unfinished by an earlier "
+                  f"server process", flush=True)
+        want = min(args.wait_for_sites or n_sites, n_sites)
+        print(f"equifed-server: waiting for {want} of {n_sites} hospital(s) to connect", flush=True)
+        try:
+            link.wait_for_nodes(want, timeout=args.connect_timeout)
+        except TimeoutError as err:
+            online = sum(1 for n in link.nodes() if n.get("status") == "online")
+            if online < args.min_sites:
+                print(f"error: {err}; need at least --min-sites {args.min_sites}", file=sys.stderr)
+                return 2
+            print(f"equifed-server: {err}; starting with {online}", flush=True)
+        run_id = link.submit(APP_DIR, run_config)
+        print(f"equifed-server: run {run_id} started ({'resumed' if args.resume else 'new'}), results in {out}",
+              flush=True)
+        printer = RoundPrinter(out)
+        printer.printed = _last_round(out) if args.resume else -1
+        status = link.wait(run_id, timeout=args.timeout, on_poll=printer, poll=1.0, status_every=5.0)
+        printer()
+        (out / "flower.log").write_text(link.logs(run_id))
+    except (RuntimeError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        link.stop()
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        summary.update({"flower_run_id": run_id, "flower_status": status.get("status")})
+        summary_path.write_text(json.dumps(summary, indent=2))
+    if status.get("status") != "finished:completed":
+        print(f"equifed-server: run {run_id} FAILED ({status.get('status')}: {status.get('status-details', '')}); "
+              f"Flower log: {out / 'flower.log'}", file=sys.stderr)
+        return 1
+    print(f"equifed-server: run {run_id} completed; results in {out}", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="equifed-server", description="equifed aggregation server")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("setup", help="create the CA, server certificate and hospital keys; register the keys")
+    p.add_argument("--dir", required=True, help="consortium folder (created; existing keys are kept)")
+    p.add_argument("--site", action="append", default=[], help="a hospital's name (repeat for each)")
+    p.add_argument("--public-key", action="append", default=[], metavar="NAME=FILE",
+                   help="a hospital that made its own key pair: its OpenSSH EC public key")
+    p.add_argument("--host", action="append", default=[],
+                   help="a host name or IP address the hospitals dial (repeat; 127.0.0.1 and localhost always)")
+    p.add_argument("--no-register", action="store_true", help="only write the files; `start` registers the keys")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("start", help="start the SuperLink and run the equifed app")
+    p.add_argument("--dir", required=True, help="consortium folder made by `setup`")
+    p.add_argument("--out", required=True, help="run folder (metrics, per-site table, checkpoints)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument("--port", type=int, default=9092, help="port the hospitals dial (default 9092)")
+    p.add_argument("--rounds", type=int, help="number of rounds (run config num-server-rounds)")
+    p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any [tool.flwr.app.config] key")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--min-sites", type=int, default=2,
+                   help="a round goes on with this many sites; fewer connected and the round waits")
+    p.add_argument("--wait-for-sites", type=int, default=0,
+                   help="before starting, wait for this many hospitals (default: all registered)")
+    p.add_argument("--connect-timeout", type=float, default=600,
+                   help="stop waiting for hospitals after this many seconds (then start if --min-sites are in)")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="give up on the run after this many seconds")
+    p.set_defaults(func=cmd_start)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

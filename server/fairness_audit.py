@@ -1,0 +1,57 @@
+"""Server-side federated fairness audit (analyser "fairness", issue 5 item 6).
+
+Sums the sites' released cell statistics (client/fairness_stats.py, fairness/federated.py), runs the causal
+fairness audit on them (consortium and per site), and writes `fairness_audit.html` + `fairness_audit.json` into
+the run folder, with epsilon per site and the shift summary when the run has them. Rewritten every round the
+statistics are collected, so the final round's report is what stays (a copy per round goes to
+`fairness/round_NNN.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.common import log
+
+from fairness.audit import write_audit_json
+from fairness.federated import audit_from_statistics, layout_for, stats_from_record, sum_statistics
+from fairness.graph import GraphError
+from fairness.report import run_context, write_report
+from server.site_statistics import SiteRelease, analyser
+
+
+@analyser("fairness")
+def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteRelease], run_config: dict) -> None:
+    layout = layout_for(run_config)
+    ok = [r for r in releases if r.status == "ok" and "fairness" in r.records]
+    missing = [f"{r.site} ({r.status})" for r in releases if r not in ok]
+    if not ok:
+        log(WARNING, "equifed fairness: round %d: no site released fairness statistics (%s)", server_round,
+            ", ".join(missing) or "no replies")
+        return
+    per_site = {}
+    for r in ok:
+        try:
+            per_site[r.site] = stats_from_record(r.records["fairness"], layout, r.site)
+        except GraphError as err:  # a site on other settings: leave it out, say so
+            missing.append(f"{r.site} (unusable release: {err})")
+    try:
+        audit = audit_from_statistics(sum_statistics(list(per_site.values())), per_site,
+                                      n_boot=int(run_config.get("stats-fairness-boot", 200)),
+                                      seed=int(run_config.get("seed", 0)))
+    except GraphError as err:  # e.g. a group empty after the noise: no audit this round, training goes on
+        log(WARNING, "equifed fairness: round %d: no audit: %s", server_round, err)
+        return
+    audit["round"] = server_round
+    audit["federated"]["not_released"] = missing
+    context = run_context(out_dir, {r.site: r.epsilon for r in ok})
+    write_report(audit, out_dir, context=context, title=f"Federated causal fairness audit, round {server_round}")
+    write_audit_json(audit, Path(out_dir) / "fairness" / f"round_{server_round:03d}.json")
+    log(INFO, "equifed fairness: round %d: %s", server_round, audit["verdict"]["text"])
+
+
+def load_audit(out_dir: Path) -> dict:
+    """The latest federated audit of a run folder."""
+    return json.loads((Path(out_dir) / "fairness_audit.json").read_text())

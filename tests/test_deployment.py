@@ -1,0 +1,358 @@
+"""A real deployment on 127.0.0.1: `equifed-server` (SuperLink with TLS, SuperNode
+authentication, a database file) and one `equifed-client` per hospital, all separate
+processes started and killed by PID here. One scenario, in this order:
+
+1. set-up makes a CA, the server certificate and 3 hospital key pairs and registers the keys;
+   a 4th key pair (a stranger) is made but never registered;
+2. the server starts a 3-round DP run; the 3 hospitals connect; the stranger is refused;
+3. in round 2 (while it trains) site_c's client is killed: round 2 completes with the
+   other two, site_c is restarted at once;
+4. as soon as round 2 is checkpointed the whole server (command, SuperLink, ServerApp) is
+   SIGKILLed and restarted with --resume: round 3 runs with all three sites.
+
+Each test below checks one part of the outcome. Runs alone with
+`pytest -q tests/test_deployment.py` (or `-m deployment`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+
+from client.ledger import ledger_report
+from client.supernode import EXIT_REFUSED, probe_server
+from core_models.networks import build_model
+from server.certs import create_site_keys
+from server.superlink import free_port, kill_tree
+from simulations.generator import generate_consortium
+
+pytestmark = pytest.mark.deployment
+
+SITES = ["site_a", "site_b", "site_c"]
+ROUNDS = 3
+SCENARIO = """
+name = "deploy"
+seed = 5
+image_size = 32
+
+[defaults]
+n = 40
+prevalence = 0.4
+lesion_contrast = 0.8
+
+[[sites]]
+name = "site_a"
+
+[[sites]]
+name = "site_b"
+
+[[sites]]
+name = "site_c"
+"""
+RUN_CONFIG = ["local-epochs=1", "image-size=32", "batch-size=16", "dp=true", "fraction-evaluate=0",
+              "round-timeout=300"]
+TRAIN_METRICS = {"train-loss", "val-auroc", "val-loss", "num-examples", "rejected", "steps", "epsilon-before",
+                 "epsilon", "epsilon-train", "epsilon-release", "noise-multiplier"}
+
+
+class Procs:
+    """Every process the scenario starts; whatever is left is killed at the end."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parent.parent)
+        log.close()
+        self.started[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text()
+
+    def kill_all(self) -> None:
+        for proc in self.started.values():
+            kill_tree(proc.pid, hard=True)
+            proc.wait()
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f}s")
+
+
+def clientapp_started_after(proc: subprocess.Popen, since: float) -> bool:
+    """Whether a site's client runs a ClientApp (a training) launched after `since`."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for child in family:
+        try:
+            if child.create_time() > since and any("flwr-clientapp" in part for part in child.cmdline()):
+                return True
+        except psutil.NoSuchProcess:
+            continue
+    return False
+
+
+def tls_checks(port: int, ca: Path) -> dict:
+    """The SuperLink speaks TLS with a certificate that only the consortium's CA vouches for."""
+    out = {}
+    probe_server(f"127.0.0.1:{port}", ca)  # raises if the handshake or the verification fails
+    out["verified_with_ca"] = True
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            with ssl.create_default_context().wrap_socket(sock, server_hostname="127.0.0.1"):
+                out["verified_without_ca"] = True
+    except ssl.SSLCertVerificationError:
+        out["verified_without_ca"] = False
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        try:
+            out["plain_http_reply"] = sock.recv(100)
+        except (socket.timeout, ConnectionResetError):
+            out["plain_http_reply"] = b""
+    return out
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    (root / "scenario.toml").write_text(SCENARIO)
+    data = generate_consortium(root / "scenario.toml", root / "data")
+    stranger_data = root / "stranger_data"
+    shutil.copytree(data[2], stranger_data)
+    cons, out = root / "consortium", root / "run"
+    procs = Procs(root)
+    facts: dict = {"root": root, "data": dict(zip(SITES, data)), "out": out, "procs": procs, "cons": cons}
+    t0 = time.time()
+    try:
+        setup = subprocess.run([sys.executable, "-m", "server.cli", "setup", "--dir", str(cons),
+                                *[a for s in SITES for a in ("--site", s)], "--host", "127.0.0.1"],
+                               capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        facts["setup_stdout"] = setup.stdout
+        stranger_key, _ = create_site_keys(root / "stranger_keys", "stranger")
+
+        port = free_port()
+        server_args = ["server.cli", "start", "--dir", str(cons), "--out", str(out), "--host", "127.0.0.1",
+                       "--port", str(port), "--rounds", str(ROUNDS), "--min-sites", "2", "--connect-timeout", "120",
+                       "--timeout", "600", *[a for c in RUN_CONFIG for a in ("-c", c)]]
+        server = procs.start("server1", server_args)
+
+        def client_args(site: str, data_dir: Path, key: Path, *extra: str) -> list[str]:
+            return ["client.cli", "start", "--site", site, "--data", str(data_dir), "--server",
+                    f"127.0.0.1:{port}", "--ca", str(cons / "sites" / SITES[0] / "ca.crt"), "--key", str(key),
+                    "--image-size", "32", "--audit-log", str(root / f"audit_{site}.jsonl"), *extra]
+
+        clients = {s: procs.start(f"client_{s}", client_args(s, facts["data"][s], cons / "sites" / s / f"{s}.key"))
+                   for s in SITES}
+        stranger = procs.start("stranger", client_args("stranger", stranger_data, stranger_key,
+                                                       "--auth-retries", "0", "--max-wait", "120"))
+        facts["stranger_rc"] = stranger.wait(timeout=180)
+        facts["tls"] = tls_checks(port, cons / "ca.crt")
+
+        # round 2 is under way at site_c: kill its client (the hospital goes away), then bring it back
+        ckpt = out / "checkpoints"
+        wait_for(lambda: (ckpt / "round_001.pt").exists(), 240, "round 1")
+        since = (ckpt / "round_001.pt").stat().st_mtime
+        wait_for(lambda: clientapp_started_after(clients["site_c"], since), 90, "site_c training in round 2")
+        clients["site_c"].send_signal(signal.SIGTERM)
+        facts["site_c_stop_rc"] = clients["site_c"].wait(timeout=60)
+        clients["site_c"] = procs.start("client_site_c_again",
+                                        client_args("site_c", facts["data"]["site_c"],
+                                                    cons / "sites" / "site_c" / "site_c.key"))
+
+        # the server machine dies right after round 2: SIGKILL to the command and all it started
+        wait_for(lambda: (ckpt / "round_002.pt").exists(), 240, "round 2")
+        kill_tree(server.pid, hard=True)
+        server.wait()
+        # what a resume starts from (per_site.csv may be half-written: the crash can hit anywhere)
+        history = torch.load(ckpt / "latest.pt", weights_only=False)
+        facts["rounds_before_crash"] = (history["round"], sorted({r["round"] for r in history["history"]["sites"]}))
+        server = procs.start("server2", server_args + ["--resume"])
+        facts["server2_rc"] = server.wait(timeout=300)
+
+        for site, proc in clients.items():
+            proc.send_signal(signal.SIGTERM)
+            facts[f"{site}_rc"] = proc.wait(timeout=60)
+        try:  # Flower's helper processes notice their parent is gone within a few seconds
+            wait_for(lambda: not ours(root), 20, "helper processes to exit", poll=1)
+        except TimeoutError:
+            pass
+        facts["leftovers"] = [" ".join(p.info["cmdline"]) for p in ours(root)]
+        facts["wall_s"] = time.time() - t0
+        yield facts
+    finally:
+        procs.kill_all()
+        for proc in ours(root):
+            kill_tree(proc.pid, hard=True)
+
+
+def ours(root: Path) -> list[psutil.Process]:
+    """Processes whose command line names the test's folder (SuperLink, SuperNodes, clients)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(root) in part for part in (proc.info["cmdline"] or [])):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def train_rows(facts) -> pd.DataFrame:
+    per_site = pd.read_csv(facts["out"] / "per_site.csv")
+    return per_site[per_site["phase"] == "train"]
+
+
+def test_setup_and_tls(deployment):
+    assert "allow-list: 3 site key(s)" in deployment["setup_stdout"]
+    for site in SITES:
+        bundle = deployment["cons"] / "sites" / site
+        assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", f"{site}.key", f"{site}.pub"]
+        assert (bundle / f"{site}.key").stat().st_mode & 0o077 == 0  # private key: owner only
+    tls = deployment["tls"]
+    assert tls["verified_with_ca"] is True
+    assert tls["verified_without_ca"] is False  # nobody else vouches for the consortium's server
+    assert not tls["plain_http_reply"].startswith(b"HTTP/1.1 2")  # no unencrypted service on the port
+
+
+def test_unregistered_supernode_is_refused(deployment):
+    procs = deployment["procs"]
+    assert deployment["stranger_rc"] == EXIT_REFUSED
+    assert "public key is not on the consortium's allow-list" in procs.log("stranger")
+    superlink_log = (deployment["cons"] / "state" / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+    assert "stranger" not in set(pd.read_csv(deployment["out"] / "per_site.csv")["site"])
+    # the data summary came first: the stranger's folder was checked before it tried to connect
+    assert procs.log("stranger").index("images   40 usable") < procs.log("stranger").index("connecting to")
+
+
+def test_three_sites_complete_the_run(deployment):
+    assert deployment["server2_rc"] == 0, deployment["procs"].log("server2")
+    summary = json.loads((deployment["out"] / "summary.json").read_text())
+    assert summary["flower_status"] == "finished:completed"
+    train = train_rows(deployment)
+    assert sorted(train["round"].unique()) == [1, 2, 3]
+    for server_round in (1, 3):
+        ok = train[(train["round"] == server_round) & (train["status"] == "ok")]
+        assert sorted(ok["site"]) == SITES
+    for site in SITES:
+        assert "images   40 usable" in deployment["procs"].log(f"client_{site}")
+        assert deployment[f"{site}_rc"] == 0  # SIGTERM stops a client cleanly
+    assert deployment["leftovers"] == []
+
+
+def test_dropout_in_round_2_and_rejoin(deployment):
+    assert deployment["site_c_stop_rc"] == 0
+    train = train_rows(deployment)
+    round2 = train[train["round"] == 2]
+    assert sorted(round2[round2["status"] == "ok"]["site"]) == ["site_a", "site_b"]
+    missing = round2[round2["status"] != "ok"]
+    assert missing[["site", "status"]].values.tolist() == [["site_c", "no reply"]]
+    metrics = pd.read_csv(deployment["out"] / "metrics.csv").set_index("round")
+    assert metrics.loc[2, "sites_trained"] == 2
+    assert metrics.loc[3, "sites_trained"] == 3
+    assert ((train["round"] == 3) & (train["site"] == "site_c") & (train["status"] == "ok")).sum() == 1
+
+
+def test_server_crash_resumes_round_count(deployment):
+    assert deployment["rounds_before_crash"] == (2, [1, 2])
+    server2 = deployment["procs"].log("server2")
+    assert re.search(r"stopped run\(s\) \d+ left unfinished", server2)  # the crashed run is closed
+    flower_log = (deployment["out"] / "flower.log").read_text()
+    assert "resuming" in flower_log and "after round 2 of 3" in flower_log
+    assert "Number of rounds: 1" in flower_log  # the resumed ServerApp runs round 3 only
+    metrics = pd.read_csv(deployment["out"] / "metrics.csv")
+    assert metrics["round"].tolist() == [0, 1, 2, 3]  # history kept, counter continued, nothing redone
+    train = train_rows(deployment)
+    assert train.groupby(["round", "site"]).size().max() == 1
+    ckpts = sorted(p.name for p in (deployment["out"] / "checkpoints").glob("round_*.pt"))
+    assert ckpts == ["round_001.pt", "round_002.pt", "round_003.pt"]
+
+
+def test_epsilon_never_decreases(deployment):
+    train = train_rows(deployment)
+    ok = train[train["status"] == "ok"].sort_values("round")
+    for site in SITES:
+        rows = ok[ok["site"] == site]
+        eps = rows["epsilon"].tolist()
+        assert all(b > a for a, b in zip(eps, eps[1:])), (site, eps)
+        # what a site had spent before a round is at least what it had after the previous one
+        assert all(before >= prev - 1e-9 for prev, before in zip(eps, rows["epsilon-before"].tolist()[1:]))
+        spent = max(d["epsilon"] for d in ledger_report(deployment["data"][site])["datasets"])
+        assert spent >= eps[-1] - 1e-9
+        assert spent < 10.0  # the default site budget was never passed
+    # the consortium's registry (kept across runs, in the consortium's state) holds each
+    # site's last epsilon, so a site coming back with a reset ledger would be refused
+    registry = json.loads((deployment["cons"] / "state" / "privacy_registry.json").read_text())
+    last = {r["site"]: r["epsilon"] for r in registry.values()}
+    assert last == pytest.approx({s: ok[ok["site"] == s]["epsilon"].iloc[-1] for s in SITES})
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_message_audit(deployment):
+    """Every message a site sent: model weights with the model's own keys and shapes, the
+    declared scalar metrics, the site's name and a dataset hash; nothing else."""
+    model = {k: list(v.shape) for k, v in build_model("cnn", 2).state_dict().items()}
+    train = train_rows(deployment)
+    for site in SITES:
+        manifest = pd.read_csv(deployment["data"][site] / "manifest.csv", dtype=str)
+        secrets = set(manifest["patient_id"]) | {Path(p).name for p in manifest["image_path"]}
+        entries = [json.loads(line) for line in (deployment["root"] / f"audit_{site}.jsonl").read_text().splitlines()]
+        assert entries, site
+        for entry in entries:
+            assert entry["message_type"] == "train"
+            assert "error" not in entry and "raised" not in entry, entry
+            assert set(entry["arrays"]) == {"arrays"}
+            assert {k: v["shape"] for k, v in entry["arrays"]["arrays"].items()} == model
+            assert set(entry["metrics"]) == {"metrics"}
+            metrics = entry["metrics"]["metrics"]
+            assert set(metrics) == TRAIN_METRICS
+            assert all(isinstance(v, (int, float)) for v in metrics.values())  # scalars, no per-record lists
+            assert set(entry["configs"]) == {"site", "privacy"}
+            assert entry["configs"]["site"] == {"name": site}
+            assert set(entry["configs"]["privacy"]) == {"fingerprint"}
+            assert re.fullmatch(r"[0-9a-f]{64}", entry["configs"]["privacy"]["fingerprint"])
+            for text in _strings({k: v for k, v in entry.items() if k not in ("message_type", "reply_to")}):
+                assert "/" not in text and str(deployment["root"]) not in text, text
+                assert text not in secrets, text
+        # every round the server recorded for this site is in the site's own log
+        audited = {e["server_round"] for e in entries}
+        recorded = set(train[(train["site"] == site) & (train["status"] == "ok")]["round"])
+        assert recorded <= audited, (site, recorded, audited)

@@ -1,0 +1,304 @@
+"""The path-specific penalty (fairness/mitigation.py): its gradient, its per-sample and per-site decompositions (DP-SGD,
+federation), the lambda = 0 no-op, its wiring into the client, and its effect on a marker-shortcut toy, measured
+against counterfactual re-renders."""
+
+import importlib.util
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus import GradSampleModule
+from torch import nn
+
+from client.app import statistics as statistics_handler
+from client.app import train as train_handler
+from client.dp import plan_dp, train_dp
+from client.ledger import PrivacyLedger
+from core_models.meta_loader import make_meta_loader
+from core_models.networks import SmallCNN, build_model
+from core_models.training import make_loader, train_epochs
+from fairness.mitigation import (
+    DensityRatio,
+    PathSpecificPenalty,
+    ScoreShiftCorrection,
+    batch_pse,
+    consortium_pse,
+    penalty_term,
+    positive_score,
+    site_release_vectors,
+)
+from simulations.generator import generate_consortium
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+torch.set_num_threads(1)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_mitigation", ROOT / "benchmarks" / "bench_mitigation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# counts (a, s): a0 = 90 modern / 10 legacy, a1 = 10 / 90 -> r(legacy) = 0.9/0.1 = 9, r(modern) = 0.1/0.9 = 1/9,
+# E[r | a0] = 0.9/9 + 0.1*9 = 1 (no renormalisation), P(a0) = 0.5
+KNOWN = np.array([[90.0, 10.0], [10.0, 90.0]])
+
+
+def test_density_ratio_and_penalty_gradient_known_answer():
+    w = DensityRatio.from_counts(KNOWN, prior=0.0)
+    assert w.ratio == pytest.approx([1 / 9, 9.0])
+    assert w.p0 == 0.5
+    a = np.array([0, 0, 0, 1])
+    s = np.array([1, 0, 0, 1])
+    h = w.h(a, s)
+    assert h == pytest.approx([16.0, -16 / 9, -16 / 9, 0.0])  # (r - 1)/p0 in a0, 0 in a1
+    scores = torch.tensor([0.8, 0.3, 0.5, 0.9], dtype=torch.float64, requires_grad=True)
+    ht = torch.tensor(h)
+    assert float(batch_pse(scores.detach(), ht)) == pytest.approx((16 * 0.8 - 16 / 9 * 0.8) / 4)
+    lam, running = 3.0, 0.2
+    penalty_term(scores, ht, running, lam).backward()
+    # d/d score_i = 2 * lam * running * h_i / B: down on the legacy a0 row, up on the modern a0 rows, a1 untouched
+    assert scores.grad.numpy() == pytest.approx(2 * lam * running * h / 4)
+    assert scores.grad[0] > 0 > scores.grad[1] and scores.grad[3] == 0
+    # with the running PSE negative the push reverses
+    scores.grad = None
+    penalty_term(scores, ht, -0.2, lam).backward()
+    assert scores.grad[0] < 0
+
+
+def test_penalty_gradient_matches_finite_differences_of_lambda_pse_squared():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 2).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    a = np.array([0, 1] * 6)
+    s = np.array([1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1, 1])
+    h = torch.tensor(DensityRatio.from_counts(KNOWN).h(a, s))
+    lam = 2.5
+
+    def big_f() -> float:  # lam * PSE(theta)^2 on this batch
+        with torch.no_grad():
+            return lam * float(batch_pse(positive_score(model(x)), h)) ** 2
+
+    with torch.no_grad():
+        pse_now = float(batch_pse(positive_score(model(x)), h))
+    model.zero_grad()
+    penalty_term(positive_score(model(x)), h, pse_now, lam).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    eps = 1e-6
+    for p, g in zip(model.parameters(), grads):
+        for idx in [(0, 0), (1, 3)] if p.dim() == 2 else [(0,), (1,)]:
+            old = p.data[idx].item()
+            p.data[idx] = old + eps
+            up = big_f()
+            p.data[idx] = old - eps
+            down = big_f()
+            p.data[idx] = old
+            assert g[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-10)
+    assert any(float(g.abs().max()) > 1e-4 for g in grads)
+
+
+def test_federated_penalty_equals_pooled_penalty_two_sites():
+    rng = np.random.default_rng(1)
+    # two sites with very different A/S mixes (scanner ~ site), scores of a fixed model
+    sites = []
+    for n, p_a, p_s in [(40, 0.3, (0.05, 0.9)), (60, 0.7, (0.3, 0.6))]:
+        a = (rng.random(n) < p_a).astype(float)
+        s = (rng.random(n) < np.where(a == 1, p_s[1], p_s[0])).astype(float)
+        sites.append((np.stack([a, s, rng.normal(55, 10, n)], 1), rng.normal(size=(n, 4))))
+    meta_all = np.concatenate([m for m, _ in sites])
+    x_all = np.concatenate([x for _, x in sites])
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).double()
+    with torch.no_grad():
+        scores = [positive_score(model(torch.tensor(x))).numpy() for _, x in sites]
+    # the server's table and PSE from the sites' vectors == the pooled fit
+    released = [site_release_vectors(m, sc) for (m, _), sc in zip(sites, scores)]
+    weights, pse = consortium_pse([c for c, _ in released], [t for _, t in released])
+    pooled = DensityRatio.fit(meta_all[:, 0], meta_all[:, 1])
+    assert weights.ratio == pytest.approx(pooled.ratio)
+    assert weights.p0 == pytest.approx(pooled.p0)
+    assert pse == pytest.approx(pooled.pse(meta_all[:, 0], meta_all[:, 1], None, np.concatenate(scores)))
+    assert abs(pse) > 1e-3
+
+    def grad(meta, x):
+        model.zero_grad()
+        pen = PathSpecificPenalty(weights, lam=4.0, pse=pse)
+        h = torch.tensor(weights.h(meta[:, 0], meta[:, 1]))
+        penalty_term(positive_score(model(torch.tensor(x))), h, pen.running, pen.lam).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    n = [len(m) for m, _ in sites]
+    site_grads = [grad(m, x) for m, x in sites]
+    fed = [sum(nk / sum(n) * g[i] for nk, g in zip(n, site_grads)) for i in range(2)]  # FedAvg's weighting
+    pooled_grad = grad(meta_all, x_all)
+    for f, p in zip(fed, pooled_grad):
+        assert torch.allclose(f, p, rtol=1e-10, atol=1e-14)
+        assert float(p.abs().max()) > 1e-5
+
+
+def _toy_images(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, 32, 32)).astype(np.float32)
+    y = (rng.random(n) < 0.4).astype(np.int64)
+    a = (rng.random(n) < 0.5).astype(float)
+    s = (rng.random(n) < np.where(a == 1, 0.85, 0.1)).astype(float)
+    x[s == 1, 0, 1:4, 1:4] = 1.0  # the corner marker
+    return x, y, np.stack([a, s, np.zeros(n)], 1)
+
+
+def test_lambda_zero_is_bit_identical_to_unmitigated_training():
+    x, y, meta = _toy_images()
+    weights = DensityRatio.fit(meta[:, 0], meta[:, 1])
+    states = []
+    for penalty in (None, PathSpecificPenalty(weights, lam=0.0), PathSpecificPenalty(weights, lam=5.0, pse=0.1)):
+        torch.manual_seed(3)
+        model = SmallCNN()
+        loader = (make_loader(x, y, 16, shuffle=True, seed=3) if penalty is None
+                  else make_meta_loader(x, y, meta, 16, shuffle=True, seed=3))
+        train_epochs(model, loader, epochs=2, optimizer="adam", lr=0.002, device=torch.device("cpu"),
+                     penalty_fn=penalty)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])  # lam > 0 does change training
+
+
+def test_penalty_is_a_per_sample_loss_under_opacus(tmp_path):
+    """Opacus' per-sample gradients of CE + penalty average to the batch gradient (so clipping bounds each
+    patient), and DP-SGD training with the penalty runs its planned steps, charged to the ledger."""
+    x, y, meta = _toy_images(32)
+    weights = DensityRatio.fit(meta[:, 0], meta[:, 1])
+    pen = PathSpecificPenalty(weights, lam=10.0, pse=0.15)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    xb, yb, mb = torch.tensor(x), torch.tensor(y), torch.tensor(meta, dtype=torch.float32)
+
+    def objective(m):
+        logits = m(xb)
+        return nn.functional.cross_entropy(logits, yb) + pen(logits, yb, mb)
+
+    objective(model).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    gsm = GradSampleModule(SmallCNN(), loss_reduction="mean")
+    gsm._module.load_state_dict(model.state_dict())
+    objective(gsm).backward()
+    for p, g in zip(gsm._module.parameters(), full):
+        assert torch.allclose(p.grad_sample.mean(0), g, rtol=1e-4, atol=1e-6)
+    # without the penalty the gradients differ: the check above saw the penalty's part
+    model.zero_grad()
+    nn.functional.cross_entropy(model(xb), yb).backward()
+    assert max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), full)) > 1e-4
+
+    (tmp_path / "s").mkdir()
+    ledger = PrivacyLedger.open(tmp_path / "s", delta=1e-5, max_epsilon=100, fingerprint="toy")
+    plan = plan_dp(len(y), 16, 1, 3, 8.0, 1e-5)
+    stats = train_dp(SmallCNN(), x, y, plan, ledger, batch_size=16, physical_batch_size=8, max_grad_norm=1.0,
+                     meta=meta, penalty_fn=PathSpecificPenalty(weights, lam=10.0, pse=0.15))
+    assert stats["steps"] == plan.steps_per_round
+    assert ledger.epsilon() > 0
+
+
+def test_score_shift_correction_removes_a_known_shift():
+    rng = np.random.default_rng(0)
+    n = 4000
+    a = (rng.random(n) < 0.5).astype(int)
+    s = (rng.random(n) < np.where(a == 1, 0.8, 0.1)).astype(int)
+    d = (rng.random(n) < np.where(a == 1, 0.45, 0.3)).astype(int)
+    z = -1 + 2.0 * d + 0.7 * s + rng.normal(0, 0.5, n)
+    post = ScoreShiftCorrection().fit(1 / (1 + np.exp(-z)), a, s, d)
+    assert post.delta[1] == pytest.approx(0.7, abs=0.06)
+    corrected = post.transform(1 / (1 + np.exp(-z)), s)
+    zc = np.log(corrected / (1 - corrected))
+    assert abs(zc[s == 1].mean() - zc[s == 0].mean() - 2.0 * (d[s == 1].mean() - d[s == 0].mean())) < 0.08
+
+
+# ---------------------------------------------------------------------------------- client wiring
+
+SCENARIO = """
+name = "mitigation-client"
+seed = 11
+image_size = 32
+[defaults]
+n = 60
+marker = true
+p_s_a0 = 0.1
+p_s_a1 = 0.9
+[[sites]]
+name = "east"
+[[sites]]
+name = "west"
+"""
+
+
+@pytest.fixture
+def task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_path, task_identity):
+    (tmp_path / "s.toml").write_text(SCENARIO)
+    east, west = generate_consortium(tmp_path / "s.toml", tmp_path / "data")
+    torch.manual_seed(0)
+    start = build_model("cnn").state_dict()
+    broadcast = {"fair-pse": 0.2, **DensityRatio.from_counts(KNOWN).to_config()}
+
+    def run(lam, extra):
+        ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(east)}, state=RecordDict(),
+                      run_config={**RUN_CONFIG, "image-size": 32, "local-epochs": 1, "fair-lambda": lam})
+        msg = Message(content=RecordDict({"arrays": ArrayRecord(start),
+                                          "config": ConfigRecord({"server-round": 2, **extra})}),
+                      dst_node_id=7, message_type="train")
+        return train_handler(msg, ctx).content["arrays"].to_torch_state_dict()
+
+    plain = run(0.0, {})
+    off = run(0.0, broadcast)  # fair-lambda = 0 (the default): the broadcast is ignored
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
+    on = run(20.0, broadcast)
+    assert any(not torch.equal(plain[k], on[k]) for k in plain)
+    first_round = run(20.0, {})  # nothing broadcast yet (round 1): unpenalised
+    assert all(torch.equal(plain[k], first_round[k]) for k in plain)
+
+    # the statistics query: noised counts (2 groups x 2 scanner levels) and a0 score sums, charged to the ledger
+    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(west)}, state=RecordDict(),
+                  run_config={**RUN_CONFIG, "image-size": 32, "release-noise": 1.0, "release-min-count": 0})
+    query = Message(content=RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(
+        {"statistics": "fair-pse", "server-round": 1, "seed": 0, "fair-mediator-levels": 2})}),
+        dst_node_id=7, message_type="query")
+    reply = statistics_handler(query, ctx).content
+    rec = reply["fair-pse"]
+    assert len(rec["counts"]) == 4 and len(rec["sums"]) == 2
+    n_train = 0.6 * 60
+    assert abs(sum(rec["counts"]) - n_train) < 30  # 4 cells, noise std 1 each; the split is ~60 % train
+    assert reply["metrics"]["epsilon"] > reply["metrics"]["epsilon-before"]
+    # later rounds: the server already holds the counts and asks only for the score sums
+    query = Message(content=RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(
+        {"statistics": "fair-pse", "server-round": 2, "seed": 0, "fair-counts": False})}),
+        dst_node_id=7, message_type="query")
+    assert set(statistics_handler(query, ctx).content["fair-pse"].keys()) == {"sums"}
+
+
+# ---------------------------------------------------------------------------------- effect on the toy
+
+def test_penalty_removes_social_effect_and_keeps_permissible_on_marker_toy():
+    """Centralised, fixed seed, small version of benchmarks/bench_mitigation.py: the true (counterfactual) social
+    PSE falls, most of the true permissible PSE stays, and the weighting estimate tracks the truth."""
+    b = _bench()
+    data = b.load_data(n_holdout=600, seed=0)
+    base, _ = b.train_cnn(data, epochs=10, seed=0)
+    pen, _ = b.train_cnn(data, epochs=10, seed=0, lam=10.0)
+    r0 = b.evaluate(lambda x, s, a: b.cnn_scores(base, x), data)
+    r1 = b.evaluate(lambda x, s, a: b.cnn_scores(pen, x), data)
+    print("unmitigated", r0, "\npenalised", r1)
+    assert r0["true_social_pse"] > 0.04  # the shortcut is used
+    assert abs(r0["est_social_pse"] - r0["true_social_pse"]) < 0.04  # 300 reference-group rows
+    assert r1["true_social_pse"] < 0.7 * r0["true_social_pse"]
+    assert r1["true_permissible_pse"] > 0.75 * r0["true_permissible_pse"]
+    assert r1["auroc"] > r0["auroc"] - 0.05
