@@ -10,7 +10,7 @@ of the model's log-odds on the sites' holdouts, their confusion counts and their
 * correction (Saerens et al. 2002): p'(y | x) is proportional to p(y | x) * prior_new(y) / prior_train(y), where
   prior_train is the consortium's label mix, the prior the global model learnt. It assumes the model's
   probabilities are calibrated at that prior; a CNN trained to near-separation is overconfident, and then the
-  correction gains little or loses (see tests/test_shift.py and benchmarks/RESULTS_shift.md).
+  correction gains little or loses (see tests/test_shift.py and benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
