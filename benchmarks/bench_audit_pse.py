@@ -16,7 +16,7 @@ the population truth from 400k patients), rejection rate of PSE = 0 at 0.05. Tar
 coverage in [0.90, 0.98], rejection <= 0.05 when there is no social effect. Timing: run_audit on 100k rows with
 200 bootstrap replicates (target <= 30 s).
 
-    nice .venv/bin/python benchmarks/bench_audit_pse.py --out benchmarks/RESULTS_audit.md
+    nice .venv/bin/python benchmarks/bench_audit_pse.py --out /tmp/audit.md   (a markdown table; recorded in benchmarks/RESULTS.md)
 """
 
 from __future__ import annotations

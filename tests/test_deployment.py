@@ -4,11 +4,13 @@ processes started and killed by PID here. One scenario, in this order:
 
 1. set-up makes a CA, the server certificate and 3 hospital key pairs and registers the keys;
    a 4th key pair (a stranger) is made but never registered;
-2. the server starts a 3-round DP run; the 3 hospitals connect; the stranger is refused;
+2. the 3 hospitals and the stranger start first and back off (no server yet); the server
+   starts a 3-round DP run; the hospitals connect; the stranger is refused;
 3. in round 2 (while it trains) site_c's client is killed: round 2 completes with the
    other two, site_c is restarted at once;
 4. as soon as round 2 is checkpointed the whole server (command, SuperLink, ServerApp) is
-   SIGKILLed and restarted with --resume: round 3 runs with all three sites.
+   SIGKILLed and restarted with --resume: round 3 runs with all three sites;
+5. a run whose ServerApp fails makes `equifed-server start` exit 1.
 
 Each test below checks one part of the outcome. Runs alone with
 `pytest -q tests/test_deployment.py` (or `-m deployment`).
@@ -161,7 +163,6 @@ def deployment(tmp_path_factory):
         server_args = ["server.cli", "start", "--dir", str(cons), "--out", str(out), "--host", "127.0.0.1",
                        "--port", str(port), "--rounds", str(ROUNDS), "--min-sites", "2", "--connect-timeout", "120",
                        "--timeout", "600", *[a for c in RUN_CONFIG for a in ("-c", c)]]
-        server = procs.start("server1", server_args)
 
         def client_args(site: str, data_dir: Path, key: Path, *extra: str) -> list[str]:
             return ["client.cli", "start", "--site", site, "--data", str(data_dir), "--server",
@@ -171,13 +172,16 @@ def deployment(tmp_path_factory):
         clients = {s: procs.start(f"client_{s}", client_args(s, facts["data"][s], cons / "sites" / s / f"{s}.key"))
                    for s in SITES}
         stranger = procs.start("stranger", client_args("stranger", stranger_data, stranger_key,
-                                                       "--auth-retries", "0", "--max-wait", "120"))
+                                                       "--auth-retries", "0", "--max-wait", "300"))
+        # the hospitals are up before the server: they back off and retry until it listens
+        wait_for(lambda: "unreachable" in procs.log("client_site_a"), 120, "site_a to find no server")
+        server = procs.start("server1", server_args)
         facts["stranger_rc"] = stranger.wait(timeout=180)
         facts["tls"] = tls_checks(port, cons / "ca.crt")
 
         # round 2 is under way at site_c: kill its client (the hospital goes away), then bring it back
         ckpt = out / "checkpoints"
-        wait_for(lambda: (ckpt / "round_001.pt").exists(), 240, "round 1")
+        wait_for(lambda: (ckpt / "round_001.pt").exists(), 400, "round 1")
         since = (ckpt / "round_001.pt").stat().st_mtime
         wait_for(lambda: clientapp_started_after(clients["site_c"], since), 90, "site_c training in round 2")
         clients["site_c"].send_signal(signal.SIGTERM)
@@ -187,14 +191,20 @@ def deployment(tmp_path_factory):
                                                     cons / "sites" / "site_c" / "site_c.key"))
 
         # the server machine dies right after round 2: SIGKILL to the command and all it started
-        wait_for(lambda: (ckpt / "round_002.pt").exists(), 240, "round 2")
+        wait_for(lambda: (ckpt / "round_002.pt").exists(), 400, "round 2")
         kill_tree(server.pid, hard=True)
         server.wait()
         # what a resume starts from (per_site.csv may be half-written: the crash can hit anywhere)
         history = torch.load(ckpt / "latest.pt", weights_only=False)
         facts["rounds_before_crash"] = (history["round"], sorted({r["round"] for r in history["history"]["sites"]}))
         server = procs.start("server2", server_args + ["--resume"])
-        facts["server2_rc"] = server.wait(timeout=300)
+        facts["server2_rc"] = server.wait(timeout=400)
+
+        # a run that fails (the ServerApp raises at once): the command must say so and exit 1
+        failing = procs.start("server3", ["server.cli", "start", "--dir", str(cons), "--out", str(root / "failing"),
+                                          "--host", "127.0.0.1", "--port", str(port), "--rounds", "1",
+                                          "--wait-for-sites", "1", "-c", "model=vgg"])
+        facts["server3_rc"] = failing.wait(timeout=300)
 
         for site, proc in clients.items():
             proc.send_signal(signal.SIGTERM)
@@ -238,7 +248,7 @@ def test_setup_and_tls(deployment):
     tls = deployment["tls"]
     assert tls["verified_with_ca"] is True
     assert tls["verified_without_ca"] is False  # nobody else vouches for the consortium's server
-    assert not tls["plain_http_reply"].startswith(b"HTTP/1.1 2")  # no unencrypted service on the port
+    assert not tls["plain_http_reply"].startswith(b"HTTP")  # no unencrypted service on the port
 
 
 def test_unregistered_supernode_is_refused(deployment):
@@ -265,6 +275,22 @@ def test_three_sites_complete_the_run(deployment):
         assert "images   40 usable" in deployment["procs"].log(f"client_{site}")
         assert deployment[f"{site}_rc"] == 0  # SIGTERM stops a client cleanly
     assert deployment["leftovers"] == []
+
+
+def test_clients_retry_until_the_server_is_back(deployment):
+    procs = deployment["procs"]
+    log_a = procs.log("client_site_a")
+    # started before the server: the client backed off, then connected
+    assert log_a.index("unreachable") < log_a.index("connecting to")
+    # the server crash did not need the hospital: the same SuperNode reconnected by itself
+    assert log_a.count("connecting to") == 1
+    assert "Connection attempt failed, retrying" in log_a
+
+
+def test_failed_run_exits_non_zero(deployment):
+    assert deployment["server3_rc"] == 1
+    assert re.search(r"run \d+ FAILED \(finished:failed", deployment["procs"].log("server3"))
+    assert not (deployment["root"] / "failing" / "summary.json").exists()
 
 
 def test_dropout_in_round_2_and_rejoin(deployment):

@@ -34,7 +34,7 @@ def predictions(site: SiteSpec, n: int, seed: int) -> tuple[pd.DataFrame, dict[s
 def audited():
     frame, truth = predictions(SiteSpec(name="r", p_s_a0=0.2, p_s_a1=0.6), 3000, seed=21)
     audit = run_audit(frame, load_graph_spec("synthetic"), n_boot=100, seed=0, placebo=True, dowhy=True,
-                      dowhy_kwargs={"max_rows": 2000, "max_rows_independence": 300, "num_simulations": 10},
+                      dowhy_kwargs={"max_rows": 1500, "max_rows_independence": 300, "num_simulations": 8},
                       site_column="site")
     return frame, truth, audit
 
@@ -43,7 +43,7 @@ def test_dowhy_total_effect_refuters_and_independence_tests(audited):
     _frame, truth, audit = audited
     dw = audit["robustness"]["dowhy"]
     te = dw["total_effect"]
-    assert te["status"] == "ok" and te["backdoor_variables"] == [] and te["n_rows"] == 2000
+    assert te["status"] == "ok" and te["backdoor_variables"] == [] and te["n_rows"] == 1500
     assert te["estimate"] == pytest.approx(truth["total"], abs=0.03)
     refuters = {r["refuter"]: r for r in te["refuters"]}
     assert abs(refuters["placebo (permuted A)"]["new_effect"]) < 0.02
