@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# A fresh synthetic consortium each time: its sites' privacy ledgers live in runs/demo/data and
+# a second run on the same data would find its release budget already spent (as it should).
 demo: $(STAMP)
-	$(BIN)/equifed-simulate simulations/scenarios/default.toml --out runs/demo
+	rm -rf runs/demo
+	$(BIN)/equifed-simulate simulations/scenarios/default.toml --out runs/demo -c statistics=shift,fairness
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -142,11 +142,43 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(summary_path.read_text())
     print(
         f"equifed: done in {time.time() - t0:.0f}s; holdout AUROC "
-        f"{summary.get('initial_holdout_auroc')} -> {summary.get('final_holdout_auroc')}; "
+        f"{_fmt(summary.get('initial_holdout_auroc'))} -> {_fmt(summary.get('final_holdout_auroc'))}; "
         f"{n_rejected} rejected image(s); results in {out}",
         flush=True,
     )
+    print_findings(out)
     return 0
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def print_findings(out: Path) -> None:
+    """The last round's shift verdicts, the audit's verdict and each site's privacy spend, when the run made them."""
+    shift = out / "shift.csv"
+    if shift.exists():
+        table = pd.read_csv(shift)
+        last = table[table["round"] == table["round"].max()]
+        verdicts = ", ".join(f"{r.site}: {r.shift}" for r in last.itertuples() if isinstance(r.shift, str))
+        print(f"equifed: dataset shift (round {int(last['round'].iloc[0])}, each site vs the rest): {verdicts}; "
+              f"see {shift.name}, shift.png", flush=True)
+    audit = out / "fairness_audit.json"
+    if audit.exists():
+        verdict = json.loads(audit.read_text()).get("verdict", {})
+        print(f"equifed: fairness audit: {verdict.get('text', 'no verdict')} See {out / 'fairness_audit.html'}",
+              flush=True)
+    per_site = out / "per_site.csv"
+    if per_site.exists():
+        rows = pd.read_csv(per_site)
+        if "epsilon" in rows.columns and rows["epsilon"].notna().any():
+            ledger = rows[rows["epsilon"] < float("inf")].groupby("site")["epsilon"].max()
+            no_dp = rows["phase"].eq("train") & rows["epsilon"].eq(float("inf"))
+            if len(ledger):
+                print("equifed: epsilon on each site's ledger (delta from run config): "
+                      + ", ".join(f"{site} {eps:.2f}" for site, eps in ledger.items())
+                      + ("; training ran without DP, so the model weights carry no epsilon guarantee" if no_dp.any()
+                         else ""), flush=True)
 
 
 if __name__ == "__main__":
