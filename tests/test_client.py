@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import SiteError, evaluate_global, train
 from client.site import resolve_site_path
@@ -29,13 +28,7 @@ name = "delta"
 """
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower's runtime sets who is sending before any Message is built; so do we."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from opacus import GradSampleModule
 from torch import nn
 
@@ -233,14 +232,6 @@ name = "east"
 [[sites]]
 name = "west"
 """
-
-
-@pytest.fixture
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_path, task_identity):

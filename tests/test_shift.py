@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import statistics
 from client.cli import main as client_cli
@@ -31,12 +30,7 @@ SETTINGS = {"stats-rff-dim": 32, "stats-feature-clip": 20.0, "stats-rff-bandwidt
             "manufacturers": ["GE", "Siemens"]}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _images(spec: SiteSpec, n: int, seed: int = 5):

@@ -5,7 +5,6 @@ site's budget is spent."""
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import BUDGET_EXHAUSTED, statistics
 from client.ledger import PrivacyLedger, dataset_fingerprint
@@ -13,12 +12,7 @@ from client.statistics import PRODUCERS, Releaser, producer
 from tests.test_client import _context, consortium  # noqa: F401  (shared fixture)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
