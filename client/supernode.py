@@ -105,10 +105,12 @@ def probe_server(address: str, ca: Path, timeout: float = 5.0) -> None:
             pass
 
 
-def wait_for_server(address: str, ca: Path, max_wait: float, say=print) -> bool:
-    """Back-off (1 s doubling to 30 s) until the server answers a TLS handshake."""
+def wait_for_server(address: str, ca: Path, max_wait: float, stop: threading.Event | None = None) -> bool:
+    """Back-off (1 s doubling to 30 s) until the server answers a TLS handshake; False when
+    `max_wait` passes or `stop` is set first."""
+    stop = stop or threading.Event()
     delay, deadline = 1.0, time.time() + max_wait
-    while True:
+    while not stop.is_set():
         try:
             probe_server(address, ca)
             return True
@@ -117,9 +119,11 @@ def wait_for_server(address: str, ca: Path, max_wait: float, say=print) -> bool:
         except OSError as err:
             if time.time() + delay > deadline:
                 return False
-            say(f"server {address} unreachable ({err.__class__.__name__}: {err}); retrying in {delay:.0f}s")
-            time.sleep(delay)
+            print(f"server {address} unreachable ({err.__class__.__name__}: {err}); retrying in {delay:.0f}s",
+                  flush=True)
+            stop.wait(delay)
             delay = min(delay * 2, 30.0)
+    return False
 
 
 def _toml_value(value) -> str:
@@ -222,7 +226,9 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
     delay, refusals, deadline = 2.0, 0, time.time() + max_wait
     while not stopping.is_set():
         try:
-            if not wait_for_server(server, ca, max(deadline - time.time(), 0)):
+            if not wait_for_server(server, ca, max(deadline - time.time(), 0), stopping):
+                if stopping.is_set():
+                    break
                 print(f"error: server {server} unreachable for {max_wait:.0f}s; giving up", file=sys.stderr)
                 return EXIT_UNREACHABLE
         except ssl.SSLCertVerificationError as err:
@@ -231,8 +237,11 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
             return EXIT_UNREACHABLE
         print(f"site {site}: connecting to {server} (TLS, key {Path(key).name})", flush=True)
         node = SuperNodeProcess(command, log_file, env=_env(flwr_home))
+        started = time.time()
         while node.alive() and not stopping.is_set():
             time.sleep(0.5)
+        if time.time() - started > 60:  # it was connected: a later outage gets the full patience again
+            delay, deadline = 2.0, time.time() + max_wait
         if stopping.is_set():
             node.stop()
             print(f"site {site}: stopped", flush=True)
@@ -254,4 +263,5 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
             return EXIT_UNREACHABLE
         stopping.wait(delay)
         delay = min(delay * 2, 60.0)
+    print(f"site {site}: stopped", flush=True)
     return 0

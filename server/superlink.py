@@ -61,8 +61,8 @@ class LocalSuperLink:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on a plain connection)")
         self.host = host
         self.port = port or free_port()
-        dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.address = f"{dial}:{self.port}"
+        self.dial_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where our `flwr` calls go
+        self.address = f"{self.dial_host}:{self.port}"
         self.home = Path(home) if home else Path(tempfile.mkdtemp(prefix="equifed-flwr-home-"))
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_path) if log_path else self.home / "superlink.log"
@@ -118,7 +118,7 @@ class LocalSuperLink:
             if self.process.poll() is not None:
                 raise RuntimeError(f"SuperLink exited at start (code {self.process.returncode}); see {self.log_path}")
             try:
-                with socket.create_connection(self.address.rsplit(":", 1), timeout=0.5):
+                with socket.create_connection((self.dial_host, self.port), timeout=0.5):
                     return
             except OSError:
                 time.sleep(0.3)

@@ -382,3 +382,42 @@ def test_message_audit(deployment):
         audited = {e["server_round"] for e in entries}
         recorded = set(train[(train["site"] == site) & (train["status"] == "ok")]["round"])
         assert recorded <= audited, (site, recorded, audited)
+
+
+# --- quick checks of the commands' own refusals (no Flower process needed) -------------------------
+
+
+def test_client_refuses_a_broken_data_folder_before_connecting(tmp_path, capsys):
+    from client.cli import main as client_main
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "manifest.csv").write_text("patient_id,image_path,label\np1,missing.dcm,1\n")
+    keys = create_site_keys(tmp_path / "keys", "x")
+    code = client_main(["start", "--site", "x", "--data", str(tmp_path / "site"), "--server", "127.0.0.1:1",
+                        "--ca", str(keys[1]), "--key", str(keys[0]), "--max-wait", "0"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert "site x not started" in err.err and "no usable images" in err.err
+    assert "connecting to" not in err.out  # it never tried the server
+
+
+def test_setup_keeps_keys_and_start_protects_an_existing_run(tmp_path, capsys):
+    from server.cli import main as server_main
+
+    cons = tmp_path / "cons"
+    assert server_main(["setup", "--dir", str(cons), "--site", "a", "--no-register"]) == 0
+    index = json.loads((cons / "consortium.json").read_text())
+    ca_before = (cons / "ca.crt").read_bytes()
+    assert server_main(["setup", "--dir", str(cons), "--site", "a", "--site", "b", "--no-register"]) == 0
+    again = json.loads((cons / "consortium.json").read_text())
+    assert again["sites"]["a"] == index["sites"]["a"]  # same key: the hospital's copy stays valid
+    assert sorted(again["sites"]) == ["a", "b"]
+    assert (cons / "ca.crt").read_bytes() == ca_before
+    assert server_main(["setup", "--dir", str(cons), "--site", "../evil", "--no-register"]) == 2
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest.pt").write_bytes(b"x")
+    capsys.readouterr()
+    assert server_main(["start", "--dir", str(cons), "--out", str(out), "--port", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
