@@ -14,33 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 import pandas as pd
 
 from server.deploy import ConsortiumError, deployment_superlink, load_index, setup_consortium, sync_allow_list
-
-APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml (the Flower app)
-
-
-def app_snapshot(dest: Path) -> Path:
-    """A copy of the Flower app (pyproject.toml and the packages it installs) to build the FAB
-    from: the FAB holds only the app, and files changed in the working tree meanwhile (a
-    notebook, a benchmark) cannot break or bloat the build."""
-    with open(APP_DIR / "pyproject.toml", "rb") as fh:
-        patterns = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(APP_DIR / "pyproject.toml", dest / "pyproject.toml")
-    for package in sorted({p.rstrip("*").rstrip(".") for p in patterns}):
-        shutil.copytree(APP_DIR / package, dest / package, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
-    return dest
-
+from server.superlink import app_snapshot
 
 def _parse_overrides(items: list[str]) -> dict:
     from simulations.run import _parse_overrides as parse

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,23 @@ class TLSFiles:
     ca: Path
     cert: Path
     key: Path
+
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml (the Flower app)
+
+
+def app_snapshot(dest: Path) -> Path:
+    """A copy of the Flower app (pyproject.toml and the packages it installs) to build the FAB
+    from: the FAB holds only the app, and files changed in the working tree meanwhile (a
+    notebook, a benchmark) cannot break or bloat the build."""
+    with open(APP_DIR / "pyproject.toml", "rb") as fh:
+        patterns = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(APP_DIR / "pyproject.toml", dest / "pyproject.toml")
+    for package in sorted({p.rstrip("*").rstrip(".") for p in patterns}):
+        shutil.copytree(APP_DIR / package, dest / package, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+    return dest
 
 
 class LocalSuperLink:

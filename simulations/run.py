@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from server.superlink import LocalSuperLink
+from server.superlink import LocalSuperLink, app_snapshot
 from simulations.generator import generate_consortium
 from simulations.scenario import load_scenario
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.toml"
 
 
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         for stale in ("metrics.csv", "per_site.csv", "summary.json"):
             (out / stale).unlink(missing_ok=True)
     with LocalSuperLink(log_path=out / "superlink.log") as link:
-        run_id = link.submit(APP_DIR, run_config, federation)
+        with tempfile.TemporaryDirectory(prefix="equifed-app-") as tmp:  # edits to the tree cannot break the build
+            run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config, federation)
         print(f"equifed: run {run_id} started on SuperLink {link.address}", flush=True)
         printer = RoundPrinter(out)
         status = link.wait(run_id, timeout=args.timeout, on_poll=printer)
