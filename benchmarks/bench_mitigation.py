@@ -1,11 +1,13 @@
 """Removing the social-pathway effect, side by side, with the truth from counterfactual re-renders (issue 7).
 
-    nice .venv/bin/python benchmarks/bench_mitigation.py [--seeds 0] [--epochs 10] [--lams 3,10,30]
-        [--figure benchmarks/mitigation_gradcam.png]
+    nice .venv/bin/python benchmarks/bench_mitigation.py [--scenario simulations/scenarios/social_marker_32.toml]
+        [--seeds 0,1,2,3,4] [--epochs 10] [--lams 30,100] [--mode stratified-sd] [--lams-per-sample 10]
+        [--no-cam] [--markdown table.md] [--figure benchmarks/mitigation_gradcam.png]
 
-Data: simulations/scenarios/social_shortcut_32.toml (4 hospitals x 500 patients, 32 px, corner marker on legacy
-scanners, P(S=1|A) ~0.1 vs ~0.85, A -> D biological), rendered in memory with the generator; 80/20 train/val from
-the sites (pooled: centralised training), the scenario's 1000-patient holdout as the test set.
+Data: a 32 px scenario (default simulations/scenarios/social_shortcut_32.toml: 4 hospitals x 500 patients, corner
+marker AND blur/noise/contrast on legacy scanners; social_marker_32.toml: marker only; social_scanner_32.toml: scanner
+noise/blur/contrast only), rendered in memory with the generator; 80/20 train/val from the sites (pooled:
+centralised training), the scenario's 1000-patient holdout as the test set.
 
 Truth: for the test set's reference-group (A = a0) patients, every method scores (i) the factual render, (ii) the
 same patient rendered with S set to its value under a1 (same seeds: the social path switched), (iii) the same patient
@@ -15,15 +17,17 @@ permissible PSE = mean (iii) - (i). "est. social PSE" is the weighting estimate 
 Methods (same data, same seed, same network and schedule):
 * unmitigated; "drop A" (A is not an input of an image model: the same model; the A-probe AUROC on its embeddings
   shows the network recovers A from the image anyway);
-* path-specific penalty at several lambda (fairness/mitigation.py: 2*lam*PSE_running*PSE_batch, per-sample, running
-  PSE = bias-corrected moving average of earlier batches);
+* path-specific penalty at several lambda (fairness/mitigation.py: 2*lam*PSE_running*PSE_estimate, running PSE = a
+  bias-corrected moving average of earlier steps' estimates); the estimate is StratifiedPathPenalty's (``--mode
+  stratified-sd``: 32 reference-group rows from each (scanner, label) stratum per step, own forward pass) or the
+  per-sample minibatch form used under DP-SGD and in federation (``--lams-per-sample``);
 * post-processing: logit shift by S estimated within (A, D) strata on the validation set;
 * fairlearn ThresholdOptimizer (equalized odds) on the float64 scores, fitted on the validation set (expected
   decision = its randomised thresholds' probability);
 * fairlearn CorrelationRemover and ExponentiatedGradient (demographic parity) on the frozen penultimate embeddings
   of the unmitigated model, logistic head;
 * S-blind reference: the same network trained and scored on renders with the social mechanism off (S = 0 for all):
-  the best a model without the social path can do.
+  the best a model without the social path can do; and that network scored on the real renders (its own social PSE).
 
 Grad-CAM (MONAI) on test images that carry the marker: share of the class-1 CAM mass in the marker corner, for the
 unmitigated and the penalised model, with the parameter-randomisation check (Adebayo et al. 2018: rank correlation
@@ -49,7 +53,8 @@ from sklearn.metrics import roc_auc_score
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import SmallCNN
 from core_models.training import make_loader, train_epochs
-from fairness.mitigation import DensityRatio, PathSpecificPenalty, ScoreShiftCorrection, pct
+from fairness.mitigation import (DensityRatio, PathSpecificPenalty, ScoreShiftCorrection, StratifiedPathPenalty,
+                                 cell_index, pct)
 from simulations.generator import MAX_PIXEL, marker_mask, render, sample_holdout_truth, sample_truth, to_uint12
 from simulations.scenario import load_scenario
 
@@ -101,8 +106,12 @@ def load_data(scenario_path: Path = SCENARIO, n_per_site: int | None = None, n_h
 # ------------------------------------------------------------------------------------------------ models
 
 def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.ndarray | None = None,
-              lr: float = 0.002, batch_size: int = 32) -> tuple[SmallCNN, dict]:
-    """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty."""
+              lr: float = 0.002, batch_size: int = 32, mode: str = "stratified-sd",
+              per_cell: int = 32, ramp_steps: int = 0) -> tuple[SmallCNN, dict]:
+    """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
+    (StratifiedPathPenalty: per_cell reference-group rows from every scanner cell per step), "stratified-sd" (strata
+    by scanner and label) or "per-sample"
+    (PathSpecificPenalty on the training minibatch, the DP-SGD/federated form)."""
     torch.manual_seed(seed)
     model = SmallCNN()
     tr = data["train"]
@@ -110,7 +119,14 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
     info: dict = {}
     if lam > 0:
         weights = DensityRatio.fit(tr["meta"][:, 0], tr["meta"][:, 1])
-        penalty = PathSpecificPenalty(weights, lam=lam)
+        if mode in ("stratified", "stratified-sd"):
+            a0 = tr["meta"][:, 0] == 0
+            cells = cell_index(tr["meta"][a0, 1], None, (), 2)
+            strata = cells * 2 + tr["y"][a0] if mode == "stratified-sd" else cells
+            penalty = StratifiedPathPenalty(model, x[a0], strata, weights.ratio[cells], lam=lam, per_cell=per_cell,
+                                            seed=seed, ramp_steps=ramp_steps)
+        else:
+            penalty = PathSpecificPenalty(weights, lam=lam)
         loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"),
                      penalty_fn=penalty)
@@ -119,6 +135,50 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
         loader = make_loader(x, tr["y"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"))
     return model.eval(), info
+
+
+def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float, workdir: Path,
+                 release_noise: float = 5.0, batch_size: int = 64, optimizer: str = "sgd",
+                 lr: float = 0.1) -> tuple[SmallCNN, dict]:
+    """DP-SGD (client.dp.train_dp: Opacus, frozen stem, clip 1) for ``epochs`` one-epoch rounds planned to spend
+    ``epsilon``. With ``lam > 0``: the per-sample penalty (the only form that is a per-sample loss), its PSE factor
+    and density ratios re-estimated after every round from the site's released statistics (counts once,
+    reference-group score sums every round, Gaussian noise ``release_noise``), charged to the same ledger as the
+    DP-SGD steps, as a site does for the server; ``epsilon`` in the result is the ledger's total. SGD (momentum)
+    lr 0.1, logical batch 64: the DP settings benchmarks/RESULTS.md found best (Adam lr 0.002 does not learn here)."""
+    from client.dp import plan_dp, train_dp
+    from client.ledger import PrivacyLedger
+    from client.statistics import Releaser
+    from fairness.mitigation import consortium_pse, site_release_vectors
+
+    tr = data["train"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    ledger = PrivacyLedger.open(workdir, delta=1e-5, fingerprint=f"bench-{seed}-{lam}")
+    plan = plan_dp(len(tr["y"]), batch_size, 1, epochs, epsilon, 1e-5)
+    releaser = Releaser(ledger, noise_multiplier=release_noise, rng=np.random.default_rng(seed))
+    torch.manual_seed(seed)
+    state = SmallCNN().state_dict()
+    counts, penalty, pses = None, None, []
+    for r in range(epochs):
+        model = SmallCNN()
+        model.load_state_dict(state)  # a fresh module per round, as a client gets the global weights
+        train_dp(model, tr["x"], tr["y"], plan, ledger, batch_size=batch_size, physical_batch_size=64,
+                 max_grad_norm=1.0, optimizer=optimizer, lr=lr, seed=seed * 1000 + r, server_round=r + 1,
+                 meta=tr["meta"] if penalty else None, penalty_fn=penalty)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if lam > 0 and r + 1 < epochs:
+            model = SmallCNN()
+            model.load_state_dict(state)
+            c, s = site_release_vectors(tr["meta"], cnn_scores(model.eval(), tr["x"]))
+            if counts is None:
+                counts = np.asarray(releaser.release_counts("fair-pse-counts", c, 1.0))
+            sums = np.asarray(releaser.release("fair-pse-sums", s, 1.0))
+            weights, pse = consortium_pse([counts], [sums])
+            pses.append(pse)
+            penalty = PathSpecificPenalty(weights, lam=lam, pse=pse)
+    model = SmallCNN()
+    model.load_state_dict(state)
+    return model.eval(), {"epsilon": ledger.epsilon(), "released_pse_last": pses[-1] if pses else float("nan")}
 
 
 @torch.no_grad()
@@ -194,7 +254,9 @@ def gradcam_corner_share(model, x: np.ndarray, layer: str = "features.block2") -
 
 # ------------------------------------------------------------------------------------------------ run
 
-def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None) -> list[dict]:
+def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
+        per_cell: int = 32, lams_per_sample: tuple[float, ...] = (), cam: bool = True,
+        dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
 
@@ -203,6 +265,17 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
 
     base, _ = train_cnn(data, epochs, seed)
     add("unmitigated", lambda x, s, a: cnn_scores(base, x), seconds=round(time.perf_counter() - t0, 1))
+
+    if dp_eps > 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for lam in (0.0, dp_lam):
+                model, info = train_dp_cnn(data, epochs, seed, lam, dp_eps, Path(tmp) / f"l{lam:g}")
+                name = "DP-SGD unmitigated" if lam == 0 else f"DP-SGD + per-sample penalty lam={lam:g}"
+                add(f"{name} (eps target {dp_eps:g})", lambda x, s, a, m=model: cnn_scores(m, x), **info)
+        if dp_only:
+            return rows
 
     # "drop A": an image model never takes A as an input, so dropping it changes nothing; A is in the image
     emb_tr, emb_te = cnn_embed(base, data["train"]["x"]), cnn_embed(base, data["test"]["x"])
@@ -213,10 +286,15 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     penalised = {}
     for lam in lams:
         t = time.perf_counter()
-        model, info = train_cnn(data, epochs, seed, lam=lam)
+        model, info = train_cnn(data, epochs, seed, lam=lam, mode=mode, per_cell=per_cell, ramp_steps=ramp_steps)
         penalised[lam] = model
-        add(f"path-specific penalty lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
+        label = f"{mode}, ramp {ramp_steps}" if ramp_steps else mode
+        add(f"path-specific penalty ({label}) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
             seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"])
+    for lam in lams_per_sample:
+        model, info = train_cnn(data, epochs, seed, lam=lam, mode="per-sample")
+        add(f"path-specific penalty (per-sample) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
+            running_pse_last=info["running_pse_last"])
 
     va = data["val"]
     val_scores = cnn_scores(base, va["x"])
@@ -254,6 +332,11 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
                  "auroc": float(roc_auc_score(te["y"], p_blind)),
                  "worst_group_auroc": float(min(roc_auc_score(te["y"][te["meta"][:, 0] == g],
                                                               p_blind[te["meta"][:, 0] == g]) for g in (0, 1)))})
+    # the same lesion-only network scored on the real (socially affected) renders: its own social PSE is what the
+    # S -> X edge does to a model that never learnt the shortcut (an unseen marker, blur on the lesion)
+    add("S-blind network scored on real renders", lambda x, s, a: cnn_scores(blind, x))
+    if not cam:
+        return rows
 
     # Grad-CAM on test images that carry the marker
     marked = te["x"][te["meta"][:, 1] == 1][:200]
@@ -267,7 +350,7 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     if lam_cam is not None:
         maps1, share1 = gradcam_corner_share(penalised[lam_cam], marked)
         for r in rows:
-            if r["method"] == f"path-specific penalty lam={lam_cam:g}":
+            if r["method"].startswith(f"path-specific penalty ({mode}") and r["method"].endswith(f" lam={lam_cam:g}"):
                 r["cam_corner_share"] = share1
         if figure is not None:
             _figure(figure, marked, maps0, maps1, share0, share1, lam_cam)
@@ -315,14 +398,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lams", default="3,10,30")
     parser.add_argument("--figure", default=str(ROOT / "benchmarks" / "mitigation_gradcam.png"))
     parser.add_argument("--json", default="")
+    parser.add_argument("--scenario", default=str(SCENARIO))
+    parser.add_argument("--n-per-site", type=int, default=0, help="patients per site (0: the scenario's n)")
+    parser.add_argument("--mode", default="stratified-sd", choices=["stratified-sd", "stratified", "per-sample"])
+    parser.add_argument("--per-cell", type=int, default=32)
+    parser.add_argument("--ramp-steps", type=int, default=0, help="stratified penalty: lambda ramps up over N steps")
+    parser.add_argument("--lams-per-sample", default="", help="extra rows: the per-sample (DP/federated) form")
+    parser.add_argument("--no-cam", action="store_true")
+    parser.add_argument("--markdown", default="", help="write the seed-mean (sd) table here")
+    parser.add_argument("--dp-eps", type=float, default=0.0, help="add DP-SGD rows at this epsilon")
+    parser.add_argument("--dp-lam", type=float, default=10.0)
+    parser.add_argument("--dp-only", action="store_true", help="only the unmitigated and DP-SGD rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lams = [float(x) for x in args.lams.split(",") if x.strip()]
     rows = []
     t0 = time.perf_counter()
     for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-        data = load_data(seed=seed)
-        rows += run(data, seed, args.epochs, lams, Path(args.figure) if (args.figure and i == 0) else None)
+        data = load_data(Path(args.scenario), n_per_site=args.n_per_site or None, seed=seed)
+        rows += run(data, seed, args.epochs, lams, Path(args.figure) if (args.figure and i == 0) else None,
+                    mode=args.mode, per_cell=args.per_cell, cam=not args.no_cam, dp_eps=args.dp_eps,
+                    dp_lam=args.dp_lam, dp_only=args.dp_only, ramp_steps=args.ramp_steps,
+                    lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
             "social_removed_%", "permissible_kept_%", "cam_corner_share"]
@@ -334,6 +431,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"seeds {args.seeds}, epochs {args.epochs}, wall {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Seed means with the seed standard deviation in brackets; removed/kept are computed per seed against that
+    seed's unmitigated model, then averaged."""
+    df = pd.DataFrame(rows)
+    base = df[df["method"] == "unmitigated"].set_index("seed")
+    df["social_removed_%"] = 100 - 100 * df["true_social_pse"] / df["seed"].map(base["true_social_pse"])
+    df["permissible_kept_%"] = 100 * df["true_permissible_pse"] / df["seed"].map(base["true_permissible_pse"])
+    cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
+            "social_removed_%", "permissible_kept_%", "epsilon"]
+    out = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method, g in df.groupby("method", sort=False):
+        cells = []
+        for c in cols:
+            v = g[c].dropna() if c in g else pd.Series(dtype=float)
+            fmt = "{:.0f}" if c.endswith("%") else "{:+.3f}" if "pse" in c else "{:.3f}"
+            cells.append("" if v.empty else f"{fmt.format(v.mean())} ({fmt.format(v.std(ddof=1)).lstrip('+')})"
+                         if len(v) > 1 else fmt.format(v.mean()))
+        out.append(f"| {method} | {len(g)} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ earlier batches), and only ``∇PSE`` comes from the batch, as the unbiased per-
 normalisers (``P(a0)`` and the ratio table are global, not batch-level: a Hajek ratio inside the batch is biased and
 not per-sample). The returned term is ``2λ · PSE_running · PSE_batch``: its value is not meaningful, its gradient is.
 
+**Two estimates of ∇PSE.** :class:`PathSpecificPenalty` uses the training minibatch (a per-sample loss: DP-SGD and
+federation, where the factor is the server's broadcast). :class:`StratifiedPathPenalty` (centralised or one site)
+draws reference-group rows from every (S, C-bin, D) stratum in an extra forward pass: the same expectation with far
+less noise, which is what let the penalty remove the marker effect without flattening the lesion's
+(benchmarks/RESULTS.md, "Removing the social-pathway effect").
+
 **The weights** come from a table of counts of (A, S, C-bin) cells: summable across sites (released noised by each
 site), and exactly the Bayes-free form of the audit's ratio when C is binned (``c_edges``; none when the graph has no
 C -> S edge). Ratios are clipped at ``max_weight`` and renormalised so that ``E[r | a0] = 1`` under the table.
@@ -199,6 +205,75 @@ class PathSpecificPenalty:
             self._ema = self.momentum * self._ema + (1.0 - self.momentum) * est
             self._steps += 1
         return term
+
+
+@dataclass
+class StratifiedPathPenalty:
+    """The same penalty, ``2·λ·PSE_running·PSE_strat``, with a low-variance estimate for centralised (or one site's)
+    training, also a ``penalty_fn(logits, y, meta)`` hook (the training batch is not used).
+
+    Why: in the per-sample form a batch of 32 holds ~1-2 reference-group rows of the rare mediator level, each with
+    ``h ≈ +16``, so ``∇PSE_batch`` is mostly sampling noise (which patients, diseased or not, were drawn), and
+    following it shrinks every score difference, the lesion's included. Since
+    ``PSE = Σ_k w_k · E[ŷ | a0, stratum k]`` with ``w_k = p(k | a0) · (r_k - 1)`` for any strata that refine the
+    (S, C-bin) cells (``r_k`` is the cell's ratio), each step draws ``per_cell`` reference-group rows from EVERY
+    stratum of a pool (with replacement), scores them in an extra forward pass of ``model`` and uses the stratum
+    means: same expectation, every stratum always represented. Strata by (S, C-bin, label D) also take the lesion's
+    share of the score variance out of the gradient (post-stratification on D: exact whatever the S -> D edge, since
+    ``p(k | a0)`` is the observed frequency). ``PSE_running`` is a bias-corrected moving average of earlier steps'
+    (detached) estimates, never the current draw; ``ramp_steps`` grows λ linearly at the start (without it, large λ
+    can collapse the network: the lagging running value and the step feed back). Not a per-sample loss of the
+    training batch: not for DP-SGD.
+    """
+
+    model: torch.nn.Module
+    x_a0: np.ndarray  # images of the pool's reference-group rows
+    strata: np.ndarray  # their stratum id (refining the (S, C-bin) cell, e.g. cell * 2 + D)
+    ratio_rows: np.ndarray  # their cell's density ratio r (DensityRatio.ratio[cell_index(...)])
+    lam: float
+    per_cell: int = 32
+    momentum: float = 0.9
+    seed: int = 0
+    ramp_steps: int = 0  # λ grows linearly over the first ramp_steps steps (0: full λ from the start)
+    _ema: float = 0.0
+    _steps: int = 0
+    history: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._x = torch.as_tensor(np.asarray(self.x_a0), dtype=torch.float32)
+        strata, r = np.asarray(self.strata), np.asarray(self.ratio_rows, float)
+        present = np.unique(strata)
+        rk = np.array([r[strata == k][0] for k in present])
+        if any(np.ptp(r[strata == k]) > 0 for k in present):
+            raise ValueError("strata must refine the density-ratio cells (one ratio per stratum)")
+        freq = np.array([(strata == k).mean() for k in present])
+        self._members = [torch.as_tensor(np.flatnonzero(strata == k)) for k in present]
+        self.stratum_weights = freq * (rk - 1.0)
+        self._w = torch.as_tensor(self.stratum_weights, dtype=torch.float32)
+        self._gen = torch.Generator().manual_seed(int(self.seed))
+
+    @property
+    def running(self) -> float:
+        return self._ema / (1.0 - self.momentum ** self._steps) if self._steps else 0.0
+
+    def estimate(self) -> torch.Tensor:
+        """``Σ_k w_k · (mean score of per_cell rows drawn from stratum k)``, differentiable."""
+        idx = [m[torch.randint(len(m), (self.per_cell,), generator=self._gen)] for m in self._members]
+        device = next(self.model.parameters()).device
+        scores = positive_score(self.model(self._x[torch.cat(idx)].to(device)))
+        means = scores.view(len(idx), self.per_cell).mean(1)
+        return (self._w.to(device) * means).sum()
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+        if self.lam == 0:
+            return logits.sum() * 0.0
+        value = self.running
+        self.history.append(value)
+        est = self.estimate()
+        lam = self.lam * min(1.0, (self._steps + 1) / self.ramp_steps) if self.ramp_steps else self.lam
+        self._ema = self.momentum * self._ema + (1.0 - self.momentum) * float(est.detach())
+        self._steps += 1
+        return (2.0 * lam * value) * est
 
 
 def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", reference: Any = 0) -> np.ndarray:
