@@ -125,6 +125,11 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
             strata = cells * 2 + tr["y"][a0] if mode == "stratified-sd" else cells
             penalty = StratifiedPathPenalty(model, x[a0], strata, weights.ratio[cells], lam=lam, per_cell=per_cell,
                                             seed=seed, ramp_steps=ramp_steps)
+        elif mode == "pooled-sd":  # strata (S, D) over both groups, weights p(k | a0)
+            cells = cell_index(tr["meta"][:, 1], None, (), 2)
+            penalty = StratifiedPathPenalty(model, x, cells * 2 + tr["y"], weights.ratio[cells], lam=lam,
+                                            per_cell=per_cell, seed=seed, ramp_steps=ramp_steps,
+                                            reference=tr["meta"][:, 0] == 0)
         else:
             penalty = PathSpecificPenalty(weights, lam=lam)
         loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
@@ -169,7 +174,7 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
         if lam > 0 and r + 1 < epochs:
             model = SmallCNN()
             model.load_state_dict(state)
-            c, s = site_release_vectors(tr["meta"], cnn_scores(model.eval(), tr["x"]))
+            c, s = site_release_vectors(tr["meta"], cnn_scores(model.eval(), tr["x"]), tr["y"])
             if counts is None:
                 counts = np.asarray(releaser.release_counts("fair-pse-counts", c, 1.0))
             sums = np.asarray(releaser.release("fair-pse-sums", s, 1.0))
@@ -256,7 +261,8 @@ def gradcam_corner_share(model, x: np.ndarray, layer: str = "features.block2") -
 
 def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
         per_cell: int = 32, lams_per_sample: tuple[float, ...] = (), cam: bool = True,
-        dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0) -> list[dict]:
+        dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0,
+        penalty_epochs: int = 0) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
 
@@ -286,9 +292,12 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     penalised = {}
     for lam in lams:
         t = time.perf_counter()
-        model, info = train_cnn(data, epochs, seed, lam=lam, mode=mode, per_cell=per_cell, ramp_steps=ramp_steps)
+        model, info = train_cnn(data, penalty_epochs or epochs, seed, lam=lam, mode=mode, per_cell=per_cell,
+                                ramp_steps=ramp_steps)
         penalised[lam] = model
-        label = f"{mode}, ramp {ramp_steps}" if ramp_steps else mode
+        label = mode + (f", ramp {ramp_steps}" if ramp_steps else "") + (f", per-cell {per_cell}" if per_cell != 32
+                                                                           else "")
+        label += f", {penalty_epochs} epochs" if penalty_epochs else ""
         add(f"path-specific penalty ({label}) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
             seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"])
     for lam in lams_per_sample:
@@ -400,9 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--scenario", default=str(SCENARIO))
     parser.add_argument("--n-per-site", type=int, default=0, help="patients per site (0: the scenario's n)")
-    parser.add_argument("--mode", default="stratified-sd", choices=["stratified-sd", "stratified", "per-sample"])
+    parser.add_argument("--mode", default="stratified-sd", choices=["stratified-sd", "pooled-sd", "stratified", "per-sample"])
     parser.add_argument("--per-cell", type=int, default=32)
     parser.add_argument("--ramp-steps", type=int, default=0, help="stratified penalty: lambda ramps up over N steps")
+    parser.add_argument("--penalty-epochs", type=int, default=0, help="epochs of the penalised runs (0: --epochs)")
     parser.add_argument("--lams-per-sample", default="", help="extra rows: the per-sample (DP/federated) form")
     parser.add_argument("--no-cam", action="store_true")
     parser.add_argument("--markdown", default="", help="write the seed-mean (sd) table here")
@@ -419,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += run(data, seed, args.epochs, lams, Path(args.figure) if (args.figure and i == 0) else None,
                     mode=args.mode, per_cell=args.per_cell, cam=not args.no_cam, dp_eps=args.dp_eps,
                     dp_lam=args.dp_lam, dp_only=args.dp_only, ramp_steps=args.ramp_steps,
+                    penalty_epochs=args.penalty_epochs,
                     lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",

@@ -108,26 +108,33 @@ def _fair_meta(site: LocalSite, cfg, part: str = "train"):
                                  int(cfg.get("fair-reference", 0)))
 
 
-def _fair_penalty(msg: Message, cfg, site: LocalSite):
+def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int):
     """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has broadcast the
-    consortium's PSE and density-ratio table (from round 2 on); else (None, None)."""
+    consortium's strata, weights and PSE (from round 2 on); else (None, None). Under DP-SGD, or with
+    `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus clips it); otherwise
+    this site's share of the stratified estimate (extra draws from every stratum: far less gradient noise)."""
     config = msg.content["config"]
     lam = float(cfg.get("fair-lambda", 0.0))
     if lam <= 0 or "fair-ratio" not in config:
         return None, None
-    weights = mitigation.DensityRatio.from_config(config, int(cfg.get("fair-mediator-levels", 2)),
-                                                  mitigation.parse_edges(cfg.get("fair-covariate-edges", "")))
-    return mitigation.PathSpecificPenalty(weights, lam=lam, pse=float(config["fair-pse"])), _fair_meta(site, cfg)
+    consortium = mitigation.ConsortiumStrata.from_config(
+        config, int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", "")))
+    meta = _fair_meta(site, cfg)
+    if bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
+        return mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse), meta
+    x, y = site.part("train")
+    return mitigation.StratifiedPathPenalty.for_site(model, x, meta, y, consortium, lam,
+                                                     per_cell=int(cfg.get("fair-per-cell", 16)), seed=seed), meta
 
 
 @producer("fair-pse")
 def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
-    """Cell counts of (A, S, C-bin) and the global model's score sums over the reference group's cells, on the
-    train split, each noised (sensitivity 1: one patient is in one cell, score in [0, 1]) and charged."""
+    """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the train
+    split, each noised (sensitivity 1: one patient is in one cell, score in [0, 1]) and charged."""
     x, y = site.part("train")
     scores = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
     counts, sums = mitigation.site_release_vectors(
-        _fair_meta(site, request), scores, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
+        _fair_meta(site, request), scores, y, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
         int(request.get("fair-mediator-levels", 2)))
     out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
     if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
@@ -151,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
                   weight_decay=float(cfg["weight-decay"]),
                   proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     privacy: dict = {}
-    penalty, meta = _fair_penalty(msg, cfg, site)
+    penalty, meta = _fair_penalty(msg, cfg, site, model, seed)
     if bool(cfg.get("dp", False)):
         ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
                                     max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),

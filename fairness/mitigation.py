@@ -69,16 +69,6 @@ def cell_counts(a: np.ndarray, s: np.ndarray, c: np.ndarray | None, c_edges: tup
     return np.stack([np.bincount(idx[a == g], minlength=n_cells) for g in (0, 1)]).astype(np.float64)
 
 
-def score_sums_a0(a: np.ndarray, s: np.ndarray, c: np.ndarray | None, scores: np.ndarray,
-                  c_edges: tuple[float, ...] = (), n_s: int = 2) -> np.ndarray:
-    """Sum of the score over the reference-group rows of each (S, C-bin) cell: with the counts, all the server needs
-    to compute the consortium PSE."""
-    n_cells = n_s * (len(c_edges) + 1)
-    idx = cell_index(s, c, c_edges, n_s)
-    m = np.asarray(a) == 0
-    return np.bincount(idx[m], weights=np.asarray(scores, float)[m], minlength=n_cells)
-
-
 @dataclass
 class DensityRatio:
     """``r(s, c) = p(s | a1, c) / p(s | a0, c)`` per (S level, C bin) cell, clipped and normalised so that
@@ -118,11 +108,6 @@ class DensityRatio:
     def pse(self, a, s, c, scores) -> float:
         """Plug-in PSE of ``scores`` on a pooled table (what the per-sample penalty estimates)."""
         return float(np.mean(self.h(a, s, c) * np.asarray(scores, float)))
-
-    def pse_from_released(self, counts: np.ndarray, sums_a0: np.ndarray) -> float:
-        """The same PSE from cell counts and reference-group score sums (summed over sites)."""
-        n0 = float(np.clip(np.asarray(counts, float)[0], 0.0, None).sum())
-        return float(((self.ratio - 1.0) * np.asarray(sums_a0, float)).sum() / max(n0, 1e-12))
 
     # --- broadcast (plain floats for a Flower ConfigRecord) ---
     def to_config(self) -> dict[str, Any]:
@@ -224,10 +209,16 @@ class StratifiedPathPenalty:
     (detached) estimates, never the current draw; ``ramp_steps`` grows λ linearly at the start (without it, large λ
     can collapse the network: the lagging running value and the step feed back). Not a per-sample loss of the
     training batch: not for DP-SGD.
+
+    ``reference`` (a mask over the pool) pools the groups: p(k | a0) still comes from the reference-group rows, but
+    each stratum's mean score from ALL its rows. Valid when A reaches the image only through the graph's mediators and
+    D (no direct A -> X edge: then E[ŷ | k, a0] = E[ŷ | k]); it gives the rare stratum (the mediator level that is
+    uncommon in a0, e.g. ~80 legacy scans) the many rows the other group has, so the network must become invariant
+    to S rather than equalise a few memorised reference images.
     """
 
     model: torch.nn.Module
-    x_a0: np.ndarray  # images of the pool's reference-group rows
+    x_a0: np.ndarray  # images of the pool's rows (reference group only, unless ``reference`` is given)
     strata: np.ndarray  # their stratum id (refining the (S, C-bin) cell, e.g. cell * 2 + D)
     ratio_rows: np.ndarray  # their cell's density ratio r (DensityRatio.ratio[cell_index(...)])
     lam: float
@@ -235,26 +226,56 @@ class StratifiedPathPenalty:
     momentum: float = 0.9
     seed: int = 0
     ramp_steps: int = 0  # λ grows linearly over the first ramp_steps steps (0: full λ from the start)
+    reference: np.ndarray | None = None  # pool rows in a0 (None: all): they give p(k | a0); all rows give the means
+    weights_by_stratum: np.ndarray | None = None  # given (federation): w_k indexed by stratum id, ratio_rows unused
+    pse: float | None = None  # given (federation: the consortium's broadcast PSE): the anchor of the factor
     _ema: float = 0.0
     _steps: int = 0
+    _anchor: float | None = None
     history: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         self._x = torch.as_tensor(np.asarray(self.x_a0), dtype=torch.float32)
-        strata, r = np.asarray(self.strata), np.asarray(self.ratio_rows, float)
-        present = np.unique(strata)
-        rk = np.array([r[strata == k][0] for k in present])
-        if any(np.ptp(r[strata == k]) > 0 for k in present):
-            raise ValueError("strata must refine the density-ratio cells (one ratio per stratum)")
-        freq = np.array([(strata == k).mean() for k in present])
+        strata = np.asarray(self.strata)
+        if self.weights_by_stratum is not None:
+            present = np.unique(strata)
+            self.stratum_weights = np.asarray(self.weights_by_stratum, float)[present]
+        else:
+            r = np.asarray(self.ratio_rows, float)
+            ref = np.ones(len(strata), bool) if self.reference is None else np.asarray(self.reference, bool)
+            present = np.unique(strata[ref])
+            rk = np.array([r[strata == k][0] for k in present])
+            if any(np.ptp(r[strata == k]) > 0 for k in present):
+                raise ValueError("strata must refine the density-ratio cells (one ratio per stratum)")
+            freq = np.array([(strata[ref] == k).mean() for k in present])
+            self.stratum_weights = freq * (rk - 1.0)
         self._members = [torch.as_tensor(np.flatnonzero(strata == k)) for k in present]
-        self.stratum_weights = freq * (rk - 1.0)
         self._w = torch.as_tensor(self.stratum_weights, dtype=torch.float32)
         self._gen = torch.Generator().manual_seed(int(self.seed))
 
+    @classmethod
+    def for_site(cls, model: torch.nn.Module, x: np.ndarray, meta: np.ndarray, y: np.ndarray,
+                 consortium: "ConsortiumStrata", lam: float, **kwargs) -> "StratifiedPathPenalty":
+        """One site's share in federated training. With ``w'_k = w_k · (n_site,k / n_k) · (n / n_site)`` (``n_k``
+        the consortium's pool rows in stratum k, ``n`` its training rows), FedAvg's ``n_site / n`` weighting sums
+        the sites' estimates to ``Σ_k w_k · (consortium mean score in k)``: the pooled penalty."""
+        strata = stratum_index(meta, y, consortium.c_edges, consortium.n_s)
+        pool = np.ones(len(y), bool) if consortium.pool_groups else meta[:, 0] == 0
+        n_local = np.bincount(strata[pool], minlength=len(consortium.w)).astype(float)
+        w = consortium.w * n_local / np.maximum(consortium.n_pool, 1.0) * (consortium.n_total / max(len(y), 1))
+        return cls(model, np.asarray(x)[pool], strata[pool], np.zeros(int(pool.sum())), lam=lam,
+                   weights_by_stratum=w, pse=consortium.pse, **kwargs)
+
     @property
     def running(self) -> float:
-        return self._ema / (1.0 - self.momentum ** self._steps) if self._steps else 0.0
+        """The factor: a moving average of earlier estimates; in federation the broadcast PSE of the global model
+        plus how far this site's own estimate has moved since the round began (a fixed factor over many local
+        steps keeps pushing the same way long after the PSE has crossed zero: measured, it overshoots to the
+        opposite sign and wrecks the model)."""
+        avg = self._ema / (1.0 - self.momentum ** self._steps) if self._steps else 0.0
+        if self.pse is None:
+            return avg
+        return float(self.pse) + (avg - self._anchor if self._steps else 0.0)
 
     def estimate(self) -> torch.Tensor:
         """``Σ_k w_k · (mean score of per_cell rows drawn from stratum k)``, differentiable."""
@@ -264,8 +285,15 @@ class StratifiedPathPenalty:
         means = scores.view(len(idx), self.per_cell).mean(1)
         return (self._w.to(device) * means).sum()
 
+    def exact(self) -> torch.Tensor:
+        """``Σ_k w_k · (mean score over ALL pool rows of stratum k)``: the quantity ``estimate`` draws from."""
+        device = next(self.model.parameters()).device
+        scores = positive_score(self.model(self._x.to(device)))
+        means = torch.stack([scores[m.to(device)].mean() for m in self._members])
+        return (self._w.to(device) * means).sum()
+
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
-        if self.lam == 0:
+        if self.lam == 0 or not self._members:
             return logits.sum() * 0.0
         value = self.running
         self.history.append(value)
@@ -273,6 +301,9 @@ class StratifiedPathPenalty:
         lam = self.lam * min(1.0, (self._steps + 1) / self.ramp_steps) if self.ramp_steps else self.lam
         self._ema = self.momentum * self._ema + (1.0 - self.momentum) * float(est.detach())
         self._steps += 1
+        if self._anchor is None and self.pse is not None:
+            with torch.no_grad():
+                self._anchor = float(self.exact())  # this site's estimate at the global model, all its rows
         return (2.0 * lam * value) * est
 
 
@@ -286,21 +317,74 @@ def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", refere
 
 # --------------------------------------------------------------------------------------------- federation
 
-def site_release_vectors(meta: np.ndarray, scores: np.ndarray, c_edges: tuple[float, ...] = (),
+def stratum_index(meta: np.ndarray, y: np.ndarray, c_edges: tuple[float, ...] = (), n_s: int = 2) -> np.ndarray:
+    """Stratum ``cell * 2 + D`` of each row: the (S, C-bin) cell refined by the binary label."""
+    return cell_index(meta[:, 1].round(), meta[:, 2], c_edges, n_s) * 2 + np.asarray(y, dtype=np.int64)
+
+
+def site_release_vectors(meta: np.ndarray, scores: np.ndarray, y: np.ndarray, c_edges: tuple[float, ...] = (),
                          n_s: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """What one site releases (each noised through its Releaser): flat cell counts (2 * n_cells,) with L2
-    sensitivity 1, and reference-group score sums (n_cells,) with sensitivity 1 (scores lie in [0, 1])."""
-    a, s, c = meta[:, 0], meta[:, 1], meta[:, 2]
-    return (cell_counts(a, s, c, c_edges, n_s).ravel(), score_sums_a0(a, s, c, scores, c_edges, n_s))
+    """What one site releases (each noised through its Releaser): counts of (A, stratum) and score sums of
+    (A, stratum), flat (2 * n_strata,) each, L2 sensitivity 1 (one patient is in one cell; scores lie in [0, 1])."""
+    k = stratum_index(meta, y, c_edges, n_s)
+    n_strata = 2 * n_s * (len(c_edges) + 1)
+    a = np.asarray(meta[:, 0]).round().astype(int)
+    counts = np.stack([np.bincount(k[a == g], minlength=n_strata) for g in (0, 1)]).astype(float)
+    sums = np.stack([np.bincount(k[a == g], weights=np.asarray(scores, float)[a == g], minlength=n_strata)
+                     for g in (0, 1)])
+    return counts.ravel(), sums.ravel()
+
+
+@dataclass
+class ConsortiumStrata:
+    """What the server broadcasts for the stratified penalty: stratum weights ``w_k = p(k | a0) · (r_k - 1)``, the
+    pool's row count per stratum (both groups when ``pool_groups``, else the reference group), the total training
+    rows, the consortium's PSE, and the ratio table (the per-sample form under DP-SGD uses it)."""
+
+    weights: DensityRatio
+    w: np.ndarray
+    n_pool: np.ndarray
+    n_total: float
+    pse: float
+    pool_groups: bool = True
+    n_s: int = 2
+    c_edges: tuple[float, ...] = ()
+
+    def to_config(self) -> dict[str, Any]:
+        return {**self.weights.to_config(), "fair-pse": float(self.pse), "fair-stratum-w": [float(v) for v in self.w],
+                "fair-stratum-n": [float(v) for v in self.n_pool], "fair-n-total": float(self.n_total),
+                "fair-pool-groups": bool(self.pool_groups)}
+
+    @classmethod
+    def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "ConsortiumStrata":
+        return cls(DensityRatio.from_config(config, n_s, c_edges), np.asarray(list(config["fair-stratum-w"]), float),
+                   np.asarray(list(config["fair-stratum-n"]), float), float(config["fair-n-total"]),
+                   float(config["fair-pse"]), bool(config["fair-pool-groups"]), n_s, tuple(c_edges))
+
+
+def consortium_strata(counts: list[np.ndarray], sums: list[np.ndarray], c_edges: tuple[float, ...] = (),
+                      n_s: int = 2, max_weight: float = 20.0, pool_groups: bool = True) -> ConsortiumStrata:
+    """Server side: from the sites' released (A, stratum) counts and score sums, the density-ratio table, the
+    stratum weights and the consortium PSE ``Σ_k w_k · mean score in k`` (the mean over both groups when
+    ``pool_groups``: valid when A reaches the image only through the mediators and D; else over the reference
+    group, which is exactly the per-sample plug-in PSE)."""
+    n = np.clip(np.sum([np.asarray(x, float) for x in counts], axis=0).reshape(2, -1, 2), 0.0, None)  # (A, cell, D)
+    total = np.sum([np.asarray(x, float) for x in sums], axis=0).reshape(2, -1, 2)
+    weights = DensityRatio.from_counts(n.sum(2), n_s, c_edges, max_weight=max_weight)
+    p_k_a0 = (n[0] / max(n[0].sum(), 1e-12)).ravel()
+    w = p_k_a0 * np.repeat(weights.ratio - 1.0, 2)
+    n_pool = (n.sum(0) if pool_groups else n[0]).ravel()
+    s_pool = (total.sum(0) if pool_groups else total[0]).ravel()
+    means = np.clip(s_pool / np.maximum(n_pool, 1.0), 0.0, 1.0)
+    return ConsortiumStrata(weights, w, n_pool, float(n.sum()), float((w * means).sum()), pool_groups, n_s,
+                            tuple(c_edges))
 
 
 def consortium_pse(counts: list[np.ndarray], sums: list[np.ndarray], c_edges: tuple[float, ...] = (),
                    n_s: int = 2, max_weight: float = 20.0) -> tuple[DensityRatio, float]:
-    """Server side: the density-ratio table and the consortium PSE from the sites' released vectors."""
-    total_counts = np.sum([np.asarray(x, float) for x in counts], axis=0).reshape(2, -1)
-    total_sums = np.sum([np.asarray(x, float) for x in sums], axis=0)
-    weights = DensityRatio.from_counts(total_counts, n_s, c_edges, max_weight=max_weight)
-    return weights, weights.pse_from_released(total_counts, total_sums)
+    """Server side, per-sample form: the density-ratio table and the reference group's plug-in PSE."""
+    got = consortium_strata(counts, sums, c_edges, n_s, max_weight, pool_groups=False)
+    return got.weights, got.pse
 
 
 # --------------------------------------------------------------------------------------------- post-processing

@@ -77,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy._record(current, "statistics", replies)
         analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
 
-    fair_counts: list[np.ndarray] = []  # the consortium's (A, S, C-bin) counts: released once, summed over sites
+    fair_counts: list[np.ndarray] = []  # the consortium's (A, stratum) counts: released once, summed over sites
 
     def collect_fair(current: int, arrays: ArrayRecord) -> dict:
         """Consortium PSE of the new global model from the sites' noised cell counts and score sums; broadcast it
@@ -95,15 +95,15 @@ def main(grid: Grid, context: Context) -> None:
             got = [g for g in got if "counts" in g]
             if not got:
                 return {}
-            fair_counts.append(np.sum([np.asarray(g["counts"]) for g in got], axis=0).reshape(2, -1))
+            fair_counts.append(np.sum([np.asarray(g["counts"]) for g in got], axis=0))
         if not got:
             return {}
-        edges = mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
-        n_s = int(cfg.get("fair-mediator-levels", 2))
-        weights = mitigation.DensityRatio.from_counts(fair_counts[0], n_s, edges,
-                                                      max_weight=float(cfg.get("fair-max-weight", 20.0)))
-        pse = weights.pse_from_released(fair_counts[0], np.sum([np.asarray(g["sums"]) for g in got], axis=0))
-        strategy.broadcast = {"fair-pse": pse, **weights.to_config()}
+        consortium = mitigation.consortium_strata(
+            fair_counts, [np.sum([np.asarray(g["sums"]) for g in got], axis=0)],
+            mitigation.parse_edges(cfg.get("fair-covariate-edges", "")), int(cfg.get("fair-mediator-levels", 2)),
+            max_weight=float(cfg.get("fair-max-weight", 20.0)), pool_groups=bool(cfg.get("fair-pool-groups", True)))
+        pse = consortium.pse
+        strategy.broadcast = consortium.to_config()
         return {"fair_pse": pse, "fair_sites": len(got)}
 
     def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -28,9 +28,11 @@ from fairness.mitigation import (
     batch_pse,
     cell_index,
     consortium_pse,
+    consortium_strata,
     penalty_term,
     positive_score,
     site_release_vectors,
+    stratum_index,
 )
 from simulations.generator import generate_consortium
 
@@ -119,7 +121,8 @@ def test_federated_penalty_equals_pooled_penalty_two_sites():
     with torch.no_grad():
         scores = [positive_score(model(torch.tensor(x))).numpy() for _, x in sites]
     # the server's table and PSE from the sites' vectors == the pooled fit
-    released = [site_release_vectors(m, sc) for (m, _), sc in zip(sites, scores)]
+    labels = [(rng.random(len(m)) < 0.4).astype(int) for m, _ in sites]
+    released = [site_release_vectors(m, sc, y) for (m, _), sc, y in zip(sites, scores, labels)]
     weights, pse = consortium_pse([c for c, _ in released], [t for _, t in released])
     pooled = DensityRatio.fit(meta_all[:, 0], meta_all[:, 1])
     assert weights.ratio == pytest.approx(pooled.ratio)
@@ -270,16 +273,70 @@ name = "west"
 """
 
 
+def test_federated_stratified_penalty_equals_pooled_stratified_penalty_two_sites():
+    """Each site's share (StratifiedPathPenalty.for_site, weights from the released (A, stratum) counts), averaged
+    with FedAvg's n_site / n weights, is the centralised stratified estimate on the pooled rows, value and gradient;
+    and the consortium PSE the server computes from the released score sums is that same number."""
+    rng = np.random.default_rng(3)
+    sites = []
+    for n, p_a, p_s in [(50, 0.3, (0.05, 0.9)), (70, 0.7, (0.3, 0.6))]:
+        a = (rng.random(n) < p_a).astype(float)
+        s = (rng.random(n) < np.where(a == 1, p_s[1], p_s[0])).astype(float)
+        y = (rng.random(n) < np.where(a == 1, 0.5, 0.3)).astype(int)
+        x = np.stack([y + rng.normal(0, 0.5, n), s + rng.normal(0, 0.5, n), rng.normal(size=n)], 1)
+        sites.append((np.stack([a, s, np.zeros(n)], 1), x, y))
+    meta = np.concatenate([m for m, _, _ in sites])
+    x_all = np.concatenate([x for _, x, _ in sites])
+    y_all = np.concatenate([y for _, _, y in sites])
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        scores = [positive_score(model(torch.tensor(x, dtype=torch.float32))).double().numpy() for _, x, _ in sites]
+    released = [site_release_vectors(m, sc, y) for (m, _, y), sc in zip(sites, scores)]
+    for pool_groups in (True, False):
+        consortium = consortium_strata([c for c, _ in released], [t for _, t in released], pool_groups=pool_groups)
+        weights = DensityRatio.fit(meta[:, 0], meta[:, 1])
+        assert consortium.weights.ratio == pytest.approx(weights.ratio)
+        strata = stratum_index(meta, y_all)
+        ref = meta[:, 0] == 0
+        pool = np.ones(len(y_all), bool) if pool_groups else ref
+        central = StratifiedPathPenalty(model, x_all[pool], strata[pool], weights.ratio[strata[pool] // 2], lam=1.0,
+                                        reference=ref[pool])
+        shares = [StratifiedPathPenalty.for_site(model, x, m, y, consortium, lam=1.0) for m, x, y in sites]
+        n = [len(y) for _, _, y in sites]
+
+        def value_and_grad(pen):
+            model.zero_grad()
+            v = pen.exact()
+            v.backward()
+            return float(v), [p.grad.clone() for p in model.parameters()]
+
+        c_val, c_grad = value_and_grad(central)
+        site_vg = [value_and_grad(pen) for pen in shares]
+        fed_val = sum(nk / sum(n) * v for nk, (v, _) in zip(n, site_vg))
+        assert fed_val == pytest.approx(c_val, rel=1e-5)
+        assert consortium.pse == pytest.approx(c_val, rel=1e-5)
+        assert abs(c_val) > 1e-3
+        for i, g in enumerate(c_grad):
+            fed = sum(nk / sum(n) * vg[1][i] for nk, vg in zip(n, site_vg))
+            assert torch.allclose(fed, g, rtol=1e-4, atol=1e-7)
+            assert float(g.abs().max()) > 1e-4
+        if not pool_groups:  # the reference-group form is the per-sample plug-in PSE
+            assert consortium.pse == pytest.approx(weights.pse(meta[:, 0], meta[:, 1], None, np.concatenate(scores)))
+
+
 def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_path, task_identity):
     (tmp_path / "s.toml").write_text(SCENARIO)
     east, west = generate_consortium(tmp_path / "s.toml", tmp_path / "data")
     torch.manual_seed(0)
     start = build_model("cnn").state_dict()
-    broadcast = {"fair-pse": 0.2, **DensityRatio.from_counts(KNOWN).to_config()}
+    counts = np.stack([np.repeat(KNOWN[0] / 2, 2), np.repeat(KNOWN[1] / 2, 2)])  # (A, stratum = cell * 2 + D)
+    broadcast = consortium_strata([counts.ravel()], [counts.ravel() * 0.4]).to_config()
+    broadcast["fair-pse"] = 0.2
 
-    def run(lam, extra):
+    def run(lam, extra, **run_config):
         ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(east)}, state=RecordDict(),
-                      run_config={**RUN_CONFIG, "image-size": 32, "local-epochs": 1, "fair-lambda": lam})
+                      run_config={**RUN_CONFIG, "image-size": 32, "local-epochs": 1, "fair-lambda": lam, **run_config})
         msg = Message(content=RecordDict({"arrays": ArrayRecord(start),
                                           "config": ConfigRecord({"server-round": 2, **extra})}),
                       dst_node_id=7, message_type="train")
@@ -290,6 +347,9 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     assert all(torch.equal(plain[k], off[k]) for k in plain)
     on = run(20.0, broadcast)
     assert any(not torch.equal(plain[k], on[k]) for k in plain)
+    per_sample = run(20.0, broadcast, **{"fair-form": "per-sample"})  # the training batch's term instead
+    assert any(not torch.equal(per_sample[k], on[k]) for k in plain)
+    assert any(not torch.equal(per_sample[k], plain[k]) for k in plain)
     first_round = run(20.0, {})  # nothing broadcast yet (round 1): unpenalised
     assert all(torch.equal(plain[k], first_round[k]) for k in plain)
 
@@ -301,9 +361,9 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
         dst_node_id=7, message_type="query")
     reply = statistics_handler(query, ctx).content
     rec = reply["fair-pse"]
-    assert len(rec["counts"]) == 4 and len(rec["sums"]) == 2
+    assert len(rec["counts"]) == 8 and len(rec["sums"]) == 8  # (2 groups) x (2 scanner levels x 2 labels)
     n_train = 0.6 * 60
-    assert abs(sum(rec["counts"]) - n_train) < 30  # 4 cells, noise std 1 each; the split is ~60 % train
+    assert abs(sum(rec["counts"]) - n_train) < 30  # 8 cells, noise std 1 each; the split is ~60 % train
     assert reply["metrics"]["epsilon"] > reply["metrics"]["epsilon-before"]
     # later rounds: the server already holds the counts and asks only for the score sums
     query = Message(content=RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(
