@@ -114,6 +114,8 @@ def main(grid: Grid, context: Context) -> None:
             eval_model.load_state_dict(arrays.to_torch_state_dict())
             metrics = evaluate(eval_model, holdout)
             row.update({f"holdout_{k}": v for k, v in metrics.items()})
+        if server_round == 0 and float(cfg.get("fair-lambda", 0.0)) > 0:
+            row.update(collect_fair(current, arrays))  # sites penalise from the first round (and after a resume)
         if server_round == 0 and done > 0:
             return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
         if server_round > 0:

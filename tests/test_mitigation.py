@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -370,6 +371,34 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
         {"statistics": "fair-pse", "server-round": 2, "seed": 0, "fair-counts": False})}),
         dst_node_id=7, message_type="query")
     assert set(statistics_handler(query, ctx).content["fair-pse"].keys()) == {"sums"}
+
+
+def test_federated_penalty_through_flower(tmp_path):
+    """A real simulation (own SuperLink, Flower's engine) with fair-lambda > 0: the server asks every site for its
+    released statistics before round 1 and after each round, records the consortium PSE per round, and each release
+    is charged to the site's ledger."""
+    from client.ledger import PrivacyLedger
+    from simulations.run import main as simulate
+
+    (tmp_path / "s.toml").write_text(SCENARIO.replace("n = 60", "n = 80"))
+    code = simulate([str(tmp_path / "s.toml"), "--out", str(tmp_path / "run"), "--rounds", "2", "--timeout", "600",
+                     "-c", "local-epochs=1", "-c", "image-size=32", "-c", "fair-lambda=10", "-c", "fair-per-cell=8",
+                     "-c", "fraction-evaluate=0"])
+    assert code == 0
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics["round"]) == [0, 1, 2]
+    assert metrics["fair_pse"].notna().all() and (metrics["fair_sites"] == 2).all()
+    assert metrics["fair_pse"].abs().max() < 1.0
+    per_site = pd.read_csv(tmp_path / "run" / "per_site.csv")
+    fair = per_site[per_site["phase"] == "fair-pse"]
+    assert sorted(zip(fair["round"], fair["site"])) == [(r, s) for r in (0, 1, 2) for s in ("east", "west")]
+    assert (fair["status"] == "ok").all()
+    for site in ("east", "west"):
+        ledger = PrivacyLedger.open(tmp_path / "run" / "data" / site)
+        releases = sorted((e["round"], e["label"]) for e in ledger.entries if e["kind"] == "release")
+        assert releases == [(0, "fair-pse-counts"), (0, "fair-pse-sums"), (1, "fair-pse-sums"), (2, "fair-pse-sums")]
+        assert ledger.history == [(5.0, 1.0, 4)]  # release-noise 5, q = 1, four Gaussian steps
+        assert ledger.epsilon() > 0
 
 
 # ---------------------------------------------------------------------------------- effect on the toy

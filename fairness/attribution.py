@@ -1,0 +1,319 @@
+"""Image evidence for the fairness audit: does the model look at the scanner's corner marker?
+
+The causal audit measures how much of the score flows along the impermissible A -> S -> score path; it cannot say
+*which pixels* carry it. In the synthetic data the legacy scanner (S=1) burns a bright square into the top-left
+corner (:func:`simulations.generator.marker_mask`), so a model that leans on S should put its attribution there.
+This module gives that evidence from the images themselves, before and after a mitigation, and checks that the
+attribution map is worth reading at all:
+
+* :func:`gradcam_maps`: Grad-CAM (Selvaraju et al. 2017) via MONAI on a copy of the model;
+* :func:`region_share` / :func:`area_share`: the share of attribution mass inside the marker region, against the
+  share of the image the region covers (what a map spread evenly would give);
+* :func:`randomisation_check`: the model-parameter randomisation test (Adebayo et al. 2018): a map that barely
+  changes when the weights are re-initialised explains the image, not the model;
+* :func:`deletion_curve`: the deletion metric (Petsiuk et al. 2018, RISE): deleting the most-attributed pixels
+  first must lower the score faster than deleting pixels in random order;
+* :func:`image_evidence`: all of it as one JSON-able dict for :func:`fairness.report.render_html`
+  (``context["image_evidence"]``).
+
+For :class:`core_models.networks.SmallCNN` at 32 px the conv blocks give 16x16 (``features.stem``, stride 2),
+8x8 (``block2``), 4x4 (``block3``) and 2x2 (``block4``) maps. The default layer is ``features.stem``, the highest
+resolution: the 3x3-pixel marker at 32 px covers about one and a half CAM cells there, while one 8x8 cell already
+holds the whole marker plus 7 other pixels. It passes the sanity checks on a model trained to use the marker
+(``tests/test_attribution.py``).
+
+Images are numpy arrays (N, 1, H, W), float32 in [0, 1], as the models take them. Imports no Flower code.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+from scipy.ndimage import binary_dilation
+from scipy.stats import spearmanr
+from torch import nn
+
+DEFAULT_LAYER = "features.stem"
+"""SmallCNN's highest-resolution block (16x16 at 32 px input, stride 2)."""
+
+DELETION_FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every parameter trainable, so the caller's model (its weights, mode,
+    requires_grad flags and hooks) stays as it is; unwraps an Opacus GradSampleModule and switches off
+    ``DPConv2d.skip_summed_grads`` (which refuses a forward with gradients outside Opacus)."""
+    inner = getattr(model, "_module", model)
+    m = copy.deepcopy(inner).cpu().float().eval()
+    for mod in m.modules():
+        if getattr(mod, "skip_summed_grads", False):
+            mod.skip_summed_grads = False
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
+def _as_images(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {x.shape}")
+    return x
+
+
+def _layer_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def _check_layer(model: nn.Module, layer: str) -> None:
+    if layer not in dict(model.named_modules()):
+        raise ValueError(f"no layer {layer!r} in {type(model).__name__}; layers: {_layer_names(model)}")
+
+
+def _default_layer(model: nn.Module) -> str:
+    names = dict(model.named_modules())
+    if DEFAULT_LAYER in names:
+        return DEFAULT_LAYER
+    raise ValueError(f"{type(model).__name__} has no {DEFAULT_LAYER!r}: pass layer= (one of {_layer_names(model)})")
+
+
+def cam_resolution(model: nn.Module, layer: str, size: Sequence[int]) -> tuple[int, int]:
+    """(h, w) of ``layer``'s output for an input of spatial ``size``: the grid Grad-CAM actually resolves before it
+    is upsampled to the image."""
+    m = _plain_copy(model)
+    _check_layer(m, layer)
+    out: dict[str, tuple[int, int]] = {}
+
+    def hook(_m, _i, o) -> None:  # a forward hook that returns something replaces the layer's output
+        out["hw"] = (int(o.shape[-2]), int(o.shape[-1]))
+
+    handle = dict(m.named_modules())[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            m(torch.zeros(1, 1, *size))
+    finally:
+        handle.remove()
+    return out["hw"]
+
+
+def grow_mask(mask: np.ndarray, grow: int = 0) -> np.ndarray:
+    """``mask`` dilated by ``grow`` pixels in every direction (a square neighbourhood): an upsampled CAM cannot place
+    mass more precisely than its layer's stride, so the region is widened by about that much."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    if grow < 0:
+        raise ValueError(f"grow must be >= 0, got {grow}")
+    return binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=int(grow)) if grow else mask.copy()
+
+
+def area_share(mask: np.ndarray, grow: int = 0) -> float:
+    """The share of the image the (grown) region covers: the region share a uniform map would get."""
+    return float(grow_mask(mask, grow).mean())
+
+
+def _auc(y: Sequence[float], x: Sequence[float]) -> float:
+    return float(np.trapezoid(np.asarray(y, float), np.asarray(x, float)))
+
+
+# --------------------------------------------------------------------------------------------- maps
+
+def gradcam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | None = None, class_idx: int = 1,
+                 *, batch_size: int = 128) -> np.ndarray:
+    """Grad-CAM maps (N, H, W) of class ``class_idx`` at ``layer`` (default :data:`DEFAULT_LAYER`), upsampled
+    bilinearly to the image size by MONAI.
+
+    Runs on a deep copy (eval mode, gradients on), because MONAI registers hooks on the module and needs gradients
+    at the layer. The maps are MONAI's raw ReLU'd Grad-CAM, in the model's units and comparable across images:
+    MONAI's default post-processing (``default_normalizer``) min-max scales every map *and flips it* (its maximum
+    becomes 0), which would point region shares and deletion order at the least-attributed pixels.
+    """
+    m = _plain_copy(model)
+    layer = layer or _default_layer(m)
+    _check_layer(m, layer)
+    x = _as_images(x)
+    cam = GradCAM(nn_module=m, target_layers=layer, postprocessing=lambda a: a)
+    out = []
+    for i in range(0, len(x), batch_size):
+        cam.nn_module.gradients.clear()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Backward hook for")  # checked just below instead
+            maps = cam(torch.from_numpy(x[i:i + batch_size]), class_idx=class_idx)
+        if layer not in cam.nn_module.gradients:
+            raise RuntimeError(f"no gradient reached {layer!r}: choose a layer the class score depends on")
+        out.append(maps.detach().cpu().numpy()[:, 0])
+    if not out:
+        return np.zeros((0, *x.shape[2:]), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def region_share(maps: np.ndarray, mask: np.ndarray, grow: int = 0) -> np.ndarray:
+    """Per map, the share of its non-negative mass inside ``mask`` grown by ``grow`` pixels (NaN for an all-zero
+    map). Compare with :func:`area_share`: a map that ignores the region gets about the area share, one that
+    points at it gets much more."""
+    maps = np.clip(np.asarray(maps, dtype=np.float64), 0.0, None)
+    if maps.ndim == 2:
+        maps = maps[None]
+    region = grow_mask(mask, grow)
+    if maps.shape[1:] != region.shape:
+        raise ValueError(f"maps are {maps.shape[1:]}, mask is {region.shape}")
+    total = maps.sum(axis=(1, 2))
+    inside = maps[:, region].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+# --------------------------------------------------------------------------------------------- sanity checks
+
+def randomised_copy(model: nn.Module, seed: int) -> nn.Module:
+    """The same architecture (and constructor arguments) with every layer re-initialised under ``seed``
+    (``reset_parameters`` of each module that has one)."""
+    m = _plain_copy(model)
+    torch.manual_seed(seed)
+    for mod in m.modules():
+        if hasattr(mod, "reset_parameters"):
+            mod.reset_parameters()
+    return m
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    if np.ptp(a) == 0 or np.ptp(b) == 0:  # a constant map has no ranking to compare
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def randomisation_check(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | None = None, seed: int = 0,
+                        *, class_idx: int = 1) -> float:
+    """Model-parameter randomisation test (Adebayo et al. 2018): the median over images of the Spearman rank
+    correlation between the model's Grad-CAM map and that of the same architecture with re-initialised weights.
+    A map that explains the model must change when the model does: low correlation passes, near 1 fails. Images
+    where either map is constant are skipped; NaN when all are."""
+    layer = layer or _default_layer(model)
+    trained = gradcam_maps(model, x, layer, class_idx)
+    rand = gradcam_maps(randomised_copy(model, seed), x, layer, class_idx)
+    rho = np.array([_spearman(a, b) for a, b in zip(trained, rand)])
+    return float(np.nanmedian(rho)) if np.isfinite(rho).any() else math.nan
+
+
+def _class_probability(model: nn.Module, x: np.ndarray, class_idx: int, batch_size: int = 256) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out.append(torch.softmax(model(torch.from_numpy(x[i:i + batch_size])), dim=1)[:, class_idx].numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def deletion_curve(model: nn.Module, x: np.ndarray | torch.Tensor, maps: np.ndarray,
+                   fractions: Sequence[float] = DELETION_FRACTIONS, fill: str | float = "mean", seed: int = 0,
+                   *, class_idx: int = 1) -> dict[str, Any]:
+    """Deletion metric (Petsiuk et al. 2018, RISE): for each fraction f, set the top-f pixels of each image by
+    attribution to ``fill`` (``"mean"``: the image's own mean, or a number) and record the mean class-``class_idx``
+    probability; the same for a random pixel order (seeded) as the baseline. A faithful map drops the score faster,
+    i.e. a smaller area under the curve (trapezoid over ``fractions``, not normalised) than the random order.
+
+    Ties in the map (e.g. Grad-CAM's zeros) are broken in random order, never by pixel index, which would delete
+    the top-left corner, where the marker is, first. Returns ``fractions``, ``attribution`` and ``random`` (mean
+    probabilities), ``auc_attribution`` and ``auc_random``.
+    """
+    m = _plain_copy(model)
+    x = _as_images(x)
+    maps = np.asarray(maps, dtype=np.float64)
+    n, c, h, w = x.shape
+    if maps.shape != (n, h, w):
+        raise ValueError(f"maps must be {(n, h, w)}, got {maps.shape}")
+    fractions = [float(f) for f in fractions]
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+    rng = np.random.default_rng(seed)
+    flat = maps.reshape(n, -1)
+    tie_break = rng.random(flat.shape)
+    orders = {
+        "attribution": np.stack([np.lexsort((t, -a)) for a, t in zip(flat, tie_break)]),
+        "random": np.argsort(rng.random(flat.shape), axis=1),
+    }
+    if fill == "mean":
+        fill_value = x.mean(axis=(1, 2, 3), keepdims=True)
+    else:
+        fill_value = np.full((n, 1, 1, 1), float(fill), np.float32)
+    curves: dict[str, list[float]] = {}
+    for name, order in orders.items():
+        curve = []
+        for f in fractions:
+            k = int(round(f * h * w))
+            keep = np.ones((n, h * w), bool)
+            np.put_along_axis(keep, order[:, :k], False, axis=1)
+            keep = keep.reshape(n, 1, h, w)
+            xd = np.where(keep, x, fill_value).astype(np.float32)
+            curve.append(float(_class_probability(m, xd, class_idx).mean()) if n else math.nan)
+        curves[name] = curve
+    return {"fractions": fractions, "attribution": curves["attribution"], "random": curves["random"],
+            "auc_attribution": _auc(curves["attribution"], fractions), "auc_random": _auc(curves["random"], fractions)}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def _evidence_one(model: nn.Module, x: np.ndarray, mask: np.ndarray, layer: str, grow: int, seed: int,
+                  class_idx: int) -> dict[str, Any]:
+    maps = gradcam_maps(model, x, layer, class_idx)
+    share = region_share(maps, mask, grow)
+    dc = deletion_curve(model, x, maps, seed=seed, class_idx=class_idx)
+
+    def fin(v: float) -> float | None:
+        return float(v) if math.isfinite(v) else None
+
+    return {
+        "region_share_mean": fin(float(np.nanmean(share))) if np.isfinite(share).any() else None,
+        "region_share_median": fin(float(np.nanmedian(share))) if np.isfinite(share).any() else None,
+        "n_zero_maps": int(np.sum(~np.isfinite(share))),
+        "randomisation_spearman": fin(randomisation_check(model, x, layer, seed, class_idx=class_idx)),
+        "mean_probability": dc["attribution"][0] if dc["fractions"] and dc["fractions"][0] == 0 else None,
+        "deletion_auc_attribution": dc["auc_attribution"],
+        "deletion_auc_random": dc["auc_random"],
+        "deletion_fractions": dc["fractions"],
+        "deletion_attribution": dc["attribution"],
+        "deletion_random": dc["random"],
+    }
+
+
+def image_evidence(model: nn.Module, x: np.ndarray | torch.Tensor, mask: np.ndarray, layer: str | None = None,
+                   grow: int | None = None, seed: int = 0, reference_model: nn.Module | None = None,
+                   *, class_idx: int = 1) -> dict[str, Any]:
+    """Grad-CAM evidence on images ``x`` (e.g. legacy-scanner images, which carry the marker) as one JSON-able dict
+    for the audit report (``context["image_evidence"]``): ``n_images``, ``layer``, ``cam_resolution`` [h, w],
+    ``grow`` (default: the layer's stride, input size // CAM size), ``region_area_share`` (the grown marker
+    region's share of the image), ``region_share_mean`` / ``_median`` (of the attribution), the randomisation
+    Spearman correlation, the deletion AUCs (attribution vs random order) and curves; with ``reference_model``
+    (e.g. the model before mitigation) the same numbers for it under ``reference``, so the report shows
+    before and after.
+    """
+    x = _as_images(x)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != x.shape[2:]:
+        raise ValueError(f"mask is {mask.shape}, images are {x.shape[2:]}")
+    layer = layer or _default_layer(getattr(model, "_module", model))
+    res = cam_resolution(model, layer, x.shape[2:])
+    if grow is None:
+        grow = max(0, min(x.shape[2] // res[0], x.shape[3] // res[1]))
+    out: dict[str, Any] = {
+        "n_images": int(len(x)),
+        "layer": layer,
+        "input_size": [int(x.shape[2]), int(x.shape[3])],
+        "cam_resolution": [int(res[0]), int(res[1])],
+        "grow": int(grow),
+        "class_idx": int(class_idx),
+        "seed": int(seed),
+        "region_area_share": area_share(mask, grow),
+        **_evidence_one(model, x, mask, layer, grow, seed, class_idx),
+    }
+    if reference_model is not None:
+        out["reference"] = _evidence_one(reference_model, x, mask, layer, grow, seed, class_idx)
+    return out
