@@ -213,6 +213,35 @@ def _list(items: list[str]) -> str:
     return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>" if items else "<p><em>none</em></p>"
 
 
+def _image_evidence(ev: dict[str, Any]) -> str:
+    """The Grad-CAM evidence (:func:`fairness.attribution.image_evidence`'s dict, or a dict of name -> such dicts;
+    each may carry its ``reference`` model's numbers) as one table and how to read it."""
+    named = {"model": ev} if "n_images" in ev else ev
+    rows = []
+    for name, d in named.items():
+        if not isinstance(d, dict):
+            continue
+        for label, r in ((name, d), (f"{name}: reference", d.get("reference"))):
+            if not isinstance(r, dict):
+                continue
+            res = d.get("cam_resolution") or []
+            rows.append({"model": label, "images": d.get("n_images"), "layer": d.get("layer"),
+                         "CAM": "x".join(str(v) for v in res), "grow (px)": d.get("grow"),
+                         "region share": r.get("region_share_mean"), "area share": d.get("region_area_share"),
+                         "all-zero maps": r.get("n_zero_maps"),
+                         "randomisation rank corr.": r.get("randomisation_spearman"),
+                         "pairs": r.get("randomisation_pairs"),
+                         "deletion AUC (map order)": r.get("deletion_auc_attribution"),
+                         "deletion AUC (random order)": r.get("deletion_auc_random")})
+    return _table(rows) + (
+        "<p>Region share is the share of the Grad-CAM mass inside the marker region (grown by the CAM's stride) and "
+        "the model looks at the marker when it lies well above the area share (what an even map gets); the rank "
+        "correlation with the map of the same network with re-initialised weights should be low (else the map "
+        "shows the image, not the model); and a deletion AUC (class-1 probability as the top-attributed pixels "
+        "are replaced by the image mean) below the random-order one means the map points at pixels the score "
+        "depends on.</p>")
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
@@ -311,6 +340,10 @@ def render_html(audit: dict[str, Any], context: dict[str, Any] | None = None, ti
         parts.append("<p><em>not run" + (": the federated audit has no rows to permute or test; run "
                      "<code>equifed-audit</code> on a site's predictions for these checks"
                      if audit.get("mode") == "federated" else " (equifed-audit runs them by default)") + "</em></p>")
+
+    if context.get("image_evidence"):
+        parts.append("<h2 id='image-evidence'>Image evidence (Grad-CAM)</h2>"
+                     + _image_evidence(context["image_evidence"]))
 
     parts.append("<h2 id='privacy'>Privacy</h2>")
     fed = audit.get("federated")

@@ -1,0 +1,189 @@
+"""Grad-CAM image evidence for the fairness audit (fairness/attribution.py) and its report section.
+
+The model under test is a SmallCNN trained on noise images whose label is the corner marker alone; half of all
+images (either label) carry the same bright square somewhere else, so only the corner position decides."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from core_models.networks import SmallCNN
+from fairness import load_graph_spec, run_audit
+from fairness.attribution import (
+    DEFAULT_LAYER,
+    area_share,
+    deletion_curve,
+    gradcam_maps,
+    image_evidence,
+    randomisation_check,
+    randomised_copy,
+    region_share,
+)
+from fairness.report import render_html
+from simulations.generator import marker_mask
+from simulations.scenario import SiteSpec
+
+SIZE = 32
+MASK = marker_mask(SIZE)
+
+
+def marker_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 1, 32, 32) noise images; label 1 = the corner marker is burnt in; half carry a decoy square elsewhere."""
+    rng = np.random.default_rng(seed)
+    x = np.clip(0.45 + 0.15 * rng.standard_normal((n, 1, SIZE, SIZE)), 0, 1).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.int64)
+    x[y == 1, 0] = np.where(MASK, 1.0, x[y == 1, 0])
+    for i in np.flatnonzero(rng.random(n) < 0.5):
+        r, c = rng.integers(8, SIZE - 4, size=2)
+        x[i, 0, r:r + 3, c:c + 3] = 1.0
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(150):
+        x, y = marker_images(32, 1000 + step)
+        loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = marker_images(400, 1)
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+    marked = x[y == 1][:48]
+    yield model, marked, acc
+    torch.set_num_threads(threads)
+
+
+def test_the_test_model_reads_the_corner_only(trained):
+    _model, marked, acc = trained
+    assert acc > 0.98  # decoy squares elsewhere do not fool it: it uses the corner position
+    assert np.all(marked[:, 0][:, MASK] == 1.0)
+
+
+def test_gradcam_points_at_the_marker_and_leaves_the_model_alone(trained):
+    model, marked, _ = trained
+    model.train()
+    model.head.bias.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        maps = gradcam_maps(model, marked)
+        assert model.training and not model.head.bias.requires_grad  # mode and flags untouched
+    finally:
+        model.eval()
+        model.head.bias.requires_grad_(True)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())  # MONAI's hooks on the copy
+    assert maps.shape == (len(marked), SIZE, SIZE) and maps.dtype == np.float32
+    assert np.all(np.isfinite(maps)) and maps.min() >= 0 and np.all(maps.max(axis=(1, 2)) > 0)
+    # the maximum sits on the marker (MONAI's default post-processing would flip it to the minimum)
+    assert np.all(maps[:, MASK].max(axis=1) == maps.max(axis=(1, 2)))
+    share, area = region_share(maps, MASK), area_share(MASK)
+    assert area == pytest.approx(9 / 1024)
+    # a 2x2 CAM upsampled to 32 px puts at most ~9/256 of its mass on 9 pixels: ~4x the area share
+    assert share.mean() > 3.5 * area and np.all(share > 2.5 * area)
+    for mirrored in (MASK[::-1], MASK[:, ::-1], MASK[::-1, ::-1]):  # the same square in the other corners
+        assert np.all(region_share(maps, mirrored) < area)
+    grown = region_share(maps, MASK, grow=16)
+    assert np.all(grown > share) and grown.mean() > 2 * area_share(MASK, 16)
+
+
+def test_region_share_on_hand_made_maps():
+    inside = np.where(MASK, 2.0, 0.0)
+    outside = np.where(MASK, 0.0, 1.0)
+    np.testing.assert_array_equal(region_share(np.stack([inside, outside]), MASK), [1.0, 0.0])
+    assert region_share(inside - 5 * outside, MASK)[0] == 1.0  # negative mass does not count
+    assert region_share(inside + outside, MASK)[0] == pytest.approx(18 / (18 + 1024 - 9))
+    just_outside = np.zeros((SIZE, SIZE))
+    just_outside[4, 4] = 1.0  # diagonal neighbour of the 3x3 marker at rows/cols 1..3
+    assert region_share(just_outside, MASK)[0] == 0.0 and region_share(just_outside, MASK, grow=1)[0] == 1.0
+    assert area_share(MASK, 1) == 25 / 1024
+    assert np.isnan(region_share(np.zeros((SIZE, SIZE)), MASK)[0])
+
+
+def test_randomisation_check_separates_trained_from_random_weights(trained):
+    model, marked, _ = trained
+    assert randomisation_check(model, marked, seed=0) < 0.5
+    # the check can fail: a model that *is* those random weights gets its own maps back
+    torch.manual_seed(7)
+    untrained = SmallCNN()
+    again = randomised_copy(untrained, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(untrained.state_dict().values(), again.state_dict().values()))
+    assert randomisation_check(untrained, marked, seed=7, n_draws=1) == pytest.approx(1.0)
+    state = torch.random.get_rng_state()
+    randomised_copy(untrained, seed=8)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's random stream is left alone
+
+
+def test_deletion_curve_drops_faster_along_the_map(trained):
+    model, marked, _ = trained
+    maps = gradcam_maps(model, marked)
+    fractions = (0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+    dc = deletion_curve(model, marked, maps, fractions=fractions)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.from_numpy(marked)), dim=1)[:, 1].numpy()
+    assert dc["fractions"] == list(fractions)
+    assert dc["attribution"][0] == pytest.approx(float(p.mean()), abs=1e-6) == dc["random"][0]
+    assert dc["attribution"][-1] == pytest.approx(dc["random"][-1], abs=1e-6)  # everything deleted either way
+    assert dc["attribution"][2] < 0.5 < dc["random"][2]  # 5% of the pixels, taken from the map, remove the marker
+    assert dc["auc_attribution"] < 0.5 * dc["auc_random"]
+    assert dc["auc_attribution"] == pytest.approx(np.trapezoid(dc["attribution"], fractions))
+    # a flat map (ties everywhere) must delete in random order, not by pixel index (the marker's corner first)
+    flat = deletion_curve(model, marked, np.zeros_like(maps), fractions=fractions)
+    assert flat["auc_attribution"] > 0.8 * dc["auc_random"]
+    other = deletion_curve(model, marked, maps, fractions=fractions, fill=0.0, seed=3)
+    assert other["random"] != dc["random"] and other["attribution"][0] == dc["attribution"][0]
+
+
+def _minimal_audit() -> dict:
+    """A real audit of a small synthetic prediction table (no bootstrap-heavy checks)."""
+    from tests.test_fairness import add_score, fast_truth
+
+    site = SiteSpec(name="r", p_s_a0=0.2, p_s_a1=0.6)
+    t = fast_truth(site, 600, 5)
+    add_score(t, site, 5)
+    frame = t.rename(columns={"A": "group", "C": "age", "S": "scanner_legacy", "D": "label"})
+    return run_audit(frame[["group", "age", "scanner_legacy", "label", "score"]], load_graph_spec("synthetic"),
+                     n_boot=10, seed=0)
+
+
+def test_image_evidence_dict_and_report_section(trained):
+    model, marked, _ = trained
+    torch.manual_seed(3)
+    before = SmallCNN()  # stands in for the unmitigated model
+    ev = image_evidence(model, marked[:24], MASK, reference_model=before)
+    assert json.loads(json.dumps(ev, allow_nan=False)) == ev  # plain, strict-JSON types
+    assert ev["n_images"] == 24 and ev["layer"] == DEFAULT_LAYER == "features.block4"
+    assert ev["cam_resolution"] == [2, 2] and ev["grow"] == 16
+    assert ev["region_area_share"] == pytest.approx(area_share(MASK, 16))
+    maps = gradcam_maps(model, marked[:24])
+    assert ev["region_share_mean"] == pytest.approx(float(region_share(maps, MASK, 16).mean()))
+    assert ev["deletion_auc_attribution"] < ev["deletion_auc_random"]
+    assert ev["randomisation_draws"] == 10 and 0 < ev["randomisation_pairs"] <= 240
+    assert ev["randomisation_spearman"] < 0.5
+    assert set(ev["reference"]) >= {"region_share_mean", "randomisation_spearman", "deletion_auc_attribution"}
+    with pytest.raises(ValueError, match="1x1"):
+        image_evidence(model, np.zeros((2, 1, 28, 28), np.float32), marker_mask(28))
+
+    audit = _minimal_audit()
+    html = render_html(audit, {"image_evidence": ev})
+    assert "<h2 id='image-evidence'>Image evidence (Grad-CAM)</h2>" in html
+    assert html.index("id='image-evidence'") < html.index("id='privacy'")
+    assert f"<td>{ev['region_share_mean']:.4f}</td>" in html
+    assert f"<td>{ev['reference']['deletion_auc_random']:.4f}</td>" in html
+    named = render_html(audit, {"image_evidence": {"mitigated": ev, "plain": {k: v for k, v in ev.items()
+                                                                              if k != "reference"}}})
+    assert "<td>mitigated</td>" in named and "<td>plain</td>" in named
+    assert "image-evidence" not in render_html(audit, {}) and "Grad-CAM" not in render_html(audit)
