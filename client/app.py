@@ -124,7 +124,7 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int):
         return mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse), meta
     x, y = site.part("train")
     return mitigation.StratifiedPathPenalty.for_site(model, x, meta, y, consortium, lam,
-                                                     per_cell=int(cfg.get("fair-per-cell", 16)), seed=seed), meta
+                                                     per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed), meta
 
 
 @producer("fair-pse")

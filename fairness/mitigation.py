@@ -228,10 +228,11 @@ class StratifiedPathPenalty:
     ramp_steps: int = 0  # λ grows linearly over the first ramp_steps steps (0: full λ from the start)
     reference: np.ndarray | None = None  # pool rows in a0 (None: all): they give p(k | a0); all rows give the means
     weights_by_stratum: np.ndarray | None = None  # given (federation): w_k indexed by stratum id, ratio_rows unused
-    pse: float | None = None  # given (federation: the consortium's broadcast PSE): the anchor of the factor
+    factor_weights: np.ndarray | None = None  # federation: the factor's weights by stratum id (default: the same)
+    factor_fill: float = 0.0  # federation: the factor's share from strata this site lacks (consortium means)
+    pse: float | None = None  # federation: the consortium's broadcast PSE, the factor before the first step
     _ema: float = 0.0
     _steps: int = 0
-    _anchor: float | None = None
     history: list[float] = field(default_factory=list)
 
     def __post_init__(self):
@@ -249,41 +250,51 @@ class StratifiedPathPenalty:
                 raise ValueError("strata must refine the density-ratio cells (one ratio per stratum)")
             freq = np.array([(strata[ref] == k).mean() for k in present])
             self.stratum_weights = freq * (rk - 1.0)
+        fw = self.stratum_weights if self.factor_weights is None else np.asarray(self.factor_weights, float)[present]
         self._members = [torch.as_tensor(np.flatnonzero(strata == k)) for k in present]
         self._w = torch.as_tensor(self.stratum_weights, dtype=torch.float32)
+        self._fw = torch.as_tensor(fw, dtype=torch.float32)
         self._gen = torch.Generator().manual_seed(int(self.seed))
 
     @classmethod
     def for_site(cls, model: torch.nn.Module, x: np.ndarray, meta: np.ndarray, y: np.ndarray,
                  consortium: "ConsortiumStrata", lam: float, **kwargs) -> "StratifiedPathPenalty":
-        """One site's share in federated training. With ``w'_k = w_k · (n_site,k / n_k) · (n / n_site)`` (``n_k``
-        the consortium's pool rows in stratum k, ``n`` its training rows), FedAvg's ``n_site / n`` weighting sums
-        the sites' estimates to ``Σ_k w_k · (consortium mean score in k)``: the pooled penalty."""
+        """One site's share in federated training.
+
+        Gradient: with ``w'_k = w_k · (n_site,k / n_k) · (n / n_site)`` (``n_k`` the consortium's pool rows in
+        stratum k, ``n`` its training rows), FedAvg's ``n_site / n`` weighting sums the sites' terms to
+        ``Σ_k w_k · (consortium mean score in k)``: the pooled penalty's gradient.
+        Factor: the consortium PSE evaluated with this site's own stratum means (exact, no release noise; the
+        consortium's released means fill the strata the site lacks, e.g. a scanner it does not have), tracked
+        step by step like the centralised running value. Measured: the broadcast PSE itself carries the release
+        noise (sd ~0.03 at release-noise 5, as large as the effect) and, held fixed over a round of local steps,
+        overshoots; both made the model stop learning."""
         strata = stratum_index(meta, y, consortium.c_edges, consortium.n_s)
         pool = np.ones(len(y), bool) if consortium.pool_groups else meta[:, 0] == 0
         n_local = np.bincount(strata[pool], minlength=len(consortium.w)).astype(float)
         w = consortium.w * n_local / np.maximum(consortium.n_pool, 1.0) * (consortium.n_total / max(len(y), 1))
+        fill = float((consortium.w * consortium.means)[n_local == 0].sum())
         return cls(model, np.asarray(x)[pool], strata[pool], np.zeros(int(pool.sum())), lam=lam,
-                   weights_by_stratum=w, pse=consortium.pse, **kwargs)
+                   weights_by_stratum=w, factor_weights=consortium.w, factor_fill=fill, pse=consortium.pse, **kwargs)
 
     @property
     def running(self) -> float:
-        """The factor: a moving average of earlier estimates; in federation the broadcast PSE of the global model
-        plus how far this site's own estimate has moved since the round began (a fixed factor over many local
-        steps keeps pushing the same way long after the PSE has crossed zero: measured, it overshoots to the
-        opposite sign and wrecks the model)."""
-        avg = self._ema / (1.0 - self.momentum ** self._steps) if self._steps else 0.0
-        if self.pse is None:
-            return avg
-        return float(self.pse) + (avg - self._anchor if self._steps else 0.0)
+        """The factor: a bias-corrected moving average of earlier steps' (detached) estimates, never the current
+        draw; before the first step, the broadcast PSE (federation) or 0."""
+        if self._steps:
+            return self._ema / (1.0 - self.momentum ** self._steps)
+        return float(self.pse) if self.pse is not None else 0.0
 
-    def estimate(self) -> torch.Tensor:
-        """``Σ_k w_k · (mean score of per_cell rows drawn from stratum k)``, differentiable."""
+    def _means(self) -> torch.Tensor:
         idx = [m[torch.randint(len(m), (self.per_cell,), generator=self._gen)] for m in self._members]
         device = next(self.model.parameters()).device
         scores = positive_score(self.model(self._x[torch.cat(idx)].to(device)))
-        means = scores.view(len(idx), self.per_cell).mean(1)
-        return (self._w.to(device) * means).sum()
+        return scores.view(len(idx), self.per_cell).mean(1)
+
+    def estimate(self) -> torch.Tensor:
+        """``Σ_k w_k · (mean score of per_cell rows drawn from stratum k)``, differentiable."""
+        means = self._means()
+        return (self._w.to(means.device) * means).sum()
 
     def exact(self) -> torch.Tensor:
         """``Σ_k w_k · (mean score over ALL pool rows of stratum k)``: the quantity ``estimate`` draws from."""
@@ -297,13 +308,12 @@ class StratifiedPathPenalty:
             return logits.sum() * 0.0
         value = self.running
         self.history.append(value)
-        est = self.estimate()
+        means = self._means()
+        est = (self._w.to(means.device) * means).sum()
+        factor_now = float((self._fw.to(means.device) * means.detach()).sum()) + self.factor_fill
         lam = self.lam * min(1.0, (self._steps + 1) / self.ramp_steps) if self.ramp_steps else self.lam
-        self._ema = self.momentum * self._ema + (1.0 - self.momentum) * float(est.detach())
+        self._ema = self.momentum * self._ema + (1.0 - self.momentum) * factor_now
         self._steps += 1
-        if self._anchor is None and self.pse is not None:
-            with torch.no_grad():
-                self._anchor = float(self.exact())  # this site's estimate at the global model, all its rows
         return (2.0 * lam * value) * est
 
 
@@ -346,6 +356,7 @@ class ConsortiumStrata:
     n_pool: np.ndarray
     n_total: float
     pse: float
+    means: np.ndarray  # the consortium's mean score per stratum (from the released sums)
     pool_groups: bool = True
     n_s: int = 2
     c_edges: tuple[float, ...] = ()
@@ -353,13 +364,15 @@ class ConsortiumStrata:
     def to_config(self) -> dict[str, Any]:
         return {**self.weights.to_config(), "fair-pse": float(self.pse), "fair-stratum-w": [float(v) for v in self.w],
                 "fair-stratum-n": [float(v) for v in self.n_pool], "fair-n-total": float(self.n_total),
+                "fair-stratum-mean": [float(v) for v in self.means],
                 "fair-pool-groups": bool(self.pool_groups)}
 
     @classmethod
     def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "ConsortiumStrata":
         return cls(DensityRatio.from_config(config, n_s, c_edges), np.asarray(list(config["fair-stratum-w"]), float),
                    np.asarray(list(config["fair-stratum-n"]), float), float(config["fair-n-total"]),
-                   float(config["fair-pse"]), bool(config["fair-pool-groups"]), n_s, tuple(c_edges))
+                   float(config["fair-pse"]), np.asarray(list(config["fair-stratum-mean"]), float),
+                   bool(config["fair-pool-groups"]), n_s, tuple(c_edges))
 
 
 def consortium_strata(counts: list[np.ndarray], sums: list[np.ndarray], c_edges: tuple[float, ...] = (),
@@ -376,7 +389,7 @@ def consortium_strata(counts: list[np.ndarray], sums: list[np.ndarray], c_edges:
     n_pool = (n.sum(0) if pool_groups else n[0]).ravel()
     s_pool = (total.sum(0) if pool_groups else total[0]).ravel()
     means = np.clip(s_pool / np.maximum(n_pool, 1.0), 0.0, 1.0)
-    return ConsortiumStrata(weights, w, n_pool, float(n.sum()), float((w * means).sum()), pool_groups, n_s,
+    return ConsortiumStrata(weights, w, n_pool, float(n.sum()), float((w * means).sum()), means, pool_groups, n_s,
                             tuple(c_edges))
 
 
