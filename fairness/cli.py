@@ -1,6 +1,11 @@
 """``equifed-audit``: the causal fairness audit of any model's predictions, as an HTML report plus JSON.
 
     equifed-audit --predictions preds.csv --graph synthetic --out audit/ [--site-column site] [--run-dir runs/x]
+                  [--model final_model.pt --images SITE_DIR [--reference-model before.pt]]
+
+With ``--model`` and ``--images`` the report also shows image evidence (Grad-CAM share of attribution in a region,
+e.g. a scanner's burnt-in marker, with the parameter-randomisation check and a deletion curve) on the site's images
+selected by ``--image-filter``, before/after when ``--reference-model`` is given.
 
 The CSV needs one column per observed node of the graph spec (a shipped name such as ``synthetic`` or a TOML path).
 Exits 2 with a one-line message on bad input (missing file or column, invalid graph, unusable data).
@@ -31,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specificity", type=float, default=0.8, help="operating point of the group metrics")
     p.add_argument("--no-dowhy", action="store_true", help="skip DoWhy's refuters and independence tests")
     p.add_argument("--no-placebo", action="store_true", help="skip the permuted-A placebo")
+    g = p.add_argument_group("image evidence (Grad-CAM)")
+    g.add_argument("--model", default=None, help="model weights (final_model.pt or a round checkpoint)")
+    g.add_argument("--reference-model", default=None, help="weights to compare with (e.g. before mitigation)")
+    g.add_argument("--images", default=None, help="a site folder (manifest.csv + images) to explain")
+    g.add_argument("--image-filter", default="scanner_legacy=1", help="manifest rows to explain: column=value")
+    g.add_argument("--region", default="0,0,0.1,0.1",
+                   help="the region of interest as fractions y0,x0,y1,x1 (default: the synthetic marker corner)")
+    g.add_argument("--arch", default="cnn", help="network of the weights (cnn | resnet)")
+    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--max-images", type=int, default=200)
     return p
 
 
@@ -70,12 +85,63 @@ def main(argv: list[str] | None = None) -> int:
         context = run_context(args.run_dir) if args.run_dir else None
         if args.run_dir and not Path(args.run_dir).is_dir():
             return fail(f"run folder not found: {args.run_dir}")
+        if args.model or args.images:
+            if not (args.model and args.images):
+                return fail("image evidence needs both --model and --images")
+            context = {**(context or {}), "image_evidence": image_evidence_from_files(args)}
         paths = write_report(audit, args.out, context=context)
-    except (GraphError, ValueError) as err:  # GraphError covers spec, column and estimation errors
+    except (GraphError, ValueError, FileNotFoundError) as err:  # GraphError: spec, column and estimation errors
         return fail(str(err))
     print(audit["verdict"]["text"])
     print(f"report: {paths['html']}\njson:   {paths['json']}")
     return 0
+
+
+def _load_weights(path: str, arch: str):
+    import torch
+
+    from core_models.networks import build_model
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_model(arch)
+    model.load_state_dict(state["model"] if isinstance(state, dict) and "model" in state else state)
+    return model.eval()
+
+
+def region_mask(text: str, size: int):
+    """Boolean (size, size) mask of a box given as fractions "y0,x0,y1,x1"."""
+    import numpy as np
+
+    try:
+        y0, x0, y1, x1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--region must be four fractions y0,x0,y1,x1, got {text!r}") from None
+    if not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+        raise ValueError(f"--region must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1, got {text!r}")
+    mask = np.zeros((size, size), bool)
+    mask[int(y0 * size):max(int(y0 * size) + 1, round(y1 * size)),
+         int(x0 * size):max(int(x0 * size) + 1, round(x1 * size))] = True
+    return mask
+
+
+def image_evidence_from_files(args) -> dict:
+    """Grad-CAM evidence for ``--model`` (and ``--reference-model``) on the ``--images`` rows ``--image-filter``."""
+    from core_models.data import load_site
+    from fairness.attribution import image_evidence
+
+    data = load_site(Path(args.images), image_size=args.image_size)
+    column, _, value = args.image_filter.partition("=")
+    if column not in data.frame:
+        raise ValueError(f"--image-filter column {column!r} is not in {args.images}/manifest.csv")
+    keep = (data.frame[column].astype(str) == value).to_numpy()
+    if not keep.any():
+        raise ValueError(f"no image of {args.images} has {column} == {value}")
+    x = data.images[keep][: args.max_images]
+    reference = _load_weights(args.reference_model, args.arch) if args.reference_model else None
+    return image_evidence(_load_weights(args.model, args.arch), x, region_mask(args.region, args.image_size),
+                          reference_model=reference)
 
 
 if __name__ == "__main__":

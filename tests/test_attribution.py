@@ -187,3 +187,47 @@ def test_image_evidence_dict_and_report_section(trained):
                                                                               if k != "reference"}}})
     assert "<td>mitigated</td>" in named and "<td>plain</td>" in named
     assert "image-evidence" not in render_html(audit, {}) and "Grad-CAM" not in render_html(audit)
+
+
+def test_audit_cli_adds_image_evidence_from_files(trained, tmp_path, capsys):
+    """equifed-audit --model --images: a generated site folder (real DICOMs with the marker on legacy scans), the
+    marker-reading model as weights on disk; the report carries the evidence; bad inputs exit 2 with a message."""
+    import json
+
+    import pandas as pd
+
+    from fairness.cli import main as audit_main
+    from simulations.generator import generate_consortium
+
+    model, _, _ = trained
+    (tmp_path / "s.toml").write_text('name = "cam"\nseed = 5\nimage_size = 32\n[defaults]\nn = 40\nmarker = true\n'
+                                     'p_s_a0 = 0.5\np_s_a1 = 0.9\n[[sites]]\nname = "east"\n')
+    (site,) = generate_consortium(tmp_path / "s.toml", tmp_path / "data")
+    torch.save({"model": model.state_dict()}, tmp_path / "final_model.pt")
+    rng = np.random.default_rng(0)
+    n = 800
+    a = rng.integers(0, 2, n)
+    s = (rng.random(n) < np.where(a == 1, 0.8, 0.2)).astype(int)
+    d = (rng.random(n) < 0.3 + 0.2 * a).astype(int)
+    pd.DataFrame({"group": a, "age": rng.normal(60, 10, n), "scanner_legacy": s, "label": d,
+                  "score": np.clip(0.2 + 0.4 * d + 0.1 * s + rng.normal(0, 0.05, n), 0, 1)}).to_csv(
+        tmp_path / "preds.csv", index=False)
+    base = ["--predictions", str(tmp_path / "preds.csv"), "--graph", "synthetic", "--n-boot", "20", "--no-dowhy",
+            "--no-placebo"]
+    assert audit_main(base + ["--out", str(tmp_path / "audit"), "--model", str(tmp_path / "final_model.pt"),
+                              "--images", str(site)]) == 0
+    audit = json.loads((tmp_path / "audit" / "fairness_audit.json").read_text())
+    ev = audit["context"]["image_evidence"]
+    legacy = int((pd.read_csv(site / "manifest.csv")["scanner_legacy"] == 1).sum())
+    assert ev["n_images"] == legacy > 0
+    assert ev["region_share_mean"] > ev["region_area_share"]  # the marker model looks at the corner
+    assert "id='image-evidence'" in (tmp_path / "audit" / "fairness_audit.html").read_text()
+    capsys.readouterr()
+    for extra, message in [(["--model", str(tmp_path / "final_model.pt")], "both --model and --images"),
+                           (["--model", str(tmp_path / "nope.pt"), "--images", str(site)], "not found"),
+                           (["--model", str(tmp_path / "final_model.pt"), "--images", str(site), "--region", "0,0,2"],
+                            "--region"),
+                           (["--model", str(tmp_path / "final_model.pt"), "--images", str(site), "--image-filter",
+                             "scanner_legacy=7"], "no image")]:
+        assert audit_main(base + ["--out", str(tmp_path / "x")] + extra) == 2
+        assert message in capsys.readouterr().err
