@@ -29,15 +29,16 @@ Methods (same data, same seed, same network and schedule):
 * S-blind reference: the same network trained and scored on renders with the social mechanism off (S = 0 for all):
   the best a model without the social path can do; and that network scored on the real renders (its own social PSE).
 
-Grad-CAM (MONAI) on test images that carry the marker: share of the class-1 CAM mass in the marker corner, for the
-unmitigated and the penalised model, with the parameter-randomisation check (Adebayo et al. 2018: rank correlation
-between the trained and a randomly re-initialised model's maps must be low).
+Grad-CAM evidence (fairness/attribution.py) on test images that carry the marker, for the unmitigated and the
+penalised model: share of the class-1 CAM mass in the marker region (grown by the CAM stride) against its area, the
+parameter-randomisation check (Adebayo et al. 2018: the rank correlation between the trained and re-initialised
+models' maps must be low) and the deletion curve's area (Petsiuk et al. 2018: below random order if the map points
+at pixels the score depends on).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -45,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -53,6 +53,7 @@ from sklearn.metrics import roc_auc_score
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import SmallCNN
 from core_models.training import make_loader, train_epochs
+from fairness.attribution import gradcam_maps, image_evidence
 from fairness.mitigation import (DensityRatio, PathSpecificPenalty, ScoreShiftCorrection, StratifiedPathPenalty,
                                  cell_index, consortium_strata, pct, site_release_vectors, stratum_index)
 from simulations.generator import MAX_PIXEL, marker_mask, render, sample_holdout_truth, sample_truth, to_uint12
@@ -246,25 +247,6 @@ def evaluate(score_fn, data: dict) -> dict:
     }
 
 
-def gradcam_corner_share(model, x: np.ndarray, layer: str = "features.block2") -> tuple[np.ndarray, float]:
-    """Class-1 Grad-CAM maps (N, H, W) and the mean share of their mass in the marker corner (the marker square
-    grown by the CAM layer's stride, 4 px)."""
-    from monai.visualize import GradCAM
-
-    model = copy.deepcopy(model).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    cam = GradCAM(nn_module=model, target_layers=layer)
-    maps = cam(torch.from_numpy(x), class_idx=1).detach().numpy()[:, 0]
-    size = x.shape[-1]
-    ys, xs = np.nonzero(marker_mask(size))
-    corner = np.zeros((size, size), bool)
-    corner[: ys.max() + 1 + 4, : xs.max() + 1 + 4] = True
-    mass = maps.reshape(len(maps), -1).sum(1)
-    share = maps[:, corner].sum(1) / np.maximum(mass, 1e-12)
-    return maps, float(share.mean())
-
-
 # ------------------------------------------------------------------------------------------------ run
 
 def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
@@ -355,22 +337,26 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     if not cam:
         return rows
 
-    # Grad-CAM on test images that carry the marker
+    # Grad-CAM evidence (fairness.attribution) on test images that carry the marker: share of the attribution in
+    # the marker corner vs its area, parameter-randomisation check, deletion curve against random order
     marked = te["x"][te["meta"][:, 1] == 1][:200]
+    mask = marker_mask(marked.shape[-1])
     lam_cam = max(lams) if lams else None
-    maps0, share0 = gradcam_corner_share(base, marked)
-    rows[0]["cam_corner_share"] = share0
-    torch.manual_seed(seed + 1000)
-    maps_rand, share_rand = gradcam_corner_share(SmallCNN().eval(), marked)
-    rho = float(np.nanmedian([spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(maps0, maps_rand)]))
-    rows[0]["cam_randomised_rank_corr"] = rho
+    cam_models = {"unmitigated": (base, rows[0])}
     if lam_cam is not None:
-        maps1, share1 = gradcam_corner_share(penalised[lam_cam], marked)
-        for r in rows:
-            if r["method"].startswith(f"path-specific penalty ({mode}") and r["method"].endswith(f" lam={lam_cam:g}"):
-                r["cam_corner_share"] = share1
-        if figure is not None:
-            _figure(figure, marked, maps0, maps1, share0, share1, lam_cam)
+        cam_models["penalised"] = (penalised[lam_cam], next(
+            r for r in rows if r["method"].startswith("path-specific penalty (") and r["method"].endswith(
+                f" lam={lam_cam:g}") and "per-sample" not in r["method"]))
+    maps = {}
+    for name, (model, row) in cam_models.items():
+        ev = image_evidence(model, marked, mask, seed=seed)
+        maps[name] = gradcam_maps(model, marked)
+        row.update(cam_region_share=ev["region_share_mean"], cam_area_share=ev["region_area_share"],
+                   cam_randomisation_rho=ev["randomisation_spearman"],
+                   cam_deletion_auc=ev["deletion_auc_attribution"], cam_deletion_auc_random=ev["deletion_auc_random"])
+    if figure is not None and lam_cam is not None:
+        _figure(figure, marked, maps["unmitigated"], maps["penalised"], cam_models["unmitigated"][1]["cam_region_share"],
+                cam_models["penalised"][1]["cam_region_share"], lam_cam)
     return rows
 
 
@@ -391,8 +377,11 @@ def _figure(path: Path, x, maps0, maps1, share0, share1, lam) -> None:
         for i in range(3):
             ax[i, j].axis("off")
     ax[0, 0].set_title("image (marker top-left)", fontsize=8, loc="left")
-    ax[1, 0].set_title(f"unmitigated: corner share {share0:.2f}", fontsize=8, loc="left")
-    ax[2, 0].set_title(f"penalty lam={lam:g}: corner share {share1:.2f}", fontsize=8, loc="left")
+    def fmt(v):
+        return "n/a (all-zero maps)" if v is None else f"{v:.2f}"
+
+    ax[1, 0].set_title(f"unmitigated: corner-region share {fmt(share0)}", fontsize=8, loc="left")
+    ax[2, 0].set_title(f"penalty lam={lam:g}: corner-region share {fmt(share1)}", fontsize=8, loc="left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -441,10 +430,11 @@ def main(argv: list[str] | None = None) -> None:
                     lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
-            "social_removed_%", "permissible_kept_%", "cam_corner_share"]
+            "social_removed_%", "permissible_kept_%", "cam_region_share", "cam_area_share", "cam_deletion_auc",
+            "cam_deletion_auc_random"]
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(agg[[c for c in cols if c in agg]].to_string())
-        extra = agg[[c for c in ("a_probe_auroc", "cam_randomised_rank_corr", "delta", "running_pse_last")
+        extra = agg[[c for c in ("a_probe_auroc", "cam_randomisation_rho", "delta", "running_pse_last")
                      if c in agg]].dropna(how="all")
         print(extra.to_string())
     print(f"seeds {args.seeds}, epochs {args.epochs}, wall {time.perf_counter() - t0:.0f} s")
