@@ -122,19 +122,22 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int):
     meta = _fair_meta(site, cfg)
     if bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
         return mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse), meta
-    x, y = site.part("train")
-    return mitigation.StratifiedPathPenalty.for_site(model, x, meta, y, consortium, lam,
+    split = str(cfg.get("fair-pool-split", "val"))
+    x, y = site.part(split)
+    return mitigation.StratifiedPathPenalty.for_site(model, x, _fair_meta(site, cfg, split), y, consortium, lam,
                                                      per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed), meta
 
 
 @producer("fair-pse")
 def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
-    """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the train
-    split, each noised (sensitivity 1: one patient is in one cell, score in [0, 1]) and charged."""
-    x, y = site.part("train")
+    """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the split
+    the penalty draws from (`fair-pool-split`), each noised (sensitivity 1: one patient is in one cell, score in
+    [0, 1]) and charged."""
+    split = str(request.get("fair-pool-split", "val"))
+    x, y = site.part(split)
     scores = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
     counts, sums = mitigation.site_release_vectors(
-        _fair_meta(site, request), scores, y, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
+        _fair_meta(site, request, split), scores, y, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
         int(request.get("fair-mediator-levels", 2)))
     out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
     if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
