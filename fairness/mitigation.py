@@ -17,11 +17,13 @@ earlier batches), and only ``∇PSE`` comes from the batch, as the unbiased per-
 normalisers (``P(a0)`` and the ratio table are global, not batch-level: a Hajek ratio inside the batch is biased and
 not per-sample). The returned term is ``2λ · PSE_running · PSE_batch``: its value is not meaningful, its gradient is.
 
-**Two estimates of ∇PSE.** :class:`PathSpecificPenalty` uses the training minibatch (a per-sample loss: DP-SGD and
-federation, where the factor is the server's broadcast). :class:`StratifiedPathPenalty` (centralised or one site)
-draws reference-group rows from every (S, C-bin, D) stratum in an extra forward pass: the same expectation with far
-less noise, which is what let the penalty remove the marker effect without flattening the lesion's
-(benchmarks/RESULTS.md, "Removing the social-pathway effect").
+**Two estimates of ∇PSE.** :class:`PathSpecificPenalty` uses the training minibatch (a per-sample loss: the form
+used under DP-SGD, where the factor is the server's broadcast). :class:`StratifiedPathPenalty` draws rows from every
+(S, C-bin, D) stratum in an extra forward pass: the same expectation with far less noise, which is what let the
+penalty remove the marker effect without flattening the lesion's (benchmarks/RESULTS.md, "Removing the
+social-pathway effect"). Its stratum means can pool both groups (``reference``: valid when A reaches the image only
+through the mediators and D), and :meth:`StratifiedPathPenalty.for_site` gives one site's share in federated
+training (FedAvg's weighting sums the shares to the pooled penalty).
 
 **The weights** come from a table of counts of (A, S, C-bin) cells: summable across sites (released noised by each
 site), and exactly the Bayes-free form of the audit's ratio when C is binned (``c_edges``; none when the graph has no
