@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,12 @@ def main(grid: Grid, context: Context) -> None:
         strategy.expected_nodes[(current, "fair-pse")] = nodes
         replies = strategy._screen_privacy(current, replies, phase="fair-pse")
         strategy._record(current, "fair-pse", replies)
-        got = [r.records["fair-pse"] for r in to_releases(replies, ["fair-pse"]) if "fair-pse" in r.records]
+        releases = to_releases(replies, ["fair-pse"])
+        got = [r.records["fair-pse"] for r in releases if "fair-pse" in r.records]
+        missing = [f"{r.site} ({r.status})" for r in releases if "fair-pse" not in r.records]
+        if missing:  # e.g. a site's budget is exhausted: its share of the penalty is missing from now on
+            log(WARNING, "equifed fairness penalty: round %d: no release from %s; see per_site.csv", current,
+                ", ".join(missing))
         if not fair_counts:
             got = [g for g in got if "counts" in g]
             if not got:
