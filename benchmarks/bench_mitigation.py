@@ -163,7 +163,7 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
     from client.dp import plan_dp, train_dp
     from client.ledger import PrivacyLedger
     from client.statistics import Releaser
-    from fairness.mitigation import consortium_pse, site_release_vectors
+    from fairness.mitigation import consortium_pse
 
     tr = data["train"]
     workdir.mkdir(parents=True, exist_ok=True)
