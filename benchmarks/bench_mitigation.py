@@ -131,14 +131,16 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
             penalty = StratifiedPathPenalty(model, x, cells * 2 + tr["y"], weights.ratio[cells], lam=lam,
                                             per_cell=per_cell, seed=seed, ramp_steps=ramp_steps,
                                             reference=tr["meta"][:, 0] == 0)
-        elif mode == "pooled-sd-val":  # the same on the validation rows, which the cross-entropy never fits
-            va = data["val"]
+        elif mode in ("pooled-sd-val", "pooled-sd-all"):  # drawn from the validation rows (never fitted by the
+            va = data["val"]                                 # cross-entropy), or from training + validation rows
             meta = np.concatenate([tr["meta"], va["meta"]])
-            counts, _ = site_release_vectors(meta, np.zeros(len(meta)), np.concatenate([tr["y"], va["y"]]))
+            y_all = np.concatenate([tr["y"], va["y"]])
+            counts, _ = site_release_vectors(meta, np.zeros(len(meta)), y_all)
             w = consortium_strata([counts], [np.zeros_like(counts)]).w
-            penalty = StratifiedPathPenalty(model, va["x"], stratum_index(va["meta"], va["y"]), np.zeros(len(va["y"])),
-                                            lam=lam, per_cell=per_cell, seed=seed, ramp_steps=ramp_steps,
-                                            weights_by_stratum=w)
+            px, pm, py = (va["x"], va["meta"], va["y"]) if mode == "pooled-sd-val" else \
+                (np.concatenate([x, va["x"]]), meta, y_all)
+            penalty = StratifiedPathPenalty(model, px, stratum_index(pm, py), np.zeros(len(py)), lam=lam,
+                                            per_cell=per_cell, seed=seed, ramp_steps=ramp_steps, weights_by_stratum=w)
         else:
             penalty = PathSpecificPenalty(weights, lam=lam)
         loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
@@ -406,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--scenario", default=str(SCENARIO))
     parser.add_argument("--n-per-site", type=int, default=0, help="patients per site (0: the scenario's n)")
-    parser.add_argument("--mode", default="stratified-sd", choices=["stratified-sd", "pooled-sd", "pooled-sd-val", "stratified", "per-sample"])
+    parser.add_argument("--mode", default="stratified-sd", choices=["stratified-sd", "pooled-sd", "pooled-sd-val", "pooled-sd-all", "stratified", "per-sample"])
     parser.add_argument("--per-cell", type=int, default=32)
     parser.add_argument("--ramp-steps", type=int, default=0, help="stratified penalty: lambda ramps up over N steps")
     parser.add_argument("--penalty-epochs", type=int, default=0, help="epochs of the penalised runs (0: --epochs)")
