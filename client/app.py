@@ -110,7 +110,7 @@ def _fair_meta(site: LocalSite, cfg, part: str = "train"):
 
 def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int):
     """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has broadcast the
-    consortium's strata, weights and PSE (from round 2 on); else (None, None). Under DP-SGD, or with
+    consortium's strata, weights and PSE (before round 1 and after every round); else (None, None). Under DP-SGD, or with
     `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus clips it); otherwise
     this site's share of the stratified estimate (extra draws from every stratum: far less gradient noise)."""
     config = msg.content["config"]

@@ -220,7 +220,7 @@ class StratifiedPathPenalty:
     """
 
     model: torch.nn.Module
-    x_a0: np.ndarray  # images of the pool's rows (reference group only, unless ``reference`` is given)
+    x_pool: np.ndarray  # images of the pool's rows (reference group only, unless ``reference`` is given)
     strata: np.ndarray  # their stratum id (refining the (S, C-bin) cell, e.g. cell * 2 + D)
     ratio_rows: np.ndarray  # their cell's density ratio r (DensityRatio.ratio[cell_index(...)])
     lam: float
@@ -238,7 +238,7 @@ class StratifiedPathPenalty:
     history: list[float] = field(default_factory=list)
 
     def __post_init__(self):
-        self._x = torch.as_tensor(np.asarray(self.x_a0), dtype=torch.float32)
+        self._x = torch.as_tensor(np.asarray(self.x_pool), dtype=torch.float32)
         strata = np.asarray(self.strata)
         if self.weights_by_stratum is not None:
             present = np.unique(strata)

@@ -32,6 +32,15 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def _save_pair(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+    """Write <stem>.crt (PEM) and <stem>.key (owner-only); return both paths."""
+    crt_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+    folder.mkdir(parents=True, exist_ok=True)
+    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, _pem_key(key))
+    return crt_path, key_path
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -61,11 +70,7 @@ def create_ca(folder: Path, name: str = "equifed consortium CA") -> tuple[Path, 
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
-    crt_path, key_path = folder / "ca.crt", folder / "ca.key"
-    folder.mkdir(parents=True, exist_ok=True)
-    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(key_path, _pem_key(key))
-    return crt_path, key_path
+    return _save_pair(folder, "ca", cert, key)
 
 
 def create_server_cert(folder: Path, ca_crt: Path, ca_key: Path, hosts: list[str]) -> tuple[Path, Path]:
@@ -97,11 +102,7 @@ def create_server_cert(folder: Path, ca_crt: Path, ca_key: Path, hosts: list[str
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_private, hashes.SHA384())
     )
-    crt_path, key_path = folder / "server.crt", folder / "server.key"
-    folder.mkdir(parents=True, exist_ok=True)
-    crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(key_path, _pem_key(key))
-    return crt_path, key_path
+    return _save_pair(folder, "server", cert, key)
 
 
 def create_site_keys(folder: Path, site: str) -> tuple[Path, Path]:
