@@ -39,6 +39,7 @@ at pixels the score depends on).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -76,9 +77,13 @@ def _render(rows: pd.DataFrame, s=None, d=None) -> np.ndarray:
 
 
 def load_data(scenario_path: Path = SCENARIO, n_per_site: int | None = None, n_holdout: int | None = None,
-              seed: int = 0) -> dict:
-    """Train/val (from the sites, split by ``seed``) and test (holdout) sets, with truth rows and counterfactuals."""
+              seed: int = 0, fresh_consortium: bool = False) -> dict:
+    """Train/val (from the sites, split by ``seed``) and test (holdout) sets, with truth rows and counterfactuals.
+    ``fresh_consortium``: the patients (sites and holdout) are drawn anew for each seed (scenario seed + seed), so
+    the seed spread includes the sampling of the consortium, not only the split, initialisation and batch order."""
     sc = load_scenario(scenario_path)
+    if fresh_consortium:
+        sc = dataclasses.replace(sc, seed=sc.seed + seed)
     truth = pd.concat([sample_truth(s, sc.seed, n_per_site, image_size=sc.image_size) for s in sc.sites],
                       ignore_index=True)
     test = sample_holdout_truth(sc, n_holdout)
@@ -108,7 +113,8 @@ def load_data(scenario_path: Path = SCENARIO, n_per_site: int | None = None, n_h
 
 def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.ndarray | None = None,
               lr: float = 0.002, batch_size: int = 32, mode: str = "stratified-sd",
-              per_cell: int = 32, ramp_steps: int = 0) -> tuple[SmallCNN, dict]:
+              per_cell: int = 32, ramp_steps: int = 0, factorise: bool = True,
+              dual_lr: float = 0.0) -> tuple[SmallCNN, dict]:
     """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
     (StratifiedPathPenalty: per_cell reference-group rows from every scanner cell per step), "stratified-sd" (strata
     by scanner and label) or "per-sample"
@@ -126,27 +132,27 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
             strata = cells * 2 + tr["y"][a0] if mode == "stratified-sd" else cells
             penalty = StratifiedPathPenalty(model, x[a0], strata, weights.ratio[cells], lam=lam, per_cell=per_cell,
                                             seed=seed, ramp_steps=ramp_steps)
-        elif mode == "pooled-sd":  # strata (S, D) over both groups, weights p(k | a0)
-            cells = cell_index(tr["meta"][:, 1], None, (), 2)
-            penalty = StratifiedPathPenalty(model, x, cells * 2 + tr["y"], weights.ratio[cells], lam=lam,
-                                            per_cell=per_cell, seed=seed, ramp_steps=ramp_steps,
-                                            reference=tr["meta"][:, 0] == 0)
-        elif mode in ("pooled-sd-val", "pooled-sd-all"):  # drawn from the validation rows (never fitted by the
-            va = data["val"]                                 # cross-entropy), or from training + validation rows
+        elif mode in ("pooled-sd", "pooled-sd-val", "pooled-sd-all"):
+            # strata (S, D) over both groups, weights from the training + validation counts (consortium_strata);
+            # drawn from the training rows, the validation rows (never fitted by the cross-entropy) or both
+            va = data["val"]
             meta = np.concatenate([tr["meta"], va["meta"]])
             y_all = np.concatenate([tr["y"], va["y"]])
             counts, _ = site_release_vectors(meta, np.zeros(len(meta)), y_all)
-            w = consortium_strata([counts], [np.zeros_like(counts)]).w
-            px, pm, py = (va["x"], va["meta"], va["y"]) if mode == "pooled-sd-val" else \
-                (np.concatenate([x, va["x"]]), meta, y_all)
+            w = consortium_strata([counts], [np.zeros_like(counts)], factorise_label=factorise).w
+            pools = {"pooled-sd-val": (va["x"], va["meta"], va["y"]),
+                     "pooled-sd-all": (np.concatenate([x, va["x"]]), meta, y_all)}
+            px, pm, py = pools.get(mode, (x, tr["meta"], tr["y"]))
             penalty = StratifiedPathPenalty(model, px, stratum_index(pm, py), np.zeros(len(py)), lam=lam,
-                                            per_cell=per_cell, seed=seed, ramp_steps=ramp_steps, weights_by_stratum=w)
+                                            per_cell=per_cell, seed=seed, ramp_steps=ramp_steps, weights_by_stratum=w,
+                                            dual_lr=dual_lr)
         else:
             penalty = PathSpecificPenalty(weights, lam=lam)
         loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"),
                      penalty_fn=penalty)
         info["running_pse_last"] = penalty.running
+        info["mu_last"] = getattr(penalty, "mu", float("nan"))
     else:
         loader = make_loader(x, tr["y"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"))
@@ -246,6 +252,8 @@ def evaluate(score_fn, data: dict) -> dict:
         "true_social_pse": social,
         "true_permissible_pse": perm,
         "est_social_pse": weights.pse(a, s, None, p),
+        # what group-parity methods equalise: the groups' mean score gap (the a1 - a0 disease rate gap is real)
+        "group_gap": float(p[a == 1].mean() - p[a == 0].mean()),
     }
 
 
@@ -254,7 +262,7 @@ def evaluate(score_fn, data: dict) -> dict:
 def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
         per_cell: int = 32, lams_per_sample: tuple[float, ...] = (), cam: bool = True,
         dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0,
-        penalty_epochs: int = 0) -> list[dict]:
+        penalty_epochs: int = 0, factorise: bool = True, dual_lr: float = 0.0) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
 
@@ -285,13 +293,16 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     for lam in lams:
         t = time.perf_counter()
         model, info = train_cnn(data, penalty_epochs or epochs, seed, lam=lam, mode=mode, per_cell=per_cell,
-                                ramp_steps=ramp_steps)
+                                ramp_steps=ramp_steps, factorise=factorise, dual_lr=dual_lr)
         penalised[lam] = model
         label = mode + (f", ramp {ramp_steps}" if ramp_steps else "") + (f", per-cell {per_cell}" if per_cell != 32
                                                                            else "")
         label += f", {penalty_epochs} epochs" if penalty_epochs else ""
+        label += f", dual {dual_lr:g}" if dual_lr else ""
+        label += ", p(d|a0,s)" if mode.startswith("pooled") and not factorise else ""
         add(f"path-specific penalty ({label}) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
-            seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"])
+            seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"],
+            mu_last=info["mu_last"])
     for lam in lams_per_sample:
         model, info = train_cnn(data, epochs, seed, lam=lam, mode="per-sample")
         add(f"path-specific penalty (per-sample) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
@@ -408,9 +419,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--scenario", default=str(SCENARIO))
     parser.add_argument("--n-per-site", type=int, default=0, help="patients per site (0: the scenario's n)")
-    parser.add_argument("--mode", default="stratified-sd", choices=["stratified-sd", "pooled-sd", "pooled-sd-val", "pooled-sd-all", "stratified", "per-sample"])
+    parser.add_argument("--fresh-consortium", action="store_true",
+                        help="draw the patients anew for every seed (scenario seed + seed)")
+    parser.add_argument("--mode", default="stratified-sd",
+                        choices=["stratified-sd", "pooled-sd", "pooled-sd-val", "pooled-sd-all",
+                                 "stratified", "per-sample"])
     parser.add_argument("--per-cell", type=int, default=32)
     parser.add_argument("--ramp-steps", type=int, default=0, help="stratified penalty: lambda ramps up over N steps")
+    parser.add_argument("--dual-lr", type=float, default=0.0, help="pooled modes: augmented-Lagrangian multiplier step")
+    parser.add_argument("--no-factorise", action="store_true", help="pooled modes: weights with p(d | a0, s)")
     parser.add_argument("--penalty-epochs", type=int, default=0, help="epochs of the penalised runs (0: --epochs)")
     parser.add_argument("--lams-per-sample", default="", help="extra rows: the per-sample (DP/federated) form")
     parser.add_argument("--no-cam", action="store_true")
@@ -424,19 +441,20 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     t0 = time.perf_counter()
     for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
-        data = load_data(Path(args.scenario), n_per_site=args.n_per_site or None, seed=seed)
+        data = load_data(Path(args.scenario), n_per_site=args.n_per_site or None, seed=seed,
+                         fresh_consortium=args.fresh_consortium)
         rows += run(data, seed, args.epochs, lams, Path(args.figure) if (args.figure and i == 0) else None,
                     mode=args.mode, per_cell=args.per_cell, cam=not args.no_cam, dp_eps=args.dp_eps,
                     dp_lam=args.dp_lam, dp_only=args.dp_only, ramp_steps=args.ramp_steps,
-                    penalty_epochs=args.penalty_epochs,
+                    penalty_epochs=args.penalty_epochs, factorise=not args.no_factorise, dual_lr=args.dual_lr,
                     lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
-            "social_removed_%", "permissible_kept_%", "cam_region_share", "cam_area_share", "cam_deletion_auc",
-            "cam_deletion_auc_random"]
+            "group_gap", "social_removed_%", "permissible_kept_%", "cam_region_share", "cam_area_share",
+            "cam_deletion_auc", "cam_deletion_auc_random"]
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(agg[[c for c in cols if c in agg]].to_string())
-        extra = agg[[c for c in ("a_probe_auroc", "cam_randomisation_rho", "delta", "running_pse_last")
+        extra = agg[[c for c in ("a_probe_auroc", "cam_randomisation_rho", "delta", "running_pse_last", "mu_last")
                      if c in agg]].dropna(how="all")
         print(extra.to_string())
     print(f"seeds {args.seeds}, epochs {args.epochs}, wall {time.perf_counter() - t0:.0f} s")
@@ -454,7 +472,7 @@ def markdown_table(rows: list[dict]) -> str:
     df["social_removed_%"] = 100 - 100 * df["true_social_pse"] / df["seed"].map(base["true_social_pse"])
     df["permissible_kept_%"] = 100 * df["true_permissible_pse"] / df["seed"].map(base["true_permissible_pse"])
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
-            "social_removed_%", "permissible_kept_%", "epsilon"]
+            "group_gap", "social_removed_%", "permissible_kept_%", "epsilon"]
     out = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for method, g in df.groupby("method", sort=False):
         cells = []

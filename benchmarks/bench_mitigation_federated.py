@@ -13,6 +13,7 @@ round (noised, charged to their ledgers); ``epsilon`` is the largest site's ledg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -27,7 +28,7 @@ from client.ledger import PrivacyLedger
 from core_models.networks import build_model
 from simulations.generator import generate_consortium
 from simulations.run import main as simulate
-from simulations.scenario import load_scenario
+from simulations.scenario import load_scenario, scenario_to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,19 +72,30 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra run config for every run (e.g. fair-form=per-sample)")
     parser.add_argument("--markdown", default="", help="write the seed-mean (sd) table here")
     parser.add_argument("--json", default="")
+    parser.add_argument("--fresh-consortium", action="store_true",
+                        help="draw the patients anew for every seed (scenario seed + seed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bench = _bench()
     scenario = Path(args.scenario).resolve()
-    data = bench.load_data(scenario)  # the holdout and its counterfactual re-renders (the sites' own data are not used)
     lams = [float(v) for v in args.lams.split(",") if v.strip()]
     rows = []
     with tempfile.TemporaryDirectory(prefix="equifed-fedmit-") as tmp:
-        generate_consortium(load_scenario(scenario), Path(tmp) / "data")  # once; each run gets a fresh copy
+        data, drawn = None, None
         for seed in [int(s) for s in args.seeds.split(",")]:
+            if data is None or args.fresh_consortium:
+                sc = load_scenario(scenario)
+                if args.fresh_consortium:
+                    sc = dataclasses.replace(sc, seed=sc.seed + seed)
+                    scenario = Path(tmp) / f"scenario-{seed}.toml"
+                    scenario.write_text(scenario_to_toml(sc))
+                # the holdout and its counterfactual re-renders (the sites' own data are not used)
+                data = bench.load_data(scenario, seed=seed)
+                drawn = Path(tmp) / f"data-{sc.seed}"
+                generate_consortium(sc, drawn)  # once per draw; each run gets a fresh copy
             for lam in [0.0] + lams:
                 out = Path(tmp) / f"s{seed}-l{lam:g}"
-                shutil.copytree(Path(tmp) / "data", out / "data")  # fresh ledgers: every run starts at epsilon 0
+                shutil.copytree(drawn, out / "data")  # fresh ledgers: every run starts at epsilon 0
                 model, info = run_one(scenario, out, seed, lam, args.rounds, args.run_config)
                 method = "unmitigated" if lam == 0 else f"path-specific penalty (federated) lam={lam:g}"
                 rows.append({"seed": seed, "method": method, **bench.evaluate(

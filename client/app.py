@@ -108,11 +108,12 @@ def _fair_meta(site: LocalSite, cfg, part: str = "train"):
                                  int(cfg.get("fair-reference", 0)))
 
 
-def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int):
+def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: float = 0.0):
     """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has broadcast the
     consortium's strata, weights and PSE (before round 1 and after every round); else (None, None). Under DP-SGD, or with
     `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus clips it); otherwise
-    this site's share of the stratified estimate (extra draws from every stratum: far less gradient noise)."""
+    this site's share of the stratified estimate (extra draws from every stratum: far less gradient noise), with
+    the site's augmented-Lagrangian multiplier ``mu`` (`fair-dual-lr` > 0; kept in the node's state, never sent)."""
     config = msg.content["config"]
     lam = float(cfg.get("fair-lambda", 0.0))
     if lam <= 0 or "fair-ratio" not in config:
@@ -125,7 +126,8 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int):
     split = str(cfg.get("fair-pool-split", "val"))
     x, y = site.part(split)
     return mitigation.StratifiedPathPenalty.for_site(model, x, _fair_meta(site, cfg, split), y, consortium, lam,
-                                                     per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed), meta
+                                                     per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed,
+                                                     dual_lr=float(cfg.get("fair-dual-lr", 0.0)), mu=mu), meta
 
 
 @producer("fair-pse")
@@ -161,7 +163,8 @@ def train(msg: Message, context: Context) -> Message:
                   weight_decay=float(cfg["weight-decay"]),
                   proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     privacy: dict = {}
-    penalty, meta = _fair_penalty(msg, cfg, site, model, seed)
+    fair_state = context.state.config_records.get("fair-state", ConfigRecord({"mu": 0.0}))
+    penalty, meta = _fair_penalty(msg, cfg, site, model, seed, mu=float(fair_state["mu"]))
     if bool(cfg.get("dp", False)):
         ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
                                     max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),
@@ -207,6 +210,8 @@ def train(msg: Message, context: Context) -> Message:
             "noise-multiplier": noise,
         }
     )
+    if isinstance(penalty, mitigation.StratifiedPathPenalty):  # the multiplier carries over to the next round
+        context.state["fair-state"] = ConfigRecord({"mu": float(penalty.mu)})
     content = {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}
     if privacy:
         content["privacy"] = ConfigRecord(privacy)

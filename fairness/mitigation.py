@@ -217,6 +217,12 @@ class StratifiedPathPenalty:
     D (no direct A -> X edge: then E[ŷ | k, a0] = E[ŷ | k]); it gives the rare stratum (the mediator level that is
     uncommon in a0, e.g. ~80 legacy scans) the many rows the other group has, so the network must become invariant
     to S rather than equalise a few memorised reference images.
+
+    ``dual_lr`` > 0 turns the penalty into an augmented Lagrangian for the constraint PSE = 0: the factor becomes
+    ``2·λ·PSE_running + mu`` with the multiplier ``mu += dual_lr · PSE`` after every step. The penalty alone
+    settles where ``2·λ·PSE·∇PSE`` balances the cross-entropy's pull towards the shortcut, so a model that leans
+    on it strongly keeps a residual; the multiplier integrates that residual away (measured: one consortium
+    draw with a social PSE of 0.177 kept 0.027 at λ = 30, 0.016 with ``dual_lr`` 1, 0.000 with 5).
     """
 
     model: torch.nn.Module
@@ -233,6 +239,8 @@ class StratifiedPathPenalty:
     factor_weights: np.ndarray | None = None  # federation: the factor's weights by stratum id (default: the same)
     factor_fill: float = 0.0  # federation: the factor's share from strata this site lacks (consortium means)
     pse: float | None = None  # federation: the consortium's broadcast PSE, the factor before the first step
+    dual_lr: float = 0.0  # > 0: augmented Lagrangian, a multiplier mu += dual_lr * PSE each step (see __call__)
+    mu: float = 0.0  # the multiplier (carried across rounds in federation through the broadcast)
     _ema: float = 0.0
     _steps: int = 0
     history: list[float] = field(default_factory=list)
@@ -316,7 +324,9 @@ class StratifiedPathPenalty:
         lam = self.lam * min(1.0, (self._steps + 1) / self.ramp_steps) if self.ramp_steps else self.lam
         self._ema = self.momentum * self._ema + (1.0 - self.momentum) * factor_now
         self._steps += 1
-        return (2.0 * lam * value) * est
+        coef = 2.0 * lam * value + self.mu
+        self.mu += self.dual_lr * factor_now
+        return coef * est
 
 
 def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", reference: Any = 0) -> np.ndarray:
@@ -377,17 +387,36 @@ class ConsortiumStrata:
                    bool(config["fair-pool-groups"]), n_s, tuple(c_edges))
 
 
+def stratum_weights(n: np.ndarray, ratio: np.ndarray, n_s: int = 2, factorise_label: bool = True) -> np.ndarray:
+    """``w_k`` for strata k = (S, C-bin, D) from counts ``n`` of shape (A, cell, D) and the cells' ratios:
+    ``p(s, c | a0) · (r(s, c) - 1) · p(d | a0, s, c)``. With ``factorise_label`` the last factor is
+    ``p(d | a0, c)``, pooled over S: the same value in the population when D ⟂ S | A, C (no S -> D edge), and far
+    less noisy, since p(d | a0, s, c) of the rare mediator level (~10 % of a0) comes from few patients and
+    multiplies the large score gap between D = 1 and D = 0. Measured on the marker scenario (one trained model,
+    12 consortium draws of 2000 patients): error sd of the PSE 0.021 -> 0.013."""
+    n = np.clip(np.asarray(n, float), 0.0, None)
+    n0 = n[0].reshape(n_s, -1, 2)  # (S, C-bin, D) of the reference group
+    p_sc = n0.sum(2) / max(n0.sum(), 1e-12)
+    if factorise_label:
+        by_c = n0.sum(0)  # (C-bin, D)
+        p_d = np.broadcast_to(by_c / np.maximum(by_c.sum(1, keepdims=True), 1e-12), n0.shape)
+    else:
+        p_d = n0 / np.maximum(n0.sum(2, keepdims=True), 1e-12)
+    w = (p_sc * (np.asarray(ratio, float).reshape(n_s, -1) - 1.0))[..., None] * p_d
+    return w.ravel()
+
+
 def consortium_strata(counts: list[np.ndarray], sums: list[np.ndarray], c_edges: tuple[float, ...] = (),
-                      n_s: int = 2, max_weight: float = 20.0, pool_groups: bool = True) -> ConsortiumStrata:
+                      n_s: int = 2, max_weight: float = 20.0, pool_groups: bool = True,
+                      factorise_label: bool = True) -> ConsortiumStrata:
     """Server side: from the sites' released (A, stratum) counts and score sums, the density-ratio table, the
-    stratum weights and the consortium PSE ``Σ_k w_k · mean score in k`` (the mean over both groups when
-    ``pool_groups``: valid when A reaches the image only through the mediators and D; else over the reference
-    group, which is exactly the per-sample plug-in PSE)."""
+    stratum weights (:func:`stratum_weights`) and the consortium PSE ``Σ_k w_k · mean score in k`` (the mean over
+    both groups when ``pool_groups``: valid when A reaches the image only through the mediators and D; else over the
+    reference group, which with ``factorise_label=False`` is exactly the per-sample plug-in PSE)."""
     n = np.clip(np.sum([np.asarray(x, float) for x in counts], axis=0).reshape(2, -1, 2), 0.0, None)  # (A, cell, D)
     total = np.sum([np.asarray(x, float) for x in sums], axis=0).reshape(2, -1, 2)
     weights = DensityRatio.from_counts(n.sum(2), n_s, c_edges, max_weight=max_weight)
-    p_k_a0 = (n[0] / max(n[0].sum(), 1e-12)).ravel()
-    w = p_k_a0 * np.repeat(weights.ratio - 1.0, 2)
+    w = stratum_weights(n, weights.ratio, n_s, factorise_label)
     n_pool = (n.sum(0) if pool_groups else n[0]).ravel()
     s_pool = (total.sum(0) if pool_groups else total[0]).ravel()
     means = np.clip(s_pool / np.maximum(n_pool, 1.0), 0.0, 1.0)
@@ -398,7 +427,7 @@ def consortium_strata(counts: list[np.ndarray], sums: list[np.ndarray], c_edges:
 def consortium_pse(counts: list[np.ndarray], sums: list[np.ndarray], c_edges: tuple[float, ...] = (),
                    n_s: int = 2, max_weight: float = 20.0) -> tuple[DensityRatio, float]:
     """Server side, per-sample form: the density-ratio table and the reference group's plug-in PSE."""
-    got = consortium_strata(counts, sums, c_edges, n_s, max_weight, pool_groups=False)
+    got = consortium_strata(counts, sums, c_edges, n_s, max_weight, pool_groups=False, factorise_label=False)
     return got.weights, got.pse
 
 

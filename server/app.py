@@ -106,7 +106,8 @@ def main(grid: Grid, context: Context) -> None:
         consortium = mitigation.consortium_strata(
             fair_counts, [np.sum([np.asarray(g["sums"]) for g in got], axis=0)],
             mitigation.parse_edges(cfg.get("fair-covariate-edges", "")), int(cfg.get("fair-mediator-levels", 2)),
-            max_weight=float(cfg.get("fair-max-weight", 20.0)), pool_groups=bool(cfg.get("fair-pool-groups", True)))
+            max_weight=float(cfg.get("fair-max-weight", 20.0)), pool_groups=bool(cfg.get("fair-pool-groups", True)),
+            factorise_label=bool(cfg.get("fair-factorise-label", True)))
         pse = consortium.pse
         strategy.broadcast = consortium.to_config()
         return {"fair_pse": pse, "fair_sites": len(got)}

@@ -294,15 +294,21 @@ def test_federated_stratified_penalty_equals_pooled_stratified_penalty_two_sites
     with torch.no_grad():
         scores = [positive_score(model(torch.tensor(x, dtype=torch.float32))).double().numpy() for _, x, _ in sites]
     released = [site_release_vectors(m, sc, y) for (m, _, y), sc in zip(sites, scores)]
-    for pool_groups in (True, False):
-        consortium = consortium_strata([c for c, _ in released], [t for _, t in released], pool_groups=pool_groups)
+    for pool_groups, factorise in [(True, True), (True, False), (False, False)]:
+        consortium = consortium_strata([c for c, _ in released], [t for _, t in released], pool_groups=pool_groups,
+                                       factorise_label=factorise)
         weights = DensityRatio.fit(meta[:, 0], meta[:, 1])
         assert consortium.weights.ratio == pytest.approx(weights.ratio)
         strata = stratum_index(meta, y_all)
         ref = meta[:, 0] == 0
         pool = np.ones(len(y_all), bool) if pool_groups else ref
+        by_stratum = None
+        if factorise:  # w(s, d) = p(s | a0) (r_s - 1) p(d | a0), from the pooled rows
+            p_s = np.array([(meta[ref, 1] == v).mean() for v in (0, 1)])
+            p_d = np.array([(y_all[ref] == v).mean() for v in (0, 1)])
+            by_stratum = np.array([p_s[k // 2] * (weights.ratio[k // 2] - 1) * p_d[k % 2] for k in range(4)])
         central = StratifiedPathPenalty(model, x_all[pool], strata[pool], weights.ratio[strata[pool] // 2], lam=1.0,
-                                        reference=ref[pool])
+                                        reference=ref[pool], weights_by_stratum=by_stratum)
         shares = [StratifiedPathPenalty.for_site(model, x, m, y, consortium, lam=1.0) for m, x, y in sites]
         n = [len(y) for _, _, y in sites]
 
@@ -335,8 +341,9 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     broadcast = consortium_strata([counts.ravel()], [counts.ravel() * 0.4]).to_config()
     broadcast["fair-pse"] = 0.2
 
-    def run(lam, extra, **run_config):
-        ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(east)}, state=RecordDict(),
+    def run(lam, extra, state=None, **run_config):
+        ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(east)},
+                      state=RecordDict() if state is None else state,
                       run_config={**RUN_CONFIG, "image-size": 32, "local-epochs": 1, "fair-lambda": lam, **run_config})
         msg = Message(content=RecordDict({"arrays": ArrayRecord(start),
                                           "config": ConfigRecord({"server-round": 2, **extra})}),
@@ -353,6 +360,14 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     assert any(not torch.equal(per_sample[k], plain[k]) for k in plain)
     first_round = run(20.0, {})  # nothing broadcast yet (round 1): unpenalised
     assert all(torch.equal(plain[k], first_round[k]) for k in plain)
+    # augmented Lagrangian: the multiplier lives in the node's state (never in the reply) and carries over rounds
+    state = RecordDict()
+    dual = run(20.0, broadcast, state=state, **{"fair-dual-lr": 5.0})
+    assert any(not torch.equal(dual[k], on[k]) for k in plain)
+    mu1 = float(state.config_records["fair-state"]["mu"])
+    assert mu1 != 0.0
+    run(20.0, broadcast, state=state, **{"fair-dual-lr": 5.0})
+    assert float(state.config_records["fair-state"]["mu"]) != mu1
 
     # the statistics query: noised counts (2 groups x 2 scanner levels) and a0 score sums, charged to the ledger
     ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(west)}, state=RecordDict(),
@@ -421,3 +436,27 @@ def test_penalty_removes_social_effect_and_keeps_permissible_on_marker_toy():
     assert r1["true_permissible_pse"] > 0.7 * r0["true_permissible_pse"]
     assert r1["auroc"] > r0["auroc"] - 0.04
     assert abs(info["running_pse_last"]) < 0.02
+
+
+def test_label_factorised_stratum_weights_same_target_less_noise():
+    """With D ⟂ S | A (no S -> D edge) p(d | a0) may replace p(d | a0, s): the same PSE in the population, and far
+    less noise when the mediator level is rare in a0, because p(d | a0, s) of that level then comes from few rows."""
+    rng = np.random.default_rng(0)
+    true_pse = 0.8 * 0.05  # (p(S=1 | a1) - p(S=1 | a0)) x the score's S-contrast, the same for both labels
+
+    def draw(n=2000):
+        a = (rng.random(n) < 0.5).astype(float)
+        s = (rng.random(n) < np.where(a == 1, 0.9, 0.1)).astype(float)
+        y = (rng.random(n) < np.where(a == 1, 0.45, 0.25)).astype(int)
+        score = np.clip(0.2 + 0.5 * y + 0.05 * s + rng.normal(0, 0.1, n), 0, 1)
+        return site_release_vectors(np.stack([a, s, np.zeros(n)], 1), score, y)
+
+    draws = [draw() for _ in range(300)]
+    est = {f: np.array([consortium_strata([c], [t], factorise_label=f).pse for c, t in draws]) for f in (True, False)}
+    for f in (True, False):
+        assert abs(est[f].mean() - true_pse) < 0.004, (f, est[f].mean())
+    assert est[True].std() < 0.7 * est[False].std(), (est[True].std(), est[False].std())
+    # in the population (expected counts) the two weightings give the same PSE
+    counts, sums = np.mean([c for c, _ in draws], 0), np.mean([t for _, t in draws], 0)
+    assert consortium_strata([counts], [sums], factorise_label=True).pse == pytest.approx(
+        consortium_strata([counts], [sums], factorise_label=False).pse, abs=2e-3)
