@@ -55,8 +55,9 @@ from core_models.meta_loader import make_meta_loader
 from core_models.networks import SmallCNN
 from core_models.training import make_loader, train_epochs
 from fairness.attribution import gradcam_maps, image_evidence
-from fairness.mitigation import (DensityRatio, PathSpecificPenalty, ScoreShiftCorrection, StratifiedPathPenalty,
-                                 cell_index, consortium_strata, pct, site_release_vectors, stratum_index)
+from fairness.mitigation import (DensityRatio, MediatorOffset, PathSpecificPenalty, ScoreShiftCorrection,
+                                 StratifiedPathPenalty, cell_index, consortium_strata, pct, site_release_vectors,
+                                 stratum_index)
 from simulations.generator import MAX_PIXEL, marker_mask, render, sample_holdout_truth, sample_truth, to_uint12
 from simulations.scenario import load_scenario
 
@@ -114,16 +115,22 @@ def load_data(scenario_path: Path = SCENARIO, n_per_site: int | None = None, n_h
 def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.ndarray | None = None,
               lr: float = 0.002, batch_size: int = 32, mode: str = "stratified-sd",
               per_cell: int = 32, ramp_steps: int = 0, factorise: bool = True,
-              dual_lr: float = 0.0) -> tuple[SmallCNN, dict]:
+              dual_lr: float = 0.0, offset: bool = False) -> tuple[SmallCNN, dict]:
     """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
     (StratifiedPathPenalty: per_cell reference-group rows from every scanner cell per step), "stratified-sd" (strata
-    by scanner and label) or "per-sample"
-    (PathSpecificPenalty on the training minibatch, the DP-SGD/federated form)."""
+    by scanner and label), "pooled-sd*" (strata over both groups) or "per-sample"
+    (PathSpecificPenalty on the training minibatch, the DP-SGD/federated form); ``offset`` trains with the
+    mediator's fixed logit offset (MediatorOffset, dropped at inference), with or without the penalty."""
     torch.manual_seed(seed)
     model = SmallCNN()
     tr = data["train"]
     x = tr["x"] if x_train is None else x_train
     info: dict = {}
+    va = data["val"]
+    meta = np.concatenate([tr["meta"], va["meta"]])
+    y_all = np.concatenate([tr["y"], va["y"]])
+    counts, _ = site_release_vectors(meta, np.zeros(len(meta)), y_all)  # what the sites release, un-noised
+    penalty = None
     if lam > 0:
         weights = DensityRatio.fit(tr["meta"][:, 0], tr["meta"][:, 1])
         if mode in ("stratified", "stratified-sd"):
@@ -135,10 +142,6 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
         elif mode in ("pooled-sd", "pooled-sd-val", "pooled-sd-all"):
             # strata (S, D) over both groups, weights from the training + validation counts (consortium_strata);
             # drawn from the training rows, the validation rows (never fitted by the cross-entropy) or both
-            va = data["val"]
-            meta = np.concatenate([tr["meta"], va["meta"]])
-            y_all = np.concatenate([tr["y"], va["y"]])
-            counts, _ = site_release_vectors(meta, np.zeros(len(meta)), y_all)
             w = consortium_strata([counts], [np.zeros_like(counts)], factorise_label=factorise).w
             pools = {"pooled-sd-val": (va["x"], va["meta"], va["y"]),
                      "pooled-sd-all": (np.concatenate([x, va["x"]]), meta, y_all)}
@@ -148,11 +151,14 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
                                             dual_lr=dual_lr)
         else:
             penalty = PathSpecificPenalty(weights, lam=lam)
+        info["running_pse_last"] = lambda: penalty.running
+        info["mu_last"] = lambda: getattr(penalty, "mu", float("nan"))
+    hook = MediatorOffset.from_counts(counts, inner=penalty) if offset else penalty
+    if hook is not None:
         loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"),
-                     penalty_fn=penalty)
-        info["running_pse_last"] = penalty.running
-        info["mu_last"] = getattr(penalty, "mu", float("nan"))
+                     penalty_fn=hook)
+        info = {k: v() for k, v in info.items()}
     else:
         loader = make_loader(x, tr["y"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"))
@@ -161,7 +167,7 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
 
 def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float, workdir: Path,
                  release_noise: float = 5.0, batch_size: int = 64, optimizer: str = "sgd",
-                 lr: float = 0.1) -> tuple[SmallCNN, dict]:
+                 lr: float = 0.1, offset: bool = False) -> tuple[SmallCNN, dict]:
     """DP-SGD (client.dp.train_dp: Opacus, frozen stem, clip 1) for ``epochs`` one-epoch rounds planned to spend
     ``epsilon``. With ``lam > 0``: the per-sample penalty (the only form that is a per-sample loss), its PSE factor
     and density ratios re-estimated after every round from the site's released statistics (counts once,
@@ -181,12 +187,16 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
     torch.manual_seed(seed)
     state = SmallCNN().state_dict()
     counts, penalty, pses = None, None, []
+    if offset:  # the mediator offset needs the label counts before round 1: released (noised, charged) first
+        c, _ = site_release_vectors(tr["meta"], np.zeros(len(tr["y"])), tr["y"])
+        counts = np.asarray(releaser.release_counts("fair-pse-counts", c, 1.0))
     for r in range(epochs):
+        hook = MediatorOffset.from_counts(counts, inner=penalty) if offset else penalty
         model = SmallCNN()
         model.load_state_dict(state)  # a fresh module per round, as a client gets the global weights
         train_dp(model, tr["x"], tr["y"], plan, ledger, batch_size=batch_size, physical_batch_size=64,
                  max_grad_norm=1.0, optimizer=optimizer, lr=lr, seed=seed * 1000 + r, server_round=r + 1,
-                 meta=tr["meta"] if penalty else None, penalty_fn=penalty)
+                 meta=tr["meta"] if hook else None, penalty_fn=hook)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if lam > 0 and r + 1 < epochs:
             model = SmallCNN()
@@ -262,7 +272,7 @@ def evaluate(score_fn, data: dict) -> dict:
 def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
         per_cell: int = 32, lams_per_sample: tuple[float, ...] = (), cam: bool = True,
         dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0,
-        penalty_epochs: int = 0, factorise: bool = True, dual_lr: float = 0.0) -> list[dict]:
+        penalty_epochs: int = 0, factorise: bool = True, dual_lr: float = 0.0, offset: bool = False) -> list[dict]:
     rows = []
     t0 = time.perf_counter()
 
@@ -276,9 +286,10 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            for lam in (0.0, dp_lam):
-                model, info = train_dp_cnn(data, epochs, seed, lam, dp_eps, Path(tmp) / f"l{lam:g}")
-                name = "DP-SGD unmitigated" if lam == 0 else f"DP-SGD + per-sample penalty lam={lam:g}"
+            for lam, off in [(0.0, False), (dp_lam, False)] + [(0.0, True), (dp_lam, True)] * offset:
+                model, info = train_dp_cnn(data, epochs, seed, lam, dp_eps, Path(tmp) / f"l{lam:g}{off}", offset=off)
+                name = "DP-SGD" + (f" + per-sample penalty lam={lam:g}" if lam else "" if off else " unmitigated")
+                name += " + mediator offset" if off else ""
                 add(f"{name} (eps target {dp_eps:g})", lambda x, s, a, m=model: cnn_scores(m, x), **info)
         if dp_only:
             return rows
@@ -289,17 +300,21 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     a_probe = float(roc_auc_score(data["test"]["meta"][:, 0], probe.predict_proba(emb_te)[:, 1]))
     add("drop A (no-op: A not an input)", lambda x, s, a: cnn_scores(base, x), a_probe_auroc=a_probe)
 
+    if offset:
+        model, _ = train_cnn(data, epochs, seed, offset=True)
+        add("mediator offset (no penalty)", lambda x, s, a, m=model: cnn_scores(m, x))
     penalised = {}
     for lam in lams:
         t = time.perf_counter()
         model, info = train_cnn(data, penalty_epochs or epochs, seed, lam=lam, mode=mode, per_cell=per_cell,
-                                ramp_steps=ramp_steps, factorise=factorise, dual_lr=dual_lr)
+                                ramp_steps=ramp_steps, factorise=factorise, dual_lr=dual_lr, offset=offset)
         penalised[lam] = model
         label = mode + (f", ramp {ramp_steps}" if ramp_steps else "") + (f", per-cell {per_cell}" if per_cell != 32
                                                                            else "")
         label += f", {penalty_epochs} epochs" if penalty_epochs else ""
         label += f", dual {dual_lr:g}" if dual_lr else ""
         label += ", p(d|a0,s)" if mode.startswith("pooled") and not factorise else ""
+        label = ("mediator offset + " if offset else "") + label
         add(f"path-specific penalty ({label}) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
             seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"],
             mu_last=info["mu_last"])
@@ -428,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ramp-steps", type=int, default=0, help="stratified penalty: lambda ramps up over N steps")
     parser.add_argument("--dual-lr", type=float, default=0.0, help="pooled modes: augmented-Lagrangian multiplier step")
     parser.add_argument("--no-factorise", action="store_true", help="pooled modes: weights with p(d | a0, s)")
+    parser.add_argument("--offset", action="store_true",
+                        help="a 'mediator offset' row, and the penalised rows with the offset (MediatorOffset)")
     parser.add_argument("--penalty-epochs", type=int, default=0, help="epochs of the penalised runs (0: --epochs)")
     parser.add_argument("--lams-per-sample", default="", help="extra rows: the per-sample (DP/federated) form")
     parser.add_argument("--no-cam", action="store_true")
@@ -447,6 +464,7 @@ def main(argv: list[str] | None = None) -> None:
                     mode=args.mode, per_cell=args.per_cell, cam=not args.no_cam, dp_eps=args.dp_eps,
                     dp_lam=args.dp_lam, dp_only=args.dp_only, ramp_steps=args.ramp_steps,
                     penalty_epochs=args.penalty_epochs, factorise=not args.no_factorise, dual_lr=args.dual_lr,
+                    offset=args.offset,
                     lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",

@@ -109,25 +109,34 @@ def _fair_meta(site: LocalSite, cfg, part: str = "train"):
 
 
 def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: float = 0.0):
-    """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has broadcast the
-    consortium's strata, weights and PSE (before round 1 and after every round); else (None, None). Under DP-SGD, or with
-    `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus clips it); otherwise
-    this site's share of the stratified estimate (extra draws from every stratum: far less gradient noise), with
-    the site's augmented-Lagrangian multiplier ``mu`` (`fair-dual-lr` > 0; kept in the node's state, never sent)."""
+    """The path-specific penalty and its metadata when `fair-lambda` > 0 (or `fair-offset`) and the server has
+    broadcast the consortium's strata, weights and PSE (before round 1 and after every round); else (None, None).
+    Under DP-SGD, or with `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus
+    clips it); otherwise this site's share of the stratified estimate (extra draws from every stratum: far less
+    gradient noise), with the site's augmented-Lagrangian multiplier ``mu`` (`fair-dual-lr` > 0; kept in the node's
+    state, never sent). `fair-offset` wraps either in the mediator's logit offset (MediatorOffset)."""
     config = msg.content["config"]
     lam = float(cfg.get("fair-lambda", 0.0))
-    if lam <= 0 or "fair-ratio" not in config:
+    offset = bool(cfg.get("fair-offset", False))
+    if (lam <= 0 and not offset) or "fair-ratio" not in config:
         return None, None
-    consortium = mitigation.ConsortiumStrata.from_config(
-        config, int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", "")))
+    n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
+    consortium = mitigation.ConsortiumStrata.from_config(config, n_s, c_edges)
     meta = _fair_meta(site, cfg)
-    if bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
-        return mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse), meta
-    split = str(cfg.get("fair-pool-split", "val"))
-    x, y = site.part(split)
-    return mitigation.StratifiedPathPenalty.for_site(model, x, _fair_meta(site, cfg, split), y, consortium, lam,
-                                                     per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed,
-                                                     dual_lr=float(cfg.get("fair-dual-lr", 0.0)), mu=mu), meta
+    penalty = None
+    if lam <= 0:
+        pass
+    elif bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
+        penalty = mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse)
+    else:
+        split = str(cfg.get("fair-pool-split", "val"))
+        x, y = site.part(split)
+        penalty = mitigation.StratifiedPathPenalty.for_site(
+            model, x, _fair_meta(site, cfg, split), y, consortium, lam, per_cell=int(cfg.get("fair-per-cell", 32)),
+            seed=seed, dual_lr=float(cfg.get("fair-dual-lr", 0.0)), mu=mu)
+    if offset:  # the consortium's P(D | S) from the broadcast stratum counts
+        penalty = mitigation.MediatorOffset.from_counts(consortium.n_pool, n_s, len(c_edges) + 1, inner=penalty)
+    return penalty, meta
 
 
 @producer("fair-pse")
@@ -210,8 +219,9 @@ def train(msg: Message, context: Context) -> Message:
             "noise-multiplier": noise,
         }
     )
-    if isinstance(penalty, mitigation.StratifiedPathPenalty):  # the multiplier carries over to the next round
-        context.state["fair-state"] = ConfigRecord({"mu": float(penalty.mu)})
+    stratified = getattr(penalty, "inner", penalty)
+    if isinstance(stratified, mitigation.StratifiedPathPenalty):  # the multiplier carries over to the next round
+        context.state["fair-state"] = ConfigRecord({"mu": float(stratified.mu)})
     content = {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}
     if privacy:
         content["privacy"] = ConfigRecord(privacy)

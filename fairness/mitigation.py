@@ -329,6 +329,41 @@ class StratifiedPathPenalty:
         return coef * est
 
 
+@dataclass
+class MediatorOffset:
+    """Training with the social mediator as a separate, fixed logit offset that is dropped at inference: a
+    ``penalty_fn`` hook that turns the loss into ``CE(logits + delta[S] - delta[0], y)``.
+
+    Why: when the image depends on S only through an acquisition trait that is independent of the lesion given D
+    (a marker, a header burnt into the pixels), the Bayes posterior is additive in log-odds,
+    ``logit P(D | x) = LLR(lesion evidence) + logit P(D | S)``. With ``delta[s] = logit P(D | S = s)`` supplied from the
+    label counts (known before training: the released (A, stratum) counts hold them), S's predictive value is
+    already explained, so the network gains nothing by learning the mediator from the pixels and learns the lesion
+    evidence; at inference the network alone (offset dropped, i.e. every patient scored as S = 0) carries no social
+    path. It needs no extra forward pass and each sample's term depends on that sample only (fits DP-SGD and
+    FedAvg). It does not remove what S does to the lesion's own visibility (blur, noise): that needs the penalty,
+    given as ``inner`` (its term is added).
+    """
+
+    delta: np.ndarray  # (n_s,) log-odds of D per mediator level; only differences to level 0 matter
+    inner: Any = None  # another penalty_fn (e.g. StratifiedPathPenalty), added
+
+    @classmethod
+    def from_counts(cls, n: np.ndarray, n_s: int = 2, n_c: int = 1, prior: float = 0.5,
+                    inner: Any = None) -> "MediatorOffset":
+        """``logit P(D = 1 | S = s)`` from stratum counts (S, C-bin, D), optionally by group first (A, S, C-bin, D),
+        flat or not (``n_c`` C bins)."""
+        n = np.clip(np.asarray(n, float), 0.0, None).reshape(-1, n_s, n_c, 2).sum((0, 2)) + prior  # (S, D)
+        return cls(np.log(n[:, 1] / n[:, 0]), inner)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        d = torch.as_tensor(self.delta - self.delta[0], dtype=logits.dtype, device=logits.device)
+        shift = d[meta[:, 1].round().long()]
+        shifted = logits + torch.stack([torch.zeros_like(shift), shift], 1)
+        term = torch.nn.functional.cross_entropy(shifted, y) - torch.nn.functional.cross_entropy(logits, y)
+        return term + self.inner(logits, y, meta) if self.inner is not None else term
+
+
 def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", reference: Any = 0) -> np.ndarray:
     """(N, 3) float array of A (0 = reference level, 1 = other), S, C from a site's manifest rows."""
     a = (frame[sensitive].to_numpy() != reference).astype(np.float64)

@@ -78,6 +78,7 @@ def main(grid: Grid, context: Context) -> None:
         analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
 
     fair_counts: list[np.ndarray] = []  # the consortium's (A, stratum) counts: released once, summed over sites
+    fair_on = float(cfg.get("fair-lambda", 0.0)) > 0 or bool(cfg.get("fair-offset", False))
 
     def collect_fair(current: int, arrays: ArrayRecord) -> dict:
         """Consortium PSE of the new global model from the sites' noised cell counts and score sums; broadcast it
@@ -120,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
             eval_model.load_state_dict(arrays.to_torch_state_dict())
             metrics = evaluate(eval_model, holdout)
             row.update({f"holdout_{k}": v for k, v in metrics.items()})
-        if server_round == 0 and float(cfg.get("fair-lambda", 0.0)) > 0:
+        if server_round == 0 and fair_on:
             row.update(collect_fair(current, arrays))  # sites penalise from the first round (and after a resume)
         if server_round == 0 and done > 0:
             return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
@@ -134,7 +135,7 @@ def main(grid: Grid, context: Context) -> None:
             if train_ok:
                 row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
                                                      weights=[r["num-examples"] for r in train_ok]))
-            if float(cfg.get("fair-lambda", 0.0)) > 0:
+            if fair_on:
                 row.update(collect_fair(current, arrays))
             if kinds:
                 collect_statistics(current, arrays)

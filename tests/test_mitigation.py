@@ -23,6 +23,7 @@ from core_models.networks import SmallCNN, build_model
 from core_models.training import make_loader, train_epochs
 from fairness.mitigation import (
     DensityRatio,
+    MediatorOffset,
     PathSpecificPenalty,
     ScoreShiftCorrection,
     StratifiedPathPenalty,
@@ -360,6 +361,12 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     assert any(not torch.equal(per_sample[k], plain[k]) for k in plain)
     first_round = run(20.0, {})  # nothing broadcast yet (round 1): unpenalised
     assert all(torch.equal(plain[k], first_round[k]) for k in plain)
+    # the mediator offset alone (fair-lambda 0): the broadcast stratum counts give logit P(D | S); training changes
+    by_label = np.stack([KNOWN[g][:, None] * np.array([[0.8, 0.2], [0.3, 0.7]]) for g in (0, 1)])  # D depends on S
+    skewed = consortium_strata([by_label.ravel()], [by_label.ravel() * 0.4]).to_config()
+    offset_only = run(0.0, skewed, **{"fair-offset": True})
+    assert any(not torch.equal(plain[k], offset_only[k]) for k in plain)
+    assert all(torch.equal(plain[k], run(0.0, {}, **{"fair-offset": True})[k]) for k in plain)  # nothing broadcast
     # augmented Lagrangian: the multiplier lives in the node's state (never in the reply) and carries over rounds
     state = RecordDict()
     dual = run(20.0, broadcast, state=state, **{"fair-dual-lr": 5.0})
@@ -460,3 +467,40 @@ def test_label_factorised_stratum_weights_same_target_less_noise():
     counts, sums = np.mean([c for c, _ in draws], 0), np.mean([t for _, t in draws], 0)
     assert consortium_strata([counts], [sums], factorise_label=True).pse == pytest.approx(
         consortium_strata([counts], [sums], factorise_label=False).pse, abs=2e-3)
+
+
+def test_mediator_offset_removes_the_incentive_to_learn_the_mediator():
+    """A linear model on (lesion evidence, marker = S): with S -> D's log-odds given as a fixed offset during
+    training, the marker's weight falls to ~0 while the lesion's stays; the hook's loss is CE(logits + offset)."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    a = (rng.random(n) < 0.5).astype(float)
+    s = (rng.random(n) < np.where(a == 1, 0.9, 0.1)).astype(float)
+    y = (rng.random(n) < np.where(a == 1, 0.6, 0.2)).astype(int)
+    x = np.stack([y + rng.normal(0, 1.0, n), s], 1).astype(np.float32)
+    meta = np.stack([a, s, np.zeros(n)], 1)
+    counts, _ = site_release_vectors(meta, np.zeros(n), y)
+    offset = MediatorOffset.from_counts(counts)
+    p_d = [y[s == v].mean() for v in (0, 1)]
+    assert offset.delta[1] - offset.delta[0] == pytest.approx(
+        np.log(p_d[1] / (1 - p_d[1])) - np.log(p_d[0] / (1 - p_d[0])), abs=0.01)
+
+    def marker_and_lesion_weight(hook):
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        loader = make_meta_loader(x, y, meta, 64, shuffle=True, seed=0)
+        train_epochs(model, loader, epochs=10, optimizer="adam", lr=0.01, device=torch.device("cpu"), penalty_fn=hook)
+        w = model.weight.detach().numpy()
+        return w[1, 1] - w[0, 1], w[1, 0] - w[0, 0]
+
+    plain_marker, plain_lesion = marker_and_lesion_weight(None)
+    off_marker, off_lesion = marker_and_lesion_weight(offset)
+    assert plain_marker > 1.0  # the unmitigated model uses the marker
+    assert abs(off_marker) < 0.15 * plain_marker
+    assert off_lesion == pytest.approx(plain_lesion, rel=0.15)
+    logits = torch.randn(8, 2)
+    yy = torch.tensor([0, 1] * 4)
+    mm = torch.tensor(meta[:8], dtype=torch.float32)
+    shift = torch.as_tensor(offset.delta[mm[:, 1].long().numpy()] - offset.delta[0], dtype=torch.float32)
+    expected = nn.functional.cross_entropy(logits + torch.stack([torch.zeros(8), shift], 1), yy)
+    assert float(nn.functional.cross_entropy(logits, yy) + offset(logits, yy, mm)) == pytest.approx(float(expected))
