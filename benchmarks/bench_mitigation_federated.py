@@ -58,7 +58,8 @@ def run_one(scenario: Path, out: Path, seed: int, lam: float, rounds: int, extra
     metrics = pd.read_csv(out / "metrics.csv")
     last_pse = metrics["fair_pse"].dropna().iloc[-1] if "fair_pse" in metrics and metrics["fair_pse"].notna().any() \
         else float("nan")
-    return model.eval(), {"seconds": round(time.perf_counter() - t, 1), "epsilon": max(eps) if lam > 0 else None,
+    fair = lam > 0 or "fair-offset=true" in extra
+    return model.eval(), {"seconds": round(time.perf_counter() - t, 1), "epsilon": max(eps) if fair else None,
                           "released_pse_last": float(last_pse)}
 
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra run config for every run (e.g. fair-form=per-sample)")
     parser.add_argument("--markdown", default="", help="write the seed-mean (sd) table here")
     parser.add_argument("--json", default="")
+    parser.add_argument("--offset", action="store_true",
+                        help="a 'mediator offset' run (fair-offset, no penalty) and the penalised runs with it")
     parser.add_argument("--fresh-consortium", action="store_true",
                         help="draw the patients anew for every seed (scenario seed + seed)")
     args = parser.parse_args(argv)
@@ -93,11 +96,14 @@ def main(argv: list[str] | None = None) -> None:
                 data = bench.load_data(scenario, seed=seed)
                 drawn = Path(tmp) / f"data-{sc.seed}"
                 generate_consortium(sc, drawn)  # once per draw; each run gets a fresh copy
-            for lam in [0.0] + lams:
-                out = Path(tmp) / f"s{seed}-l{lam:g}"
+            runs = [(0.0, False)] + [(0.0, True)] * args.offset + [(lam, args.offset) for lam in lams]
+            for lam, offset in runs:
+                out = Path(tmp) / f"s{seed}-l{lam:g}-{offset}"
                 shutil.copytree(drawn, out / "data")  # fresh ledgers: every run starts at epsilon 0
-                model, info = run_one(scenario, out, seed, lam, args.rounds, args.run_config)
+                model, info = run_one(scenario, out, seed, lam, args.rounds,
+                                      args.run_config + ["fair-offset=true"] * offset)
                 method = "unmitigated" if lam == 0 else f"path-specific penalty (federated) lam={lam:g}"
+                method = ("mediator offset" + (" + " + method if lam else "")) if offset else method
                 rows.append({"seed": seed, "method": method, **bench.evaluate(
                     lambda x, s, a, m=model: bench.cnn_scores(m, x), data), **info})
                 print(json.dumps(rows[-1]), flush=True)

@@ -8,6 +8,7 @@ import math
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -109,34 +110,36 @@ def _fair_meta(site: LocalSite, cfg, part: str = "train"):
 
 
 def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: float = 0.0):
-    """The path-specific penalty and its metadata when `fair-lambda` > 0 (or `fair-offset`) and the server has
+    """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has
     broadcast the consortium's strata, weights and PSE (before round 1 and after every round); else (None, None).
     Under DP-SGD, or with `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus
     clips it); otherwise this site's share of the stratified estimate (extra draws from every stratum: far less
     gradient noise), with the site's augmented-Lagrangian multiplier ``mu`` (`fair-dual-lr` > 0; kept in the node's
-    state, never sent). `fair-offset` wraps either in the mediator's logit offset (MediatorOffset)."""
+    state, never sent). `fair-offset` wraps either (or nothing) in the mediator's logit offset (MediatorOffset)
+    from the site's own training counts."""
     config = msg.content["config"]
     lam = float(cfg.get("fair-lambda", 0.0))
-    offset = bool(cfg.get("fair-offset", False))
-    if (lam <= 0 and not offset) or "fair-ratio" not in config:
-        return None, None
     n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
-    consortium = mitigation.ConsortiumStrata.from_config(config, n_s, c_edges)
     meta = _fair_meta(site, cfg)
     penalty = None
-    if lam <= 0:
-        pass
-    elif bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
-        penalty = mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse)
-    else:
-        split = str(cfg.get("fair-pool-split", "val"))
-        x, y = site.part(split)
-        penalty = mitigation.StratifiedPathPenalty.for_site(
-            model, x, _fair_meta(site, cfg, split), y, consortium, lam, per_cell=int(cfg.get("fair-per-cell", 32)),
-            seed=seed, dual_lr=float(cfg.get("fair-dual-lr", 0.0)), mu=mu)
-    if offset:  # the consortium's P(D | S) from the broadcast stratum counts
-        penalty = mitigation.MediatorOffset.from_counts(consortium.n_pool, n_s, len(c_edges) + 1, inner=penalty)
-    return penalty, meta
+    if lam > 0 and "fair-ratio" in config:
+        consortium = mitigation.ConsortiumStrata.from_config(config, n_s, c_edges)
+        if bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
+            penalty = mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse)
+        else:
+            split = str(cfg.get("fair-pool-split", "val"))
+            x, y = site.part(split)
+            penalty = mitigation.StratifiedPathPenalty.for_site(
+                model, x, _fair_meta(site, cfg, split), y, consortium, lam,
+                per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed, dual_lr=float(cfg.get("fair-dual-lr", 0.0)),
+                mu=mu)
+    if bool(cfg.get("fair-offset", False)):
+        # this site's own logit P(D | S) (local counts, nothing released): the posterior within a site is
+        # LLR(lesion) + logit P(D | S, site), so the shared network is left with the lesion evidence alone
+        y = site.part("train")[1]
+        counts, _ = mitigation.site_release_vectors(meta, np.zeros(len(y)), y, c_edges, n_s)
+        penalty = mitigation.MediatorOffset.from_counts(counts, n_s, len(c_edges) + 1, inner=penalty)
+    return (penalty, meta) if penalty is not None else (None, None)
 
 
 @producer("fair-pse")

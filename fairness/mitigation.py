@@ -29,6 +29,9 @@ training (FedAvg's weighting sums the shares to the pooled penalty).
 site), and exactly the Bayes-free form of the audit's ratio when C is binned (``c_edges``; none when the graph has no
 C -> S edge). Ratios are clipped at ``max_weight`` and renormalised so that ``E[r | a0] = 1`` under the table.
 
+**The mediator offset** (:class:`MediatorOffset`): train with ``logit P(D | S)`` as a fixed logit offset and drop it
+at inference, so the network has nothing to gain from reading S off the pixels; combined with either penalty.
+
 **Post-processing** (:class:`ScoreShiftCorrection`): without retraining, remove the S-specific shift of the logit,
 estimated within (A, D) strata of a labelled calibration set (S ⟂ D | A under the graph, so the within-stratum
 difference is what the scanner does to the score), using S from the DICOM metadata at inference.
@@ -337,7 +340,8 @@ class MediatorOffset:
     Why: when the image depends on S only through an acquisition trait that is independent of the lesion given D
     (a marker, a header burnt into the pixels), the Bayes posterior is additive in log-odds,
     ``logit P(D | x) = LLR(lesion evidence) + logit P(D | S)``. With ``delta[s] = logit P(D | S = s)`` supplied from the
-    label counts (known before training: the released (A, stratum) counts hold them), S's predictive value is
+    label counts (known before training; in federation each site's own, as the posterior within a site is
+    ``LLR + logit P(D | S, site)``, so nothing is released), S's predictive value is
     already explained, so the network gains nothing by learning the mediator from the pixels and learns the lesion
     evidence; at inference the network alone (offset dropped, i.e. every patient scored as S = 0) carries no social
     path. It needs no extra forward pass and each sample's term depends on that sample only (fits DP-SGD and

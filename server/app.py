@@ -78,7 +78,7 @@ def main(grid: Grid, context: Context) -> None:
         analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
 
     fair_counts: list[np.ndarray] = []  # the consortium's (A, stratum) counts: released once, summed over sites
-    fair_on = float(cfg.get("fair-lambda", 0.0)) > 0 or bool(cfg.get("fair-offset", False))
+    fair_on = float(cfg.get("fair-lambda", 0.0)) > 0
 
     def collect_fair(current: int, arrays: ArrayRecord) -> dict:
         """Consortium PSE of the new global model from the sites' noised cell counts and score sums; broadcast it
@@ -104,11 +104,17 @@ def main(grid: Grid, context: Context) -> None:
             fair_counts.append(np.sum([np.asarray(g["counts"]) for g in got], axis=0))
         if not got:
             return {}
-        consortium = mitigation.consortium_strata(
-            fair_counts, [np.sum([np.asarray(g["sums"]) for g in got], axis=0)],
-            mitigation.parse_edges(cfg.get("fair-covariate-edges", "")), int(cfg.get("fair-mediator-levels", 2)),
-            max_weight=float(cfg.get("fair-max-weight", 20.0)), pool_groups=bool(cfg.get("fair-pool-groups", True)),
-            factorise_label=bool(cfg.get("fair-factorise-label", True)))
+        try:
+            consortium = mitigation.consortium_strata(
+                fair_counts, [np.sum([np.asarray(g["sums"]) for g in got], axis=0)],
+                mitigation.parse_edges(cfg.get("fair-covariate-edges", "")), int(cfg.get("fair-mediator-levels", 2)),
+                max_weight=float(cfg.get("fair-max-weight", 20.0)),
+                pool_groups=bool(cfg.get("fair-pool-groups", True)),
+                factorise_label=bool(cfg.get("fair-factorise-label", True)))
+        except ValueError as err:  # e.g. the noised counts of one group are all suppressed: train unpenalised
+            log(WARNING, "equifed fairness penalty: round %d: no broadcast (%s); raise the sites' pool "
+                "(fair-pool-split) or lower release-noise", current, err)
+            return {}
         pse = consortium.pse
         strategy.broadcast = consortium.to_config()
         return {"fair_pse": pse, "fair_sites": len(got)}

@@ -361,12 +361,9 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     assert any(not torch.equal(per_sample[k], plain[k]) for k in plain)
     first_round = run(20.0, {})  # nothing broadcast yet (round 1): unpenalised
     assert all(torch.equal(plain[k], first_round[k]) for k in plain)
-    # the mediator offset alone (fair-lambda 0): the broadcast stratum counts give logit P(D | S); training changes
-    by_label = np.stack([KNOWN[g][:, None] * np.array([[0.8, 0.2], [0.3, 0.7]]) for g in (0, 1)])  # D depends on S
-    skewed = consortium_strata([by_label.ravel()], [by_label.ravel() * 0.4]).to_config()
-    offset_only = run(0.0, skewed, **{"fair-offset": True})
+    # the mediator offset alone (fair-lambda 0): the site's own counts give logit P(D | S), no broadcast needed
+    offset_only = run(0.0, {}, **{"fair-offset": True})
     assert any(not torch.equal(plain[k], offset_only[k]) for k in plain)
-    assert all(torch.equal(plain[k], run(0.0, {}, **{"fair-offset": True})[k]) for k in plain)  # nothing broadcast
     # augmented Lagrangian: the multiplier lives in the node's state (never in the reply) and carries over rounds
     state = RecordDict()
     dual = run(20.0, broadcast, state=state, **{"fair-dual-lr": 5.0})
@@ -404,10 +401,12 @@ def test_federated_penalty_through_flower(tmp_path):
     from client.ledger import PrivacyLedger
     from simulations.run import main as simulate
 
-    (tmp_path / "s.toml").write_text(SCENARIO.replace("n = 60", "n = 80"))
+    # release-min-count 0 and 150 patients per site: at the defaults the ~16 validation rows per site in 8 noised
+    # cells were at times all suppressed in one group, leaving the server no density ratio to broadcast
+    (tmp_path / "s.toml").write_text(SCENARIO.replace("n = 60", "n = 150"))
     code = simulate([str(tmp_path / "s.toml"), "--out", str(tmp_path / "run"), "--rounds", "2", "--timeout", "600",
                      "-c", "local-epochs=1", "-c", "image-size=32", "-c", "fair-lambda=10", "-c", "fair-per-cell=8",
-                     "-c", "fraction-evaluate=0"])
+                     "-c", "fraction-evaluate=0", "-c", "release-min-count=0"])
     assert code == 0
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(metrics["round"]) == [0, 1, 2]
