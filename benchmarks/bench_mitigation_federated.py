@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 
 from client.ledger import PrivacyLedger
 from core_models.networks import build_model
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--offset", action="store_true",
                         help="a 'mediator offset' run (fair-offset, no penalty) and the penalised runs with it")
+    parser.add_argument("--s-blind", action="store_true", help="also the federated S-blind reference run")
     parser.add_argument("--fresh-consortium", action="store_true",
                         help="draw the patients anew for every seed (scenario seed + seed)")
     args = parser.parse_args(argv)
@@ -106,6 +108,22 @@ def main(argv: list[str] | None = None) -> None:
                 method = ("mediator offset" + (" + " + method if lam else "")) if offset else method
                 rows.append({"seed": seed, "method": method, **bench.evaluate(
                     lambda x, s, a, m=model: bench.cnn_scores(m, x), data), **info})
+                print(json.dumps(rows[-1]), flush=True)
+                shutil.rmtree(out)
+            if args.s_blind:  # the same patients with the social mechanism off (S = 0), scored on S-blind renders
+                blind = dataclasses.replace(sc, sites=[dataclasses.replace(site, p_s_a0=0.0, p_s_a1=0.0)
+                                                       for site in sc.sites])
+                path = Path(tmp) / f"scenario-blind-{seed}.toml"
+                path.write_text(scenario_to_toml(blind))
+                out = Path(tmp) / f"s{seed}-blind"
+                generate_consortium(blind, out / "data")
+                model, info = run_one(path, out, seed, 0.0, args.rounds, args.run_config)
+                p_blind = bench.cnn_scores(model, data["blind"]["test"])
+                y, a = data["test"]["y"], data["test"]["meta"][:, 0]
+                rows.append({"seed": seed, "method": "S-blind reference (federated, social mechanism off)",
+                             "auroc": float(roc_auc_score(y, p_blind)),
+                             "worst_group_auroc": float(min(roc_auc_score(y[a == g], p_blind[a == g]) for g in (0, 1))),
+                             "seconds": info["seconds"]})
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out)
     if args.json:
