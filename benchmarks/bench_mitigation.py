@@ -125,7 +125,6 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
     model = SmallCNN()
     tr = data["train"]
     x = tr["x"] if x_train is None else x_train
-    info: dict = {}
     va = data["val"]
     meta = np.concatenate([tr["meta"], va["meta"]])
     y_all = np.concatenate([tr["y"], va["y"]])
@@ -151,17 +150,16 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
                                             dual_lr=dual_lr)
         else:
             penalty = PathSpecificPenalty(weights, lam=lam)
-        info["running_pse_last"] = lambda: penalty.running
-        info["mu_last"] = lambda: getattr(penalty, "mu", float("nan"))
     hook = MediatorOffset.from_counts(counts, inner=penalty) if offset else penalty
     if hook is not None:
         loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"),
                      penalty_fn=hook)
-        info = {k: v() for k, v in info.items()}
     else:
         loader = make_loader(x, tr["y"], batch_size, shuffle=True, seed=seed)
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"))
+    info = {} if penalty is None else {"running_pse_last": penalty.running,
+                                       "mu_last": getattr(penalty, "mu", float("nan"))}
     return model.eval(), info
 
 
@@ -267,6 +265,13 @@ def evaluate(score_fn, data: dict) -> dict:
     }
 
 
+def blind_aurocs(p_blind: np.ndarray, data: dict) -> dict:
+    """AUROC and worst-group AUROC of scores on the S-blind test renders (the S-blind reference's row)."""
+    y, a = data["test"]["y"], data["test"]["meta"][:, 0]
+    return {"auroc": float(roc_auc_score(y, p_blind)),
+            "worst_group_auroc": float(min(roc_auc_score(y[a == g], p_blind[a == g]) for g in (0, 1)))}
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
@@ -354,11 +359,8 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
 
     blind, _ = train_cnn(data, epochs, seed, x_train=data["blind"]["train"])
     te = data["test"]
-    p_blind = cnn_scores(blind, data["blind"]["test"])
     rows.append({"seed": seed, "method": "S-blind reference (social mechanism off)",
-                 "auroc": float(roc_auc_score(te["y"], p_blind)),
-                 "worst_group_auroc": float(min(roc_auc_score(te["y"][te["meta"][:, 0] == g],
-                                                              p_blind[te["meta"][:, 0] == g]) for g in (0, 1)))})
+                 **blind_aurocs(cnn_scores(blind, data["blind"]["test"]), data)})
     # the same lesion-only network scored on the real (socially affected) renders: its own social PSE is what the
     # S -> X edge does to a model that never learnt the shortcut (an unseen marker, blur on the lesion)
     add("S-blind network scored on real renders", lambda x, s, a: cnn_scores(blind, x))

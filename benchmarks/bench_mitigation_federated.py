@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 
 from client.ledger import PrivacyLedger
 from core_models.networks import build_model
@@ -118,11 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                 out = Path(tmp) / f"s{seed}-blind"
                 generate_consortium(blind, out / "data")
                 model, info = run_one(path, out, seed, 0.0, args.rounds, args.run_config)
-                p_blind = bench.cnn_scores(model, data["blind"]["test"])
-                y, a = data["test"]["y"], data["test"]["meta"][:, 0]
                 rows.append({"seed": seed, "method": "S-blind reference (federated, social mechanism off)",
-                             "auroc": float(roc_auc_score(y, p_blind)),
-                             "worst_group_auroc": float(min(roc_auc_score(y[a == g], p_blind[a == g]) for g in (0, 1))),
+                             **bench.blind_aurocs(bench.cnn_scores(model, data["blind"]["test"]), data),
                              "seconds": info["seconds"]})
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out)

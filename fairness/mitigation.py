@@ -243,7 +243,7 @@ class StratifiedPathPenalty:
     factor_fill: float = 0.0  # federation: the factor's share from strata this site lacks (consortium means)
     pse: float | None = None  # federation: the consortium's broadcast PSE, the factor before the first step
     dual_lr: float = 0.0  # > 0: augmented Lagrangian, a multiplier mu += dual_lr * PSE each step (see __call__)
-    mu: float = 0.0  # the multiplier (carried across rounds in federation through the broadcast)
+    mu: float = 0.0  # the multiplier (in federation carried across rounds in the node's state, never sent)
     _ema: float = 0.0
     _steps: int = 0
     history: list[float] = field(default_factory=list)
