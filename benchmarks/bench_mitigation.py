@@ -26,8 +26,10 @@ Methods (same data, same seed, same network and schedule):
   decision = its randomised thresholds' probability);
 * fairlearn CorrelationRemover and ExponentiatedGradient (demographic parity) on the frozen penultimate embeddings
   of the unmitigated model, logistic head;
-* S-blind reference: the same network trained and scored on renders with the social mechanism off (S = 0 for all):
-  the best a model without the social path can do; and that network scored on the real renders (its own social PSE).
+* S-blind reference: the same network trained and scored on renders with the social mechanism off (the A -> S edge
+  cut, ``simulations.scenario.without_social_path``: same patients, each site's share of legacy scans kept, the
+  scanner independent of the group): the best a model without the social path can do; and that network scored on
+  the real renders (its own social PSE).
 
 Grad-CAM evidence (fairness/attribution.py) on test images that carry the marker, for the unmitigated and the
 penalised model: share of the class-1 CAM mass in the marker region (grown by the CAM stride) against its area, the
@@ -59,7 +61,7 @@ from fairness.mitigation import (DensityRatio, MediatorOffset, PathSpecificPenal
                                  StratifiedPathPenalty, cell_index, consortium_strata, pct, site_release_vectors,
                                  stratum_index)
 from simulations.generator import MAX_PIXEL, marker_mask, render, sample_holdout_truth, sample_truth, to_uint12
-from simulations.scenario import load_scenario
+from simulations.scenario import load_scenario, without_social_path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "simulations" / "scenarios" / "social_shortcut_32.toml"
@@ -105,9 +107,16 @@ def load_data(scenario_path: Path = SCENARIO, n_per_site: int | None = None, n_h
         "x_social": _render(a0, s=a0["S_a1"].to_numpy()), "s_social": a0["S_a1"].to_numpy(),
         "x_perm": _render(a0, d=d_a1),
     }
-    # the S-blind world: same patients, the social mechanism switched off (S = 0 everywhere)
-    data["blind"] = {name: _render(parts[name], s=np.zeros(len(parts[name]), int)) for name in ("train", "test")}
+    data["blind"] = {name: _render(parts[name], s=s_blind(parts[name], sc)) for name in ("train", "test")}
     return data
+
+
+def s_blind(rows: pd.DataFrame, scenario) -> np.ndarray:
+    """S in the S-blind world: the same patients (own U_S) with the A -> S edge cut (``without_social_path``), so
+    each site keeps its share of legacy scans but the scanner no longer depends on the group."""
+    rate = {site.name: site.p_s_a0 for site in without_social_path(scenario).sites}
+    site = rows["source_site"] if "source_site" in rows else rows["site"]
+    return (rows["U_S"].to_numpy() < site.map(rate).to_numpy()).astype(int)
 
 
 # ------------------------------------------------------------------------------------------------ models

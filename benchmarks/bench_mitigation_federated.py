@@ -28,7 +28,7 @@ from client.ledger import PrivacyLedger
 from core_models.networks import build_model
 from simulations.generator import generate_consortium
 from simulations.run import main as simulate
-from simulations.scenario import load_scenario, scenario_to_toml
+from simulations.scenario import load_scenario, scenario_to_toml, without_social_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,9 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                     lambda x, s, a, m=model: bench.cnn_scores(m, x), data), **info})
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out)
-            if args.s_blind:  # the same patients with the social mechanism off (S = 0), scored on S-blind renders
-                blind = dataclasses.replace(sc, sites=[dataclasses.replace(site, p_s_a0=0.0, p_s_a1=0.0)
-                                                       for site in sc.sites])
+            if args.s_blind:  # the same patients with the A -> S edge cut, scored on S-blind renders
+                blind = without_social_path(sc)
                 path = Path(tmp) / f"scenario-blind-{seed}.toml"
                 path.write_text(scenario_to_toml(blind))
                 out = Path(tmp) / f"s{seed}-blind"

@@ -130,6 +130,19 @@ class Scenario:
         raise KeyError(f"scenario {self.name!r} has no site {name!r}")
 
 
+def without_social_path(scenario: Scenario) -> Scenario:
+    """The scenario with the A -> S edge cut: every site assigns scanners at its own marginal rate
+    ``P(S=1) = p_a · p_s_a1 + (1 - p_a) · p_s_a0`` whatever the patient's group, so a patient keeps U_S and the site
+    keeps its share of legacy scans, but S carries no information about A (or, through A, about D).
+
+    Why not S = 0 everywhere: that also removes the legacy scanner's blur and noise, which no model of the real
+    renders can undo, so an S-blind reference trained on clean images is an AUROC no mitigation can reach; with the
+    edge cut the images are as degraded as in the real world and only the social path is gone."""
+    sites = [dataclasses.replace(s, p_s_a0=m, p_s_a1=m)
+             for s in scenario.sites for m in [s.p_a * s.p_s_a1 + (1.0 - s.p_a) * s.p_s_a0]]
+    return dataclasses.replace(scenario, sites=sites)
+
+
 _SITE_FIELDS = {f.name: f for f in dataclasses.fields(SiteSpec)}
 _KNOBS = [k for k in _SITE_FIELDS if k != "name"]
 _TOP_KEYS = {"name", "seed", "image_size", "description", "defaults", "sites", "holdout"}

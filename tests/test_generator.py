@@ -38,12 +38,14 @@ from simulations.generator import (
 from simulations.medmnist_sites import overlay_social_mechanism, partition_npz
 from simulations.scenario import (
     SCENARIO_DIR,
+    Scenario,
     ScenarioError,
     SiteSpec,
     load_scenario,
     scenario_from_dict,
     scenario_hash,
     scenario_to_toml,
+    without_social_path,
 )
 
 
@@ -220,6 +222,19 @@ def test_s_cf_follows_the_coupling():
     assert (a0["S_cf"] > a0["S"]).any()
     assert (t["S"] == (t["U_S"] < t["p_S"])).all()
 
+
+
+def test_without_social_path_cuts_a_to_s_and_keeps_everything_else():
+    site = SiteSpec(name="cut", n=4000, p_a=0.3, p_s_a0=0.1, p_s_a1=0.9)
+    scenario = Scenario(name="cut", seed=3, image_size=32, sites=[site])
+    cut = without_social_path(scenario).sites[0]
+    assert cut.p_s_a0 == cut.p_s_a1 == pytest.approx(0.3 * 0.9 + 0.7 * 0.1)
+    real, blind = sample_truth(site, seed=3), sample_truth(cut, seed=3)
+    for col in ("A", "C", "D", "U_S", "seed_noise"):
+        assert real[col].equals(blind[col]), col
+    assert real.groupby("A")["S"].mean().diff().iloc[-1] > 0.7  # the social mechanism is there
+    assert abs(blind.groupby("A")["S"].mean().diff().iloc[-1]) < 0.05  # and cut
+    assert abs(blind["S"].mean() - real["S"].mean()) < 0.03  # the share of legacy scans is kept
 
 def _within(x: np.ndarray, p: float, k: float = 4.0) -> bool:
     return abs(x.mean() - p) <= k * np.sqrt(p * (1 - p) / len(x))

@@ -257,6 +257,38 @@ def test_score_shift_correction_removes_a_known_shift():
     assert abs(zc[s == 1].mean() - zc[s == 0].mean() - 2.0 * (d[s == 1].mean() - d[s == 0].mean())) < 0.08
 
 
+
+def test_score_shift_correction_zeroes_the_effect_when_s_compresses_the_logit():
+    """Blur/noise: S = 1 halves the lesion's logit evidence and adds a shift. Each a0 patient's logit under both S
+    values is known, so the true social PSE after correction (mean over a0 of corrected(S under a1) - corrected(S))
+    is exact; equal mean logits per (A, D) stratum (the old fit) leave a clear residual."""
+    rng = np.random.default_rng(1)
+    n = 20000
+    a = (rng.random(n) < 0.5).astype(int)
+    u_s = rng.random(n)
+    s_a0, s_a1 = (u_s < 0.1).astype(int), (u_s < 0.85).astype(int)
+    s = np.where(a == 1, s_a1, s_a0)
+    d = (rng.random(n) < np.where(a == 1, 0.45, 0.27)).astype(int)
+    evidence = (2.0 * d - 1.0) * 2.5 + rng.normal(0, 1.2, n)
+
+    def z_of(s_, rows=slice(None)):
+        return -1.0 + evidence[rows] * (1 - 0.5 * s_) + 0.6 * s_
+
+    def true_pse(fn):
+        a0 = a == 0
+        return float(np.mean(fn(z_of(s_a1[a0], a0), s_a1[a0]) - fn(z_of(s_a0[a0], a0), s_a0[a0])))
+
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    unmitigated = true_pse(lambda z, s_: sig(z))
+    post = ScoreShiftCorrection().fit(sig(z_of(s)), a, s, d)
+    corrected = true_pse(lambda z, s_: post.transform(sig(z), s_))
+    assert unmitigated > 0.04
+    assert abs(corrected) < 0.1 * unmitigated
+    # the mean-logit shift (what the correction fitted before) is a different number and misses
+    logit_gap = np.mean([z_of(s)[(s == 1) & (d == y)].mean() - z_of(s)[(s == 0) & (d == y)].mean() for y in (0, 1)])
+    shifted = true_pse(lambda z, s_: sig(z - logit_gap * s_))
+    assert abs(shifted) > 0.15 * unmitigated
+
 # ---------------------------------------------------------------------------------- client wiring
 
 SCENARIO = """
