@@ -56,7 +56,7 @@ from sklearn.metrics import roc_auc_score
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import SmallCNN
 from core_models.training import make_loader, train_epochs
-from fairness.attribution import gradcam_maps, image_evidence
+from fairness.attribution import attribution_maps, image_evidence
 from fairness.mitigation import (DensityRatio, MediatorOffset, PathSpecificPenalty, ScoreShiftCorrection,
                                  StratifiedPathPenalty, cell_index, consortium_strata, pct, site_release_vectors,
                                  stratum_index)
@@ -220,6 +220,12 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
     return model.eval(), {"epsilon": ledger.epsilon(), "released_pse_last": pses[-1] if pses else float("nan")}
 
 
+def fit_post_processing(model, split: dict) -> ScoreShiftCorrection:
+    """The S-specific logit shift that zeroes the pooled-strata PSE of ``model``'s scores on ``split``."""
+    return ScoreShiftCorrection().fit(cnn_scores(model, split["x"]), split["meta"][:, 0], split["meta"][:, 1],
+                                      split["y"])
+
+
 @torch.no_grad()
 def cnn_scores(model, x: np.ndarray) -> np.ndarray:
     return torch.cat([torch.softmax(model(torch.from_numpy(x[i:i + 512])), 1)[:, 1]
@@ -286,7 +292,8 @@ def blind_aurocs(p_blind: np.ndarray, data: dict) -> dict:
 def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | None = None, mode: str = "stratified-sd",
         per_cell: int = 32, lams_per_sample: tuple[float, ...] = (), cam: bool = True,
         dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0,
-        penalty_epochs: int = 0, factorise: bool = True, dual_lr: float = 0.0, offset: bool = False) -> list[dict]:
+        penalty_epochs: int = 0, factorise: bool = True, dual_lr: float = 0.0, offset: bool = False,
+        attribution: str = "gradcam") -> list[dict]:
     rows = []
     t0 = time.perf_counter()
 
@@ -300,11 +307,21 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            for lam, off in [(0.0, False), (dp_lam, False)] + [(0.0, True), (dp_lam, True)] * offset:
+            penalised = [(dp_lam, False)] if dp_lam > 0 else []
+            configs = [(0.0, False)] + penalised + ([(0.0, True)] + [(lam, True) for lam, _ in penalised]) * offset
+            for lam, off in configs:
                 model, info = train_dp_cnn(data, epochs, seed, lam, dp_eps, Path(tmp) / f"l{lam:g}{off}", offset=off)
                 name = "DP-SGD" + (f" + per-sample penalty lam={lam:g}" if lam else "" if off else " unmitigated")
                 name += " + mediator offset" if off else ""
                 add(f"{name} (eps target {dp_eps:g})", lambda x, s, a, m=model: cnn_scores(m, x), **info)
+                if lam == 0:  # post-processing on top: fitted on the validation split (kept at the site, not released)
+                    post = fit_post_processing(model, data["val"])
+                    add(f"{name} + post-processing (eps target {dp_eps:g})",
+                        lambda x, s, a, m=model, p=post: p.transform(cnn_scores(m, x), s), **info)
+            blind_data = {**data, "train": {**data["train"], "x": data["blind"]["train"]}}
+            model, info = train_dp_cnn(blind_data, epochs, seed, 0.0, dp_eps, Path(tmp) / "blind")
+            rows.append({"seed": seed, "method": f"DP-SGD S-blind reference (eps target {dp_eps:g})",
+                         **blind_aurocs(cnn_scores(model, data["blind"]["test"]), data), **info})
         if dp_only:
             return rows
 
@@ -332,6 +349,9 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
         add(f"path-specific penalty ({label}) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
             seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"],
             mu_last=info["mu_last"])
+        post_fit = fit_post_processing(model, data["val"])  # the residual, removed after training
+        add(f"path-specific penalty ({label}) lam={lam:g} + post-processing",
+            lambda x, s, a, m=model, p=post_fit: p.transform(cnn_scores(m, x), s), delta=float(post_fit.delta[1]))
     for lam in lams_per_sample:
         model, info = train_cnn(data, epochs, seed, lam=lam, mode="per-sample")
         add(f"path-specific penalty (per-sample) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
@@ -339,7 +359,7 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
 
     va = data["val"]
     val_scores = cnn_scores(base, va["x"])
-    post = ScoreShiftCorrection().fit(val_scores, va["meta"][:, 0], va["meta"][:, 1], va["y"])
+    post = fit_post_processing(base, va)
     add("post-processing (logit shift by S)", lambda x, s, a: post.transform(cnn_scores(base, x), s),
         delta=float(post.delta[1]))
 
@@ -378,7 +398,7 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
 
     # Grad-CAM evidence (fairness.attribution) on test images that carry the marker: share of the attribution in
     # the marker corner vs its area, parameter-randomisation check, deletion curve against random order
-    marked = te["x"][te["meta"][:, 1] == 1][:200]
+    marked = te["x"][te["meta"][:, 1] == 1][:200 if attribution == "gradcam" else 64]
     mask = marker_mask(marked.shape[-1])
     lam_cam = max(lams) if lams else None
     cam_models = {"unmitigated": (base, rows[0])}
@@ -388,8 +408,9 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
                 f" lam={lam_cam:g}") and "per-sample" not in r["method"]))
     maps = {}
     for name, (model, row) in cam_models.items():
-        ev = image_evidence(model, marked, mask, seed=seed)
-        maps[name] = gradcam_maps(model, marked)
+        ev = image_evidence(model, marked, mask, seed=seed, method=attribution,
+                            n_draws=10 if attribution == "gradcam" else 3)
+        maps[name] = attribution_maps(model, marked[:4], attribution)
         row.update(cam_region_share=ev["region_share_mean"], cam_area_share=ev["region_area_share"],
                    cam_randomisation_rho=ev["randomisation_spearman"],
                    cam_deletion_auc=ev["deletion_auc_attribution"], cam_deletion_auc_random=ev["deletion_auc_random"])
@@ -459,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--penalty-epochs", type=int, default=0, help="epochs of the penalised runs (0: --epochs)")
     parser.add_argument("--lams-per-sample", default="", help="extra rows: the per-sample (DP/federated) form")
     parser.add_argument("--no-cam", action="store_true")
+    parser.add_argument("--attribution", default="gradcam", choices=["gradcam", "occlusion"],
+                        help="image evidence: Grad-CAM (2x2 at 32 px) or occlusion at pixel resolution (64 images)")
     parser.add_argument("--markdown", default="", help="write the seed-mean (sd) table here")
     parser.add_argument("--dp-eps", type=float, default=0.0, help="add DP-SGD rows at this epsilon")
     parser.add_argument("--dp-lam", type=float, default=10.0)
@@ -475,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
                     mode=args.mode, per_cell=args.per_cell, cam=not args.no_cam, dp_eps=args.dp_eps,
                     dp_lam=args.dp_lam, dp_only=args.dp_only, ramp_steps=args.ramp_steps,
                     penalty_epochs=args.penalty_epochs, factorise=not args.no_factorise, dual_lr=args.dual_lr,
-                    offset=args.offset,
+                    offset=args.offset, attribution=args.attribution,
                     lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",

@@ -7,6 +7,8 @@ This module gives that evidence from the images themselves, before and after a m
 attribution map is worth reading at all:
 
 * :func:`gradcam_maps`: Grad-CAM (Selvaraju et al. 2017) via MONAI on a copy of the model;
+* :func:`occlusion_maps`: occlusion (Zeiler & Fergus 2014) at the input's resolution, for when the network's
+  usable Grad-CAM layer is too coarse for the region (SmallCNN at 32 px: 2x2);
 * :func:`region_share` / :func:`area_share`: the share of attribution mass inside the marker region, against the
   share of the image the region covers (what a map spread evenly would give);
 * :func:`randomisation_check`: the model-parameter randomisation test (Adebayo et al. 2018): a map that barely
@@ -164,6 +166,49 @@ def gradcam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | No
     return np.concatenate(out).astype(np.float32)
 
 
+
+def occlusion_maps(model: nn.Module, x: np.ndarray | torch.Tensor, patch: int | None = None, class_idx: int = 1,
+                   *, stride: int = 1) -> np.ndarray:
+    """Occlusion attribution (Zeiler & Fergus 2014) at the input's resolution: for every ``patch`` x ``patch``
+    window (default an eighth of the width, min 2; every ``stride`` pixels) filled with the image's
+    mean, the drop of the class-``class_idx`` probability; each pixel gets the mean drop of the windows that cover
+    it (N, H, W). Positive: hiding the pixel lowers the score.
+
+    Why not Grad-CAM here: SmallCNN's only usable Grad-CAM layer is 2x2 at 32 px (module docstring), too coarse to
+    tell a 3x3 corner marker from its quadrant. Why not MONAI's ``OcclusionSensitivity``: its map is a
+    sliding-window blend whose class probabilities do not sum to 1 (0.88 per pixel, measured on SmallCNN, 5 px
+    windows, overlap 0.6), so the drop against the unoccluded probability is not defined; the exhaustive form is
+    cheap at these sizes (~850 forward passes per 32 px image)."""
+    m = _plain_copy(model)
+    x = _as_images(x)
+    n, _, h, w = x.shape
+    k = int(patch or max(2, w // 8))
+    corners = [(i, j) for i in range(0, h - k + 1, stride) for j in range(0, w - k + 1, stride)]
+    cover = np.zeros((h, w))
+    for i, j in corners:
+        cover[i:i + k, j:j + k] += 1
+    base = _class_probability(m, x, class_idx)
+    out = np.zeros((n, h, w))
+    for idx in range(n):
+        batch = np.repeat(x[idx:idx + 1], len(corners), axis=0)
+        fill = x[idx].mean()
+        for b, (i, j) in enumerate(corners):
+            batch[b, :, i:i + k, j:j + k] = fill
+        drop = base[idx] - _class_probability(m, batch, class_idx)
+        for b, (i, j) in enumerate(corners):
+            out[idx, i:i + k, j:j + k] += drop[b]
+    return (out / np.maximum(cover, 1)).astype(np.float32)
+
+
+def attribution_maps(model: nn.Module, x: np.ndarray | torch.Tensor, method: str = "gradcam",
+                     layer: str | None = None, class_idx: int = 1) -> np.ndarray:
+    """``method`` "gradcam" (:func:`gradcam_maps` at ``layer``) or "occlusion" (:func:`occlusion_maps`)."""
+    if method == "gradcam":
+        return gradcam_maps(model, x, layer, class_idx)
+    if method == "occlusion":
+        return occlusion_maps(model, x, class_idx=class_idx)
+    raise ValueError(f"unknown attribution method {method!r}: 'gradcam' or 'occlusion'")
+
 def region_share(maps: np.ndarray, mask: np.ndarray, grow: int = 0) -> np.ndarray:
     """Per map, the share of its non-negative mass inside ``mask`` grown by ``grow`` pixels (NaN for an all-zero
     map). Compare with :func:`area_share`: a map that ignores the region gets about the area share, one that
@@ -202,13 +247,14 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _randomisation_rhos(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | None, seed: int, n_draws: int,
-                        class_idx: int) -> np.ndarray:
+                        class_idx: int, method: str = "gradcam") -> np.ndarray:
     """(n_draws, N) Spearman correlations, trained map vs re-initialised (seeds ``seed``, ``seed + 1``, ...) map."""
-    layer = layer or _default_layer(getattr(model, "_module", model))
-    trained = gradcam_maps(model, x, layer, class_idx)
+    if method == "gradcam":
+        layer = layer or _default_layer(getattr(model, "_module", model))
+    trained = attribution_maps(model, x, method, layer, class_idx)
     rhos = []
     for d in range(int(n_draws)):
-        rand = gradcam_maps(randomised_copy(model, seed + d), x, layer, class_idx)
+        rand = attribution_maps(randomised_copy(model, seed + d), x, method, layer, class_idx)
         rhos.append([_spearman(a, b) for a, b in zip(trained, rand)])
     return np.array(rhos, dtype=float).reshape(int(n_draws), len(trained))
 
@@ -286,10 +332,10 @@ def deletion_curve(model: nn.Module, x: np.ndarray | torch.Tensor, maps: np.ndar
 
 # --------------------------------------------------------------------------------------------- report
 
-def _evidence_one(model: nn.Module, x: np.ndarray, mask: np.ndarray, layer: str, grow: int, seed: int,
-                  n_draws: int, class_idx: int) -> dict[str, Any]:
-    maps = gradcam_maps(model, x, layer, class_idx)
-    rho = _randomisation_rhos(model, x, layer, seed, n_draws, class_idx)
+def _evidence_one(model: nn.Module, x: np.ndarray, mask: np.ndarray, layer: str | None, grow: int, seed: int,
+                  n_draws: int, class_idx: int, method: str = "gradcam") -> dict[str, Any]:
+    maps = attribution_maps(model, x, method, layer, class_idx)
+    rho = _randomisation_rhos(model, x, layer, seed, n_draws, class_idx, method)
     share = region_share(maps, mask, grow)
     dc = deletion_curve(model, x, maps, seed=seed, class_idx=class_idx)
 
@@ -314,38 +360,46 @@ def _evidence_one(model: nn.Module, x: np.ndarray, mask: np.ndarray, layer: str,
 
 def image_evidence(model: nn.Module, x: np.ndarray | torch.Tensor, mask: np.ndarray, layer: str | None = None,
                    grow: int | None = None, seed: int = 0, reference_model: nn.Module | None = None,
-                   *, n_draws: int = 10, class_idx: int = 1) -> dict[str, Any]:
-    """Grad-CAM evidence on images ``x`` (e.g. legacy-scanner images, which carry the marker) as one JSON-able dict
-    for the audit report (``context["image_evidence"]``): ``n_images``, ``layer``, ``cam_resolution`` [h, w],
-    ``grow`` (default: the layer's stride, input size // CAM size), ``region_area_share`` (the grown marker
-    region's share of the image), ``region_share_mean`` / ``_median`` (of the attribution; ``n_zero_maps``
-    all-zero maps left out), the randomisation Spearman correlation (``randomisation_pairs``: the image x draw pairs
-    it rests on), the deletion AUCs (attribution vs random order) and curves; with ``reference_model``
-    (e.g. the model before mitigation) the same numbers for it under ``reference``, so the report shows
-    before and after.
+                   *, n_draws: int = 10, class_idx: int = 1, method: str = "gradcam") -> dict[str, Any]:
+    """Attribution evidence on images ``x`` (e.g. legacy-scanner images, which carry the marker) as one JSON-able
+    dict for the audit report (``context["image_evidence"]``): ``n_images``, ``method`` ("gradcam" or
+    "occlusion"), ``layer`` (Grad-CAM's; for occlusion the window), ``cam_resolution`` [h, w] (the grid the map
+    resolves: the layer's, or the input's for occlusion), ``grow`` (default: the layer's stride, input size // CAM
+    size; 0 for occlusion), ``region_area_share`` (the grown marker region's share of the image),
+    ``region_share_mean`` / ``_median`` (of the attribution; ``n_zero_maps`` all-zero maps left out), the
+    randomisation Spearman correlation (``randomisation_pairs``: the image x draw pairs it rests on), the deletion
+    AUCs (attribution vs random order) and curves; with ``reference_model`` (e.g. the model before mitigation) the
+    same numbers for it under ``reference``, so the report shows before and after.
     """
     x = _as_images(x)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != x.shape[2:]:
         raise ValueError(f"mask is {mask.shape}, images are {x.shape[2:]}")
-    layer = layer or _default_layer(getattr(model, "_module", model))
-    res = cam_resolution(model, layer, x.shape[2:], x.shape[1])
-    if min(res) < 2:
-        raise ValueError(f"{layer!r} is {res[0]}x{res[1]} at {x.shape[2]}x{x.shape[3]} px: no spatial information; "
-                         "render larger images (SmallCNN's block4 is 2x2 at 32 px)")
-    if grow is None:
-        grow = max(0, min(x.shape[2] // res[0], x.shape[3] // res[1]))
+    if method == "occlusion":
+        res = (int(x.shape[2]), int(x.shape[3]))
+        label = f"occlusion {max(2, x.shape[3] // 8)} px"
+        grow = 0 if grow is None else grow
+    else:
+        layer = layer or _default_layer(getattr(model, "_module", model))
+        res = cam_resolution(model, layer, x.shape[2:], x.shape[1])
+        if min(res) < 2:
+            raise ValueError(f"{layer!r} is {res[0]}x{res[1]} at {x.shape[2]}x{x.shape[3]} px: no spatial "
+                             "information; render larger images (SmallCNN's block4 is 2x2 at 32 px)")
+        label = layer
+        if grow is None:
+            grow = max(0, min(x.shape[2] // res[0], x.shape[3] // res[1]))
     out: dict[str, Any] = {
         "n_images": int(len(x)),
-        "layer": layer,
+        "method": method,
+        "layer": label,
         "input_size": [int(x.shape[2]), int(x.shape[3])],
         "cam_resolution": [int(res[0]), int(res[1])],
         "grow": int(grow),
         "class_idx": int(class_idx),
         "seed": int(seed),
         "region_area_share": area_share(mask, grow),
-        **_evidence_one(model, x, mask, layer, grow, seed, n_draws, class_idx),
+        **_evidence_one(model, x, mask, layer, grow, seed, n_draws, class_idx, method),
     }
     if reference_model is not None:
-        out["reference"] = _evidence_one(reference_model, x, mask, layer, grow, seed, n_draws, class_idx)
+        out["reference"] = _evidence_one(reference_model, x, mask, layer, grow, seed, n_draws, class_idx, method)
     return out

@@ -3,9 +3,10 @@
     equifed-audit --predictions preds.csv --graph synthetic --out audit/ [--site-column site] [--run-dir runs/x]
                   [--model final_model.pt --images SITE_DIR [--reference-model before.pt]]
 
-With ``--model`` and ``--images`` the report also shows image evidence (Grad-CAM share of attribution in a region,
-e.g. a scanner's burnt-in marker, with the parameter-randomisation check and a deletion curve) on the site's images
-selected by ``--image-filter``, before/after when ``--reference-model`` is given.
+With ``--model`` and ``--images`` the report also shows image evidence (the share of attribution in a region, e.g.
+a scanner's burnt-in marker, by Grad-CAM or, with ``--attribution occlusion``, by occlusion at pixel resolution;
+with the parameter-randomisation check and a deletion curve) on the site's images selected by ``--image-filter``,
+before/after when ``--reference-model`` is given.
 
 The CSV needs one column per observed node of the graph spec (a shipped name such as ``synthetic`` or a TOML path).
 Exits 2 with a one-line message on bad input (missing file or column, invalid graph, unusable data).
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specificity", type=float, default=0.8, help="operating point of the group metrics")
     p.add_argument("--no-dowhy", action="store_true", help="skip DoWhy's refuters and independence tests")
     p.add_argument("--no-placebo", action="store_true", help="skip the permuted-A placebo")
-    g = p.add_argument_group("image evidence (Grad-CAM)")
+    g = p.add_argument_group("image evidence (Grad-CAM or occlusion)")
     g.add_argument("--model", default=None, help="model weights (final_model.pt or a round checkpoint)")
     g.add_argument("--reference-model", default=None, help="weights to compare with (e.g. before mitigation)")
     g.add_argument("--images", default=None, help="a site folder (manifest.csv + images) to explain")
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--arch", default="cnn", help="network of the weights (cnn | resnet)")
     g.add_argument("--image-size", type=int, default=32)
     g.add_argument("--max-images", type=int, default=200)
+    g.add_argument("--attribution", default="gradcam", choices=["gradcam", "occlusion"],
+                   help="Grad-CAM (the network's last block) or occlusion at pixel resolution (slower: ~850 "
+                        "forward passes per 32 px image; use with --max-images 64)")
     return p
 
 
@@ -127,7 +131,7 @@ def region_mask(text: str, size: int):
 
 
 def image_evidence_from_files(args) -> dict:
-    """Grad-CAM evidence for ``--model`` (and ``--reference-model``) on the ``--images`` rows ``--image-filter``."""
+    """Attribution evidence for ``--model`` (and ``--reference-model``) on the ``--images`` rows ``--image-filter``."""
     from core_models.data import load_site
     from fairness.attribution import image_evidence
 
@@ -141,7 +145,8 @@ def image_evidence_from_files(args) -> dict:
     x = data.images[keep][: args.max_images]
     reference = _load_weights(args.reference_model, args.arch) if args.reference_model else None
     return image_evidence(_load_weights(args.model, args.arch), x, region_mask(args.region, args.image_size),
-                          reference_model=reference)
+                          reference_model=reference, method=args.attribution,
+                          n_draws=10 if args.attribution == "gradcam" else 3)
 
 
 if __name__ == "__main__":

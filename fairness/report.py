@@ -214,7 +214,7 @@ def _list(items: list[str]) -> str:
 
 
 def _image_evidence(ev: dict[str, Any]) -> str:
-    """The Grad-CAM evidence (:func:`fairness.attribution.image_evidence`'s dict, or a dict of name -> such dicts;
+    """The attribution evidence (:func:`fairness.attribution.image_evidence`'s dict, or a dict of name -> such dicts;
     each may carry its ``reference`` model's numbers) as one table and how to read it."""
     named = {"model": ev} if "n_images" in ev else ev
     rows = []
@@ -225,7 +225,8 @@ def _image_evidence(ev: dict[str, Any]) -> str:
             if not isinstance(r, dict):
                 continue
             res = d.get("cam_resolution") or []
-            rows.append({"model": label, "images": d.get("n_images"), "layer": d.get("layer"),
+            rows.append({"model": label, "images": d.get("n_images"), "method": d.get("method", "gradcam"),
+                         "layer": d.get("layer"),
                          "CAM": "x".join(str(v) for v in res), "grow (px)": d.get("grow"),
                          "region share": r.get("region_share_mean"), "area share": d.get("region_area_share"),
                          "all-zero maps": r.get("n_zero_maps"),
@@ -234,7 +235,8 @@ def _image_evidence(ev: dict[str, Any]) -> str:
                          "deletion AUC (map order)": r.get("deletion_auc_attribution"),
                          "deletion AUC (random order)": r.get("deletion_auc_random")})
     return _table(rows) + (
-        "<p>Region share is the share of the Grad-CAM mass inside the marker region (grown by the CAM's stride) and "
+        "<p>Region share is the share of the attribution mass inside the marker region (for Grad-CAM grown by the "
+        "CAM's stride; occlusion maps are at pixel resolution) and "
         "the model looks at the marker when it lies well above the area share (what an even map gets); the rank "
         "correlation with the map of the same network with re-initialised weights should be low (else the map "
         "shows the image, not the model); and a deletion AUC (class-1 probability as the top-attributed pixels "
@@ -342,7 +344,7 @@ def render_html(audit: dict[str, Any], context: dict[str, Any] | None = None, ti
                      if audit.get("mode") == "federated" else " (equifed-audit runs them by default)") + "</em></p>")
 
     if context.get("image_evidence"):
-        parts.append("<h2 id='image-evidence'>Image evidence (Grad-CAM)</h2>"
+        parts.append("<h2 id='image-evidence'>Image evidence (attribution maps)</h2>"
                      + _image_evidence(context["image_evidence"]))
 
     parts.append("<h2 id='privacy'>Privacy</h2>")

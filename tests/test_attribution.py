@@ -19,7 +19,9 @@ from fairness.attribution import (
     area_share,
     deletion_curve,
     gradcam_maps,
+    grow_mask,
     image_evidence,
+    occlusion_maps,
     randomisation_check,
     randomised_copy,
     region_share,
@@ -100,6 +102,27 @@ def test_gradcam_points_at_the_marker_and_leaves_the_model_alone(trained):
     assert np.all(grown > share) and grown.mean() > 2 * area_share(MASK, 16)
 
 
+
+def test_occlusion_maps_resolve_the_marker_at_pixel_level(trained):
+    model, marked, _ = trained
+    x = marked[:8]
+    maps = occlusion_maps(model, x)
+    assert maps.shape == (len(x), SIZE, SIZE) and maps.dtype == np.float32
+    # hiding the marker is what lowers the score: the mass sits on the 3x3 square, far above its area share
+    share, area = region_share(maps, MASK), area_share(MASK)
+    assert np.all(share > 10 * area)
+    assert np.all(maps[:, MASK].mean(axis=1) > 5 * np.abs(maps[:, ~grow_mask(MASK, 4)]).mean(axis=1))
+    # pixel (0, 0) lies in one window only (the 4x4 one at the corner): its value is exactly that window's drop
+    hidden = x.copy()
+    hidden[:, :, :4, :4] = x.mean(axis=(1, 2, 3))[:, None, None, None]
+    with torch.no_grad():
+        p, q = (torch.softmax(model(torch.from_numpy(v)), 1)[:, 1].numpy() for v in (x, hidden))
+    np.testing.assert_allclose(maps[:, 0, 0], p - q, atol=1e-5)
+    ev = image_evidence(model, x, MASK, method="occlusion", n_draws=2)
+    assert ev["method"] == "occlusion" and ev["cam_resolution"] == [SIZE, SIZE] and ev["grow"] == 0
+    assert ev["region_share_mean"] == pytest.approx(float(share.mean()), rel=1e-5)
+    assert ev["deletion_auc_attribution"] < ev["deletion_auc_random"]
+
 def test_region_share_on_hand_made_maps():
     inside = np.where(MASK, 2.0, 0.0)
     outside = np.where(MASK, 0.0, 1.0)
@@ -179,7 +202,7 @@ def test_image_evidence_dict_and_report_section(trained):
 
     audit = _minimal_audit()
     html = render_html(audit, {"image_evidence": ev})
-    assert "<h2 id='image-evidence'>Image evidence (Grad-CAM)</h2>" in html
+    assert "<h2 id='image-evidence'>Image evidence (attribution maps)</h2>" in html
     assert html.index("id='image-evidence'") < html.index("id='privacy'")
     assert f"<td>{ev['region_share_mean']:.4f}</td>" in html
     assert f"<td>{ev['reference']['deletion_auc_random']:.4f}</td>" in html
@@ -222,6 +245,11 @@ def test_audit_cli_adds_image_evidence_from_files(trained, tmp_path, capsys):
     assert ev["n_images"] == legacy > 0
     assert ev["region_share_mean"] > ev["region_area_share"]  # the marker model looks at the corner
     assert "id='image-evidence'" in (tmp_path / "audit" / "fairness_audit.html").read_text()
+    assert audit_main(base + ["--out", str(tmp_path / "occ"), "--model", str(tmp_path / "final_model.pt"),
+                              "--images", str(site), "--attribution", "occlusion", "--max-images", "4"]) == 0
+    occ = json.loads((tmp_path / "occ" / "fairness_audit.json").read_text())["context"]["image_evidence"]
+    assert occ["method"] == "occlusion" and occ["n_images"] == min(4, legacy) and occ["grow"] == 0
+    assert occ["region_share_mean"] > 5 * occ["region_area_share"]  # pixel resolution: far sharper than 2x2
     capsys.readouterr()
     for extra, message in [(["--model", str(tmp_path / "final_model.pt")], "both --model and --images"),
                            (["--model", str(tmp_path / "nope.pt"), "--images", str(site)], "not found"),
