@@ -486,7 +486,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dp-eps", type=float, default=0.0, help="add DP-SGD rows at this epsilon")
     parser.add_argument("--dp-lam", type=float, default=10.0)
     parser.add_argument("--dp-only", action="store_true", help="only the unmitigated and DP-SGD rows")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="only print the tables of earlier runs' --json files, merged (e.g. two halves of the seeds)")
     args = parser.parse_args(argv)
+    if args.merge:
+        rows = sum((json.loads(Path(f).read_text()) for f in args.merge), [])
+        print(markdown_table(rows) + "\n" + target_table(rows))
+        return
     torch.set_num_threads(1)
     lams = [float(x) for x in args.lams.split(",") if x.strip()]
     rows = []
@@ -513,7 +519,33 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
     if args.markdown:
-        Path(args.markdown).write_text(markdown_table(rows))
+        Path(args.markdown).write_text(markdown_table(rows) + "\n" + target_table(rows))
+
+
+def target_table(rows: list[dict]) -> str:
+    """Against issue 7's targets, per method: removed and kept as ratios of the seed means (the per-seed ratios carry
+    the noise of a small denominator), AUROC minus the S-blind reference's (same seeds), and the median per-seed
+    |residual social PSE| as a share of that seed's unmitigated effect. DP-SGD rows are compared with the DP-SGD
+    unmitigated and DP-SGD S-blind networks."""
+    df = pd.DataFrame(rows)
+    dp_base = df["method"].str.startswith("DP-SGD unmitigated (")
+    base_of = {0: df[df["method"] == "unmitigated"].set_index("seed"), 1: df[dp_base].set_index("seed")}
+    refs = df[df["method"].str.contains("S-blind reference")]
+    blind_of = {dp: refs[refs["method"].str.startswith("DP-SGD") == dp].set_index("seed")["auroc"] for dp in (0, 1)}
+    out = ["| method | seeds | removed (>= 90 %) | kept (>= 90 %) | AUROC - S-blind (>= -0.01) | median per-seed residual |",
+           "|---|---|---|---|---|---|"]
+    for method, g in df.groupby("method", sort=False):
+        if "true_social_pse" not in g or g["true_social_pse"].isna().all():
+            continue
+        dp = int(method.startswith("DP-SGD"))  # DP rows against the DP-trained unmitigated and S-blind networks
+        g, b, blind = g.set_index("seed"), base_of[dp].loc[g["seed"]], blind_of[dp]
+        removed = 100 * (1 - g["true_social_pse"].mean() / b["true_social_pse"].mean())
+        kept = 100 * g["true_permissible_pse"].mean() / b["true_permissible_pse"].mean()
+        seeds = [i for i in g.index if i in blind.index]
+        d_auc = f"{(g.loc[seeds, 'auroc'] - blind.loc[seeds]).mean():+.3f}" if seeds else ""
+        residual = 100 * (g["true_social_pse"].abs() / b["true_social_pse"].to_numpy()).median()
+        out.append(f"| {method} | {len(g)} | {removed:.1f} % | {kept:.1f} % | {d_auc} | {residual:.0f} % |")
+    return "\n".join(out) + "\n"
 
 
 def markdown_table(rows: list[dict]) -> str:
