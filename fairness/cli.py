@@ -2,11 +2,16 @@
 
     equifed-audit --predictions preds.csv --graph synthetic --out audit/ [--site-column site] [--run-dir runs/x]
                   [--model final_model.pt --images SITE_DIR [--reference-model before.pt]]
+                  [--fit-correction correction.json]
 
 With ``--model`` and ``--images`` the report also shows image evidence (the share of attribution in a region, e.g.
 a scanner's burnt-in marker, by Grad-CAM or, with ``--attribution occlusion``, by occlusion at pixel resolution;
 with the parameter-randomisation check and a deletion curve) on the site's images selected by ``--image-filter``,
 before/after when ``--reference-model`` is given.
+
+With ``--fit-correction`` it also fits the post-processing correction for a model that cannot be retrained (a logit
+shift per level of the social mediator, read from the image's metadata at inference) and reports the impermissible
+effect after it.
 
 The CSV needs one column per observed node of the graph spec (a shipped name such as ``synthetic`` or a TOML path).
 Exits 2 with a one-line message on bad input (missing file or column, invalid graph, unusable data).
@@ -37,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specificity", type=float, default=0.8, help="operating point of the group metrics")
     p.add_argument("--no-dowhy", action="store_true", help="skip DoWhy's refuters and independence tests")
     p.add_argument("--no-placebo", action="store_true", help="skip the permuted-A placebo")
+    p.add_argument("--fit-correction", default=None, metavar="JSON",
+                   help="also fit the post-processing correction (a logit shift per level of the social mediator "
+                        "that zeroes its effect; fairness.mitigation.ScoreShiftCorrection) on these predictions, "
+                        "write it here and report the impermissible effect after it")
     g = p.add_argument_group("image evidence (Grad-CAM or occlusion)")
     g.add_argument("--model", default=None, help="model weights (final_model.pt or a round checkpoint)")
     g.add_argument("--reference-model", default=None, help="weights to compare with (e.g. before mitigation)")
@@ -93,12 +102,55 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.model and args.images):
                 return fail("image evidence needs both --model and --images")
             context = {**(context or {}), "image_evidence": image_evidence_from_files(args)}
+        if args.fit_correction:
+            correction = fit_correction(frame, spec, Path(args.fit_correction), n_boot=args.n_boot, seed=args.seed)
+            context = {**(context or {}), "correction": correction}
         paths = write_report(audit, args.out, context=context)
     except (GraphError, ValueError, FileNotFoundError) as err:  # GraphError: spec, column and estimation errors
         return fail(str(err))
     print(audit["verdict"]["text"])
+    if args.fit_correction:
+        c = context["correction"]
+        print(f"correction: logit shift {c['delta']} by {c['mediator_column']}; impermissible effect on the score "
+              f"{c['before']['estimate']:+.4f} -> {c['after']['estimate']:+.4f} "
+              f"(95% CI {c['after']['ci_low']:+.4f} to {c['after']['ci_high']:+.4f}); written to {args.fit_correction}")
     print(f"report: {paths['html']}\njson:   {paths['json']}")
     return 0
+
+
+def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, seed: int = 0) -> dict:
+    """Fit :class:`fairness.mitigation.ScoreShiftCorrection` for the spec's one observed social mediator (levels
+    coded 0..k, S = 0 the reference level) on labelled predictions, write it as JSON to ``path`` (what a site
+    applies at inference, S read from the image's metadata) and return it with the audit's impermissible effect on
+    the score before and after (weighting estimator, bootstrap CI)."""
+    import json
+
+    import numpy as np
+
+    from fairness.mitigation import ScoreShiftCorrection
+    from fairness.pse import estimate_effects
+
+    social = [n for n in spec.mediators() if spec.nodes[n].kind == "social"]
+    if len(social) != 1 or spec.outcome is None:
+        raise ValueError("--fit-correction needs exactly one observed social mediator and an observed label; "
+                         f"the graph has social mediators {social} and label {spec.outcome}")
+    a_col, s_col, d_col, y_col = (spec.column(n) for n in (spec.sensitive, social[0], spec.outcome, spec.prediction))
+    s = frame[s_col].to_numpy()
+    if not np.all(np.isin(s, np.arange(int(np.max(s)) + 1))) or not (s == 0).any():
+        raise ValueError(f"--fit-correction needs {s_col!r} coded 0..k with 0 present (the reference level)")
+    a = (frame[a_col] != spec.nodes[spec.sensitive].reference).to_numpy().astype(int)
+    corr = ScoreShiftCorrection().fit(frame[y_col].to_numpy(float), a, s, frame[d_col].to_numpy())
+    corrected = frame.assign(**{y_col: corr.transform(frame[y_col].to_numpy(float), s)})
+
+    def effect(f: pd.DataFrame) -> dict:
+        row = estimate_effects(f, spec, n_boot=n_boot, seed=seed).get("impermissible", "score")
+        return {k: float(row[k]) for k in ("estimate", "ci_low", "ci_high")}
+
+    out = {"mediator": social[0], "mediator_column": s_col, "delta": [round(float(v), 6) for v in corr.delta],
+           "before": effect(frame), "after": effect(corrected), "n": int(len(frame))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out
 
 
 def _load_weights(path: str, arch: str):

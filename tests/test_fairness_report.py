@@ -19,7 +19,8 @@ from fairness.cli import main as audit_main
 from fairness.dowhy_checks import independence_tests
 from fairness.report import SECTIONS, run_context, write_report
 from simulations.scenario import SiteSpec
-from tests.test_fairness import add_score, fast_truth
+from fairness.mitigation import ScoreShiftCorrection
+from tests.test_fairness import add_score, f_score, fast_truth
 
 
 def predictions(site: SiteSpec, n: int, seed: int) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -137,3 +138,32 @@ def test_cli_writes_the_report_and_rejects_bad_input(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "fairness.cli", "--predictions", str(csv), "--graph", "synthetic",
                            "--out", str(tmp_path / "y")], capture_output=True, text=True)
     assert proc.returncode == 2 and "columns missing" in proc.stderr
+
+
+def test_cli_fits_the_post_processing_correction(tmp_path, capsys):
+    """--fit-correction: the JSON a site applies at inference; the true social effect (rows re-scored with S under
+    a1) is gone after it, and the audit's after-estimate says so."""
+    site = SiteSpec(name="c", p_s_a0=0.2, p_s_a1=0.7)
+    t = fast_truth(site, 4000, 29)
+    truth = add_score(t, site, 29)
+    frame = pd.DataFrame({"group": t.A, "age": t.C, "scanner_legacy": t.S, "label": t.D, "score": t.score})
+    csv, out = tmp_path / "preds.csv", tmp_path / "corr" / "correction.json"
+    frame.to_csv(csv, index=False)
+    base = ["--predictions", str(csv), "--graph", "synthetic", "--out", str(tmp_path / "audit"), "--n-boot", "50",
+            "--no-dowhy", "--no-placebo"]
+    assert audit_main(base + ["--fit-correction", str(out)]) == 0
+    assert "correction: logit shift" in capsys.readouterr().out
+    c = json.loads(out.read_text())
+    assert c["mediator_column"] == "scanner_legacy" and c["delta"][0] == 0 and c["delta"][1] > 0
+    assert truth["impermissible"] > 0.03 and c["before"]["estimate"] == pytest.approx(truth["impermissible"], abs=0.02)
+    corr = ScoreShiftCorrection(np.asarray(c["delta"]))
+    eps = np.random.default_rng(29 + 99).normal(0.0, 0.5, len(t))  # add_score's noise: the rows' own scores
+    a0 = (t.A == 0).to_numpy()
+    cf = corr.transform(f_score(t.A, t.S_a1, t.D_S_cf, t.C, eps, 0.0), t.S_a1)
+    after_true = float(np.mean((cf - corr.transform(t.score, t.S))[a0]))
+    assert abs(after_true) < 0.15 * truth["impermissible"]
+    assert c["after"]["ci_low"] < 0 < c["after"]["ci_high"] and abs(c["after"]["estimate"]) < 0.01
+    # a mediator not coded 0..k: a clear error, nothing written
+    frame.assign(scanner_legacy=frame.scanner_legacy + 1).to_csv(csv, index=False)
+    assert audit_main(base + ["--fit-correction", str(tmp_path / "bad.json")]) == 2
+    assert "coded 0..k" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
