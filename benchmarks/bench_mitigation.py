@@ -550,11 +550,19 @@ def target_table(rows: list[dict]) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """Seed means with the seed standard deviation in brackets; removed/kept are computed per seed against that
-    seed's unmitigated model, then averaged."""
+    seed's unmitigated model (DP-SGD rows: the DP-SGD unmitigated one), then averaged."""
     df = pd.DataFrame(rows)
-    base = df[df["method"] == "unmitigated"].set_index("seed")
-    df["social_removed_%"] = 100 - 100 * df["true_social_pse"] / df["seed"].map(base["true_social_pse"])
-    df["permissible_kept_%"] = 100 * df["true_permissible_pse"] / df["seed"].map(base["true_permissible_pse"])
+    dp = df["method"].str.startswith("DP-SGD")  # DP rows per seed against the DP-SGD unmitigated network
+    for rows_of, name in ((~dp, "unmitigated"), (dp, None)):
+        pick = df["method"] == name if name else df["method"].str.startswith("DP-SGD unmitigated (")
+        base = df[pick].set_index("seed")
+        if base.empty:
+            continue
+        seeds = df.loc[rows_of, "seed"]
+        df.loc[rows_of, "social_removed_%"] = 100 - 100 * df.loc[rows_of, "true_social_pse"] / seeds.map(
+            base["true_social_pse"])
+        df.loc[rows_of, "permissible_kept_%"] = 100 * df.loc[rows_of, "true_permissible_pse"] / seeds.map(
+            base["true_permissible_pse"])
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
             "group_gap", "social_removed_%", "permissible_kept_%", "epsilon"]
     out = ["| method | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
