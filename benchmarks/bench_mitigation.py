@@ -124,12 +124,13 @@ def s_blind(rows: pd.DataFrame, scenario) -> np.ndarray:
 def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.ndarray | None = None,
               lr: float = 0.002, batch_size: int = 32, mode: str = "stratified-sd",
               per_cell: int = 32, ramp_steps: int = 0, factorise: bool = True,
-              dual_lr: float = 0.0, offset: bool = False) -> tuple[SmallCNN, dict]:
+              dual_lr: float = 0.0, offset: bool = False, pool: dict | None = None) -> tuple[SmallCNN, dict]:
     """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
     (StratifiedPathPenalty: per_cell reference-group rows from every scanner cell per step), "stratified-sd" (strata
     by scanner and label), "pooled-sd*" (strata over both groups) or "per-sample"
     (PathSpecificPenalty on the training minibatch, the DP-SGD/federated form); ``offset`` trains with the
-    mediator's fixed logit offset (MediatorOffset, dropped at inference), with or without the penalty."""
+    mediator's fixed logit offset (MediatorOffset, dropped at inference), with or without the penalty. ``pool``
+    (x, y, meta of part of the validation split) replaces the validation split as the "pooled-sd-val" pool."""
     torch.manual_seed(seed)
     model = SmallCNN()
     tr = data["train"]
@@ -151,7 +152,8 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
             # strata (S, D) over both groups, weights from the training + validation counts (consortium_strata);
             # drawn from the training rows, the validation rows (never fitted by the cross-entropy) or both
             w = consortium_strata([counts], [np.zeros_like(counts)], factorise_label=factorise).w
-            pools = {"pooled-sd-val": (va["x"], va["meta"], va["y"]),
+            vp = va if pool is None else pool
+            pools = {"pooled-sd-val": (vp["x"], vp["meta"], vp["y"]),
                      "pooled-sd-all": (np.concatenate([x, va["x"]]), meta, y_all)}
             px, pm, py = pools.get(mode, (x, tr["meta"], tr["y"]))
             penalty = StratifiedPathPenalty(model, px, stratum_index(pm, py), np.zeros(len(py)), lam=lam,
@@ -293,8 +295,14 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
         per_cell: int = 32, lams_per_sample: tuple[float, ...] = (), cam: bool = True,
         dp_eps: float = 0.0, dp_lam: float = 10.0, dp_only: bool = False, ramp_steps: int = 0,
         penalty_epochs: int = 0, factorise: bool = True, dual_lr: float = 0.0, offset: bool = False,
-        attribution: str = "gradcam") -> list[dict]:
+        attribution: str = "gradcam", calibration_split: float = 0.0) -> list[dict]:
     rows = []
+    va = data["val"]
+    pool, calibration = None, va
+    if calibration_split > 0:  # the penalty's pool and the post-processing's calibration rows never overlap
+        held = np.random.default_rng(seed + 7).random(len(va["y"])) >= 1.0 - calibration_split
+        pool = {k: va[k][~held] for k in ("x", "y", "meta")}
+        calibration = {k: va[k][held] for k in ("x", "y", "meta")}
     t0 = time.perf_counter()
 
     def add(method: str, fn, **extra):
@@ -338,26 +346,28 @@ def run(data: dict, seed: int, epochs: int, lams: list[float], figure: Path | No
     for lam in lams:
         t = time.perf_counter()
         model, info = train_cnn(data, penalty_epochs or epochs, seed, lam=lam, mode=mode, per_cell=per_cell,
-                                ramp_steps=ramp_steps, factorise=factorise, dual_lr=dual_lr, offset=offset)
+                                ramp_steps=ramp_steps, factorise=factorise, dual_lr=dual_lr, offset=offset,
+                                pool=pool)
         penalised[lam] = model
         label = mode + (f", ramp {ramp_steps}" if ramp_steps else "") + (f", per-cell {per_cell}" if per_cell != 32
                                                                            else "")
         label += f", {penalty_epochs} epochs" if penalty_epochs else ""
         label += f", dual {dual_lr:g}" if dual_lr else ""
         label += ", p(d|a0,s)" if mode.startswith("pooled") and not factorise else ""
+        label += f", pool = {100 * (1 - calibration_split):.0f} % of val" if calibration_split else ""
         label = ("mediator offset + " if offset else "") + label
         add(f"path-specific penalty ({label}) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
             seconds=round(time.perf_counter() - t, 1), running_pse_last=info["running_pse_last"],
             mu_last=info["mu_last"])
-        post_fit = fit_post_processing(model, data["val"])  # the residual, removed after training
-        add(f"path-specific penalty ({label}) lam={lam:g} + post-processing",
+        post_fit = fit_post_processing(model, calibration)  # the residual, removed after training
+        where = f" on the other {100 * calibration_split:.0f} %" if calibration_split else ""
+        add(f"path-specific penalty ({label}) lam={lam:g} + post-processing{where}",
             lambda x, s, a, m=model, p=post_fit: p.transform(cnn_scores(m, x), s), delta=float(post_fit.delta[1]))
     for lam in lams_per_sample:
         model, info = train_cnn(data, epochs, seed, lam=lam, mode="per-sample")
         add(f"path-specific penalty (per-sample) lam={lam:g}", lambda x, s, a, m=model: cnn_scores(m, x),
             running_pse_last=info["running_pse_last"])
 
-    va = data["val"]
     val_scores = cnn_scores(base, va["x"])
     post = fit_post_processing(base, va)
     add("post-processing (logit shift by S)", lambda x, s, a: post.transform(cnn_scores(base, x), s),
@@ -477,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-factorise", action="store_true", help="pooled modes: weights with p(d | a0, s)")
     parser.add_argument("--offset", action="store_true",
                         help="a 'mediator offset' row, and the penalised rows with the offset (MediatorOffset)")
+    parser.add_argument("--calibration-split", type=float, default=0.0,
+                        help="hold this share of the validation split out of the penalty's pool; the 'penalty + "
+                             "post-processing' rows fit the correction on it (0: both use the whole split)")
     parser.add_argument("--penalty-epochs", type=int, default=0, help="epochs of the penalised runs (0: --epochs)")
     parser.add_argument("--lams-per-sample", default="", help="extra rows: the per-sample (DP/federated) form")
     parser.add_argument("--no-cam", action="store_true")
@@ -504,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
                     mode=args.mode, per_cell=args.per_cell, cam=not args.no_cam, dp_eps=args.dp_eps,
                     dp_lam=args.dp_lam, dp_only=args.dp_only, ramp_steps=args.ramp_steps,
                     penalty_epochs=args.penalty_epochs, factorise=not args.no_factorise, dual_lr=args.dual_lr,
-                    offset=args.offset, attribution=args.attribution,
+                    offset=args.offset, attribution=args.attribution, calibration_split=args.calibration_split,
                     lams_per_sample=tuple(float(x) for x in args.lams_per_sample.split(",") if x.strip()))
     agg = summarise(rows)
     cols = ["auroc", "worst_group_auroc", "eo_gap", "true_social_pse", "true_permissible_pse", "est_social_pse",
