@@ -21,7 +21,11 @@ Methods (same data, same seed, same network and schedule):
   bias-corrected moving average of earlier steps' estimates); the estimate is StratifiedPathPenalty's (``--mode
   stratified-sd``: 32 reference-group rows from each (scanner, label) stratum per step, own forward pass) or the
   per-sample minibatch form used under DP-SGD and in federation (``--lams-per-sample``);
-* post-processing: logit shift by S estimated within (A, D) strata on the validation set;
+* post-processing: a logit shift per S level that equalises the mean score within label strata of the validation
+  set (ScoreShiftCorrection); also on top of each penalised model ("+ post-processing"), fitted on the rows the
+  penalty never drew when ``--calibration-split`` holds part of the validation split out of its pool;
+* with ``--dp-eps``: DP-SGD (client.dp.train_dp) unmitigated, with the per-sample penalty, the offset and
+  post-processing, and a DP-trained S-blind reference;
 * fairlearn ThresholdOptimizer (equalized odds) on the float64 scores, fitted on the validation set (expected
   decision = its randomised thresholds' probability);
 * fairlearn CorrelationRemover and ExponentiatedGradient (demographic parity) on the frozen penultimate embeddings
@@ -31,8 +35,9 @@ Methods (same data, same seed, same network and schedule):
   scanner independent of the group): the best a model without the social path can do; and that network scored on
   the real renders (its own social PSE).
 
-Grad-CAM evidence (fairness/attribution.py) on test images that carry the marker, for the unmitigated and the
-penalised model: share of the class-1 CAM mass in the marker region (grown by the CAM stride) against its area, the
+Image evidence (fairness/attribution.py; ``--attribution gradcam`` or ``occlusion``, pixel resolution) on test images
+that carry the marker, for the unmitigated and the penalised model: share of the class-1 attribution mass in the
+marker region (for Grad-CAM grown by the CAM stride) against its area, the
 parameter-randomisation check (Adebayo et al. 2018: the rank correlation between the trained and re-initialised
 models' maps must be low) and the deletion curve's area (Petsiuk et al. 2018: below random order if the map points
 at pixels the score depends on).
