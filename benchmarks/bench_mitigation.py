@@ -37,10 +37,9 @@ Methods (same data, same seed, same network and schedule):
 
 Image evidence (fairness/attribution.py; ``--attribution gradcam`` or ``occlusion``, pixel resolution) on test images
 that carry the marker, for the unmitigated and the penalised model: share of the class-1 attribution mass in the
-marker region (for Grad-CAM grown by the CAM stride) against its area, the
-parameter-randomisation check (Adebayo et al. 2018: the rank correlation between the trained and re-initialised
-models' maps must be low) and the deletion curve's area (Petsiuk et al. 2018: below random order if the map points
-at pixels the score depends on).
+marker region (for Grad-CAM grown by the CAM stride) against its area, the parameter-randomisation check (Adebayo
+et al. 2018: the rank correlation between the trained and re-initialised models' maps must be low) and the
+deletion curve's area (Petsiuk et al. 2018: below random order if the map points at pixels the score depends on).
 """
 
 from __future__ import annotations
