@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import brentq
 
 # meta columns carried by core_models.meta_loader batches
 META_COLUMNS = ("A", "S", "C")
@@ -494,8 +495,6 @@ class ScoreShiftCorrection:
     delta: np.ndarray = field(default_factory=lambda: np.zeros(2))
 
     def fit(self, scores, a, s, d) -> "ScoreShiftCorrection":
-        from scipy.optimize import brentq
-
         z, a, s, d = _logit(scores), np.asarray(a), np.asarray(s).astype(int), np.asarray(d).astype(int)
         labels = np.unique(d)
         p_d = np.array([(d[a == a.min()] == y).mean() for y in labels])  # p(d | a0), a0 = the lowest code
