@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def target_table(rows: list[dict]) -> str:
     """Against issue 7's targets, per method: removed and kept as ratios of the seed means (the per-seed ratios carry
-    the noise of a small denominator), AUROC minus the S-blind reference's (same seeds), and the median per-seed
+    the noise of a small denominator; above 100 % the effect is reversed, so the target reads |100 - removed| <= 10),
+    AUROC minus the S-blind reference's (same seeds), and the median per-seed
     |residual social PSE| as a share of that seed's unmitigated effect. DP-SGD rows are compared with the DP-SGD
     unmitigated and DP-SGD S-blind networks."""
     df = pd.DataFrame(rows)
@@ -549,7 +550,7 @@ def target_table(rows: list[dict]) -> str:
     base_of = {0: df[df["method"] == "unmitigated"].set_index("seed"), 1: df[dp_base].set_index("seed")}
     refs = df[df["method"].str.contains("S-blind reference")]
     blind_of = {dp: refs[refs["method"].str.startswith("DP-SGD") == dp].set_index("seed")["auroc"] for dp in (0, 1)}
-    out = ["| method | seeds | removed (>= 90 %) | kept (>= 90 %) | AUROC - S-blind (>= -0.01) | median per-seed residual |",
+    out = ["| method | seeds | removed (90-110 %) | kept (>= 90 %) | AUROC - S-blind (>= -0.01) | median per-seed residual |",
            "|---|---|---|---|---|---|"]
     for method, g in df.groupby("method", sort=False):
         if "true_social_pse" not in g or g["true_social_pse"].isna().all():
