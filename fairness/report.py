@@ -343,6 +343,19 @@ def render_html(audit: dict[str, Any], context: dict[str, Any] | None = None, ti
                      "<code>equifed-audit</code> on a site's predictions for these checks"
                      if audit.get("mode") == "federated" else " (equifed-audit runs them by default)") + "</em></p>")
 
+    corr = context.get("correction")
+    if corr:
+        rows = [{"": when, **{k: corr[when][k] for k in ("estimate", "ci_low", "ci_high")}}
+                for when in ("before", "after")]
+        parts.append("<h2 id='correction'>Post-processing correction</h2>"
+                     f"<p>Logit shift per level of {_e(corr['mediator_column'])} (level 0 first): "
+                     f"{_e(', '.join(_f(v, 4) for v in corr['delta']))}, fitted on {corr['n']} labelled rows so "
+                     "that the mean score within label strata no longer depends on the mediator; applied at "
+                     "inference with the mediator read from the image's metadata. The impermissible effect on the "
+                     "score before and after it (weighting estimator on the same rows; a correction fitted and "
+                     "checked on the same rows reads about zero by construction: check it on other rows):</p>"
+                     + _table(rows, ["", "estimate", "ci_low", "ci_high"]))
+
     if context.get("image_evidence"):
         parts.append("<h2 id='image-evidence'>Image evidence (attribution maps)</h2>"
                      + _image_evidence(context["image_evidence"]))

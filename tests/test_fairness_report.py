@@ -163,6 +163,8 @@ def test_cli_fits_the_post_processing_correction(tmp_path, capsys):
     after_true = float(np.mean((cf - corr.transform(t.score, t.S))[a0]))
     assert abs(after_true) < 0.15 * truth["impermissible"]
     assert c["after"]["ci_low"] < 0 < c["after"]["ci_high"] and abs(c["after"]["estimate"]) < 0.01
+    html = (tmp_path / "audit" / "fairness_audit.html").read_text()
+    assert "<h2 id='correction'>Post-processing correction</h2>" in html and f"{c['delta'][1]:.4f}" in html
     # a mediator not coded 0..k: a clear error, nothing written
     frame.assign(scanner_legacy=frame.scanner_legacy + 1).to_csv(csv, index=False)
     assert audit_main(base + ["--fit-correction", str(tmp_path / "bad.json")]) == 2
