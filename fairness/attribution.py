@@ -166,11 +166,15 @@ def gradcam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | No
     return np.concatenate(out).astype(np.float32)
 
 
+def occlusion_window(width: int) -> int:
+    """The default occlusion window: an eighth of the image width, at least 2 px (4 px at 32 px, ~ the marker)."""
+    return max(2, int(width) // 8)
+
 
 def occlusion_maps(model: nn.Module, x: np.ndarray | torch.Tensor, patch: int | None = None, class_idx: int = 1,
                    *, stride: int = 1) -> np.ndarray:
     """Occlusion attribution (Zeiler & Fergus 2014) at the input's resolution: for every ``patch`` x ``patch``
-    window (default an eighth of the width, min 2; every ``stride`` pixels) filled with the image's
+    window (default :func:`occlusion_window`; every ``stride`` pixels) filled with the image's
     mean, the drop of the class-``class_idx`` probability; each pixel gets the mean drop of the windows that cover
     it (N, H, W). Positive: hiding the pixel lowers the score.
 
@@ -182,7 +186,7 @@ def occlusion_maps(model: nn.Module, x: np.ndarray | torch.Tensor, patch: int | 
     m = _plain_copy(model)
     x = _as_images(x)
     n, _, h, w = x.shape
-    k = int(patch or max(2, w // 8))
+    k = int(patch or occlusion_window(w))
     corners = [(i, j) for i in range(0, h - k + 1, stride) for j in range(0, w - k + 1, stride)]
     cover = np.zeros((h, w))
     for i, j in corners:
@@ -208,6 +212,7 @@ def attribution_maps(model: nn.Module, x: np.ndarray | torch.Tensor, method: str
     if method == "occlusion":
         return occlusion_maps(model, x, class_idx=class_idx)
     raise ValueError(f"unknown attribution method {method!r}: 'gradcam' or 'occlusion'")
+
 
 def region_share(maps: np.ndarray, mask: np.ndarray, grow: int = 0) -> np.ndarray:
     """Per map, the share of its non-negative mass inside ``mask`` grown by ``grow`` pixels (NaN for an all-zero
@@ -249,8 +254,6 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def _randomisation_rhos(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | None, seed: int, n_draws: int,
                         class_idx: int, method: str = "gradcam") -> np.ndarray:
     """(n_draws, N) Spearman correlations, trained map vs re-initialised (seeds ``seed``, ``seed + 1``, ...) map."""
-    if method == "gradcam":
-        layer = layer or _default_layer(getattr(model, "_module", model))
     trained = attribution_maps(model, x, method, layer, class_idx)
     rhos = []
     for d in range(int(n_draws)):
@@ -377,7 +380,7 @@ def image_evidence(model: nn.Module, x: np.ndarray | torch.Tensor, mask: np.ndar
         raise ValueError(f"mask is {mask.shape}, images are {x.shape[2:]}")
     if method == "occlusion":
         res = (int(x.shape[2]), int(x.shape[3]))
-        label = f"occlusion {max(2, x.shape[3] // 8)} px"
+        label = f"occlusion {occlusion_window(x.shape[3])} px"
         grow = 0 if grow is None else grow
     else:
         layer = layer or _default_layer(getattr(model, "_module", model))
