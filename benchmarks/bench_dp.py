@@ -63,6 +63,7 @@ class Config:
     prepare: dict | None = None  # kwargs of prepare_for_dp
     stem_stride: int = 2  # 1 = the earlier layout
     freeze_stem: bool = False  # non-DP only
+    os_noise: bool = False  # the noise from an OS-entropy-seeded generator, as client.dp trains
 
 
 NONDP = Config("non-DP, Adam")
@@ -70,6 +71,7 @@ STOCK_HOOKS = Config("DP hooks, stock Opacus", "hooks", stock=True)
 RECOMMENDED = Config("DP hooks + prepare_for_dp (recommended)", "hooks", prepare={})
 NONDP_FROZEN = Config("non-DP, stem frozen", freeze_stem=True)
 SKIP_ONLY = Config("DP hooks + skip summed grads", "hooks", prepare={"freeze_stem": False})
+CLIENT = Config("DP as the client trains (OS-entropy noise)", "hooks", prepare={}, os_noise=True)
 MAIN = [
     NONDP,
     NONDP_FROZEN,
@@ -81,11 +83,12 @@ MAIN = [
     SKIP_ONLY,
     Config("DP hooks + freeze stem", "hooks", prepare={"skip_summed_grads": False}),
     RECOMMENDED,
+    CLIENT,
     Config("old layout: non-DP", stem_stride=1),
     Config("old layout: DP hooks, stock", "hooks", stock=True, stem_stride=1),
     Config("old layout: DP hooks + prepare_for_dp", "hooks", prepare={}, stem_stride=1),
 ]
-SUBSET = [NONDP, STOCK_HOOKS, RECOMMENDED]
+SUBSET = [NONDP, STOCK_HOOKS, RECOMMENDED, CLIENT]
 
 
 def make_model(cfg: Config, seed: int = 0) -> nn.Module:
@@ -112,6 +115,10 @@ def make_private(cfg: Config, model: nn.Module, loader: DataLoader):
     engine = PrivacyEngine(accountant="rdp")
     kw = dict(module=model, optimizer=opt, data_loader=loader, noise_multiplier=SIGMA, max_grad_norm=CLIP,
               poisson_sampling=True, grad_sample_mode=cfg.mode)
+    if cfg.os_noise:
+        from client.dp import os_entropy_generator
+
+        kw["noise_generator"] = os_entropy_generator("cpu")
     if cfg.mode == "ghost":
         module, opt, criterion, loader = engine.make_private(criterion=criterion, **kw)
     else:

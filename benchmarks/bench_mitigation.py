@@ -208,7 +208,8 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
         model = SmallCNN()
         model.load_state_dict(state)  # a fresh module per round, as a client gets the global weights
         train_dp(model, tr["x"], tr["y"], plan, ledger, batch_size=batch_size, physical_batch_size=64,
-                 max_grad_norm=1.0, optimizer=optimizer, lr=lr, seed=seed * 1000 + r, server_round=r + 1,
+                 max_grad_norm=1.0, optimizer=optimizer, lr=lr, server_round=r + 1,
+                 sampling_rng=np.random.default_rng(seed * 1000 + r),
                  meta=tr["meta"] if hook else None, penalty_fn=hook)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if lam > 0 and r + 1 < epochs:

@@ -18,18 +18,21 @@ from flwr.clientapp.mod import fixedclipping_mod
 from client.audit import audit_mod
 from client.dp import plan_dp, train_dp
 from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
-from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path, site_max_epsilon
+from client.policy import PolicyRefusal, SitePolicy
+from client.shift_stats import one_per_patient
+from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path
 from client.statistics import Releaser, produce, producer
 import client.shift_stats  # noqa: F401  (registers the "shift" producer)
 import client.fairness_stats  # noqa: F401  (registers the "fairness" producer)
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import build_model, get_device
+from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED
 from core_models.training import evaluate, make_loader, predict_proba, train_epochs
 from fairness import mitigation
 
 app = ClientApp(mods=[audit_mod])  # audit_mod: the site's own log of what it sends (client/audit.py)
 
-BUDGET_EXHAUSTED = 4001  # Error code in replies from a site that refuses to train
+COUNT_NOISE = 5.0  # noise multiplier of the patient counts a site noises once (FedAvg weights, DP-SGD's q)
 
 
 def central_dp_mod(msg: Message, context: Context, call_next):
@@ -101,22 +104,27 @@ def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
     return Message(content=RecordDict({**content, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
-def _fair_meta(site: LocalSite, cfg, part: str = "train"):
-    """(A, S, C) rows of a split, from the columns named by run config `fair-*`."""
-    frame = site.data.frame[(site.split == part).to_numpy()]
+def _fair_meta_rows(frame, cfg) -> np.ndarray:
+    """(A, S, C) of manifest rows, from the columns named by run config `fair-*`."""
     return mitigation.meta_array(frame, str(cfg.get("fair-sensitive", "group")),
                                  str(cfg.get("fair-mediator", "scanner_legacy")), str(cfg.get("fair-covariate", "")),
                                  int(cfg.get("fair-reference", 0)))
 
 
-def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: float = 0.0):
+def _fair_meta(site: LocalSite, cfg, part: str = "train"):
+    """(A, S, C) rows of a split."""
+    return _fair_meta_rows(site.data.frame[(site.split == part).to_numpy()], cfg)
+
+
+def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: float = 0.0, offset: bool = True):
     """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has
     broadcast the consortium's strata, weights and PSE (before round 1 and after every round); else (None, None).
     Under DP-SGD, or with `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus
     clips it); otherwise this site's share of the stratified estimate (extra draws from every stratum: far less
     gradient noise), with the site's augmented-Lagrangian multiplier ``mu`` (`fair-dual-lr` > 0; kept in the node's
-    state, never sent). `fair-offset` wraps either (or nothing) in the mediator's logit offset (MediatorOffset)
-    from the site's own training counts."""
+    state, never sent). With `offset`, `fair-offset` wraps either (or nothing) in the mediator's logit offset
+    (MediatorOffset) from the site's own exact training counts; under DP-SGD the caller builds it from noised
+    counts instead (`_dp_offset`)."""
     config = msg.content["config"]
     lam = float(cfg.get("fair-lambda", 0.0))
     n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
@@ -133,7 +141,7 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: floa
                 model, x, _fair_meta(site, cfg, split), y, consortium, lam,
                 per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed, dual_lr=float(cfg.get("fair-dual-lr", 0.0)),
                 mu=mu)
-    if bool(cfg.get("fair-offset", False)):
+    if offset and bool(cfg.get("fair-offset", False)):
         # this site's own logit P(D | S) (local counts, nothing released): the posterior within a site is
         # LLR(lesion) + logit P(D | S, site), so the shared network is left with the lesion evidence alone
         y = site.part("train")[1]
@@ -145,13 +153,15 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: floa
 @producer("fair-pse")
 def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
     """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the split
-    the penalty draws from (`fair-pool-split`), each noised (sensitivity 1: one patient is in one cell, score in
-    [0, 1]) and charged."""
+    the penalty draws from (`fair-pool-split`), one image per patient, each noised (sensitivity 1: one patient is
+    in one cell, score in [0, 1]) and charged."""
     split = str(request.get("fair-pool-split", "val"))
-    x, y = site.part(split)
+    keep = one_per_patient(site.data.frame) & (site.split == split).to_numpy()
+    x, y = site.data.images[keep], site.data.labels[keep]
     scores = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
+    meta = _fair_meta_rows(site.data.frame[keep], request)
     counts, sums = mitigation.site_release_vectors(
-        _fair_meta(site, request, split), scores, y, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
+        meta, scores, y, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
         int(request.get("fair-mediator-levels", 2)))
     out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
     if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
@@ -159,83 +169,140 @@ def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releas
     return out
 
 
+def _refusal(msg: Message, site: LocalSite, code: int, err: Exception) -> Message:
+    """An Error reply the server records under the site's name; the run goes on with the others."""
+    what = "budget exhausted" if code == BUDGET_EXHAUSTED else "refused"
+    return Message(Error(code=code, reason=f"site {site.name}: {what}: {err}"), reply_to=msg)
+
+
+def _under_dp(cfg, policy: SitePolicy) -> bool:
+    """Replies are noised-or-withheld when the run trains with DP or the site requires DP."""
+    return bool(cfg.get("dp", False)) or policy.require_dp
+
+
+def _ledger(site: LocalSite, policy: SitePolicy) -> PrivacyLedger:
+    """The site's ledger at the site's own delta and budget (never the server's)."""
+    n_patients = int(site.data.frame["patient_id"].astype(str).nunique())
+    return PrivacyLedger.open(site.path, delta=policy.delta_for(n_patients), max_epsilon=policy.max_epsilon,
+                              fingerprint=dataset_fingerprint(site.path))
+
+
+def _noised_patients(ledger: PrivacyLedger, site: LocalSite, part: str, seed: int, policy: SitePolicy) -> float:
+    """The split's patient count, noised once per (dataset, split seed) and reused: FedAvg's weight and
+    DP-SGD's sample rate come from it, so neither reveals the exact count."""
+    n = int(site.data.frame.loc[(site.split == part).to_numpy(), "patient_id"].astype(str).nunique())
+    noised = ledger.noised_once(f"{ledger.fingerprint}:seed{seed}:{part}-patients", [float(n)], 1.0,
+                                max(COUNT_NOISE, policy.min_release_noise), label=f"{part}-patient-count")
+    return max(2.0, float(np.round(noised[0])))
+
+
+def _dp_offset(cfg, site: LocalSite, ledger: PrivacyLedger, seed: int, policy: SitePolicy, inner):
+    """The mediator's logit offset under DP-SGD: from the training counts noised once (one image per patient,
+    sensitivity 1) and charged, so each patient's loss depends on the others only through a DP release."""
+    n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
+    keep = one_per_patient(site.data.frame) & (site.split == "train").to_numpy()
+    meta = _fair_meta_rows(site.data.frame[keep], cfg)
+    counts, _ = mitigation.site_release_vectors(meta, np.zeros(int(keep.sum())), site.data.labels[keep], c_edges, n_s)
+    columns = "|".join(str(cfg.get(k, "")) for k in ("fair-sensitive", "fair-mediator", "fair-covariate",
+                                                      "fair-covariate-edges", "fair-mediator-levels"))
+    noised = ledger.noised_once(f"{ledger.fingerprint}:seed{seed}:fair-offset:{columns}", counts, 1.0,
+                                max(COUNT_NOISE, policy.min_release_noise), label="fair-offset-counts")
+    return mitigation.MediatorOffset.from_counts(noised, n_s, len(c_edges) + 1, inner=inner)
+
+
+def _disclosure(noised: list[str], withheld: list[str]) -> ConfigRecord:
+    return ConfigRecord({"noised": ",".join(noised), "withheld": ",".join(withheld)})
+
+
 @app.train(mods=[central_dp_mod])
 @keep_details_local
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model on the site's train split; with DP, within the site's budget."""
+    """Train the global model on the site's train split; with DP, within the site's budget and policy."""
     cfg = context.run_config
     site = _site(context)
+    policy = SitePolicy.load(site.path, dict(context.node_config))
+    dp = bool(cfg.get("dp", False))
+    try:
+        policy.check_training(dp)
+    except PolicyRefusal as err:
+        return _refusal(msg, site, POLICY_REFUSED, err)
     model = _model(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
-    seed = int(cfg["seed"]) + server_round
+    seed = int(cfg["seed"])  # splits and the stratified penalty's draws; never the DP noise
     x, y = site.part("train")
     if len(y) == 0:
         raise ValueError(f"site {site.name}: no training images after the split")
     common = dict(optimizer=str(cfg["optimizer"]), lr=float(cfg["learning-rate"]),
                   weight_decay=float(cfg["weight-decay"]),
                   proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
-    privacy: dict = {}
     fair_state = context.state.config_records.get("fair-state", ConfigRecord({"mu": 0.0}))
-    penalty, meta = _fair_penalty(msg, cfg, site, model, seed, mu=float(fair_state["mu"]))
-    if bool(cfg.get("dp", False)):
-        ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
-                                    max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),
-                                    fingerprint=dataset_fingerprint(site.path))
-        plan = plan_dp(len(y), int(cfg["batch-size"]), int(cfg["local-epochs"]), int(cfg["num-server-rounds"]),
-                       float(cfg["target-epsilon"]), float(cfg["target-delta"]))
+    if dp:
+        ledger = _ledger(site, policy)
         epsilon_before = ledger.epsilon()
         try:
+            n_train = _noised_patients(ledger, site, "train", seed, policy)
+            plan = plan_dp(n_train, int(cfg["batch-size"]), int(cfg["local-epochs"]), int(cfg["num-server-rounds"]),
+                           float(cfg["target-epsilon"]), ledger.delta)
             ledger.check_budget([plan.mechanism])
+            penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]),
+                                          offset=False)
+            if bool(cfg.get("fair-offset", False)):
+                penalty = _dp_offset(cfg, site, ledger, seed, policy, penalty)
+                meta = _fair_meta(site, cfg)
         except BudgetExhausted as err:
-            return Message(Error(code=BUDGET_EXHAUSTED, reason=f"site {site.name}: budget exhausted: {err}"),
-                           reply_to=msg)
-        stats = train_dp(model, x, y, plan, ledger, batch_size=int(cfg["batch-size"]),
+            return _refusal(msg, site, BUDGET_EXHAUSTED, err)
+        patients = site.data.frame.loc[(site.split == "train").to_numpy(), "patient_id"].astype(str).to_numpy()
+        stats = train_dp(model, x, y, plan, ledger, patients=patients, batch_size=int(cfg["batch-size"]),
                          physical_batch_size=int(cfg["physical-batch-size"]),
-                         max_grad_norm=float(cfg["max-grad-norm"]), seed=seed, server_round=server_round,
+                         max_grad_norm=float(cfg["max-grad-norm"]), server_round=server_round,
                          run_id=str(context.run_id), meta=meta, penalty_fn=penalty, **common)
-        privacy = {"fingerprint": ledger.fingerprint}
         spent = ledger.summary()
-        epsilon, noise = ledger.epsilon(), plan.noise_multiplier
-        epsilon_train, epsilon_release = spent["epsilon_train"], spent["epsilon_release"]
+        metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_train,
+                   "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
+                   "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
+                   "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
+        extra = {"privacy": ConfigRecord({"fingerprint": ledger.fingerprint}),
+                 DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
     else:
-        loader = (make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed) if penalty is None else
-                  make_meta_loader(x, y, meta, int(cfg["batch-size"]), shuffle=True, seed=seed))
+        penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
+        loader = (make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed + server_round)
+                  if penalty is None else
+                  make_meta_loader(x, y, meta, int(cfg["batch-size"]), shuffle=True, seed=seed + server_round))
         stats = train_epochs(model, loader, epochs=int(cfg["local-epochs"]),
                              grad_accumulation=int(cfg["grad-accumulation"]), device=get_device(),
                              penalty_fn=penalty, **common)
-        epsilon_before = epsilon = epsilon_train = epsilon_release = math.inf
-        noise = 0.0
-    xv, yv = site.part("val")
-    val = evaluate(model, make_loader(xv, yv, 256), get_device())
-    metrics = MetricRecord(
-        {
-            "train-loss": stats["train_loss"],
-            "val-auroc": val["auroc"],
-            "val-loss": val["loss"],
-            "num-examples": len(y),
-            "rejected": len(site.data.rejected),
-            "steps": stats["steps"],
-            "epsilon-before": epsilon_before,
-            "epsilon": epsilon,
-            "epsilon-train": epsilon_train,
-            "epsilon-release": epsilon_release,
-            "noise-multiplier": noise,
-        }
-    )
+        xv, yv = site.part("val")
+        val = evaluate(model, make_loader(xv, yv, 256), get_device())
+        metrics = {"train-loss": stats["train_loss"], "val-auroc": val["auroc"], "val-loss": val["loss"],
+                   "num-examples": len(y), "rejected": len(site.data.rejected), "steps": stats["steps"],
+                   "epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf,
+                   "epsilon-release": math.inf, "noise-multiplier": 0.0}
+        extra = {}
     stratified = getattr(penalty, "inner", penalty)
     if isinstance(stratified, mitigation.StratifiedPathPenalty):  # the multiplier carries over to the next round
         context.state["fair-state"] = ConfigRecord({"mu": float(stratified.mu)})
-    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}
-    if privacy:
-        content["privacy"] = ConfigRecord(privacy)
+    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), **extra}
     return _reply(msg, site, content)
 
 
 @app.evaluate()
 @keep_details_local
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Score the received global model on the site's own test split."""
+    """Score the received global model on the site's own test split. Under DP the scores stay at the site
+    (the metrics are withheld, NaN) and the weight is the noised patient count: the server's questions about
+    the model (a crafted model turns accuracy x n into an exact count of any predicate) get no exact answer."""
+    cfg = context.run_config
     site = _site(context)
+    policy = SitePolicy.load(site.path, dict(context.node_config))
+    if _under_dp(cfg, policy):
+        try:
+            n_test = _noised_patients(_ledger(site, policy), site, "test", int(cfg["seed"]), policy)
+        except BudgetExhausted as err:
+            return _refusal(msg, site, BUDGET_EXHAUSTED, err)
+        metrics = {"eval-auroc": math.nan, "eval-accuracy": math.nan, "eval-loss": math.nan, "num-examples": n_test}
+        return _reply(msg, site, {"metrics": MetricRecord(metrics),
+                                  DISCLOSURE: _disclosure(["num-examples"], ["eval-auroc", "eval-accuracy",
+                                                                             "eval-loss"])})
     model = _model(msg, context)
     x, y = site.part("test")
     result = evaluate(model, make_loader(x, y, 256), get_device())
@@ -253,25 +320,29 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @app.query()
 @keep_details_local
 def statistics(msg: Message, context: Context) -> Message:
-    """Release the statistics the server asks for (config `statistics`, comma-separated),
-    each noised and charged to the site's ledger; a site out of budget releases nothing."""
+    """Release the statistics the server asks for (config `statistics`, comma-separated), each noised and
+    charged to the site's ledger, if the site's policy agrees to release them at the requested noise; a site out
+    of budget releases nothing."""
     cfg = context.run_config
     site = _site(context)
-    model = _model(msg, context) if "arrays" in msg.content.array_records else None
+    policy = SitePolicy.load(site.path, dict(context.node_config))
     request = dict(msg.content["config"])
-    server_round = int(request.get("server-round", 0))
-    ledger = PrivacyLedger.open(site.path, delta=float(cfg["target-delta"]),
-                                max_epsilon=site_max_epsilon(site.path, dict(context.node_config)),
-                                fingerprint=dataset_fingerprint(site.path))
-    releaser = Releaser(ledger, noise_multiplier=float(cfg["release-noise"]),
-                        min_count=int(cfg["release-min-count"]), round=server_round, run_id=str(context.run_id))
     kinds = [k.strip() for k in str(request["statistics"]).split(",") if k.strip()]
+    noise = float(cfg["release-noise"])
+    try:
+        policy.check_release(kinds, noise)
+    except PolicyRefusal as err:
+        return _refusal(msg, site, POLICY_REFUSED, err)
+    model = _model(msg, context) if "arrays" in msg.content.array_records else None
+    server_round = int(request.get("server-round", 0))
+    ledger = _ledger(site, policy)
+    releaser = Releaser(ledger, noise_multiplier=noise, min_count=int(cfg["release-min-count"]),
+                        round=server_round, run_id=str(context.run_id))
     epsilon_before = ledger.epsilon()
     try:
         released = produce(kinds, site, model, request, releaser)
     except BudgetExhausted as err:
-        return Message(Error(code=BUDGET_EXHAUSTED, reason=f"site {site.name}: budget exhausted: {err}"),
-                       reply_to=msg)
+        return _refusal(msg, site, BUDGET_EXHAUSTED, err)
     content: dict = {kind: MetricRecord(values) for kind, values in released.items()}
     content["privacy"] = ConfigRecord({"fingerprint": ledger.fingerprint})
     content["metrics"] = MetricRecord({"epsilon-before": epsilon_before, "epsilon": ledger.epsilon()})

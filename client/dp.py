@@ -1,27 +1,40 @@
-"""Local DP-SGD with Opacus, charged step by step to the site's privacy ledger.
+"""Local DP-SGD with Opacus, the patient as the privacy unit, charged step by step to the site's ledger.
 
-The noise multiplier is sized once for the whole planned training (all rounds), from the
-target (epsilon, delta): sizing it per round would let every round spend the full
-budget. Each round wraps a fresh plain model (Opacus refuses to wrap twice) and the
-weights sent back are the plain model's (no `_module.` prefixes).
+The noise multiplier is sized once for the whole planned training (all rounds), from the target (epsilon,
+delta): sizing it per round would let every round spend the full budget. Each round wraps a fresh plain model
+(Opacus refuses to wrap twice) and the weights sent back are the plain model's (no `_module.` prefixes).
+
+Privacy unit: each logical step includes every *patient* independently with probability q (Poisson
+subsampling, as the RDP analysis assumes) and takes one of that patient's images, drawn uniformly. Per-sample
+clipping then bounds each patient's contribution to a step by `max_grad_norm`, however many images the patient
+has, so the ledger's epsilon is per patient. (Clipping each patient's summed gradient over all their images
+would use more images per step but needs per-patient gradient sums that Opacus' hooks do not give.)
+
+Randomness: the Poisson draws and the Gaussian noise come from generators seeded from OS entropy (os.urandom)
+on every call. Nothing in the run config (the server's `seed`) reaches them, so the server cannot regenerate
+and subtract the noise. Opacus' `secure_mode` would do the same with torchcsprng, which does not install with
+torch 2.x.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import wrap_collate_with_empty
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 
-from client.ledger import PrivacyLedger
-from core_models.meta_loader import make_meta_loader
+from client.ledger import PrivacyLedger, os_entropy_rng
 from core_models.networks import get_device, prepare_for_dp
-from core_models.training import make_loader, make_optimizer
+from core_models.training import make_optimizer
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,7 @@ class DPPlan:
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
+    expected_batch_size: float  # q x (noised) patient count: the divisor of the noised gradient sum
 
     @property
     def mechanism(self) -> tuple[float, float, int]:
@@ -38,15 +52,18 @@ class DPPlan:
 
 
 def plan_dp(
-    n_train: int, batch_size: int, local_epochs: int, rounds: int, target_epsilon: float, delta: float
+    n_patients: float, batch_size: int, local_epochs: int, rounds: int, target_epsilon: float, delta: float
 ) -> DPPlan:
     """Noise multiplier that spends `target_epsilon` over `rounds` x `local_epochs` epochs.
 
-    With Poisson sampling at rate q = batch/n, one epoch is about 1/q logical steps.
+    `n_patients` is the site's *noised* training-patient count (released once): q = batch / n and
+    the step count follow from it, so neither reveals the exact count. With Poisson sampling at
+    rate q, one epoch is about 1/q logical steps.
     """
-    if n_train < 2:
-        raise ValueError(f"DP-SGD needs at least 2 training images, got {n_train}")
-    sample_rate = min(1.0, batch_size / n_train)
+    n = float(n_patients)
+    if not n >= 2:
+        raise ValueError(f"DP-SGD needs at least 2 training patients, got {n:g}")
+    sample_rate = min(1.0, batch_size / n)
     steps_per_round = local_epochs * max(1, math.ceil(1 / sample_rate))
     sigma = get_noise_multiplier(
         target_epsilon=target_epsilon,
@@ -55,7 +72,52 @@ def plan_dp(
         steps=rounds * steps_per_round,
         accountant="rdp",
     )
-    return DPPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps_per_round=steps_per_round)
+    return DPPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps_per_round=steps_per_round,
+                  expected_batch_size=sample_rate * n)
+
+
+class PatientPoissonSampler:
+    """`steps` batches of image indices: each patient in with probability `sample_rate`, one image each."""
+
+    def __init__(self, patients, sample_rate: float, steps: int, rng: np.random.Generator):
+        _, inverse = np.unique(np.asarray(patients).astype(str), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.flatnonzero(np.diff(inverse[order])) + 1
+        self.images_of = np.split(order, bounds)  # the image indices of each patient
+        self.sample_rate = float(sample_rate)
+        self.steps = int(steps)
+        self.rng = rng
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            chosen = np.flatnonzero(self.rng.random(len(self.images_of)) < self.sample_rate)
+            yield [int(self.images_of[k][self.rng.integers(len(self.images_of[k]))]) for k in chosen]
+
+
+def os_entropy_generator(device) -> torch.Generator:
+    """A torch generator for the DP noise, seeded from the OS."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return generator
+
+
+def patient_loader(images: np.ndarray, labels: np.ndarray, patients, plan: DPPlan, rng: np.random.Generator,
+                   meta: np.ndarray | None = None) -> DataLoader:
+    """The loader DP-SGD draws from: patient-level Poisson batches; an empty batch keeps the tensors' shapes."""
+    tensors = [torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)]
+    if meta is not None:
+        if len(meta) != len(labels):
+            raise ValueError(f"{len(meta)} metadata rows for {len(labels)} images")
+        tensors.append(torch.tensor(np.asarray(meta, dtype=np.float32)))
+    dataset = TensorDataset(*tensors)
+    first = dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *t.shape) for t in first],
+                                      dtypes=[t.dtype for t in first])
+    sampler = PatientPoissonSampler(patients, plan.sample_rate, plan.steps_per_round, rng)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
 def train_dp(
@@ -65,6 +127,7 @@ def train_dp(
     plan: DPPlan,
     ledger: PrivacyLedger,
     *,
+    patients=None,
     batch_size: int,
     physical_batch_size: int,
     max_grad_norm: float,
@@ -72,35 +135,37 @@ def train_dp(
     lr: float = 0.002,
     weight_decay: float = 0.0,
     proximal_mu: float = 0.0,
-    seed: int = 0,
     server_round: int | None = None,
     run_id: str | None = None,
     meta: np.ndarray | None = None,
     penalty_fn=None,
+    sampling_rng: np.random.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Train `model` in place with DP-SGD for `plan.steps_per_round` logical steps.
 
-    Logical batches of `batch_size` are processed in physical chunks of
-    `physical_batch_size` (BatchMemoryManager): noise and one ledger step per logical
-    batch, so memory follows the physical size and privacy the logical one.
-    FedProx's proximal pull is applied after each noised step as a separate update: it
-    uses only the server's weights, so it is post-processing and costs no privacy.
-    `penalty_fn(logits, y, meta)` (with `meta` rows next to the images) is added to the loss; it
-    must be a mean of per-sample terms with public coefficients (e.g. the fairness penalty with the
-    server's broadcast PSE), so per-sample clipping still bounds each patient's influence.
+    `patients` gives each image's patient id (default: every image its own patient). Logical batches are
+    processed in physical chunks of `physical_batch_size` (BatchMemoryManager): noise and one ledger step per
+    logical batch, so memory follows the physical size and privacy the logical one. FedProx's proximal pull is
+    applied after each noised step as a separate update: it uses only the server's weights, so it is
+    post-processing and costs no privacy. `penalty_fn(logits, y, meta)` (with `meta` rows next to the images)
+    is added to the loss; it must be a mean of per-sample terms with public coefficients (e.g. the fairness
+    penalty with the server's broadcast PSE), so per-sample clipping still bounds each patient's influence.
+    `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
+    `batch_size` is the logical batch the plan was sized for.
     """
+    del batch_size  # the plan's sample rate and expected batch size already carry it
     device = get_device()
     model.to(device).train()
     # Frozen stem + no summed conv gradients: 1.25x a plain step instead of 1.7x
     # (benchmarks/bench_dp.py). The frozen stem keeps the global model's weights.
     prepare_for_dp(model)
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    torch.manual_seed(seed)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
-    if meta is not None:
-        loader = make_meta_loader(images, labels, meta, batch_size=batch_size, shuffle=True, seed=seed)
-    else:
-        loader = make_loader(images, labels, batch_size=batch_size, shuffle=True, seed=seed)
+    patients = np.arange(len(labels)) if patients is None else np.asarray(patients)
+    if len(patients) != len(labels):
+        raise ValueError(f"{len(patients)} patient ids for {len(labels)} images")
+    loader = patient_loader(images, labels, patients, plan, sampling_rng or os_entropy_rng(), meta)
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_opt, private_loader = engine.make_private(
         module=model,
@@ -108,42 +173,41 @@ def train_dp(
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,  # the loader already samples patients by Poisson draws
+        noise_generator=noise_generator or os_entropy_generator(device),
     )
+    private_opt.expected_batch_size = plan.expected_batch_size
     # The ledger, not the per-round engine, is the accountant of record. Opacus calls the
     # hook once per noised (logical) step, never on the physical chunks in between.
     charge = ledger.optimizer_hook(plan.noise_multiplier, plan.sample_rate, round=server_round, run_id=run_id)
-    noised = [0]
+    noised = 0
 
     def on_noised_step(dp_optimizer) -> None:
+        nonlocal noised
         charge(dp_optimizer)
-        noised[0] += 1
+        noised += 1
 
     private_opt.attach_step_hook(on_noised_step)
     criterion = nn.CrossEntropyLoss()
     total_loss, total_n = 0.0, 0
-    while noised[0] < plan.steps_per_round:
-        with BatchMemoryManager(
-            data_loader=private_loader, max_physical_batch_size=physical_batch_size, optimizer=private_opt
-        ) as batches:
-            for x, y, *m in batches:
-                if len(y) == 0:
-                    continue
-                x, y = x.to(device), y.to(device)
-                logits = private_model(x)
+    with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=physical_batch_size,
+                            optimizer=private_opt) as batches:
+        for x, y, *m in batches:
+            x, y = x.to(device), y.to(device)
+            logits = private_model(x)
+            if len(y) == 0:  # an empty Poisson draw is still a step: noise only
+                objective = loss = logits.sum() * 0.0
+            else:
                 loss = criterion(logits, y)
                 objective = loss if penalty_fn is None else loss + penalty_fn(logits, y, m[0].to(device))
-                objective.backward()
-                before = noised[0]
-                private_opt.step()
-                private_opt.zero_grad()
-                if noised[0] > before:
-                    if global_params is not None:
-                        with torch.no_grad():
-                            for p, g in zip(model.parameters(), global_params):
-                                p.sub_(lr * proximal_mu * (p - g))
-                total_loss += loss.item() * len(y)
-                total_n += len(y)
-                if noised[0] >= plan.steps_per_round:
-                    break
-    return {"train_loss": total_loss / max(total_n, 1), "steps": float(noised[0])}
+            objective.backward()
+            before = noised
+            private_opt.step()
+            private_opt.zero_grad()
+            if noised > before and global_params is not None:
+                with torch.no_grad():
+                    for p, g in zip(model.parameters(), global_params):
+                        p.sub_(lr * proximal_mu * (p - g))
+            total_loss += loss.item() * len(y)
+            total_n += len(y)
+    return {"train_loss": total_loss / max(total_n, 1), "steps": float(noised)}

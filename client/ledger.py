@@ -1,20 +1,27 @@
-"""The site's privacy ledger: one Opacus RDP accountant history per dataset, never reset.
+"""The site's privacy ledger: every Opacus RDP accountant history the site ever had, never reset.
 
-A hospital promises its ethics board an (epsilon, delta) bound per dataset over every
-round, run and restart. The accountant therefore lives on the site's disk
-(`<data>/.equifed/privacy_ledger.json`), not in a training process: every noised
-optimizer step and every released statistic is appended to it and the file is rewritten
+A hospital promises its ethics board an (epsilon, delta) bound per patient over every round, run and restart.
+The accountant therefore lives on the site's disk (`<data>/.equifed/privacy_ledger.json`), not in a training
+process: every noised optimizer step and every released statistic is appended to it and the file is rewritten
 atomically (temp file, fsync, os.replace) before the step's result can be used.
 
-A ledger that cannot be read or whose checksum does not match stops training with
-LedgerError. It is never overwritten or reset: a fresh ledger would silently grant a
-fresh budget. The only way forward is restoring the file from a backup.
+The budget is enforced on the composition of *every* history in the file: a dataset keeps its own history
+(keyed by a fingerprint of its patients and image contents), but a patient may be in every version of the
+site's data, so the site's epsilon is that of all histories together (the conservative bound). Changing the
+data (adding patients, editing the manifest) therefore never grants a fresh budget.
+
+A ledger that cannot be read or whose checksum does not match stops training with LedgerError. It is never
+overwritten or reset. A witness file (`ledger_witness.json`, beside it) records how many steps the ledger has
+charged; a ledger that is missing or holds fewer steps than its witness (deleted, truncated, rolled back to an
+old copy) stops training too, naming the file and how to restore it.
 
 File layout:
     {"version": 1, "site": ..., "datasets": {fingerprint: {"created", "delta",
-     "history": [[sigma, q, steps], ...], "entries": [{...}, ...]}}, "checksum": sha256}
-`history` is exactly Opacus' RDPAccountant.history; `entries` is the human-readable log
-(consecutive training steps of the same round and run are merged into one entry).
+     "history": [[sigma, q, steps], ...], "entries": [{...}, ...]}},
+     "noised": {key: {"value": [...], "label", "time"}}, "checksum": sha256}
+`history` is exactly Opacus' RDPAccountant.history; `entries` is the human-readable log (consecutive training
+steps of the same round and run are merged into one entry); `noised` keeps values the site noised once and
+reuses (e.g. its noised patient count), so that asking again costs nothing and reveals nothing new.
 """
 
 from __future__ import annotations
@@ -37,9 +44,12 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 
+from core_models.paths import UnsafePath, resolve_site_file
+
 LEDGER_FILE = "privacy_ledger.json"
 STATE_DIR = ".equifed"
 FINGERPRINT_CACHE = "fingerprint_cache.json"
+WITNESS_FILE = "ledger_witness.json"
 VERSION = 1
 DEFAULT_DELTA = 1e-5
 RDP_NOTE = (
@@ -72,19 +82,20 @@ def _file_sha256(path: Path) -> str:
 
 
 def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
-    """sha256 over the manifest bytes and (relative path, size, sha256) of every listed image.
+    """sha256 over the site's (patient_id, image content digest) pairs, sorted.
 
-    Hashing every byte is exact; per-file digests are cached in
-    `<data>/.equifed/fingerprint_cache.json` keyed by (path, size, mtime_ns) so that a big
-    site re-hashes only files that changed. Missing files contribute "missing".
+    The key is the patient set and the bytes of their images, not the manifest's bytes: reformatting the
+    manifest (column order, quoting, blank lines, extra columns, renamed or moved files) leaves it unchanged.
+    Only regular files inside the site folder are read (core_models.paths); any other path counts as
+    "unreadable" without being opened, so a FIFO or /dev/zero in the manifest cannot hang the site.
+    Per-file digests are cached in `<data>/.equifed/fingerprint_cache.json` keyed by (real path, size,
+    mtime_ns), so a big site re-hashes only files that changed.
     """
     data_dir = Path(data_dir)
     manifest_path = data_dir / manifest
     if not manifest_path.exists():
         raise FileNotFoundError(f"no {manifest} in {data_dir}: cannot fingerprint the dataset")
-    raw = manifest_path.read_bytes()
-    rows = list(csv.DictReader(raw.decode("utf-8-sig").splitlines()))
-    paths = sorted({r["image_path"] for r in rows if r.get("image_path")})
+    rows = list(csv.DictReader(manifest_path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()))
 
     cache_path = data_dir / STATE_DIR / FINGERPRINT_CACHE
     try:
@@ -98,30 +109,35 @@ def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
     # (coarse timestamps): hash it now but do not cache it ("racy git" rule).
     racy_before = time.time_ns() - 2_000_000_000
 
-    h = hashlib.sha256()
-    h.update(b"equifed-dataset-v1\0")
-    h.update(raw)
-    for rel in paths:
-        f = data_dir / rel
-        try:
-            st = f.stat()
-        except OSError:
-            h.update(json.dumps([rel, "missing"]).encode() + b"\n")
+    pairs = set()
+    for r in rows:
+        pid, rel = str(r.get("patient_id") or "").strip(), str(r.get("image_path") or "").strip()
+        if not pid or not rel:
             continue
-        hit = cache.get(rel)
+        try:
+            real, st = resolve_site_file(data_dir, rel)
+        except UnsafePath:
+            pairs.add((pid, "unreadable"))
+            continue
+        key = str(real)
+        hit = cache.get(key)
         if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             digest = hit[2]
         else:
-            digest = _file_sha256(f)
+            digest = _file_sha256(real)
         if st.st_mtime_ns < racy_before:
-            new_cache[rel] = [st.st_size, st.st_mtime_ns, digest]
-        h.update(json.dumps([rel, st.st_size, digest]).encode() + b"\n")
+            new_cache[key] = [st.st_size, st.st_mtime_ns, digest]
+        pairs.add((pid, digest))
     if new_cache != cache:
         try:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_write(cache_path, json.dumps(new_cache))
         except OSError:
             pass  # read-only data folder: hash again next time
+    h = hashlib.sha256()
+    h.update(b"equifed-dataset-v2\0")
+    for pid, digest in sorted(pairs):
+        h.update(json.dumps([pid, digest]).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -207,6 +223,10 @@ def load_ledger_file(path) -> dict:
             logged[(e["sigma"], e["q"])] += e["steps"]
         if hist != logged:
             raise _corrupt(path, f"dataset {fp[:12]}: history and entries disagree")
+    noised = doc.get("noised", {})
+    if not (isinstance(noised, dict) and all(isinstance(v, dict) and isinstance(v.get("value"), list)
+                                             for v in noised.values())):
+        raise _corrupt(path, "bad 'noised' table")
     return doc
 
 
@@ -307,15 +327,66 @@ def ledger_report(data_dir, delta: float | None = None) -> dict:
         trail = _epsilon_trail(ds["entries"], d)
         summary["entries"] = [dict(e, epsilon_after=eps) for e, eps in zip(ds["entries"], trail)]
         datasets.append(summary)
-    return {"site": doc.get("site"), "path": str(path), "note": RDP_NOTE, "datasets": datasets}
+    site_delta = float(delta if delta is not None else min((d["delta"] for d in datasets), default=DEFAULT_DELTA))
+    return {"site": doc.get("site"), "path": str(path), "note": RDP_NOTE, "datasets": datasets,
+            "delta": site_delta, "epsilon": _epsilon(_all_history(doc), site_delta)}
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _all_history(doc: dict) -> list:
+    """Every dataset's history in one list: the site's epsilon composes them all."""
+    return [h for ds in doc["datasets"].values() for h in ds["history"]]
+
+
+def _total_steps(doc: dict) -> int:
+    return sum(int(h[2]) for h in _all_history(doc))
+
+
+def witness_path(data_dir) -> Path:
+    return Path(data_dir) / STATE_DIR / WITNESS_FILE
+
+
+def _read_witness(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise LedgerError(f"ledger witness {path} is unreadable ({err}); training is stopped for this site. "
+                          f"Restore it together with the ledger from a backup") from err
+    if not (isinstance(doc, dict) and isinstance(doc.get("steps"), int)):
+        raise LedgerError(f"ledger witness {path} is not a witness file; restore it from a backup")
+    return doc
+
+
+def _write_witness(path: Path, doc: dict) -> None:
+    _atomic_write(path, json.dumps({"steps": _total_steps(doc), "checksum": doc.get("checksum"), "time": _now(),
+                                    "note": "how much the privacy ledger beside this file has charged; "
+                                            "never delete"}))
+
+
+def _check_against_witness(path: Path, doc: dict | None) -> None:
+    """A ledger that is gone or went backwards is refused: a fresh ledger would hide what was spent."""
+    witness = _read_witness(path.with_name(WITNESS_FILE))
+    if witness is None:
+        return
+    how = (f"Restore {path} from the site's backup (the copy from the last run, or later); the witness "
+           f"{path.with_name(WITNESS_FILE)} must stay where it is. Training is stopped for this site.")
+    if doc is None:
+        raise LedgerError(f"privacy ledger {path} is missing, but its witness shows a ledger with "
+                          f"{witness['steps']} charged steps existed. {how}")
+    steps = _total_steps(doc)
+    if steps < witness["steps"]:
+        raise LedgerError(f"privacy ledger {path} holds {steps} charged steps, but its witness shows "
+                          f"{witness['steps']}: it was truncated or replaced by an older copy. {how}")
+
+
 class PrivacyLedger:
-    """One dataset's accountant history in the site's ledger file; every change is on disk first."""
+    """The site's accountant histories in the ledger file, one of them this dataset's; every change is on
+    disk first. Budget checks and `epsilon()` compose every history in the file."""
 
     def __init__(self, path: Path, fingerprint: str, delta: float, max_epsilon: float | None, doc: dict):
         self.path = path
@@ -332,12 +403,12 @@ class PrivacyLedger:
         max_epsilon: float | None = None,
         fingerprint: str | None = None,
     ) -> "PrivacyLedger":
-        """Load the site's ledger (validated) or create it, and select this dataset's history.
+        """Load the site's ledger (validated against its witness) or create it; select this dataset's history.
 
-        A dataset whose fingerprint is not in the file yet (new site, or changed data) gets a
-        new, empty history next to the old ones, which are kept. `delta` defaults to the one
-        stored with this dataset's history (1e-5 for a new one); `max_epsilon` comes from the
-        site's own config each time.
+        A dataset whose fingerprint is not in the file yet (new site, or changed data) gets a new history next
+        to the old ones, which keep counting against the budget. `delta` defaults to the one stored with this
+        dataset's history (1e-5 for a new one); the client passes the site policy's; `max_epsilon` comes from
+        the site's own policy each time.
         """
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
@@ -347,9 +418,9 @@ class PrivacyLedger:
         fp = fingerprint if fingerprint is not None else dataset_fingerprint(data_dir)
         path = ledger_path(data_dir)
         with _locked(path):
-            if path.exists():
-                doc = load_ledger_file(path)
-            else:
+            doc = load_ledger_file(path) if path.exists() else None
+            _check_against_witness(path, doc)
+            if doc is None:
                 doc = {"version": VERSION, "site": data_dir.resolve().name, "datasets": {}}
             if fp not in doc["datasets"]:
                 doc["datasets"][fp] = {
@@ -359,6 +430,8 @@ class PrivacyLedger:
                     "entries": [],
                 }
                 cls._write(path, doc)
+            elif not path.with_name(WITNESS_FILE).exists():
+                _write_witness(path.with_name(WITNESS_FILE), doc)  # a ledger from before witnesses
         stored_delta = doc["datasets"][fp].get("delta", DEFAULT_DELTA)
         return cls(path, fp, float(delta if delta is not None else stored_delta), max_epsilon, doc)
 
@@ -366,15 +439,20 @@ class PrivacyLedger:
     def _write(path: Path, doc: dict) -> None:
         doc["checksum"] = _checksum(doc)
         _atomic_write(path, json.dumps(doc, indent=1))
+        _write_witness(path.with_name(WITNESS_FILE), doc)
 
     def _refresh(self) -> dict:
         """The file on disk is the truth (another ledger object or process may have charged)."""
         try:
-            self._doc = load_ledger_file(self.path)
-        except FileNotFoundError as err:
+            doc = load_ledger_file(self.path)
+        except FileNotFoundError:
+            doc = None
+        _check_against_witness(self.path, doc)
+        if doc is None:
             raise LedgerError(f"privacy ledger {self.path} disappeared while in use; training is stopped for this "
                               f"site. Restore the file from a backup; a new ledger would hide the privacy already "
-                              f"spent") from err
+                              f"spent")
+        self._doc = doc
         if self.fingerprint not in self._doc["datasets"]:
             raise LedgerError(f"privacy ledger {self.path} lost the history of dataset {self.fingerprint[:12]}; "
                               f"restore the file from a backup")
@@ -386,6 +464,7 @@ class PrivacyLedger:
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
+        """This dataset's own history (the budget composes it with the others)."""
         return [tuple(h) for h in self._refresh()["history"]]
 
     @property
@@ -393,13 +472,20 @@ class PrivacyLedger:
         return copy.deepcopy(self._refresh()["entries"])
 
     def epsilon(self, delta: float | None = None) -> float:
+        """The site's epsilon: every history in the ledger composed (what the budget is checked against)."""
+        self._refresh()
+        return _epsilon(_all_history(self._doc), self.delta if delta is None else delta)
+
+    def dataset_epsilon(self, delta: float | None = None) -> float:
+        """This dataset's own history alone (for reports; a patient in several versions has spent more)."""
         return _epsilon(self._refresh()["history"], self.delta if delta is None else delta)
 
     def projected_epsilon(self, mechanisms) -> float:
         """Epsilon if these (noise_multiplier, sample_rate, steps) were added; writes nothing."""
-        history = [list(h) for h in self._refresh()["history"]]
+        self._refresh()
+        history = [list(h) for h in _all_history(self._doc)]
         for sigma, q, steps in mechanisms:
-            _append_mechanism(history, float(sigma), float(q), int(steps))
+            history.append([float(sigma), float(q), int(steps)])
         return _epsilon(history, self.delta)
 
     def check_budget(self, mechanisms) -> None:
@@ -408,8 +494,8 @@ class PrivacyLedger:
         projected = self.projected_epsilon(mechanisms)
         if projected > self.max_epsilon:
             raise BudgetExhausted(
-                f"dataset {self.fingerprint[:12]} has spent epsilon={self.epsilon():.4f} (delta={self.delta:g}); "
-                f"this would take it to {projected:.4f}, over the site's max-epsilon={self.max_epsilon:g}"
+                f"the site has spent epsilon={self.epsilon():.4f} (delta={self.delta:g}, every dataset's history "
+                f"composed); this would take it to {projected:.4f}, over the site's max-epsilon={self.max_epsilon:g}"
             )
 
     def charge(
@@ -422,9 +508,9 @@ class PrivacyLedger:
         round: int | None = None,
         run_id: str | None = None,
     ) -> float:
-        """Add a Gaussian mechanism to the history and write the ledger; return epsilon after.
+        """Add a Gaussian mechanism to this dataset's history and write the ledger; return the site's epsilon.
 
-        Refused with BudgetExhausted (nothing written) if it would pass max_epsilon.
+        Refused with BudgetExhausted (nothing written) if it would take the site past max_epsilon.
         """
         sigma, q, steps = float(noise_multiplier), float(sample_rate), int(steps)
         if not _valid_mechanism(sigma, q, steps):
@@ -433,15 +519,16 @@ class PrivacyLedger:
             raise ValueError(f"kind must be 'train' or 'release', got {kind!r}")
         with _locked(self.path):
             ds = self._refresh()
-            history = [list(h) for h in ds["history"]]
-            _append_mechanism(history, sigma, q, steps)
-            eps = _epsilon(history, self.delta)
+            before = _all_history(self._doc)
+            eps = _epsilon(before + [[sigma, q, steps]], self.delta)
             if self.max_epsilon is not None and eps > self.max_epsilon:
                 raise BudgetExhausted(
-                    f"dataset {self.fingerprint[:12]} has spent epsilon={_epsilon(ds['history'], self.delta):.4f} "
-                    f"(delta={self.delta:g}); this {kind} would take it to {eps:.4f}, over the site's "
+                    f"the site has spent epsilon={_epsilon(before, self.delta):.4f} (delta={self.delta:g}, every "
+                    f"dataset's history composed); this {kind} would take it to {eps:.4f}, over the site's "
                     f"max-epsilon={self.max_epsilon:g}"
                 )
+            history = [list(h) for h in ds["history"]]
+            _append_mechanism(history, sigma, q, steps)
             entries = ds["entries"]
             last = entries[-1] if entries else None
             now = _now()
@@ -495,35 +582,58 @@ class PrivacyLedger:
         """THE gate for statistics leaving the site: Gaussian noise of std noise_multiplier *
         sensitivity on every element, charged as (noise_multiplier, q=1, 1 step).
 
-        `sensitivity` is the L2 sensitivity of the whole vector to one record. The charge is
+        `sensitivity` is the L2 sensitivity of the whole vector to one patient. The charge is
         written before the noised value is returned; if it is refused, nothing is released.
-        (numpy's sampler is not hardened against floating-point attacks; fine for aggregates.)
+        The noise comes from OS entropy; `rng` exists for tests that must be reproducible and is never
+        set by the client. (numpy's sampler is not hardened against floating-point attacks; fine for
+        aggregates.)
         """
         if not (math.isfinite(sensitivity) and sensitivity > 0):
             raise ValueError(f"sensitivity must be positive, got {sensitivity}")
         x = np.asarray(value, dtype=np.float64)
         self.check_budget([(noise_multiplier, 1.0, 1)])
-        rng = rng if rng is not None else np.random.default_rng()
+        rng = rng if rng is not None else os_entropy_rng()
         noised = x + rng.normal(0.0, noise_multiplier * sensitivity, size=x.shape)
         self.charge(noise_multiplier, 1.0, 1, kind="release", label=label, round=round, run_id=run_id)
         return noised
 
-    def summary(self) -> dict:
-        """This dataset's spend plus the other fingerprints kept in the same file.
+    def noised_once(self, key: str, value, sensitivity: float, noise_multiplier: float, label: str,
+                    rng: np.random.Generator | None = None) -> np.ndarray:
+        """`value` noised and charged the first time `key` is asked for, then the same noised value forever.
 
-        `epsilon_all_fingerprints` composes every dataset's history: the bound for a patient
-        present in every version of the site's data (a changed dataset starts a new history,
-        but its patients may be the same ones).
+        For quantities the site uses again and again (its noised patient count, the counts behind a logit
+        offset): re-noising them each round would charge each time and let averaging remove the noise.
+        The key must name everything the value depends on (dataset fingerprint, split seed, what).
         """
+        with _locked(self.path):
+            self._refresh()
+            stored = self._doc.get("noised", {}).get(key)
+        if stored is not None:
+            return np.asarray(stored["value"], dtype=np.float64).reshape(np.shape(value))
+        noised = self.release(value, sensitivity, noise_multiplier, label=label, rng=rng)
+        with _locked(self.path):
+            self._refresh()
+            self._doc.setdefault("noised", {})[key] = {"value": noised.ravel().tolist(), "label": label,
+                                                      "time": _now()}
+            self._write(self.path, self._doc)
+        return noised
+
+    def summary(self) -> dict:
+        """The site's spend (every history composed) plus this dataset's own and the others'."""
         self._refresh()
         out = _dataset_summary(self.fingerprint, self._ds, self.delta)
+        out["epsilon_dataset"] = out.pop("epsilon")
+        out["epsilon"] = _epsilon(_all_history(self._doc), self.delta)
         out.update(site=self._doc.get("site"), path=str(self.path), max_epsilon=self.max_epsilon, note=RDP_NOTE)
         out["other_fingerprints"] = {
             fp: {"epsilon": _epsilon(ds["history"], self.delta), "created": ds.get("created"),
                  "n_entries": len(ds["entries"])}
             for fp, ds in self._doc["datasets"].items() if fp != self.fingerprint
         }
-        out["epsilon_all_fingerprints"] = _epsilon(
-            [h for ds in self._doc["datasets"].values() for h in ds["history"]], self.delta
-        )
+        out["epsilon_all_fingerprints"] = out["epsilon"]
         return out
+
+
+def os_entropy_rng() -> np.random.Generator:
+    """A numpy generator seeded from the OS (os.urandom): nothing the server knows can reproduce its draws."""
+    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))

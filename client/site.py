@@ -6,19 +6,17 @@ Everything here stays on the site. Only counts leave it (see client/app.py).
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from client.policy import SitePolicy
 from core_models.data import SiteData, load_site, write_rejected
 from core_models.splits import assign_splits, check_no_leakage
 
 STATE_DIR = ".equifed"  # per-site state that must persist: split, rejections, privacy ledger
-SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
-DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
 
 
 @dataclass
@@ -89,15 +87,5 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
 
 
 def site_max_epsilon(path: Path, node_config: dict) -> float:
-    """The site's privacy budget: the smaller of `max-epsilon` in `<data>/site.toml` and in
-    the SuperNode's node config, else DEFAULT_MAX_EPSILON. The server has no say."""
-    limits = []
-    settings = path / SITE_SETTINGS
-    if settings.exists():
-        with open(settings, "rb") as fh:
-            table = tomllib.load(fh)
-        if "max-epsilon" in table:
-            limits.append(float(table["max-epsilon"]))
-    if "max-epsilon" in node_config:
-        limits.append(float(node_config["max-epsilon"]))
-    return min(limits) if limits else DEFAULT_MAX_EPSILON
+    """The site's privacy budget (its policy's `max-epsilon`); the server has no say."""
+    return SitePolicy.load(path, node_config).max_epsilon

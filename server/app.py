@@ -138,9 +138,9 @@ def main(grid: Grid, context: Context) -> None:
             if not train_ok and not exhausted:
                 raise RunFailed(f"round {current}: no site returned a model; see per_site.csv")
             row["sites_trained"] = len(train_ok)
-            if train_ok:
-                row["train_loss"] = float(np.average([r["train-loss"] for r in train_ok],
-                                                     weights=[r["num-examples"] for r in train_ok]))
+            losses = [(r["train-loss"], r["num-examples"]) for r in train_ok if math.isfinite(r["train-loss"])]
+            if losses:  # sites under DP withhold their training loss (NaN)
+                row["train_loss"] = float(np.average([v for v, _ in losses], weights=[max(w, 1.0) for _, w in losses]))
             if fair_on:
                 row.update(collect_fair(current, arrays))
             if kinds:

@@ -19,6 +19,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from core_models.protocol import DISCLOSURE, STATUS_OF_ERROR
 from server.privacy_registry import PrivacyRegistry
 
 # Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
@@ -78,7 +79,7 @@ class SiteTrackingMixin:
             answered.add(node)
             if msg.has_error():
                 reason = msg.error.reason
-                status = "budget exhausted" if "budget exhausted" in reason else "error"
+                status = STATUS_OF_ERROR.get(int(msg.error.code), "error")
                 site = reason.split(":")[0].removeprefix("site ") if reason.startswith("site ") else f"node-{node}"
                 self.site_rows.append(
                     {"round": server_round, "phase": phase, "site": site, "status": status, "error": reason}
@@ -86,8 +87,11 @@ class SiteTrackingMixin:
                 continue
             site = msg.content["site"]["name"] if "site" in msg.content.config_records else f"node-{node}"
             metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
+            disclosure = msg.content.config_records.get(DISCLOSURE)
+            said = ({"noised": str(disclosure["noised"]), "withheld": str(disclosure["withheld"])}
+                    if disclosure is not None else {})  # which values the site noised, which it kept (NaN)
             self.site_rows.append({"round": server_round, "phase": phase, "site": site, "status": "ok",
-                                   "node": str(node), **metrics})
+                                   "node": str(node), **metrics, **said})
         for node in self.expected_nodes.get((server_round, phase), []):
             if node not in answered and node not in self.refused_nodes:
                 site = self._site_of(node)

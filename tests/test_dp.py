@@ -19,7 +19,7 @@ from simulations.run import main as simulate
 
 
 def test_plan_spends_the_target_over_all_rounds():
-    plan = plan_dp(n_train=400, batch_size=16, local_epochs=2, rounds=5, target_epsilon=3.0, delta=1e-5)
+    plan = plan_dp(n_patients=400, batch_size=16, local_epochs=2, rounds=5, target_epsilon=3.0, delta=1e-5)
     assert plan.sample_rate == pytest.approx(16 / 400)
     assert plan.steps_per_round == 2 * 25
     acc = RDPAccountant()

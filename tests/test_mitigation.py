@@ -375,7 +375,7 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     broadcast["fair-pse"] = 0.2
 
     def run(lam, extra, state=None, **run_config):
-        ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(east)},
+        ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(east), "require-dp": False},
                       state=RecordDict() if state is None else state,
                       run_config={**RUN_CONFIG, "image-size": 32, "local-epochs": 1, "fair-lambda": lam, **run_config})
         msg = Message(content=RecordDict({"arrays": ArrayRecord(start),

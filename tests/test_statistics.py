@@ -69,7 +69,7 @@ def test_out_of_budget_site_releases_nothing(consortium, label_counts):
     delta_site = consortium[1]
     (delta_site / "site.toml").write_text("max-epsilon = 0.5\n")
     try:
-        reply = statistics(_query(), _context({"data-path": str(delta_site)}, **{"release-noise": 0.5}))
+        reply = statistics(_query(), _context({"data-path": str(delta_site)}, **{"release-noise": 1.0}))
         assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
         assert "budget exhausted" in reply.error.reason
     finally:

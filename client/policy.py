@@ -1,0 +1,164 @@
+"""The hospital's privacy policy: what this site agrees to, whatever the server asks.
+
+The run config comes from whoever submitted the run (the consortium's server), so nothing in it can loosen the
+site's guarantee. The policy is read from the site's own `<data>/site.toml` and from the SuperNode's node config
+(what the hospital passed to `equifed-client start`); where both set a key, the stricter value wins. A server
+request that conflicts with the policy is refused with `PolicyRefusal`, naming the setting; the run goes on with
+the other sites.
+
+Keys (site.toml, or the same names in the node config):
+
+| key                  | default                                   | meaning                                          |
+|----------------------|-------------------------------------------|--------------------------------------------------|
+| `max-epsilon`        | 10                                        | budget over the site's whole ledger, ever        |
+| `delta`              | the power of ten <= 1/(10 n_patients)     | the delta every epsilon is stated at             |
+| `require-dp`         | true in deployment, false in simulation   | refuse to train without DP-SGD                   |
+| `release`            | every statistic the site's equifed ships  | statistics the site agrees to release            |
+| `min-release-noise`  | 1.0                                       | smallest noise multiplier accepted for a release |
+| `max-image-pixels`   | the data layer's default                  | images larger than this are rejected undecoded   |
+| `max-file-mb`        | the data layer's default                  | files larger than this are rejected unread       |
+
+The default delta is rounded down to a power of ten so that the epsilon the site reports (a function of delta)
+reveals the order of magnitude of its patient count, not the count.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
+DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
+DEFAULT_MIN_RELEASE_NOISE = 1.0
+STATISTICS = ("shift", "fairness", "fair-pse")  # the names a `release` list may hold
+KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb")
+
+
+class PolicyError(ValueError):
+    """The site's own settings are unreadable or invalid: the site does not start."""
+
+
+class PolicyRefusal(RuntimeError):
+    """A server request that the site's policy does not allow; the message names the setting."""
+
+    def __init__(self, setting: str, why: str):
+        super().__init__(f"refused by the site's privacy policy ({setting}): {why}")
+        self.setting = setting
+
+
+def _read_settings(path: Path) -> dict:
+    settings = path / SITE_SETTINGS
+    if not settings.exists():
+        return {}
+    try:
+        with open(settings, "rb") as fh:
+            table = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise PolicyError(f"{settings} cannot be read: {err}") from err
+    unknown = sorted(set(table) - set(KEYS))
+    if unknown:
+        raise PolicyError(f"{settings}: unknown setting(s) {unknown}; known: {list(KEYS)}")
+    return table
+
+
+def _number(source: str, key: str, value, low: float, high: float = math.inf) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PolicyError(f"{source}: {key} must be a number, got {value!r}") from None
+    if not (low < number < high):
+        raise PolicyError(f"{source}: {key} must be in ({low:g}, {high:g}), got {number:g}")
+    return number
+
+
+def _flag(source: str, key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise PolicyError(f"{source}: {key} must be true or false, got {value!r}")
+
+
+def _names(source: str, value) -> frozenset[str]:
+    names = value if isinstance(value, list) else [v for v in str(value).split(",")]
+    names = frozenset(str(v).strip() for v in names if str(v).strip())
+    unknown = sorted(names - set(STATISTICS))
+    if unknown:
+        raise PolicyError(f"{source}: release lists unknown statistic(s) {unknown}; known: {list(STATISTICS)}")
+    return names
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The stricter of site.toml and the node config; see the module docstring for the keys."""
+
+    max_epsilon: float = DEFAULT_MAX_EPSILON
+    delta: float | None = None  # None: derived from the patient count (default_delta)
+    require_dp: bool = False
+    release: frozenset[str] | None = None  # None: every statistic this equifed ships
+    min_release_noise: float = DEFAULT_MIN_RELEASE_NOISE
+    max_image_pixels: int | None = None
+    max_file_mb: float | None = None
+
+    @classmethod
+    def load(cls, site_dir, node_config: dict | None = None) -> "SitePolicy":
+        """Read both sources; deployment (a node config with `data-path`) requires DP unless the site says not."""
+        node_config = dict(node_config or {})
+        sources = [(str(Path(site_dir) / SITE_SETTINGS), _read_settings(Path(site_dir))),
+                   ("node config", {k: v for k, v in node_config.items() if k in KEYS})]
+        deployment = bool(node_config.get("data-path"))
+        eps, deltas, noise, pixels, mbs, dp_flags = [], [], [], [], [], []
+        release: frozenset[str] | None = None
+        for source, table in sources:
+            if "max-epsilon" in table:
+                eps.append(_number(source, "max-epsilon", table["max-epsilon"], 0.0))
+            if "delta" in table:
+                deltas.append(_number(source, "delta", table["delta"], 0.0, 1.0))
+            if "require-dp" in table:
+                dp_flags.append(_flag(source, "require-dp", table["require-dp"]))
+            if "release" in table:
+                names = _names(source, table["release"])
+                release = names if release is None else release & names
+            if "min-release-noise" in table:
+                noise.append(_number(source, "min-release-noise", table["min-release-noise"], 0.0))
+            if "max-image-pixels" in table:
+                pixels.append(int(_number(source, "max-image-pixels", table["max-image-pixels"], 0.0)))
+            if "max-file-mb" in table:
+                mbs.append(_number(source, "max-file-mb", table["max-file-mb"], 0.0))
+        # require-dp: any source saying true wins; with no say, deployment requires it
+        require = any(dp_flags) if dp_flags else deployment
+        return cls(max_epsilon=min(eps) if eps else DEFAULT_MAX_EPSILON, delta=min(deltas) if deltas else None,
+                   require_dp=require, release=release,
+                   min_release_noise=max(noise) if noise else DEFAULT_MIN_RELEASE_NOISE,
+                   max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None)
+
+    def delta_for(self, n_patients: int) -> float:
+        """The site's delta: its own setting, capped by the default for its size (never looser than 1/(10 n))."""
+        default = default_delta(n_patients)
+        return default if self.delta is None else min(self.delta, default)
+
+    def check_training(self, dp: bool) -> None:
+        if self.require_dp and not dp:
+            raise PolicyRefusal("require-dp = true",
+                                "the run trains without differential privacy (dp = false); this site sends "
+                                "only DP-SGD updates")
+
+    def check_release(self, kinds: list[str], noise_multiplier: float) -> None:
+        """Every statistic asked for must be on the release list, with at least the site's noise."""
+        forbidden = [k for k in kinds if self.release is not None and k not in self.release]
+        if forbidden:
+            raise PolicyRefusal(f"release = {sorted(self.release)}",
+                                f"the server asked for {forbidden}, which this site does not release")
+        if not noise_multiplier >= self.min_release_noise:
+            raise PolicyRefusal(f"min-release-noise = {self.min_release_noise:g}",
+                                f"the server asked for releases with noise multiplier {noise_multiplier:g}")
+
+
+def default_delta(n_patients: int) -> float:
+    """The largest power of ten <= 1/(10 n): delta well below 1/n, and it reveals only n's order of magnitude."""
+    n = max(int(n_patients), 1)
+    return 10.0 ** math.floor(math.log10(1.0 / (10 * n)))
