@@ -7,6 +7,11 @@ survived, with the acquisition metadata (manufacturer, model, ...) that explains
 never stop a site: it becomes a :class:`Rejection` with a reason a data manager can act on. Whole-site problems
 (missing manifest, missing columns, nothing usable) raise :class:`ManifestError`.
 
+A data folder may also hold hostile or broken input (a manifest row ``../../etc/shadow``, a symlink out of the folder,
+a FIFO, a DICOM header claiming 60000 x 60000 pixels, a PNG decompression bomb). Every image path goes through
+:func:`core_models.paths.resolve_site_file`, every file is opened non-blocking and checked to be a regular file, and
+sizes are checked against :class:`ImageLimits` from headers, before any pixel data are read or decoded.
+
 Full-size clinical DICOMs cost 10-100 ms each to decode and a federated run restarts clients often, so decoded stacks
 are cached next to the data (``.equifed_cache/``), keyed by the manifest bytes, every image's (path, size, mtime_ns),
 the image size and a format version; rejections are cached with them.
@@ -14,6 +19,7 @@ the image size and a format version; rejections are cached with them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -27,11 +33,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
+
+from core_models.paths import UnsafePath, resolve_site_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,7 @@ _TEXT_COLUMNS = ("patient_id", "image_path", "label", "site", "split")
 META_COLUMNS = ("manufacturer", "scanner_model", "dicom_sex", "dicom_age", "modality", "rows", "cols")
 MIN_SIDE = 8
 CACHE_DIR = ".equifed_cache"
-CACHE_VERSION = 1  # bump when decoding changes, so stale caches are never reused
+CACHE_VERSION = 2  # bump when decoding changes, so stale caches are never reused
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 PIL_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 _CHANNEL_TOLERANCE = 2  # max |R-G|, |R-B| (of 255) still called grayscale: lossy JPEG leaves small chroma noise
@@ -55,6 +64,80 @@ class ManifestError(ValueError):
 
 class ImageError(ValueError):
     """One image cannot be used; load_site turns it into a Rejection and goes on."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps on what one site's data folder can make us read, checked from headers before anything is decoded.
+
+    max_pixels: pixel values in one image, Rows x Columns x frames x samples per pixel (colour channels count, so
+        an RGB image of N pixels is 3N). Default 100 million (10000 x 10000 grey). The largest clinical images we
+        take are mammograms (~4000 x 5000 = 20 M; tomosynthesis-sized detectors ~4100 x 5600 = 23 M) and
+        radiographs (~4300 x 3500 = 15 M, 45 M as an RGB export); CT/MR slices are 512 x 512 = 0.26 M. So the
+        default leaves 4x headroom over the largest real image, while the worst accepted image costs under 1 GB
+        transiently (measured peak RSS growth: 0.6 GB for a 10000 x 10000 16-bit DICOM, 0.9 GB for a 5773 x 5773
+        RGB PNG), which a site workstation survives.
+        Pillow's own decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is set to this while we decode and
+        its warning is an error.
+    max_file_bytes: bytes of one image file, checked (fstat) before it is read. Default 512 MiB: an uncompressed
+        100 M-value 16-bit image is 200 MB, real files are <= ~40 MB (uncompressed mammogram); anything bigger is
+        multi-frame (refused anyway) or not an image.
+    max_manifest_bytes: bytes of the manifest CSV. Default 256 MiB (~2 million rows of ~128 bytes; the largest
+        public chest X-ray sets have < 0.5 million images).
+
+    Multi-frame images are refused outright before decoding (this layer trains on single 2-D images), so there is
+    no separate frame cap; the frame count still multiplies into max_pixels.
+    """
+
+    max_pixels: int = 100_000_000
+    max_file_bytes: int = 512 * 1024**2
+    max_manifest_bytes: int = 256 * 1024**2
+
+    def __post_init__(self):
+        for name in ("max_pixels", "max_file_bytes", "max_manifest_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ImageLimits.{name} must be a positive integer, got {value!r}")
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _limits(limits: ImageLimits | None) -> ImageLimits:
+    if limits is None:
+        return DEFAULT_LIMITS
+    if not isinstance(limits, ImageLimits):
+        raise TypeError(f"limits must be an ImageLimits, got {type(limits).__name__}")
+    return limits
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1024**2:.1f} MiB"
+
+
+def _open_regular(path, max_bytes: int, what: str = "image file") -> BinaryIO:
+    """Open `path` for reading only if it is a regular file of at most max_bytes, without ever blocking.
+
+    O_NONBLOCK makes opening a FIFO return at once (plain open() would wait for a writer forever), and the type and
+    size come from fstat of the opened descriptor, so a file swapped for a FIFO, device or bigger file after an
+    earlier check is still caught. Raises ImageError (from the OSError, so PermissionError stays visible).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise ImageError(f"cannot open file: {e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"not a regular file (a device, FIFO or folder): {path}")
+        if st.st_size > max_bytes:
+            raise ImageError(f"{what} too large: {_mb(st.st_size)} (limit {_mb(max_bytes)})")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass
@@ -75,13 +158,30 @@ class SiteData:
 # ----------------------------------------------------------------------------------------------------------- manifest
 
 
-def _read_manifest_bytes(manifest_path: Path) -> bytes:
+def _read_manifest_bytes(manifest_path: Path, limits: ImageLimits | None = None) -> bytes:
+    """The manifest's bytes, if it is a regular file within limits.max_manifest_bytes (a FIFO, /dev/zero or a
+    runaway export is a ManifestError, not a hang or an exhausted site)."""
+    limit = _limits(limits).max_manifest_bytes
     try:
-        return manifest_path.read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {manifest_path}") from None
+        f = _open_regular(manifest_path, limit, what="manifest")
+    except ImageError as e:
+        text = str(e)
+        if text.startswith(("manifest not found", "manifest too large")):
+            raise ManifestError(text.replace("manifest too large", f"manifest {manifest_path} too large")) from None
+        if text.startswith("not a regular file"):
+            raise ManifestError(f"manifest {manifest_path} is not a regular file (a device, FIFO or folder)") from None
+        raise ManifestError(f"cannot read manifest {manifest_path}: {e.__cause__ or e}") from e
+    chunks, total = [], 0
+    try:
+        with f:  # chunked: read(limit + 1) would allocate the whole limit up front
+            while total <= limit and (chunk := f.read(min(1 << 20, limit + 1 - total))):
+                chunks.append(chunk)
+                total += len(chunk)
     except OSError as e:
         raise ManifestError(f"cannot read manifest {manifest_path}: {e}") from e
+    if total > limit:  # the file grew after the size check
+        raise ManifestError(f"manifest {manifest_path} too large: over {_mb(limit)}")
+    return b"".join(chunks)
 
 
 def _parse_label(value, num_classes: int | None) -> tuple[int | None, str]:
@@ -102,9 +202,13 @@ def _parse_label(value, num_classes: int | None) -> tuple[int | None, str]:
     return label, ""
 
 
-def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None):
+def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path | None = None):
     """Parse manifest bytes -> (accepted rows indexed by manifest row, resolved paths, their (size, mtime_ns),
-    rejections, number of rows). Files are stat-ed here, before decoding, so a file changed meanwhile invalidates."""
+    rejections, number of rows). Files are stat-ed here, before decoding, so a file changed meanwhile invalidates.
+
+    Image paths are relative to the manifest's folder and must resolve (symlinks followed) to regular files inside
+    `site_dir` (default: the manifest's folder); anything else is a Rejection with the reason from
+    :func:`core_models.paths.resolve_site_file`, and nothing of it is opened."""
     try:
         header = pd.read_csv(io.BytesIO(raw), nrows=0, encoding="utf-8-sig").columns
     except pd.errors.EmptyDataError:
@@ -130,6 +234,8 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None):
     n_rows = len(df)
 
     base = os.path.abspath(manifest_path.parent)
+    site = os.path.abspath(site_dir) if site_dir is not None else base
+    same = os.path.realpath(site) == os.path.realpath(base)
     keep, labels, paths, stamps, rejected = [], [], [], [], []
     for row, pid, ipath, lab in zip(range(n_rows), df["patient_id"], df["image_path"], df["label"]):
         shown = "" if pd.isna(ipath) else str(ipath)
@@ -143,17 +249,18 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None):
         if label is None:
             rejected.append(Rejection(shown, row, why))
             continue
-        resolved = os.path.join(base, shown.strip())  # an absolute image_path stays as it is
-        try:
-            st = os.stat(resolved)
-        except OSError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
-            rejected.append(Rejection(shown, row, f"image file not found: {resolved}"))
+        text = shown.strip()
+        try:  # relative to the manifest; an absolute image_path stays as it is (and must still be in the site)
+            resolved, st = resolve_site_file(site, text if same else os.path.join(base, text))
+        except UnsafePath as e:
+            rejected.append(Rejection(shown, row, str(e)))
+            continue
+        except (OSError, ValueError) as e:  # e.g. an over-long name: still this row's problem only
+            rejected.append(Rejection(shown, row, f"unusable image path ({type(e).__name__}: {e})"))
             continue
         keep.append(row)
         labels.append(label)
-        paths.append(resolved)
+        paths.append(str(resolved))
         stamps.append((st.st_size, st.st_mtime_ns))
     df = df.iloc[keep].copy()
     df["label"] = np.asarray(labels, dtype=np.int64)
@@ -164,14 +271,16 @@ def _first_reasons(rejected: list[Rejection], k: int = 3) -> str:
     return "; ".join(f"row {r.row} ({r.image_path}): {r.reason}" for r in rejected[:k])
 
 
-def read_manifest(manifest_path, num_classes: int | None = 2) -> tuple[pd.DataFrame, list[Rejection]]:
-    """Read and validate a manifest; bad rows (label, missing file) become Rejections, not errors.
+def read_manifest(manifest_path, num_classes: int | None = 2,
+                  limits: ImageLimits | None = None) -> tuple[pd.DataFrame, list[Rejection]]:
+    """Read and validate a manifest; bad rows (label, missing file, path outside the manifest's folder, not a
+    regular file) become Rejections, not errors.
 
     The returned frame keeps the 0-based manifest row number as its index (so rows can be traced back), all original
     columns, and ``label`` as int64. ``image_path`` stays as written; relative paths are relative to the manifest.
     """
     manifest_path = Path(manifest_path)
-    raw = _read_manifest_bytes(manifest_path)
+    raw = _read_manifest_bytes(manifest_path, limits)
     df, _, _, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes)
     if df.empty:
         detail = "no rows" if n_rows == 0 else f"{n_rows} rows, all rejected; first reasons: {_first_reasons(rejected)}"
@@ -320,24 +429,68 @@ def _sop_name(ds) -> str:
     return name if name and name != str(uid) else str(uid)
 
 
-def _dcmread(path: Path):
-    """dcmread, with a forced read for old files lacking the 'DICM' preamble; anything else is 'not DICOM'."""
+def _as_int(ds, keyword: str, default: int) -> int:
+    """An integer header value, or default when absent or malformed (the checks that use it must not crash)."""
     try:
-        return pydicom.dcmread(path)
+        value = ds.get(keyword)
+        return default if value is None or value == "" else int(value)
+    except Exception:
+        return default
+
+
+def _check_pixel_count(rows: int, cols: int, frames: int, samples: int, limits: ImageLimits) -> None:
+    """Refuse, from the header alone, an image with more pixel values than limits.max_pixels."""
+    rows, cols, frames, samples = max(rows, 0), max(cols, 0), max(frames, 1), max(samples, 1)
+    total = rows * cols * frames * samples
+    if total <= limits.max_pixels:
+        return
+    extra = (f" x {samples} samples" if samples > 1 else "") + (f" x {frames} frames" if frames > 1 else "")
+    shown = f"{rows} x {cols} pixels{extra}" + (f" (= {total:,} values)" if extra else "")
+    raise ImageError(f"image too large: {shown} (limit {limits.max_pixels:,} pixel values per image)")
+
+
+def _check_dicom_limits(ds, limits: ImageLimits) -> None:
+    _check_pixel_count(_as_int(ds, "Rows", 0), _as_int(ds, "Columns", 0), _as_int(ds, "NumberOfFrames", 1),
+                       _as_int(ds, "SamplesPerPixel", 1), limits)
+
+
+def _dcmread(f: BinaryIO, limits: ImageLimits):
+    """dcmread of an open file, with a forced read for old files lacking the 'DICM' preamble; anything else is
+    'not DICOM'. The header (everything before the pixel data) is read and checked against `limits` first, so a
+    header claiming a huge image is refused before its pixel data are read, let alone decoded."""
+    forced = False
+    f.seek(0)
+    try:
+        head = pydicom.dcmread(f, stop_before_pixels=True)
     except InvalidDicomError:
-        pass
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise ImageError(f"cannot open file: {e}") from e
+        forced = True
     except Exception as e:
         raise ImageError(f"unreadable DICOM file ({type(e).__name__}: {e})") from e
+    if forced:
+        try:
+            f.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                head = pydicom.dcmread(f, force=True, stop_before_pixels=True)
+            usable = "Rows" in head and "Columns" in head
+        except Exception:
+            usable = False
+        if not usable:
+            raise ImageError("not a DICOM file (no 'DICM' marker and no readable image elements)")
+    _check_dicom_limits(head, limits)
+    f.seek(0)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True)
-        usable = "PixelData" in ds and "Rows" in ds and "Columns" in ds
-    except Exception:
-        usable = False
-    if not usable:
+            if forced:
+                warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(f, force=forced)
+    except Exception as e:
+        if forced:
+            raise ImageError("not a DICOM file (no 'DICM' marker and no readable image elements)") from e
+        raise ImageError(f"unreadable DICOM file ({type(e).__name__}: {e})") from e
+    if not forced:
+        return ds
+    if "PixelData" not in ds:
         raise ImageError("not a DICOM file (no 'DICM' marker and no readable image elements)")
     if "TransferSyntaxUID" not in ds.file_meta:  # pixel decoding needs one; take what the parser detected
         implicit, little = ds.original_encoding
@@ -578,40 +731,65 @@ def _check_header(ds, meta: dict) -> tuple[str, int]:
     return photometric, int(ds.get("SamplesPerPixel") or 1)
 
 
-def _read_lean(path: Path):
+try:  # the header pass of pydicom's lean reader (pydicom.pixels.pixel_array), so we can check before decoding
+    from pydicom.pixels import get_decoder as _get_decoder
+    from pydicom.pixels.utils import _GROUP_0028, _array_common
+
+    _LEAN_TAGS = sorted(set(_META_TAGS) | set(_GROUP_0028) | {0x7FE00001, 0x7FE00002})
+except ImportError:  # a pydicom without these private helpers: every file takes the full dcmread path below
+    _array_common = None
+
+
+def _read_lean(f: BinaryIO, limits: ImageLimits):
     """pydicom's lean reader: parses only group 0x0028, file meta and _META_TAGS, decodes the first frame.
 
-    ~1.5x faster than dcmread(...).pixel_array (it skips converting every other element). Any failure returns None
-    and the full dcmread path below, which words every rejection reason, takes over.
+    ~1.5x faster than dcmread(...).pixel_array (it skips converting every other element). The header is checked
+    (_check_header, then limits) between parsing and decoding, so an image refused by them is never decoded; those
+    refusals raise ImageError. Any other failure returns None and the full dcmread path below, which words every
+    rejection reason, takes over. Returns (ds, arr, meta, photometric, samples).
     """
+    if _array_common is None:
+        return None
     try:
-        ds = pydicom.Dataset()
-        with open(path, "rb") as f:  # a file object spares pydicom's Path.resolve() per image
-            arr = pydicom.pixels.pixel_array(f, ds_out=ds, specific_tags=list(_META_TAGS), index=0)
+        f.seek(0)
+        ds, opts = _array_common(f, _LEAN_TAGS)
         if "TransferSyntaxUID" not in ds.file_meta:
             return None
-        return ds, arr
     except Exception:
         return None
+    meta = _dicom_meta(ds)
+    photometric, samples = _check_header(ds, meta)
+    _check_dicom_limits(ds, limits)
+    try:
+        decoder = _get_decoder(opts["transfer_syntax_uid"])
+        arr, _ = decoder.as_array(f, index=0, validate=True, **opts)
+    except Exception:
+        return None
+    return ds, arr, meta, photometric, samples
 
 
-def read_dicom(path, size: int | None = None) -> tuple[np.ndarray, dict]:
+def read_dicom(path, size: int | None = None, limits: ImageLimits | None = None) -> tuple[np.ndarray, dict]:
     """Decode one single-frame grayscale DICOM to float32 (H, W) in [0, 1] (or size x size) plus metadata.
 
-    Raises ImageError with a reason for anything we cannot turn into such an image.
+    Raises ImageError with a reason for anything we cannot turn into such an image, including a file or image over
+    `limits` (default :data:`DEFAULT_LIMITS`), refused from fstat and the header before pixel data are decoded.
     """
-    path = Path(path)
-    lean = _read_lean(path)
+    limits = _limits(limits)
+    with _open_regular(Path(path), limits.max_file_bytes) as f:
+        return _read_dicom_file(f, size, limits)
+
+
+def _read_dicom_file(f: BinaryIO, size: int | None, limits: ImageLimits) -> tuple[np.ndarray, dict]:
+    lean = _read_lean(f, limits)
     if lean is not None:
-        ds, arr = lean
-        meta = _dicom_meta(ds)
-        photometric, samples = _check_header(ds, meta)
+        ds, arr, meta, photometric, samples = lean
     else:
-        ds = _dcmread(path)
+        ds = _dcmread(f, limits)
         if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise ImageError(f"no pixel data (SOP class {_sop_name(ds)})")
         meta = _dicom_meta(ds)
         photometric, samples = _check_header(ds, meta)
+        _check_dicom_limits(ds, limits)
         arr = _decode_pixels(ds)
 
     if samples > 1 or arr.ndim == 3:
@@ -629,11 +807,36 @@ def read_dicom(path, size: int | None = None) -> tuple[np.ndarray, dict]:
     return _resize(img, size), meta
 
 
-def _read_pil(path: Path, size: int | None) -> tuple[np.ndarray, dict]:
+# Raster formats Pillow may open (PACS/phone exports). Not EPS/PDF/PSD and the like: EPS is rendered by running
+# Ghostscript, far outside what a grayscale-image decoder should do with a hospital's untrusted files.
+_PIL_FORMATS = ("PNG", "JPEG", "JPEG2000", "TIFF", "BMP", "GIF", "PPM", "WEBP")
+
+
+@contextlib.contextmanager
+def _pillow_cap(max_pixels: int):
+    """Pillow's decompression-bomb limit tied to our cap while we decode, and its warning (> cap) an error like its
+    error (> 2 x cap). Restored afterwards, so other Pillow users in the process keep their own setting."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _read_pil(f: BinaryIO, size: int | None, limits: ImageLimits) -> tuple[np.ndarray, dict]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    f.seek(0)
     try:
-        with Image.open(path) as im:
+        with _pillow_cap(limits.max_pixels), Image.open(f, formats=_PIL_FORMATS) as im:
+            # Image.open reads only the header: the size is known, nothing is decoded until load()
+            width, height = im.size
+            _check_pixel_count(height, width, 1, len(im.getbands()), limits)
             if getattr(im, "n_frames", 1) > 1:
                 raise ImageError(f"multi-frame image ({im.n_frames} frames); expected a single 2-D image")
             im = ImageOps.exif_transpose(im)  # phone/scanner JPEGs may store rotation in EXIF
@@ -645,7 +848,9 @@ def _read_pil(path: Path, size: int | None) -> tuple[np.ndarray, dict]:
             arr = np.asarray(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image too large: {e} (limit {limits.max_pixels:,} pixel values per image)") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"unreadable image file ({type(e).__name__}: {e})") from e
 
     if mode == "1":
@@ -673,49 +878,71 @@ def _read_pil(path: Path, size: int | None) -> tuple[np.ndarray, dict]:
     return _resize(img, size), meta
 
 
-def _has_dicom_magic(path: Path) -> bool:
+def _has_dicom_magic(f: BinaryIO) -> bool:
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        f.seek(0)
+        head = f.read(132)
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def read_image(path, size: int | None = None) -> tuple[np.ndarray, dict]:
-    """Decode any supported image: .dcm/.dicom or DICOM magic -> read_dicom; .png/.jpg/.jpeg (and other formats
-    Pillow knows) -> grayscale via PIL. Returns float32 (H, W) in [0, 1] (size x size if given) and metadata."""
+def read_image(path, size: int | None = None, limits: ImageLimits | None = None) -> tuple[np.ndarray, dict]:
+    """Decode any supported image: .dcm/.dicom or DICOM magic -> read_dicom; .png/.jpg/.jpeg (and other raster
+    formats Pillow knows) -> grayscale via PIL. Returns float32 (H, W) in [0, 1] (size x size if given) and metadata.
+
+    The file is opened once, non-blocking, and must be a regular file within `limits` (default
+    :data:`DEFAULT_LIMITS`); image sizes are checked from headers before decoding. Refusals are ImageErrors."""
     path = Path(path)
-    try:
-        return _dispatch(path, size)
-    except ImageError:
-        if not os.path.isfile(path):  # checked only on failure: one stat less per image
-            raise ImageError(f"image file not found: {path}") from None
-        raise
+    limits = _limits(limits)
+    with _open_regular(path, limits.max_file_bytes) as f:
+        return _dispatch(f, path, size, limits)
 
 
-def _dispatch(path: Path, size: int | None) -> tuple[np.ndarray, dict]:
+def _dispatch(f: BinaryIO, path: Path, size: int | None, limits: ImageLimits) -> tuple[np.ndarray, dict]:
     suffix = path.suffix.lower()
-    if suffix in DICOM_SUFFIXES or (suffix not in PIL_SUFFIXES and _has_dicom_magic(path)):
-        return read_dicom(path, size)
+    if suffix in DICOM_SUFFIXES or (suffix not in PIL_SUFFIXES and _has_dicom_magic(f)):
+        return _read_dicom_file(f, size, limits)
     if suffix in PIL_SUFFIXES:
-        return _read_pil(path, size)
+        return _read_pil(f, size, limits)
     try:  # unknown suffix (PACS exports often have none): Pillow formats first, then preamble-less DICOM
-        return _read_pil(path, size)
+        return _read_pil(f, size, limits)
     except ImageError as e:
         if not str(e).startswith("unreadable image file"):
             raise
     try:
-        return read_dicom(path, size)
+        return _read_dicom_file(f, size, limits)
     except ImageError as e:
         if str(e).startswith("not a DICOM file"):
             raise ImageError(f"unrecognised file format (neither DICOM nor an image Pillow reads): {path.name}") from e
         raise
 
 
-def load_npz(path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Load one split of a MedMNIST .npz -> images (N, 1, H, W) float32 in [0, 1] and labels (N,) int64."""
+def _npz_header(z, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of an .npz member from its .npy header alone: what np.load would allocate, before it does
+    (a compressed member can inflate to any size its header claims)."""
+    from numpy.lib import format as npy_format
+
+    with z.zip.open(f"{key}.npy") as m:
+        version = npy_format.read_magic(m)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(m)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(m)
+        else:
+            shape, _, dtype = npy_format._read_array_header(m, version)
+    return tuple(int(v) for v in shape), np.dtype(dtype)
+
+
+def load_npz(path, split: str = "train", limits: ImageLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of a MedMNIST .npz -> images (N, 1, H, W) float32 in [0, 1] and labels (N,) int64.
+
+    Shapes and dtypes are checked from the .npy headers before any array is read: one image (H x W x channels) must
+    be within limits.max_pixels and there must be one label per image. The number of images is not capped (real
+    MedMNIST splits reach several GB); npz files are benchmark downloads, not a hospital's manifest inputs.
+    """
     path = Path(path)
+    limits = _limits(limits)
     with np.load(path, allow_pickle=False) as z:
         keys = sorted(z.files)
         ik, lk = f"{split}_images", f"{split}_labels"
@@ -723,6 +950,17 @@ def load_npz(path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         if missing:
             raise ValueError(f"{path}: split {split!r} not available (missing {', '.join(missing)}); "
                              f"keys present: {', '.join(keys)}")
+        try:
+            (xs, xd), (ys, _) = _npz_header(z, ik), _npz_header(z, lk)
+        except Exception as e:  # KeyError: not an .npy member; ValueError: a broken header
+            raise ValueError(f"{path}: unreadable array header in split {split!r} ({type(e).__name__}: {e})") from e
+        if xd.kind not in "uif" or len(xs) not in (3, 4):
+            raise ValueError(f"{path}: {ik} has shape {xs} and dtype {xd}; expected (N, H, W[, C]) numbers")
+        if math.prod(xs[1:]) > limits.max_pixels:
+            raise ValueError(f"{path}: {ik} images too large: {' x '.join(map(str, xs[1:]))} pixel values each "
+                             f"(limit {limits.max_pixels:,})")
+        if not ys or ys[0] != xs[0]:
+            raise ValueError(f"{path}: {xs[0]} images but labels of shape {ys} in split {split!r}")
         x, y = z[ik], z[lk]
     if x.dtype == np.uint8 or x.dtype == np.uint16:
         top = float(np.iinfo(x.dtype).max)
@@ -755,11 +993,12 @@ def load_npz(path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], image_size: int,
-               num_classes: int | None) -> str:
-    """Hash of everything the decoded stack depends on: format version, size, manifest bytes, each image's
-    (path, size, mtime_ns)."""
+               num_classes: int | None, limits: ImageLimits = DEFAULT_LIMITS) -> str:
+    """Hash of everything the decoded stack depends on: format version, size, limits (they decide rejections),
+    manifest bytes, each image's (path, size, mtime_ns)."""
     h = hashlib.sha256()
     h.update(f"equifed-cache v{CACHE_VERSION}\0size={image_size}\0classes={num_classes}\0".encode())
+    h.update(f"pixels={limits.max_pixels}\0bytes={limits.max_file_bytes}\0".encode())
     h.update(hashlib.sha256(raw).digest())
     for p, (size, mtime_ns) in zip(paths, stamps):
         h.update(f"{p}\0{size}\0{mtime_ns}\0".encode())
@@ -771,13 +1010,40 @@ def _cache_file(data_dir: Path, manifest: str, image_size: int, num_classes, key
     return data_dir / CACHE_DIR / f"{stem}-s{image_size}-k{num_classes}-{key[:32]}.npz"
 
 
-def _cache_load(path: Path, key: str):
+def _cache_dir_ok(cache_dir: Path) -> bool:
+    """The cache folder is ours only if it is a real folder (or absent): a symlink there would make us write, and
+    delete old cache files, wherever it points."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        return stat.S_ISDIR(os.lstat(cache_dir).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _cache_load(path: Path, key: str, n_images: int, image_size: int):
+    """The cached (stack, ok_rows, metas, rejected), or None. The cache lives in the (untrusted) data folder, so
+    the file must be a regular file of plausible size and its arrays' headers must match what this site can
+    produce (at most n_images uint16 image_size^2 images, a bounded info text) before anything is loaded."""
+    info_chars = 65536 + 4096 * n_images
+    max_bytes = n_images * image_size * image_size * 2 + 4 * info_chars + 65536
+    if not _cache_dir_ok(path.parent):
+        return None
+    try:
+        f = _open_regular(path, max_bytes, what="cache file")
+    except ImageError as e:
+        if not str(e).startswith("cache file not found"):
+            log.warning("ignoring cache %s: %s", path, e)
+        return None
+    try:
+        with f, np.load(f, allow_pickle=False) as z:
+            (ishape, idtype), (tshape, tdtype) = _npz_header(z, "images"), _npz_header(z, "info")
+            if (len(ishape) != 3 or ishape[0] > n_images or ishape[1:] != (image_size, image_size)
+                    or idtype != np.uint16 or tshape != () or tdtype.kind != "U" or tdtype.itemsize > 4 * info_chars):
+                log.warning("ignoring cache %s: unexpected arrays %s %s / %s %s", path, ishape, idtype, tshape, tdtype)
+                return None
             info = json.loads(str(z["info"]))
             stack = z["images"]
-    except FileNotFoundError:
-        return None
     except Exception as e:  # torn or foreign file: decode again and overwrite it
         log.warning("ignoring unreadable cache %s: %s", path, e)
         return None
@@ -797,6 +1063,9 @@ def _cache_save(path: Path, key: str, stack: np.ndarray, ok_rows, metas, rejecte
         "rejected": [[r.image_path, r.row, r.reason] for r in rejected],
     }
     tmp = None
+    if not _cache_dir_ok(path.parent):
+        log.warning("decoded-image cache not written: %s is not a plain folder", path.parent)
+        return
     try:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
@@ -826,7 +1095,7 @@ def _meta_frame(metas: list[dict]) -> pd.DataFrame:
     return mf
 
 
-def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int):
+def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: ImageLimits | None = None):
     """Decode each accepted row into a preallocated uint16 stack (a big site never holds two float copies).
 
     Returns (stack, ok_rows, metas, rejections, transient); transient means some failure may go away without the
@@ -835,11 +1104,13 @@ def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int):
     stack = np.empty((len(paths), image_size, image_size), dtype=np.uint16)
     ok_rows, metas, rejected, transient = [], [], [], False
     done: dict[str, tuple | str] = {}  # a path listed twice is decoded once
+    # read_image(path, size) when no limits were given (the defaults), so wrappers of that call keep working
+    extra = {} if limits is None else {"limits": limits}
     for row, shown, p in zip(df.index, df["image_path"], paths):
         result = done.get(p)
         if result is None:
             try:
-                result = read_image(p, image_size)
+                result = read_image(p, image_size, **extra)
             except ImageError as e:
                 result = str(e)
                 transient |= isinstance(e.__cause__, PermissionError)
@@ -862,18 +1133,24 @@ def load_site(
     manifest: str = "manifest.csv",
     num_classes: int = 2,
     cache: bool = True,
+    limits: ImageLimits | None = None,
 ) -> SiteData:
     """Load a site: validate the manifest, decode every usable image at image_size, collect rejections.
 
+    Image paths must resolve to regular files inside `data_dir` (:func:`core_models.paths.resolve_site_file`);
+    files and images over `limits` (default :data:`DEFAULT_LIMITS`, see :class:`ImageLimits`) are refused from
+    fstat and headers before decoding. Each such refusal is a Rejection with its reason; the rest of the site loads.
     The result is identical whether or not the cache was hit (images are quantised to 1/65535 steps either way).
     """
+    if limits is not None:
+        _limits(limits)  # type check now, not once per image
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
     image_size = int(image_size)
     data_dir = Path(data_dir)
     manifest_path = data_dir / manifest
-    raw = _read_manifest_bytes(manifest_path)
-    df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes)
+    raw = _read_manifest_bytes(manifest_path, limits)
+    df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir)
 
     def nothing_usable(all_rejected):
         detail = "manifest has no rows" if n_rows == 0 else (
@@ -883,14 +1160,14 @@ def load_site(
     if df.empty:
         raise nothing_usable(rejected)
 
-    key = _cache_key(raw, paths, stamps, image_size, num_classes) if cache else None
+    key = _cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits)) if cache else None
     cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key) if key else None
-    hit = _cache_load(cache_path, key) if cache_path is not None else None
+    hit = _cache_load(cache_path, key, len(paths), image_size) if cache_path is not None else None
     if hit is not None:
         stack, ok_rows, metas, decode_rejected = hit
         log.info("%s: %d images from cache %s", data_dir, len(ok_rows), cache_path.name)
     else:
-        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size)
+        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size, limits)
         if cache_path is not None and not transient:
             _cache_save(cache_path, key, stack, ok_rows, metas, decode_rejected)
 

@@ -26,6 +26,8 @@ def resolve_site_file(site_dir, rel: str) -> tuple[Path, os.stat_result]:
     text = str(rel).strip()
     if not text:
         raise UnsafePath("missing image_path")
+    if "\0" in text:  # os.path.realpath would raise a bare ValueError
+        raise UnsafePath(f"image path contains a NUL character: {text!r}")
     target = Path(os.path.realpath(base / text))  # an absolute path stays absolute and is checked like any other
     if target != base and base not in target.parents:
         raise UnsafePath(f"image path points outside the site folder: {text}")
