@@ -6,6 +6,11 @@ through `Releaser` (noise for its L2 sensitivity, charged to the ledger), is doc
 cell counts, cell score sums and sums of squares (scores clipped to [0, 1]: sensitivity 1 each), and score
 histograms per group x label (sensitivity 1). The cells (levels, covariate bin edges, score bins) come from the
 run config's `stats-fairness-*` keys, fixed before any data are seen.
+
+The request (graph, levels, bins) is checked against that public layout only; the site's data never make this
+producer raise (an exception's type would tell the server something exact): a value outside the declared levels,
+a missing value or a column the site lacks lands in the axis's "other" cell, a warning in the local log
+(fairness/federated.py, `site_statistics`), and the reply has the same keys and lengths at every site.
 """
 
 from __future__ import annotations

@@ -20,11 +20,20 @@ record sits in one bin of each of the K' histograms. "holdout" = the site's val 
 splits (never trained on), "all" = every image. The bins and the random-feature map are
 fixed before any data is seen (the map from the run seed the server sends), so every site's
 statistics are comparable and the server's analysis (server/shift.py) can pool them.
+
+Nothing here raises on the data (an exception's type would reach the server): a record whose label is
+not one of 0..K-1 (K from the model the server sent) is left out of the four per-label statistics (it is in
+`intensity_hist` and `manufacturers`, which do not read the label) and noted in the local log; non-finite
+pixels count as 0; a non-finite feature vector is taken as 0 (its random features still have norm 1) and a
+non-finite output falls in a fixed bin. The vectors' lengths depend on K and the request only.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pandas as pd
 import torch
 
 from client.site import LocalSite
@@ -37,6 +46,7 @@ N_BINS = len(LOGODDS_EDGES) + 1
 INTENSITY_BINS = 16
 DEFAULT_MANUFACTURERS = ("GE", "Siemens", "Philips", "Canon", "Toshiba", "Fujifilm", "Carestream", "Agfa",
                          "Konica", "Shimadzu", "Samsung", "Hologic")
+log = logging.getLogger(__name__)
 DEFAULTS = {"stats-rff-dim": 64, "stats-feature-clip": 20.0, "stats-rff-bandwidth": 0.5}  # pyproject.toml
 
 
@@ -81,6 +91,7 @@ def rff_features(features: np.ndarray, freqs: np.ndarray, clip: float) -> np.nda
     where the kernel bandwidth means the same thing at every site.
     """
     f = np.asarray(features, dtype=np.float64)
+    f = np.where(np.isfinite(f).all(axis=1, keepdims=True), f, 0.0)  # a non-finite vector: 0 (still norm 1 after)
     norms = np.linalg.norm(f, axis=1, keepdims=True)
     f = f * np.minimum(1.0, clip / np.maximum(norms, 1e-12)) / clip
     proj = f @ freqs.T
@@ -95,7 +106,7 @@ def rff_class_sums(labels: np.ndarray, rff: np.ndarray, k: int) -> np.ndarray:
 
 def intensity_hist(images: np.ndarray) -> np.ndarray:
     """Sum over images of each image's normalised histogram of pixel values in [0, 1]."""
-    flat = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    flat = np.nan_to_num(np.asarray(images, dtype=np.float64).reshape(len(images), -1), nan=0.0)
     idx = np.minimum((np.clip(flat, 0.0, 1.0) * INTENSITY_BINS).astype(int), INTENSITY_BINS - 1)
     counts = np.bincount(idx.ravel() + INTENSITY_BINS * np.arange(len(flat)).repeat(flat.shape[1]),
                          minlength=INTENSITY_BINS * len(flat)).reshape(len(flat), INTENSITY_BINS)
@@ -150,6 +161,9 @@ def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all
     `holdout_labels`/`logits`/`features`: one record per patient of the val and test splits.
     """
     k_out = 1 if k == 2 else k
+    labels_all, _ = known_labels(labels_all, k, "all records")
+    holdout_labels, ok = known_labels(holdout_labels, k, "holdout records")
+    logits, features = np.asarray(logits)[ok], np.asarray(features)[ok]
     freqs = rff_map(settings["seed"], features.shape[1], int(settings["stats-rff-dim"]),
                     float(settings["stats-rff-bandwidth"]))
     rff = rff_features(features, freqs, float(settings["stats-feature-clip"]))
@@ -167,6 +181,22 @@ def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all
              "min_count": releaser.min_count}
     sigmas = {f"sigma_{name}": releaser.released[f"shift/{name}"] for name in values}
     return {**values, **shape, **sigmas}
+
+
+def known_labels(labels, k: int, what: str = "records") -> tuple[np.ndarray, np.ndarray]:
+    """(the labels that are one of 0..k-1, as int64; the mask of them): the rest are left out of the per-label
+    statistics (never an error), and counted in the local log."""
+    v = np.asarray(labels).ravel()
+    try:
+        f = v.astype(np.float64)
+    except (TypeError, ValueError):
+        f = pd.to_numeric(pd.Series(v), errors="coerce").to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(f) & (f == np.round(f)) & (f >= 0) & (f < k)
+    if not ok.all():
+        log.warning("shift statistics: %d of %d %s have a label outside 0..%d: left out of the per-label statistics",
+                    int((~ok).sum()), len(ok), what, k - 1)
+    return f[ok].astype(np.int64), ok
 
 
 def one_per_patient(frame) -> np.ndarray:

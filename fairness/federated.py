@@ -24,6 +24,25 @@ histograms through fairlearn's ``MetricFrame`` with the bin counts as sample wei
 exact for counts, TPR/FPR/FNR and selection rate because the operating point is a bin edge; AUROC and calibration
 are those of the binned scores).
 
+**Values the layout does not know never raise** (the server names the columns and levels; an exception's type
+would reach it, one exact bit per query such as "does any patient here have level X?"). The layout is checked
+against the public run config and graph spec only (:meth:`CellLayout.from_settings`, before data are seen). On the
+data, every axis has one extra cell, last, that catches what the declared levels do not:
+
+* A: the two compared levels, then "other" (a value that is neither, a missing value, or a row whose score is not
+  finite: its score counts as 0 in the sums);
+* a mediator, the label, a categorical covariate: the declared levels, then "other" (a value outside them, a
+  missing value); unless a declared level reads ``other`` (case-insensitive), which is then the catch-all and an
+  ordinary level of the estimate;
+* a binned numeric covariate: the bins cover the real line, then "missing" (NaN or non-numeric);
+* a column the site lacks: every row in that axis's extra cell, with a warning in the site's local log.
+
+The reply's shape depends only on the request. Each row still lands in exactly one cell, so the sensitivities
+are unchanged. The server leaves the extra cells out of the estimates (:func:`known_cells`): on data
+without unknown values they are empty and the estimates are exactly those of the declared grid; the audit reports
+their (noised) total as ``federated.rows_in_other_cells``. The histograms count only rows with a known A and label
+(and a finite score): a rule on the row, never an error.
+
 A release is any object with ``release(label, value, sensitivity)`` and ``release_counts(label, value,
 sensitivity)`` returning lists and a ``released`` dict of noise stds (``client.statistics.Releaser``); this module
 imports no Flower or client code.
@@ -32,6 +51,7 @@ imports no Flower or client code.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,6 +79,9 @@ SENSITIVITY = {"cells_n": 1.0, "cells_score": 1.0, "cells_score_sq": 1.0, "hist"
 DEFAULT_SCORE_BINS = 20
 DEFAULT_GRAPH = "synthetic"
 DEFAULT_BINS = "C:40|55|70"  # age edges for the shipped synthetic spec
+OTHER = "other"  # the extra cell's level name in reports
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -99,29 +122,65 @@ def parse_node_lists(text: str, what: str) -> dict[str, list[str]]:
     return out
 
 
+def _is_missing(v: Any) -> bool:
+    """None, NaN, pandas' NA/NaT or blank text: a value that is not there."""
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, (float, np.floating)) and math.isnan(v)) or \
+        (isinstance(v, str) and not v.strip())
+
+
 @dataclass(frozen=True)
 class Factor:
-    """One axis of the cell grid after A: a mediator, the label, or a coarsened covariate."""
+    """One axis of the cell grid after A: a mediator, the label, or a coarsened covariate. Its cells are the
+    declared levels and, unless one of them is the catch-all (a level reading ``other``), one extra "other" cell
+    last (for a binned covariate: the "missing" cell after the bins)."""
 
     node: str
     column: str
-    role: str  # "mediator" | "label" | "covariate"
+    role: str  # "mediator" | "label" | "covariate" | "sensitive"
     levels: tuple[Any, ...]  # the values, or for a binned covariate the bin codes 0..len(edges)
     edges: tuple[float, ...] | None = None  # binned numeric covariate: interior edges, bins (-inf, e0], (e0, e1], ...
 
+    @property
+    def catch_all(self) -> int | None:
+        """Index of a declared level that reads "other" (it takes the unknown values), else None."""
+        if self.edges is not None or self.role == "sensitive":
+            return None
+        return next((i for i, v in enumerate(self.levels) if _norm(v).lower() == OTHER), None)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.levels) + (1 if self.catch_all is None else 0)
+
+    @property
+    def other_code(self) -> int:
+        """The cell of a value the declared levels do not hold (and of a missing one)."""
+        return len(self.levels) if self.catch_all is None else self.catch_all
+
+    @property
+    def n_known(self) -> int:
+        """The cells the estimate uses: the declared levels (the catch-all included when it is declared)."""
+        return len(self.levels)
+
     def codes(self, col: pd.Series) -> np.ndarray:
+        """Cell code of each row, never an error: a value outside the levels (or missing, or for a binned
+        covariate NaN / non-numeric) gets :attr:`other_code`."""
         if self.edges is not None:
             v = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
-            if np.isnan(v).any():
-                raise EstimationError(f"covariate column '{self.column}' has non-numeric values")
-            return np.searchsorted(np.asarray(self.edges), v, side="left").astype(np.int64)
+            out = np.searchsorted(np.asarray(self.edges), v, side="left").astype(np.int64)
+            out[np.isnan(v)] = self.other_code
+            return out
         index = {_norm(v): i for i, v in enumerate(self.levels)}
-        text = col.map(_norm)
-        bad = sorted(set(text) - set(index))
-        if bad:
-            raise EstimationError(f"column '{self.column}' (node {self.node}) has values {bad[:5]} outside the "
-                                  f"declared levels {list(self.levels)}: declare them in stats-fairness-levels")
-        return text.map(index).to_numpy(dtype=np.int64)
+        return np.fromiter((self.other_code if _is_missing(v) else index.get(_norm(v), self.other_code)
+                            for v in col.to_numpy(dtype=object)), dtype=np.int64, count=len(col))
+
+    def unknown(self, col: pd.Series) -> int:
+        """How many rows fall outside the declared levels (into the extra or the catch-all cell): for the
+        site's local log only."""
+        codes = self.codes(col)
+        if self.catch_all is None:
+            return int((codes == self.other_code).sum())
+        index = {_norm(v) for v in self.levels}
+        return int(sum(_is_missing(v) or _norm(v) not in index for v in col.to_numpy(dtype=object)))
 
 
 @dataclass(frozen=True)
@@ -135,7 +194,17 @@ class CellLayout:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (2, *(len(f.levels) for f in self.factors))
+        """The released grid: A (a0, a1, other) x each factor's cells (declared levels + the extra cell)."""
+        return (3, *(f.n_cells for f in self.factors))
+
+    @property
+    def known_shape(self) -> tuple[int, ...]:
+        """The grid the estimates use: A (a0, a1) x each factor's declared levels."""
+        return (2, *(f.n_known for f in self.factors))
+
+    @property
+    def sensitive_factor(self) -> Factor:
+        return Factor(self.spec.sensitive, self.spec.column(self.spec.sensitive), "sensitive", self.a_levels)
 
     @property
     def label_factor(self) -> Factor | None:
@@ -224,21 +293,40 @@ class FairnessStats:
 
 
 def site_statistics(frame: pd.DataFrame, layout: CellLayout, site: str = "") -> FairnessStats:
-    """One site's exact statistics from its table (one row per patient). Rows whose sensitive value is neither
-    a0 nor a1 are an error (declare the levels)."""
+    """One site's exact statistics from its table (one row per patient). Never raises on the data (see the module
+    docstring): values outside the declared levels, missing values and NaN covariates go to each axis's extra
+    cell, a column the table lacks puts every row there, and both are noted in the local log."""
     spec = layout.spec
-    missing = [f"'{c}'" for c in [spec.column(spec.sensitive), spec.column(spec.prediction)]
-               + [f.column for f in layout.factors] if c not in frame.columns]
-    if missing:
-        raise EstimationError(f"columns {', '.join(missing)} missing (available: {', '.join(map(str, frame.columns))})")
-    a = Factor(spec.sensitive, spec.column(spec.sensitive), "sensitive", layout.a_levels).codes(
-        frame[spec.column(spec.sensitive)])
-    codes = [a] + [f.codes(frame[f.column]) for f in layout.factors]
-    score = pd.to_numeric(frame[spec.column(spec.prediction)], errors="coerce").to_numpy(dtype=np.float64)
-    if not np.isfinite(score).all():
-        raise EstimationError(f"score column '{spec.column(spec.prediction)}' has non-numeric values")
-    score = np.clip(score, 0.0, 1.0)  # what makes the sensitivity 1
-    flat = np.ravel_multi_index(codes, layout.shape) if len(frame) else np.zeros(0, np.int64)
+    n_rows = len(frame)
+    where = f"site {site}: " if site else ""
+
+    def column(name: str) -> pd.Series:
+        if name in frame.columns:
+            return frame[name]
+        log.warning("%sfairness statistics: column '%s' is not in this site's table; every row goes to its "
+                    "'other' cell", where, name)
+        return pd.Series([None] * n_rows, index=frame.index, dtype=object)
+
+    axes = [layout.sensitive_factor, *layout.factors]
+    cols = [column(f.column) for f in axes]
+    for f, col in zip(axes, cols):
+        if f.column in frame.columns and n_rows:
+            k = f.unknown(col)
+            if k:
+                log.warning("%sfairness statistics: %d of %d rows of '%s' are outside the declared levels %s "
+                            "(or missing): counted in its '%s' cell", where, k, n_rows, f.column,
+                            list(f.levels) if f.edges is None else "bins", OTHER)
+    codes = [f.codes(col) for f, col in zip(axes, cols)]
+    a = codes[0]
+    score = pd.to_numeric(column(spec.column(spec.prediction)), errors="coerce").to_numpy(dtype=np.float64)
+    bad_score = ~np.isfinite(score)
+    if bad_score.any():
+        log.warning("%sfairness statistics: %d rows have no finite score: counted in A's '%s' cell with score 0",
+                    where, int(bad_score.sum()), OTHER)
+        a = np.where(bad_score, 2, a)
+        codes[0] = a
+    score = np.clip(np.where(bad_score, 0.0, score), 0.0, 1.0)  # what makes the sensitivity 1
+    flat = np.ravel_multi_index(codes, layout.shape) if n_rows else np.zeros(0, np.int64)
     size = int(np.prod(layout.shape))
 
     def cells(w: np.ndarray | None) -> np.ndarray:
@@ -248,7 +336,8 @@ def site_statistics(frame: pd.DataFrame, layout: CellLayout, site: str = "") -> 
     lab = layout.label_factor
     if lab is not None:
         y = codes[1 + layout.factors.index(lab)]
-        hist = np.bincount((a * 2 + y) * layout.score_bins + score_bin(score, layout.score_bins),
+        keep = (a < 2) & (y < 2)  # a known group and label (the label's levels are 0|1: code 2 is "other")
+        hist = np.bincount((a[keep] * 2 + y[keep]) * layout.score_bins + score_bin(score[keep], layout.score_bins),
                            minlength=4 * layout.score_bins).astype(np.float64).reshape(2, 2, layout.score_bins)
     return FairnessStats(layout, cells(None), cells(score), cells(score ** 2), hist, sites=[site] if site else [])
 
@@ -300,13 +389,24 @@ def sum_statistics(parts: list[FairnessStats]) -> FairnessStats:
 
 # --------------------------------------------------------------------------------------------- effects
 
+def known_cells(layout: CellLayout, array: np.ndarray) -> np.ndarray:
+    """The part of a released grid the estimates use: A in (a0, a1), each factor's declared levels (the extra
+    "other" / "missing" cells dropped; a declared catch-all level is kept)."""
+    return np.asarray(array)[tuple(slice(0, k) for k in layout.known_shape)]
+
+
+def rows_in_other_cells(stats: FairnessStats) -> float:
+    """The (noised) count of rows the estimates leave out: every released cell outside :func:`known_cells`."""
+    return float(stats.n.sum() - known_cells(stats.layout, stats.n).sum())
+
+
 def _clean_cells(stats: FairnessStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Noised cells made consistent: n >= 0, 0 <= sum <= n, sum^2/n <= sum of squares <= sum."""
-    n = np.maximum(stats.n, 0.0)
-    t = np.clip(stats.score, 0.0, n)
+    n = np.maximum(known_cells(stats.layout, stats.n), 0.0)
+    t = np.clip(known_cells(stats.layout, stats.score), 0.0, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         lo = np.where(n > 0, t * t / n, 0.0)
-    q = np.clip(stats.score_sq, lo, t)
+    q = np.clip(known_cells(stats.layout, stats.score_sq), lo, t)
     t = np.where(n > 0, t, 0.0)
     return n, t, np.where(n > 0, q, 0.0)
 
@@ -316,14 +416,15 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
                             min_cell: int = 5, max_gformula_cells: int = 200_000) -> EffectTable:
     """:func:`fairness.pse.estimate_effects` on cell statistics. Column 0 is the data; each bootstrap replicate
     draws cell counts ~ Multinomial(n, cell shares), cell score sums ~ Normal(count x mean, count x variance), then
-    adds the privacy noise (std ``stats.sigma``) again, so the CIs cover sampling and noise."""
+    adds the privacy noise (std ``stats.sigma``) again, so the CIs cover sampling and noise. Only the declared
+    cells (:func:`known_cells`) enter: rows in the extra "other" cells are left out."""
     t0 = time.perf_counter()
     layout, spec = stats.layout, stats.layout.spec
     n, t, q = _clean_cells(stats)
     present = np.flatnonzero(n.ravel() > 0)
     if present.size == 0:
         raise EstimationError("every released cell is empty")
-    idx = np.unravel_index(present, layout.shape)
+    idx = np.unravel_index(present, layout.known_shape)
     a = idx[0].astype(np.int64)
     if (n.reshape(2, -1).sum(1) <= 0).any():
         raise EstimationError(f"one of the groups {layout.a_levels} of '{spec.column(spec.sensitive)}' is empty")
@@ -496,10 +597,14 @@ def audit_from_statistics(stats: FairnessStats, per_site: Mapping[str, FairnessS
         "verdict": verdict(effects, alpha),
         "federated": {
             "sites": list(stats.sites), "noise_sigma": stats.sigma,
-            "cells": {"shape": list(layout.shape), "factors": [
+            "cells": {"shape": list(layout.shape), "estimated_shape": list(layout.known_shape), "factors": [
                 {"node": f.node, "column": f.column, "levels": list(f.levels),
+                 "other_cell": ("declared" if f.catch_all is not None
+                                else "missing" if f.edges is not None else "extra"),
                  **({"edges": list(f.edges)} if f.edges is not None else {})} for f in layout.factors],
                 "score_bins": layout.score_bins},
+            # rows outside the declared levels (or missing), left out of the estimates; noised like every cell
+            "rows_in_other_cells": rows_in_other_cells(stats),
         },
         "robustness": {},
         "per_site": {name: _site_effect(s, site_boot, seed) for name, s in (per_site or {}).items()} or None,

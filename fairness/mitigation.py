@@ -37,21 +37,37 @@ so that the mean score within label strata of a labelled calibration set no long
 the graph, so the within-stratum difference is what the scanner does to the score), using S from the DICOM
 metadata at inference.
 
+**Values outside the configured levels never raise** (the server names the columns and levels in its request;
+an exception's type would reach it, one exact bit per query). :func:`meta_array` codes what it cannot read as
+NaN, and a row is *excluded* when its A is neither the reference nor the compared level (or missing), its S is
+not one of 0..n_s-1 (non-integer, missing, out of range), its C is missing or non-numeric while C is binned, or its
+label is not 0/1 (:func:`valid_rows`). An excluded row is left out of the released counts and score sums
+(:func:`site_release_vectors`), of the penalty's strata and pool (:meth:`StratifiedPathPenalty.for_site`), has
+``h = 0`` in the per-sample penalty and no offset in :class:`MediatorOffset`. The rule depends on the row only,
+never on the rest of the data, and the vectors' lengths on the request only (so two sites reply alike); a
+column the site lacks excludes every row, with a warning in the site's local log.
+
 No Flower import: the server and client glue lives in client/app.py and server/app.py.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.optimize import brentq
 
+from fairness.federated import _is_missing, _norm  # the audit's reading of a level, so the penalty and the audit agree
+
 # meta columns carried by core_models.meta_loader batches
 META_COLUMNS = ("A", "S", "C")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -69,11 +85,12 @@ def cell_index(s: np.ndarray, c: np.ndarray | None, c_edges: tuple[float, ...], 
 def cell_counts(a: np.ndarray, s: np.ndarray, c: np.ndarray | None, c_edges: tuple[float, ...] = (),
                 n_s: int = 2) -> np.ndarray:
     """Counts of (A, S, C-bin), shape (2, n_s * n_c): what a site releases (noised) for the weight model.
-    ``a`` is 1 for a1 and 0 for the reference group a0."""
+    ``a`` is 1 for a1 and 0 for the reference group a0; rows that :func:`valid_rows` excludes are not counted."""
     n_cells = n_s * (len(c_edges) + 1)
-    idx = cell_index(s, c, c_edges, n_s)
-    a = np.asarray(a, dtype=np.int64)
-    return np.stack([np.bincount(idx[a == g], minlength=n_cells) for g in (0, 1)]).astype(np.float64)
+    a, s = np.asarray(a, dtype=np.float64), np.asarray(s, dtype=np.float64)
+    ok = _valid(a, s, None if c is None else np.asarray(c, np.float64), c_edges, n_s)
+    idx = cell_index(s[ok], None if c is None else np.asarray(c, np.float64)[ok], c_edges, n_s)
+    return np.stack([np.bincount(idx[a[ok] == g], minlength=n_cells) for g in (0, 1)]).astype(np.float64)
 
 
 @dataclass
@@ -108,9 +125,14 @@ class DensityRatio:
         return cls.from_counts(cell_counts(a, s, c, c_edges, n_s), n_s, c_edges, **kwargs)
 
     def h(self, a, s, c=None) -> np.ndarray:
-        """Per-row factor ``1[a0] / p0 · (r - 1)``: the PSE is the mean of ``h · score`` over all rows."""
-        r = self.ratio[cell_index(s, c, self.c_edges, self.n_s)]
-        return (np.asarray(a) == 0) / self.p0 * (r - 1.0)
+        """Per-row factor ``1[a0] / p0 · (r - 1)``: the PSE is the mean of ``h · score`` over all rows.
+        An excluded row (:func:`valid_rows`: unknown A, S or binned C) has ``h = 0``."""
+        a, s = np.asarray(a, np.float64), np.asarray(s, np.float64)
+        c = None if c is None else np.asarray(c, np.float64)
+        ok = _valid(a, s, c, self.c_edges, self.n_s)
+        cell = np.zeros(len(s), np.int64)
+        cell[ok] = cell_index(s[ok], None if c is None else c[ok], self.c_edges, self.n_s)
+        return np.where(ok & (a == 0), (self.ratio[cell] - 1.0) / self.p0, 0.0)
 
     def pse(self, a, s, c, scores) -> float:
         """Plug-in PSE of ``scores`` on a pooled table (what the per-sample penalty estimates)."""
@@ -177,7 +199,7 @@ class PathSpecificPenalty:
     def h(self, meta: torch.Tensor) -> torch.Tensor:
         m = meta.detach().cpu().numpy()
         c = m[:, 2] if m.shape[1] > 2 else None
-        return torch.as_tensor(self.weights.h(m[:, 0].round(), m[:, 1].round(), c), dtype=torch.float32,
+        return torch.as_tensor(self.weights.h(m[:, 0], m[:, 1], c), dtype=torch.float32,
                                device=meta.device)
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
@@ -285,7 +307,8 @@ class StratifiedPathPenalty:
         noise (sd ~0.03 at release-noise 5, as large as the effect) and, held fixed over a round of local steps,
         overshoots; both made the model stop learning."""
         strata = stratum_index(meta, y, consortium.c_edges, consortium.n_s)
-        pool = np.ones(len(y), bool) if consortium.pool_groups else meta[:, 0] == 0
+        ok = valid_rows(meta, y, consortium.c_edges, consortium.n_s)  # excluded rows are in no stratum
+        pool = ok if consortium.pool_groups else ok & (np.asarray(meta, np.float64)[:, 0] == 0)
         n_local = np.bincount(strata[pool], minlength=len(consortium.w)).astype(float)
         w = consortium.w * n_local / np.maximum(consortium.n_pool, 1.0) * (consortium.n_total / max(len(y), 1))
         fill = float((consortium.w * consortium.means)[n_local == 0].sum())
@@ -364,37 +387,102 @@ class MediatorOffset:
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         d = torch.as_tensor(self.delta - self.delta[0], dtype=logits.dtype, device=logits.device)
-        shift = d[meta[:, 1].round().long()]
+        s = meta[:, 1]
+        ok = torch.isfinite(s) & (s.round() == s) & (s >= 0) & (s < len(d))
+        shift = d[torch.where(ok, s, torch.zeros_like(s)).long()] * ok  # an unknown S: no offset
         shifted = logits + torch.stack([torch.zeros_like(shift), shift], 1)
         term = torch.nn.functional.cross_entropy(shifted, y) - torch.nn.functional.cross_entropy(logits, y)
         return term + self.inner(logits, y, meta) if self.inner is not None else term
 
 
-def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", reference: Any = 0) -> np.ndarray:
-    """(N, 3) float array of A (0 = reference level, 1 = other), S, C from a site's manifest rows."""
-    a = (frame[sensitive].to_numpy() != reference).astype(np.float64)
-    s = frame[mediator].to_numpy().astype(np.float64)
-    c = frame[covariate].to_numpy().astype(np.float64) if covariate else np.zeros(len(frame))
+def _same(values: np.ndarray, level: Any) -> np.ndarray:
+    """``values == level`` with 1, 1.0, "1" and True reading alike (manifest columns arrive as text or numbers)."""
+    target = _norm(level)
+    return np.fromiter((not _is_missing(v) and _norm(v) == target for v in values), dtype=bool, count=len(values))
+
+
+def meta_array(frame, sensitive: str, mediator: str, covariate: str = "", reference: Any = 0,
+               compared: Any = None) -> np.ndarray:
+    """(N, 3) float array of A (0 = reference level, 1 = the compared group), S, C from a site's manifest rows.
+
+    Never raises on the data. A is 1 for the ``compared`` level (when given; else for any present value other
+    than the reference), and NaN (excluded, see :func:`valid_rows`) for a missing value or, with ``compared``
+    given, any other value. S and C are read as numbers, NaN where they are not. A column the frame lacks gives
+    NaN in every row (all rows excluded) and a warning in the local log."""
+    n = len(frame)
+
+    def col(name: str) -> np.ndarray:
+        if name in frame.columns:
+            return frame[name].to_numpy(dtype=object)
+        log.warning("fairness penalty: column '%s' is not in this site's table; every row is excluded", name)
+        return np.full(n, None, dtype=object)
+
+    raw = col(sensitive)
+    ref = _same(raw, reference)
+    one = _same(raw, compared) if compared is not None else \
+        np.fromiter((not _is_missing(v) for v in raw), dtype=bool, count=n) & ~ref
+    a = np.where(ref, 0.0, np.where(one, 1.0, np.nan))
+
+    def numeric(name: str) -> np.ndarray:
+        return pd.to_numeric(pd.Series(col(name)), errors="coerce").to_numpy(dtype=np.float64)
+
+    s = numeric(mediator)
+    c = numeric(covariate) if covariate else np.zeros(n)
+    bad = int((~np.isfinite(a)).sum()), int((~np.isfinite(s)).sum())
+    if n and any(bad) and sensitive in frame.columns and mediator in frame.columns:
+        log.warning("fairness penalty: %d rows with an unknown '%s' and %d with a non-numeric '%s' are excluded",
+                    bad[0], sensitive, bad[1], mediator)
     return np.stack([a, s, c], axis=1)
+
+
+def _valid(a: np.ndarray, s: np.ndarray, c: np.ndarray | None, c_edges: tuple[float, ...], n_s: int) -> np.ndarray:
+    s = np.asarray(s, np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = ((a == 0) | (a == 1)) & np.isfinite(s) & (s == np.round(s)) & (s >= 0) & (s < n_s)
+        if c_edges and c is not None:
+            ok &= np.isfinite(np.asarray(c, np.float64))
+    return ok
+
+
+def valid_rows(meta: np.ndarray, y: np.ndarray | None = None, c_edges: tuple[float, ...] = (),
+               n_s: int = 2) -> np.ndarray:
+    """Rows the penalty and its releases use: A is 0 or 1, S one of 0..n_s-1, C finite when it is binned
+    (``c_edges``), and the label 0 or 1. The rest are excluded (a rule on each row alone, never an error)."""
+    meta = np.asarray(meta, np.float64)
+    ok = _valid(meta[:, 0], meta[:, 1], meta[:, 2] if meta.shape[1] > 2 else None, tuple(c_edges), n_s)
+    if y is not None:
+        yv = np.asarray(y, np.float64)
+        ok &= (yv == 0) | (yv == 1)
+    return ok
 
 
 # --------------------------------------------------------------------------------------------- federation
 
 def stratum_index(meta: np.ndarray, y: np.ndarray, c_edges: tuple[float, ...] = (), n_s: int = 2) -> np.ndarray:
-    """Stratum ``cell * 2 + D`` of each row: the (S, C-bin) cell refined by the binary label."""
-    return cell_index(meta[:, 1].round(), meta[:, 2], c_edges, n_s) * 2 + np.asarray(y, dtype=np.int64)
+    """Stratum ``cell * 2 + D`` of each row: the (S, C-bin) cell refined by the binary label; -1 for a row
+    :func:`valid_rows` excludes (its S or label unknown: it belongs to no stratum)."""
+    meta = np.asarray(meta, np.float64)
+    ok = valid_rows(np.column_stack([np.zeros(len(meta)), meta[:, 1:]]), y, c_edges, n_s)  # A is not needed here
+    out = np.full(len(meta), -1, np.int64)
+    out[ok] = cell_index(meta[ok, 1], meta[ok, 2], c_edges, n_s) * 2 + np.asarray(y, np.float64)[ok].astype(np.int64)
+    return out
 
 
 def site_release_vectors(meta: np.ndarray, scores: np.ndarray, y: np.ndarray, c_edges: tuple[float, ...] = (),
                          n_s: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """What one site releases (each noised through its Releaser): counts of (A, stratum) and score sums of
-    (A, stratum), flat (2 * n_strata,) each, L2 sensitivity 1 (one patient is in one cell; scores lie in [0, 1])."""
-    k = stratum_index(meta, y, c_edges, n_s)
+    (A, stratum), flat (2 * n_strata,) each, L2 sensitivity 1 (one patient is in one cell; scores clipped to
+    [0, 1], a non-finite score counts 0). The lengths depend on ``c_edges`` and ``n_s`` only; rows that
+    :func:`valid_rows` excludes (A neither level, S outside 0..n_s-1, label not 0/1, C unknown) are in neither."""
+    meta = np.asarray(meta, np.float64)
     n_strata = 2 * n_s * (len(c_edges) + 1)
-    a = np.asarray(meta[:, 0]).round().astype(int)
+    ok = valid_rows(meta, y, c_edges, n_s)
+    k = stratum_index(meta, y, c_edges, n_s)[ok]
+    a = meta[ok, 0].astype(int)
+    sc = np.asarray(scores, np.float64)[ok]
+    sc = np.clip(np.where(np.isfinite(sc), sc, 0.0), 0.0, 1.0)
     counts = np.stack([np.bincount(k[a == g], minlength=n_strata) for g in (0, 1)]).astype(float)
-    sums = np.stack([np.bincount(k[a == g], weights=np.asarray(scores, float)[a == g], minlength=n_strata)
-                     for g in (0, 1)])
+    sums = np.stack([np.bincount(k[a == g], weights=sc[a == g], minlength=n_strata) for g in (0, 1)])
     return counts.ravel(), sums.ravel()
 
 

@@ -5,6 +5,10 @@ fairness audit on them (consortium and per site), and writes `fairness_audit.htm
 the run folder, with epsilon per site and the shift summary when the run has them. Rewritten every round the
 statistics are collected, so the final round's report is what stays (a copy per round goes to
 `fairness/round_NNN.json`).
+
+Each axis of the released grid ends in an "other" cell (values outside the declared levels, missing values, a
+column a site lacks): the estimates leave those cells out (`fairness.federated.known_cells`), and their noised
+total is reported as `federated.rows_in_other_cells` and logged.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteReleas
     context = run_context(out_dir, {r.site: r.epsilon for r in ok})
     write_report(audit, out_dir, context=context, title=f"Federated causal fairness audit, round {server_round}")
     write_audit_json(audit, Path(out_dir) / "fairness" / f"round_{server_round:03d}.json")
-    log(INFO, "equifed fairness: round %d: %s", server_round, audit["verdict"]["text"])
+    log(INFO, "equifed fairness: round %d: %s (rows outside the declared levels, noised: %.1f)", server_round,
+        audit["verdict"]["text"], audit["federated"]["rows_in_other_cells"])
 
 
 def load_audit(out_dir: Path) -> dict:
