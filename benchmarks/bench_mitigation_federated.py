@@ -50,7 +50,7 @@ def run_one(scenario: Path, out: Path, seed: int, lam: float, rounds: int, extra
         argv += ["-c", item]
     if simulate(argv) != 0:
         raise SystemExit(f"federated run failed: seed {seed}, lambda {lam}; see {out / 'flower.log'}")
-    payload = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    payload = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)
     model = build_model("cnn")
     model.load_state_dict(payload["model"])
     eps = [PrivacyLedger.open(site, delta=1e-5).epsilon() for site in sorted((out / "data").iterdir())

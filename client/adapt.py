@@ -16,6 +16,7 @@ of the model's log-odds on the sites' holdouts, their confusion counts and their
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,15 @@ from client.shift_stats import N_BINS, model_outputs, output_bins
 from client.site import STATE_DIR
 from core_models.data import load_site
 from core_models.networks import build_model
+from fairness.cli import load_state_dict_file
 from client.label_shift import bbse_prior, mlls_interval
 
 
 def load_model_weights(path: str | Path) -> dict:
-    """A state dict from `final_model.pt` or a round checkpoint (which holds it under "model")."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state["model"] if isinstance(state, dict) and "model" in state else state
+    """A state dict from `final_model.pt` or a round checkpoint (which holds it under "model"), read with
+    ``torch.load(weights_only=True)``: a file that would need to run code to load, or holds no state dict, raises
+    ValueError naming the file (fairness.cli.load_state_dict_file)."""
+    return load_state_dict_file(path)
 
 
 def prior_correct(probs: np.ndarray, new_prior: np.ndarray, train_prior: np.ndarray) -> np.ndarray:
@@ -123,7 +126,13 @@ def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | 
 
 
 def main(args) -> int:
-    """`equifed-client adapt`: print the estimated prior and where the predictions went."""
+    """`equifed-client adapt`: print the estimated prior and where the predictions went. Exit 2 with the reason on
+    a model file that is refused or missing."""
+    try:
+        load_model_weights(args.model)  # refused before any of the site's images is read
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     summary = adapt_site(args.data, args.model, args.consortium_stats, args.out, args.image_size, args.seed)
     lo, hi = summary["interval_95"]
     print(f"{summary['n_images']} images; estimated label prior (MLLS): "

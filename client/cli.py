@@ -6,10 +6,12 @@ Subcommands register themselves in build_parser() with a `func(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import re
 import sys
-
-from client.ledger import LedgerError, ledger_path, ledger_report
+from pathlib import Path
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -43,6 +45,8 @@ def _print_ledger(report: dict) -> None:
 
 def cmd_ledger(args: argparse.Namespace) -> int:
     """Show what every dataset of this site has spent, ever. Read-only."""
+    from client.ledger import LedgerError, ledger_path, ledger_report  # opacus: slow to import, only needed here
+
     try:
         report = ledger_report(args.data, delta=args.delta)
     except FileNotFoundError:
@@ -97,7 +101,7 @@ def add_deployment_commands(sub) -> None:
     data_args(p, site_required=True)
     p.add_argument("--server", required=True, help="the consortium server, HOST:PORT")
     p.add_argument("--ca", required=True, help="the consortium's CA certificate (ca.crt)")
-    p.add_argument("--key", required=True, help="this hospital's private key (<site>.key)")
+    p.add_argument("--key", required=True, help="this hospital's private key (<site>.key from `keygen`)")
     p.add_argument("--max-epsilon", type=float, default=None,
                    help="this site's privacy budget (the smaller of this and site.toml applies)")
     p.add_argument("--audit-log", default=None,
@@ -110,6 +114,62 @@ def add_deployment_commands(sub) -> None:
                    help="retries after the server refuses the key (it may be registered a moment later)")
     p.add_argument("--log-file", default=None, help="also write the SuperNode's output here")
     p.set_defaults(func=cmd_start)
+
+
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # the names `equifed-server register` accepts
+
+
+def make_site_keys(folder: Path, site: str) -> tuple[Path, Path, str]:
+    """This hospital's SuperNode key pair, made here: EC P-384 in OpenSSH format (what Flower's
+    `flower-supernode --auth-supernode-private-key` and `flwr supernode register` read).
+    `<site>.key` is created owner-only (0600) and never overwritten; `<site>.pub` is what the
+    consortium registers. Returns (key, pub, fingerprint); FileExistsError if a key is there."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path, pub_path = folder / f"{site}.key", folder / f"{site}.pub"
+    if key_path.exists() or pub_path.exists():
+        raise FileExistsError(key_path if key_path.exists() else pub_path)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # born owner-only, never replaced
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private)
+    pub_path.write_bytes(public + f" equifed-site-{site}\n".encode())
+    return key_path, pub_path, "SHA256:" + hashlib.sha256(public).hexdigest()
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Make this hospital's key pair; only the public key is sent to the consortium."""
+    if not SITE_NAME.match(args.site):
+        print(f"error: site name {args.site!r}: use letters, digits, '_', '-' or '.'", file=sys.stderr)
+        return 2
+    try:
+        key, pub, fingerprint = make_site_keys(Path(args.out), args.site)
+    except FileExistsError as err:
+        print(f"error: {err} already exists; it is not overwritten (a registered key would stop working). "
+              f"Choose another --out, or delete the old pair first if you mean to replace it", file=sys.stderr)
+        return 2
+    print(f"site {args.site}: new SuperNode key pair (EC P-384, OpenSSH format)")
+    print(f"  private key  {key.resolve()}  (owner-only; it never leaves this hospital: "
+          f"`equifed-client start --key {key}`)")
+    print(f"  public key   {pub.resolve()}")
+    print(f"  fingerprint  {fingerprint}")
+    print(f"send the consortium {pub.name} (only that file; it is public) and confirm the fingerprint with them over "
+          f"another channel; they send back ca.crt and the server address")
+    return 0
+
+
+def add_keygen_command(sub) -> None:
+    p = sub.add_parser("keygen", help="make this hospital's SuperNode key pair; send only the .pub to the consortium")
+    p.add_argument("--site", required=True, help="this hospital's name (as the consortium registers it)")
+    p.add_argument("--out", required=True, help="folder for <site>.key (owner-only) and <site>.pub")
+    p.set_defaults(func=cmd_keygen)
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
@@ -143,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_ledger)
 
+    add_keygen_command(sub)
     add_deployment_commands(sub)
     add_adapt_command(sub)
     return parser

@@ -1,6 +1,7 @@
 """`equifed-server`: the consortium's aggregation server.
 
-    equifed-server setup --dir CONSORTIUM --site st_aurelia --site city_general --host server.example.org
+    equifed-server setup --dir CONSORTIUM --host server.example.org      # CA key -> CONSORTIUM-ca-offline/ca.key
+    equifed-server register --dir CONSORTIUM --site st_aurelia --public-key st_aurelia.pub   # per hospital
     equifed-server start --dir CONSORTIUM --out runs/study1 --port 9092 --rounds 20
     equifed-server start --dir CONSORTIUM --out runs/study1 --port 9092 --rounds 20 --resume   # after a crash
 
@@ -8,6 +9,10 @@
 hospitals' keys get in) and a database file, submits the equifed app with `flwr run`
 (no dependency installation at run time), prints each round, and exits non-zero unless
 Flower reports the run `finished:completed` (`flwr run --stream` itself exits 0 on failure).
+
+Each hospital makes its own key pair (`equifed-client keygen`) and sends only the public key;
+the consortium sends back only ca.crt and the server address. `start` refuses to run while the
+CA's private key sits in the consortium folder.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from server.deploy import ConsortiumError, deployment_superlink, load_index, setup_consortium, sync_allow_list
+from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
+                           hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
+                           sync_allow_list)
 from server.superlink import app_snapshot
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -30,33 +37,15 @@ def _parse_overrides(items: list[str]) -> dict:
     return parse(items)
 
 
-def cmd_setup(args: argparse.Namespace) -> int:
-    public_keys = {}
-    for item in args.public_key:
-        name, _, path = item.partition("=")
-        if not path or not Path(path).exists():
-            print(f"error: --public-key expects NAME=FILE with an existing file, got {item!r}", file=sys.stderr)
-            return 2
-        public_keys[name] = Path(path)
-    if not args.site and not public_keys:
-        print("error: name at least one hospital with --site NAME (or --public-key NAME=FILE)", file=sys.stderr)
-        return 2
-    try:
-        index = setup_consortium(Path(args.dir), args.site, args.host, public_keys)
-    except ConsortiumError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    folder = Path(args.dir).resolve()
-    print(f"consortium folder {folder}")
-    print(f"  CA certificate      {folder / 'ca.crt'}   (keep {folder / 'ca.key'} offline)")
-    print(f"  server certificate  {folder / 'server.crt'}  valid for {', '.join(index['hosts'])}")
-    for name, site in index["sites"].items():
-        bundle = folder / "sites" / name
-        has_private = (bundle / f"{name}.key").exists()
-        print(f"  site {name:<18} {site['fingerprint'][:23]}…  send {bundle}/ to the hospital"
-              + ("" if has_private else " (public key supplied by the hospital)"))
-    if args.no_register:
-        return 0
+def _warn_hospital_keys(folder: Path) -> None:
+    for key in hospital_private_keys_in_folder(folder):
+        print(f"warning: {key} is a hospital's private key, made by an older equifed setup: the consortium must "
+              f"not hold it. Have that hospital run `equifed-client keygen`, register the new public key with "
+              f"`equifed-server register --replace`, then delete {key.name}", file=sys.stderr)
+
+
+def _sync(folder: Path, index: dict) -> int:
+    """Put the allow-list into the SuperLink's database with a SuperLink of our own."""
     link = deployment_superlink(folder)
     try:
         link.start()
@@ -69,6 +58,45 @@ def cmd_setup(args: argparse.Namespace) -> int:
     print(f"allow-list: {len(index['sites'])} site key(s) in {link.database}"
           + (f" ({', '.join(added)} new)" if added else ""))
     return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    try:
+        index, facts = setup_consortium(Path(args.dir), args.host, Path(args.ca_key) if args.ca_key else None)
+    except ConsortiumError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    folder = Path(args.dir).resolve()
+    print(f"consortium folder {folder}")
+    print(f"  CA certificate      {folder / 'ca.crt'}   (send this, and the server address, to each hospital)")
+    if facts["ca_key_moved_from"]:
+        print(f"  CA private key      moved out of the server folder ({facts['ca_key_moved_from']})")
+    if facts["ca_created"] or facts["ca_key_moved_from"] or facts["server_cert_issued"]:
+        print(f"  CA private key      {facts['ca_key']}   keep this offline: move it off this machine; it is needed "
+              f"again only to re-issue the server certificate (setup --host ... --ca-key PATH)")
+    print(f"  server certificate  {folder / 'server.crt'}  valid for {', '.join(index['hosts'])}"
+          + ("" if facts["server_cert_issued"] else " (kept)"))
+    print(f"  sites               {len(index['sites'])} registered; add each hospital with `equifed-server register "
+          f"--dir {args.dir} --site NAME --public-key NAME.pub` (the hospital makes it with `equifed-client keygen`)")
+    _warn_hospital_keys(folder)
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    folder = Path(args.dir).resolve()
+    try:
+        entry, what = register_site(folder, args.site, Path(args.public_key), replace=args.replace)
+        index = load_index(folder)
+    except ConsortiumError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"site {args.site}: public key {entry['fingerprint']} {what} ({folder / entry['public_key']})")
+    print(f"  compare this fingerprint with the one `equifed-client keygen` printed at the hospital; send the "
+          f"hospital {folder / 'ca.crt'} and the server address")
+    if args.no_register:
+        print("  the key goes into the SuperLink's allow-list at the next `equifed-server start`")
+        return 0
+    return _sync(folder, index)
 
 
 def _exit_on_sigterm() -> None:
@@ -93,6 +121,18 @@ def cmd_start(args: argparse.Namespace) -> int:
     except ConsortiumError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    ca_keys = ca_keys_in_folder(folder)
+    if ca_keys:
+        print(f"error: {ca_keys[0]} is the consortium's CA private key, inside the server folder {folder}: anyone "
+              f"who reaches this server could issue certificates every hospital trusts. Move it offline (e.g. to "
+              f"{default_ca_key_path(folder)}, then off this machine) and start again; the server does not need it",
+              file=sys.stderr)
+        return 2
+    if not index["sites"]:
+        print(f"error: no hospital is registered in {folder}; add each with `equifed-server register`",
+              file=sys.stderr)
+        return 2
+    _warn_hospital_keys(folder)
     checkpoint = out / "checkpoints" / "latest.pt"
     if not args.resume and checkpoint.exists():
         print(f"error: {out} already holds a run (checkpoints/latest.pt); continue it with --resume "
@@ -166,15 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equifed-server", description="equifed aggregation server")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("setup", help="create the CA, server certificate and hospital keys; register the keys")
-    p.add_argument("--dir", required=True, help="consortium folder (created; existing keys are kept)")
-    p.add_argument("--site", action="append", default=[], help="a hospital's name (repeat for each)")
-    p.add_argument("--public-key", action="append", default=[], metavar="NAME=FILE",
-                   help="a hospital that made its own key pair: its OpenSSH EC public key")
+    p = sub.add_parser("setup", help="create the CA and the server certificate (the CA key goes outside --dir)")
+    p.add_argument("--dir", required=True, help="consortium folder (created; an existing CA and certificate are kept)")
     p.add_argument("--host", action="append", default=[],
                    help="a host name or IP address the hospitals dial (repeat; 127.0.0.1 and localhost always)")
-    p.add_argument("--no-register", action="store_true", help="only write the files; `start` registers the keys")
+    p.add_argument("--ca-key", default=None, metavar="PATH",
+                   help="where the CA private key is written (or read, to re-issue the server certificate for a "
+                        "new --host); must lie outside --dir; default: <dir>-ca-offline/ca.key. Keep it offline")
     p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("register", help="put a hospital's public key (from `equifed-client keygen`) on the allow-list")
+    p.add_argument("--dir", required=True, help="consortium folder made by `setup`")
+    p.add_argument("--site", required=True, help="the hospital's name (as it passes to `equifed-client start`)")
+    p.add_argument("--public-key", required=True, metavar="FILE",
+                   help="the <site>.pub the hospital sent (OpenSSH EC public key; a private key is refused)")
+    p.add_argument("--replace", action="store_true",
+                   help="the site is registered with another key: replace it (the old key loses access)")
+    p.add_argument("--no-register", action="store_true",
+                   help="only write consortium.json; the key enters the SuperLink's database at the next `start` "
+                        "(use this while the server runs)")
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("start", help="start the SuperLink and run the equifed app")
     p.add_argument("--dir", required=True, help="consortium folder made by `setup`")

@@ -2,8 +2,10 @@
 authentication, a database file) and one `equifed-client` per hospital, all separate
 processes started and killed by PID here. One scenario, in this order:
 
-1. set-up makes a CA, the server certificate and 3 hospital key pairs and registers the keys;
-   a 4th key pair (a stranger) is made but never registered;
+1. each hospital makes its own key pair (`equifed-client keygen`) and sends the public key;
+   set-up makes the CA (its key outside the server folder) and the server certificate, and
+   `register` puts the 3 public keys on the allow-list; a 4th hospital (a stranger) makes a
+   key pair that is never registered. Each hospital receives only ca.crt;
 2. the 3 hospitals and the stranger start first and back off (no server yet); the server
    starts a 3-round DP run; the hospitals connect; the stranger is refused;
 3. in round 2 (while it trains) site_c's client is killed: round 2 completes with the
@@ -37,7 +39,7 @@ import torch
 from client.ledger import ledger_report
 from client.supernode import EXIT_REFUSED, probe_server
 from core_models.networks import build_model
-from server.certs import create_site_keys
+from client.cli import make_site_keys
 from server.superlink import free_port, kill_tree
 from simulations.generator import generate_consortium
 
@@ -152,12 +154,23 @@ def deployment(tmp_path_factory):
     facts: dict = {"root": root, "data": dict(zip(SITES, data)), "out": out, "procs": procs, "cons": cons}
     t0 = time.time()
     try:
-        setup = subprocess.run([sys.executable, "-m", "server.cli", "setup", "--dir", str(cons),
-                                *[a for s in SITES for a in ("--site", s)], "--host", "127.0.0.1"],
-                               capture_output=True, text=True, timeout=120)
-        assert setup.returncode == 0, setup.stdout + setup.stderr
-        facts["setup_stdout"] = setup.stdout
-        stranger_key, _ = create_site_keys(root / "stranger_keys", "stranger")
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done
+
+        hospital = {s: root / f"hospital_{s}" for s in [*SITES, "stranger"]}  # what each hospital keeps
+        facts["hospital"] = hospital
+        for site, folder in hospital.items():
+            cli("client.cli", "keygen", "--site", site, "--out", str(folder))
+        facts["setup_stdout"] = cli("server.cli", "setup", "--dir", str(cons), "--host", "127.0.0.1").stdout
+        for i, site in enumerate(SITES):  # the last call registers all three with the SuperLink's database
+            extra = ["--no-register"] if i < len(SITES) - 1 else []
+            facts[f"register_{site}"] = cli("server.cli", "register", "--dir", str(cons), "--site", site,
+                                            "--public-key", str(hospital[site] / f"{site}.pub"), *extra).stdout
+        for folder in hospital.values():  # all the consortium sends a hospital (with the server address)
+            shutil.copyfile(cons / "ca.crt", folder / "ca.crt")
+        stranger_key = hospital["stranger"] / "stranger.key"
 
         port = free_port()
         server_args = ["server.cli", "start", "--dir", str(cons), "--out", str(out), "--host", "127.0.0.1",
@@ -166,10 +179,10 @@ def deployment(tmp_path_factory):
 
         def client_args(site: str, data_dir: Path, key: Path, *extra: str) -> list[str]:
             return ["client.cli", "start", "--site", site, "--data", str(data_dir), "--server",
-                    f"127.0.0.1:{port}", "--ca", str(cons / "sites" / SITES[0] / "ca.crt"), "--key", str(key),
+                    f"127.0.0.1:{port}", "--ca", str(hospital[site] / "ca.crt"), "--key", str(key),
                     "--image-size", "32", "--audit-log", str(root / f"audit_{site}.jsonl"), *extra]
 
-        clients = {s: procs.start(f"client_{s}", client_args(s, facts["data"][s], cons / "sites" / s / f"{s}.key"))
+        clients = {s: procs.start(f"client_{s}", client_args(s, facts["data"][s], hospital[s] / f"{s}.key"))
                    for s in SITES}
         stranger = procs.start("stranger", client_args("stranger", stranger_data, stranger_key,
                                                        "--auth-retries", "0", "--max-wait", "300"))
@@ -188,15 +201,16 @@ def deployment(tmp_path_factory):
         facts["site_c_stop_rc"] = clients["site_c"].wait(timeout=60)
         clients["site_c"] = procs.start("client_site_c_again",
                                         client_args("site_c", facts["data"]["site_c"],
-                                                    cons / "sites" / "site_c" / "site_c.key"))
+                                                    hospital["site_c"] / "site_c.key"))
 
         # the server machine dies right after round 2: SIGKILL to the command and all it started
         wait_for(lambda: (ckpt / "round_002.pt").exists(), 400, "round 2")
         kill_tree(server.pid, hard=True)
         server.wait()
         # what a resume starts from (per_site.csv may be half-written: the crash can hit anywhere)
-        history = torch.load(ckpt / "latest.pt", weights_only=False)
-        facts["rounds_before_crash"] = (history["round"], sorted({r["round"] for r in history["history"]["sites"]}))
+        latest = torch.load(ckpt / "latest.pt", weights_only=True)  # tensors, numbers, strings only
+        history = json.loads(latest["history"])
+        facts["rounds_before_crash"] = (latest["round"], sorted({r["round"] for r in history["sites"]}))
         server = procs.start("server2", server_args + ["--resume"])
         facts["server2_rc"] = server.wait(timeout=400)
 
@@ -240,11 +254,18 @@ def train_rows(facts) -> pd.DataFrame:
 
 
 def test_setup_and_tls(deployment):
-    assert "allow-list: 3 site key(s)" in deployment["setup_stdout"]
+    cons = deployment["cons"]
+    assert "allow-list: 3 site key(s)" in deployment["register_site_c"]
+    assert "keep this offline" in deployment["setup_stdout"]
+    assert not list(cons.rglob("ca.key")) and (cons.parent / f"{cons.name}-ca-offline" / "ca.key").is_file()
     for site in SITES:
-        bundle = deployment["cons"] / "sites" / site
-        assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", f"{site}.key", f"{site}.pub"]
-        assert (bundle / f"{site}.key").stat().st_mode & 0o077 == 0  # private key: owner only
+        # the consortium holds the hospital's public key only; the private key never left the hospital
+        assert sorted(p.name for p in (cons / "sites" / site).iterdir()) == [f"{site}.pub"]
+        key = deployment["hospital"][site] / f"{site}.key"
+        assert key.stat().st_mode & 0o777 == 0o600
+        assert key.read_bytes() not in {p.read_bytes() for p in cons.rglob("*") if p.is_file()}
+    private = [p.relative_to(cons) for p in cons.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert private == [Path("server.key")]  # the server's own TLS key, nothing else
     tls = deployment["tls"]
     assert tls["verified_with_ca"] is True
     assert tls["verified_without_ca"] is False  # nobody else vouches for the consortium's server
@@ -392,9 +413,9 @@ def test_client_refuses_a_broken_data_folder_before_connecting(tmp_path, capsys)
 
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "manifest.csv").write_text("patient_id,image_path,label\np1,missing.dcm,1\n")
-    keys = create_site_keys(tmp_path / "keys", "x")
+    key, pub, _ = make_site_keys(tmp_path / "keys", "x")
     code = client_main(["start", "--site", "x", "--data", str(tmp_path / "site"), "--server", "127.0.0.1:1",
-                        "--ca", str(keys[1]), "--key", str(keys[0]), "--max-wait", "0"])
+                        "--ca", str(pub), "--key", str(key), "--max-wait", "0"])
     err = capsys.readouterr()
     assert code == 2
     assert "site x not started" in err.err and "no usable images" in err.err
@@ -405,15 +426,34 @@ def test_setup_keeps_keys_and_start_protects_an_existing_run(tmp_path, capsys):
     from server.cli import main as server_main
 
     cons = tmp_path / "cons"
-    assert server_main(["setup", "--dir", str(cons), "--site", "a", "--no-register"]) == 0
+    a_key, a_pub, _ = make_site_keys(tmp_path / "hospital_a", "a")
+    _, b_pub, _ = make_site_keys(tmp_path / "hospital_b", "b")
+    assert server_main(["setup", "--dir", str(cons)]) == 0
+    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(a_pub),
+                        "--no-register"]) == 0
     index = json.loads((cons / "consortium.json").read_text())
-    ca_before = (cons / "ca.crt").read_bytes()
-    assert server_main(["setup", "--dir", str(cons), "--site", "a", "--site", "b", "--no-register"]) == 0
+    ca_before, cert_before = (cons / "ca.crt").read_bytes(), (cons / "server.crt").read_bytes()
+    assert server_main(["setup", "--dir", str(cons)]) == 0
+    assert server_main(["register", "--dir", str(cons), "--site", "b", "--public-key", str(b_pub),
+                        "--no-register"]) == 0
     again = json.loads((cons / "consortium.json").read_text())
-    assert again["sites"]["a"] == index["sites"]["a"]  # same key: the hospital's copy stays valid
+    assert again["sites"]["a"] == index["sites"]["a"]  # same key: the hospital's key stays valid
     assert sorted(again["sites"]) == ["a", "b"]
-    assert (cons / "ca.crt").read_bytes() == ca_before
-    assert server_main(["setup", "--dir", str(cons), "--site", "../evil", "--no-register"]) == 2
+    assert (cons / "ca.crt").read_bytes() == ca_before and (cons / "server.crt").read_bytes() == cert_before
+    capsys.readouterr()
+    # a bad name, another site's key, a changed key without --replace, a private key: all refused
+    assert server_main(["register", "--dir", str(cons), "--site", "../evil", "--public-key", str(b_pub),
+                        "--no-register"]) == 2
+    assert server_main(["register", "--dir", str(cons), "--site", "c", "--public-key", str(b_pub),
+                        "--no-register"]) == 2
+    assert "already registered for site 'b'" in capsys.readouterr().err
+    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(b_pub),
+                        "--no-register"]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert server_main(["register", "--dir", str(cons), "--site", "z", "--public-key", str(a_key),
+                        "--no-register"]) == 2
+    assert "PRIVATE key" in capsys.readouterr().err
+    assert json.loads((cons / "consortium.json").read_text()) == again
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
