@@ -32,9 +32,11 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
         eps = _number(train.get("epsilon"))
         spent = f" | eps {eps:6.2f}" if math.isfinite(eps) else ""
         n = _number(train.get("num-examples"))
+        approx = "~" if "num-examples" in str(train.get("noised", "")) else " "  # a noised count
         lines.append(
             f"  round {server_round:>3} | {site:<18} | train loss {_fmt(train.get('train-loss'))} "
-            f"| site AUROC {_fmt(ev.get('eval-auroc'))} | n {int(n) if math.isfinite(n) else 0:>5}{spent} | {status}"
+            f"| site AUROC {_fmt(ev.get('eval-auroc'))} | n{approx}{int(n) if math.isfinite(n) else 0:>5}{spent} "
+            f"| {status}"
         )
     if global_row:
         lines.append(

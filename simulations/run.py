@@ -176,7 +176,7 @@ def print_findings(out: Path) -> None:
             ledger = rows[rows["epsilon"] < float("inf")].groupby("site")["epsilon"].max()
             no_dp = rows["phase"].eq("train") & rows["epsilon"].eq(float("inf"))
             if len(ledger):
-                print("equifed: epsilon on each site's ledger (delta from run config): "
+                print("equifed: epsilon on each site's ledger (at the site's own delta): "
                       + ", ".join(f"{site} {eps:.2f}" for site, eps in ledger.items())
                       + ("; training ran without DP, so the model weights carry no epsilon guarantee" if no_dp.any()
                          else ""), flush=True)

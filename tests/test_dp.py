@@ -124,7 +124,8 @@ def test_small_budget_site_stops_others_finish(dp_run):
     assert "4.5" in refused["error"].iloc[0]
     # epsilon reported per site grows round over round and stays under the run's target
     north = ok[ok["site"] == "north"].sort_values("round")
-    assert north["epsilon"].is_monotonic_increasing and north["epsilon"].iloc[0] < north["epsilon"].iloc[1] <= 6.1
+    # (the target plans the DP-SGD steps; the site's noised patient counts, released once, add a little)
+    assert north["epsilon"].is_monotonic_increasing and north["epsilon"].iloc[0] < north["epsilon"].iloc[1] <= 6.3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flower_status"] == "finished:completed"
 
@@ -133,7 +134,7 @@ def test_ledgers_on_disk_agree_with_reports(dp_run):
     out, sites = dp_run
     rows = pd.read_csv(out / "per_site.csv")
     for site in sites:
-        ledger = PrivacyLedger.open(site, delta=1e-5)
+        ledger = PrivacyLedger.open(site)  # at the delta the site's policy chose when it first trained
         reported = rows[(rows["site"] == site.name) & (rows["status"] == "ok") & (rows["phase"] == "train")]
         assert ledger.epsilon() == pytest.approx(reported["epsilon"].max(), rel=1e-6)
     registry = json.loads((out / "privacy_registry.json").read_text())
@@ -142,7 +143,10 @@ def test_ledgers_on_disk_agree_with_reports(dp_run):
 
 def test_deleted_ledger_is_refused_by_the_server(dp_run):
     out, sites = dp_run
-    (sites[0] / ".equifed" / "privacy_ledger.json").unlink()  # north loses its ledger
+    # north loses its ledger and the witness beside it (a whole reset, which the site cannot see): the server's
+    # registry refuses it; a lost ledger alone is refused by the site itself (tests/test_threats.py)
+    (sites[0] / ".equifed" / "privacy_ledger.json").unlink()
+    (sites[0] / ".equifed" / "ledger_witness.json").unlink()
     code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "1", *DP, "-c", "target-epsilon=4.0"])
     assert code == 0
     rows = pd.read_csv(out / "per_site.csv")

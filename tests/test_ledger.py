@@ -185,7 +185,7 @@ def test_a_ledger_deleted_during_training_is_not_recreated(tmp_path):
     ledger = PrivacyLedger.open(site, fingerprint="fp")
     ledger.charge(1.0, 0.05, steps=5)
     ledger_path(site).unlink()
-    with pytest.raises(LedgerError, match="disappeared"):
+    with pytest.raises(LedgerError, match="missing, but its witness"):
         ledger.charge(1.0, 0.05)
     assert not ledger_path(site).exists()
 
@@ -336,14 +336,14 @@ def test_optimizer_hook_refuses_over_budget_before_the_update(tmp_path):
 # --------------------------------------------------------------------------- fingerprint
 
 
-def test_fingerprint_follows_every_byte_and_keeps_old_histories(tmp_path):
+def test_fingerprint_follows_patients_and_image_bytes_and_the_budget_keeps_old_histories(tmp_path):
     site = _site(tmp_path)
     old = 1_600_000_000_000_000_000
     for f in (site / "img").iterdir():
         os.utime(f, ns=(old, old))  # old files: their digests get cached
     fp1 = dataset_fingerprint(site)
     cache = json.loads((site / ".equifed" / "fingerprint_cache.json").read_text())
-    assert sorted(cache) == ["img/0.dcm", "img/1.dcm", "img/2.dcm"]
+    assert sorted(Path(k).name for k in cache) == ["0.dcm", "1.dcm", "2.dcm"]
     assert dataset_fingerprint(site) == fp1
     assert dataset_fingerprint(site) == fp1  # from the cache
 
@@ -359,19 +359,21 @@ def test_fingerprint_follows_every_byte_and_keeps_old_histories(tmp_path):
     image.write_bytes(original)
     assert dataset_fingerprint(site) == fp1
     (site / "manifest.csv").write_text((site / "manifest.csv").read_text() + "p9,img/9.dcm,1\n")
-    fp3 = dataset_fingerprint(site)  # a row pointing at a missing file
+    fp3 = dataset_fingerprint(site)  # a patient more (whose file is missing)
     assert fp3 not in (fp1, fp2)
 
     changed = PrivacyLedger.open(site, max_epsilon=50)
-    assert changed.fingerprint == fp3 and changed.epsilon() == 0.0 and changed.entries == []
+    assert changed.fingerprint == fp3 and changed.dataset_epsilon() == 0.0 and changed.entries == []
+    assert changed.epsilon() == eps_old  # the site's budget composes every history
     s = changed.summary()
     assert s["other_fingerprints"][fp1]["epsilon"] == eps_old
     changed.charge(1.0, 0.1, steps=10)
-    assert changed.summary()["epsilon_all_fingerprints"] == pytest.approx(_opacus_eps([(1.0, 0.1, 40)]), rel=1e-12)
+    assert changed.epsilon() == pytest.approx(_opacus_eps([(1.0, 0.1, 40)]), rel=1e-12)
+    assert changed.summary()["epsilon_all_fingerprints"] == changed.epsilon()
     doc = json.loads(ledger_path(site).read_text())
     assert set(doc["datasets"]) == {fp1, fp3}
     assert doc["datasets"][fp1]["history"] == [[1.0, 0.1, 30]]
-    assert ledger.epsilon() == eps_old  # the old dataset's history is kept as it was
+    assert ledger.dataset_epsilon() == eps_old  # the old dataset's history is kept as it was
 
 
 # --------------------------------------------------------------------------- CLI
