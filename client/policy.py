@@ -29,6 +29,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from core_models.data import ImageLimits
+
 SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
 DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
 DEFAULT_MIN_RELEASE_NOISE = 1.0
@@ -135,6 +137,14 @@ class SitePolicy:
                    require_dp=require, release=release,
                    min_release_noise=max(noise) if noise else DEFAULT_MIN_RELEASE_NOISE,
                    max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None)
+
+    def image_limits(self) -> ImageLimits:
+        """The data layer's caps, tightened (never loosened past its defaults) by the site's settings."""
+        base = ImageLimits()
+        pixels = base.max_pixels if self.max_image_pixels is None else min(base.max_pixels, self.max_image_pixels)
+        size = base.max_file_bytes if self.max_file_mb is None else min(base.max_file_bytes,
+                                                                         int(self.max_file_mb * 1024**2))
+        return ImageLimits(max_pixels=pixels, max_file_bytes=max(size, 1), max_manifest_bytes=base.max_manifest_bytes)
 
     def delta_for(self, n_patients: int) -> float:
         """The site's delta: its own setting, capped by the default for its size (never looser than 1/(10 n))."""

@@ -68,7 +68,8 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
     key = (str(path.resolve()), image_size, seed)
     if key in _LOADED:
         return _LOADED[key]
-    data = load_site(path, image_size=image_size, num_classes=num_classes)
+    data = load_site(path, image_size=image_size, num_classes=num_classes,
+                     limits=SitePolicy.load(path).image_limits())
     split = assign_splits(data.frame, seed=seed)
     frame = data.frame.assign(split=split.to_numpy())
     check_no_leakage(frame)

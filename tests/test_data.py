@@ -543,7 +543,7 @@ def test_mixed_site_png_dicom_absolute_path_and_manifest_metadata_wins(tmp_path)
     site = tmp_path / "mixed"
     site.mkdir()
     Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(site / "a.png")
-    dcm = write_dicom(tmp_path / "elsewhere.dcm", ramp(), Manufacturer="FromDicom", PatientAge="070Y")
+    dcm = write_dicom(site / "elsewhere.dcm", ramp(), Manufacturer="FromDicom", PatientAge="070Y")  # absolute, inside
     rows = [["1", "a.png", "0", "", "north"], ["2", str(dcm), "1", "FromManifest", "01"]]
     write_manifest(site / "manifest.csv", rows, header=("patient_id", "image_path", "label", "manufacturer", "site"))
     sd = load_site(site, image_size=8)

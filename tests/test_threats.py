@@ -330,3 +330,11 @@ def test_fingerprint_ignores_manifest_bytes_but_not_images(site):
     image = site / pd.read_csv(manifest)["image_path"].iloc[0]
     image.write_bytes(image.read_bytes() + b"\0")
     assert dataset_fingerprint(site) != first
+
+
+def test_site_image_caps_reach_the_decoder(site):
+    from client.site import open_site
+
+    (site / "site.toml").write_text("max-image-pixels = 100\n")  # every generated image is larger
+    with pytest.raises(Exception, match="too large"):
+        open_site(site, image_size=32, seed=0)
