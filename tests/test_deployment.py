@@ -264,7 +264,8 @@ def test_setup_and_tls(deployment):
         key = deployment["hospital"][site] / f"{site}.key"
         assert key.stat().st_mode & 0o777 == 0o600
         assert key.read_bytes() not in {p.read_bytes() for p in cons.rglob("*") if p.is_file()}
-    private = [p.relative_to(cons) for p in cons.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    pem_private = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")  # any PEM/OpenSSH private key
+    private = [p.relative_to(cons) for p in cons.rglob("*") if p.is_file() and pem_private.search(p.read_bytes())]
     assert private == [Path("server.key")]  # the server's own TLS key, nothing else
     tls = deployment["tls"]
     assert tls["verified_with_ca"] is True
@@ -447,7 +448,8 @@ def test_setup_keeps_keys_and_start_protects_an_existing_run(tmp_path, capsys):
     assert server_main(["register", "--dir", str(cons), "--site", "c", "--public-key", str(b_pub),
                         "--no-register"]) == 2
     assert "already registered for site 'b'" in capsys.readouterr().err
-    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(b_pub),
+    _, a2_pub, _ = make_site_keys(tmp_path / "hospital_a_new", "a")
+    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(a2_pub),
                         "--no-register"]) == 2
     assert "--replace" in capsys.readouterr().err
     assert server_main(["register", "--dir", str(cons), "--site", "z", "--public-key", str(a_key),

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -44,8 +45,11 @@ def _files(folder: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
+PEM_PRIVATE = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")  # PKCS#8, SEC1 or OpenSSH private key
+
+
 def _private_keys(folder: Path) -> list[Path]:
-    return sorted(p for p, data in _files(folder).items() if b"PRIVATE KEY" in data)
+    return sorted(p for p, data in _files(folder).items() if PEM_PRIVATE.search(data))
 
 
 # --- 1. the hospital's key pair is made at the hospital ------------------------------------------
