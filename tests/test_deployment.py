@@ -21,6 +21,7 @@ Each test below checks one part of the outcome. Runs alone with
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -352,7 +353,7 @@ def test_epsilon_never_decreases(deployment):
         assert all(b > a for a, b in zip(eps, eps[1:])), (site, eps)
         # what a site had spent before a round is at least what it had after the previous one
         assert all(before >= prev - 1e-9 for prev, before in zip(eps, rows["epsilon-before"].tolist()[1:]))
-        spent = max(d["epsilon"] for d in ledger_report(deployment["data"][site])["datasets"])
+        spent = ledger_report(deployment["data"][site])["epsilon"]  # every history composed
         assert spent >= eps[-1] - 1e-9
         assert spent < 10.0  # the default site budget was never passed
     # the consortium's registry (kept across runs, in the consortium's state) holds each
@@ -393,8 +394,12 @@ def test_message_audit(deployment):
             metrics = entry["metrics"]["metrics"]
             assert set(metrics) == TRAIN_METRICS
             assert all(isinstance(v, (int, float)) for v in metrics.values())  # scalars, no per-record lists
-            assert set(entry["configs"]) == {"site", "privacy"}
+            assert set(entry["configs"]) == {"site", "privacy", "disclosure"}
             assert entry["configs"]["site"] == {"name": site}
+            # under DP the FedAvg weight is the noised patient count; losses and AUROCs are withheld (NaN)
+            assert entry["configs"]["disclosure"] == {"noised": "num-examples",
+                                                      "withheld": "train-loss,val-auroc,val-loss,rejected"}
+            assert all(math.isnan(metrics[k]) for k in ("train-loss", "val-auroc", "val-loss", "rejected"))
             assert set(entry["configs"]["privacy"]) == {"fingerprint"}
             assert re.fullmatch(r"[0-9a-f]{64}", entry["configs"]["privacy"]["fingerprint"])
             for text in _strings({k: v for k, v in entry.items() if k not in ("message_type", "reply_to")}):
