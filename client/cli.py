@@ -20,6 +20,8 @@ def _fmt(v, spec: str = "") -> str:
 
 def _print_ledger(report: dict) -> None:
     print(f"privacy ledger of site {report['site']}: {report['path']}")
+    print(f"site epsilon = {report['epsilon']:.4f} at delta = {report['delta']:g} "
+          f"(every dataset's history composed: what the budget is checked against)")
     for ds in report["datasets"]:
         print()
         print(f"dataset {ds['fingerprint'][:16]}  (created {ds['created']}, last used {_fmt(ds['last_used'])})")
