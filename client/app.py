@@ -128,6 +128,9 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: floa
     config = msg.content["config"]
     lam = float(cfg.get("fair-lambda", 0.0))
     n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
+    wanted = (lam > 0 and "fair-ratio" in config) or (offset and bool(cfg.get("fair-offset", False)))
+    if not wanted:  # fairness columns are read only when a fairness feature is on
+        return None, None
     meta = _fair_meta(site, cfg)
     penalty = None
     if lam > 0 and "fair-ratio" in config:

@@ -149,10 +149,13 @@ def forest_figure(audit: dict[str, Any]) -> str:
     colours = {"pooled": "#2166ac", "consortium": "#2166ac", "site": "#b2182b"}
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
-        lo = r["lo"] if r["lo"] is not None else r["estimate"]
-        hi = r["hi"] if r["hi"] is not None else r["estimate"]
+        est = r["estimate"]
+        lo = r["lo"] if r["lo"] is not None and math.isfinite(r["lo"]) else est
+        hi = r["hi"] if r["hi"] is not None and math.isfinite(r["hi"]) else est
+        # an estimate a rounding error outside its percentile interval (an effect zero by construction) or a
+        # missing bound draws as a point, never as negative error bars
         imp = r["label"].endswith("impermissible")
-        ax.errorbar(r["estimate"], y, xerr=[[r["estimate"] - lo], [hi - r["estimate"]]], fmt="D" if imp else "o",
+        ax.errorbar(est, y, xerr=[[max(est - lo, 0.0)], [max(hi - est, 0.0)]], fmt="D" if imp else "o",
                     color=colours[r["kind"]], capsize=3, ms=6 if imp else 4)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)))

@@ -67,7 +67,9 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     kinds = requested_kinds(cfg)
 
-    def collect_statistics(current: int, arrays: ArrayRecord) -> None:
+    analysis_failures: list[dict] = []
+
+    def collect_statistics(current: int, arrays: ArrayRecord) -> dict:
         """Ask every site still in the run for its released statistics; analyse them."""
         nodes = [n for n in grid.get_node_ids() if n not in strategy.refused_nodes]
         replies = request_statistics(grid, arrays, request_config(cfg, current, kinds), nodes,
@@ -75,7 +77,11 @@ def main(grid: Grid, context: Context) -> None:
         strategy.expected_nodes[(current, "statistics")] = nodes
         replies = strategy._screen_privacy(current, replies, phase="statistics")
         strategy._record(current, "statistics", replies)
-        analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
+        failed = analyse(out_dir, current, to_releases(replies, kinds), cfg, kinds)
+        if failed:  # recorded in the round's row and summary.json; training goes on
+            analysis_failures.extend({"round": current, "analysis": k, "error": v} for k, v in failed.items())
+            return {"analysis_failed": "; ".join(f"{k}: {v}" for k, v in failed.items())}
+        return {}
 
     fair_counts: list[np.ndarray] = []  # the consortium's (A, stratum) counts: released once, summed over sites
     fair_on = float(cfg.get("fair-lambda", 0.0)) > 0
@@ -144,7 +150,7 @@ def main(grid: Grid, context: Context) -> None:
             if fair_on:
                 row.update(collect_fair(current, arrays))
             if kinds:
-                collect_statistics(current, arrays)
+                row.update(collect_statistics(current, arrays))
             save_checkpoint(out_dir, current, arrays.to_torch_state_dict(), strategy.state(),
                             {"global": global_rows + [row], "sites": strategy.site_rows})
         global_rows.append(row)
@@ -172,7 +178,12 @@ def main(grid: Grid, context: Context) -> None:
     final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
     torch.save(final, out_dir / "final_model.pt")
     write_tables(out_dir, global_rows, strategy.site_rows)
-    plot_learning_curve(out_dir, global_rows, strategy.site_rows)
+    try:
+        plot_learning_curve(out_dir, global_rows, strategy.site_rows)
+    except Exception as err:  # a figure never fails a finished run
+        log(WARNING, "equifed: the learning curve could not be drawn (%s: %s)", type(err).__name__, err)
+        analysis_failures.append({"round": total_rounds, "analysis": "learning_curve",
+                                  "error": f"{type(err).__name__}: {err}"})
     last = global_rows[-1] if global_rows else {}
     first = global_rows[0] if global_rows else {}
     write_summary(out_dir, {
@@ -183,5 +194,6 @@ def main(grid: Grid, context: Context) -> None:
         "initial_holdout_auroc": first.get("holdout_auroc"),
         "final_holdout_auroc": last.get("holdout_auroc"),
         "wall_time_s": round(time.time() - started, 1),
+        "analysis_failures": analysis_failures,
         "run_config": cfg,
     })

@@ -43,6 +43,8 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
             f"  round {server_round:>3} | {'HOLDOUT (global)':<18} | loss {_fmt(global_row.get('holdout_loss'))} "
             f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
         )
+        if global_row.get("analysis_failed"):
+            lines.append(f"  round {server_round:>3} | analysis failed (training goes on): {global_row['analysis_failed']}")
     return "\n".join(lines)
 
 

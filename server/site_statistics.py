@@ -8,11 +8,14 @@ ledger (client/statistics.py). Analysers register by statistic name in `ANALYSER
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
+from logging import WARNING
 from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 
 
@@ -79,10 +82,21 @@ def to_releases(replies: list[Message], kinds: list[str]) -> list[SiteRelease]:
 
 
 def analyse(out_dir: Path, server_round: int, releases: list[SiteRelease], run_config: dict,
-            kinds: list[str]) -> None:
+            kinds: list[str]) -> dict[str, str]:
+    """Run each requested analyser, isolated: returns {statistic: "ExceptionType: message"} for those that failed
+    (their tracebacks appended to `<out_dir>/analysis_errors.log`)."""
     unknown = [k for k in kinds if k not in ANALYSERS]
     if unknown:
         raise ValueError(f"no server-side analysis for statistics {unknown}; known: {sorted(ANALYSERS)}")
+    failures = {}
     for kind in kinds:
-        ANALYSERS[kind](out_dir, server_round, [r for r in releases if kind in r.records or r.status != "ok"],
-                        run_config)
+        try:
+            ANALYSERS[kind](out_dir, server_round, [r for r in releases if kind in r.records or r.status != "ok"],
+                            run_config)
+        except Exception as err:  # a report or a figure never ends a training run
+            failures[kind] = f"{type(err).__name__}: {err}"
+            log(WARNING, "equifed round %d: %s analysis failed (%s); training goes on; traceback in %s",
+                server_round, kind, failures[kind], out_dir / "analysis_errors.log")
+            with open(out_dir / "analysis_errors.log", "a", encoding="utf-8") as fh:
+                fh.write(f"--- round {server_round}: {kind}\n{traceback.format_exc()}\n")
+    return failures
