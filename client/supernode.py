@@ -4,6 +4,15 @@ SuperNode against the consortium's server, over TLS, with the site's key.
 Order matters: the data folder is validated first (manifest, readable images, patient
 split without leakage, privacy ledger), so a broken folder fails here with a clear
 message instead of inside a training round on the server's clock.
+
+Only the equifed installed at this site runs here: the SuperNode is started with
+`--isolation process` (it then starts no ClientApp itself) and its Runtime API on the
+loopback, and this module starts, next to it, client/pinned_runner.py, which takes the
+SuperNode's ClientApp tasks, refuses any app bundle that differs from the installed
+equifed and runs `client.app:app` from the installed package, never from the bundle
+(the module docstring there says what is pinned and why). Task acquisition is
+HMAC-protected with a secret made anew at every start (Flower's SuperExec auth), so no
+other local process can take the tasks and run the bundle with Flower's stock runner.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +35,8 @@ import psutil
 
 from client.ledger import LedgerError, ledger_report
 from client.site import STATE_DIR, open_site, site_max_epsilon
-from server.superlink import _bin, free_port, kill_tree
+from client.pinned_runner import launcher
+from core_models.processes import APP_DIR, _bin, free_port, kill_tree
 
 REFUSED_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 EXIT_REFUSED = 3  # the server does not know this site's key
@@ -142,58 +153,137 @@ def _env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def supernode_command(server: str, ca: Path, key: Path, node_config: dict, runtime_port: int) -> list[str]:
+SECRET_FILE = "superexec.secret"  # in the site's flwr-home; a new one at every start
+
+
+def supernode_command(server: str, ca: Path | None, key: Path | None, node_config: dict, runtime_port: int,
+                      secret_file: Path, insecure: bool = False) -> list[str]:
+    """flower-supernode over TLS with the site's key; its Runtime API on the loopback, in
+    process isolation (it starts no ClientApp: the pinned runner takes its tasks).
+    `insecure=True` (plain HTTP, no key) exists for tests against an insecure SuperLink."""
     config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
-    return [_bin("flower-supernode"), "--superlink", server, "--root-certificates", str(Path(ca).resolve()),
-            "--auth-supernode-private-key", str(Path(key).resolve()), "--node-config", config,
-            "--port", str(runtime_port)]
+    cmd = [_bin("flower-supernode"), "--superlink", server]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(Path(ca).resolve()), "--auth-supernode-private-key", str(Path(key).resolve())]
+    return cmd + ["--node-config", config, "--isolation", "process", "--host", "127.0.0.1",
+                  "--port", str(runtime_port), "--superexec-auth-secret-file", str(Path(secret_file).resolve())]
+
+
+def runner_command(runtime_port: int, secret_file: Path, site_log: Path, parent_pid: int,
+                   app_dir: Path = APP_DIR) -> list[str]:
+    """client/pinned_runner.py serving the SuperNode's ClientApp tasks (exits with `parent_pid`),
+    pinned to the equifed in `app_dir` (default: the one this interpreter imports). Neither the
+    working directory nor PYTHONPATH can put another `client` package first."""
+    return launcher(app_dir) + ["serve",
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--superexec-auth-secret-file", str(Path(secret_file).resolve()),
+            "--site-log", str(Path(site_log).resolve()), "--parent-pid", str(parent_pid)]
+
+
+def new_secret(path: Path) -> Path:
+    """A fresh random SuperExec secret, readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(32))
+    os.chmod(path, 0o600)
+    return path
 
 
 class SuperNodeProcess:
-    """flower-supernode as a child: its output is echoed (and kept, to tell a refused key
-    from a network failure); stopped with its whole process tree."""
+    """flower-supernode and the pinned ClientApp runner as children: their output is echoed
+    (and kept, to tell a refused key from a network failure); stopped with their whole
+    process trees. `runner(pid)` gives the runner's command for a SuperNode of that PID."""
 
-    def __init__(self, command: list[str], log_file: Path | None, env: dict | None = None):
+    def __init__(self, command: list[str], log_file: Path | None, env: dict | None = None,
+                 runner: Callable[[int], list[str]] | None = None):
         self.refused = False
         self._family: set[psutil.Process] = set()
         self._log = open(log_file, "a", encoding="utf-8") if log_file else None
+        self._lock = threading.Lock()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=env, bufsize=1)
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
+        self.runner = None
+        if runner is not None:
+            self.runner = subprocess.Popen(runner(self.process.pid), stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        self._readers = [threading.Thread(target=self._pump, args=(p,), daemon=True)
+                         for p in (self.process, self.runner) if p is not None]
+        for reader in self._readers:
+            reader.start()
 
-    def _pump(self) -> None:
-        for line in self.process.stdout:
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
             if any(marker in line for marker in REFUSED_MARKERS):
                 self.refused = True
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if self._log and not self._log.closed:
-                self._log.write(line)
-                self._log.flush()
+            with self._lock:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if self._log and not self._log.closed:
+                    self._log.write(line)
+                    self._log.flush()
+
+    def _procs(self) -> list[subprocess.Popen]:
+        return [p for p in (self.process, self.runner) if p is not None]
 
     def alive(self) -> bool:
-        """Whether the SuperNode runs; remembers its descendants so that stop() finds them
-        even after the SuperNode itself has died."""
-        try:
-            self._family.update(psutil.Process(self.process.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-        return self.process.poll() is None
+        """Whether the SuperNode and its runner run (one without the other is restarted);
+        remembers their descendants so that stop() finds them even after they have died."""
+        for proc in self._procs():
+            try:
+                self._family.update(psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        return all(p.poll() is None for p in self._procs())
 
     def wait(self) -> int:
         code = self.process.wait()
-        self._reader.join(timeout=5)
+        for reader in self._readers:
+            reader.join(timeout=5)
         return code
 
+    def exit_reason(self) -> str:
+        """Which child stopped first and with what code (call before stop())."""
+        if self.process.poll() is not None:
+            return f"SuperNode exited with code {self.process.returncode}"
+        if self.runner is not None and self.runner.poll() is not None:
+            return f"pinned ClientApp runner exited with code {self.runner.returncode}"
+        return "stopped"
+
     def stop(self) -> None:
-        kill_tree(self.process.pid)
+        for proc in self._procs():
+            kill_tree(proc.pid)
         for proc in self._family:
             if proc.is_running():
                 kill_tree(proc.pid)
+        if self.runner is not None:
+            self.runner.wait()
         self.wait()
-        if self._log and not self._log.closed:
-            self._log.close()
+        with self._lock:
+            if self._log and not self._log.closed:
+                self._log.close()
+
+
+def start_node(server: str, ca: Path | None, key: Path | None, node_config: dict, *, runtime_port: int | None = None,
+               log_file: Path | None = None, insecure: bool = False, app_dir: Path = APP_DIR) -> SuperNodeProcess:
+    """The SuperNode (process isolation, Runtime API on the loopback) and the pinned runner
+    beside it, as `equifed-client start` runs them; a fresh SuperExec secret each time.
+    Flower's files go to `<data-path>/.equifed/flwr-home`, refusals and failures of the
+    ClientApp to `<data-path>/.equifed/client_errors.log`. `insecure=True` and `app_dir` (another
+    equifed checkout to pin, e.g. a frozen copy) are for tests."""
+    state = Path(node_config["data-path"]) / STATE_DIR
+    flwr_home = state / "flwr-home"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    secret = new_secret(flwr_home / SECRET_FILE)
+    port = runtime_port or free_port()
+    command = supernode_command(server, ca, key, node_config, port, secret, insecure=insecure)
+
+    def runner(supernode_pid: int) -> list[str]:
+        return runner_command(port, secret, state / "client_errors.log", supernode_pid, app_dir)
+
+    return SuperNodeProcess(command, log_file, env=_env(flwr_home), runner=runner)
 
 
 def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_size: int = 64, seed: int = 0,
@@ -220,9 +310,7 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    command = supernode_command(server, ca, key, node_config, runtime_port or free_port())
-    flwr_home = Path(node_config["data-path"]) / STATE_DIR / "flwr-home"
-    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = runtime_port or free_port()
     delay, refusals, deadline = 2.0, 0, time.time() + max_wait
     while not stopping.is_set():
         try:
@@ -236,7 +324,7 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
                   f"check --server and --ca", file=sys.stderr)
             return EXIT_UNREACHABLE
         print(f"site {site}: connecting to {server} (TLS, key {Path(key).name})", flush=True)
-        node = SuperNodeProcess(command, log_file, env=_env(flwr_home))
+        node = start_node(server, ca, key, node_config, runtime_port=port, log_file=log_file)
         started = time.time()
         while node.alive() and not stopping.is_set():
             time.sleep(0.5)
@@ -246,8 +334,8 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
             node.stop()
             print(f"site {site}: stopped", flush=True)
             return 0
-        code = node.wait()
-        node.stop()  # its SuperExec and any ClientApp left behind
+        reason = node.exit_reason()
+        node.stop()  # both, and any ClientApp task left behind
         if node.refused:
             refusals += 1
             if refusals > auth_retries:
@@ -257,7 +345,7 @@ def run_site(site: str, data: Path, server: str, ca: Path, key: Path, *, image_s
                 return EXIT_REFUSED
             print(f"site {site}: key not (yet) registered; retrying in {delay:.0f}s", flush=True)
         else:
-            print(f"site {site}: SuperNode exited with code {code}; restarting in {delay:.0f}s", flush=True)
+            print(f"site {site}: {reason}; restarting in {delay:.0f}s", flush=True)
         if time.time() + delay > deadline:
             print(f"error: site {site} could not stay connected within {max_wait:.0f}s", file=sys.stderr)
             return EXIT_UNREACHABLE

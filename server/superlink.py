@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+# re-exported: server.cli, server.deploy, simulations and the tests import them from here
+from core_models.processes import APP_DIR, _bin, app_snapshot, free_port, kill_tree  # noqa: F401
 
 CONNECTION = "equifed"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    """Flower's console scripts next to this interpreter (the venv), else on PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
 
 
 @dataclass(frozen=True)
@@ -46,23 +32,6 @@ class TLSFiles:
     ca: Path
     cert: Path
     key: Path
-
-
-APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml (the Flower app)
-
-
-def app_snapshot(dest: Path) -> Path:
-    """A copy of the Flower app (pyproject.toml and the packages it installs) to build the FAB
-    from: the FAB holds only the app, and files changed in the working tree meanwhile (a
-    notebook, a benchmark) cannot break or bloat the build."""
-    with open(APP_DIR / "pyproject.toml", "rb") as fh:
-        patterns = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(APP_DIR / "pyproject.toml", dest / "pyproject.toml")
-    for package in sorted({p.rstrip("*").rstrip(".") for p in patterns}):
-        shutil.copytree(APP_DIR / package, dest / package, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
-    return dest
 
 
 class LocalSuperLink:
@@ -256,26 +225,6 @@ class LocalSuperLink:
             if time.time() > deadline:
                 raise TimeoutError(f"only {online} of {count} hospital(s) connected within {timeout:.0f}s")
             time.sleep(poll)
-
-
-def kill_tree(pid: int, hard: bool = False, timeout: float = 10) -> None:
-    """Signal a process and all its descendants (SIGTERM, then SIGKILL for stragglers)."""
-    try:
-        parent = psutil.Process(pid)
-        family = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for proc in family:
-        try:
-            proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _toml(value) -> str:

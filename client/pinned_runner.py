@@ -1,0 +1,278 @@
+"""The hospital's own ClientApp runner: only the equifed installed at this site ever runs here.
+
+Why. A Flower SuperNode normally runs whatever app bundle (FAB) the SuperLink hands it:
+in its default `--isolation subprocess` mode it starts `flower-superexec`, which starts
+`flwr-clientapp` per message, and that unpacks the run's FAB into FLWR_HOME/apps/ and
+imports the `clientapp` named in the FAB's own pyproject.toml from the unpacked folder
+(flwr/supernode/runtime/run_clientapp.py: `install_from_fab`, then
+`get_load_client_app_fn(multi_app=True)` -> `load_app(ref, ..., project_dir)`). Anyone who
+can submit a run (the consortium server, or anyone who reaches its unauthenticated Control
+API) could therefore ship "client code" that reads the hospital's data folder. Flower's
+own remedy, `flower-supernode --trusted-entities`, only accepts bundles signed by Flower
+Hub, so it cannot pin an app built and submitted offline.
+
+What is pinned. `equifed-client start` runs the SuperNode with `--isolation process`: the
+SuperNode then only queues tasks on its Runtime API (loopback, HMAC-protected task
+acquisition with a per-start secret) and starts nothing. This module is the process that
+takes those tasks instead of `flower-superexec` + `flwr-clientapp`:
+
+* `serve` polls the SuperNode's Runtime API for ClientApp tasks (AcquireTask, like
+  flwr/supercore/superexec/run_superexec.py) and starts one `flwr-clientapp` task process
+  of this module per task (fresh interpreter, as Flower does);
+* the task process pulls the message, context, run and FAB (Flower's own
+  `pull_task_input`), then compares the FAB with the bundle built from the installed
+  equifed: `core_models.processes.app_snapshot` of the installed packages (the folder the
+  consortium's `flwr run` bundles) packed by Flower's own `build_fab_from_disk` (the
+  function `flwr run` uses). Every file of both bundles is compared by the SHA-256 of its
+  bytes, pyproject.toml included (Flower rewrites it deterministically); only Flower's
+  metadata under `.info/` (the CONTENT manifest, signatures) is ignored. Any changed,
+  missing or extra file refuses the bundle: the reply is an Error
+  ("app bundle is not the equifed installed at this site", code INVALID_FAB), the list of
+  differing files goes to the site's `.equifed/client_errors.log` and to its console;
+* an identical bundle is still never executed: the FAB is not unpacked, nothing of it is
+  put on sys.path, and `client.app:app` is imported from the INSTALLED package (checked:
+  the module file lies inside the installed app folder). The comparison only makes a
+  consortium that runs another version (or a tampered one) fail loudly instead of
+  training with code the hospital did not install.
+
+Nothing from the server is executed, so the run config the server sends (`flwr run -c`)
+stays data that the installed code reads; the site's own limits (node config, site.toml:
+data path, max-epsilon, audit log) are set by the hospital when it starts its client.
+
+The reference bundle needs the app's pyproject.toml next to the installed packages (a
+source checkout installed with `pip install -e .`, as the deployment guide does); when it
+is missing every bundle is refused, with that reason in the site's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core_models.processes import APP_DIR, app_snapshot
+
+BUNDLE_REFUSED = "app bundle is not the equifed installed at this site"
+CLIENTAPP_REF = ("client.app", "app")  # what runs, whatever the bundle's pyproject.toml names
+TASK_COMMAND = "flwr-clientapp"  # the task sub-command: the role Flower's `flwr-clientapp` has
+POLL_SECONDS = 0.5
+
+
+# --- the comparison -------------------------------------------------------------------
+def bundle_files(fab: bytes) -> dict[str, str]:
+    """path -> SHA-256 of every file in a FAB, hashed from the bytes themselves (never from
+    the bundle's own manifest); Flower's metadata folder `.info/` is left out."""
+    out: dict[str, str] = {}
+    with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+        for info in zf.infolist():
+            if info.is_dir() or info.filename.startswith(".info/"):
+                continue
+            if info.filename in out:
+                raise ValueError(f"bundle lists {info.filename} twice")
+            out[info.filename] = hashlib.sha256(zf.read(info)).hexdigest()
+    return out
+
+
+def installed_bundle(app_dir: Path = APP_DIR) -> bytes:
+    """The FAB that `flwr run` would build from the equifed installed here."""
+    from flwr.cli.build import build_fab_from_disk
+
+    with tempfile.TemporaryDirectory(prefix="equifed-pinned-") as tmp:
+        return build_fab_from_disk(app_snapshot(Path(tmp) / "app", app_dir))
+
+
+def bundle_differences(fab: bytes, reference: bytes | None = None) -> list[str]:
+    """Why `fab` is not the installed equifed: one line per changed, missing or extra file
+    (empty when every file is identical)."""
+    if reference is None:
+        try:
+            reference = installed_bundle()
+        except Exception as err:  # no pyproject.toml next to the packages, unreadable file, ...
+            return [f"cannot build the installed equifed's bundle from {APP_DIR}: {type(err).__name__}: {err}"]
+    try:
+        got = bundle_files(fab)
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        return [f"not a readable app bundle: {type(err).__name__}: {err}"]
+    want = bundle_files(reference)
+    lines = [f"changed: {p}" for p in sorted(set(got) & set(want)) if got[p] != want[p]]
+    lines += [f"extra (not installed here): {p}" for p in sorted(set(got) - set(want))]
+    lines += [f"missing (installed here): {p}" for p in sorted(set(want) - set(got))]
+    return lines
+
+
+def load_installed_clientapp():
+    """`client.app:app` from the installed package, never from a bundle."""
+    module = importlib.import_module(CLIENTAPP_REF[0])
+    origin = Path(module.__file__).resolve()
+    if not origin.is_relative_to(APP_DIR / "client"):
+        raise ImportError(f"{CLIENTAPP_REF[0]} was imported from {origin}, not from the installed {APP_DIR}")
+    return getattr(module, CLIENTAPP_REF[1])
+
+
+def _site_log(path: Path | None, text: str) -> None:
+    print(text, flush=True)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text.rstrip("\n") + "\n")
+
+
+# --- one task (the role of flwr-clientapp) ----------------------------------------------
+def run_task(runtime_api_address: str, token: str, site_log: Path | None, parent_pid: int | None) -> None:
+    """Answer one ClientApp task; modelled on flwr.supernode.runtime.run_clientapp.run_clientapp,
+    with the FAB compared instead of installed and the ClientApp imported from this site."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.telemetry import EventType
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    retry_invoker = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry_invoker,
+    )
+    state = {"context": None, "sub_status": SubStatus.FAILED, "details": "ClientApp task failed", "heartbeat": None}
+
+    def on_exit() -> None:
+        retry_invoker.max_tries = 1
+        push_task_output(client=client, context=state["context"], sub_status=state["sub_status"],
+                         details=state["details"])
+        if state["heartbeat"] is not None and state["heartbeat"].is_running:
+            state["heartbeat"].stop()
+        client.close()
+
+    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.",
+                             exit_handlers=[on_exit])
+    message = reply = None
+    exit_code = ExitCode.SUCCESS
+    try:
+        state["heartbeat"] = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        state["heartbeat"].start()
+        message, context, run, fab = pull_task_input(client)
+        state["context"] = context
+        problems = bundle_differences(fab.content)
+        if problems:
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            _site_log(site_log, f"--- {stamp} run {run.run_id}: refused: {BUNDLE_REFUSED} "
+                                f"(bundle sha256 {fab.hash_str}, {run.fab_id} {run.fab_version})\n"
+                      + "\n".join(f"    {line}" for line in problems))
+            site = context.node_config.get("site")  # the hospital's own setting, as in client.app's errors
+            reason = f"site {site}: {BUNDLE_REFUSED}" if site else BUNDLE_REFUSED
+            reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
+            state["details"] = BUNDLE_REFUSED  # the task FAILED; the process did what it must (exit code 0)
+        else:
+            app = load_installed_clientapp()
+            reply = app(message=message, context=context)
+            state["sub_status"], state["details"] = SubStatus.COMPLETED, ""
+    except Exception as ex:  # noqa: BLE001  (as Flower: the server gets the exception type, text stays here)
+        _site_log(site_log, f"--- pinned ClientApp task failed: {type(ex).__name__}: {ex}")
+        reason = f"{type(ex)}"
+        state["details"] = reason
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        exit_code = ExitCode.TASK_PROC_EXCEPTION
+    finally:
+        if reply is not None and state["context"] is not None:
+            try:
+                push_message(client, reply, state["context"])
+            except Exception as ex:  # noqa: BLE001
+                _site_log(site_log, f"--- failed to push the reply: {type(ex).__name__}: {ex}")
+                exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR
+    flwr_exit(code=exit_code, emit_telemetry=False)
+
+
+# --- the task loop (the role of flower-superexec) -----------------------------------------
+def launcher(app_dir: Path = APP_DIR) -> list[str]:
+    """This module's command line, importing equifed from `app_dir` only: -I keeps the working
+    directory, PYTHONPATH and the user's site-packages off sys.path, and `app_dir` goes first
+    (ahead of the editable-install finder). The task processes inherit the runner's APP_DIR,
+    so they run exactly the code the bundle was compared with."""
+    code = f"import sys; sys.path.insert(0, {str(Path(app_dir).resolve())!r}); " \
+           "from client.pinned_runner import main; main()"
+    return [sys.executable, "-I", "-c", code]
+
+
+def task_command(runtime_api_address: str, token: str, site_log: Path | None, parent_pid: int) -> list[str]:
+    cmd = launcher(APP_DIR) + [TASK_COMMAND, "--runtime-api-address", runtime_api_address, "--token", token,
+                               "--parent-pid", str(parent_pid)]
+    if site_log is not None:
+        cmd += ["--site-log", str(site_log)]
+    return cmd
+
+
+def serve(runtime_api_address: str, secret_file: Path | None, site_log: Path | None, parent_pid: int | None) -> None:
+    """Acquire ClientApp tasks from the SuperNode and answer each in its own process."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.app_utils import start_parent_process_monitor
+    from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret_file is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(
+            master_secret=load_superexec_auth_secret(str(secret_file)),
+            protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None, interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    print(f"pinned ClientApp runner: equifed from {APP_DIR}, tasks from {runtime_api_address}", flush=True)
+    children: list[subprocess.Popen] = []
+    try:
+        while True:
+            children = [c for c in children if c.poll() is None]
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            if res.HasField("task") and res.token:
+                children.append(subprocess.Popen(task_command(runtime_api_address, res.token, site_log,
+                                                              os.getpid())))
+            time.sleep(POLL_SECONDS)
+    finally:
+        client.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="equifed's pinned ClientApp runner (see the module docstring)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("serve", TASK_COMMAND):
+        p = sub.add_parser(name)
+        p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+        p.add_argument("--site-log", type=Path, default=None, help="where refusals and failures are written")
+        p.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
+        if name == "serve":
+            p.add_argument("--superexec-auth-secret-file", type=Path, default=None)
+        else:
+            p.add_argument("--token", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.runtime_api_address, args.superexec_auth_secret_file, args.site_log, args.parent_pid)
+    else:
+        run_task(args.runtime_api_address, args.token, args.site_log, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()
