@@ -142,6 +142,7 @@ def main(grid: Grid, context: Context) -> None:
                         and r["status"] == "ok"]
             exhausted = [r for r in strategy.site_rows if r["round"] == current and r["status"] == "budget exhausted"]
             if not train_ok and not exhausted:
+                write_tables(out_dir, global_rows, strategy.site_rows)  # the sites' reasons reach per_site.csv
                 raise RunFailed(f"round {current}: no site returned a model; see per_site.csv")
             row["sites_trained"] = len(train_ok)
             losses = [(r["train-loss"], r["num-examples"]) for r in train_ok if math.isfinite(r["train-loss"])]
