@@ -458,6 +458,7 @@ def test_federated_penalty_through_flower(tmp_path):
 
 # ---------------------------------------------------------------------------------- effect on the toy
 
+@pytest.mark.slow  # 75 s, and its 10-epoch training varies with the machine: `pytest -m slow` (benchmarks cover it)
 def test_penalty_removes_social_effect_and_keeps_permissible_on_marker_toy():
     """Centralised, fixed seed, small version of benchmarks/bench_mitigation.py on the marker-only scenario
     (stratified penalty, lambda 30): the true (counterfactual) social PSE falls by most of its size, most of the true
