@@ -91,6 +91,7 @@ def _site(context: Context) -> LocalSite:
         seed=int(cfg["seed"]),
         num_classes=int(cfg["num-classes"]),
         name=str(name) if name else None,
+        node_config=dict(context.node_config),
     )
 
 
@@ -246,19 +247,19 @@ def train(msg: Message, context: Context) -> Message:
             n_train = _noised_patients(ledger, site, "train", seed, policy)
             plan = plan_dp(n_train, int(cfg["batch-size"]), int(cfg["local-epochs"]), int(cfg["num-server-rounds"]),
                            float(cfg["target-epsilon"]), ledger.delta)
-            ledger.check_budget([plan.mechanism])
             penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]),
                                           offset=False)
             if bool(cfg.get("fair-offset", False)):
                 penalty = _dp_offset(cfg, site, ledger, seed, policy, penalty)
                 meta = _fair_meta(site, cfg)
-        except BudgetExhausted as err:
+            ledger.check_budget([plan.mechanism])  # after every one-off release: the whole round must fit
+            patients = site.data.frame.loc[(site.split == "train").to_numpy(), "patient_id"].astype(str).to_numpy()
+            stats = train_dp(model, x, y, plan, ledger, patients=patients, batch_size=int(cfg["batch-size"]),
+                             physical_batch_size=int(cfg["physical-batch-size"]),
+                             max_grad_norm=float(cfg["max-grad-norm"]), server_round=server_round,
+                             run_id=str(context.run_id), meta=meta, penalty_fn=penalty, **common)
+        except BudgetExhausted as err:  # (mid-round only if another process charged meanwhile: nothing is sent)
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
-        patients = site.data.frame.loc[(site.split == "train").to_numpy(), "patient_id"].astype(str).to_numpy()
-        stats = train_dp(model, x, y, plan, ledger, patients=patients, batch_size=int(cfg["batch-size"]),
-                         physical_batch_size=int(cfg["physical-batch-size"]),
-                         max_grad_norm=float(cfg["max-grad-norm"]), server_round=server_round,
-                         run_id=str(context.run_id), meta=meta, penalty_fn=penalty, **common)
         spent = ledger.summary()
         metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_train,
                    "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,

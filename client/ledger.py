@@ -613,6 +613,9 @@ class PrivacyLedger:
         noised = self.release(value, sensitivity, noise_multiplier, label=label, rng=rng)
         with _locked(self.path):
             self._refresh()
+            stored = self._doc.get("noised", {}).get(key)
+            if stored is not None:  # another process noised it meanwhile: its value is the one that leaves
+                return np.asarray(stored["value"], dtype=np.float64).reshape(np.shape(value))
             self._doc.setdefault("noised", {})[key] = {"value": noised.ravel().tolist(), "label": label,
                                                       "time": _now()}
             self._write(self.path, self._doc)

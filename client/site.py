@@ -63,13 +63,14 @@ def list_sites(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if (p / "manifest.csv").exists() and p.name != "holdout")
 
 
-def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name: str | None = None) -> LocalSite:
+def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name: str | None = None,
+              node_config: dict | None = None) -> LocalSite:
     """Load (once per process) and split a site; write its split and rejection list locally."""
     key = (str(path.resolve()), image_size, seed)
     if key in _LOADED:
         return _LOADED[key]
     data = load_site(path, image_size=image_size, num_classes=num_classes,
-                     limits=SitePolicy.load(path).image_limits())
+                     limits=SitePolicy.load(path, node_config).image_limits())
     split = assign_splits(data.frame, seed=seed)
     frame = data.frame.assign(split=split.to_numpy())
     check_no_leakage(frame)

@@ -83,7 +83,7 @@ def check_data(path: Path, site: str | None = None, image_size: int = 64, seed: 
     if not (path / "manifest.csv").exists():
         raise DataFolderError(f"{path} has no manifest.csv (columns patient_id, image_path, label)")
     try:
-        local = open_site(path, image_size=image_size, seed=seed, name=site)
+        local = open_site(path, image_size=image_size, seed=seed, name=site, node_config=node_config)
     except Exception as err:  # manifest errors, leakage, unreadable folder: all stop the site here
         raise DataFolderError(f"{path}: {type(err).__name__}: {err}") from err
     if local.count("train") == 0:
