@@ -175,8 +175,7 @@ def test_unshifted_not_flagged_shifted_flagged_and_labelled(shift_sites):
     assert np.mean([r["p_covariate"] for r in nulls]) > 0.25
     assert sum(r["shift"] != "none" for r in nulls) <= 1
     rows["none"] = nulls[0]
-    # flagged at the test's level (measured p 0.003-0.013 across machines: the trained model differs in its BLAS)
-    assert rows["covariate"]["p_covariate"] < 0.05 and rows["covariate"]["shift"] == "covariate"
+    assert rows["covariate"]["p_covariate"] < 0.01 and rows["covariate"]["shift"] == "covariate"
     assert rows["label"]["shift"] == "label" and rows["label"]["p_covariate"] > 0.05
     # label shift: both label-blind estimates find the true prior 0.7 (the rest has 0.3)
     assert rows["label"]["prior_mlls_1"] == pytest.approx(0.7, abs=0.08)
@@ -188,7 +187,7 @@ def test_unshifted_not_flagged_shifted_flagged_and_labelled(shift_sites):
     assert rows["covariate"]["tv_covariate"] > max(r["tv_covariate"] for r in nulls) + 0.1  # measured +0.19..0.25
     assert rows["covariate"]["mmd2_cond"] > max(r["mmd2_cond"] for r in nulls) + 0.005
     assert max(abs(r["mmd2_cond"]) for r in nulls) < 0.002
-    assert rows["covariate"]["p_intensity"] < 0.01
+    assert rows["covariate"]["p_intensity"] < 0.05  # measured 0.003-0.013 across machines
 
 
 def test_analyser_writes_table_figure_and_consortium(shift_sites, tmp_path):
