@@ -106,7 +106,9 @@ def dp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     (out / "s.toml").write_text(SCENARIO)
     sites = generate_consortium(out / "s.toml", out / "data")
-    (sites[2] / "site.toml").write_text("max-epsilon = 4.5\n")  # enough for round 1 of 2, not round 2
+    # round 1 spends about 4.5 and round 2 about 6.1 (the noised patient counts move them a little): a cap
+    # between the two lets round 1 through and stops round 2
+    (sites[2] / "site.toml").write_text("max-epsilon = 5.3\n")
     code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "2", "--timeout", "600", *DP])
     assert code == 0
     return out, sites
@@ -121,7 +123,7 @@ def test_small_budget_site_stops_others_finish(dp_run):
     assert set(ok[ok["round"] == 1]["site"]) == {"north", "south", "tiny_budget"}
     refused = train[(train["round"] == 2) & (train["site"] == "tiny_budget")]
     assert list(refused["status"]) == ["budget exhausted"]
-    assert "4.5" in refused["error"].iloc[0]
+    assert "5.3" in refused["error"].iloc[0]
     # epsilon reported per site grows round over round and stays under the run's target
     north = ok[ok["site"] == "north"].sort_values("round")
     # (the target plans the DP-SGD steps; the site's noised patient counts, released once, add a little)
