@@ -22,7 +22,9 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/equifed-simulate simulations/scenarios/default.toml --out runs/demo -c statistics=shift,fairness
 
+# The import rule between rooms first (seconds), then the suite.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests
 
 clean:

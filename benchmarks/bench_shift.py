@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 
-from client.shift_stats import N_BINS, model_outputs, output_bins
+from client.shift_stats import model_outputs
+from core_models.label_shift import N_BINS, output_bins
 from core_models.networks import build_model
 from core_models.training import evaluate, make_loader, train_epochs
 from server.shift import ShiftStats, bbse_prior, compare_site, imputed_sum, mlls_prior

@@ -23,12 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from client.shift_stats import N_BINS, model_outputs, output_bins
+from client.shift_stats import model_outputs
 from client.site import STATE_DIR
 from core_models.data import load_site
 from core_models.networks import build_model
 from fairness.cli import load_state_dict_file
-from client.label_shift import bbse_prior, mlls_interval
+from core_models.label_shift import N_BINS, bbse_prior, mlls_interval, output_bins
 
 
 def load_model_weights(path: str | Path) -> dict:

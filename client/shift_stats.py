@@ -38,30 +38,13 @@ import torch
 
 from client.site import LocalSite
 from client.statistics import Releaser, producer
+from core_models.label_shift import N_BINS, output_bins
 
-# Interior edges of the fixed log-odds bins: (-inf, -8], (-8, -7], ..., (7, 8], (8, inf).
-# Equal-width bins on probabilities would lump every confident output into the end bins.
-LOGODDS_EDGES = np.arange(-8.0, 8.5, 1.0)
-N_BINS = len(LOGODDS_EDGES) + 1
 INTENSITY_BINS = 16
 DEFAULT_MANUFACTURERS = ("GE", "Siemens", "Philips", "Canon", "Toshiba", "Fujifilm", "Carestream", "Agfa",
                          "Konica", "Shimadzu", "Samsung", "Hologic")
 log = logging.getLogger(__name__)
 DEFAULTS = {"stats-rff-dim": 64, "stats-feature-clip": 20.0, "stats-rff-bandwidth": 0.5}  # pyproject.toml
-
-
-def log_odds(logits: np.ndarray) -> np.ndarray:
-    """(N, K') log-odds: class 1 vs 0 for K=2, else each class vs the rest."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.shape[1] == 2:
-        return logits[:, 1:2] - logits[:, 0:1]
-    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    return logp - np.log(-np.expm1(np.minimum(logp, -1e-12)))
-
-
-def output_bins(logits: np.ndarray) -> np.ndarray:
-    """(N, K') bin index of each output on the fixed log-odds bins."""
-    return np.searchsorted(LOGODDS_EDGES, log_odds(logits), side="left")
 
 
 def confusion_counts(labels: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:

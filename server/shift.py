@@ -33,9 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from client.label_shift import bbse_prior, mlls_interval, mlls_prior  # noqa: E402,F401
-from client.label_shift import normalise as _normalise  # noqa: E402
-from client.shift_stats import LOGODDS_EDGES  # noqa: E402
+from core_models.label_shift import LOGODDS_EDGES, bbse_prior, mlls_interval, mlls_prior  # noqa: E402,F401
+from core_models.label_shift import normalise as _normalise  # noqa: E402
 from server.site_statistics import SiteRelease, analyser  # noqa: E402
 
 DEFAULT_ALPHA = 0.05

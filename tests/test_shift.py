@@ -13,9 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from client.app import statistics
 from client.cli import main as client_cli
 from client.ledger import PrivacyLedger, dataset_fingerprint
-from client.shift_stats import (N_BINS, intensity_hist, manufacturer_counts, model_outputs, release_shift,
-                                rff_features, rff_map)
+from client.shift_stats import (intensity_hist, manufacturer_counts, model_outputs, release_shift, rff_features,
+                                rff_map)
 from client.statistics import Releaser
+from core_models.label_shift import N_BINS
 from core_models.networks import build_model
 from core_models.training import make_loader, train_epochs
 from server.shift import ShiftStats, analyse_shift, compare_site, consortium_summary

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from client.shift_stats import N_BINS, release_shift, request_settings
+from client.shift_stats import release_shift, request_settings
+from core_models.label_shift import N_BINS
 from client.statistics import Releaser
 from fairness import mitigation
 from fairness.federated import (

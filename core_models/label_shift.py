@@ -1,9 +1,30 @@
-"""Label-prior estimators shared by the new-site adaptation (client/adapt.py) and the
-server's shift analysis (server/shift.py): both run the same estimate on binned model outputs."""
+"""Model outputs binned on fixed log-odds edges, and label-prior estimators on those bins.
+
+A site bins its outputs and releases the counts; the server's shift analysis and a new site's
+adaptation run the same estimates on them, so both sides share this one definition."""
 
 from __future__ import annotations
 
 import numpy as np
+
+# Interior edges of the fixed log-odds bins: (-inf, -8], (-8, -7], ..., (7, 8], (8, inf).
+# Equal-width bins on probabilities would lump every confident output into the end bins.
+LOGODDS_EDGES = np.arange(-8.0, 8.5, 1.0)
+N_BINS = len(LOGODDS_EDGES) + 1
+
+
+def log_odds(logits: np.ndarray) -> np.ndarray:
+    """(N, K') log-odds: class 1 vs 0 for K=2, else each class vs the rest."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] == 2:
+        return logits[:, 1:2] - logits[:, 0:1]
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    return logp - np.log(-np.expm1(np.minimum(logp, -1e-12)))
+
+
+def output_bins(logits: np.ndarray) -> np.ndarray:
+    """(N, K') bin index of each output on the fixed log-odds bins."""
+    return np.searchsorted(LOGODDS_EDGES, log_odds(logits), side="left")
 
 
 def normalise(h: np.ndarray) -> np.ndarray:
