@@ -1,5 +1,6 @@
 """The equifed ServerApp: runs the chosen strategy, evaluates the global model on a
-held-out set when one is configured, checkpoints every round, and writes the run folder."""
+held-out set when one is configured, checkpoints every round, keeps the best global model
+(run config best-by, optional patience), and writes the run folder."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from core_models.data import load_site
 from core_models.networks import build_model
 from core_models.training import evaluate, make_loader
-from server.checkpoint import load_latest, save_checkpoint
+from server.checkpoint import (BEST_MODEL, BestTracker, choose_best_metric, load_latest, pooled, restore_best_model,
+                               save_checkpoint, save_model)
 from server.results import plot_learning_curve, round_table, write_summary, write_tables
 from server.privacy_registry import PrivacyRegistry
 from server.site_statistics import analyse, request_config, request_statistics, requested_kinds, to_releases
@@ -34,6 +36,11 @@ class RunFailed(RuntimeError):
     """A round in which no site could train: the run cannot make progress."""
 
 
+class StopEarly(Exception):
+    """Raised from the round's evaluation when patience runs out: Flower's strategy loop has no other exit, and
+    nothing of the round is left undone by then (its checkpoint and tables are written)."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
@@ -45,18 +52,34 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(str(cfg["strategy"]), cfg)
     strategy.registry = PrivacyRegistry(str(cfg.get("registry-path", "")) or out_dir / "privacy_registry.json")
     global_rows: list[dict] = []
+    best_by = str(cfg.get("best-by", "val-loss"))
+    metric, best_note = choose_best_metric(best_by, bool(cfg.get("dp", False)), bool(str(cfg.get("holdout-path", ""))))
+    best = BestTracker(metric, patience=cfg.get("patience", 0))
+    if best_note:
+        log(WARNING, "equifed: %s", best_note)
 
     done = 0
-    if bool(cfg.get("resume", False)):
-        checkpoint = load_latest(out_dir)
-        if checkpoint is not None:
-            done = int(checkpoint["round"])
-            model.load_state_dict(checkpoint["model"])
-            strategy.load_state(checkpoint["strategy"])
-            global_rows = list(checkpoint["history"]["global"])
-            strategy.site_rows = list(checkpoint["history"]["sites"])
-            log(INFO, "equifed: resuming %s after round %d of %d", out_dir, done, total_rounds)
+    checkpoint = load_latest(out_dir) if bool(cfg.get("resume", False)) else None
+    if checkpoint is not None:
+        done = int(checkpoint["round"])
+        model.load_state_dict(checkpoint["model"])
+        strategy.load_state(checkpoint["strategy"])
+        global_rows = list(checkpoint["history"]["global"])
+        strategy.site_rows = list(checkpoint["history"]["sites"])
+        saved = checkpoint["history"].get("best")
+        if saved is not None and saved.get("metric") == metric:
+            best = BestTracker.from_json(saved, patience=best.patience)
+            if best.best_round is not None:
+                restore_best_model(out_dir, best.best_round)
+        elif saved is not None:  # the best by another metric says nothing about this one
+            log(WARNING, "equifed: the run kept its best model by %s, this resume by %s: the best so far starts "
+                "afresh", saved.get("metric"), metric)
+            (out_dir / BEST_MODEL).unlink(missing_ok=True)
+        log(INFO, "equifed: resuming %s after round %d of %d", out_dir, done, total_rounds)
+    else:
+        (out_dir / BEST_MODEL).unlink(missing_ok=True)  # an earlier run's, in the same folder
     strategy.round_offset = done
+    last_arrays: list[ArrayRecord] = []  # the latest global model (final_model.pt when the run stops early)
 
     holdout = None
     if str(cfg.get("holdout-path", "")):
@@ -148,15 +171,30 @@ def main(grid: Grid, context: Context) -> None:
             losses = [(r["train-loss"], r["num-examples"]) for r in train_ok if math.isfinite(r["train-loss"])]
             if losses:  # sites under DP withhold their training loss (NaN)
                 row["train_loss"] = float(np.average([v for v, _ in losses], weights=[max(w, 1.0) for _, w in losses]))
+            for key in ("val-loss", "val-auroc"):  # of the sites' models after this round's local training
+                value = pooled(train_ok, key)
+                if math.isfinite(value):
+                    row[key.replace("-", "_")] = value
             if fair_on:
                 row.update(collect_fair(current, arrays))
             if kinds:
                 row.update(collect_statistics(current, arrays))
-            save_checkpoint(out_dir, current, arrays.to_torch_state_dict(), strategy.state(),
-                            {"global": global_rows + [row], "sites": strategy.site_rows})
+            state = arrays.to_torch_state_dict()
+            last_arrays[:] = [arrays]
+            if best.update(current, row.get(best.column)):
+                save_model(out_dir / BEST_MODEL, state)  # before the checkpoint; a resume rewrites it from round_NNN
+            if best.best_round is not None:
+                row.update({"best_metric": best.metric, "best_round": best.best_round, "best_value": best.best_value})
+            if best.should_stop and current < total_rounds:
+                row["stopped"] = (f"no improvement in {best.metric} for {best.stale} round(s) (patience "
+                                  f"{best.patience}); best: round {best.best_round}")
+            save_checkpoint(out_dir, current, state, strategy.state(),
+                            {"global": global_rows + [row], "sites": strategy.site_rows, "best": best.to_json()})
         global_rows.append(row)
         write_tables(out_dir, global_rows, strategy.site_rows)
         log(INFO, "equifed round %d/%d\n%s", current, total_rounds, round_table(current, strategy.site_rows, row))
+        if row.get("stopped"):
+            raise StopEarly(row["stopped"])
         return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
                              and not (isinstance(v, float) and math.isnan(v))})
 
@@ -168,15 +206,21 @@ def main(grid: Grid, context: Context) -> None:
             clipping_norm=float(cfg["central-dp-clip"]),
             num_sampled_clients=int(cfg["min-train-nodes"]),
         )
-    result = runner.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=max(total_rounds - done, 0),
-        timeout=float(cfg["round-timeout"]),
-        train_config=ConfigRecord({"local-epochs": int(cfg["local-epochs"])}),
-        evaluate_fn=evaluate_round,
-    )
-    final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    stopped = ""
+    try:
+        result = runner.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=max(total_rounds - done, 0),
+            timeout=float(cfg["round-timeout"]),
+            train_config=ConfigRecord({"local-epochs": int(cfg["local-epochs"])}),
+            evaluate_fn=evaluate_round,
+        )
+        final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
+    except StopEarly as why:
+        stopped = str(why)
+        log(WARNING, "equifed: stopped early after round %d: %s", global_rows[-1]["round"], stopped)
+        final = last_arrays[0].to_torch_state_dict()
     torch.save(final, out_dir / "final_model.pt")
     write_tables(out_dir, global_rows, strategy.site_rows)
     try:
@@ -187,13 +231,28 @@ def main(grid: Grid, context: Context) -> None:
                                   "error": f"{type(err).__name__}: {err}"})
     last = global_rows[-1] if global_rows else {}
     first = global_rows[0] if global_rows else {}
+    if best.metric != "none" and best.best_round is None:
+        best_note = f"no round had a {best.metric} value, so no best model is kept"
+    best_row = next((r for r in global_rows if r["round"] == best.best_round), {})
     write_summary(out_dir, {
         "status": "completed",
-        "rounds": total_rounds,
+        "rounds": int(last.get("round", done)),  # fewer than planned_rounds when the run stopped early
+        "planned_rounds": total_rounds,
         "strategy": cfg["strategy"],
         "model": cfg["model"],
         "initial_holdout_auroc": first.get("holdout_auroc"),
         "final_holdout_auroc": last.get("holdout_auroc"),
+        "best_by": best_by,
+        "best_metric": None if best.best_round is None else best.metric,
+        "best_round": best.best_round,
+        "best_value": best.best_value,
+        "best_model": BEST_MODEL if best.best_round is not None else None,
+        "best_holdout_auroc": best_row.get("holdout_auroc"),
+        "best_note": best_note or None,
+        "patience": best.patience,
+        "stopped_early": bool(stopped),
+        "stopped_at_round": int(last["round"]) if stopped else None,
+        "stopped_reason": stopped or None,
         "wall_time_s": round(time.time() - started, 1),
         "analysis_failures": analysis_failures,
         "run_config": cfg,

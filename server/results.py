@@ -43,6 +43,16 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
             f"  round {server_round:>3} | {'HOLDOUT (global)':<18} | loss {_fmt(global_row.get('holdout_loss'))} "
             f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
         )
+        best_round = _number(global_row.get("best_round"))
+        if math.isfinite(best_round) or math.isfinite(_number(global_row.get("val_loss"))):
+            best = (f" | best: round {int(best_round)} ({global_row.get('best_metric')} "
+                    f"{_fmt(global_row.get('best_value'))})" if math.isfinite(best_round) else "")
+            lines.append(
+                f"  round {server_round:>3} | {'VALIDATION (sites)':<18} | loss {_fmt(global_row.get('val_loss'))} "
+                f"| AUROC {_fmt(global_row.get('val_auroc'))}{best}"
+            )
+        if isinstance(global_row.get("stopped"), str):
+            lines.append(f"  round {server_round:>3} | STOPPED EARLY: {global_row['stopped']}")
         if global_row.get("analysis_failed"):
             lines.append(f"  round {server_round:>3} | analysis failed (training goes on): {global_row['analysis_failed']}")
     return "\n".join(lines)
