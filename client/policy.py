@@ -17,6 +17,12 @@ Keys (site.toml, or the same names in the node config):
 | `min-release-noise`  | 1.0                                       | smallest noise multiplier accepted for a release |
 | `max-image-pixels`   | the data layer's default                  | images larger than this are rejected undecoded   |
 | `max-file-mb`        | the data layer's default                  | files larger than this are rejected unread       |
+| `multi-frame`        | "reject"                                  | multi-frame DICOM: "reject" or its "first" frame |
+
+`multi-frame` is the site's own choice of what its data mean, not a cap: "reject" is stricter, so where both
+sources set it, "reject" wins. It defaults to "reject" because a multi-frame object is usually a volume, cine loop
+or tomosynthesis stack whose first frame is an arbitrary slice, not the image its label describes; every such file
+is then listed, with its frame count, in the site's rejected.csv.
 
 The default delta is rounded down to a power of ten so that the epsilon the site reports (a function of delta)
 reveals the order of magnitude of its patient count, not the count.
@@ -29,13 +35,14 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from core_models.data import ImageLimits
+from core_models.data import MULTI_FRAME, ImageLimits
 
 SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
 DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
 DEFAULT_MIN_RELEASE_NOISE = 1.0
 STATISTICS = ("shift", "fairness", "fair-pse")  # the names a `release` list may hold
-KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb")
+KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
+        "multi-frame")
 
 
 class PolicyError(ValueError):
@@ -94,6 +101,13 @@ def _names(source: str, value) -> frozenset[str]:
     return names
 
 
+def _multi_frame(source: str, value) -> str:
+    choice = str(value).strip().lower()
+    if choice not in MULTI_FRAME:
+        raise PolicyError(f"{source}: multi-frame must be one of {list(MULTI_FRAME)}, got {value!r}")
+    return choice
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     """The stricter of site.toml and the node config; see the module docstring for the keys."""
@@ -105,6 +119,7 @@ class SitePolicy:
     min_release_noise: float = DEFAULT_MIN_RELEASE_NOISE
     max_image_pixels: int | None = None
     max_file_mb: float | None = None
+    multi_frame: str | None = None  # None: the data layer's default ("reject")
 
     @classmethod
     def load(cls, site_dir, node_config: dict | None = None) -> "SitePolicy":
@@ -113,7 +128,7 @@ class SitePolicy:
         sources = [(str(Path(site_dir) / SITE_SETTINGS), _read_settings(Path(site_dir))),
                    ("node config", {k: v for k, v in node_config.items() if k in KEYS})]
         deployment = bool(node_config.get("data-path"))
-        eps, deltas, noise, pixels, mbs, dp_flags = [], [], [], [], [], []
+        eps, deltas, noise, pixels, mbs, dp_flags, frames = [], [], [], [], [], [], []
         release: frozenset[str] | None = None
         for source, table in sources:
             if "max-epsilon" in table:
@@ -131,20 +146,25 @@ class SitePolicy:
                 pixels.append(int(_number(source, "max-image-pixels", table["max-image-pixels"], 0.0)))
             if "max-file-mb" in table:
                 mbs.append(_number(source, "max-file-mb", table["max-file-mb"], 0.0))
+            if "multi-frame" in table:
+                frames.append(_multi_frame(source, table["multi-frame"]))
         # require-dp: any source saying true wins; with no say, deployment requires it
         require = any(dp_flags) if dp_flags else deployment
         return cls(max_epsilon=min(eps) if eps else DEFAULT_MAX_EPSILON, delta=min(deltas) if deltas else None,
                    require_dp=require, release=release,
                    min_release_noise=max(noise) if noise else DEFAULT_MIN_RELEASE_NOISE,
-                   max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None)
+                   max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None,
+                   multi_frame=("reject" if "reject" in frames else "first") if frames else None)
 
     def image_limits(self) -> ImageLimits:
-        """The data layer's caps, tightened (never loosened past its defaults) by the site's settings."""
+        """The data layer's caps, tightened (never loosened past its defaults) by the site's settings, and its
+        multi-frame choice."""
         base = ImageLimits()
         pixels = base.max_pixels if self.max_image_pixels is None else min(base.max_pixels, self.max_image_pixels)
         size = base.max_file_bytes if self.max_file_mb is None else min(base.max_file_bytes,
                                                                          int(self.max_file_mb * 1024**2))
-        return ImageLimits(max_pixels=pixels, max_file_bytes=max(size, 1), max_manifest_bytes=base.max_manifest_bytes)
+        return ImageLimits(max_pixels=pixels, max_file_bytes=max(size, 1), max_manifest_bytes=base.max_manifest_bytes,
+                           multi_frame=self.multi_frame or base.multi_frame)
 
     def delta_for(self, n_patients: int) -> float:
         """The site's delta: its own setting, capped by the default for its size (never looser than 1/(10 n))."""
