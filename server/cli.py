@@ -29,12 +29,8 @@ import pandas as pd
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
+from server.console import RoundPrinter, _parse_overrides
 from server.superlink import app_snapshot
-
-def _parse_overrides(items: list[str]) -> dict:
-    from simulations.run import _parse_overrides as parse
-
-    return parse(items)
 
 
 def _warn_hospital_keys(folder: Path) -> None:
@@ -112,8 +108,6 @@ def _last_round(out: Path) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from simulations.run import RoundPrinter
-
     folder = Path(args.dir).resolve()
     out = Path(args.out).resolve()
     try:

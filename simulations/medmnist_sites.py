@@ -1,7 +1,8 @@
 """Sites built from real images in a MedMNIST-format ``.npz`` (keys ``{train,val,test}_{images,labels}``).
 
 * ``partition_npz``: split one split of the archive into K hospital folders (PNG + manifest.csv), IID or with
-  Dirichlet(alpha) label skew. Every image goes to exactly one site.
+  Dirichlet(alpha) label skew. Every image goes to exactly one site. ``equifed-partition``
+  (simulations/partition.py) does the whole archive: train/val to the sites, test to a global holdout.
 * ``overlay_social_mechanism``: a semi-synthetic site whose D is the real label and whose image base is the real image;
   A is drawn given D, S from A as in the generator, and the scanner mechanism (contrast, blur, noise, corner marker) is
   applied over the real image. Written like a generated site (DICOM + manifest + truth), so
@@ -47,31 +48,46 @@ def _prepare_dir(path: Path, overwrite: bool) -> None:
 
 
 def dirichlet_partition(labels: np.ndarray, k: int, alpha: float | None, seed: int,
-                        min_per_site: int = 10, max_tries: int = 100) -> list[np.ndarray]:
+                        min_per_site: int = 10, max_tries: int = 100,
+                        groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Indices per site. ``alpha=None``: an IID random split. Otherwise, per class, the class's images are divided
     among the sites with proportions ~ Dirichlet(alpha); redrawn until every site holds ``min_per_site`` images
-    (capped at N // k), since a site with no data cannot take part."""
+    (capped at N // k), since a site with no data cannot take part.
+
+    ``groups`` (one value per index, e.g. the source's "train"/"val" split): each group is divided separately, with
+    the same per-class proportions, so a site's validation rows follow its training label mix; every site gets at
+    least one index of every group."""
     rng = np.random.default_rng([int(seed), 0x5EED])
+    labels = np.asarray(labels)
     n = len(labels)
     if k < 1 or k > n:
         raise ValueError(f"k must lie in [1, {n}], got {k}")
+    group_of = np.zeros(n, dtype=int) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    names = [None] if groups is None else list(np.unique(np.asarray(groups)))
+    for g, name in enumerate(names):
+        size = int((group_of == g).sum())
+        if size < k:
+            raise ValueError(f"only {size} {name!r} item(s) for {k} sites: every site needs at least one")
     if alpha is None:
-        return [np.sort(part) for part in np.array_split(rng.permutation(n), k)]
+        parts = [np.array_split(rng.permutation(np.flatnonzero(group_of == g)), k) for g in range(len(names))]
+        return [np.sort(np.concatenate([p[j] for p in parts])) for j in range(k)]
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     need = min(min_per_site, n // k)
     for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+        chunks: list[list[np.ndarray]] = [[] for _ in range(k)]
         for c in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet(np.full(k, alpha))) * len(idx)).astype(int)[:-1]
-            for j, chunk in enumerate(np.split(idx, cuts)):
-                parts[j].append(chunk)
-        sites = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(s) for s in sites) >= need:
+            members = [rng.permutation(np.flatnonzero((labels == c) & (group_of == g))) for g in range(len(names))]
+            share = np.cumsum(rng.dirichlet(np.full(k, alpha)))[:-1]
+            for idx in members:
+                for j, chunk in enumerate(np.split(idx, (share * len(idx)).astype(int))):
+                    chunks[j].append(chunk)
+        sites = [np.sort(np.concatenate(p)) for p in chunks]
+        if min(len(s) for s in sites) >= need and all(
+                len(np.unique(group_of[s])) == len(names) for s in sites):
             return sites
     raise RuntimeError(f"no Dirichlet(alpha={alpha}) partition gave every one of {k} sites >= {need} images "
-                       f"in {max_tries} tries; raise alpha or lower k")
+                       f"(and one of every group) in {max_tries} tries; raise alpha or lower k")
 
 
 def partition_npz(npz_path: str | Path, out_dir: str | Path, k: int, alpha: float | None = None, seed: int = 0,

@@ -1,13 +1,17 @@
 """`equifed-simulate SCENARIO.toml --out DIR`: generate (or reuse) a synthetic consortium
 and train it federatedly through Flower's simulation engine on a SuperLink we own.
+`equifed-simulate --sites DIR [--holdout DIR] --out DIR`: the same run on existing site folders
+(e.g. from `equifed-partition`), with nothing generated.
 
-Exits non-zero when the run fails (Flower's own `flwr run --stream` exits 0 then).
+Exits non-zero when the run fails (Flower's own `flwr run --stream` exits 0 then). A site that
+failed is named with its last error (from its own .equifed/client_errors.log: simulation only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from client.site import STATE_DIR, list_sites
+from server.console import RoundPrinter, _parse_overrides
 from server.superlink import LocalSuperLink, app_snapshot
 from simulations.generator import generate_consortium
 from simulations.scenario import load_scenario
@@ -23,9 +29,20 @@ DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.toml
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="equifed-simulate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", nargs="?", default=str(DEFAULT_SCENARIO), help="scenario TOML (default: the embedded 4-hospital consortium)")
-    parser.add_argument("--out", default="runs/demo", help="run folder (data/ and results are written here)")
+    parser = argparse.ArgumentParser(
+        prog="equifed-simulate", description=__doc__.split("\n\n")[0],
+        epilog="With --sites no scenario is read and nothing is generated: give one or the other. The sites' "
+               "images are resized to run config image-size (default 64; e.g. -c image-size=28 for 28x28 MedMNIST) "
+               "and labels must lie in 0..num-classes-1 (default 2 classes: -c num-classes=K).")
+    parser.add_argument("scenario", nargs="?", default=None,
+                        help="scenario TOML (default: the embedded 4-hospital consortium); not with --sites")
+    parser.add_argument("--sites", metavar="DIR",
+                        help="train on these site folders as they are: every subfolder of DIR with a manifest.csv "
+                             "(except DIR/holdout) is a site")
+    parser.add_argument("--holdout", metavar="DIR",
+                        help="with --sites: labelled held-out folder (manifest.csv) scoring the global model each "
+                             "round (default: DIR/holdout when it has a manifest.csv; else none)")
+    parser.add_argument("--out", default="runs/demo", help="run folder (results, and data/ for a scenario)")
     parser.add_argument("--rounds", type=int, help="number of federated rounds (run config num-server-rounds)")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="override any [tool.flwr.app.config] key, e.g. -c strategy=fedprox")
@@ -33,25 +50,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--overwrite-data", action="store_true", help="regenerate data even if the scenario changed")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.sites is not None and args.scenario is not None:
+        parser.error("give a scenario or --sites, not both (--sites trains on existing folders, nothing is generated)")
+    if args.sites is not None and args.overwrite_data:
+        parser.error("--overwrite-data regenerates a scenario's data; with --sites nothing is generated")
+    if args.holdout is not None and args.sites is None:
+        parser.error("--holdout goes with --sites (a scenario generates its own holdout)")
+    return args
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--run-config expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        if value in ("true", "false"):
-            value = value == "true"
-        out[key.strip()] = value
-    return out
+class UsageError(ValueError):
+    """Bad command-line input found after parsing (exit 2)."""
+
+
+def existing_sites(sites: str, holdout: str | None) -> tuple[list[Path], Path | None]:
+    """The site folders of `--sites` (listed as the clients list them) and the holdout folder."""
+    root = Path(sites).resolve()
+    if not root.is_dir():
+        raise UsageError(f"--sites {sites}: no such folder")
+    found = list_sites(root)
+    if not found:
+        raise UsageError(f"--sites {sites}: no subfolder with a manifest.csv (one folder per site)")
+    if holdout is None:
+        default = root / "holdout"
+        return found, default if (default / "manifest.csv").is_file() else None
+    path = Path(holdout).resolve()
+    if not (path / "manifest.csv").is_file():
+        raise UsageError(f"--holdout {holdout}: no manifest.csv in that folder")
+    if any(path == site.resolve() for site in found):
+        raise UsageError(f"--holdout {holdout} is also one of the sites in {sites} (every subfolder with a "
+                         f"manifest.csv trains): move it out of {sites} or name it holdout")
+    return found, path
+
+
+def sites_without_test(site_dirs: list[Path]) -> list[str]:
+    """Sites whose manifest fixes a split with no test rows (e.g. from equifed-partition: the test rows are the
+    holdout). Unreadable manifests are left to the site's own client, which reports them."""
+    names = []
+    for site in site_dirs:
+        try:
+            split = pd.read_csv(site / "manifest.csv", usecols=lambda c: c.strip() == "split", dtype=str)
+        except (OSError, ValueError, pd.errors.ParserError):
+            continue
+        if len(split.columns) == 1:
+            values = split.iloc[:, 0]
+            if values.notna().all() and not values.str.strip().eq("test").any():
+                names.append(site.name)
+    return names
+
+
+def error_log_sizes(site_dirs: list[Path]) -> dict[Path, int]:
+    """Where each site's error log ends before the run, so that only this run's errors are reported."""
+    sizes = {}
+    for site in site_dirs:
+        log = site / STATE_DIR / "client_errors.log"
+        sizes[site] = log.stat().st_size if log.exists() else 0
+    return sizes
+
+
+def site_failures(site_dirs: list[Path], before: dict[Path, int]) -> list[str]:
+    """One line per site that logged an error during the run: its name, how often, and the last error
+    (the final line of the last traceback). Simulation only: in a deployment the log stays at the hospital."""
+    lines = []
+    for site in site_dirs:
+        log = site / STATE_DIR / "client_errors.log"
+        if not log.exists():
+            continue
+        start = before.get(site, 0)
+        with open(log, "rb") as fh:
+            if log.stat().st_size >= start:
+                fh.seek(start)
+            text = fh.read().decode("utf-8", errors="replace")
+        entries = [e for e in re.split(r"(?m)^--- ", text) if e.strip()]
+        if not entries:
+            continue
+        last = [line.strip() for line in entries[-1].splitlines() if line.strip()]
+        during = f" during {last[0]}" if len(last) > 1 else ""
+        lines.append(f"equifed: site {site.name} failed {len(entries)} time(s); last error{during}: {last[-1]} "
+                     f"(traceback in {log})")
+    return lines
 
 
 def collect_rejections(site_dirs: list[Path], out: Path) -> int:
@@ -69,59 +147,56 @@ def collect_rejections(site_dirs: list[Path], out: Path) -> int:
     return len(merged)
 
 
-class RoundPrinter:
-    """Prints each new round of per_site.csv / metrics.csv as the server writes them."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.printed = -1
-
-    def __call__(self) -> None:
-        from server.results import round_table
-
-        metrics, per_site = self.out / "metrics.csv", self.out / "per_site.csv"
-        if not metrics.exists() or not per_site.exists():
-            return
-        try:
-            glob = pd.read_csv(metrics).to_dict("records")
-            sites = pd.read_csv(per_site).to_dict("records") if per_site.stat().st_size > 1 else []
-        except (pd.errors.EmptyDataError, pd.errors.ParserError):
-            return  # caught mid-write; next poll
-        for row in glob:
-            r = int(row["round"])
-            if r > self.printed:
-                print(round_table(r, sites, row), flush=True)
-                self.printed = r
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    scenario = load_scenario(Path(args.scenario))
-    print(f"equifed: scenario {scenario.name!r} -> {out}", flush=True)
     t0 = time.time()
-    data_dir = out / "data"
-    sites = generate_consortium(scenario, data_dir, overwrite=args.overwrite_data)
-    holdout = data_dir / "holdout"
-    print(f"equifed: {len(sites)} sites ready in {time.time() - t0:.1f}s: {', '.join(s.name for s in sites)}", flush=True)
+    if args.sites is not None:
+        try:
+            sites, holdout = existing_sites(args.sites, args.holdout)
+        except UsageError as err:
+            print(f"equifed-simulate: error: {err}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        data_dir = Path(args.sites).resolve()
+        print(f"equifed: {len(sites)} site folder(s) in {data_dir} -> {out}: {', '.join(s.name for s in sites)}; "
+              f"holdout: {holdout or 'none'}", flush=True)
+        image_size = {}  # the run config's own image-size (pyproject) unless -c overrides it
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        scenario = load_scenario(Path(args.scenario or DEFAULT_SCENARIO))
+        print(f"equifed: scenario {scenario.name!r} -> {out}", flush=True)
+        data_dir = out / "data"
+        sites = generate_consortium(scenario, data_dir, overwrite=args.overwrite_data)
+        holdout = data_dir / "holdout"
+        holdout = holdout if (holdout / "manifest.csv").exists() else None
+        print(f"equifed: {len(sites)} sites ready in {time.time() - t0:.1f}s: {', '.join(s.name for s in sites)}",
+              flush=True)
+        image_size = {"image-size": scenario.image_size}
 
     run_config = {
         "data-root": str(data_dir),
-        "holdout-path": str(holdout) if (holdout / "manifest.csv").exists() else "",
-        "image-size": scenario.image_size,
+        "holdout-path": str(holdout) if holdout else "",
+        **image_size,
         "out-dir": str(out),
         "min-train-nodes": len(sites),
         "resume": bool(args.resume),
     }
     if args.rounds is not None:
         run_config["num-server-rounds"] = args.rounds
-    run_config.update(_parse_overrides(args.run_config))
+    overrides = _parse_overrides(args.run_config)
+    no_test = sites_without_test(sites)
+    if no_test and "fraction-evaluate" not in overrides:
+        run_config["fraction-evaluate"] = 0.0
+        print(f"equifed: {', '.join(no_test)} ha{'s' if len(no_test) == 1 else 've'} no test split (manifest split "
+              f"column): per-site evaluation is off; the holdout scores the global model", flush=True)
+    run_config.update(overrides)
     federation = {"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client}
 
     if not args.resume:
         for stale in ("metrics.csv", "per_site.csv", "summary.json"):
             (out / stale).unlink(missing_ok=True)
+    errors_before = error_log_sizes(sites)
     with LocalSuperLink(log_path=out / "superlink.log") as link:
         with tempfile.TemporaryDirectory(prefix="equifed-app-") as tmp:  # edits to the tree cannot break the build
             run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config, federation)
@@ -137,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = json.loads(summary_path.read_text())
         summary.update({"flower_run_id": run_id, "flower_status": status.get("status"), "rejected_images": n_rejected})
         summary_path.write_text(json.dumps(summary, indent=2))
+    for line in site_failures(sites, errors_before):
+        print(line, file=sys.stderr, flush=True)
     if not ok:
         print(f"equifed: run {run_id} FAILED ({status.get('status')}); Flower log: {out / 'flower.log'}", file=sys.stderr)
         return 1
