@@ -122,7 +122,7 @@ def site_failures(site_dirs: list[Path], before: dict[Path, int]) -> list[str]:
             if log.stat().st_size >= start:
                 fh.seek(start)
             text = fh.read().decode("utf-8", errors="replace")
-        entries = [e for e in re.split(r"(?m)^--- ", text) if e.strip()]
+        entries = [e for e in re.split(r"(?m)^--- ", text)[1:] if e.strip()]  # the ClientApp's "--- handler" entries
         if not entries:
             continue
         last = [line.strip() for line in entries[-1].splitlines() if line.strip()]
