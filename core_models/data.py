@@ -487,20 +487,20 @@ def _check_dicom_limits(ds, limits: ImageLimits) -> None:
                        limits)
 
 
-def _check_deflate(f: BinaryIO, limits: ImageLimits) -> None:
-    """pydicom inflates a deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) whole and unbounded, and a few kB
-    can inflate to gigabytes: refuse one that inflates past limits.max_file_bytes, found by inflating it in 16 MiB
-    steps first (deflated files are rare; the second inflation is pydicom's)."""
+def _check_deflate(f: BinaryIO, limits: ImageLimits) -> bool:
+    """Whether the file is a deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99). pydicom inflates one whole
+    and unbounded, and a few kB can inflate to gigabytes: one that inflates past limits.max_file_bytes is refused,
+    found by inflating it in 16 MiB steps first (deflated files are rare; the second inflation is pydicom's)."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     try:
         f.seek(0)
         read_preamble(f, force=True)
         if _read_file_meta_info(f).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            return
+            return False
         z, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, f.read(limits.max_file_bytes)
     except Exception:  # not a DICOM file meta: the readers below say what it is
-        return
+        return False
     try:
         while pending and not z.eof and total <= limits.max_file_bytes:
             total += len(z.decompress(pending, 1 << 24))
@@ -510,6 +510,7 @@ def _check_deflate(f: BinaryIO, limits: ImageLimits) -> None:
     if total > limits.max_file_bytes:
         raise ImageError(f"deflated dataset too large: inflates to over {_mb(limits.max_file_bytes)} "
                          f"(the limit per image file); refused before reading it")
+    return True
 
 
 def _dcmread(f: BinaryIO, limits: ImageLimits):
@@ -517,7 +518,6 @@ def _dcmread(f: BinaryIO, limits: ImageLimits):
     'not DICOM'. The header (everything before the pixel data) is read and checked against `limits` first, so a
     header claiming a huge image is refused before its pixel data are read, let alone decoded."""
     forced = False
-    _check_deflate(f, limits)
     f.seek(0)
     try:
         head = pydicom.dcmread(f, stop_before_pixels=True)
@@ -949,7 +949,7 @@ def _read_lean(f: BinaryIO, limits: ImageLimits):
     try:
         f.seek(0)
         ds, opts = _array_common(f, _LEAN_TAGS)
-        if "TransferSyntaxUID" not in ds.file_meta or ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+        if "TransferSyntaxUID" not in ds.file_meta:
             return None
     except Exception:
         return None
@@ -990,7 +990,7 @@ def read_dicom(path, size: int | None = None, limits: ImageLimits | None = None)
 
 
 def _read_dicom_file(f: BinaryIO, size: int | None, limits: ImageLimits) -> tuple[np.ndarray, dict]:
-    lean = _read_lean(f, limits)
+    lean = None if _check_deflate(f, limits) else _read_lean(f, limits)  # the lean reader cannot inflate
     if lean is not None:
         ds, arr, meta, photometric, samples, space = lean
     else:
