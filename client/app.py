@@ -24,6 +24,7 @@ from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path
 from client.statistics import Releaser, produce, producer
 import client.shift_stats  # noqa: F401  (registers the "shift" producer)
 import client.fairness_stats  # noqa: F401  (registers the "fairness" producer)
+from core_models.config import FairPenaltyConfig, RunConfig, read_section
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import build_model, get_device
 from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED
@@ -80,23 +81,22 @@ def _error_log(context: Context) -> Path | None:
         return None
 
 
-def _site(context: Context) -> LocalSite:
+def _site(context: Context, cfg: RunConfig) -> LocalSite:
     torch.set_num_threads(1)  # several simulated sites share the CPU
-    cfg = context.run_config
-    path = resolve_site_path(dict(context.node_config), dict(cfg))
+    path = resolve_site_path(dict(context.node_config), {"data-root": cfg.server.data_root})
     name = context.node_config.get("site")
-    return open_site(
-        path,
-        image_size=int(cfg["image-size"]),
-        seed=int(cfg["seed"]),
-        num_classes=int(cfg["num-classes"]),
-        name=str(name) if name else None,
-        node_config=dict(context.node_config),
-    )
+    site = open_site(path, image_size=cfg.train.image_size, seed=cfg.train.seed, num_classes=cfg.train.num_classes,
+                     name=str(name) if name else None, node_config=dict(context.node_config))
+    if cfg.fair.active:  # before any work: the columns the run names must be in this site's manifest
+        missing = [c for c in cfg.fair.columns if c not in site.data.frame.columns]
+        if missing:
+            raise ValueError(f"site {site.name}: the fairness settings name column(s) {missing} that the manifest "
+                             f"lacks (it has {sorted(site.data.frame.columns)})")
+    return site
 
 
-def _model(msg: Message, context: Context) -> torch.nn.Module:
-    model = build_model(str(context.run_config["model"]), int(context.run_config["num-classes"]))
+def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
+    model = build_model(cfg.train.model, cfg.train.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
 
@@ -105,19 +105,18 @@ def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
     return Message(content=RecordDict({**content, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
-def _fair_meta_rows(frame, cfg) -> np.ndarray:
+def _fair_meta_rows(frame, fair: FairPenaltyConfig) -> np.ndarray:
     """(A, S, C) of manifest rows, from the columns named by run config `fair-*`."""
-    return mitigation.meta_array(frame, str(cfg.get("fair-sensitive", "group")),
-                                 str(cfg.get("fair-mediator", "scanner_legacy")), str(cfg.get("fair-covariate", "")),
-                                 int(cfg.get("fair-reference", 0)))
+    return mitigation.meta_array(frame, fair.sensitive, fair.mediator, fair.covariate, fair.reference)
 
 
-def _fair_meta(site: LocalSite, cfg, part: str = "train"):
+def _fair_meta(site: LocalSite, fair: FairPenaltyConfig, part: str = "train"):
     """(A, S, C) rows of a split."""
-    return _fair_meta_rows(site.data.frame[(site.split == part).to_numpy()], cfg)
+    return _fair_meta_rows(site.data.frame[(site.split == part).to_numpy()], fair)
 
 
-def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: float = 0.0, offset: bool = True):
+def _fair_penalty(msg: Message, cfg: RunConfig, site: LocalSite, model, seed: int, mu: float = 0.0,
+                  offset: bool = True):
     """The path-specific penalty and its metadata when `fair-lambda` > 0 and the server has
     broadcast the consortium's strata, weights and PSE (before round 1 and after every round); else (None, None).
     Under DP-SGD, or with `fair-form = "per-sample"`, the per-sample form (a loss of the training batch, so Opacus
@@ -127,25 +126,23 @@ def _fair_penalty(msg: Message, cfg, site: LocalSite, model, seed: int, mu: floa
     (MediatorOffset) from the site's own exact training counts; under DP-SGD the caller builds it from noised
     counts instead (`_dp_offset`)."""
     config = msg.content["config"]
-    lam = float(cfg.get("fair-lambda", 0.0))
-    n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
-    wanted = (lam > 0 and "fair-ratio" in config) or (offset and bool(cfg.get("fair-offset", False)))
+    fair = cfg.fair
+    n_s, c_edges = fair.mediator_levels, mitigation.parse_edges(fair.covariate_edges)
+    wanted = (fair.lam > 0 and "fair-ratio" in config) or (offset and fair.offset)
     if not wanted:  # fairness columns are read only when a fairness feature is on
         return None, None
-    meta = _fair_meta(site, cfg)
+    meta = _fair_meta(site, fair)
     penalty = None
-    if lam > 0 and "fair-ratio" in config:
+    if fair.lam > 0 and "fair-ratio" in config:
         consortium = mitigation.ConsortiumStrata.from_config(config, n_s, c_edges)
-        if bool(cfg.get("dp", False)) or str(cfg.get("fair-form", "stratified")) == "per-sample":
-            penalty = mitigation.PathSpecificPenalty(consortium.weights, lam=lam, pse=consortium.pse)
+        if cfg.dp.enabled or fair.form == "per-sample":
+            penalty = mitigation.PathSpecificPenalty(consortium.weights, lam=fair.lam, pse=consortium.pse)
         else:
-            split = str(cfg.get("fair-pool-split", "val"))
-            x, y = site.part(split)
+            x, y = site.part(fair.pool_split)
             penalty = mitigation.StratifiedPathPenalty.for_site(
-                model, x, _fair_meta(site, cfg, split), y, consortium, lam,
-                per_cell=int(cfg.get("fair-per-cell", 32)), seed=seed, dual_lr=float(cfg.get("fair-dual-lr", 0.0)),
-                mu=mu)
-    if offset and bool(cfg.get("fair-offset", False)):
+                model, x, _fair_meta(site, fair, fair.pool_split), y, consortium, fair.lam,
+                per_cell=fair.per_cell, seed=seed, dual_lr=fair.dual_lr, mu=mu)
+    if offset and fair.offset:
         # this site's own logit P(D | S) (local counts, nothing released): the posterior within a site is
         # LLR(lesion) + logit P(D | S, site), so the shared network is left with the lesion evidence alone
         y = site.part("train")[1]
@@ -159,14 +156,13 @@ def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releas
     """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the split
     the penalty draws from (`fair-pool-split`), one image per patient, each noised (sensitivity 1: one patient is
     in one cell, score in [0, 1]) and charged."""
-    split = str(request.get("fair-pool-split", "val"))
-    keep = one_per_patient(site.data.frame) & (site.split == split).to_numpy()
+    fair = read_section(FairPenaltyConfig, request)
+    keep = one_per_patient(site.data.frame) & (site.split == fair.pool_split).to_numpy()
     x, y = site.data.images[keep], site.data.labels[keep]
     scores = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
-    meta = _fair_meta_rows(site.data.frame[keep], request)
-    counts, sums = mitigation.site_release_vectors(
-        meta, scores, y, mitigation.parse_edges(request.get("fair-covariate-edges", "")),
-        int(request.get("fair-mediator-levels", 2)))
+    meta = _fair_meta_rows(site.data.frame[keep], fair)
+    counts, sums = mitigation.site_release_vectors(meta, scores, y, mitigation.parse_edges(fair.covariate_edges),
+                                                   fair.mediator_levels)
     out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
     if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
         out["counts"] = releaser.release_counts("fair-pse-counts", counts, 1.0)
@@ -179,9 +175,9 @@ def _refusal(msg: Message, site: LocalSite, code: int, err: Exception) -> Messag
     return Message(Error(code=code, reason=f"site {site.name}: {what}: {err}"), reply_to=msg)
 
 
-def _under_dp(cfg, policy: SitePolicy) -> bool:
+def _under_dp(cfg: RunConfig, policy: SitePolicy) -> bool:
     """Replies are noised-or-withheld when the run trains with DP or the site requires DP."""
-    return bool(cfg.get("dp", False)) or policy.require_dp
+    return cfg.dp.enabled or policy.require_dp
 
 
 def _ledger(site: LocalSite, policy: SitePolicy) -> PrivacyLedger:
@@ -200,15 +196,15 @@ def _noised_patients(ledger: PrivacyLedger, site: LocalSite, part: str, seed: in
     return max(2.0, float(np.round(noised[0])))
 
 
-def _dp_offset(cfg, site: LocalSite, ledger: PrivacyLedger, seed: int, policy: SitePolicy, inner):
+def _dp_offset(fair: FairPenaltyConfig, site: LocalSite, ledger: PrivacyLedger, seed: int, policy: SitePolicy, inner):
     """The mediator's logit offset under DP-SGD: from the training counts noised once (one image per patient,
     sensitivity 1) and charged, so each patient's loss depends on the others only through a DP release."""
-    n_s, c_edges = int(cfg.get("fair-mediator-levels", 2)), mitigation.parse_edges(cfg.get("fair-covariate-edges", ""))
+    n_s, c_edges = fair.mediator_levels, mitigation.parse_edges(fair.covariate_edges)
     keep = one_per_patient(site.data.frame) & (site.split == "train").to_numpy()
-    meta = _fair_meta_rows(site.data.frame[keep], cfg)
+    meta = _fair_meta_rows(site.data.frame[keep], fair)
     counts, _ = mitigation.site_release_vectors(meta, np.zeros(int(keep.sum())), site.data.labels[keep], c_edges, n_s)
-    columns = "|".join(str(cfg.get(k, "")) for k in ("fair-sensitive", "fair-mediator", "fair-covariate",
-                                                      "fair-covariate-edges", "fair-mediator-levels"))
+    columns = "|".join(str(v) for v in (fair.sensitive, fair.mediator, fair.covariate, fair.covariate_edges,
+                                        fair.mediator_levels))
     noised = ledger.noised_once(f"{ledger.fingerprint}:seed{seed}:fair-offset:{columns}", counts, 1.0,
                                 max(COUNT_NOISE, policy.min_release_noise), label="fair-offset-counts")
     return mitigation.MediatorOffset.from_counts(noised, n_s, len(c_edges) + 1, inner=inner)
@@ -222,42 +218,41 @@ def _disclosure(noised: list[str], withheld: list[str]) -> ConfigRecord:
 @keep_details_local
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's train split; with DP, within the site's budget and policy."""
-    cfg = context.run_config
-    site = _site(context)
+    cfg = RunConfig.from_flower(context.run_config)
+    site = _site(context, cfg)
     policy = SitePolicy.load(site.path, dict(context.node_config))
-    dp = bool(cfg.get("dp", False))
+    train_cfg = cfg.train
     try:
-        policy.check_training(dp)
+        policy.check_training(cfg.dp.enabled)
     except PolicyRefusal as err:
         return _refusal(msg, site, POLICY_REFUSED, err)
-    model = _model(msg, context)
+    model = _model(msg, cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
-    seed = int(cfg["seed"])  # splits and the stratified penalty's draws; never the DP noise
+    seed = train_cfg.seed  # splits and the stratified penalty's draws; never the DP noise
     x, y = site.part("train")
     if len(y) == 0:
         raise ValueError(f"site {site.name}: no training images after the split")
-    common = dict(optimizer=str(cfg["optimizer"]), lr=float(cfg["learning-rate"]),
-                  weight_decay=float(cfg["weight-decay"]),
+    common = dict(optimizer=train_cfg.optimizer, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                   proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     fair_state = context.state.config_records.get("fair-state", ConfigRecord({"mu": 0.0}))
-    if dp:
+    if cfg.dp.enabled:
         ledger = _ledger(site, policy)
         epsilon_before = ledger.epsilon()
         try:
             n_train = _noised_patients(ledger, site, "train", seed, policy)
-            plan = plan_dp(n_train, int(cfg["batch-size"]), int(cfg["local-epochs"]), int(cfg["num-server-rounds"]),
-                           float(cfg["target-epsilon"]), ledger.delta)
+            plan = plan_dp(n_train, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
+                           cfg.dp.target_epsilon, ledger.delta)
             penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]),
                                           offset=False)
-            if bool(cfg.get("fair-offset", False)):
-                penalty = _dp_offset(cfg, site, ledger, seed, policy, penalty)
-                meta = _fair_meta(site, cfg)
+            if cfg.fair.offset:
+                penalty = _dp_offset(cfg.fair, site, ledger, seed, policy, penalty)
+                meta = _fair_meta(site, cfg.fair)
             ledger.check_budget([plan.mechanism])  # after every one-off release: the whole round must fit
             patients = site.data.frame.loc[(site.split == "train").to_numpy(), "patient_id"].astype(str).to_numpy()
-            stats = train_dp(model, x, y, plan, ledger, patients=patients, batch_size=int(cfg["batch-size"]),
-                             physical_batch_size=int(cfg["physical-batch-size"]),
-                             max_grad_norm=float(cfg["max-grad-norm"]), server_round=server_round,
-                             run_id=str(context.run_id), meta=meta, penalty_fn=penalty, **common)
+            stats = train_dp(model, x, y, plan, ledger, patients=patients, batch_size=train_cfg.batch_size,
+                             physical_batch_size=cfg.dp.physical_batch_size, max_grad_norm=cfg.dp.max_grad_norm,
+                             server_round=server_round, run_id=str(context.run_id), meta=meta, penalty_fn=penalty,
+                             **common)
         except BudgetExhausted as err:  # (mid-round only if another process charged meanwhile: nothing is sent)
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
         spent = ledger.summary()
@@ -269,12 +264,11 @@ def train(msg: Message, context: Context) -> Message:
                  DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
-        loader = (make_loader(x, y, int(cfg["batch-size"]), shuffle=True, seed=seed + server_round)
+        loader = (make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round)
                   if penalty is None else
-                  make_meta_loader(x, y, meta, int(cfg["batch-size"]), shuffle=True, seed=seed + server_round))
-        stats = train_epochs(model, loader, epochs=int(cfg["local-epochs"]),
-                             grad_accumulation=int(cfg["grad-accumulation"]), device=get_device(),
-                             penalty_fn=penalty, **common)
+                  make_meta_loader(x, y, meta, train_cfg.batch_size, shuffle=True, seed=seed + server_round))
+        stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, grad_accumulation=train_cfg.grad_accumulation,
+                             device=get_device(), penalty_fn=penalty, **common)
         xv, yv = site.part("val")
         val = evaluate(model, make_loader(xv, yv, 256), get_device())
         metrics = {"train-loss": stats["train_loss"], "val-auroc": val["auroc"], "val-loss": val["loss"],
@@ -295,19 +289,19 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the received global model on the site's own test split. Under DP the scores stay at the site
     (the metrics are withheld, NaN) and the weight is the noised patient count: the server's questions about
     the model (a crafted model turns accuracy x n into an exact count of any predicate) get no exact answer."""
-    cfg = context.run_config
-    site = _site(context)
+    cfg = RunConfig.from_flower(context.run_config)
+    site = _site(context, cfg)
     policy = SitePolicy.load(site.path, dict(context.node_config))
     if _under_dp(cfg, policy):
         try:
-            n_test = _noised_patients(_ledger(site, policy), site, "test", int(cfg["seed"]), policy)
+            n_test = _noised_patients(_ledger(site, policy), site, "test", cfg.train.seed, policy)
         except BudgetExhausted as err:
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
         metrics = {"eval-auroc": math.nan, "eval-accuracy": math.nan, "eval-loss": math.nan, "num-examples": n_test}
         return _reply(msg, site, {"metrics": MetricRecord(metrics),
                                   DISCLOSURE: _disclosure(["num-examples"], ["eval-auroc", "eval-accuracy",
                                                                              "eval-loss"])})
-    model = _model(msg, context)
+    model = _model(msg, cfg)
     x, y = site.part("test")
     result = evaluate(model, make_loader(x, y, 256), get_device())
     metrics = MetricRecord(
@@ -327,20 +321,20 @@ def statistics(msg: Message, context: Context) -> Message:
     """Release the statistics the server asks for (config `statistics`, comma-separated), each noised and
     charged to the site's ledger, if the site's policy agrees to release them at the requested noise; a site out
     of budget releases nothing."""
-    cfg = context.run_config
-    site = _site(context)
+    cfg = RunConfig.from_flower(context.run_config)
+    site = _site(context, cfg)
     policy = SitePolicy.load(site.path, dict(context.node_config))
     request = dict(msg.content["config"])
     kinds = [k.strip() for k in str(request["statistics"]).split(",") if k.strip()]
-    noise = float(cfg["release-noise"])
+    noise = cfg.release.noise
     try:
         policy.check_release(kinds, noise)
     except PolicyRefusal as err:
         return _refusal(msg, site, POLICY_REFUSED, err)
-    model = _model(msg, context) if "arrays" in msg.content.array_records else None
+    model = _model(msg, cfg) if "arrays" in msg.content.array_records else None
     server_round = int(request.get("server-round", 0))
     ledger = _ledger(site, policy)
-    releaser = Releaser(ledger, noise_multiplier=noise, min_count=int(cfg["release-min-count"]),
+    releaser = Releaser(ledger, noise_multiplier=noise, min_count=cfg.release.min_count,
                         round=server_round, run_id=str(context.run_id))
     epsilon_before = ledger.epsilon()
     try:

@@ -50,6 +50,9 @@ from simulations.scenario import (
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 MAX_PIXEL = 4095  # 12 bits stored
 MANIFEST_COLUMNS = ["patient_id", "image_path", "label", "site", "group", "age", "scanner_legacy", "sex"]
+# The run config that names this generator's columns for the fairness penalty: a run on generated sites sets
+# it explicitly (the app's defaults name no column).
+FAIRNESS_RUN_CONFIG = {"fair-sensitive": "group", "fair-mediator": "scanner_legacy"}
 SCANNER_KNOBS = [
     "legacy_noise_std", "legacy_contrast", "legacy_blur_sigma", "modern_noise_std", "modern_contrast",
     "modern_blur_sigma", "marker", "extra_noise_std", "contrast_scale", "brightness_offset",

@@ -36,10 +36,11 @@ from fairness.mitigation import (
     site_release_vectors,
     stratum_index,
 )
-from simulations.generator import generate_consortium
+from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+RUN_CONFIG = {**RUN_CONFIG, **FAIRNESS_RUN_CONFIG}  # the generator's columns, named as a user names theirs
 torch.set_num_threads(1)
 
 
@@ -408,8 +409,9 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     # the statistics query: noised counts (2 groups x 2 scanner levels) and a0 score sums, charged to the ledger
     ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(west)}, state=RecordDict(),
                   run_config={**RUN_CONFIG, "image-size": 32, "release-noise": 1.0, "release-min-count": 0})
+    fair_keys = {k: v for k, v in RUN_CONFIG.items() if k.startswith("fair-")}  # what the server sends with it
     query = Message(content=RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(
-        {"statistics": "fair-pse", "server-round": 1, "seed": 0, "fair-mediator-levels": 2})}),
+        {"statistics": "fair-pse", "server-round": 1, "seed": 0, **fair_keys})}),
         dst_node_id=7, message_type="query")
     reply = statistics_handler(query, ctx).content
     rec = reply["fair-pse"]
@@ -421,7 +423,7 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     assert reply["metrics"]["epsilon"] > reply["metrics"]["epsilon-before"]
     # later rounds: the server already holds the counts and asks only for the score sums
     query = Message(content=RecordDict({"arrays": ArrayRecord(start), "config": ConfigRecord(
-        {"statistics": "fair-pse", "server-round": 2, "seed": 0, "fair-counts": False})}),
+        {"statistics": "fair-pse", "server-round": 2, "seed": 0, **fair_keys, "fair-counts": False})}),
         dst_node_id=7, message_type="query")
     assert set(statistics_handler(query, ctx).content["fair-pse"].keys()) == {"sums"}
 

@@ -26,9 +26,10 @@ from client.statistics import PRODUCERS, Releaser
 from core_models.data import SiteData
 from core_models.networks import build_model
 from core_models.protocol import POLICY_REFUSED
-from simulations.generator import generate_consortium
+from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 
 RUN_CONFIG = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+RUN_CONFIG = {**RUN_CONFIG, **FAIRNESS_RUN_CONFIG}  # the generator's columns, named as a user names theirs
 
 SCENARIO = """
 name = "threats"

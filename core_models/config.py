@@ -1,0 +1,260 @@
+"""The run configuration, typed and read once per handler.
+
+Flower hands every handler the whole run config: pyproject's `[tool.flwr.app.config]` (the one place
+defaults live) merged with the run's overrides. Each concern below reads its keys into a frozen
+dataclass, so a handler reads `RunConfig.from_flower(context.run_config)` at its top and never looks
+a key up again; a missing or mistyped key fails there, by name. The field-to-key map is explicit
+(`key(...)`); a test checks that the dataclasses and pyproject's table name the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A run-config key that is missing, unknown or of the wrong type (named in the message)."""
+
+
+def key(name: str):
+    """A dataclass field read from run-config key `name`."""
+    return field(metadata={"key": name})
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"run config {name!r} must be {kind.__name__}, got {value!r}")
+
+
+def read_section(cls, run_config: Mapping[str, Any]):
+    """One section (e.g. FairPenaltyConfig) from a run config or a request carrying its keys."""
+    hints = get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata["key"]
+        if name not in run_config:
+            raise ConfigError(f"run config has no {name!r} (pyproject.toml [tool.flwr.app.config] declares it)")
+        values[f.name] = _coerce(name, run_config[name], hints[f.name])
+    out = cls(**values)
+    check = getattr(out, "check", None)
+    if check is not None:
+        check()
+    return out
+
+
+def schema(cls=None) -> dict[str, type]:
+    """Run-config key -> type, for a section or (by default) the whole RunConfig."""
+    cls = RunConfig if cls is None else cls
+    hints = get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "key" in f.metadata:
+            out[f.metadata["key"]] = hints[f.name]
+        else:
+            out.update(schema(hints[f.name]))
+    return out
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"run config {name!r} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What each site's local training does with the global model."""
+
+    model: str = key("model")
+    num_classes: int = key("num-classes")
+    image_size: int = key("image-size")
+    local_epochs: int = key("local-epochs")
+    batch_size: int = key("batch-size")
+    learning_rate: float = key("learning-rate")
+    optimizer: str = key("optimizer")
+    weight_decay: float = key("weight-decay")
+    grad_accumulation: int = key("grad-accumulation")
+    seed: int = key("seed")  # splits, shuffling and the penalty's draws; never DP noise
+
+    def check(self) -> None:
+        _one_of("optimizer", self.optimizer, ("adam", "sgd"))
+        for name, value in (("local-epochs", self.local_epochs), ("batch-size", self.batch_size),
+                            ("image-size", self.image_size), ("grad-accumulation", self.grad_accumulation)):
+            if value < 1:
+                raise ConfigError(f"run config {name!r} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Local DP-SGD (the site's own policy and ledger still decide) and Flower's central DP."""
+
+    enabled: bool = key("dp")
+    target_epsilon: float = key("target-epsilon")
+    target_delta: float = key("target-delta")  # informational: each site uses its own delta
+    max_grad_norm: float = key("max-grad-norm")
+    physical_batch_size: int = key("physical-batch-size")
+    central: bool = key("central-dp")
+    central_noise: float = key("central-dp-noise")
+    central_clip: float = key("central-dp-clip")
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    """Which site statistics are asked for, and the noise every released value carries."""
+
+    statistics: str = key("statistics")
+    noise: float = key("release-noise")
+    min_count: int = key("release-min-count")
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k.strip() for k in self.statistics.split(",") if k.strip()]
+
+
+@dataclass(frozen=True)
+class ShiftConfig:
+    """The "shift" statistic's public settings (sent to the sites) and the server's tests."""
+
+    rff_dim: int = key("stats-rff-dim")
+    feature_clip: float = key("stats-feature-clip")
+    rff_bandwidth: float = key("stats-rff-bandwidth")
+    manufacturers: str = key("stats-manufacturers")
+    bootstrap: int = key("stats-bootstrap")
+    alpha: float = key("stats-alpha")
+
+
+@dataclass(frozen=True)
+class FairAuditConfig:
+    """The federated fairness audit's fixed layout (graph, bins, levels) and bootstrap."""
+
+    graph: str = key("stats-fairness-graph")
+    bins: str = key("stats-fairness-bins")
+    levels: str = key("stats-fairness-levels")
+    score_bins: int = key("stats-fairness-score-bins")
+    boot: int = key("stats-fairness-boot")
+
+
+@dataclass(frozen=True)
+class FairPenaltyConfig:
+    """The path-specific fairness penalty and the mediator offset; columns are named, never assumed."""
+
+    lam: float = key("fair-lambda")
+    sensitive: str = key("fair-sensitive")
+    reference: int = key("fair-reference")
+    mediator: str = key("fair-mediator")
+    mediator_levels: int = key("fair-mediator-levels")
+    covariate: str = key("fair-covariate")
+    covariate_edges: str = key("fair-covariate-edges")
+    max_weight: float = key("fair-max-weight")
+    form: str = key("fair-form")
+    per_cell: int = key("fair-per-cell")
+    pool_groups: bool = key("fair-pool-groups")
+    pool_split: str = key("fair-pool-split")
+    offset: bool = key("fair-offset")
+    factorise_label: bool = key("fair-factorise-label")
+    dual_lr: float = key("fair-dual-lr")
+
+    @property
+    def active(self) -> bool:
+        """Whether any fairness feature reads the manifest's fairness columns."""
+        return self.lam > 0 or self.offset
+
+    def check(self) -> None:
+        _one_of("fair-form", self.form, ("stratified", "per-sample"))
+        _one_of("fair-pool-split", self.pool_split, ("train", "val"))
+        if self.active:
+            missing = [k for k, v in (("fair-sensitive", self.sensitive), ("fair-mediator", self.mediator)) if not v]
+            if missing:
+                raise ConfigError(f"fair-lambda > 0 or fair-offset = true needs the manifest columns named: set "
+                                  f"{' and '.join(missing)} (e.g. -c fair-sensitive=race -c fair-mediator=scanner)")
+
+    @property
+    def columns(self) -> list[str]:
+        """The manifest columns the penalty reads."""
+        return [c for c in (self.sensitive, self.mediator, self.covariate) if c]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The federation: rounds, strategy, who takes part, where results go, which model is kept."""
+
+    num_rounds: int = key("num-server-rounds")
+    strategy: str = key("strategy")
+    proximal_mu: float = key("proximal-mu")
+    server_lr: float = key("server-lr")
+    fraction_train: float = key("fraction-train")
+    fraction_evaluate: float = key("fraction-evaluate")
+    min_train_nodes: int = key("min-train-nodes")
+    round_timeout: float = key("round-timeout")
+    registry_path: str = key("registry-path")
+    data_root: str = key("data-root")
+    holdout_path: str = key("holdout-path")
+    out_dir: str = key("out-dir")
+    resume: bool = key("resume")
+    best_by: str = key("best-by")
+    patience: int = key("patience")
+
+    def check(self) -> None:
+        _one_of("strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
+        _one_of("best-by", self.best_by, ("val-loss", "val-auroc", "holdout-loss", "holdout-auroc", "none"))
+        if self.num_rounds < 1:
+            raise ConfigError(f"run config 'num-server-rounds' must be >= 1, got {self.num_rounds}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run config, one section per concern."""
+
+    train: TrainingConfig
+    dp: DPConfig
+    release: ReleaseConfig
+    shift: ShiftConfig
+    audit: FairAuditConfig
+    fair: FairPenaltyConfig
+    server: ServerConfig
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        hints = get_type_hints(cls)
+        return cls(**{f.name: read_section(hints[f.name], run_config) for f in dataclasses.fields(cls)})
+
+
+def app_defaults(pyproject: Path) -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` table of an app's pyproject.toml: the defaults and the schema."""
+    with open(pyproject, "rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def check_overrides(overrides: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The run config these overrides give, checked before any work: an unknown key is named with the
+    closest known one, a value of the wrong type is named with the type its default has."""
+    for name in overrides:
+        if name not in defaults:
+            close = difflib.get_close_matches(name, list(defaults), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown run-config key {name!r}{hint}")
+    types = schema()
+    merged = {**defaults, **overrides}
+    for name, value in overrides.items():
+        merged[name] = _coerce(name, value, types.get(name, type(defaults[name])))
+    RunConfig.from_flower(merged)
+    return merged

@@ -1,0 +1,67 @@
+"""The typed run config: the dataclasses and pyproject's table name the same keys with the same types,
+and every bad override is named before any work starts."""
+
+from pathlib import Path
+
+import pytest
+
+from core_models.config import ConfigError, RunConfig, app_defaults, check_overrides, schema
+
+DEFAULTS = app_defaults(Path(__file__).resolve().parent.parent / "pyproject.toml")
+
+
+def test_dataclasses_and_pyproject_declare_the_same_keys_and_types():
+    types = schema()
+    assert set(types) == set(DEFAULTS)
+    for name, value in DEFAULTS.items():
+        # a TOML integer is a valid float setting (e.g. round-timeout = 600)
+        assert isinstance(value, types[name]) or (types[name] is float and type(value) is int), name
+        assert not (types[name] is int and isinstance(value, bool)), name
+
+
+def test_defaults_build_a_config():
+    cfg = RunConfig.from_flower(DEFAULTS)
+    assert cfg.train.batch_size == DEFAULTS["batch-size"] and cfg.dp.enabled is DEFAULTS["dp"]
+    assert cfg.server.num_rounds == DEFAULTS["num-server-rounds"]
+    assert cfg.fair.active is False and cfg.fair.columns == []  # no default names a manifest column
+
+
+def test_unknown_key_is_named_with_the_closest_known_one():
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'strategi' \(did you mean 'strategy'\?\)"):
+        check_overrides({"strategi": "fedprox"}, DEFAULTS)
+    with pytest.raises(ConfigError, match=r"unknown run-config key 'zzz'$"):
+        check_overrides({"zzz": 1}, DEFAULTS)
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("batch-size", "big", "'batch-size' must be int"),
+    ("batch-size", 1.5, "'batch-size' must be int"),
+    ("dp", 1, "'dp' must be bool"),
+    ("learning-rate", True, "'learning-rate' must be float"),
+    ("strategy", "fedsgd", r"'strategy' must be one of \['fedavg', 'fedprox', 'fedadam'\]"),
+    ("local-epochs", 0, "'local-epochs' must be >= 1"),
+])
+def test_wrong_values_are_named(name, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        check_overrides({name: value}, DEFAULTS)
+
+
+def test_good_overrides_are_typed():
+    merged = check_overrides({"round-timeout": 30, "learning-rate": 1, "dp": "true"}, DEFAULTS)
+    assert merged["round-timeout"] == 30.0 and isinstance(merged["learning-rate"], float) and merged["dp"] is True
+
+
+def test_fairness_features_need_their_columns_named():
+    with pytest.raises(ConfigError, match="set fair-sensitive and fair-mediator"):
+        check_overrides({"fair-lambda": 5.0}, DEFAULTS)
+    with pytest.raises(ConfigError, match="set fair-mediator"):
+        check_overrides({"fair-offset": True, "fair-sensitive": "race"}, DEFAULTS)
+    cfg = RunConfig.from_flower(check_overrides({"fair-offset": True, "fair-sensitive": "race",
+                                                 "fair-mediator": "scanner", "fair-covariate": "age"}, DEFAULTS))
+    assert cfg.fair.active and cfg.fair.columns == ["race", "scanner", "age"]
+
+
+def test_a_missing_key_is_named():
+    partial = {k: v for k, v in DEFAULTS.items() if k != "seed"}
+    with pytest.raises(ConfigError, match="run config has no 'seed'"):
+        RunConfig.from_flower(partial)
