@@ -90,6 +90,11 @@ class ImageError(ValueError):
     """One image cannot be used; load_site turns it into a Rejection and goes on."""
 
 
+class DecoderMissing(ImageError):
+    """No installed pydicom plugin decodes the image's transfer syntax: installing one fixes it without the file
+    changing, so such a rejection is never cached."""
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Caps on what one site's data folder can make us read, checked from headers before anything is decoded.
@@ -487,20 +492,20 @@ def _check_dicom_limits(ds, limits: ImageLimits) -> None:
                        limits)
 
 
-def _check_deflate(f: BinaryIO, limits: ImageLimits) -> bool:
-    """Whether the file is a deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99). pydicom inflates one whole
-    and unbounded, and a few kB can inflate to gigabytes: one that inflates past limits.max_file_bytes is refused,
-    found by inflating it in 16 MiB steps first (deflated files are rare; the second inflation is pydicom's)."""
+def _check_deflate(f: BinaryIO, limits: ImageLimits) -> None:
+    """pydicom inflates a deflated dataset (transfer syntax 1.2.840.10008.1.2.1.99) whole and unbounded, and a few kB
+    can inflate to gigabytes: refuse one that inflates past limits.max_file_bytes, found by inflating it in 16 MiB
+    steps first (deflated files are rare; the second inflation is pydicom's)."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     try:
         f.seek(0)
         read_preamble(f, force=True)
         if _read_file_meta_info(f).get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            return False
+            return
         z, total, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, f.read(limits.max_file_bytes)
     except Exception:  # not a DICOM file meta: the readers below say what it is
-        return False
+        return
     try:
         while pending and not z.eof and total <= limits.max_file_bytes:
             total += len(z.decompress(pending, 1 << 24))
@@ -510,7 +515,6 @@ def _check_deflate(f: BinaryIO, limits: ImageLimits) -> bool:
     if total > limits.max_file_bytes:
         raise ImageError(f"deflated dataset too large: inflates to over {_mb(limits.max_file_bytes)} "
                          f"(the limit per image file); refused before reading it")
-    return True
 
 
 def _dcmread(f: BinaryIO, limits: ImageLimits):
@@ -518,6 +522,7 @@ def _dcmread(f: BinaryIO, limits: ImageLimits):
     'not DICOM'. The header (everything before the pixel data) is read and checked against `limits` first, so a
     header claiming a huge image is refused before its pixel data are read, let alone decoded."""
     forced = False
+    _check_deflate(f, limits)
     f.seek(0)
     try:
         head = pydicom.dcmread(f, stop_before_pixels=True)
@@ -638,7 +643,7 @@ _PREFERRED_PLUGIN = {JPEGBaseline8Bit: "pillow", JPEGExtended12Bit: "pillow", JP
                      JPEGLSNearLossless: "pyjpegls"}
 
 
-def _as_array(decoder, src, ts: UID, bits_stored: int, **opts) -> tuple[np.ndarray, str]:
+def _as_array(decoder, src, ts: UID, bits_stored: int, /, **opts) -> tuple[np.ndarray, str]:
     """The first frame and the colour space it came out in. as_rgb=False: a YBR image stays YBR (its Y channel is
     the luminance, no round trip through RGB); a palette stays indices."""
     plugin = None if ts == JPEGExtended12Bit and bits_stored > 8 else _PREFERRED_PLUGIN.get(ts)
@@ -683,7 +688,7 @@ def _decode_pixels(ds) -> tuple[np.ndarray, str]:
                 decoder = None
             if decoder is None or not decoder.is_available:
                 needs = "; ".join(decoder.missing_dependencies) if decoder is not None else "pydicom has none"
-                raise ImageError(
+                raise DecoderMissing(
                     f"compressed transfer syntax {syntax}: no decoder available (needs one of: {needs})"
                 ) from e
             raise ImageError(f"compressed transfer syntax {syntax}: decoding failed ({first})") from e
@@ -948,8 +953,10 @@ def _read_lean(f: BinaryIO, limits: ImageLimits):
         return None
     try:
         f.seek(0)
-        ds, opts = _array_common(f, _LEAN_TAGS)
-        if "TransferSyntaxUID" not in ds.file_meta:
+        with warnings.catch_warnings():  # a deflated dataset parses as junk here: pydicom's warnings about it
+            warnings.simplefilter("ignore")
+            ds, opts = _array_common(f, _LEAN_TAGS)
+        if ds.file_meta.get("TransferSyntaxUID") in (None, DeflatedExplicitVRLittleEndian):  # deflated: not lean
             return None
     except Exception:
         return None
@@ -990,7 +997,7 @@ def read_dicom(path, size: int | None = None, limits: ImageLimits | None = None)
 
 
 def _read_dicom_file(f: BinaryIO, size: int | None, limits: ImageLimits) -> tuple[np.ndarray, dict]:
-    lean = None if _check_deflate(f, limits) else _read_lean(f, limits)  # the lean reader cannot inflate
+    lean = _read_lean(f, limits)
     if lean is not None:
         ds, arr, meta, photometric, samples, space = lean
     else:
@@ -1303,7 +1310,7 @@ def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: Im
     """Decode each accepted row into a preallocated uint16 stack (a big site never holds two float copies).
 
     Returns (stack, ok_rows, metas, rejections, transient); transient means some failure may go away without the
-    file changing (permission denied, out of memory), so that result must not be cached.
+    file changing (permission denied, out of memory, no decoder installed), so that result must not be cached.
     """
     stack = np.empty((len(paths), image_size, image_size), dtype=np.uint16)
     ok_rows, metas, rejected, transient = [], [], [], False
@@ -1317,7 +1324,7 @@ def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: Im
                 result = read_image(p, image_size, **extra)
             except ImageError as e:
                 result = str(e)
-                transient |= isinstance(e.__cause__, PermissionError)
+                transient |= isinstance(e.__cause__, PermissionError) or isinstance(e, DecoderMissing)
             except Exception as e:  # one odd file must not stop a site
                 result = f"unexpected error while decoding ({type(e).__name__}: {e})"
                 transient = True

@@ -37,6 +37,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    MPEG2MPML,
     RLELossless,
     generate_uid,
 )
@@ -332,6 +333,23 @@ def test_deflated_dataset_inflating_past_the_file_cap_refused(tmp_path):
         read_dicom(path, limits=ImageLimits(max_file_bytes=100 * 1024))
     img, _ = read_dicom(path)
     np.testing.assert_array_equal(img, read_dicom(dicom(tmp_path / "plain.dcm", px))[0])
+
+
+def test_syntax_without_decoder_is_not_cached(tmp_path):
+    # installing a plugin later must take effect without the files changing: such a rejection is never cached
+    site = tmp_path / "site"
+    site.mkdir()
+    dicom(site / "ok.dcm", radiograph(np.random.default_rng(12), 16, 16), bits_stored=12)
+    dicom(site / "video.dcm", np.zeros((16, 16), np.uint8), write_ts=MPEG2MPML,
+          pixel_data=encapsulate([b"\x00\x00\x01\xb3" * 8]))
+    (site / "manifest.csv").write_text("patient_id,image_path,label\np1,ok.dcm,0\np2,video.dcm,1\n")
+    sd = load_site(site, image_size=8)
+    assert "no decoder available" in sd.rejected[0].reason and len(sd.labels) == 1
+    assert not list((site / ".equifed_cache").glob("*.npz"))
+    (site / "video.dcm").unlink()
+    (site / "manifest.csv").write_text("patient_id,image_path,label\np1,ok.dcm,0\n")
+    load_site(site, image_size=8)
+    assert len(list((site / ".equifed_cache").glob("*.npz"))) == 1  # without it the site is cached as before
 
 
 # ------------------------------------------------------------------------------------- pydicom's test corpus
