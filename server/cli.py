@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core_models.config import ConfigError, app_defaults, check_overrides
+from core_models.processes import APP_DIR
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
@@ -127,6 +129,13 @@ def cmd_start(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     _warn_hospital_keys(folder)
+    try:  # every key and value checked before anything is written or started
+        overrides = _parse_overrides(args.run_config)
+        rounds = {} if args.rounds is None else {"num-server-rounds": args.rounds}
+        check_overrides({**rounds, **overrides}, app_defaults(APP_DIR / "pyproject.toml"))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     checkpoint = out / "checkpoints" / "latest.pt"
     if not args.resume and checkpoint.exists():
         print(f"error: {out} already holds a run (checkpoints/latest.pt); continue it with --resume "
@@ -144,7 +153,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     }
     if args.rounds is not None:
         run_config["num-server-rounds"] = args.rounds
-    run_config.update(_parse_overrides(args.run_config))
+    run_config.update(overrides)
 
     _exit_on_sigterm()
     link = deployment_superlink(folder, host=args.host, port=args.port)

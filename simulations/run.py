@@ -20,9 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from client.site import STATE_DIR, list_sites
+from core_models.config import ConfigError, app_defaults, check_overrides
+from core_models.processes import APP_DIR
 from server.console import RoundPrinter, _parse_overrides
 from server.superlink import LocalSuperLink, app_snapshot
-from simulations.generator import generate_consortium
+from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import load_scenario
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.toml"
@@ -151,6 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     t0 = time.time()
+    # generated sites name their fairness columns as a user names theirs; a user's -c wins
+    generated = {} if args.sites is not None else dict(FAIRNESS_RUN_CONFIG)
+    try:  # every key and value checked before any data are generated or any process started
+        overrides = _parse_overrides(args.run_config)
+        rounds = {} if args.rounds is None else {"num-server-rounds": args.rounds}
+        check_overrides({**generated, **rounds, **overrides}, app_defaults(APP_DIR / "pyproject.toml"))
+    except ConfigError as err:
+        print(f"equifed-simulate: error: {err}", file=sys.stderr)
+        return 2
     if args.sites is not None:
         try:
             sites, holdout = existing_sites(args.sites, args.holdout)
@@ -181,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         "out-dir": str(out),
         "min-train-nodes": len(sites),
         "resume": bool(args.resume),
+        **generated,
     }
     if args.rounds is not None:
         run_config["num-server-rounds"] = args.rounds
-    overrides = _parse_overrides(args.run_config)
     no_test = sites_without_test(sites)
     if no_test and "fraction-evaluate" not in overrides:
         run_config["fraction-evaluate"] = 0.0

@@ -1,13 +1,16 @@
 """The typed run config: the dataclasses and pyproject's table name the same keys with the same types,
 and every bad override is named before any work starts."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from core_models.config import ConfigError, RunConfig, app_defaults, check_overrides, schema
 
-DEFAULTS = app_defaults(Path(__file__).resolve().parent.parent / "pyproject.toml")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = app_defaults(ROOT / "pyproject.toml")
 
 
 def test_dataclasses_and_pyproject_declare_the_same_keys_and_types():
@@ -65,3 +68,22 @@ def test_a_missing_key_is_named():
     partial = {k: v for k, v in DEFAULTS.items() if k != "seed"}
     with pytest.raises(ConfigError, match="run config has no 'seed'"):
         RunConfig.from_flower(partial)
+
+
+def test_a_typo_in_a_simulation_override_exits_2_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "simulations.run", "--out", str(out), "-c", "strategi=fedprox"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert "unknown run-config key 'strategi' (did you mean 'strategy'?)" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not out.exists()  # no data generated, nothing started
+
+
+def test_a_typo_in_a_server_override_exits_2_before_any_work(tmp_path, capsys):
+    from server.cli import main as server_cli
+    from server.deploy import setup_consortium  # noqa: F401  (the folder must look like a consortium's)
+
+    code = server_cli(["start", "--dir", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
+                       "-c", "batch-size=big"])
+    assert code == 2 and not (tmp_path / "run").exists()
