@@ -1,4 +1,4 @@
-"""New-site prior adaptation (issue 4): a hospital with unlabelled scans and the global model estimates its own
+"""New-site prior adaptation: a hospital with unlabelled scans and the global model estimates its own
 label prior and corrects the model's probabilities for it.
 
 Nothing leaves the site: its images are scored locally, and the only outside input is the consortium's released

@@ -21,14 +21,14 @@ from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
 from client.policy import PolicyRefusal, SitePolicy
 from client.shift_stats import one_per_patient
 from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path
-from client.statistics import Releaser, produce, producer
-import client.shift_stats  # noqa: F401  (registers the "shift" producer)
-import client.fairness_stats  # noqa: F401  (registers the "fairness" producer)
-from core_models.config import FairPenaltyConfig, RunConfig, read_section
+from client.fairness_stats import fair_meta_rows
+from client.producers import produce
+from client.statistics import Releaser
+from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import build_model, get_device
 from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED
-from core_models.training import evaluate, make_loader, predict_proba, train_epochs
+from core_models.training import evaluate, make_loader, train_epochs
 from fairness import mitigation
 
 app = ClientApp(mods=[audit_mod])  # audit_mod: the site's own log of what it sends (client/audit.py)
@@ -105,14 +105,9 @@ def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
     return Message(content=RecordDict({**content, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
 
 
-def _fair_meta_rows(frame, fair: FairPenaltyConfig) -> np.ndarray:
-    """(A, S, C) of manifest rows, from the columns named by run config `fair-*`."""
-    return mitigation.meta_array(frame, fair.sensitive, fair.mediator, fair.covariate, fair.reference)
-
-
 def _fair_meta(site: LocalSite, fair: FairPenaltyConfig, part: str = "train"):
     """(A, S, C) rows of a split."""
-    return _fair_meta_rows(site.data.frame[(site.split == part).to_numpy()], fair)
+    return fair_meta_rows(site.data.frame[(site.split == part).to_numpy()], fair)
 
 
 def _fair_penalty(msg: Message, cfg: RunConfig, site: LocalSite, model, seed: int, mu: float = 0.0,
@@ -151,24 +146,6 @@ def _fair_penalty(msg: Message, cfg: RunConfig, site: LocalSite, model, seed: in
     return (penalty, meta) if penalty is not None else (None, None)
 
 
-@producer("fair-pse")
-def _fair_pse_statistics(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
-    """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the split
-    the penalty draws from (`fair-pool-split`), one image per patient, each noised (sensitivity 1: one patient is
-    in one cell, score in [0, 1]) and charged."""
-    fair = read_section(FairPenaltyConfig, request)
-    keep = one_per_patient(site.data.frame) & (site.split == fair.pool_split).to_numpy()
-    x, y = site.data.images[keep], site.data.labels[keep]
-    scores = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
-    meta = _fair_meta_rows(site.data.frame[keep], fair)
-    counts, sums = mitigation.site_release_vectors(meta, scores, y, mitigation.parse_edges(fair.covariate_edges),
-                                                   fair.mediator_levels)
-    out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
-    if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
-        out["counts"] = releaser.release_counts("fair-pse-counts", counts, 1.0)
-    return out
-
-
 def _refusal(msg: Message, site: LocalSite, code: int, err: Exception) -> Message:
     """An Error reply the server records under the site's name; the run goes on with the others."""
     what = "budget exhausted" if code == BUDGET_EXHAUSTED else "refused"
@@ -201,7 +178,7 @@ def _dp_offset(fair: FairPenaltyConfig, site: LocalSite, ledger: PrivacyLedger, 
     sensitivity 1) and charged, so each patient's loss depends on the others only through a DP release."""
     n_s, c_edges = fair.mediator_levels, mitigation.parse_edges(fair.covariate_edges)
     keep = one_per_patient(site.data.frame) & (site.split == "train").to_numpy()
-    meta = _fair_meta_rows(site.data.frame[keep], fair)
+    meta = fair_meta_rows(site.data.frame[keep], fair)
     counts, _ = mitigation.site_release_vectors(meta, np.zeros(int(keep.sum())), site.data.labels[keep], c_edges, n_s)
     columns = "|".join(str(v) for v in (fair.sensitive, fair.mediator, fair.covariate, fair.covariate_edges,
                                         fair.mediator_levels))

@@ -1,4 +1,5 @@
-"""Fairness-audit statistics a site releases (producer "fairness", issue 5 item 6).
+"""Fairness statistics a site releases: the federated audit's cells (producer "fairness") and the
+penalty's consortium estimate (producer "fair-pse").
 
 The global model scores the site's test split (one image per patient, so "one record" in a sensitivity is one
 patient); the scores sit next to the manifest columns the graph spec names. What leaves the site, every vector
@@ -20,7 +21,11 @@ import torch
 
 from client.shift_stats import model_outputs, one_per_patient
 from client.site import LocalSite
-from client.statistics import Releaser, producer
+from client.statistics import Releaser
+from core_models.config import FairPenaltyConfig, read_section
+from core_models.networks import get_device
+from core_models.training import make_loader, predict_proba
+from fairness import mitigation
 from fairness.federated import DEFAULT_GRAPH, layout_for, release_statistics, site_statistics
 from fairness.graph import GRAPH_DIR
 
@@ -33,7 +38,6 @@ def scores(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     return torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)[:, 1].numpy()
 
 
-@producer("fairness")
 def produce_fairness(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
     if model is None:
         raise ValueError("the fairness statistics need the global model")
@@ -46,3 +50,25 @@ def produce_fairness(site: LocalSite, model, request: dict, releaser: Releaser) 
     frame = site.data.frame.loc[keep].reset_index(drop=True)
     frame[layout.spec.column(layout.spec.prediction)] = scores(model, site.data.images[keep])
     return release_statistics(site_statistics(frame, layout, site.name), releaser)
+
+
+def fair_meta_rows(frame, fair: FairPenaltyConfig) -> np.ndarray:
+    """(A, S, C) of manifest rows, from the columns named by run config `fair-*`."""
+    return mitigation.meta_array(frame, fair.sensitive, fair.mediator, fair.covariate, fair.reference)
+
+
+def produce_fair_pse(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
+    """Counts of (A, stratum = S, C-bin, D) and the global model's score sums over the same cells, on the split
+    the penalty draws from (`fair-pool-split`), one image per patient, each noised (sensitivity 1: one patient is
+    in one cell, score in [0, 1]) and charged."""
+    fair = read_section(FairPenaltyConfig, request)
+    keep = one_per_patient(site.data.frame) & (site.split == fair.pool_split).to_numpy()
+    x, y = site.data.images[keep], site.data.labels[keep]
+    p1 = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
+    meta = fair_meta_rows(site.data.frame[keep], fair)
+    counts, sums = mitigation.site_release_vectors(meta, p1, y, mitigation.parse_edges(fair.covariate_edges),
+                                                   fair.mediator_levels)
+    out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
+    if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
+        out["counts"] = releaser.release_counts("fair-pse-counts", counts, 1.0)
+    return out

@@ -1,4 +1,4 @@
-"""Dataset-shift statistics a site releases (producer "shift", DESIGN.md section 4, issue 4).
+"""Dataset-shift statistics a site releases (producer "shift").
 
 Every vector leaves through `Releaser` with the L2 sensitivity stated below. Each patient
 contributes at most one image (the first of theirs in the manifest), so "one record" in a
@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from client.site import LocalSite
-from client.statistics import Releaser, producer
+from client.statistics import Releaser
 from core_models.label_shift import N_BINS, output_bins
 
 INTENSITY_BINS = 16
@@ -187,7 +187,6 @@ def one_per_patient(frame) -> np.ndarray:
     return ~frame["patient_id"].astype(str).duplicated().to_numpy()
 
 
-@producer("shift")
 def produce_shift(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
     if model is None:
         raise ValueError("the shift statistics need the global model")

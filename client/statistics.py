@@ -2,8 +2,8 @@
 
 A producer computes a statistic from the site's data (and the global model) and hands
 every vector to `Releaser.release`, which suppresses small cells, adds Gaussian noise for
-the declared L2 sensitivity and charges the site's privacy ledger. Producers register by
-name in `PRODUCERS`; the server asks for them by name (run config `statistics`).
+the declared L2 sensitivity and charges the site's privacy ledger. The producers are listed
+by name in `client/producers.py`; the server asks for them by name (run config `statistics`).
 """
 
 from __future__ import annotations
@@ -62,22 +62,3 @@ class Releaser:
 
 
 Producer = Callable[[LocalSite, torch.nn.Module | None, dict, Releaser], dict]
-
-PRODUCERS: dict[str, Producer] = {}
-
-
-def producer(name: str):
-    """Register a statistic producer under `name` (what run config `statistics` lists)."""
-
-    def register(fn: Producer) -> Producer:
-        PRODUCERS[name] = fn
-        return fn
-
-    return register
-
-
-def produce(kinds: list[str], site: LocalSite, model, request: dict, releaser: Releaser) -> dict[str, dict]:
-    unknown = [k for k in kinds if k not in PRODUCERS]
-    if unknown:
-        raise ValueError(f"unknown statistics {unknown}; this site provides {sorted(PRODUCERS)}")
-    return {kind: PRODUCERS[kind](site, model, request, releaser) for kind in kinds}

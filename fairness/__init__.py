@@ -1,4 +1,4 @@
-"""equifed: causal fairness audit of a model's scores (DESIGN.md section 5, issue 5). Imports no Flower code.
+"""equifed: causal fairness audit of a model's scores. Imports no Flower code.
 
 Public API::
 

@@ -1,4 +1,4 @@
-"""DoWhy where it is sound (issue 5, item 4): the total effect and its refuters, and kernel independence tests of
+"""DoWhy where it is sound: the total effect and its refuters, and kernel independence tests of
 the graph's edges out of the sensitive node and of the independences it implies between mediators.
 
 What DoWhy is used for, and what not:

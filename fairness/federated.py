@@ -1,4 +1,4 @@
-"""The federated audit: the same causal fairness audit from per-site sufficient statistics (issue 5, item 6).
+"""The federated audit: the same causal fairness audit from per-site sufficient statistics.
 
 Nothing per-record leaves a site. Each site computes, on its own rows (one per patient: the model's score on the
 site's test split, next to the manifest columns of the graph spec):

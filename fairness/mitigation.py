@@ -10,8 +10,8 @@ works under DP-SGD (each sample's term depends on that sample only) and in feder
 weighted by its size as FedAvg does, sums to the pooled value exactly).
 
 **The penalty.** ``λ · PSE²`` has gradient ``2λ · PSE · ∇PSE``. Squaring a minibatch estimate instead also
-penalises its sampling variance, which shrinks every source of score variation, the biological one included (issue 7's
-table: 70 % of the permissible effect kept). Here the factor ``PSE`` is a detached value that does not depend on the
+penalises its sampling variance, which shrinks every source of score variation, the biological one included (measured:
+70 % of the permissible effect kept). Here the factor ``PSE`` is a detached value that does not depend on the
 batch (the consortium's PSE of the previous global model, broadcast by the server; or, centrally, a running mean of
 earlier batches), and only ``∇PSE`` comes from the batch, as the unbiased per-sample mean above with consortium-level
 normalisers (``P(a0)`` and the ratio table are global, not batch-level: a Hajek ratio inside the batch is biased and

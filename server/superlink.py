@@ -152,16 +152,18 @@ class LocalSuperLink:
             raise RuntimeError(f"run {run_id} unknown to the SuperLink: {done.stdout}")
         return runs[0]
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None, status_every: float = 0) -> dict:
+    def wait(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None, status_every: float = 0,
+             ending=None) -> dict:
         """Block until the run finishes; return its status row. Raises TimeoutError.
         `on_poll` runs every `poll` seconds, the status query (a `flwr` process, about a
-        CPU-second) every `status_every` seconds (default: every poll)."""
+        CPU-second) every `status_every` seconds (default: every poll), and at every poll once
+        `ending()` says the run is winding up (e.g. its summary is written)."""
         deadline = time.time() + timeout
         next_status = 0.0
         while time.time() < deadline:
             if on_poll:
                 on_poll()
-            if time.time() >= next_status:
+            if time.time() >= next_status or (ending is not None and ending()):
                 row = self.status(run_id)
                 if str(row.get("status", "")).startswith("finished"):
                     if on_poll:

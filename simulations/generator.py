@@ -1,4 +1,4 @@
-"""Synthetic hospitals with a known causal model (DESIGN.md sections 5 and 6).
+"""Synthetic hospitals with a known causal model.
 
 Per patient i of site ``name`` every random draw comes from ``np.random.SeedSequence([seed, crc32(name), i])``, split
 into four children: structural variables (A, C, U_S, U_D, sex), anatomy, lesion and scanner noise. The three image

@@ -2,7 +2,7 @@
 
 A scenario names a seed, an image size, a list of sites and an optional held-out evaluation set. Every site knob has a
 built-in default; ``[defaults]`` overrides the built-ins and each ``[[sites]]`` table overrides ``[defaults]``. The
-structural model per site (see DESIGN.md section 5/6) is::
+structural model per site is::
 
     A ~ Bernoulli(p_a)                                   sensitive attribute (column ``group``)
     C ~ round(clip(Normal(age_mean, age_std), 18, 95))   age, baseline covariate
@@ -14,7 +14,7 @@ structural model per site (see DESIGN.md section 5/6) is::
 label-shift knob). ``extra_noise_std``, ``contrast_scale`` and ``brightness_offset`` act on both scanner types alike:
 they are the site-wide covariate-shift knobs.
 
-Shift knobs (checked against the truth by the shift statistics, issue 4):
+Shift knobs (checked against the truth by the shift statistics):
 
 * none: leave them all at their defaults.
 * pure label shift: ``label_prior = q`` keeps the site's structural model and redraws its patients class by class

@@ -1,4 +1,4 @@
-"""The federated fairness audit (issue 5, item 6): sites release noised cell statistics through the Releaser, the
+"""The federated fairness audit: sites release noised cell statistics through the Releaser, the
 server sums them and runs the same audit. Without noise it equals the pooled audit; with noise its CIs widen; the
 client producer and server analyser write the report into the run folder."""
 

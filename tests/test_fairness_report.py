@@ -1,4 +1,4 @@
-"""The audit report, DoWhy's checks and the equifed-audit command (issue 5, items 4 and 7), and how the
+"""The audit report, DoWhy's checks and the equifed-audit command, and how the
 identification output reads an S -> D edge."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Dataset shift (issue 4): what a site releases (noise for the declared sensitivity, ledger charges, small-cell
+"""Dataset shift: what a site releases (noise for the declared sensitivity, ledger charges, small-cell
 suppression), the server's tests and label-shift estimates on generated hospitals whose shift is known, new-site
 prior adaptation, the generator's pure label-shift knob, and one real Flower run with `statistics=shift`."""
 

@@ -8,7 +8,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from client.app import BUDGET_EXHAUSTED, statistics
 from client.ledger import PrivacyLedger, dataset_fingerprint
-from client.statistics import PRODUCERS, Releaser, producer
+from client.producers import PRODUCERS
+from client.statistics import Releaser
 from tests.test_client import _context, consortium  # noqa: F401  (shared fixture)
 
 
@@ -16,16 +17,14 @@ pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture
-def label_counts():
+def label_counts(monkeypatch):
     """A minimal producer: the train split's label counts (sensitivity 1: one patient, one count)."""
 
-    @producer("test-label-counts")
     def _produce(site, model, request, releaser):
         _, y = site.part("train")
         return {"counts": releaser.release_counts("test-label-counts", np.bincount(y, minlength=2))}
 
-    yield
-    PRODUCERS.pop("test-label-counts")
+    monkeypatch.setitem(PRODUCERS, "test-label-counts", _produce)
 
 
 def _query(kinds="test-label-counts"):

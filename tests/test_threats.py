@@ -22,7 +22,8 @@ from client.dp import PatientPoissonSampler, plan_dp, train_dp
 from client.ledger import LedgerError, PrivacyLedger, dataset_fingerprint, ledger_path
 from client.policy import SitePolicy, default_delta
 from client.site import LocalSite
-from client.statistics import PRODUCERS, Releaser
+from client.producers import PRODUCERS
+from client.statistics import Releaser
 from core_models.data import SiteData
 from core_models.networks import build_model
 from core_models.protocol import POLICY_REFUSED

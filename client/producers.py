@@ -1,0 +1,24 @@
+"""The statistics this site can release, by the name the server asks for (run config `statistics`).
+
+One explicit table: what a site may release is read here, not assembled by import side effects.
+"""
+
+from __future__ import annotations
+
+from client.fairness_stats import produce_fair_pse, produce_fairness
+from client.shift_stats import produce_shift
+from client.site import LocalSite
+from client.statistics import Producer, Releaser
+
+PRODUCERS: dict[str, Producer] = {
+    "shift": produce_shift,
+    "fairness": produce_fairness,
+    "fair-pse": produce_fair_pse,
+}
+
+
+def produce(kinds: list[str], site: LocalSite, model, request: dict, releaser: Releaser) -> dict[str, dict]:
+    unknown = [k for k in kinds if k not in PRODUCERS]
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; this site provides {sorted(PRODUCERS)}")
+    return {kind: PRODUCERS[kind](site, model, request, releaser) for kind in kinds}
