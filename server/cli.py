@@ -18,7 +18,9 @@ CA's private key sits in the consortium folder.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -27,11 +29,11 @@ from pathlib import Path
 import pandas as pd
 
 from core_models.config import ConfigError, app_defaults, check_overrides
-from core_models.processes import APP_DIR
+from core_models.processes import APP_DIR, port_is_free
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
-from server.console import RoundPrinter, _parse_overrides
+from server.console import RoundPrinter, _parse_overrides, resume_overrides, save_overrides
 from server.superlink import app_snapshot
 
 
@@ -97,9 +99,37 @@ def cmd_register(args: argparse.Namespace) -> int:
     return _sync(folder, index)
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so the finally blocks stop the SuperLink."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+class Terminated(Exception):
+    """SIGTERM: unwinds like Ctrl-C, so the finally blocks stop the SuperLink."""
+
+
+def _raise_on_sigterm() -> None:
+    def handler(*_):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _lock_state(folder: Path):
+    """Hold state/server.lock for this process's life: two servers on one state folder would share its
+    database and log. Returns the open lock file, or None when another server holds it."""
+    state = folder / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    fh = open(state / "server.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "?"
+        fh.close()
+        print(f"error: another equifed-server (pid {owner}) is using {state}; stop it first "
+              f"(two servers on one consortium folder would share its database)", file=sys.stderr)
+        return None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def _last_round(out: Path) -> int:
@@ -129,21 +159,37 @@ def cmd_start(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     _warn_hospital_keys(folder)
+    checkpoint = out / "checkpoints" / "latest.pt"
+    resuming = args.resume and checkpoint.exists()
     try:  # every key and value checked before anything is written or started
+        defaults = app_defaults(APP_DIR / "pyproject.toml")
         overrides = _parse_overrides(args.run_config)
-        rounds = {} if args.rounds is None else {"num-server-rounds": args.rounds}
-        check_overrides({**rounds, **overrides}, app_defaults(APP_DIR / "pyproject.toml"))
+        if args.rounds is not None:
+            overrides["num-server-rounds"] = args.rounds
+        check_overrides(overrides, defaults)
+        if resuming:  # the run's own settings; a new -c only where it does not change the experiment
+            overrides, changes = resume_overrides(out, overrides, defaults, force=args.force_config)
+            for line in changes:
+                print(f"equifed-server: resume changes {line}", flush=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    checkpoint = out / "checkpoints" / "latest.pt"
     if not args.resume and checkpoint.exists():
         print(f"error: {out} already holds a run (checkpoints/latest.pt); continue it with --resume "
               f"or choose another --out", file=sys.stderr)
         return 2
     if args.resume and not checkpoint.exists():
         print(f"equifed-server: no checkpoint in {out}: the run starts from round 1", flush=True)
+    if not port_is_free(args.host, args.port):
+        print(f"error: port {args.port} on {args.host} is already in use (another server, or another program); "
+              f"stop it or choose --port", file=sys.stderr)
+        return 2
+    lock = _lock_state(folder)
+    if lock is None:
+        return 2
     out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        save_overrides(out, overrides)
     n_sites = len(index["sites"])
     run_config = {
         "out-dir": str(out),
@@ -151,11 +197,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         "min-train-nodes": args.min_sites,
         "registry-path": str(folder / "state" / "privacy_registry.json"),  # outlives any one run
     }
-    if args.rounds is not None:
-        run_config["num-server-rounds"] = args.rounds
     run_config.update(overrides)
 
-    _exit_on_sigterm()
+    _raise_on_sigterm()
     link = deployment_superlink(folder, host=args.host, port=args.port)
     try:
         link.start()
@@ -190,8 +234,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     except (RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt):
+        print(f"equifed-server: stopped; the run's last completed round is checkpointed in {out}: continue it "
+              f"with the same command and --resume", file=sys.stderr, flush=True)
+        return 143
     finally:
         link.stop()
+        lock.close()
     summary_path = out / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -238,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="number of rounds (run config num-server-rounds)")
     p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                    help="override any [tool.flwr.app.config] key")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the settings it was started with "
+                        "(a -c given again may change only rounds, timeouts and reporting)")
+    p.add_argument("--force-config", action="store_true",
+                   help="with --resume: apply every -c given, even one that changes the experiment")
     p.add_argument("--min-sites", type=int, default=2,
                    help="a round goes on with this many sites; fewer connected and the round waits")
     p.add_argument("--wait-for-sites", type=int, default=0,

@@ -3,9 +3,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
+
+from core_models.config import ConfigError
+
+# Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
+# results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.
+RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "out-dir", "registry-path",
+                               "statistics", "fraction-evaluate", "min-train-nodes", "patience"})
+SAVED_CONFIG = "run_overrides.json"
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -50,3 +59,32 @@ class RoundPrinter:
             if r > self.printed:
                 print(round_table(r, sites, row), flush=True)
                 self.printed = r
+
+
+def save_overrides(out: Path, overrides: dict) -> None:
+    """The run-config overrides a new run was started with, kept so that --resume continues the same run."""
+    (out / SAVED_CONFIG).write_text(json.dumps(overrides, indent=2, sort_keys=True))
+
+
+def resume_overrides(out: Path, given: dict, defaults: dict, force: bool = False) -> tuple[dict, list[str]]:
+    """The saved overrides of the run in `out`, with `given` applied where they do not change the experiment.
+
+    Returns (overrides, lines describing each difference). Raises ConfigError naming every key whose new value
+    would change the experiment, unless `force`."""
+    path = out / SAVED_CONFIG
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    merged, notes, refused = dict(saved), [], []
+    for name, value in given.items():
+        before = saved.get(name, defaults.get(name))
+        if before == value:
+            continue
+        line = f"{name}: {before!r} -> {value!r}"
+        if name in RESUME_MAY_CHANGE or force:
+            merged[name] = value
+            notes.append(line)
+        else:
+            refused.append(line)
+    if refused:
+        raise ConfigError("--resume continues the run with its saved settings; these overrides would change the "
+                          f"experiment: {'; '.join(refused)} (drop them, or pass --force-config)")
+    return merged, notes

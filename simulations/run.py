@@ -22,7 +22,7 @@ import pandas as pd
 from client.site import STATE_DIR, list_sites
 from core_models.config import ConfigError, app_defaults, check_overrides
 from core_models.processes import APP_DIR
-from server.console import RoundPrinter, _parse_overrides
+from server.console import RoundPrinter, _parse_overrides, resume_overrides, save_overrides
 from server.superlink import LocalSuperLink, app_snapshot
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import load_scenario
@@ -48,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="number of federated rounds (run config num-server-rounds)")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                         help="override any [tool.flwr.app.config] key, e.g. -c strategy=fedprox")
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run folder's last checkpoint, with the settings the run was started "
+                             "with (a -c given again may change only rounds, timeouts and reporting)")
+    parser.add_argument("--force-config", action="store_true",
+                        help="with --resume: apply every -c given, even one that changes the experiment")
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--overwrite-data", action="store_true", help="regenerate data even if the scenario changed")
@@ -155,10 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     # generated sites name their fairness columns as a user names theirs; a user's -c wins
     generated = {} if args.sites is not None else dict(FAIRNESS_RUN_CONFIG)
+    resuming = args.resume and (out / "checkpoints" / "latest.pt").exists()
     try:  # every key and value checked before any data are generated or any process started
+        defaults = app_defaults(APP_DIR / "pyproject.toml")
         overrides = _parse_overrides(args.run_config)
-        rounds = {} if args.rounds is None else {"num-server-rounds": args.rounds}
-        check_overrides({**generated, **rounds, **overrides}, app_defaults(APP_DIR / "pyproject.toml"))
+        if args.rounds is not None:
+            overrides["num-server-rounds"] = args.rounds
+        check_overrides({**generated, **overrides}, defaults)
+        if resuming:  # the run's own settings; a new -c only where it does not change the experiment
+            overrides, changes = resume_overrides(out, overrides, defaults, force=args.force_config)
+            for line in changes:
+                print(f"equifed: resume changes {line}", flush=True)
     except ConfigError as err:
         print(f"equifed-simulate: error: {err}", file=sys.stderr)
         return 2
@@ -194,8 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         "resume": bool(args.resume),
         **generated,
     }
-    if args.rounds is not None:
-        run_config["num-server-rounds"] = args.rounds
     no_test = sites_without_test(sites)
     if no_test and "fraction-evaluate" not in overrides:
         run_config["fraction-evaluate"] = 0.0
@@ -204,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     run_config.update(overrides)
     federation = {"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client}
 
+    if not resuming:
+        save_overrides(out, overrides)
     (out / "summary.json").unlink(missing_ok=True)  # written anew when the run completes
     if not args.resume:
         for stale in ("metrics.csv", "per_site.csv"):

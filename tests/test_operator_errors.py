@@ -1,0 +1,81 @@
+"""What an operator is told when something is off: a busy port or a second server on the same folder is named
+before anything starts, and a resume keeps the run's own settings."""
+
+import fcntl
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from client.cli import make_site_keys
+from core_models.config import ConfigError, app_defaults
+from server.cli import main as server_main
+from server.console import SAVED_CONFIG, resume_overrides, save_overrides
+from simulations.run import main as simulate
+
+DEFAULTS = app_defaults(Path(__file__).resolve().parent.parent / "pyproject.toml")
+
+
+def _consortium(tmp_path: Path) -> Path:
+    cons = tmp_path / "cons"
+    assert server_main(["setup", "--dir", str(cons)]) == 0
+    _, pub, _ = make_site_keys(tmp_path / "hospital", "a")
+    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(pub),
+                        "--no-register"]) == 0
+    return cons
+
+
+def test_busy_port_is_named_before_anything_starts(tmp_path, capsys):
+    cons = _consortium(tmp_path)
+    with socket.socket() as other:  # another program already listens on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        capsys.readouterr()
+        code = server_main(["start", "--dir", str(cons), "--out", str(tmp_path / "run"), "--host", "127.0.0.1",
+                            "--port", str(port), "--connect-timeout", "600"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in err.err
+    assert "listening" not in err.out and not (tmp_path / "run").exists()
+
+
+def test_second_server_on_the_same_folder_is_refused(tmp_path, capsys):
+    cons = _consortium(tmp_path)
+    (cons / "state").mkdir(exist_ok=True)
+    with open(cons / "state" / "server.lock", "w") as held:  # what a running server holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        capsys.readouterr()
+        code = server_main(["start", "--dir", str(cons), "--out", str(tmp_path / "run"), "--host", "127.0.0.1",
+                            "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another equifed-server (pid 4242)" in err and not (tmp_path / "run").exists()
+
+
+def test_resume_keeps_the_saved_settings_and_reports_allowed_changes(tmp_path):
+    save_overrides(tmp_path, {"strategy": "fedprox", "proximal-mu": 0.5, "num-server-rounds": 3})
+    kept, notes = resume_overrides(tmp_path, {}, DEFAULTS)
+    assert kept == {"strategy": "fedprox", "proximal-mu": 0.5, "num-server-rounds": 3} and notes == []
+    longer, notes = resume_overrides(tmp_path, {"num-server-rounds": 5, "strategy": "fedprox"}, DEFAULTS)
+    assert longer["num-server-rounds"] == 5 and longer["strategy"] == "fedprox"
+    assert notes == ["num-server-rounds: 3 -> 5"]
+    with pytest.raises(ConfigError, match=r"strategy: 'fedprox' -> 'fedavg'.*--force-config"):
+        resume_overrides(tmp_path, {"strategy": "fedavg"}, DEFAULTS)
+    with pytest.raises(ConfigError, match=r"learning-rate: 0.002 -> 0.1"):  # against the default it ran with
+        resume_overrides(tmp_path, {"learning-rate": 0.1}, DEFAULTS)
+    forced, notes = resume_overrides(tmp_path, {"strategy": "fedavg"}, DEFAULTS, force=True)
+    assert forced["strategy"] == "fedavg" and notes == ["strategy: 'fedprox' -> 'fedavg'"]
+
+
+def test_simulate_resume_refuses_a_changed_experiment_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest.pt").write_bytes(b"x")  # a run to resume (never read: refused before)
+    (out / SAVED_CONFIG).write_text(json.dumps({"strategy": "fedprox"}))
+    code = simulate(["--out", str(out), "--resume", "-c", "strategy=fedavg"])
+    assert code == 2
+    assert "strategy: 'fedprox' -> 'fedavg'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", SAVED_CONFIG]  # no data generated
