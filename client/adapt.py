@@ -66,8 +66,31 @@ def estimate_prior(logits: np.ndarray, consortium: dict, rng: np.random.Generato
     return {"prior": prior, "lo": lo, "hi": hi, "bbse": bbse}
 
 
+BOUNDARY = 0.01  # an estimated class share this close to 0 or 1 is the EM stuck at the edge, not a measurement
+WIDE = 0.5  # a 95% interval wider than this says nothing about the prior
+
+
+def guard(est: dict, before: dict | None, after: dict | None) -> list[str]:
+    """Why the correction should not be applied: an estimate on the boundary, an uninformative interval, or (when
+    the site has labels) its own before/after showing harm. Empty when the correction may be used."""
+    reasons = []
+    prior, lo, hi = (np.asarray(est[k], float) for k in ("prior", "lo", "hi"))
+    if np.any(prior < BOUNDARY) or np.any(prior > 1 - BOUNDARY):
+        reasons.append(f"the estimated prior {np.round(prior, 3).tolist()} sits on the boundary (a weak or "
+                       f"miscalibrated model piles its outputs into few bins)")
+    if np.max(hi - lo) > WIDE:
+        reasons.append(f"its 95% interval is wider than {WIDE} ({np.round(lo, 3).tolist()} to "
+                       f"{np.round(hi, 3).tolist()}): uninformative")
+    if before is not None and after is not None and (after["log_loss"] > before["log_loss"]
+                                                     or after["brier"] > before["brier"]):
+        reasons.append(f"on this site's own labels it makes predictions worse (log-loss {before['log_loss']:.4f} "
+                       f"-> {after['log_loss']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f})")
+    return reasons
+
+
 def _load_images(data: Path, image_size: int, num_classes: int):
-    """The site's images; a manifest without (complete) labels is read through a copy with placeholder labels."""
+    """The site's images; a manifest without (complete) labels is read through a copy with placeholder labels,
+    written as `.equifed/adapt_manifest.csv` in the site folder (the site's own state folder, beside its ledger)."""
     manifest = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
     labelled = "label" in manifest.columns and (manifest["label"].str.strip() != "").all()
     if labelled:
@@ -98,6 +121,11 @@ def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | 
     train_prior = np.clip(np.asarray(consortium["label_counts"], float), 0.0, None)
     train_prior = train_prior / train_prior.sum()
     adapted = prior_correct(probs, est["prior"], train_prior)
+    before = scores(probs, labels) if labels is not None else None
+    after = scores(adapted, labels) if labels is not None else None
+    warnings = guard(est, before, after)
+    if warnings:  # the unadapted probabilities are the safer output then
+        adapted = probs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame({"patient_id": frame["patient_id"], "image_path": frame["image_path"]})
@@ -116,11 +144,13 @@ def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | 
         "method": "MLLS on fixed log-odds bins against the consortium's released per-label histograms",
         "consortium_round": consortium.get("round"),
         "consortium_sites": consortium.get("sites"),
+        "applied": not warnings,  # False: p_adapted_* are the model's own probabilities
+        "warnings": warnings,
     }
     if labels is not None:  # a site that does have labels can see what the correction bought
         summary["labelled_prior"] = (np.bincount(labels, minlength=k) / len(labels)).tolist()
-        summary["before"] = scores(probs, labels)
-        summary["after"] = scores(adapted, labels)
+        summary["before"] = before
+        summary["after"] = after  # of the correction as estimated, applied or not
     (out_dir / "prior.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -142,5 +172,10 @@ def main(args) -> int:
         b, a = summary["before"], summary["after"]
         print(f"with labels: log-loss {b['log_loss']:.4f} -> {a['log_loss']:.4f}, "
               f"Brier {b['brier']:.4f} -> {a['brier']:.4f}")
+    for reason in summary["warnings"]:
+        print(f"warning: {reason}", file=sys.stderr)
+    if summary["warnings"]:
+        print("warning: the correction was NOT applied: adapted_predictions.csv keeps the model's own probabilities",
+              file=sys.stderr)
     print(f"wrote {Path(args.out) / 'adapted_predictions.csv'} and {Path(args.out) / 'prior.json'}")
     return 0

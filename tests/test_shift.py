@@ -234,7 +234,7 @@ def early_model():
     return net
 
 
-def test_adapt_improves_a_label_shifted_site(early_model, tmp_path):
+def test_adapt_improves_a_label_shifted_site(early_model, tmp_path, capsys):
     """A new hospital with prevalence 0.75 (the consortium trained at 0.3) estimates its prior from its unlabelled
     images and the released statistics; the corrected probabilities score better."""
     model = early_model
@@ -266,8 +266,25 @@ label_prior = 0.75
     assert summary["train_prior"][1] == pytest.approx(0.3, abs=0.05)
     assert summary["after"]["log_loss"] < summary["before"]["log_loss"] - 0.1
     assert summary["after"]["brier"] < summary["before"]["brier"] - 0.1
+    assert summary["applied"] is True and summary["warnings"] == []
     preds = pd.read_csv(tmp_path / "out" / "adapted_predictions.csv")
     assert len(preds) == 400 and preds["p_adapted_1"].mean() > preds["p_model_1"].mean() + 0.05
+
+    # a degenerate model (every output in the top log-odds bin): the estimate is not to be trusted, the command
+    # says why and keeps the model's own probabilities
+    weak = {k: v.clone() for k, v in model.state_dict().items()}
+    last_w, last_b = [k for k in weak if k.endswith("weight")][-1], [k for k in weak if k.endswith("bias")][-1]
+    weak[last_w].zero_()
+    weak[last_b].copy_(torch.tensor([0.0, 9.0]))
+    torch.save(weak, tmp_path / "weak.pt")
+    capsys.readouterr()
+    weak_args = [a if a != str(tmp_path / "model.pt") else str(tmp_path / "weak.pt") for a in args]
+    assert client_cli([*weak_args, "--out", str(tmp_path / "weak_out")]) == 0
+    flagged = json.loads((tmp_path / "weak_out" / "prior.json").read_text())
+    assert flagged["applied"] is False and flagged["warnings"]
+    assert "NOT applied" in capsys.readouterr().err
+    kept = pd.read_csv(tmp_path / "weak_out" / "adapted_predictions.csv")
+    assert np.allclose(kept["p_adapted_1"], kept["p_model_1"])
 
     # the same site without labels: same estimate, no scores
     manifest = pd.read_csv(site / "manifest.csv").drop(columns=["label"])
