@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--region", default="0,0,0.1,0.1",
                    help="the region of interest as fractions y0,x0,y1,x1 (default: the synthetic marker corner)")
     g.add_argument("--arch", default="cnn", help="network of the weights (cnn | resnet)")
-    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--image-size", type=int, default=None,
+                   help="size the images are scaled to; default: the model's training size from its card "
+                        "(final_model.json beside final_model.pt)")
     g.add_argument("--max-images", type=int, default=200)
     g.add_argument("--attribution", default="gradcam", choices=["gradcam", "occlusion"],
                    help="Grad-CAM (the network's last block) or occlusion at pixel resolution (slower: ~850 "
@@ -217,6 +219,15 @@ def image_evidence_from_files(args) -> dict:
     from core_models.data import load_site
     from fairness.attribution import image_evidence
 
+    from core_models.model_card import read_card
+
+    if not Path(args.model).is_file():
+        raise ValueError(f"--model {args.model}: not found")
+    if args.image_size is None:
+        card = read_card(args.model)
+        if card is None:
+            raise ValueError(f"no model card beside {args.model}: give --image-size (the size the model trained at)")
+        args.image_size = card["image_size"]
     data = load_site(Path(args.images), image_size=args.image_size)
     column, _, value = args.image_filter.partition("=")
     if column not in data.frame:

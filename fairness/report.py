@@ -228,7 +228,9 @@ def _image_evidence(ev: dict[str, Any]) -> str:
             if not isinstance(r, dict):
                 continue
             res = d.get("cam_resolution") or []
-            rows.append({"model": label, "images": d.get("n_images"), "method": d.get("method", "gradcam"),
+            rows.append({"model": label, "images": d.get("n_images"),
+                         "input (px)": "x".join(str(v) for v in d.get("input_size") or []),
+                         "method": d.get("method", "gradcam"),
                          "layer": d.get("layer"),
                          "CAM": "x".join(str(v) for v in res), "grow (px)": d.get("grow"),
                          "region share": r.get("region_share_mean"), "area share": d.get("region_area_share"),

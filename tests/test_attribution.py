@@ -6,12 +6,14 @@ images (either label) carry the same bright square somewhere else, so only the c
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
+from core_models.model_card import write_card
 from core_models.networks import SmallCNN
 from fairness import load_graph_spec, run_audit
 from fairness.attribution import (
@@ -227,6 +229,7 @@ def test_audit_cli_adds_image_evidence_from_files(trained, tmp_path, capsys):
                                      'p_s_a0 = 0.5\np_s_a1 = 0.9\n[[sites]]\nname = "east"\n')
     (site,) = generate_consortium(tmp_path / "s.toml", tmp_path / "data")
     torch.save({"model": model.state_dict()}, tmp_path / "final_model.pt")
+    write_card(tmp_path / "final_model.pt", "cnn", 2, 32)  # what the server writes beside its models
     rng = np.random.default_rng(0)
     n = 800
     a = rng.integers(0, 2, n)
@@ -259,3 +262,8 @@ def test_audit_cli_adds_image_evidence_from_files(trained, tmp_path, capsys):
                              "scanner_legacy=7"], "no image")]:
         assert audit_main(base + ["--out", str(tmp_path / "x")] + extra) == 2
         assert message in capsys.readouterr().err
+    # weights without a card: the image size is never guessed
+    shutil.copyfile(tmp_path / "final_model.pt", tmp_path / "bare.pt")
+    assert audit_main(base + ["--out", str(tmp_path / "x"), "--model", str(tmp_path / "bare.pt"), "--images",
+                              str(site)]) == 2
+    assert "give --image-size" in capsys.readouterr().err
