@@ -238,6 +238,27 @@ class RunConfig:
         return cls(**{f.name: read_section(hints[f.name], run_config) for f in dataclasses.fields(cls)})
 
 
+def keys_of(section) -> dict[str, Any]:
+    """A section as run-config key -> value: what a request to the sites carries (e.g. every fair-* key)."""
+    return {f.metadata["key"]: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+APP_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"  # the Flower app's own
+
+
+def run_config_of(settings: RunConfig | Mapping[str, Any]) -> RunConfig:
+    """`settings` as a RunConfig: one as it is, Flower's run config (every key) read as it is, and a few keys
+    (a test's, a benchmark's) read over the app's defaults in pyproject.toml, the one place defaults live."""
+    if isinstance(settings, RunConfig):
+        return settings
+    missing = sorted(set(schema()) - set(settings))
+    if missing:
+        if not APP_PYPROJECT.is_file():
+            raise ConfigError(f"run config has no {missing}, and there is no {APP_PYPROJECT} to take them from")
+        settings = {**app_defaults(APP_PYPROJECT), **settings}
+    return RunConfig.from_flower(settings)
+
+
 def app_defaults(pyproject: Path) -> dict[str, Any]:
     """The `[tool.flwr.app.config]` table of an app's pyproject.toml: the defaults and the schema."""
     with open(pyproject, "rb") as fh:

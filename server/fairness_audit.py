@@ -14,21 +14,25 @@ total is reported as `federated.rows_in_other_cells` and logged.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.common import log
 
+from core_models.config import RunConfig, keys_of, run_config_of
 from fairness.audit import write_audit_json
 from fairness.federated import audit_from_statistics, layout_for, stats_from_record, sum_statistics
 from fairness.graph import GraphError
 from fairness.report import run_context, write_report
-from server.site_statistics import SiteRelease, analyser
+from server.site_statistics import SiteRelease
 
 
-@analyser("fairness")
-def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteRelease], run_config: dict) -> None:
-    layout = layout_for(run_config)
+def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteRelease],
+                     run_config: RunConfig | Mapping[str, Any]) -> None:
+    cfg = run_config_of(run_config)
+    layout = layout_for(keys_of(cfg.audit))
     ok = [r for r in releases if r.status == "ok" and "fairness" in r.records]
     missing = [f"{r.site} ({r.status})" for r in releases if r not in ok]
     if not ok:
@@ -43,8 +47,7 @@ def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteReleas
             missing.append(f"{r.site} (unusable release: {err})")
     try:
         audit = audit_from_statistics(sum_statistics(list(per_site.values())), per_site,
-                                      n_boot=int(run_config.get("stats-fairness-boot", 200)),
-                                      seed=int(run_config.get("seed", 0)))
+                                      n_boot=cfg.audit.boot, seed=cfg.train.seed)
     except GraphError as err:  # e.g. a group empty after the noise: no audit this round, training goes on
         log(WARNING, "equifed fairness: round %d: no audit: %s", server_round, err)
         return

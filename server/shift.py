@@ -23,8 +23,10 @@ adaptation (client/adapt.py), and a per-site figure to `shift.png`.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -33,9 +35,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from core_models.config import RunConfig, run_config_of  # noqa: E402
 from core_models.label_shift import LOGODDS_EDGES, bbse_prior, mlls_interval, mlls_prior  # noqa: E402,F401
 from core_models.label_shift import normalise as _normalise  # noqa: E402
-from server.site_statistics import SiteRelease, analyser  # noqa: E402
+from server.site_statistics import SiteRelease  # noqa: E402
 
 DEFAULT_ALPHA = 0.05
 DEFAULT_BOOTSTRAP = 500
@@ -243,15 +246,16 @@ def compare_site(site: ShiftStats, rest: list[ShiftStats], rng: np.random.Genera
     return row
 
 
-def consortium_summary(stats: list[ShiftStats], run_config: dict, server_round: int) -> dict:
+def consortium_summary(stats: list[ShiftStats], run_config: RunConfig | Mapping[str, Any], server_round: int) -> dict:
     """What a new site needs to adapt (client/adapt.py): pooled per-label output histograms, confusion and
     label counts, with the noise std of each pooled table. All of it is post-processing of releases."""
+    train = run_config_of(run_config).train
     return {
         "round": server_round,
         "sites": [s.site for s in stats],
-        "model": str(run_config.get("model", "cnn")),
+        "model": train.model,
         "num_classes": stats[0].k,
-        "image_size": int(run_config.get("image-size", 64)),
+        "image_size": train.image_size,
         "logodds_edges": LOGODDS_EDGES.tolist(),
         "output_hist": imputed_sum(stats).tolist(),
         "output_hist_sigma": float(np.sqrt(sum(s.sigma["output"] ** 2 for s in stats))),
@@ -299,16 +303,16 @@ def plot_shift(path: Path, server_round: int, stats: dict[str, ShiftStats], rows
     plt.close(fig)
 
 
-@analyser("shift")
-def analyse_shift(out_dir: Path, server_round: int, releases: list[SiteRelease], run_config: dict) -> None:
+def analyse_shift(out_dir: Path, server_round: int, releases: list[SiteRelease],
+                  run_config: RunConfig | Mapping[str, Any]) -> None:
     """Append this round's rows to shift.csv (a rerun round replaces its rows), redraw shift.png,
     write shift_consortium.json."""
     out_dir = Path(out_dir)
+    cfg = run_config_of(run_config)
     stats = {r.site: ShiftStats.from_record(r.site, r.records["shift"]) for r in releases
              if r.status == "ok" and "shift" in r.records}
-    rng = np.random.default_rng([int(run_config.get("seed", 0)), server_round, 44])
-    n_boot = int(run_config.get("stats-bootstrap", DEFAULT_BOOTSTRAP))
-    alpha = float(run_config.get("stats-alpha", DEFAULT_ALPHA))
+    rng = np.random.default_rng([cfg.train.seed, server_round, 44])
+    n_boot, alpha = cfg.shift.bootstrap, cfg.shift.alpha
     rows = []
     for rel in releases:
         row = {"round": server_round, "site": rel.site, "status": rel.status, "epsilon": rel.epsilon}
@@ -329,5 +333,5 @@ def analyse_shift(out_dir: Path, server_round: int, releases: list[SiteRelease],
     if len(stats) >= 2:
         plot_shift(out_dir / "shift.png", server_round, stats, rows)
     if stats:
-        summary = consortium_summary(list(stats.values()), run_config, server_round)
+        summary = consortium_summary(list(stats.values()), cfg, server_round)
         (out_dir / "shift_consortium.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -13,12 +13,13 @@ from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from core_models.config import ServerConfig
 from core_models.protocol import DISCLOSURE, STATUS_OF_ERROR
 from server.privacy_registry import PrivacyRegistry
 
@@ -33,17 +34,39 @@ class SiteTrackingMixin:
     """Records per-site metrics per round, shifts round numbers after a resume, and
     refuses sites whose privacy ledger went backwards."""
 
-    round_offset: int = 0
-    registry: PrivacyRegistry | None = None
-    broadcast: dict | None = None  # extra train-config entries for the next rounds (e.g. the fairness penalty's)
-
-    def _init_tracking(self) -> None:
-        self.site_rows: list[dict] = []  # one row per (round, phase, site)
+    def _init_tracking(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
+                       site_rows: list[dict] | None = None, state: dict[str, dict[str, np.ndarray]] | None = None,
+                       ) -> None:
+        """`registry`: each site's spend so far (None: nothing checked); a resumed run's `round_offset` (rounds
+        done), `site_rows` (per_site.csv so far) and optimiser `state` (from its checkpoint)."""
+        self.registry = registry
+        self.round_offset = round_offset
+        self.site_rows: list[dict] = list(site_rows or [])  # one row per (round, phase, site)
         self.round_started: dict[int, float] = {}
         self.expected_nodes: dict[tuple[int, str], list[int]] = {}
         self.refused_nodes: dict[int, str] = {}  # node id -> reason, for the rest of this run
+        self.train_extras: dict = {}  # extra train-config entries for the next rounds (e.g. the fairness penalty's)
+        if state:
+            self.load_state(state)
 
-    def _screen_privacy(self, server_round: int, replies: list[Message], phase: str = "train") -> list[Message]:
+    def broadcast(self, entries: dict) -> None:
+        """Send `entries` with every later round's train config (replacing an earlier broadcast)."""
+        self.train_extras = dict(entries)
+
+    def query(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, server_round: int, phase: str,
+              timeout: float) -> list[Message]:
+        """Ask every site still in the run (`phase`, e.g. "statistics"); the replies that pass the privacy
+        screen, each reply (and each site that did not reply) recorded in the per-site rows."""
+        nodes = [n for n in grid.get_node_ids() if n not in self.refused_nodes]
+        messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                            message_type=MessageType.QUERY) for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        self.expected_nodes[(server_round, phase)] = nodes
+        replies = self.screen_privacy(server_round, replies, phase=phase)
+        self.record_replies(server_round, phase, replies)
+        return replies
+
+    def screen_privacy(self, server_round: int, replies: list[Message], phase: str = "train") -> list[Message]:
         """Drop (and remember) replies from sites whose reported spend is inconsistent."""
         kept = []
         for msg in replies:
@@ -70,7 +93,9 @@ class SiteTrackingMixin:
                 return row["site"]
         return f"node-{node}"
 
-    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+    def record_replies(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        """One per-site row per reply (its metrics, or why there are none), and a "no reply" row per site that
+        was asked and did not answer."""
         answered = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -104,8 +129,8 @@ class SiteTrackingMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
         self.round_started[server_round] = time.time()
-        if self.broadcast:
-            config = ConfigRecord({**dict(config), **self.broadcast})
+        if self.train_extras:
+            config = ConfigRecord({**dict(config), **self.train_extras})
         messages = [m for m in super().configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id not in self.refused_nodes]
         self.expected_nodes[(server_round, "train")] = [m.metadata.dst_node_id for m in messages]
@@ -113,8 +138,8 @@ class SiteTrackingMixin:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
-        replies = self._screen_privacy(server_round, list(replies))
-        self._record(server_round, "train", replies)
+        replies = self.screen_privacy(server_round, list(replies))
+        self.record_replies(server_round, "train", replies)
         return super().aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -127,7 +152,7 @@ class SiteTrackingMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
         replies = list(replies)
-        self._record(server_round, "evaluate", replies)
+        self.record_replies(server_round, "evaluate", replies)
         return super().aggregate_evaluate(server_round, replies)
 
     # --- state for checkpoints -------------------------------------------------------
@@ -146,36 +171,42 @@ class SiteTrackingMixin:
 
 
 class TrackedFedAvg(SiteTrackingMixin, FedAvg):
-    def __init__(self, **kwargs):
+    def __init__(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
+                 site_rows: list[dict] | None = None, state: dict | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._init_tracking()
+        self._init_tracking(registry, round_offset, site_rows, state)
 
 
 class TrackedFedProx(SiteTrackingMixin, FedProx):
-    def __init__(self, **kwargs):
+    def __init__(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
+                 site_rows: list[dict] | None = None, state: dict | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._init_tracking()
+        self._init_tracking(registry, round_offset, site_rows, state)
 
 
 class TrackedFedAdam(SiteTrackingMixin, FedAdam):
-    def __init__(self, **kwargs):
+    def __init__(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
+                 site_rows: list[dict] | None = None, state: dict | None = None, **kwargs):
         super().__init__(**kwargs)
-        self._init_tracking()
+        self._init_tracking(registry, round_offset, site_rows, state)
 
 
-def build_strategy(name: str, run_config: dict) -> SiteTrackingMixin:
-    """The strategy named in run config, with the consortium's participation settings."""
+def build_strategy(server: ServerConfig, registry: PrivacyRegistry | None = None, round_offset: int = 0,
+                   site_rows: list[dict] | None = None, state: dict | None = None) -> SiteTrackingMixin:
+    """The strategy run config names, with the consortium's participation settings; a resumed run passes the
+    rounds done, the per-site rows so far and the optimiser state from its checkpoint."""
     common = dict(
-        fraction_train=float(run_config.get("fraction-train", 1.0)),
-        fraction_evaluate=float(run_config.get("fraction-evaluate", 1.0)),
-        min_train_nodes=int(run_config.get("min-train-nodes", 2)),
-        min_evaluate_nodes=int(run_config.get("min-train-nodes", 2)),
-        min_available_nodes=int(run_config.get("min-train-nodes", 2)),
+        fraction_train=server.fraction_train,
+        fraction_evaluate=server.fraction_evaluate,
+        min_train_nodes=server.min_train_nodes,
+        min_evaluate_nodes=server.min_train_nodes,
+        min_available_nodes=server.min_train_nodes,
+        registry=registry, round_offset=round_offset, site_rows=site_rows, state=state,
     )
-    if name == "fedavg":
+    if server.strategy == "fedavg":
         return TrackedFedAvg(**common)
-    if name == "fedprox":
-        return TrackedFedProx(proximal_mu=float(run_config.get("proximal-mu", 0.1)), **common)
-    if name == "fedadam":
-        return TrackedFedAdam(eta=float(run_config.get("server-lr", 0.01)), **common)
-    raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
+    if server.strategy == "fedprox":
+        return TrackedFedProx(proximal_mu=server.proximal_mu, **common)
+    if server.strategy == "fedadam":
+        return TrackedFedAdam(eta=server.server_lr, **common)
+    raise ValueError(f"unknown strategy {server.strategy!r}; choose one of {STRATEGIES}")

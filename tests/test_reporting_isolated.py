@@ -4,7 +4,8 @@ draws every degenerate effect row."""
 import math
 
 from fairness.report import forest_figure
-from server.site_statistics import ANALYSERS, SiteRelease, analyse
+from server.analysers import ANALYSERS, analyse
+from server.site_statistics import SiteRelease
 
 
 def test_a_failing_analyser_is_recorded_and_the_others_still_run(tmp_path):

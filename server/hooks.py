@@ -1,0 +1,270 @@
+"""What the ServerApp does with each new global model, one hook per job.
+
+Flower calls one evaluate function after every round (and once before round 1). `RoundEvaluation` is that
+function: it builds the round's row of metrics.csv by running the hooks in order (each adds its columns or
+ends the run), then keeps the row, writes the tables and logs the round's table. Each hook owns its state:
+the holdout set, the consortium's fairness counts, the analyses that failed, the best model so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
+from core_models.data import load_site
+from core_models.networks import build_model
+from core_models.training import evaluate, make_loader
+from fairness import mitigation
+from server.analysers import analyse
+from server.checkpoint import (BEST_MODEL, BestTracker, choose_best_metric, pooled, restore_best_model,
+                               save_checkpoint, save_model)
+from server.results import round_table, write_tables
+from server.site_statistics import request_config, to_releases
+from server.strategy import SiteTrackingMixin
+
+
+class RunFailed(RuntimeError):
+    """A round in which no site could train: the run cannot make progress."""
+
+
+class StopEarly(Exception):
+    """Raised from the round's evaluation when patience runs out: Flower's strategy loop has no other exit, and
+    nothing of the round is left undone by then (its checkpoint and tables are written)."""
+
+
+@dataclass
+class Round:
+    """One call of the evaluate function: Flower's round number, the run's (counting the rounds done before a
+    resume), the new global model and the round's row of metrics.csv, which the hooks fill."""
+
+    flower_round: int
+    number: int
+    arrays: ArrayRecord
+    row: dict
+
+
+Hook = Callable[[Round], None]
+
+
+class RunHistory:
+    """metrics.csv's rows so far and the strategy's per-site rows (per_site.csv), written after every round."""
+
+    def __init__(self, out_dir: Path, strategy: SiteTrackingMixin, rows: list[dict], total_rounds: int):
+        self.out_dir, self.strategy, self.rows, self.total_rounds = out_dir, strategy, rows, total_rounds
+
+    def write(self) -> None:
+        write_tables(self.out_dir, self.rows, self.strategy.site_rows)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write()
+        log(INFO, "equifed round %d/%d\n%s", row["round"], self.total_rounds,
+            round_table(row["round"], self.strategy.site_rows, row))
+
+
+class HoldoutEvaluation:
+    """The global model's metrics on the server's labelled held-out set (run config holdout-path)."""
+
+    def __init__(self, train: TrainingConfig, path: Path):
+        data = load_site(path, image_size=train.image_size, num_classes=train.num_classes)
+        self.loader = make_loader(data.images, data.labels, batch_size=256)
+        self.model = build_model(train.model, train.num_classes)
+
+    def __call__(self, rnd: Round) -> None:
+        self.model.load_state_dict(rnd.arrays.to_torch_state_dict())
+        rnd.row.update({f"holdout_{k}": v for k, v in evaluate(self.model, self.loader).items()})
+
+
+class SiteOutcomes:
+    """Who trained this round, their pooled training loss and validation metrics; the run fails when no site
+    returned a model and none ran out of budget."""
+
+    def __init__(self, history: RunHistory):
+        self.history = history
+
+    def __call__(self, rnd: Round) -> None:
+        site_rows = self.history.strategy.site_rows
+        train_ok = [r for r in site_rows if r["round"] == rnd.number and r["phase"] == "train" and r["status"] == "ok"]
+        exhausted = [r for r in site_rows if r["round"] == rnd.number and r["status"] == "budget exhausted"]
+        if not train_ok and not exhausted:
+            self.history.write()  # the sites' reasons reach per_site.csv
+            raise RunFailed(f"round {rnd.number}: no site returned a model; see per_site.csv")
+        row = rnd.row
+        row["sites_trained"] = len(train_ok)
+        losses = [(r["train-loss"], r["num-examples"]) for r in train_ok if math.isfinite(r["train-loss"])]
+        if losses:  # sites under DP withhold their training loss (NaN)
+            row["train_loss"] = float(np.average([v for v, _ in losses], weights=[max(w, 1.0) for _, w in losses]))
+        for key in ("val-loss", "val-auroc"):  # of the sites' models after this round's local training
+            value = pooled(train_ok, key)
+            if math.isfinite(value):
+                row[key.replace("-", "_")] = value
+
+
+class FairnessBroadcast:
+    """fair-lambda > 0: the consortium PSE of the new global model from the sites' noised cell counts (released
+    once, summed over sites) and score sums, broadcast with the density-ratio table in the next rounds' train
+    config."""
+
+    def __init__(self, grid: Grid, strategy: SiteTrackingMixin, cfg: RunConfig):
+        self.grid, self.strategy, self.cfg = grid, strategy, cfg
+        self.counts: list[np.ndarray] = []  # the consortium's (A, stratum) counts
+
+    def __call__(self, rnd: Round) -> None:
+        rnd.row.update(self.collect(rnd))
+
+    def collect(self, rnd: Round) -> dict:
+        fair, current = self.cfg.fair, rnd.number
+        request = ConfigRecord({"statistics": "fair-pse", "server-round": current, "seed": self.cfg.train.seed,
+                                "fair-counts": not self.counts, **keys_of(fair)})
+        replies = self.strategy.query(self.grid, rnd.arrays, request, current, "fair-pse",
+                                      timeout=self.cfg.server.round_timeout)
+        releases = to_releases(replies, ["fair-pse"])
+        got = [r.records["fair-pse"] for r in releases if "fair-pse" in r.records]
+        missing = [f"{r.site} ({r.status})" for r in releases if "fair-pse" not in r.records]
+        if missing:  # e.g. a site's budget is exhausted: its share of the penalty is missing from now on
+            log(WARNING, "equifed fairness penalty: round %d: no release from %s; see per_site.csv", current,
+                ", ".join(missing))
+        if not self.counts:
+            got = [g for g in got if "counts" in g]
+            if not got:
+                return {}
+            self.counts.append(np.sum([np.asarray(g["counts"]) for g in got], axis=0))
+        if not got:
+            return {}
+        try:
+            consortium = mitigation.consortium_strata(
+                self.counts, [np.sum([np.asarray(g["sums"]) for g in got], axis=0)],
+                mitigation.parse_edges(fair.covariate_edges), fair.mediator_levels, max_weight=fair.max_weight,
+                pool_groups=fair.pool_groups, factorise_label=fair.factorise_label)
+        except ValueError as err:  # e.g. the noised counts of one group are all suppressed: train unpenalised
+            log(WARNING, "equifed fairness penalty: round %d: no broadcast (%s); raise the sites' pool "
+                "(fair-pool-split) or lower release-noise", current, err)
+            return {}
+        self.strategy.broadcast(consortium.to_config())
+        return {"fair_pse": consortium.pse, "fair_sites": len(got)}
+
+
+class StatisticsCollection:
+    """Run config statistics: every site still in the run releases them after each round, and their analysers
+    write the reports. A failed analysis is recorded (the round's row, summary.json) and training goes on."""
+
+    def __init__(self, grid: Grid, strategy: SiteTrackingMixin, cfg: RunConfig, out_dir: Path):
+        self.grid, self.strategy, self.cfg, self.out_dir = grid, strategy, cfg, out_dir
+        self.failures: list[dict] = []
+
+    def __call__(self, rnd: Round) -> None:
+        kinds = self.cfg.release.kinds
+        replies = self.strategy.query(self.grid, rnd.arrays, request_config(self.cfg, rnd.number), rnd.number,
+                                      "statistics", timeout=self.cfg.server.round_timeout)
+        failed = analyse(self.out_dir, rnd.number, to_releases(replies, kinds), self.cfg, kinds)
+        if failed:
+            self.failures.extend({"round": rnd.number, "analysis": k, "error": v} for k, v in failed.items())
+            rnd.row["analysis_failed"] = "; ".join(f"{k}: {v}" for k, v in failed.items())
+
+
+class BestModel:
+    """best_model.pt: the global model of the best round by run config best-by (and patience), kept across a
+    resume through the checkpoint's history."""
+
+    def __init__(self, out_dir: Path, server: ServerConfig, dp: bool):
+        self.out_dir, self.best_by = out_dir, server.best_by
+        metric, self.note = choose_best_metric(server.best_by, dp, bool(server.holdout_path))
+        self.tracker = BestTracker(metric, patience=server.patience)
+        if self.note:
+            log(WARNING, "equifed: %s", self.note)
+
+    def resume(self, saved: dict | None) -> None:
+        """Take up the best so far from a checkpoint's history (None: a fresh run)."""
+        if saved is None:
+            (self.out_dir / BEST_MODEL).unlink(missing_ok=True)  # an earlier run's, in the same folder
+        elif saved.get("metric") == self.tracker.metric:
+            self.tracker = BestTracker.from_json(saved, patience=self.tracker.patience)
+            if self.tracker.best_round is not None:
+                restore_best_model(self.out_dir, self.tracker.best_round)
+        else:  # the best by another metric says nothing about this one
+            log(WARNING, "equifed: the run kept its best model by %s, this resume by %s: the best so far starts "
+                "afresh", saved.get("metric"), self.tracker.metric)
+            (self.out_dir / BEST_MODEL).unlink(missing_ok=True)
+
+    def update(self, rnd: Round, state: dict, total_rounds: int) -> None:
+        """Keep the round's model when it is the best; say so in its row, and whether patience ran out."""
+        best, row = self.tracker, rnd.row
+        if best.update(rnd.number, row.get(best.column)):
+            save_model(self.out_dir / BEST_MODEL, state)  # before the checkpoint; a resume rewrites it from round_NNN
+        if best.best_round is not None:
+            row.update({"best_metric": best.metric, "best_round": best.best_round, "best_value": best.best_value})
+        if best.should_stop and rnd.number < total_rounds:
+            row["stopped"] = (f"no improvement in {best.metric} for {best.stale} round(s) (patience "
+                              f"{best.patience}); best: round {best.best_round}")
+
+    def summary(self, rows: list[dict]) -> dict:
+        """summary.json's best_* entries."""
+        best = self.tracker
+        note = self.note
+        if best.metric != "none" and best.best_round is None:
+            note = f"no round had a {best.metric} value, so no best model is kept"
+        best_row = next((r for r in rows if r["round"] == best.best_round), {})
+        return {
+            "best_by": self.best_by,
+            "best_metric": None if best.best_round is None else best.metric,
+            "best_round": best.best_round,
+            "best_value": best.best_value,
+            "best_model": BEST_MODEL if best.best_round is not None else None,
+            "best_holdout_auroc": best_row.get("holdout_auroc"),
+            "best_note": note or None,
+            "patience": best.patience,
+        }
+
+
+class Checkpointing:
+    """After each round: the best model, then the round's checkpoint (model, optimiser state, history)."""
+
+    def __init__(self, history: RunHistory, best: BestModel):
+        self.history, self.best = history, best
+        self.last_arrays: ArrayRecord | None = None  # the latest global model (final_model.pt when the run stops early)
+
+    def __call__(self, rnd: Round) -> None:
+        state = rnd.arrays.to_torch_state_dict()
+        self.last_arrays = rnd.arrays
+        self.best.update(rnd, state, self.history.total_rounds)
+        strategy = self.history.strategy
+        save_checkpoint(self.history.out_dir, rnd.number, state, strategy.state(),
+                        {"global": self.history.rows + [rnd.row], "sites": strategy.site_rows,
+                         "best": self.best.tracker.to_json()})
+
+
+class RoundEvaluation:
+    """Flower's evaluate function: `before_first` hooks on the initial model (round 0), `after_each` hooks after
+    every round; then the row joins metrics.csv and the round's table is logged. After a resume, round 0 is the
+    last round done: its hooks run (the penalty's broadcast) but nothing is recorded twice."""
+
+    def __init__(self, history: RunHistory, rounds_done: int, before_first: list[Hook | None],
+                 after_each: list[Hook | None]):
+        self.history, self.rounds_done = history, rounds_done
+        self.before_first = [h for h in before_first if h is not None]
+        self.after_each = [h for h in after_each if h is not None]
+        self.started = time.time()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        rnd = Round(server_round, server_round + self.rounds_done, arrays,
+                    {"round": server_round + self.rounds_done, "elapsed_s": round(time.time() - self.started, 2)})
+        for hook in self.after_each if server_round > 0 else self.before_first:
+            hook(rnd)
+        row = rnd.row
+        if server_round == 0 and self.rounds_done > 0:
+            return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float))})
+        self.history.add(row)
+        if row.get("stopped"):
+            raise StopEarly(row["stopped"])
+        return MetricRecord({k: float(v) for k, v in row.items() if isinstance(v, (int, float))
+                             and not (isinstance(v, float) and math.isnan(v))})
