@@ -250,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 the job failed, 2 bad input or set-up (said in one line)."""
     args = build_parser().parse_args(argv)
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_dir():  # a misspelt folder is said as such, before anything else
+        print(f"error: no folder {data} (the site's data folder, holding manifest.csv)", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -221,8 +221,7 @@ def image_evidence_from_files(args) -> dict:
 
     from core_models.model_card import read_card
 
-    if not Path(args.model).is_file():
-        raise ValueError(f"--model {args.model}: not found")
+    model = _load_weights(args.model, args.arch)  # a refused file is named before anything else is read
     if args.image_size is None:
         card = read_card(args.model)
         if card is None:
@@ -237,7 +236,7 @@ def image_evidence_from_files(args) -> dict:
         raise ValueError(f"no image of {args.images} has {column} == {value}")
     x = data.images[keep][: args.max_images]
     reference = _load_weights(args.reference_model, args.arch) if args.reference_model else None
-    return image_evidence(_load_weights(args.model, args.arch), x, region_mask(args.region, args.image_size),
+    return image_evidence(model, x, region_mask(args.region, args.image_size),
                           reference_model=reference, method=args.attribution,
                           n_draws=10 if args.attribution == "gradcam" else 3)
 

@@ -25,7 +25,7 @@ from core_models.processes import APP_DIR
 from server.console import RoundPrinter, _parse_overrides, resume_overrides, save_overrides
 from server.superlink import LocalSuperLink, app_snapshot
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
-from simulations.scenario import load_scenario
+from simulations.scenario import ScenarioError, load_scenario
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "default.toml"
 
@@ -185,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
               f"holdout: {holdout or 'none'}", flush=True)
         image_size = {}  # the run config's own image-size (pyproject) unless -c overrides it
     else:
+        try:  # a scenario error is the user's input: said in one line, exit 2, nothing written
+            scenario = load_scenario(Path(args.scenario or DEFAULT_SCENARIO))
+        except ScenarioError as err:
+            print(f"equifed-simulate: error: {err}", file=sys.stderr)
+            return 2
         out.mkdir(parents=True, exist_ok=True)
-        scenario = load_scenario(Path(args.scenario or DEFAULT_SCENARIO))
         print(f"equifed: scenario {scenario.name!r} -> {out}", flush=True)
         data_dir = out / "data"
         sites = generate_consortium(scenario, data_dir, overwrite=args.overwrite_data)

@@ -79,3 +79,15 @@ def test_simulate_resume_refuses_a_changed_experiment_before_any_work(tmp_path, 
     assert code == 2
     assert "strategy: 'fedprox' -> 'fedavg'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", SAVED_CONFIG]  # no data generated
+
+
+def test_a_bad_scenario_or_a_missing_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    from client.cli import main as client_main
+
+    (tmp_path / "bad.toml").write_text("name = 'x'\nseed = 1\nimage_size = 32\n[[sites]]\nname = 'a'\nn = -3\n")
+    assert simulate([str(tmp_path / "bad.toml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "must be >= 1" in err and "Traceback" not in err and not (tmp_path / "run").exists()
+    for command in (["check"], ["ledger"]):
+        assert client_main([*command, "--data", str(tmp_path / "hospitl_data")]) == 2
+        assert f"no folder {tmp_path / 'hospitl_data'}" in capsys.readouterr().err

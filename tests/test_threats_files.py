@@ -243,6 +243,7 @@ def test_model_loaders_refuse_pickle_payloads(tmp_path, capsys):
     from fairness.cli import main as audit_main
 
     marker = tmp_path / "PWNED"
+    (tmp_path / "no_site").mkdir()  # an empty folder: the model file is what is refused
     preds = tmp_path / "preds.csv"
     preds.write_text("A,S,D,Yhat\n0,0,1,0.7\n1,1,0,0.2\n")
     for name, path in _evil_files(tmp_path, marker).items():
