@@ -39,10 +39,11 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
             f"| {status}"
         )
     if global_row:
-        lines.append(
-            f"  round {server_round:>3} | {'HOLDOUT (global)':<18} | loss {_fmt(global_row.get('holdout_loss'))} "
-            f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
-        )
+        if any(math.isfinite(_number(global_row.get(k))) for k in ("holdout_loss", "holdout_auroc")):  # a holdout
+            lines.append(
+                f"  round {server_round:>3} | {'HOLDOUT (global)':<18} | loss {_fmt(global_row.get('holdout_loss'))} "
+                f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
+            )
         best_round = _number(global_row.get("best_round"))
         if math.isfinite(best_round) or math.isfinite(_number(global_row.get("val_loss"))):
             best = (f" | best: round {int(best_round)} ({global_row.get('best_metric')} "
@@ -102,3 +103,21 @@ def _json_default(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return str(value)
+
+
+def regressions(rows: list[dict], best_round: int | None = None) -> list[str]:
+    """Plain warnings when the final (or the best) global model scores worse on the holdout than the untrained
+    round-0 model: training made the model worse, which a finished run must not hide."""
+    by_round = {int(r["round"]): r for r in rows if "round" in r}
+    start = by_round.get(0, {})
+    out = []
+    for what, rnd in (("final", max(by_round, default=None)), ("best", best_round)):
+        if rnd is None or rnd == 0 or (what == "best" and rnd == max(by_round)):
+            continue
+        row = by_round.get(rnd, {})
+        for key, worse in (("holdout_auroc", lambda a, b: a < b), ("holdout_loss", lambda a, b: a > b)):
+            now, before = _number(row.get(key)), _number(start.get(key))
+            if math.isfinite(now) and math.isfinite(before) and worse(now, before):
+                out.append(f"the {what} global model (round {rnd}) is worse than the untrained round-0 model on the "
+                           f"holdout: {key.replace('holdout_', '')} {before:.3f} -> {now:.3f}")
+    return out

@@ -91,3 +91,21 @@ def test_a_bad_scenario_or_a_missing_folder_is_one_line_and_exit_2(tmp_path, cap
     for command in (["check"], ["ledger"]):
         assert client_main([*command, "--data", str(tmp_path / "hospitl_data")]) == 2
         assert f"no folder {tmp_path / 'hospitl_data'}" in capsys.readouterr().err
+
+
+def test_a_model_worse_than_round_zero_is_flagged_and_no_holdout_line_without_a_holdout():
+    from server.results import regressions, round_table
+
+    rows = [{"round": 0, "holdout_auroc": 0.66, "holdout_loss": 0.69},
+            {"round": 1, "holdout_auroc": 0.70, "holdout_loss": 0.60},
+            {"round": 2, "holdout_auroc": 0.58, "holdout_loss": 0.72}]
+    warnings = regressions(rows, best_round=1)
+    assert warnings == ["the final global model (round 2) is worse than the untrained round-0 model on the "
+                        "holdout: auroc 0.660 -> 0.580",
+                        "the final global model (round 2) is worse than the untrained round-0 model on the "
+                        "holdout: loss 0.690 -> 0.720"]
+    assert regressions(rows[:2], best_round=1) == []  # better than round 0: nothing to say
+    assert regressions([{"round": 0}, {"round": 1, "val_loss": 0.5}]) == []  # no holdout, no verdict
+    site = [{"round": 1, "site": "a", "phase": "train", "status": "ok", "train-loss": 0.5, "num-examples": 10}]
+    assert "HOLDOUT" not in round_table(1, site, {"round": 1, "sites_trained": 1})
+    assert "HOLDOUT (global)" in round_table(1, site, rows[1])
