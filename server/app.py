@@ -17,11 +17,12 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from core_models.config import RunConfig
 from core_models.networks import build_model
-from server.checkpoint import load_latest
+from core_models.model_card import write_card
+from server.checkpoint import BEST_MODEL, load_latest
 from server.hooks import (BestModel, Checkpointing, FairnessBroadcast, HoldoutEvaluation, RoundEvaluation,
                           RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly)
 from server.privacy_registry import PrivacyRegistry
-from server.results import plot_learning_curve, write_summary
+from server.results import plot_learning_curve, regressions, write_summary
 from server.strategy import SiteTrackingMixin, build_strategy
 
 __all__ = ["RunFailed", "StopEarly", "app", "main"]
@@ -62,6 +63,9 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "equifed: stopped early after round %d: %s", history.rows[-1]["round"], stopped)
         final = checkpoints.last_arrays.to_torch_state_dict()
     torch.save(final, out_dir / "final_model.pt")
+    for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
+        if saved.exists():
+            write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)
     failures = list(statistics.failures) if statistics else []
     _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures)
 
@@ -99,6 +103,10 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
                                   "error": f"{type(err).__name__}: {err}"})
     last = history.rows[-1] if history.rows else {}
     first = history.rows[0] if history.rows else {}
+    best_summary = best.summary(history.rows)
+    warnings = regressions(history.rows, best_summary.get("best_round"))
+    for line in warnings:
+        log(WARNING, "equifed: %s", line)
     write_summary(out_dir, {
         "status": "completed",
         "rounds": int(last.get("round", done)),  # fewer than planned_rounds when the run stopped early
@@ -107,7 +115,8 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
         "model": cfg.train.model,
         "initial_holdout_auroc": first.get("holdout_auroc"),
         "final_holdout_auroc": last.get("holdout_auroc"),
-        **best.summary(history.rows),
+        **best_summary,
+        "warnings": warnings,
         "stopped_early": bool(stopped),
         "stopped_at_round": int(last["round"]) if stopped else None,
         "stopped_reason": stopped or None,

@@ -251,6 +251,9 @@ def cmd_start(args: argparse.Namespace) -> int:
               f"Flower log: {out / 'flower.log'}", file=sys.stderr)
         return 1
     print(f"equifed-server: run {run_id} completed; results in {out}", flush=True)
+    if summary_path.exists():
+        for line in json.loads(summary_path.read_text()).get("warnings", []):
+            print(f"equifed-server: WARNING: {line}", file=sys.stderr, flush=True)
     return 0
 
 

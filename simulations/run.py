@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print_findings(out)
+    for line in summary.get("warnings", []):
+        print(f"equifed: WARNING: {line}", file=sys.stderr, flush=True)
     return 0
 
 

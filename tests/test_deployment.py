@@ -20,6 +20,8 @@ Each test below checks one part of the outcome. Runs alone with
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -40,7 +42,9 @@ import torch
 from client.ledger import ledger_report
 from client.supernode import EXIT_REFUSED, probe_server
 from core_models.networks import build_model
+from client.cli import main as client_main
 from client.cli import make_site_keys
+from server.cli import main as server_main
 from server.superlink import free_port, kill_tree
 from simulations.generator import generate_consortium
 
@@ -155,10 +159,15 @@ def deployment(tmp_path_factory):
     facts: dict = {"root": root, "data": dict(zip(SITES, data)), "out": out, "procs": procs, "cons": cons}
     t0 = time.time()
     try:
-        def cli(*args: str) -> subprocess.CompletedProcess:
-            done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
-            assert done.returncode == 0, done.stdout + done.stderr
-            return done
+        def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+            """The command's main() in this process (the same code `equifed-client` / `equifed-server` run,
+            without a Python start-up per call); its output captured."""
+            main = {"client.cli": client_main, "server.cli": server_main}[module]
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main(list(args))
+            assert code == 0, out.getvalue() + err.getvalue()
+            return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
         hospital = {s: root / f"hospital_{s}" for s in [*SITES, "stranger"]}  # what each hospital keeps
         facts["hospital"] = hospital

@@ -22,7 +22,6 @@ from core_models.training import make_loader, train_epochs
 from server.shift import ShiftStats, analyse_shift, compare_site, consortium_summary
 from server.site_statistics import SiteRelease
 from simulations.generator import generate_consortium, render, sample_truth
-from simulations.run import main as simulate
 from simulations.scenario import SiteSpec, scenario_from_dict, scenario_hash
 from tests.test_client import _context, consortium  # noqa: F401  (shared fixture)
 
@@ -317,34 +316,23 @@ def test_label_prior_is_pure_label_shift():
 
 # ------------------------------------------------------------------------------------------------ a real Flower run
 
-def test_simulation_writes_shift_csv(tmp_path):
-    """2 hospitals x 1 round through our own SuperLink and `flwr run`, with the shift statistics requested."""
-    (tmp_path / "tiny.toml").write_text("""
-name = "tiny-shift"
-seed = 13
-image_size = 32
-[defaults]
-n = 120
-lesion_contrast = 0.6
-[[sites]]
-name = "alpha"
-[[sites]]
-name = "beta"
-extra_noise_std = 0.05
-""")
-    code = simulate([str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "run"), "--rounds", "1", "--timeout",
-                     "600", "-c", "statistics=shift", "-c", "local-epochs=1", "-c", "batch-size=16",
-                     "-c", "image-size=32", "-c", "release-noise=2.0"])
-    assert code == 0
-    table = pd.read_csv(tmp_path / "run" / "shift.csv")
-    assert sorted(table["site"]) == ["alpha", "beta"] and set(table["round"]) == {1}
+def test_simulation_writes_shift_csv(tiny_run):
+    """The shared real run (tests/conftest.py: 2 hospitals x 2 rounds through our own SuperLink and `flwr run`)
+    asked for the shift statistics."""
+    run = tiny_run
+    table = pd.read_csv(run / "shift.csv")
+    rounds = sorted(set(table["round"]))  # 1, 2 (and 3 once test_simulation's resume has run)
+    assert rounds[:2] == [1, 2]
+    for r in rounds:
+        assert sorted(table[table["round"] == r]["site"]) == ["alpha", "beta"]
     assert (table["status"] == "ok").all()
     assert table["p_covariate"].between(0, 1).all() and table["prior_mlls_1"].between(0, 1).all()
-    # each site's holdout is its val + test splits (30% of 120), its label counts cover all 120
-    assert table["n_holdout"].between(25, 50).all() and table["n_labelled"].between(105, 135).all()
-    assert (tmp_path / "run" / "shift.png").exists() and (tmp_path / "run" / "shift_consortium.json").exists()
+    # each site's holdout is its val + test splits (30% of 160), its label counts cover all 160 (159 usable at beta)
+    assert table["n_holdout"].between(35, 65).all() and table["n_labelled"].between(140, 180).all()
+    assert (run / "shift.png").exists() and (run / "shift_consortium.json").exists()
     for name in ("alpha", "beta"):
-        ledger = PrivacyLedger.open(tmp_path / "run" / "data" / name, delta=1e-5, max_epsilon=None,
-                                    fingerprint=dataset_fingerprint(tmp_path / "run" / "data" / name))
+        ledger = PrivacyLedger.open(run / "data" / name, delta=1e-5, max_epsilon=None,
+                                    fingerprint=dataset_fingerprint(run / "data" / name))
         assert [e["label"] for e in ledger.entries if e["kind"] == "release"][0] == "shift/label_counts"
-        assert sum(e["kind"] == "release" for e in ledger.entries) == 6
+        assert sum(e["kind"] == "release" and e["label"].startswith("shift/") for e in ledger.entries) == \
+            6 * len(rounds)  # six noised vectors per round

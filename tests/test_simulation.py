@@ -7,48 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations.generator import generate_consortium
 from simulations.run import main as simulate
 
-SCENARIO = """
-name = "tiny"
-seed = 11
-image_size = 32
-
-[defaults]
-n = 160
-prevalence = 0.4
-lesion_contrast = 0.6
-
-[[sites]]
-name = "alpha"
-p_s_a0 = 0.1
-p_s_a1 = 0.5
-
-[[sites]]
-name = "beta"
-p_s_a0 = 0.3
-p_s_a1 = 0.7
-
-[holdout]
-n = 200
-"""
-
-FAST = ["-c", "local-epochs=2", "-c", "batch-size=16", "-c", "learning-rate=0.003", "-c", "image-size=32"]
+from tests.conftest import FAST
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """Generate the two sites, break one image, and run two rounds."""
-    out = tmp_path_factory.mktemp("sim")
-    scenario = out / "tiny.toml"
-    scenario.write_text(SCENARIO)
-    sites = generate_consortium(scenario, out / "data")
-    broken = sorted((sites[1] / "images").glob("*.dcm"))[0]
-    broken.write_bytes(b"this is not a DICOM file")
-    code = simulate([str(scenario), "--out", str(out), "--rounds", "2", "--timeout", "600", *FAST])
-    assert code == 0
-    return out
+def run_dir(tiny_run) -> Path:
+    return tiny_run
 
 
 def test_two_sites_two_rounds_beat_round_zero(run_dir):
@@ -85,6 +51,11 @@ def test_run_folder_contents(run_dir):
     for name in ("learning_curve.png", "final_model.pt", "flower.log", "checkpoints/round_001.pt",
                  "checkpoints/round_002.pt", "checkpoints/latest.pt"):
         assert (run_dir / name).stat().st_size > 0, name
+    # the model card: what scoring the model later needs, never guessed
+    assert json.loads((run_dir / "final_model.json").read_text()) == {"model": "cnn", "num_classes": 2,
+                                                                       "image_size": 32}
+    warnings = json.loads((run_dir / "summary.json").read_text())["warnings"]
+    assert not [w for w in warnings if w.startswith("the final")]  # the final model beat round 0
 
 
 def test_resume_continues_round_count(run_dir):
