@@ -465,7 +465,8 @@ def load_graph_spec(path: str | Path) -> CausalSpec:
         with open(p, "rb") as fh:
             raw = tomllib.load(fh)
     except FileNotFoundError:
-        raise SpecError(f"{p}: graph spec not found") from None
+        shipped = sorted(g.stem for g in GRAPH_DIR.glob("*.toml"))
+        raise SpecError(f"{p}: graph spec not found (a TOML path, or a shipped name: {', '.join(shipped)})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{p}: not valid TOML: {exc}") from None
     return CausalSpec.from_dict(raw, where=str(p))

@@ -109,3 +109,10 @@ def test_a_model_worse_than_round_zero_is_flagged_and_no_holdout_line_without_a_
     site = [{"round": 1, "site": "a", "phase": "train", "status": "ok", "train-loss": 0.5, "num-examples": 10}]
     assert "HOLDOUT" not in round_table(1, site, {"round": 1, "sites_trained": 1})
     assert "HOLDOUT (global)" in round_table(1, site, rows[1])
+
+
+def test_an_unknown_graph_name_lists_the_shipped_ones():
+    from fairness.graph import SpecError, load_graph_spec
+
+    with pytest.raises(SpecError, match=r"synthtic: graph spec not found \(a TOML path, or a shipped name: synthetic"):
+        load_graph_spec("synthtic")
