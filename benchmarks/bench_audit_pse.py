@@ -1,4 +1,4 @@
-"""Does the audit recover a trained model's TRUE social-pathway effect? And how fast is it? (issue 5, done-when)
+"""Does the audit recover a trained model's TRUE social-pathway effect? And how fast is it?
 
 Design (sound and cheap on 2 CPU cores): per scenario, ONE small CNN is trained once on rendered patients (32 px,
 few epochs). The audit is then repeated over seeds; each seed draws FRESH patients (structural variables A, C, S,
@@ -212,7 +212,7 @@ def write_results(args, table: pd.DataFrame, infos: dict, tm: dict, total_s: flo
         "100k rows x 200 replicates <= 30 s": bool(tm["run_audit_s"] <= 30),
     }
     lines = [
-        "# Fairness audit benchmark (issue 5): estimated vs true impermissible PSE, and speed", "",
+        "# Fairness audit benchmark: estimated vs true impermissible PSE, and speed", "",
         f"Command (machine: {platform.machine()}, {torch.get_num_threads()} torch thread, shared 2-core CPU; "
         f"{total_s / 60:.1f} min in all):", "", "```", cmd, "```", "",
         "Design: one small CNN per scenario (SmallCNN, 32 px, trained once on "

@@ -1,4 +1,4 @@
-"""Removing the social-pathway effect, side by side, with the truth from counterfactual re-renders (issue 7).
+"""Removing the social-pathway effect, side by side, with the truth from counterfactual re-renders.
 
     nice .venv/bin/python benchmarks/bench_mitigation.py [--scenario simulations/scenarios/social_marker_32.toml]
         [--seeds 0,1,2,3,4] [--epochs 10] [--lams 30,100] [--mode stratified-sd] [--lams-per-sample 10]
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def target_table(rows: list[dict]) -> str:
-    """Against issue 7's targets, per method: removed and kept as ratios of the seed means (the per-seed ratios carry
+    """Against the targets, per method: removed and kept as ratios of the seed means (the per-seed ratios carry
     the noise of a small denominator; above 100 % the effect is reversed, so the target reads |100 - removed| <= 10),
     AUROC minus the S-blind reference's (same seeds), and the median per-seed
     |residual social PSE| as a share of that seed's unmitigated effect. DP-SGD rows are compared with the DP-SGD

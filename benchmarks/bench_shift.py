@@ -1,4 +1,4 @@
-"""Shift statistics benchmark (issue 4): label-prior error and covariate-shift detection on released statistics.
+"""Shift statistics benchmark: label-prior error and covariate-shift detection on released statistics.
 
 One SmallCNN is trained once (32 px, synthetic hospitals from simulations/generator.py); patients are rendered
 once into pools whose logits are computed once; each repeat then draws sites from the pools and releases their

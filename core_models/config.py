@@ -84,6 +84,8 @@ def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
 class TrainingConfig:
     """What each site's local training does with the global model."""
 
+    MODELS = ("cnn", "resnet")  # what core_models.networks.build_model builds
+
     model: str = key("model")
     num_classes: int = key("num-classes")
     image_size: int = key("image-size")
@@ -96,6 +98,7 @@ class TrainingConfig:
     seed: int = key("seed")  # splits, shuffling and the penalty's draws; never DP noise
 
     def check(self) -> None:
+        _one_of("model", self.model, self.MODELS)
         _one_of("optimizer", self.optimizer, ("adam", "sgd"))
         for name, value in (("local-epochs", self.local_epochs), ("batch-size", self.batch_size),
                             ("image-size", self.image_size), ("grad-accumulation", self.grad_accumulation)):
@@ -218,6 +221,14 @@ class ServerConfig:
         _one_of("best-by", self.best_by, ("val-loss", "val-auroc", "holdout-loss", "holdout-auroc", "none"))
         if self.num_rounds < 1:
             raise ConfigError(f"run config 'num-server-rounds' must be >= 1, got {self.num_rounds}")
+        if self.patience < 0:
+            raise ConfigError(f"run config 'patience' must be >= 0 rounds (0 = off), got {self.patience}")
+
+    def check_holdout(self) -> None:
+        """What only the assembled run config can tell (a command sets holdout-path itself)."""
+        if self.best_by.startswith("holdout-") and not self.holdout_path:
+            raise ConfigError(f"run config 'best-by' = {self.best_by!r} needs a holdout set (holdout-path); "
+                              f"use val-loss or val-auroc")
 
 
 @dataclass(frozen=True)

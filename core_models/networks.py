@@ -24,7 +24,9 @@ from opacus.utils.tensor_utils import unfold2d
 from opacus.validators import ModuleValidator
 from torch import nn
 
-MODEL_NAMES = ("cnn", "resnet")
+from core_models.config import TrainingConfig
+
+MODEL_NAMES = TrainingConfig.MODELS
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

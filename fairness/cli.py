@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-filter", default="scanner_legacy=1", help="manifest rows to explain: column=value")
     g.add_argument("--region", default="0,0,0.1,0.1",
                    help="the region of interest as fractions y0,x0,y1,x1 (default: the synthetic marker corner)")
-    g.add_argument("--arch", default="cnn", help="network of the weights (cnn | resnet)")
+    g.add_argument("--arch", default=None, help="network of the weights (cnn | resnet); default: the model card's, else cnn")
     g.add_argument("--image-size", type=int, default=None,
                    help="size the images are scaled to; default: the model's training size from its card "
                         "(final_model.json beside final_model.pt)")
@@ -186,15 +186,22 @@ def load_state_dict_file(path: str | Path) -> dict:
     return state
 
 
-def _load_weights(path: str, arch: str):
+def load_weights(path: str | Path, arch: str | None = None, num_classes: int | None = None):
+    """The network in `path`, built as its model card says (or as `arch`/`num_classes` say, where given).
+    Raises ValueError naming the file when the weights do not fit that network."""
+    from core_models.model_card import read_card
     from core_models.networks import build_model
 
     state = load_state_dict_file(path)
-    model = build_model(arch)
+    card = read_card(path) or {}
+    arch = arch or card.get("model", "cnn")
+    model = build_model(arch, num_classes or card.get("num_classes", 2))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"model file {path} does not fit --arch {arch}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"model file {path} does not fit the network {arch!r}"
+                         f"{' (its model card)' if card and arch == card.get('model') else ''}: "
+                         f"{str(err).splitlines()[0]}") from None
     return model.eval()
 
 
@@ -221,7 +228,7 @@ def image_evidence_from_files(args) -> dict:
 
     from core_models.model_card import read_card
 
-    model = _load_weights(args.model, args.arch)  # a refused file is named before anything else is read
+    model = load_weights(args.model, args.arch)  # a refused file is named before anything else is read
     if args.image_size is None:
         card = read_card(args.model)
         if card is None:
@@ -235,7 +242,7 @@ def image_evidence_from_files(args) -> dict:
     if not keep.any():
         raise ValueError(f"no image of {args.images} has {column} == {value}")
     x = data.images[keep][: args.max_images]
-    reference = _load_weights(args.reference_model, args.arch) if args.reference_model else None
+    reference = load_weights(args.reference_model, args.arch) if args.reference_model else None
     return image_evidence(model, x, region_mask(args.region, args.image_size),
                           reference_model=reference, method=args.attribution,
                           n_draws=10 if args.attribution == "gradcam" else 3)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 from core_models.data import ManifestError, load_site, write_rejected
 from core_models.model_card import read_card
-from core_models.networks import build_model
 from core_models.training import make_loader, predict_proba
-from fairness.cli import load_state_dict_file
+from fairness.cli import load_weights
 
 KEY_COLUMNS = ("patient_id", "image_path", "label")
 
@@ -40,13 +39,11 @@ def predictions(model_path: str | Path, data: str | Path, columns: list[str] | N
                 num_classes: int | None = None, image_size: int | None = None):
     """(the predictions table, the site's rejections). Raises ValueError with the reason on bad input."""
     card = read_card(model_path) or {}
-    arch = arch or card.get("model", "cnn")
     num_classes = num_classes or card.get("num_classes", 2)
     image_size = image_size or card.get("image_size")
     if image_size is None:
         raise ValueError(f"no model card beside {model_path}: give --image-size (the size the model trained at)")
-    model = build_model(arch, num_classes)
-    model.load_state_dict(load_state_dict_file(model_path))
+    model = load_weights(model_path, arch, num_classes)
     site = load_site(Path(data), image_size=image_size, num_classes=num_classes)
     frame = site.frame.reset_index(drop=True)
     extra = [c for c in frame.columns if c not in KEY_COLUMNS] if columns is None else columns

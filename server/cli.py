@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from core_models.config import ConfigError, app_defaults, check_overrides
+from core_models.config import ConfigError, RunConfig, app_defaults
 from core_models.processes import APP_DIR, port_is_free
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
-from server.console import RoundPrinter, _parse_overrides, resume_overrides, save_overrides
+from server.console import RoundPrinter, save_overrides, settle_overrides
 from server.superlink import app_snapshot
 
 
@@ -163,14 +163,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     resuming = args.resume and checkpoint.exists()
     try:  # every key and value checked before anything is written or started
         defaults = app_defaults(APP_DIR / "pyproject.toml")
-        overrides = _parse_overrides(args.run_config)
-        if args.rounds is not None:
-            overrides["num-server-rounds"] = args.rounds
-        check_overrides(overrides, defaults)
-        if resuming:  # the run's own settings; a new -c only where it does not change the experiment
-            overrides, changes = resume_overrides(out, overrides, defaults, force=args.force_config)
-            for line in changes:
-                print(f"equifed-server: resume changes {line}", flush=True)
+        overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds, resuming=resuming,
+                                     force=args.force_config,
+                                     say=lambda line: print(f"equifed-server: {line}", flush=True))
+        RunConfig.from_flower({**defaults, **overrides}).server.check_holdout()  # holdout-path only from -c
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -188,8 +184,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if lock is None:
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        save_overrides(out, overrides)
+    save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
     n_sites = len(index["sites"])
     run_config = {
         "out-dir": str(out),

@@ -8,32 +8,59 @@ from pathlib import Path
 
 import pandas as pd
 
-from core_models.config import ConfigError
+from core_models.config import ConfigError, check_overrides, schema
 
 # Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
 # results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.
-RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "out-dir", "registry-path",
-                               "statistics", "fraction-evaluate", "min-train-nodes", "patience"})
+RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "out-dir", "statistics",
+                               "fraction-evaluate", "min-train-nodes", "patience"})
 SAVED_CONFIG = "run_overrides.json"
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    """`KEY=VALUE` strings -> run-config dict; numbers and true/false get their types."""
+def parse_overrides(items: list[str]) -> dict:
+    """`KEY=VALUE` strings -> run-config dict. A key the run config types as text keeps its text as given
+    (`fair-covariate-edges=45`); any other value that reads as a number or true/false gets that type."""
+
+    types = schema()
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--run-config expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"-c/--run-config expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        if value in ("true", "false"):
-            value = value == "true"
-        out[key.strip()] = value
+        key = key.strip()
+        if types.get(key) is not str:
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    continue
+            if value in ("true", "false"):
+                value = value == "true"
+        out[key] = value
     return out
+
+
+def settle_overrides(out: Path, items: list[str], defaults: dict, *, rounds: int | None = None,
+                     resuming: bool = False, force: bool = False, implied: dict | None = None,
+                     say=print) -> dict:
+    """The run's overrides, every key and value checked before any work starts (ConfigError otherwise), with
+    their run-config types. On a resume, the run's saved overrides with the given ones applied where they do not
+    change the experiment (each change said through `say`)."""
+    overrides = parse_overrides(items)
+    if rounds is not None:
+        overrides["num-server-rounds"] = rounds
+    typed = check_overrides({**(implied or {}), **overrides}, defaults)
+    overrides = {name: typed[name] for name in overrides}
+    if not resuming:
+        return overrides
+    if not (out / SAVED_CONFIG).exists():
+        say(f"no {SAVED_CONFIG} in {out}: the run resumes with the app's defaults and the -c given now, "
+            f"which may not be the settings it started with")
+    overrides, changes = resume_overrides(out, overrides, defaults, force=force)
+    for line in changes:
+        say(f"resume changes {line}")
+    return overrides
 
 
 class RoundPrinter:

@@ -1,4 +1,4 @@
-"""Server-side federated fairness audit (analyser "fairness", issue 5 item 6).
+"""Server-side federated fairness audit (analyser "fairness").
 
 Sums the sites' released cell statistics (client/fairness_stats.py, fairness/federated.py), runs the causal
 fairness audit on them (consortium and per site), and writes `fairness_audit.html` + `fairness_audit.json` into

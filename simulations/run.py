@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from client.site import STATE_DIR, list_sites
-from core_models.config import ConfigError, app_defaults, check_overrides
+from core_models.config import ConfigError, RunConfig, app_defaults
 from core_models.processes import APP_DIR
-from server.console import RoundPrinter, _parse_overrides, resume_overrides, save_overrides
+from server.console import RoundPrinter, save_overrides, settle_overrides
 from server.superlink import LocalSuperLink, app_snapshot
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import ScenarioError, load_scenario
@@ -162,14 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     resuming = args.resume and (out / "checkpoints" / "latest.pt").exists()
     try:  # every key and value checked before any data are generated or any process started
         defaults = app_defaults(APP_DIR / "pyproject.toml")
-        overrides = _parse_overrides(args.run_config)
-        if args.rounds is not None:
-            overrides["num-server-rounds"] = args.rounds
-        check_overrides({**generated, **overrides}, defaults)
-        if resuming:  # the run's own settings; a new -c only where it does not change the experiment
-            overrides, changes = resume_overrides(out, overrides, defaults, force=args.force_config)
-            for line in changes:
-                print(f"equifed: resume changes {line}", flush=True)
+        overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds, resuming=resuming,
+                                     force=args.force_config, implied=generated,
+                                     say=lambda line: print(f"equifed: {line}", flush=True))
     except ConfigError as err:
         print(f"equifed-simulate: error: {err}", file=sys.stderr)
         return 2
@@ -215,10 +210,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"equifed: {', '.join(no_test)} ha{'s' if len(no_test) == 1 else 've'} no test split (manifest split "
               f"column): per-site evaluation is off; the holdout scores the global model", flush=True)
     run_config.update(overrides)
+    try:
+        RunConfig.from_flower({**defaults, **run_config}).server.check_holdout()
+    except ConfigError as err:
+        print(f"equifed-simulate: error: {err}", file=sys.stderr)
+        return 2
     federation = {"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client}
 
-    if not resuming:
-        save_overrides(out, overrides)
+    save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
     (out / "summary.json").unlink(missing_ok=True)  # written anew when the run completes
     if not args.resume:
         for stale in ("metrics.csv", "per_site.csv"):

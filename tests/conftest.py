@@ -7,6 +7,20 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 @pytest.fixture
+def consortium(tmp_path) -> Path:
+    """A consortium folder (`setup`) with one registered hospital, `a`, whose keys lie in tmp_path/hospital."""
+    from client.cli import make_site_keys
+    from server.cli import main as server_main
+
+    cons = tmp_path / "cons"
+    assert server_main(["setup", "--dir", str(cons)]) == 0
+    _, pub, _ = make_site_keys(tmp_path / "hospital", "a")
+    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(pub),
+                        "--no-register"]) == 0
+    return cons
+
+
+@pytest.fixture
 def task_identity():
     """Flower's runtime sets who is sending before any Message is built; tests that call
     the ClientApp's handlers in-process do the same."""

@@ -80,10 +80,30 @@ def test_a_typo_in_a_simulation_override_exits_2_before_any_work(tmp_path):
     assert not out.exists()  # no data generated, nothing started
 
 
-def test_a_typo_in_a_server_override_exits_2_before_any_work(tmp_path, capsys):
+def test_a_typo_in_a_server_override_exits_2_before_any_work(tmp_path, consortium, capsys):
     from server.cli import main as server_cli
-    from server.deploy import setup_consortium  # noqa: F401  (the folder must look like a consortium's)
 
-    code = server_cli(["start", "--dir", str(tmp_path / "missing"), "--out", str(tmp_path / "run"),
-                       "-c", "batch-size=big"])
-    assert code == 2 and not (tmp_path / "run").exists()
+    capsys.readouterr()
+    code = server_cli(["start", "--dir", str(consortium), "--out", str(tmp_path / "run"), "--host", "127.0.0.1",
+                       "--port", "0", "-c", "batch-size=big"])
+    assert code == 2 and "'batch-size' must be int" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (consortium / "state" / "server.lock").exists()
+
+
+def test_override_text_keeps_its_type():
+    from server.console import parse_overrides
+
+    given = parse_overrides(["fair-covariate-edges=45", "learning-rate=1", "dp=true", "strategy=fedprox"])
+    assert given == {"fair-covariate-edges": "45", "learning-rate": 1, "dp": True, "strategy": "fedprox"}
+    assert check_overrides(given, DEFAULTS)["learning-rate"] == 1.0  # typed as the run config types it
+    with pytest.raises(ConfigError, match="expects KEY=VALUE, got 'dp'"):
+        parse_overrides(["dp"])
+
+
+def test_checks_only_the_assembled_config_can_make():
+    with pytest.raises(ConfigError, match="'patience' must be >= 0"):
+        check_overrides({"patience": -1}, DEFAULTS)
+    cfg = RunConfig.from_flower(check_overrides({"best-by": "holdout-auroc"}, DEFAULTS))
+    with pytest.raises(ConfigError, match="needs a holdout set"):
+        cfg.server.check_holdout()
+    RunConfig.from_flower({**DEFAULTS, "best-by": "holdout-auroc", "holdout-path": "/h"}).server.check_holdout()

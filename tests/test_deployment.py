@@ -224,10 +224,12 @@ def deployment(tmp_path_factory):
         server = procs.start("server2", server_args + ["--resume"])
         facts["server2_rc"] = server.wait(timeout=400)
 
-        # a run that fails (the ServerApp raises at once): the command must say so and exit 1
+        # a run that fails (the ServerApp raises at once on a damaged checkpoint): the command must say so, exit 1
+        (root / "failing" / "checkpoints").mkdir(parents=True)
+        (root / "failing" / "checkpoints" / "latest.pt").write_bytes(b"half a file")
         failing = procs.start("server3", ["server.cli", "start", "--dir", str(cons), "--out", str(root / "failing"),
                                           "--host", "127.0.0.1", "--port", str(port), "--rounds", "1",
-                                          "--wait-for-sites", "1", "-c", "model=vgg"])
+                                          "--wait-for-sites", "1", "--resume"])
         facts["server3_rc"] = failing.wait(timeout=300)
 
         for site, proc in clients.items():

@@ -241,8 +241,8 @@ def test_release_adds_calibrated_noise_and_charges_q1(tmp_path):
     assert ledger.epsilon() == pytest.approx(_opacus_eps([(2.0, 1.0, 1)]), rel=1e-12)
 
 
-def test_five_label_histograms_move_epsilon_as_in_design(tmp_path):
-    """DESIGN section 3: 5 rounds 4.90 -> 7.99, five histograms at noise std 10 -> 8.06.
+def test_five_label_histograms_move_epsilon_as_accounted(tmp_path):
+    """5 rounds 4.90 -> 7.99; five histograms at noise std 10 on top -> 8.06.
 
     The history is a plan that spends 8 over 5 rounds (n=270, batch 16, 1 local epoch)."""
     q, steps = 16 / 270, math.ceil(270 / 16)

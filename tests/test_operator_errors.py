@@ -17,17 +17,8 @@ from simulations.run import main as simulate
 DEFAULTS = app_defaults(Path(__file__).resolve().parent.parent / "pyproject.toml")
 
 
-def _consortium(tmp_path: Path) -> Path:
-    cons = tmp_path / "cons"
-    assert server_main(["setup", "--dir", str(cons)]) == 0
-    _, pub, _ = make_site_keys(tmp_path / "hospital", "a")
-    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(pub),
-                        "--no-register"]) == 0
-    return cons
-
-
-def test_busy_port_is_named_before_anything_starts(tmp_path, capsys):
-    cons = _consortium(tmp_path)
+def test_busy_port_is_named_before_anything_starts(tmp_path, consortium, capsys):
+    cons = consortium
     with socket.socket() as other:  # another program already listens on the port
         other.bind(("127.0.0.1", 0))
         other.listen()
@@ -41,8 +32,8 @@ def test_busy_port_is_named_before_anything_starts(tmp_path, capsys):
     assert "listening" not in err.out and not (tmp_path / "run").exists()
 
 
-def test_second_server_on_the_same_folder_is_refused(tmp_path, capsys):
-    cons = _consortium(tmp_path)
+def test_second_server_on_the_same_folder_is_refused(tmp_path, consortium, capsys):
+    cons = consortium
     (cons / "state").mkdir(exist_ok=True)
     with open(cons / "state" / "server.lock", "w") as held:  # what a running server holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -53,3 +53,11 @@ def test_predict_names_what_is_wrong(tmp_path, capsys):
     assert predict_main(base + ["--image-size", "32", "--columns", "race"]) == 2
     assert "no column(s) ['race']" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
+    # weights of another network than the card says: named, exit 2; the card's network is what loads them
+    torch.save(build_model("resnet").state_dict(), tmp_path / "r.pt")
+    write_card(tmp_path / "r.pt", "cnn", 2, 32)
+    wrong = ["--model", str(tmp_path / "r.pt"), "--data", str(site), "--out", str(tmp_path / "p.csv")]
+    assert predict_main(wrong) == 2
+    assert f"model file {tmp_path / 'r.pt'} does not fit the network 'cnn' (its model card)" in capsys.readouterr().err
+    write_card(tmp_path / "r.pt", "resnet", 2, 32)
+    assert predict_main(wrong) == 0 and (tmp_path / "p.csv").exists()

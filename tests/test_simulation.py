@@ -2,6 +2,7 @@
 `flwr run` of this app, 2 hospitals x 2 rounds; then a resume and a failing run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -58,18 +59,31 @@ def test_run_folder_contents(run_dir):
     assert not [w for w in warnings if w.startswith("the final")]  # the final model beat round 0
 
 
-def test_resume_continues_round_count(run_dir):
-    code = simulate([str(run_dir / "tiny.toml"), "--out", str(run_dir), "--rounds", "3", "--resume", *FAST])
+def test_resume_continues_round_count(run_dir, tmp_path):
+    resumed = tmp_path / "sim"  # a copy: the shared run stays as other tests read it
+    shutil.copytree(run_dir, resumed)
+    code = simulate([str(resumed / "tiny.toml"), "--out", str(resumed), "--rounds", "3", "--resume", *FAST])
     assert code == 0
-    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics = pd.read_csv(resumed / "metrics.csv")
     assert list(metrics["round"]) == [0, 1, 2, 3]
-    per_site = pd.read_csv(run_dir / "per_site.csv")
+    per_site = pd.read_csv(resumed / "per_site.csv")
     assert sorted(per_site["round"].unique()) == [1, 2, 3]
-    assert (run_dir / "checkpoints" / "round_003.pt").exists()
+    assert (resumed / "checkpoints" / "round_003.pt").exists()
+    saved = json.loads((resumed / "run_overrides.json").read_text())
+    assert saved["num-server-rounds"] == 3 and saved["statistics"] == "shift"  # the resume's own, kept for the next
 
 
 def test_failed_run_exits_non_zero(tmp_path, run_dir):
-    # an unknown network makes the ServerApp raise: Flower marks the run failed, we exit 1
-    code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path), "--rounds", "1", "-c", "model=vgg", *FAST])
+    # a damaged checkpoint makes the ServerApp raise on resume: Flower marks the run failed, we exit 1
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"half a file")
+    code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path), "--rounds", "1", "--resume", *FAST])
     assert code == 1
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_unknown_network_is_a_config_error(tmp_path, run_dir, capsys):
+    code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path / "run"), "-c", "model=vgg", *FAST])
+    assert code == 2
+    assert "'model' must be one of ['cnn', 'resnet'], got 'vgg'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

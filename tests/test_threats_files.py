@@ -126,15 +126,6 @@ def test_server_commands_never_write_a_hospital_private_key(tmp_path, capsys):
 # --- 2. the CA key is kept away from the running server ------------------------------------------
 
 
-def _consortium(tmp_path: Path) -> Path:
-    cons = tmp_path / "cons"
-    assert server_main(["setup", "--dir", str(cons)]) == 0
-    _, pub, _ = make_site_keys(tmp_path / "hospital", "a")
-    assert server_main(["register", "--dir", str(cons), "--site", "a", "--public-key", str(pub),
-                        "--no-register"]) == 0
-    return cons
-
-
 def test_setup_writes_the_ca_key_outside_the_server_folder(tmp_path, capsys):
     cons = tmp_path / "cons"
     assert server_main(["setup", "--dir", str(cons)]) == 0
@@ -174,8 +165,8 @@ def test_setup_moves_a_ca_key_left_in_the_folder_by_an_older_layout(tmp_path, ca
 
 
 @pytest.mark.parametrize("where", ["ca.key", "state/ca.key", "backup/consortium-root.pem"])
-def test_start_refuses_with_the_ca_key_in_the_server_folder(tmp_path, capsys, where):
-    cons = _consortium(tmp_path)
+def test_start_refuses_with_the_ca_key_in_the_server_folder(tmp_path, consortium, capsys, where):
+    cons = consortium
     planted = cons / where
     planted.parent.mkdir(parents=True, exist_ok=True)
     planted.write_bytes((tmp_path / "cons-ca-offline" / "ca.key").read_bytes())
@@ -239,7 +230,7 @@ def test_the_payload_is_live(tmp_path):
 
 def test_model_loaders_refuse_pickle_payloads(tmp_path, capsys):
     from client.adapt import load_model_weights
-    from fairness.cli import _load_weights
+    from fairness.cli import load_weights
     from fairness.cli import main as audit_main
 
     marker = tmp_path / "PWNED"
@@ -247,7 +238,7 @@ def test_model_loaders_refuse_pickle_payloads(tmp_path, capsys):
     preds = tmp_path / "preds.csv"
     preds.write_text("A,S,D,Yhat\n0,0,1,0.7\n1,1,0,0.2\n")
     for name, path in _evil_files(tmp_path, marker).items():
-        for loader in (load_model_weights, lambda p: _load_weights(p, "cnn")):
+        for loader in (load_model_weights, lambda p: load_weights(p, "cnn")):
             with pytest.raises(ValueError, match=f"model file {path} refused"):
                 loader(path)
         # the commands: exit 2 with the file named, before reading anything else
@@ -266,7 +257,7 @@ def test_model_loaders_refuse_pickle_payloads(tmp_path, capsys):
 def test_model_loaders_refuse_what_is_not_a_state_dict_and_accept_what_is(tmp_path):
     from client.adapt import load_model_weights
     from core_models.networks import build_model
-    from fairness.cli import _load_weights
+    from fairness.cli import load_weights
 
     torch.save({"w": "not a tensor"}, tmp_path / "strings.pt")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
@@ -280,7 +271,7 @@ def test_model_loaders_refuse_what_is_not_a_state_dict_and_accept_what_is(tmp_pa
     for path in (tmp_path / "final_model.pt", tmp_path / "run" / "checkpoints" / "round_001.pt"):
         loaded = load_model_weights(path)
         assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
-        assert isinstance(_load_weights(str(path), "cnn"), torch.nn.Module)
+        assert isinstance(load_weights(str(path), "cnn"), torch.nn.Module)
 
 
 def test_checkpoint_loader_refuses_pickle_payloads(tmp_path):
