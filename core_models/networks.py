@@ -16,7 +16,6 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import ResNet
 from opacus.grad_sample.grad_sample_module import GradSampleHooks
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.grad_sample.utils import register_grad_sampler
@@ -255,6 +254,8 @@ def build_model(name: str = "cnn", num_classes: int = 2) -> nn.Module:
     if name == "cnn":
         return SmallCNN(num_classes=num_classes)
     if name == "resnet":
+        from monai.networks.nets import ResNet  # here: importing MONAI costs every process seconds
+
         # MONAI's ResNet-10 layout in 2-D, narrowed for CPU. MONAI 1.6 applies `norm`
         # only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm.
         resnet = ResNet(

@@ -46,10 +46,19 @@ from fairness.graph import (
 from fairness.group_metrics import GroupMetrics, group_metrics
 from fairness.identification import Identification, identify
 from fairness.pse import EffectTable, EstimationError, estimate_effects
-from fairness.report import write_report
 
 __all__ = [
     "CausalPath", "CausalSpec", "CycleError", "EffectTable", "EstimationError", "GraphError", "GroupMetrics",
     "Identification", "MissingColumnError", "RoleError", "SpecError", "estimate_effects", "group_metrics",
     "identify", "load_graph_spec", "run_audit", "verdict", "write_audit_json", "write_report",
 ]
+
+
+def __getattr__(name: str):
+    # the report pulls in matplotlib (about a second): loaded when asked for, not by every process that
+    # imports a part of this package (a ClientApp task reads only the audit's statistics)
+    if name == "write_report":
+        from fairness.report import write_report
+
+        return write_report
+    raise AttributeError(f"module 'fairness' has no attribute {name!r}")
