@@ -72,7 +72,9 @@ def refusal_reason(err: Exception) -> str:
     for line in lines:
         if "Unsupported" in line or "GLOBAL" in line:
             return line
-    return lines[0] if lines else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) or not lines:
+        return lines[0] if lines else f"unreadable: {type(err).__name__}"
+    return f"unreadable: {type(err).__name__} {lines[0]}"
 
 
 def _is_tensor_map(value) -> bool:
@@ -84,7 +86,7 @@ def read_checkpoint(path: Path) -> dict:
     path = Path(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except Exception as err:  # a damaged file fails in many ways (KeyError, EOFError, ...); none runs code
         raise CheckpointError(f"checkpoint {path} refused: it is not a plain checkpoint of tensors, numbers and "
                               f"strings, and it is not loaded in a way that could run code from it "
                               f"({refusal_reason(err)}). A checkpoint written by equifed before format {FORMAT} "

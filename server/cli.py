@@ -223,7 +223,7 @@ def cmd_start(args: argparse.Namespace) -> int:
               flush=True)
         printer = RoundPrinter(out)
         printer.printed = _last_round(out) if args.resume else -1
-        status = link.wait(run_id, timeout=args.timeout, on_poll=printer, poll=1.0, status_every=5.0)
+        status = link.wait(run_id, timeout=args.timeout, on_poll=printer)
         printer()
         (out / "flower.log").write_text(link.logs(run_id))
     except (RuntimeError, TimeoutError) as err:
@@ -242,7 +242,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         summary.update({"flower_run_id": run_id, "flower_status": status.get("status")})
         summary_path.write_text(json.dumps(summary, indent=2))
     if status.get("status") != "finished:completed":
-        print(f"equifed-server: run {run_id} FAILED ({status.get('status')}: {status.get('status-details', '')}); "
+        print(f"equifed-server: run {run_id} FAILED ({link.outcome(status)}); "
               f"Flower log: {out / 'flower.log'}", file=sys.stderr)
         return 1
     print(f"equifed-server: run {run_id} completed; results in {out}", flush=True)

@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 # re-exported: server.cli, server.deploy, simulations and the tests import them from here
 from core_models.processes import APP_DIR, _bin, app_snapshot, free_port, kill_tree  # noqa: F401
 
 CONNECTION = "equifed"
+APP_PROCESSES = ("flwr-serverapp", "flwr-simulation")  # what a SuperExec starts for a run
 
 
 @dataclass(frozen=True)
@@ -154,18 +157,43 @@ class LocalSuperLink:
             raise RuntimeError(f"run {run_id} unknown to the SuperLink: {done.stdout}")
         return runs[0]
 
-    def wait(self, run_id: int, timeout: float, poll: float = 2.0, on_poll=None, status_every: float = 0,
-             ending=None) -> dict:
+    @staticmethod
+    def outcome(row: dict) -> str:
+        """A status row as one phrase: "finished:failed: ServerApp failed with exception: ..."."""
+        details = row.get("status-details") or ""
+        return f"{row.get('status')}: {details}" if details else str(row.get("status"))
+
+    def app_running(self) -> bool:
+        """Whether a run's app process (`flwr-serverapp`, or `flwr-simulation` with its Ray engine) is alive
+        under this SuperLink: a look at the process table, far cheaper than a `flwr` status query."""
+        if self.process is None:
+            return False
+        try:
+            family = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return False
+        for proc in family:
+            try:
+                if any(name in part for part in proc.cmdline()[:3] for name in APP_PROCESSES):
+                    return True
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return False
+
+    def wait(self, run_id: int, timeout: float, poll: float = 1.0, on_poll=None, status_every: float = 30.0) -> dict:
         """Block until the run finishes; return its status row. Raises TimeoutError.
-        `on_poll` runs every `poll` seconds, the status query (a `flwr` process, about a
-        CPU-second) every `status_every` seconds (default: every poll), and at every poll once
-        `ending()` says the run is winding up (e.g. its summary is written)."""
+
+        `on_poll` runs every `poll` seconds. The run's status (a `flwr` process: seconds of CPU each) is asked
+        once its app process has been seen and has gone (Flower then marks the run finished), and otherwise
+        only every `status_every` seconds, in case the app dies before it is ever seen."""
         deadline = time.time() + timeout
-        next_status = 0.0
+        next_status, seen = 0.0, False
         while time.time() < deadline:
             if on_poll:
                 on_poll()
-            if time.time() >= next_status or (ending is not None and ending()):
+            running = self.app_running()
+            seen = seen or running
+            if time.time() >= next_status or (seen and not running):
                 row = self.status(run_id)
                 if str(row.get("status", "")).startswith("finished"):
                     if on_poll:

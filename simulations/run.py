@@ -228,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config, federation)
         print(f"equifed: run {run_id} started on SuperLink {link.address}", flush=True)
         printer = RoundPrinter(out)
-        # each status query is a `flwr` process (a CPU-second): often only once the ServerApp wrote its summary
-        summary_file = out / "summary.json"
-        status = link.wait(run_id, timeout=args.timeout, on_poll=printer, poll=1.0, status_every=10.0,
-                           ending=summary_file.exists)
+        status = link.wait(run_id, timeout=args.timeout, on_poll=printer)
         printer()
         (out / "flower.log").write_text(link.logs(run_id))
     n_rejected = collect_rejections(sites, out)
@@ -244,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in site_failures(sites, errors_before):
         print(line, file=sys.stderr, flush=True)
     if not ok:
-        print(f"equifed: run {run_id} FAILED ({status.get('status')}); Flower log: {out / 'flower.log'}", file=sys.stderr)
+        print(f"equifed: run {run_id} FAILED ({link.outcome(status)}); Flower log: {out / 'flower.log'}", file=sys.stderr)
         return 1
     summary = json.loads(summary_path.read_text())
     print(

@@ -323,7 +323,7 @@ def test_clients_retry_until_the_server_is_back(deployment):
 
 def test_failed_run_exits_non_zero(deployment):
     assert deployment["server3_rc"] == 1
-    assert re.search(r"run \d+ FAILED \(finished:failed", deployment["procs"].log("server3"))
+    assert re.search(r"run \d+ FAILED \(finished:failed: .*latest\.pt refused", deployment["procs"].log("server3"))
     assert not (deployment["root"] / "failing" / "summary.json").exists()
 
 

@@ -2,6 +2,7 @@
 `flwr run` of this app, 2 hospitals x 2 rounds; then a resume and a failing run."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -73,12 +74,13 @@ def test_resume_continues_round_count(run_dir, tmp_path):
     assert saved["num-server-rounds"] == 3 and saved["statistics"] == "shift"  # the resume's own, kept for the next
 
 
-def test_failed_run_exits_non_zero(tmp_path, run_dir):
+def test_failed_run_exits_non_zero(tmp_path, run_dir, capsys):
     # a damaged checkpoint makes the ServerApp raise on resume: Flower marks the run failed, we exit 1
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"half a file")
     code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path), "--rounds", "1", "--resume", *FAST])
     assert code == 1
+    assert re.search(r"FAILED \(finished:failed: .*latest\.pt refused", capsys.readouterr().err)
     assert not (tmp_path / "summary.json").exists()
 
 
