@@ -99,7 +99,6 @@ n = 100
 
 DP = ["-c", "dp=true", "-c", "target-epsilon=6.0", "-c", "local-epochs=1", "-c", "batch-size=32",
       "-c", "physical-batch-size=16", "-c", "image-size=32", "-c", "min-train-nodes=2"]
-CENTRAL = ["-c", "central-dp=true", "-c", "central-dp-noise=0.5", "-c", "central-dp-clip=5.0"]
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +109,7 @@ def dp_run(tmp_path_factory):
     # round 1 spends about 4.5 and round 2 about 6.1 (the noised patient counts move them a little): a cap
     # between the two lets round 1 through and stops round 2
     (sites[2] / "site.toml").write_text("max-epsilon = 5.3\n")
-    # with Flower's central (site-level) DP on top: the server clips and noises the aggregate as well
-    code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "2", "--timeout", "600", *DP,
-                     *CENTRAL])
+    code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "2", "--timeout", "600", *DP])
     assert code == 0
     return out, sites
 
@@ -151,17 +148,8 @@ def test_ledgers_on_disk_agree_with_reports(dp_run):
     assert len(registry) == 3
 
 
-def test_central_dp_option_runs_flowers_wrapper(dp_run):
-    out, _ = dp_run
-    log = (out / "flower.log").read_text()
-    assert "central DP noise" in log  # the server-side wrapper noised the aggregate
-    rows = pd.read_csv(out / "per_site.csv")
-    train = rows[rows["phase"] == "train"]
-    assert (train[train["round"] == 1]["status"] == "ok").sum() == 3
-
-
 def test_deleted_ledger_is_refused_by_the_server(dp_run):
-    out, sites = dp_run  # last: it runs again in the shared folder
+    out, sites = dp_run
     # north loses its ledger and the witness beside it (a whole reset, which the site cannot see): the server's
     # registry refuses it; a lost ledger alone is refused by the site itself (tests/test_threats.py)
     (sites[0] / ".equifed" / "privacy_ledger.json").unlink()
@@ -175,3 +163,15 @@ def test_deleted_ledger_is_refused_by_the_server(dp_run):
     south = rows[(rows["site"] == "south") & (rows["phase"] == "train")]
     assert list(south["status"]) == ["ok"]
     assert south["epsilon-before"].iloc[0] > 0  # south's ledger carried over from the first run
+
+
+def test_central_dp_option_runs_flowers_wrapper(dp_run, tmp_path):
+    out, _ = dp_run
+    code = simulate([str(out / "s.toml"), "--out", str(tmp_path), "--rounds", "1", "-c", "central-dp=true",
+                     "-c", "central-dp-noise=0.5", "-c", "central-dp-clip=5.0", "-c", "image-size=32",
+                     "-c", "local-epochs=1", "-c", "min-train-nodes=3"])
+    assert code == 0
+    log = (tmp_path / "flower.log").read_text()
+    assert "central DP noise" in log  # the server-side wrapper noised the aggregate
+    rows = pd.read_csv(tmp_path / "per_site.csv")
+    assert (rows[rows["phase"] == "train"]["status"] == "ok").sum() == 3
