@@ -78,7 +78,7 @@ def test_failed_run_exits_non_zero(tmp_path, run_dir, capsys):
     # a damaged checkpoint makes the ServerApp raise on resume: Flower marks the run failed, we exit 1
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest.pt").write_bytes(b"half a file")
-    code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path), "--rounds", "1", "--resume", *FAST])
+    code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path), "--rounds", "1", "--resume", "--force-config", *FAST])
     assert code == 1
     assert re.search(r"FAILED \(finished:failed: .*latest\.pt refused", capsys.readouterr().err)
     assert not (tmp_path / "summary.json").exists()
