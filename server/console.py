@@ -20,7 +20,6 @@ SAVED_CONFIG = "run_overrides.json"
 def parse_overrides(items: list[str]) -> dict:
     """`KEY=VALUE` strings -> run-config dict. A key the run config types as text keeps its text as given
     (`fair-covariate-edges=45`); any other value that reads as a number or true/false gets that type."""
-
     types = schema()
     out = {}
     for item in items:
