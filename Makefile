@@ -22,10 +22,11 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/equifed-simulate simulations/scenarios/default.toml --out runs/demo -c statistics=shift,fairness
 
-# The import rule between rooms first (seconds), then the suite.
+# The import rule between rooms first (seconds), then the suite on two workers (tests/conftest.py says
+# which tests share one).
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -45,6 +45,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import core_models.grad_samplers  # noqa: F401  (registers DPConv2d with Opacus, also for variants without prepare_for_dp)
 from core_models.networks import DPConv2d, SmallCNN, build_model, prepare_for_dp
 
 SIZE, LR, SIGMA, CLIP, TARGET = 64, 2e-3, 1.0, 1.0, 1.3

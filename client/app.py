@@ -20,7 +20,7 @@ from client.dp import plan_dp, train_dp
 from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
 from client.policy import PolicyRefusal, SitePolicy
 from client.shift_stats import one_per_patient
-from client.site import STATE_DIR, LocalSite, open_site, resolve_site_path
+from client.site import SITE_LOG, STATE_DIR, LocalSite, open_site, resolve_site_path
 from client.fairness_stats import fair_meta_rows
 from client.producers import produce
 from client.statistics import Releaser
@@ -67,16 +67,16 @@ def keep_details_local(handler):
                 with open(log_path, "a", encoding="utf-8") as fh:
                     fh.write(f"--- {handler.__name__}\n{traceback.format_exc()}\n")
             raise SiteError(f"site {name}: {type(err).__name__} during {handler.__name__}; "
-                            f"details in the site's {STATE_DIR}/client_errors.log") from None
+                            f"details in the site's {SITE_LOG}") from None
 
     return wrapper
 
 
 def _error_log(context: Context) -> Path | None:
     try:
-        state = resolve_site_path(dict(context.node_config), dict(context.run_config)) / STATE_DIR
-        state.mkdir(parents=True, exist_ok=True)
-        return state / "client_errors.log"
+        path = resolve_site_path(dict(context.node_config), dict(context.run_config)) / SITE_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
     except (OSError, ValueError):
         return None
 

@@ -6,18 +6,12 @@ Subcommands register themselves in build_parser() with a `func(args) -> int`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
-
-SITE_LOG = Path(".equifed") / "client_errors.log"  # the site's own log, beside its ledger and rejections
-
 
 def _fmt(v, spec: str = "") -> str:
     return "-" if v is None else format(v, spec)
@@ -70,44 +64,12 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def pydicom_to_site_log(data):
-    """pydicom logs, with tracebacks, errors it handles itself (each plugin that fails on a frame before another
-    decodes it or the image becomes a rejection): on the console they read as failures of the check. While loading
-    the data they go to the site's `.equifed/client_errors.log` instead (only if there is one to write: nothing
-    is created outside an existing data folder), and pydicom's warnings, which repeat its logged messages, are not
-    printed. The rejection reasons themselves are in the summary and in `.equifed/rejected.csv`."""
-    logger = logging.getLogger("pydicom")
-    path, handler = Path(data).expanduser() / SITE_LOG, None
-    try:
-        if path.parent.parent.is_dir():
-            path.parent.mkdir(exist_ok=True)
-            handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # the file appears with a record
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    except OSError:  # a read-only data folder: the records are dropped, the reasons stay in the summary
-        handler = None
-    propagate = logger.propagate
-    logger.propagate = False
-    if handler is not None:
-        logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module="pydicom")
-            yield path if handler is not None else None
-    finally:
-        logger.propagate = propagate
-        if handler is not None:
-            logger.removeHandler(handler)
-            handler.close()
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the data folder as `start` does, print the summary; nothing is sent."""
     from client.supernode import DataFolderError, check_data
 
     try:
-        with pydicom_to_site_log(args.data):
-            summary = check_data(args.data, site=args.site, image_size=args.image_size, seed=args.seed)
+        summary = check_data(args.data, site=args.site, image_size=args.image_size, seed=args.seed)
     except DataFolderError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -119,11 +81,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Validate the data folder, then run this hospital's SuperNode against the server."""
     from client.supernode import run_site
 
-    with pydicom_to_site_log(args.data):  # run_site checks the data here first, as `check` does
-        return run_site(args.site, args.data, args.server, args.ca, args.key, image_size=args.image_size,
-                        seed=args.seed, max_epsilon=args.max_epsilon, audit_log=args.audit_log,
-                        runtime_port=args.runtime_port, max_wait=args.max_wait, auth_retries=args.auth_retries,
-                        log_file=args.log_file)
+    return run_site(args.site, args.data, args.server, args.ca, args.key, image_size=args.image_size,
+                    seed=args.seed, max_epsilon=args.max_epsilon, audit_log=args.audit_log,
+                    runtime_port=args.runtime_port, max_wait=args.max_wait, auth_retries=args.auth_retries,
+                    log_file=args.log_file)
 
 
 def add_deployment_commands(sub) -> None:

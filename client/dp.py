@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
+import core_models.grad_samplers  # noqa: F401  (DPConv2d's per-sample gradient, registered with Opacus)
 from client.ledger import PrivacyLedger, os_entropy_rng
 from core_models.networks import get_device, prepare_for_dp
 from core_models.training import make_optimizer

@@ -17,8 +17,12 @@ acquisition with a per-start secret) and starts nothing. This module is the proc
 takes those tasks instead of `flower-superexec` + `flwr-clientapp`:
 
 * `serve` polls the SuperNode's Runtime API for ClientApp tasks (AcquireTask, like
-  flwr/supercore/superexec/run_superexec.py) and starts one `flwr-clientapp` task process
-  of this module per task (fresh interpreter, as Flower does);
+  flwr/supercore/superexec/run_superexec.py) and hands each task to its own `flwr-clientapp`
+  task process of this module (a fresh interpreter per task, as Flower does). The next task
+  process is always started ahead: it imports the installed ClientApp and builds the
+  reference bundle while the site waits, then reads its task's token from stdin (never
+  from its command line, which other local users can read), so a round does not wait
+  seconds for torch and Opacus to import;
 * the task process pulls the message, context, run and FAB (Flower's own
   `pull_task_input`), then compares the FAB with the bundle built from the installed
   equifed: `core_models.processes.app_snapshot` of the installed packages (the folder the
@@ -90,14 +94,18 @@ def installed_bundle(app_dir: Path = APP_DIR) -> bytes:
         return build_fab_from_disk(app_snapshot(Path(tmp) / "app", app_dir))
 
 
-def bundle_differences(fab: bytes, reference: bytes | None = None) -> list[str]:
+def bundle_differences(fab: bytes, reference: bytes | Exception | None = None) -> list[str]:
     """Why `fab` is not the installed equifed: one line per changed, missing or extra file
-    (empty when every file is identical)."""
+    (empty when every file is identical). `reference`: the installed bundle (built here when
+    None), or the error that building it raised."""
     if reference is None:
         try:
             reference = installed_bundle()
-        except Exception as err:  # no pyproject.toml next to the packages, unreadable file, ...
-            return [f"cannot build the installed equifed's bundle from {APP_DIR}: {type(err).__name__}: {err}"]
+        except Exception as err:  # noqa: BLE001  (no pyproject.toml next to the packages, unreadable file, ...)
+            reference = err
+    if isinstance(reference, Exception):
+        err = reference
+        return [f"cannot build the installed equifed's bundle from {APP_DIR}: {type(err).__name__}: {err}"]
     try:
         got = bundle_files(fab)
     except (zipfile.BadZipFile, ValueError, OSError) as err:
@@ -128,12 +136,33 @@ def _site_log(path: Path | None, text: str) -> None:
 
 
 # --- one task (the role of flwr-clientapp) ----------------------------------------------
-def run_task(runtime_api_address: str, token: str, site_log: Path | None, parent_pid: int | None) -> None:
+def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: int | None) -> None:
+    """A task process started before its task: load what every task needs, then answer the
+    task whose token arrives on stdin (none when the runner stops first: exit quietly)."""
+    from flwr.supercore.app_utils import start_parent_process_monitor
+
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    try:
+        loaded = load_installed_clientapp()
+    except Exception as err:  # noqa: BLE001  (answered as the task's failure, below)
+        loaded = err
+    try:
+        reference: bytes | Exception = installed_bundle()
+    except Exception as err:  # noqa: BLE001  (no pyproject.toml next to the packages, unreadable file, ...)
+        reference = err
+    token = sys.stdin.readline().strip()
+    if token:
+        run_task(runtime_api_address, token, site_log, loaded, reference)
+
+
+def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded, reference) -> None:
     """Answer one ClientApp task; modelled on flwr.supernode.runtime.run_clientapp.run_clientapp,
-    with the FAB compared instead of installed and the ClientApp imported from this site."""
+    with the FAB compared instead of installed and the ClientApp imported from this site
+    (`loaded`: the ClientApp, or why it could not be imported; `reference`: the installed
+    bundle, or why it could not be built)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -142,8 +171,6 @@ def run_task(runtime_api_address: str, token: str, site_log: Path | None, parent
     from flwr.supercore.telemetry import EventType
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-    if parent_pid is not None:
-        start_parent_process_monitor(parent_pid)
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
@@ -170,7 +197,7 @@ def run_task(runtime_api_address: str, token: str, site_log: Path | None, parent
         state["heartbeat"].start()
         message, context, run, fab = pull_task_input(client)
         state["context"] = context
-        problems = bundle_differences(fab.content)
+        problems = bundle_differences(fab.content, reference)
         if problems:
             stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
             _site_log(site_log, f"--- {stamp} run {run.run_id}: refused: {BUNDLE_REFUSED} "
@@ -181,8 +208,9 @@ def run_task(runtime_api_address: str, token: str, site_log: Path | None, parent
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
             state["details"] = BUNDLE_REFUSED  # the task FAILED; the process did what it must (exit code 0)
         else:
-            app = load_installed_clientapp()
-            reply = app(message=message, context=context)
+            if isinstance(loaded, Exception):
+                raise loaded
+            reply = loaded(message=message, context=context)
             state["sub_status"], state["details"] = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001  (as Flower: the server gets the exception type, text stays here)
         _site_log(site_log, f"--- pinned ClientApp task failed: {type(ex).__name__}: {ex}")
@@ -212,12 +240,28 @@ def launcher(app_dir: Path = APP_DIR) -> list[str]:
     return [sys.executable, "-I", "-c", code]
 
 
-def task_command(runtime_api_address: str, token: str, site_log: Path | None, parent_pid: int) -> list[str]:
-    cmd = launcher(APP_DIR) + [TASK_COMMAND, "--runtime-api-address", runtime_api_address, "--token", token,
+def task_command(runtime_api_address: str, site_log: Path | None, parent_pid: int) -> list[str]:
+    cmd = launcher(APP_DIR) + [TASK_COMMAND, "--runtime-api-address", runtime_api_address,
                                "--parent-pid", str(parent_pid)]
     if site_log is not None:
         cmd += ["--site-log", str(site_log)]
     return cmd
+
+
+def start_task_process(runtime_api_address: str, site_log: Path | None) -> subprocess.Popen:
+    """The next task's process, started now so that it is ready when the task comes."""
+    return subprocess.Popen(task_command(runtime_api_address, site_log, os.getpid()), stdin=subprocess.PIPE,
+                            text=True)
+
+
+def hand_over(process: subprocess.Popen, token: str) -> None:
+    """Give a waiting task process its task (a process that died meanwhile gets none: the
+    SuperNode fails the task when its token is never used)."""
+    try:
+        process.stdin.write(token + "\n")
+        process.stdin.close()
+    except (BrokenPipeError, OSError):
+        pass
 
 
 def serve(runtime_api_address: str, secret_file: Path | None, site_log: Path | None, parent_pid: int | None) -> None:
@@ -243,15 +287,20 @@ def serve(runtime_api_address: str, secret_file: Path | None, site_log: Path | N
     )
     print(f"pinned ClientApp runner: equifed from {APP_DIR}, tasks from {runtime_api_address}", flush=True)
     children: list[subprocess.Popen] = []
+    ready = start_task_process(runtime_api_address, site_log)
     try:
         while True:
             children = [c for c in children if c.poll() is None]
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if res.HasField("task") and res.token:
-                children.append(subprocess.Popen(task_command(runtime_api_address, res.token, site_log,
-                                                              os.getpid())))
+                if ready.poll() is not None:  # it died while waiting (killed, out of memory): a new one
+                    ready = start_task_process(runtime_api_address, site_log)
+                hand_over(ready, res.token)
+                children.append(ready)
+                ready = start_task_process(runtime_api_address, site_log)
             time.sleep(POLL_SECONDS)
     finally:
+        hand_over(ready, "")  # no task: it exits
         client.close()
 
 
@@ -265,13 +314,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--parent-pid", type=int, default=None, help="exit when this process exits")
         if name == "serve":
             p.add_argument("--superexec-auth-secret-file", type=Path, default=None)
-        else:
-            p.add_argument("--token", required=True)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.runtime_api_address, args.superexec_auth_secret_file, args.site_log, args.parent_pid)
-    else:
-        run_task(args.runtime_api_address, args.token, args.site_log, args.parent_pid)
+    else:  # the task's token comes on stdin
+        wait_for_task(args.runtime_api_address, args.site_log, args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Everything here stays on the site. Only counts leave it (see client/app.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from core_models.data import SiteData, load_site, write_rejected
 from core_models.splits import assign_splits, check_no_leakage
 
 STATE_DIR = ".equifed"  # per-site state that must persist: split, rejections, privacy ledger
+SITE_LOG = Path(STATE_DIR) / "client_errors.log"  # the site's own log of what went wrong, kept at the site
 
 
 @dataclass
@@ -69,8 +73,9 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
     key = (str(path.resolve()), image_size, seed)
     if key in _LOADED:
         return _LOADED[key]
-    data = load_site(path, image_size=image_size, num_classes=num_classes,
-                     limits=SitePolicy.load(path, node_config).image_limits())
+    with pydicom_to_site_log(path):
+        data = load_site(path, image_size=image_size, num_classes=num_classes,
+                         limits=SitePolicy.load(path, node_config).image_limits())
     split = assign_splits(data.frame, seed=seed)
     frame = data.frame.assign(split=split.to_numpy())
     check_no_leakage(frame)
@@ -86,6 +91,37 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
     site = LocalSite(name=name, path=path, data=data, split=split.reset_index(drop=True))
     _LOADED[key] = site
     return site
+
+
+@contextlib.contextmanager
+def pydicom_to_site_log(data):
+    """pydicom logs, with tracebacks, errors it handles itself (each plugin that fails on a frame before another
+    decodes it or the image becomes a rejection): on the console they read as failures of the check. While a site's
+    images load (the check, every ClientApp task) they go to the site's `.equifed/client_errors.log` instead (only if there is one to write: nothing
+    is created outside an existing data folder), and pydicom's warnings, which repeat its logged messages, are not
+    printed. The rejection reasons themselves are in the summary and in `.equifed/rejected.csv`."""
+    logger = logging.getLogger("pydicom")
+    path, handler = Path(data).expanduser() / SITE_LOG, None
+    try:
+        if path.parent.parent.is_dir():
+            path.parent.mkdir(exist_ok=True)
+            handler = logging.FileHandler(path, encoding="utf-8", delay=True)  # the file appears with a record
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    except OSError:  # a read-only data folder: the records are dropped, the reasons stay in the summary
+        handler = None
+    propagate = logger.propagate
+    logger.propagate = False
+    if handler is not None:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="pydicom")
+            yield path if handler is not None else None
+    finally:
+        logger.propagate = propagate
+        if handler is not None:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def site_max_epsilon(path: Path, node_config: dict) -> float:

@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 
 from client.ledger import LedgerError, ledger_report
-from client.site import STATE_DIR, open_site, site_max_epsilon
+from client.site import SITE_LOG, STATE_DIR, open_site, site_max_epsilon
 from client.pinned_runner import launcher
 from core_models.processes import APP_DIR, _bin, free_port, kill_tree
 
@@ -281,7 +281,7 @@ def start_node(server: str, ca: Path | None, key: Path | None, node_config: dict
     command = supernode_command(server, ca, key, node_config, port, secret, insecure=insecure)
 
     def runner(supernode_pid: int) -> list[str]:
-        return runner_command(port, secret, state / "client_errors.log", supernode_pid, app_dir)
+        return runner_command(port, secret, Path(node_config["data-path"]) / SITE_LOG, supernode_pid, app_dir)
 
     return SuperNodeProcess(command, log_file, env=_env(flwr_home), runner=runner)
 

@@ -37,6 +37,10 @@ class TLSFiles:
     key: Path
 
 
+class PortTaken(RuntimeError):
+    """The SuperLink could not listen: another process holds its port."""
+
+
 class LocalSuperLink:
     """A SuperLink we start and stop by PID, used as a context manager.
 
@@ -51,9 +55,9 @@ class LocalSuperLink:
         if auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on a plain connection)")
         self.host = host
+        self.chosen_port = port is None  # a free port we picked: another one is tried if it is taken meanwhile
         self.port = port or free_port()
         self.dial_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where our `flwr` calls go
-        self.address = f"{self.dial_host}:{self.port}"
         self.home = Path(home) if home else Path(tempfile.mkdtemp(prefix="equifed-flwr-home-"))
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_path) if log_path else self.home / "superlink.log"
@@ -63,6 +67,14 @@ class LocalSuperLink:
         self.database = Path(database).resolve() if database else None
         self.auth = auth
         self.process: subprocess.Popen | None = None
+        self._write_connection()
+
+    @property
+    def address(self) -> str:
+        return f"{self.dial_host}:{self.port}"
+
+    def _write_connection(self) -> None:
+        """The `flwr` CLI's connection to this SuperLink, in its FLWR_HOME."""
         security = (f'root-certificates = "{self.tls.ca}"\n' if self.tls else "insecure = true\n")
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -101,22 +113,49 @@ class LocalSuperLink:
             cmd.append("--simulation")
         return cmd
 
-    def start(self) -> None:
-        cmd = self.command()
+    def start(self, attempts: int = 3) -> None:
+        """Start the SuperLink and wait until its port answers. A port we picked ourselves that another
+        process took in the meantime is replaced by a new free one (up to `attempts` tries)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except PortTaken:
+                if not self.chosen_port or attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+                self._write_connection()
+
+    def _start_once(self) -> None:
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"SuperLink exited at start (code {self.process.returncode}); see {self.log_path}")
-            try:
-                with socket.create_connection((self.dial_host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.3)
+                code = self.process.returncode
+                self.process = None
+                self._log.close()
+                with open(self.log_path, "rb") as fh:
+                    fh.seek(log_start)
+                    said = fh.read().decode("utf-8", "replace").lower()
+                if "address already in use" in said:
+                    raise PortTaken(f"port {self.port} is already in use; see {self.log_path}")
+                raise RuntimeError(f"SuperLink exited at start (code {code}); see {self.log_path}")
+            if self._listening():
+                return
+            time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"SuperLink did not open port {self.port} within {self.startup_timeout}s; see {self.log_path}")
+
+    def _listening(self) -> bool:
+        """Whether our SuperLink itself listens on its port (a connection that succeeds could reach
+        another program that holds the port)."""
+        try:
+            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in sockets)
 
     def stop(self, hard: bool = False) -> None:
         """Kill the SuperLink and everything it started (SuperExec, ServerApp, Ray).

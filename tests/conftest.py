@@ -1,9 +1,30 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and how `make test` spreads the suite over two workers."""
 
 from pathlib import Path
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+
+# Tests that start Flower's simulation engine: the fixtures that run one, and the `simulation` mark.
+SIMULATION_FIXTURES = {"tiny_run", "run_dir", "dp_run", "stopped_run", "sites_run"}
+DEPLOYMENT_MODULES = {"test_deployment", "test_threats_deployment"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist's `--dist loadgroup`: every simulation in one worker (two Ray clusters on one
+    machine can race for Ray's default ports), the deployments together, every other module as one unit (its
+    module fixtures are built once). The two long groups go first, so neither is left for the end."""
+    def group(item) -> str:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if SIMULATION_FIXTURES & set(item.fixturenames) or item.get_closest_marker("simulation"):
+            return "simulation"
+        return "deployment" if module in DEPLOYMENT_MODULES else module
+
+    order = {"simulation": 0, "deployment": 1}
+    groups = {item.nodeid: group(item) for item in items}
+    items.sort(key=lambda item: order.get(groups[item.nodeid], 2))  # stable: each group keeps its order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
 
 
 @pytest.fixture

@@ -163,15 +163,3 @@ def test_deleted_ledger_is_refused_by_the_server(dp_run):
     south = rows[(rows["site"] == "south") & (rows["phase"] == "train")]
     assert list(south["status"]) == ["ok"]
     assert south["epsilon-before"].iloc[0] > 0  # south's ledger carried over from the first run
-
-
-def test_central_dp_option_runs_flowers_wrapper(dp_run, tmp_path):
-    out, _ = dp_run
-    code = simulate([str(out / "s.toml"), "--out", str(tmp_path), "--rounds", "1", "-c", "central-dp=true",
-                     "-c", "central-dp-noise=0.5", "-c", "central-dp-clip=5.0", "-c", "image-size=32",
-                     "-c", "local-epochs=1", "-c", "min-train-nodes=3"])
-    assert code == 0
-    log = (tmp_path / "flower.log").read_text()
-    assert "central DP noise" in log  # the server-side wrapper noised the aggregate
-    rows = pd.read_csv(tmp_path / "per_site.csv")
-    assert (rows[rows["phase"] == "train"]["status"] == "ok").sum() == 3

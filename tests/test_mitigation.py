@@ -428,10 +428,12 @@ def test_client_applies_the_broadcast_penalty_and_releases_its_statistics(tmp_pa
     assert set(statistics_handler(query, ctx).content["fair-pse"].keys()) == {"sums"}
 
 
+@pytest.mark.simulation
 def test_federated_penalty_through_flower(tmp_path):
     """A real simulation (own SuperLink, Flower's engine) with fair-lambda > 0: the server asks every site for its
     released statistics before round 1 and after each round, records the consortium PSE per round, and each release
-    is charged to the site's ledger."""
+    is charged to the site's ledger. The same run uses Flower's central DP (its server-side wrapper noises the
+    aggregate), which the fairness statistics do not depend on."""
     from client.ledger import PrivacyLedger
     from simulations.run import main as simulate
 
@@ -440,8 +442,10 @@ def test_federated_penalty_through_flower(tmp_path):
     (tmp_path / "s.toml").write_text(SCENARIO.replace("n = 60", "n = 150"))
     code = simulate([str(tmp_path / "s.toml"), "--out", str(tmp_path / "run"), "--rounds", "2", "--timeout", "600",
                      "-c", "local-epochs=1", "-c", "image-size=32", "-c", "fair-lambda=10", "-c", "fair-per-cell=8",
-                     "-c", "fraction-evaluate=0", "-c", "release-min-count=0"])
+                     "-c", "fraction-evaluate=0", "-c", "release-min-count=0",
+                     "-c", "central-dp=true", "-c", "central-dp-noise=0.5", "-c", "central-dp-clip=5.0"])
     assert code == 0
+    assert "central DP noise" in (tmp_path / "run" / "flower.log").read_text()  # the wrapper noised the aggregate
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(metrics["round"]) == [0, 1, 2]
     assert metrics["fair_pse"].notna().all() and (metrics["fair_sites"] == 2).all()
@@ -450,6 +454,8 @@ def test_federated_penalty_through_flower(tmp_path):
     fair = per_site[per_site["phase"] == "fair-pse"]
     assert sorted(zip(fair["round"], fair["site"])) == [(r, s) for r in (0, 1, 2) for s in ("east", "west")]
     assert (fair["status"] == "ok").all()
+    train = per_site[per_site["phase"] == "train"]
+    assert (train["status"] == "ok").sum() == 4  # both sites, both rounds, under the wrapper
     for site in ("east", "west"):
         ledger = PrivacyLedger.open(tmp_path / "run" / "data" / site)
         releases = sorted((e["round"], e["label"]) for e in ledger.entries if e["kind"] == "release")
