@@ -27,7 +27,7 @@ from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.meta_loader import make_meta_loader
 from core_models.networks import build_model, get_device
-from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED
+from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
 from core_models.training import evaluate, make_loader, train_epochs
 from fairness import mitigation
 
@@ -66,8 +66,8 @@ def keep_details_local(handler):
             if log_path is not None:
                 with open(log_path, "a", encoding="utf-8") as fh:
                     fh.write(f"--- {handler.__name__}\n{traceback.format_exc()}\n")
-            raise SiteError(f"site {name}: {type(err).__name__} during {handler.__name__}; "
-                            f"details in the site's {SITE_LOG}") from None
+            raise SiteError(site_error(name, f"{type(err).__name__} during {handler.__name__}; "
+                                             f"details in the site's {SITE_LOG}")) from None
 
     return wrapper
 
@@ -149,7 +149,7 @@ def _fair_penalty(msg: Message, cfg: RunConfig, site: LocalSite, model, seed: in
 def _refusal(msg: Message, site: LocalSite, code: int, err: Exception) -> Message:
     """An Error reply the server records under the site's name; the run goes on with the others."""
     what = "budget exhausted" if code == BUDGET_EXHAUSTED else "refused"
-    return Message(Error(code=code, reason=f"site {site.name}: {what}: {err}"), reply_to=msg)
+    return Message(Error(code=code, reason=site_error(site.name, f"{what}: {err}")), reply_to=msg)
 
 
 def _under_dp(cfg: RunConfig, policy: SitePolicy) -> bool:

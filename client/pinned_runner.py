@@ -64,6 +64,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core_models.processes import APP_DIR, app_snapshot
+from core_models.protocol import site_error
 
 BUNDLE_REFUSED = "app bundle is not the equifed installed at this site"
 CLIENTAPP_REF = ("client.app", "app")  # what runs, whatever the bundle's pyproject.toml names
@@ -204,7 +205,7 @@ def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded
                                 f"(bundle sha256 {fab.hash_str}, {run.fab_id} {run.fab_version})\n"
                       + "\n".join(f"    {line}" for line in problems))
             site = context.node_config.get("site")  # the hospital's own setting, as in client.app's errors
-            reason = f"site {site}: {BUNDLE_REFUSED}" if site else BUNDLE_REFUSED
+            reason = site_error(site, BUNDLE_REFUSED) if site else BUNDLE_REFUSED
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
             state["details"] = BUNDLE_REFUSED  # the task FAILED; the process did what it must (exit code 0)
         else:

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
 from core_models.data import load_site
+from core_models.model_card import card_path
 from core_models.networks import build_model
 from core_models.training import evaluate, make_loader
 from fairness import mitigation
@@ -186,7 +187,7 @@ class BestModel:
     def resume(self, saved: dict | None) -> None:
         """Take up the best so far from a checkpoint's history (None: a fresh run)."""
         if saved is None:
-            (self.out_dir / BEST_MODEL).unlink(missing_ok=True)  # an earlier run's, in the same folder
+            self._forget()  # an earlier run's, in the same folder
         elif saved.get("metric") == self.tracker.metric:
             self.tracker = BestTracker.from_json(saved, patience=self.tracker.patience)
             if self.tracker.best_round is not None:
@@ -194,7 +195,12 @@ class BestModel:
         else:  # the best by another metric says nothing about this one
             log(WARNING, "equifed: the run kept its best model by %s, this resume by %s: the best so far starts "
                 "afresh", saved.get("metric"), self.tracker.metric)
-            (self.out_dir / BEST_MODEL).unlink(missing_ok=True)
+            self._forget()
+
+    def _forget(self) -> None:
+        """No best model so far: an earlier one here, and its card, would be taken for this run's."""
+        (self.out_dir / BEST_MODEL).unlink(missing_ok=True)
+        card_path(self.out_dir / BEST_MODEL).unlink(missing_ok=True)
 
     def update(self, rnd: Round, state: dict, total_rounds: int) -> None:
         """Keep the round's model when it is the best; say so in its row, and whether patience ran out."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message
 
 from core_models.config import RunConfig, keys_of
+from core_models.protocol import error_site, error_status
 
 
 @dataclass
@@ -20,7 +21,7 @@ class SiteRelease:
     """One site's answer: its statistics by name, or why there are none."""
 
     site: str
-    status: str  # "ok" | "budget exhausted" | "error" | "no reply"
+    status: str  # "ok" | "budget exhausted" | "refused by policy" | "error" | "no reply"
     records: dict[str, dict]
     epsilon: float | None = None
     error: str = ""
@@ -38,10 +39,8 @@ def to_releases(replies: list[Message], kinds: list[str]) -> list[SiteRelease]:
     for msg in replies:
         if msg.has_error():
             reason = msg.error.reason
-            site = reason.split(":")[0].removeprefix("site ") if reason.startswith("site ") else \
-                f"node-{msg.metadata.src_node_id}"
-            status = "budget exhausted" if "budget exhausted" in reason else "error"
-            out.append(SiteRelease(site=site, status=status, records={}, error=reason))
+            site = error_site(reason) or f"node-{msg.metadata.src_node_id}"
+            out.append(SiteRelease(site=site, status=error_status(msg.error.code), records={}, error=reason))
             continue
         records = {k: dict(msg.content.metric_records[k]) for k in kinds if k in msg.content.metric_records}
         out.append(SiteRelease(site=str(msg.content["site"]["name"]), status="ok", records=records,

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from core_models.config import ServerConfig
-from core_models.protocol import DISCLOSURE, STATUS_OF_ERROR
+from core_models.protocol import DISCLOSURE, error_site, error_status
 from server.privacy_registry import PrivacyRegistry
 
 # Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
@@ -104,11 +104,9 @@ class SiteTrackingMixin:
             answered.add(node)
             if msg.has_error():
                 reason = msg.error.reason
-                status = STATUS_OF_ERROR.get(int(msg.error.code), "error")
-                site = reason.split(":")[0].removeprefix("site ") if reason.startswith("site ") else f"node-{node}"
-                self.site_rows.append(
-                    {"round": server_round, "phase": phase, "site": site, "status": status, "error": reason}
-                )
+                site = error_site(reason) or f"node-{node}"
+                self.site_rows.append({"round": server_round, "phase": phase, "site": site,
+                                       "status": error_status(msg.error.code), "error": reason})
                 continue
             site = msg.content["site"]["name"] if "site" in msg.content.config_records else f"node-{node}"
             metrics = {k: float(v) for k, v in msg.content["metrics"].items()}

@@ -10,6 +10,7 @@ SIMULATION_FIXTURES = {"tiny_run", "run_dir", "dp_run", "stopped_run", "sites_ru
 DEPLOYMENT_MODULES = {"test_deployment", "test_threats_deployment"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Groups for pytest-xdist's `--dist loadgroup`: every simulation in one worker (two Ray clusters on one
     machine can race for Ray's default ports), the deployments together, every other module as one unit (its

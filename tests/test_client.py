@@ -111,3 +111,14 @@ def test_failure_reaches_server_without_details(tmp_path):
     assert "ManifestError" in str(err.value) and "site broken" in str(err.value)
     log = (site / ".equifed" / "client_errors.log").read_text()
     assert "PAT-SECRET-001" in log  # the details stay at the hospital
+
+
+def test_the_server_reads_the_site_from_an_error_reply():
+    from core_models.protocol import BUDGET_EXHAUSTED, error_site, error_status, site_error
+
+    reason = site_error("north", "budget exhausted: 5.3 would be passed")
+    assert error_site(reason) == "north" and error_status(BUDGET_EXHAUSTED) == "budget exhausted"
+    # what Flower's simulation engine makes of a ClientApp's exception keeps the site's own text inside
+    wrapped = f"<class 'flwr.clientapp.ClientAppException'>:<'\nException occurred. Message: {site_error('b_2', 'x')}'>"
+    assert error_site(wrapped) == "b_2"
+    assert error_site("<class 'RuntimeError'>") is None and error_status(1) == "error"

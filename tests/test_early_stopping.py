@@ -105,6 +105,18 @@ def test_resume_gets_the_best_so_far_from_the_checkpoint(tmp_path):
         restore_best_model(tmp_path, 2)
 
 
+def test_a_fresh_run_forgets_an_earlier_best_model_and_its_card(tmp_path):
+    from core_models.config import run_config_of
+    from core_models.model_card import card_path, write_card
+    from server.hooks import BestModel
+
+    save_model(tmp_path / BEST_MODEL, build_model("cnn", 2).state_dict())
+    write_card(tmp_path / BEST_MODEL, "cnn", 2, 32)
+    cfg = run_config_of({"best-by": "val-loss"})
+    BestModel(tmp_path, cfg.server, dp=False).resume(None)
+    assert not (tmp_path / BEST_MODEL).exists() and not card_path(tmp_path / BEST_MODEL).exists()
+
+
 def test_round_table_says_best_and_stop():
     row = {"round": 3, "holdout_loss": 0.5, "val_loss": 0.41, "val_auroc": 0.8, "best_metric": "val-loss",
            "best_round": 2, "best_value": 0.4, "stopped": "no improvement in val-loss for 1 round(s)"}
