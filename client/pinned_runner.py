@@ -18,11 +18,11 @@ takes those tasks instead of `flower-superexec` + `flwr-clientapp`:
 
 * `serve` polls the SuperNode's Runtime API for ClientApp tasks (AcquireTask, like
   flwr/supercore/superexec/run_superexec.py) and hands each task to its own `flwr-clientapp`
-  task process of this module (a fresh interpreter per task, as Flower does). The next task
-  process is always started ahead: it imports the installed ClientApp and builds the
-  reference bundle while the site waits, then reads its task's token from stdin (never
-  from its command line, which other local users can read), so a round does not wait
-  seconds for torch and Opacus to import;
+  task process of this module (a fresh interpreter per task, as Flower does). From the first
+  task on, the next task's process is started ahead: it imports the installed ClientApp and
+  builds the reference bundle while the site waits, then reads its task's token from stdin
+  (never from its command line, which other local users can read), so later rounds do not
+  wait seconds for torch and Opacus to import (a site that never gets a task starts none);
 * the task process pulls the message, context, run and FAB (Flower's own
   `pull_task_input`), then compares the FAB with the bundle built from the installed
   equifed: `core_models.processes.app_snapshot` of the installed packages (the folder the
@@ -288,20 +288,21 @@ def serve(runtime_api_address: str, secret_file: Path | None, site_log: Path | N
     )
     print(f"pinned ClientApp runner: equifed from {APP_DIR}, tasks from {runtime_api_address}", flush=True)
     children: list[subprocess.Popen] = []
-    ready = start_task_process(runtime_api_address, site_log)
+    ready: subprocess.Popen | None = None  # from the first task on, the next task's process, waiting
     try:
         while True:
             children = [c for c in children if c.poll() is None]
             res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             if res.HasField("task") and res.token:
-                if ready.poll() is not None:  # it died while waiting (killed, out of memory): a new one
+                if ready is None or ready.poll() is not None:  # the first task, or it died while waiting
                     ready = start_task_process(runtime_api_address, site_log)
                 hand_over(ready, res.token)
                 children.append(ready)
                 ready = start_task_process(runtime_api_address, site_log)
             time.sleep(POLL_SECONDS)
     finally:
-        hand_over(ready, "")  # no task: it exits
+        if ready is not None:
+            hand_over(ready, "")  # no task: it exits
         client.close()
 
 

@@ -76,7 +76,9 @@ p_s_a1 = 0.7
 n = 200
 """
 
-FAST = ["-c", "local-epochs=2", "-c", "batch-size=16", "-c", "learning-rate=0.003", "-c", "image-size=32"]
+# one Ray actor (on the 2 CPUs the suite has): the sites train one after the other, the ClientApp is imported once
+ONE_ACTOR = ["--cpus-per-client", "2"]
+FAST = ["-c", "local-epochs=2", "-c", "batch-size=16", "-c", "learning-rate=0.003", "-c", "image-size=32", *ONE_ACTOR]
 
 
 @pytest.fixture(scope="session")

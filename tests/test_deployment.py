@@ -4,14 +4,14 @@ processes started and killed by PID here. One scenario, in this order:
 
 1. each hospital makes its own key pair (`equifed-client keygen`) and sends the public key;
    set-up makes the CA (its key outside the server folder) and the server certificate, and
-   `register` puts the 3 public keys on the allow-list; a 4th hospital (a stranger) makes a
+   `register` puts the 2 public keys on the allow-list; a 3rd hospital (a stranger) makes a
    key pair that is never registered. Each hospital receives only ca.crt;
-2. the 3 hospitals and the stranger start first and back off (no server yet); the server
+2. the 2 hospitals and the stranger start first and back off (no server yet); the server
    starts a 2-round DP run; the hospitals connect; the stranger is refused;
-3. once site_c has received round 1's task its client is killed: round 1 completes with
-   the other two, site_c is restarted at once;
+3. once site_b has received round 1's task its client is killed: round 1 completes with
+   site_a alone, site_b is restarted at once;
 4. as soon as round 1 is checkpointed the whole server (command, SuperLink, ServerApp) is
-   SIGKILLed and restarted with --resume: round 2 runs with all three sites;
+   SIGKILLed and restarted with --resume: round 2 runs with both sites;
 5. a run whose ServerApp fails makes `equifed-server start` exit 1.
 
 Each test below checks one part of the outcome. Runs alone with
@@ -50,7 +50,7 @@ from simulations.generator import generate_consortium
 
 pytestmark = pytest.mark.deployment
 
-SITES = ["site_a", "site_b", "site_c"]
+SITES = ["site_a", "site_b"]
 ROUNDS = 2
 SCENARIO = """
 name = "deploy"
@@ -67,9 +67,6 @@ name = "site_a"
 
 [[sites]]
 name = "site_b"
-
-[[sites]]
-name = "site_c"
 """
 RUN_CONFIG = ["local-epochs=1", "image-size=32", "batch-size=16", "dp=true", "fraction-evaluate=0",
               "round-timeout=300"]
@@ -138,7 +135,7 @@ def deployment(tmp_path_factory):
     (root / "scenario.toml").write_text(SCENARIO)
     data = generate_consortium(root / "scenario.toml", root / "data")
     stranger_data = root / "stranger_data"
-    shutil.copytree(data[2], stranger_data)
+    shutil.copytree(data[1], stranger_data)
     cons, out = root / "consortium", root / "run"
     procs = Procs(root)
     facts: dict = {"root": root, "data": dict(zip(SITES, data)), "out": out, "procs": procs, "cons": cons}
@@ -159,7 +156,7 @@ def deployment(tmp_path_factory):
         for site, folder in hospital.items():
             cli("client.cli", "keygen", "--site", site, "--out", str(folder))
         facts["setup_stdout"] = cli("server.cli", "setup", "--dir", str(cons), "--host", "127.0.0.1").stdout
-        for i, site in enumerate(SITES):  # the last call registers all three with the SuperLink's database
+        for i, site in enumerate(SITES):  # the last call registers both with the SuperLink's database
             extra = ["--no-register"] if i < len(SITES) - 1 else []
             facts[f"register_{site}"] = cli("server.cli", "register", "--dir", str(cons), "--site", site,
                                             "--public-key", str(hospital[site] / f"{site}.pub"), *extra).stdout
@@ -187,14 +184,14 @@ def deployment(tmp_path_factory):
         facts["stranger_rc"] = stranger.wait(timeout=180)
         facts["tls"] = tls_checks(port, cons / "ca.crt")
 
-        # round 1 has reached site_c: kill its client (the hospital goes away), then bring it back
+        # round 1 has reached site_b: kill its client (the hospital goes away), then bring it back
         ckpt = out / "checkpoints"
-        wait_for(lambda: "Receiving: train message" in procs.log("client_site_c"), 300, "site_c's round 1 task")
-        clients["site_c"].send_signal(signal.SIGTERM)
-        facts["site_c_stop_rc"] = clients["site_c"].wait(timeout=60)
-        clients["site_c"] = procs.start("client_site_c_again",
-                                        client_args("site_c", facts["data"]["site_c"],
-                                                    hospital["site_c"] / "site_c.key"))
+        wait_for(lambda: "Receiving: train message" in procs.log("client_site_b"), 300, "site_b's round 1 task")
+        clients["site_b"].send_signal(signal.SIGTERM)
+        facts["site_b_stop_rc"] = clients["site_b"].wait(timeout=60)
+        clients["site_b"] = procs.start("client_site_b_again",
+                                        client_args("site_b", facts["data"]["site_b"],
+                                                    hospital["site_b"] / "site_b.key"))
 
         # the server machine dies right after round 1: SIGKILL to the command and all it started
         wait_for(lambda: (ckpt / "round_001.pt").exists(), 400, "round 1")
@@ -250,7 +247,7 @@ def train_rows(facts) -> pd.DataFrame:
 
 def test_setup_and_tls(deployment):
     cons = deployment["cons"]
-    assert "allow-list: 3 site key(s)" in deployment["register_site_c"]
+    assert "allow-list: 2 site key(s)" in deployment["register_site_b"]
     assert "keep this offline" in deployment["setup_stdout"]
     assert not list(cons.rglob("ca.key")) and (cons.parent / f"{cons.name}-ca-offline" / "ca.key").is_file()
     for site in SITES:
@@ -279,7 +276,7 @@ def test_unregistered_supernode_is_refused(deployment):
     assert procs.log("stranger").index("images   40 usable") < procs.log("stranger").index("connecting to")
 
 
-def test_three_sites_complete_the_run(deployment):
+def test_both_sites_complete_the_run(deployment):
     assert deployment["server2_rc"] == 0, deployment["procs"].log("server2")
     summary = json.loads((deployment["out"] / "summary.json").read_text())
     assert summary["flower_status"] == "finished:completed"
@@ -310,18 +307,18 @@ def test_failed_run_exits_non_zero(deployment):
 
 
 def test_dropout_in_round_1_and_rejoin(deployment):
-    assert deployment["site_c_stop_rc"] == 0
+    assert deployment["site_b_stop_rc"] == 0
     train = train_rows(deployment)
     round1 = train[train["round"] == 1]
-    assert sorted(round1[round1["status"] == "ok"]["site"]) == ["site_a", "site_b"]
-    # a site that has never replied is known to the server by its node id only: the id site_c replies from later
-    site_c_node = train[(train["round"] == 2) & (train["site"] == "site_c")]["node"].iloc[0]
+    assert sorted(round1[round1["status"] == "ok"]["site"]) == ["site_a"]
+    # a site that has never replied is known to the server by its node id only: the id site_b replies from later
+    site_b_node = train[(train["round"] == 2) & (train["site"] == "site_b")]["node"].iloc[0]
     missing = round1[round1["status"] != "ok"]
-    assert missing[["site", "node", "status"]].values.tolist() == [[f"node-{site_c_node}", site_c_node, "no reply"]]
+    assert missing[["site", "node", "status"]].values.tolist() == [[f"node-{site_b_node}", site_b_node, "no reply"]]
     metrics = pd.read_csv(deployment["out"] / "metrics.csv").set_index("round")
-    assert metrics.loc[1, "sites_trained"] == 2
-    assert metrics.loc[2, "sites_trained"] == 3
-    assert ((train["round"] == 2) & (train["site"] == "site_c") & (train["status"] == "ok")).sum() == 1
+    assert metrics.loc[1, "sites_trained"] == 1
+    assert metrics.loc[2, "sites_trained"] == 2
+    assert ((train["round"] == 2) & (train["site"] == "site_b") & (train["status"] == "ok")).sum() == 1
 
 
 def test_server_crash_resumes_round_count(deployment):

@@ -16,6 +16,7 @@ from client.ledger import PrivacyLedger
 from core_models.networks import build_model
 from simulations.generator import generate_consortium
 from simulations.run import main as simulate
+from tests.conftest import ONE_ACTOR
 
 
 def test_plan_spends_the_target_over_all_rounds():
@@ -97,7 +98,7 @@ name = "tiny_budget"
 n = 100
 """
 
-DP = ["-c", "dp=true", "-c", "target-epsilon=6.0", "-c", "local-epochs=1", "-c", "batch-size=32",
+DP = [*ONE_ACTOR, "-c", "dp=true", "-c", "target-epsilon=6.0", "-c", "local-epochs=1", "-c", "batch-size=32",
       "-c", "physical-batch-size=16", "-c", "image-size=32", "-c", "min-train-nodes=2"]
 
 

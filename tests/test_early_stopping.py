@@ -14,6 +14,7 @@ from core_models.networks import build_model
 from server.checkpoint import (BEST_MODEL, BestTracker, CheckpointError, choose_best_metric, pooled, read_checkpoint,
                                restore_best_model, save_checkpoint, save_model)
 from server.results import round_table
+from tests.conftest import ONE_ACTOR
 
 
 # --- the rules -----------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def stopped_run(tmp_path_factory) -> Path:
     frame = pd.read_csv(manifest)
     frame["label"] = 1 - frame["label"]  # the better the model, the worse its holdout loss
     frame.to_csv(manifest, index=False)
-    code = simulate([str(out / "tiny.toml"), "--out", str(out), "--rounds", "3", "--timeout", "300",
+    code = simulate([str(out / "tiny.toml"), "--out", str(out), "--rounds", "3", "--timeout", "300", *ONE_ACTOR,
                      "-c", "local-epochs=2", "-c", "learning-rate=0.003", "-c", "best-by=holdout-loss",
                      "-c", "patience=1"])
     assert code == 0

@@ -37,6 +37,7 @@ from fairness.mitigation import (
     stratum_index,
 )
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
+from tests.conftest import ONE_ACTOR
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
@@ -440,7 +441,7 @@ def test_federated_penalty_through_flower(tmp_path):
     # release-min-count 0 and 150 patients per site: at the defaults the ~16 validation rows per site in 8 noised
     # cells were at times all suppressed in one group, leaving the server no density ratio to broadcast
     (tmp_path / "s.toml").write_text(SCENARIO.replace("n = 60", "n = 150"))
-    code = simulate([str(tmp_path / "s.toml"), "--out", str(tmp_path / "run"), "--rounds", "2", "--timeout", "600",
+    code = simulate([str(tmp_path / "s.toml"), "--out", str(tmp_path / "run"), "--rounds", "2", "--timeout", "600", *ONE_ACTOR,
                      "-c", "local-epochs=1", "-c", "image-size=32", "-c", "fair-lambda=10", "-c", "fair-per-cell=8",
                      "-c", "fraction-evaluate=0", "-c", "release-min-count=0",
                      "-c", "central-dp=true", "-c", "central-dp-noise=0.5", "-c", "central-dp-clip=5.0"])

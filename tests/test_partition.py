@@ -13,10 +13,12 @@ from PIL import Image
 
 from simulations.partition import main as partition
 from simulations.run import main as simulate
+from tests.conftest import ONE_ACTOR
 
 SIZE = 28
 SPLITS = {"train": 180, "val": 36, "test": 90}  # K=3: 60 train + 12 val images per site, a 90-image holdout
-FAST = ["-c", f"image-size={SIZE}", "-c", "local-epochs=1", "-c", "batch-size=16", "-c", "learning-rate=0.003"]
+FAST = ["-c", f"image-size={SIZE}", "-c", "local-epochs=1", "-c", "batch-size=16", "-c", "learning-rate=0.003",
+        *ONE_ACTOR]
 FAIRNESS_COLUMNS = {"group", "scanner_legacy", "age", "sex"}
 
 
