@@ -57,7 +57,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from core_models.meta_loader import make_meta_loader
 from core_models.networks import SmallCNN
 from core_models.training import make_loader, train_epochs
 from fairness.attribution import attribution_maps, image_evidence
@@ -167,7 +166,7 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
             penalty = PathSpecificPenalty(weights, lam=lam)
     hook = MediatorOffset.from_counts(counts, inner=penalty) if offset else penalty
     if hook is not None:
-        loader = make_meta_loader(x, tr["y"], tr["meta"], batch_size, shuffle=True, seed=seed)
+        loader = make_loader(x, tr["y"], batch_size, shuffle=True, seed=seed, meta=tr["meta"])
         train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=lr, device=torch.device("cpu"),
                      penalty_fn=hook)
     else:

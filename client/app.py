@@ -25,7 +25,6 @@ from client.fairness_stats import fair_meta_rows
 from client.producers import produce
 from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
-from core_models.meta_loader import make_meta_loader
 from core_models.networks import build_model, get_device
 from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
 from core_models.training import evaluate, make_loader, train_epochs
@@ -241,9 +240,7 @@ def train(msg: Message, context: Context) -> Message:
                  DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
-        loader = (make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round)
-                  if penalty is None else
-                  make_meta_loader(x, y, meta, train_cfg.batch_size, shuffle=True, seed=seed + server_round))
+        loader = make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round, meta=meta)
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, grad_accumulation=train_cfg.grad_accumulation,
                              device=get_device(), penalty_fn=penalty, **common)
         xv, yv = site.part("val")
@@ -253,9 +250,9 @@ def train(msg: Message, context: Context) -> Message:
                    "epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf,
                    "epsilon-release": math.inf, "noise-multiplier": 0.0}
         extra = {}
-    stratified = getattr(penalty, "inner", penalty)
-    if isinstance(stratified, mitigation.StratifiedPathPenalty):  # the multiplier carries over to the next round
-        context.state["fair-state"] = ConfigRecord({"mu": float(stratified.mu)})
+    carried = penalty.state_dict() if penalty is not None else {}
+    if "mu" in carried:  # the stratified penalty's multiplier carries over to the next round
+        context.state["fair-state"] = ConfigRecord({"mu": float(carried["mu"])})
     content = {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), **extra}
     return _reply(msg, site, content)
 

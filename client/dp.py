@@ -29,13 +29,13 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import wrap_collate_with_empty
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 import core_models.grad_samplers  # noqa: F401  (DPConv2d's per-sample gradient, registered with Opacus)
 from client.ledger import PrivacyLedger, os_entropy_rng
 from core_models.networks import get_device, prepare_for_dp
-from core_models.training import make_optimizer
+from core_models.training import Penalty, local_optimizer, tensor_dataset, train_steps
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,7 @@ def os_entropy_generator(device) -> torch.Generator:
 def patient_loader(images: np.ndarray, labels: np.ndarray, patients, plan: DPPlan, rng: np.random.Generator,
                    meta: np.ndarray | None = None) -> DataLoader:
     """The loader DP-SGD draws from: patient-level Poisson batches; an empty batch keeps the tensors' shapes."""
-    tensors = [torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)]
-    if meta is not None:
-        if len(meta) != len(labels):
-            raise ValueError(f"{len(meta)} metadata rows for {len(labels)} images")
-        tensors.append(torch.tensor(np.asarray(meta, dtype=np.float32)))
-    dataset = TensorDataset(*tensors)
+    dataset = tensor_dataset(images, labels, meta)
     first = dataset[0]
     collate = wrap_collate_with_empty(collate_fn=default_collate, sample_empty_shapes=[(0, *t.shape) for t in first],
                                       dtypes=[t.dtype for t in first])
@@ -139,7 +134,7 @@ def train_dp(
     server_round: int | None = None,
     run_id: str | None = None,
     meta: np.ndarray | None = None,
-    penalty_fn=None,
+    penalty_fn: Penalty | None = None,
     sampling_rng: np.random.Generator | None = None,
     noise_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
@@ -147,11 +142,11 @@ def train_dp(
 
     `patients` gives each image's patient id (default: every image its own patient). Logical batches are
     processed in physical chunks of `physical_batch_size` (BatchMemoryManager): noise and one ledger step per
-    logical batch, so memory follows the physical size and privacy the logical one. FedProx's proximal pull is
-    applied after each noised step as a separate update: it uses only the server's weights, so it is
-    post-processing and costs no privacy. `penalty_fn(logits, y, meta)` (with `meta` rows next to the images)
-    is added to the loss; it must be a mean of per-sample terms with public coefficients (e.g. the fairness
-    penalty with the server's broadcast PSE), so per-sample clipping still bounds each patient's influence.
+    logical batch, so memory follows the physical size and privacy the logical one. FedProx's term is added to
+    the noised gradient (core_models.training.ProximalTerm: post-processing, no privacy cost). `penalty_fn`
+    (with `meta` rows next to the images) is a Penalty: a mean of per-sample terms with public coefficients
+    (e.g. the fairness penalty with the server's broadcast PSE), so per-sample clipping still bounds each
+    patient's influence.
     `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
     `batch_size` is the logical batch the plan was sized for.
     """
@@ -161,8 +156,7 @@ def train_dp(
     # Frozen stem + no summed conv gradients: 1.25x a plain step instead of 1.7x
     # (benchmarks/bench_dp.py). The frozen stem keeps the global model's weights.
     prepare_for_dp(model)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    opt, counter = local_optimizer(model, optimizer, lr, weight_decay, proximal_mu)
     patients = np.arange(len(labels)) if patients is None else np.asarray(patients)
     if len(patients) != len(labels):
         raise ValueError(f"{len(patients)} patient ids for {len(labels)} images")
@@ -180,35 +174,9 @@ def train_dp(
     private_opt.expected_batch_size = plan.expected_batch_size
     # The ledger, not the per-round engine, is the accountant of record. Opacus calls the
     # hook once per noised (logical) step, never on the physical chunks in between.
-    charge = ledger.optimizer_hook(plan.noise_multiplier, plan.sample_rate, round=server_round, run_id=run_id)
-    noised = 0
-
-    def on_noised_step(dp_optimizer) -> None:
-        nonlocal noised
-        charge(dp_optimizer)
-        noised += 1
-
-    private_opt.attach_step_hook(on_noised_step)
-    criterion = nn.CrossEntropyLoss()
-    total_loss, total_n = 0.0, 0
+    private_opt.attach_step_hook(ledger.optimizer_hook(plan.noise_multiplier, plan.sample_rate, round=server_round,
+                                                       run_id=run_id))
     with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=physical_batch_size,
                             optimizer=private_opt) as batches:
-        for x, y, *m in batches:
-            x, y = x.to(device), y.to(device)
-            logits = private_model(x)
-            if len(y) == 0:  # an empty Poisson draw is still a step: noise only
-                objective = loss = logits.sum() * 0.0
-            else:
-                loss = criterion(logits, y)
-                objective = loss if penalty_fn is None else loss + penalty_fn(logits, y, m[0].to(device))
-            objective.backward()
-            before = noised
-            private_opt.step()
-            private_opt.zero_grad()
-            if noised > before and global_params is not None:
-                with torch.no_grad():
-                    for p, g in zip(model.parameters(), global_params):
-                        p.sub_(lr * proximal_mu * (p - g))
-            total_loss += loss.item() * len(y)
-            total_n += len(y)
-    return {"train_loss": total_loss / max(total_n, 1), "steps": float(noised)}
+        total_loss, total_n = train_steps(private_model, batches, private_opt, device, penalty_fn)
+    return {"train_loss": total_loss / max(total_n, 1), "steps": float(counter.steps)}

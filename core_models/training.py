@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,21 +17,118 @@ from tqdm.auto import tqdm
 from core_models.networks import get_device
 
 
+def tensor_dataset(images: np.ndarray, labels: np.ndarray, meta: np.ndarray | None = None) -> TensorDataset:
+    """Images float32, labels int64 and, when given, per-row metadata float32 (one row per image)."""
+    tensors = [torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long)]
+    if meta is not None:
+        if len(meta) != len(labels):
+            raise ValueError(f"{len(meta)} metadata rows for {len(labels)} images")
+        tensors.append(torch.tensor(np.asarray(meta, dtype=np.float32)))
+    return TensorDataset(*tensors)
+
+
 def make_loader(
-    images: np.ndarray, labels: np.ndarray, batch_size: int = 32, shuffle: bool = False, seed: int = 0
+    images: np.ndarray, labels: np.ndarray, batch_size: int = 32, shuffle: bool = False, seed: int = 0,
+    meta: np.ndarray | None = None,
 ) -> DataLoader:
-    """A DataLoader over in-memory arrays (images are decoded and cached once per site)."""
-    dataset = TensorDataset(torch.tensor(images, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
+    """A DataLoader over in-memory arrays (images are decoded and cached once per site).
+
+    With `meta` (e.g. each row's sensitive attribute and mediator, for the path-specific penalty) the
+    batches are (x, y, meta) in the same row order as without it (same sampler, same generator).
+    """
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(tensor_dataset(images, labels, meta), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator)
 
 
 def make_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.05, weight_decay: float = 0.0):
+    params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam'")
+
+
+class Penalty(Protocol):
+    """A term added to the training loss from the batch's logits, labels and metadata rows (None when the
+    loader carries none). Under DP-SGD it must be a mean of per-sample terms with public coefficients, so
+    per-sample clipping still bounds each patient's influence. `state_dict()` is what carries over to the
+    next round (e.g. a multiplier), empty when nothing does."""
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, float]: ...
+
+
+class ProximalTerm:
+    """FedProx's term mu/2 * ||w - w_global||^2, w_global the weights the model holds when it is attached.
+
+    Its gradient mu * (w - w_global) is added to each parameter's gradient just before every optimizer step,
+    the same update as adding the term to the loss. Under DP-SGD that is after clipping and noise: the term
+    uses only the server's weights, so it is post-processing and costs no privacy (a loss term would be lost,
+    since Opacus builds the step from per-sample gradients of the data)."""
+
+    def __init__(self, model: nn.Module, mu: float):
+        self.mu = float(mu)
+        self.pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_pre_hook(self._add_gradient)
+
+    @torch.no_grad()
+    def _add_gradient(self, optimizer, args, kwargs) -> None:
+        for p, anchor in self.pairs:
+            if p.grad is not None:
+                p.grad.add_(p - anchor, alpha=self.mu)
+
+
+class StepCounter:
+    """Counts the optimizer's real steps (under DP-SGD: the noised logical steps, not the physical chunks)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.steps = 0
+        optimizer.register_step_post_hook(self._count)
+
+    def _count(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+
+
+def local_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: float, proximal_mu: float):
+    """The optimizer a site trains with, FedProx's term attached when `proximal_mu > 0`, and its step counter."""
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    if proximal_mu > 0:
+        ProximalTerm(model, proximal_mu).attach(opt)
+    return opt, StepCounter(opt)
+
+
+def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, penalty_fn: Penalty | None = None,
+                accumulation: int = 1) -> tuple[float, int]:
+    """The one local training loop (plain and DP-SGD): cross-entropy plus the penalty, backward, and an optimizer
+    step every `accumulation` batches and after the last. Returns the summed training loss and the image count.
+
+    Under DP-SGD `forward` is Opacus' GradSampleModule and `optimizer` its DPOptimizer, which clips, noises and
+    skips the step between the physical chunks of one logical batch; an empty Poisson draw is still a step
+    (noise only)."""
+    optimizer.zero_grad()
+    criterion = nn.CrossEntropyLoss()
+    last = len(batches) if accumulation > 1 else None
+    total_loss, total_n = 0.0, 0
+    for i, (x, y, *meta) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
+        logits = forward(x)
+        if len(y) == 0:
+            loss = objective = logits.sum() * 0.0
+        else:
+            loss = criterion(logits, y)
+            objective = loss if penalty_fn is None else loss + penalty_fn(logits, y, meta[0].to(device) if meta else None)
+        (objective / accumulation).backward()
+        if accumulation == 1 or (i + 1) % accumulation == 0 or i + 1 == last:
+            optimizer.step()
+            optimizer.zero_grad()
+        total_loss += loss.item() * len(y)
+        total_n += len(y)
+    return total_loss, total_n
 
 
 def train_epochs(
@@ -44,46 +142,25 @@ def train_epochs(
     proximal_mu: float = 0.0,
     device: torch.device | None = None,
     progress: bool = False,
-    penalty_fn=None,
+    penalty_fn: Penalty | None = None,
 ) -> dict[str, float]:
     """Train in place; return the mean training loss and the number of optimizer steps.
 
-    `proximal_mu > 0` adds FedProx's term mu/2 * ||w - w_global||^2, with w_global the
-    weights the model holds on entry (the server's global model).
-    `penalty_fn(logits, y, meta) -> tensor` is added to the loss (e.g. the path-specific fairness
-    penalty); it gets the batch's logits (one forward pass) and `meta` from a loader whose batches
-    are (x, y, meta) (core_models/meta_loader.py).
+    `proximal_mu > 0` adds FedProx's term (ProximalTerm) towards the weights the model holds on entry (the
+    server's global model). `penalty_fn` (a Penalty) gets each batch's logits and, from a loader made with
+    `meta`, its metadata rows.
     """
     if grad_accumulation < 1:
         raise ValueError("grad_accumulation must be >= 1")
     device = device or get_device()
     model.to(device).train()
-    opt = make_optimizer(model, optimizer, lr, weight_decay)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    criterion = nn.CrossEntropyLoss()
-    total_loss, total_n, steps = 0.0, 0, 0
-    opt.zero_grad()
+    opt, counter = local_optimizer(model, optimizer, lr, weight_decay, proximal_mu)
+    total_loss, total_n = 0.0, 0
     for epoch in range(epochs):
         batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for i, (x, y, *meta) in enumerate(batches):
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = criterion(logits, y)
-            objective = loss
-            if global_params is not None:
-                prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
-                objective = loss + 0.5 * proximal_mu * prox
-            if penalty_fn is not None:
-                objective = objective + penalty_fn(logits, y, meta[0].to(device) if meta else None)
-            (objective / grad_accumulation).backward()
-            if (i + 1) % grad_accumulation == 0 or i + 1 == len(loader):
-                opt.step()
-                opt.zero_grad()
-                steps += 1
-            total_loss += loss.item() * len(y)
-            total_n += len(y)
-            batches.set_postfix(loss=f"{loss.item():.3f}")
-    return {"train_loss": total_loss / max(total_n, 1), "steps": float(steps)}
+        loss, n = train_steps(model, batches, opt, device, penalty_fn, grad_accumulation)
+        total_loss, total_n = total_loss + loss, total_n + n
+    return {"train_loss": total_loss / max(total_n, 1), "steps": float(counter.steps)}
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ from scipy.optimize import brentq
 
 from fairness.federated import _is_missing, _norm  # the audit's reading of a level, so the penalty and the audit agree
 
-# meta columns carried by core_models.meta_loader batches
+# meta columns carried by the batches of core_models.training.make_loader(..., meta=...)
 META_COLUMNS = ("A", "S", "C")
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def penalty_term(scores: torch.Tensor, h: torch.Tensor, pse_running: float, lam:
 
 @dataclass
 class PathSpecificPenalty:
-    """The ``penalty_fn(logits, y, meta)`` hook of ``core_models.training.train_epochs`` and ``client.dp.train_dp``.
+    """A ``core_models.training.Penalty`` for ``train_epochs`` and ``client.dp.train_dp``.
 
     ``meta`` columns are A (0 = reference a0, 1 = a1), S (0..n_s-1), C (numeric). With ``pse`` given (federated: the
     consortium's PSE broadcast by the server; under DP it must be such a public value) the factor is fixed; with
@@ -195,6 +195,9 @@ class PathSpecificPenalty:
         if self.pse is not None:
             return float(self.pse)
         return self._ema / (1.0 - self.momentum ** self._steps) if self._steps else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {}  # nothing carries over: each round starts from the broadcast PSE
 
     def h(self, meta: torch.Tensor) -> torch.Tensor:
         m = meta.detach().cpu().numpy()
@@ -341,6 +344,9 @@ class StratifiedPathPenalty:
         means = torch.stack([scores[m.to(device)].mean() for m in self._members])
         return (self._w.to(device) * means).sum()
 
+    def state_dict(self) -> dict[str, float]:
+        return {"mu": float(self.mu)}  # the augmented-Lagrangian multiplier, kept at the site across rounds
+
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         if self.lam == 0 or not self._members:
             return logits.sum() * 0.0
@@ -375,7 +381,7 @@ class MediatorOffset:
     """
 
     delta: np.ndarray  # (n_s,) log-odds of D per mediator level; only differences to level 0 matter
-    inner: Any = None  # another penalty_fn (e.g. StratifiedPathPenalty), added
+    inner: Any = None  # another Penalty (e.g. StratifiedPathPenalty), added
 
     @classmethod
     def from_counts(cls, n: np.ndarray, n_s: int = 2, n_c: int = 1, prior: float = 0.5,
@@ -384,6 +390,9 @@ class MediatorOffset:
         flat or not (``n_c`` C bins)."""
         n = np.clip(np.asarray(n, float), 0.0, None).reshape(-1, n_s, n_c, 2).sum((0, 2)) + prior  # (S, D)
         return cls(np.log(n[:, 1] / n[:, 0]), inner)
+
+    def state_dict(self) -> dict[str, float]:
+        return self.inner.state_dict() if self.inner is not None else {}
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         d = torch.as_tensor(self.delta - self.delta[0], dtype=logits.dtype, device=logits.device)

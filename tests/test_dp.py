@@ -64,6 +64,24 @@ def ledger_history(ledger: PrivacyLedger) -> list[tuple[float, float, int]]:
     return [(e["sigma"], e["q"], e["steps"]) for e in ledger.entries if e["kind"] == "train"]
 
 
+def test_fedprox_term_pulls_dp_training_towards_the_global_weights(tmp_path):
+    """FedProx under DP-SGD: the term reaches the noised update (Opacus' step), same draws and noise otherwise."""
+    x, y = _toy()
+    plan = plan_dp(len(y), batch_size=32, local_epochs=2, rounds=1, target_epsilon=8, delta=1e-5)
+    drift = {}
+    for mu in (0.0, 50.0):
+        ledger = PrivacyLedger.open(_site_dir(tmp_path, f"s{mu:g}"), delta=1e-5, max_epsilon=100, fingerprint="toy")
+        torch.manual_seed(0)
+        model = build_model("cnn")
+        start = [p.detach().clone() for p in model.parameters()]
+        stats = train_dp(model, x, y, plan, ledger, batch_size=32, physical_batch_size=16, max_grad_norm=1.0,
+                         optimizer="sgd", lr=0.01, proximal_mu=mu, sampling_rng=np.random.default_rng(1),
+                         noise_generator=torch.Generator().manual_seed(2))
+        assert stats["steps"] == plan.steps_per_round
+        drift[mu] = sum(((p.detach() - s) ** 2).sum().item() for p, s in zip(model.parameters(), start))
+    assert drift[50.0] < 0.5 * drift[0.0]
+
+
 def test_epsilon_grows_every_round_and_matches_opacus(tmp_path):
     x, y = _toy(96)
     plan = plan_dp(len(y), batch_size=32, local_epochs=1, rounds=3, target_epsilon=4, delta=1e-5)

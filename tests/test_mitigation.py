@@ -18,7 +18,6 @@ from client.app import statistics as statistics_handler
 from client.app import train as train_handler
 from client.dp import plan_dp, train_dp
 from client.ledger import PrivacyLedger
-from core_models.meta_loader import make_meta_loader
 from core_models.networks import SmallCNN, build_model
 from core_models.training import make_loader, train_epochs
 from fairness.mitigation import (
@@ -201,8 +200,7 @@ def test_lambda_zero_is_bit_identical_to_unmitigated_training():
     for penalty in (None, PathSpecificPenalty(weights, lam=0.0), PathSpecificPenalty(weights, lam=5.0, pse=0.1)):
         torch.manual_seed(3)
         model = SmallCNN()
-        loader = (make_loader(x, y, 16, shuffle=True, seed=3) if penalty is None
-                  else make_meta_loader(x, y, meta, 16, shuffle=True, seed=3))
+        loader = make_loader(x, y, 16, shuffle=True, seed=3, meta=None if penalty is None else meta)
         train_epochs(model, loader, epochs=2, optimizer="adam", lr=0.002, device=torch.device("cpu"),
                      penalty_fn=penalty)
         states.append(model.state_dict())
@@ -530,7 +528,7 @@ def test_mediator_offset_removes_the_incentive_to_learn_the_mediator():
     def marker_and_lesion_weight(hook):
         torch.manual_seed(0)
         model = nn.Linear(2, 2)
-        loader = make_meta_loader(x, y, meta, 64, shuffle=True, seed=0)
+        loader = make_loader(x, y, 64, shuffle=True, seed=0, meta=meta)
         train_epochs(model, loader, epochs=10, optimizer="adam", lr=0.01, device=torch.device("cpu"), penalty_fn=hook)
         w = model.weight.detach().numpy()
         return w[1, 1] - w[0, 1], w[1, 0] - w[0, 0]

@@ -6,10 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from opacus.validators import ModuleValidator
 
 from core_models.networks import DPConv2d, SmallCNN, build_model, prepare_for_dp
-from core_models.training import auroc, evaluate, fit, make_loader, train_epochs
+from core_models.training import ProximalTerm, auroc, evaluate, fit, make_loader, train_epochs
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
@@ -133,6 +134,35 @@ def test_proximal_term_keeps_weights_near_global():
         train_epochs(model, make_loader(x, y, 32, shuffle=True), epochs=2, lr=0.05, proximal_mu=mu)
         drift[mu] = sum(((p.detach() - s) ** 2).sum().item() for p, s in zip(model.parameters(), start))
     assert drift[10.0] < 0.5 * drift[0.0]
+
+
+def test_proximal_term_gives_the_gradient_of_the_fedprox_loss():
+    """The term added before the step equals adding mu/2 ||w - w_global||^2 to the loss."""
+    x, y = _toy(32)
+    torch.manual_seed(0)
+    start = build_model("cnn")
+    with torch.no_grad():  # move away from the global weights so the term is not zero
+        for p in start.parameters():
+            p.add_(0.1)
+    anchor = build_model("cnn")
+    anchor.load_state_dict(start.state_dict())
+    with torch.no_grad():
+        for p in anchor.parameters():
+            p.sub_(0.1)
+    mu, lr = 3.0, 0.01
+    hooked, manual = copy.deepcopy(start), copy.deepcopy(start)
+    opt = torch.optim.SGD(hooked.parameters(), lr=lr)
+    term = ProximalTerm(hooked, mu)
+    term.pairs = [(p, a.detach().clone()) for (p, _), a in zip(term.pairs, anchor.parameters())]
+    term.attach(opt)
+    nn.functional.cross_entropy(hooked(torch.tensor(x)), torch.tensor(y)).backward()
+    opt.step()
+    opt2 = torch.optim.SGD(manual.parameters(), lr=lr)
+    prox = sum(((p - a.detach()) ** 2).sum() for p, a in zip(manual.parameters(), anchor.parameters()))
+    (nn.functional.cross_entropy(manual(torch.tensor(x)), torch.tensor(y)) + 0.5 * mu * prox).backward()
+    opt2.step()
+    for a, b in zip(hooked.parameters(), manual.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_fit_early_stops_and_restores_best():
