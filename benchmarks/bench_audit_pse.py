@@ -137,7 +137,7 @@ def timing(n: int, boot: int) -> dict:
     t0 = time.perf_counter()
     run_audit(frame, spec, n_boot=boot, seed=0, placebo=True)
     return {"rows": n, "boot": boot, "run_audit_s": plain, "with_placebo_s": time.perf_counter() - t0,
-            "effects_s": audit["timing_s"]["effects"], "group_metrics_s": audit["timing_s"]["group_metrics"]}
+            "effects_s": audit.timing_s["effects"], "group_metrics_s": audit.timing_s["group_metrics"]}
 
 
 def main() -> None:

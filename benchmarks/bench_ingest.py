@@ -31,8 +31,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core_models import data  # noqa: E402
-from core_models.data import load_site  # noqa: E402
+from core_models.data import CACHE_DIR, load_site  # noqa: E402
+from core_models.data.pixels import _resize  # noqa: E402
 
 
 def write_site(root: Path, n: int, side: int, seed: int = 0) -> list[Path]:
@@ -73,7 +73,7 @@ def bare(paths: list[Path], size: int) -> np.ndarray:
     for i, p in enumerate(paths):
         a = pydicom.dcmread(p).pixel_array.astype(np.float32)
         lo, hi = a.min(), a.max()
-        out[i, 0] = data._resize((a - lo) / (hi - lo), size)
+        out[i, 0] = _resize((a - lo) / (hi - lo), size)
     return out
 
 
@@ -84,7 +84,7 @@ def bare_lean(paths: list[Path], size: int) -> np.ndarray:
         with open(p, "rb") as f:
             a = pydicom.pixels.pixel_array(f).astype(np.float32)
         lo, hi = a.min(), a.max()
-        out[i, 0] = data._resize((a - lo) / (hi - lo), size)
+        out[i, 0] = _resize((a - lo) / (hi - lo), size)
     return out
 
 
@@ -102,7 +102,7 @@ def main() -> None:
         paths = write_site(root, args.n, args.side)
         print(f"wrote {args.n} DICOMs {args.side}x{args.side} uint16 in {time.perf_counter() - t0:.1f} s ({root})")
         bare(paths, args.image_size)  # untimed pass: page cache and imports equally warm for every variant
-        cache_dir = root / data.CACHE_DIR
+        cache_dir = root / CACHE_DIR
 
         def drop_cache():
             shutil.rmtree(cache_dir, ignore_errors=True)

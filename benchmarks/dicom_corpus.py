@@ -12,7 +12,7 @@ what that adds and what it costs next to uncompressed files.
    modules hidden, as they were not installed then; "no plugins" = today's data layer with them hidden (Pillow
    and pydicom alone); "after" = today's with them.
 2. decoders: ms per image of every available pydicom plugin on the same synthetic images, per syntax (the evidence
-   for the plugin order in core_models.data._PREFERRED_PLUGIN).
+   for the plugin order in core_models.data.dicom._PREFERRED_PLUGIN).
 3. ingest: load_site(cache=False) images/s on n synthetic side x side images per syntax, interleaved, median of
    `--repeats`, as a ratio to the uncompressed site of the same bit depth, measured side by side in this run.
 """
@@ -106,7 +106,10 @@ def before_source(rev: str | None) -> str | None:
         revs = subprocess.run(["git", "log", "--format=%H", "--", "core_models/data.py"], cwd=REPO,
                               capture_output=True, text=True, check=True).stdout.split()
         for r in revs:
-            text = show(r)
+            try:
+                text = show(r)
+            except subprocess.CalledProcessError:  # no data.py there: split into core_models/data/
+                continue
             if "_PREFERRED_PLUGIN" not in text:
                 return text
     except (OSError, subprocess.CalledProcessError):

@@ -31,6 +31,7 @@ non-finite output falls in a fixed bin. The vectors' lengths depend on K and the
 from __future__ import annotations
 
 import logging
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -38,13 +39,16 @@ import torch
 
 from client.site import LocalSite
 from client.statistics import Releaser
+from core_models.config import ShiftConfig, read_section
 from core_models.label_shift import N_BINS, output_bins
 
 INTENSITY_BINS = 16
-DEFAULT_MANUFACTURERS = ("GE", "Siemens", "Philips", "Canon", "Toshiba", "Fujifilm", "Carestream", "Agfa",
-                         "Konica", "Shimadzu", "Samsung", "Hologic")
 log = logging.getLogger(__name__)
-DEFAULTS = {"stats-rff-dim": 64, "stats-feature-clip": 20.0, "stats-rff-bandwidth": 0.5}  # pyproject.toml
+
+
+class ShiftSettings(NamedTuple):
+    config: ShiftConfig
+    seed: int  # of the random-feature map: the same at every site
 
 
 def confusion_counts(labels: np.ndarray, logits: np.ndarray, k: int) -> np.ndarray:
@@ -127,17 +131,14 @@ def model_outputs(model: torch.nn.Module, images: np.ndarray, batch: int = 256) 
     return np.concatenate(logits), np.concatenate(feats)
 
 
-def request_settings(request: dict) -> dict:
-    """The `stats-*` settings the server sent, with defaults."""
-    out = {k: request.get(k, v) for k, v in DEFAULTS.items()}
-    vocab = str(request.get("stats-manufacturers", "")).strip()
-    out["manufacturers"] = [v for v in vocab.split(",") if v.strip()] if vocab else list(DEFAULT_MANUFACTURERS)
-    out["seed"] = int(request.get("seed", 0))
-    return out
+def request_settings(request: Mapping[str, Any]) -> ShiftSettings:
+    """The public settings the server's request carries (every stats-* key and the seed of the feature map)."""
+    return ShiftSettings(read_section(ShiftConfig, request), int(request["seed"]))
 
 
 def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all: np.ndarray, manufacturers,
-                  holdout_labels: np.ndarray, logits: np.ndarray, features: np.ndarray, settings: dict) -> dict:
+                  holdout_labels: np.ndarray, logits: np.ndarray, features: np.ndarray,
+                  settings: ShiftSettings) -> dict:
     """Release every shift statistic (see the module table) from one patient's worth of records each.
 
     `labels_all`/`images_all`/`manufacturers`: one record per patient, every split.
@@ -147,9 +148,9 @@ def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all
     labels_all, _ = known_labels(labels_all, k, "all records")
     holdout_labels, ok = known_labels(holdout_labels, k, "holdout records")
     logits, features = np.asarray(logits)[ok], np.asarray(features)[ok]
-    freqs = rff_map(settings["seed"], features.shape[1], int(settings["stats-rff-dim"]),
-                    float(settings["stats-rff-bandwidth"]))
-    rff = rff_features(features, freqs, float(settings["stats-feature-clip"]))
+    shift = settings.config
+    freqs = rff_map(settings.seed, features.shape[1], shift.rff_dim, shift.rff_bandwidth)
+    rff = rff_features(features, freqs, shift.feature_clip)
     values = {
         "label_counts": releaser.release_counts("shift/label_counts", np.bincount(labels_all, minlength=k), 1.0),
         "confusion": releaser.release_counts("shift/confusion", confusion_counts(holdout_labels, logits, k), 1.0),
@@ -158,7 +159,7 @@ def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all
         "rff_sum": releaser.release("shift/rff_sum", rff_class_sums(holdout_labels, rff, k), 1.0),
         "intensity_hist": releaser.release_counts("shift/intensity_hist", intensity_hist(images_all), 1.0),
         "manufacturers": releaser.release_counts("shift/manufacturers",
-                                                 manufacturer_counts(manufacturers, settings["manufacturers"]), 1.0),
+                                                 manufacturer_counts(manufacturers, shift.vocabulary), 1.0),
     }
     shape = {"num_classes": k, "num_outputs": k_out, "bins": N_BINS, "rff_dim": rff.shape[1],
              "min_count": releaser.min_count}

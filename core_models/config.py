@@ -144,6 +144,11 @@ class ShiftConfig:
     bootstrap: int = key("stats-bootstrap")
     alpha: float = key("stats-alpha")
 
+    @property
+    def vocabulary(self) -> list[str]:
+        """The manufacturer names counted one by one (every other name is counted as "other")."""
+        return [v.strip() for v in self.manufacturers.split(",") if v.strip()]
+
 
 @dataclass(frozen=True)
 class FairAuditConfig:

@@ -19,7 +19,8 @@ Public API::
     gm = group_metrics(frame, spec)                # fairlearn MetricFrame: by_group, summary (worst-group AUROC,
                                                    # gaps at specificity 0.8), controlled (within permissible
                                                    # mediator strata)
-    audit = run_audit(frame, spec)                 # all of it as a JSON-serialisable dict, with a verdict
+    audit = run_audit(frame, spec)                 # all of it as a read-only AuditResult (.verdict, .effects,
+                                                   # ...; .to_json(), .write(path), AuditResult.read(path))
 
     audit = run_audit(frame, spec, placebo=True, dowhy=True, site_column="site")   # + robustness, per site
     write_report(audit, "out/")                    # fairness_audit.html (self-contained) + fairness_audit.json
@@ -27,12 +28,13 @@ Public API::
 Modules: :mod:`fairness.graph` (spec, validation, paths, projection; errors :class:`GraphError`,
 :class:`SpecError`, :class:`CycleError`, :class:`RoleError`, :class:`MissingColumnError`),
 :mod:`fairness.identification` (recanting witness / district criterion), :mod:`fairness.pse` (estimators,
-bootstrap), :mod:`fairness.group_metrics`, :mod:`fairness.audit`, :mod:`fairness.dowhy_checks` (DoWhy total effect,
+bootstrap), :mod:`fairness.group_metrics`, :mod:`fairness.audit`, :mod:`fairness.results` (the audit's result), :mod:`fairness.dowhy_checks` (DoWhy total effect,
 refuters, kernel independence tests), :mod:`fairness.federated` (the audit from per-site DP-noised cell
 statistics), :mod:`fairness.report` (HTML + JSON) and :mod:`fairness.cli` (``equifed-audit``).
 """
 
 from fairness.audit import run_audit, verdict, write_audit_json
+from fairness.results import AuditResult
 from fairness.graph import (
     CausalPath,
     CausalSpec,
@@ -50,7 +52,7 @@ from fairness.pse import EffectTable, EstimationError, estimate_effects
 __all__ = [
     "CausalPath", "CausalSpec", "CycleError", "EffectTable", "EstimationError", "GraphError", "GroupMetrics",
     "Identification", "MissingColumnError", "RoleError", "SpecError", "estimate_effects", "group_metrics",
-    "identify", "load_graph_spec", "run_audit", "verdict", "write_audit_json", "write_report",
+    "AuditResult", "identify", "load_graph_spec", "run_audit", "verdict", "write_audit_json", "write_report",
 ]
 
 

@@ -1,10 +1,9 @@
 """One call for the whole audit of a table of predictions: graph checks, identification, effects, group metrics, a
-plain-language verdict and optional robustness checks, as a JSON-serialisable dict (what :mod:`fairness.report`
-renders)."""
+plain-language verdict and optional robustness checks, as an :class:`fairness.results.AuditResult` (what
+:mod:`fairness.report` renders)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -13,11 +12,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core_models.jsonable import jsonable
 from fairness.graph import CausalSpec, GraphError, load_graph_spec
 from fairness.group_metrics import group_metrics
 from fairness.pse import EffectTable, estimate_effects
-
-AUDIT_VERSION = 1
+from fairness.results import AuditResult, as_result
 
 
 def _fmt(x: float | None) -> str:
@@ -77,8 +76,7 @@ def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
 
 def _row(effects: EffectTable, effect: str) -> dict[str, Any]:
     r = effects.get(effect)
-    return {k: (None if isinstance(r[k], float) and not math.isfinite(r[k]) else r[k])
-            for k in ("estimate", "ci_low", "ci_high", "p_value")}
+    return jsonable({k: r[k] for k in ("estimate", "ci_low", "ci_high", "p_value")})
 
 
 def placebo_check(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int, seed: int,
@@ -116,12 +114,12 @@ def per_site_effects(frame: pd.DataFrame, spec: CausalSpec, site_column: str, *,
 def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int = 200, seed: int = 0,
               specificity: float = 0.8, alpha: float = 0.05, effects_kwargs: dict[str, Any] | None = None,
               metrics_kwargs: dict[str, Any] | None = None, placebo: bool = False, dowhy: bool = False,
-              dowhy_kwargs: dict[str, Any] | None = None, site_column: str | None = None) -> dict[str, Any]:
-    """Audit one table of predictions (a column per observed node of ``spec``) and return a JSON-serialisable dict:
-    ``spec``, ``data``, ``warnings``, ``paths``, ``identification``, ``effects`` (see :class:`EffectTable`),
-    ``group_metrics`` (see :class:`GroupMetrics`), ``verdict`` and ``timing_s``; with ``placebo`` the permuted-A
-    check, with ``dowhy`` DoWhy's total effect, refuters and independence tests (:mod:`fairness.dowhy_checks`),
-    with ``site_column`` each site's effects (``per_site``)."""
+              dowhy_kwargs: dict[str, Any] | None = None, site_column: str | None = None) -> AuditResult:
+    """Audit one table of predictions (a column per observed node of ``spec``): ``spec``, ``data``, ``warnings``,
+    ``paths``, ``identification``, ``effects`` (see :class:`EffectTable`), ``group_metrics`` (see
+    :class:`GroupMetrics`), ``verdict`` and ``timing_s``; with ``placebo`` the permuted-A check, with ``dowhy``
+    DoWhy's total effect, refuters and independence tests (:mod:`fairness.dowhy_checks`), with ``site_column`` each
+    site's effects (``per_site``)."""
     t0 = time.perf_counter()
     if not isinstance(spec, CausalSpec):
         spec = load_graph_spec(spec)
@@ -144,36 +142,22 @@ def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int
                                     effects_kwargs=effects_kwargs)
     t3 = time.perf_counter()
     eff = effects.to_dict()
-    result = {
-        "audit_version": AUDIT_VERSION, "mode": "pooled",
-        "spec": spec.to_dict(), "spec_source": spec.source,
-        "data": {"n_rows": int(len(frame)), "n_by_group": effects.n,
-                 "levels": eff["levels"]},
-        "warnings": warnings,
-        "paths": [p.to_dict() for p in effects.identification.paths],
-        "identification": eff.pop("identification"),
-        "effects": eff,
-        "group_metrics": gm.to_dict() if gm is not None else None,
-        "verdict": verdict(effects, alpha),
-        "robustness": robustness,
-        "per_site": per_site,
-        "timing_s": {"effects": round(t1 - t0, 3), "group_metrics": round(t2 - t1, 3),
-                     "robustness_and_sites": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)},
-    }
-    result["verdict"] = json.loads(json.dumps(result["verdict"], default=_default))
-    return result
+    return AuditResult(
+        mode="pooled", spec=spec.to_dict(), spec_source=spec.source,
+        data={"n_rows": int(len(frame)), "n_by_group": effects.n, "levels": eff["levels"]},
+        warnings=warnings,
+        paths=[p.to_dict() for p in effects.identification.paths],
+        identification=eff.pop("identification"),
+        effects=eff,
+        group_metrics=gm.to_dict() if gm is not None else None,
+        verdict=verdict(effects, alpha),
+        robustness=robustness,
+        per_site=per_site,
+        timing_s={"effects": round(t1 - t0, 3), "group_metrics": round(t2 - t1, 3),
+                  "robustness_and_sites": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)},
+    )
 
 
-def _default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        v = o.item()
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-def write_audit_json(audit: dict[str, Any], path: str | Path) -> Path:
-    """Write ``run_audit``'s dict as strict JSON (NaN written as null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(audit, indent=2, default=_default, allow_nan=False))
-    return path
+def write_audit_json(audit: AuditResult | dict[str, Any], path: str | Path) -> Path:
+    """Write an audit as strict JSON (NaN written as null)."""
+    return as_result(audit).write(path)

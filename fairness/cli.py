@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_report(audit, args.out, context=context)
     except (GraphError, ValueError, FileNotFoundError) as err:  # GraphError: spec, column and estimation errors
         return fail(str(err))
-    print(audit["verdict"]["text"])
+    print(audit.verdict["text"])
     if args.fit_correction:
         c = context["correction"]
         print(f"correction: logit shift {c['delta']} by {c['mediator_column']}; impermissible effect on the score "

@@ -50,7 +50,6 @@ imports no Flower or client code.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -69,11 +68,13 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import roc_auc_score
 
-from fairness.audit import AUDIT_VERSION, _default, verdict
+from core_models.jsonable import jsonable
+from fairness.audit import verdict
 from fairness.graph import CausalSpec, GraphError, load_graph_spec
 from fairness.group_metrics import GAP_METRICS, METRICS
 from fairness.identification import identify
-from fairness.pse import EffectTable, EstimationError, _Design, _Var, effects_from_design
+from fairness.results import AuditResult
+from fairness.pse import EffectTable, EstimationError, Design, Var, effects_from_design
 
 SENSITIVITY = {"cells_n": 1.0, "cells_score": 1.0, "cells_score_sq": 1.0, "hist": 1.0}
 DEFAULT_SCORE_BINS = 20
@@ -430,12 +431,12 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
         raise EstimationError(f"one of the groups {layout.a_levels} of '{spec.column(spec.sensitive)}' is empty")
     n0, t0c, q0 = n.ravel()[present], t.ravel()[present], q.ravel()[present]
 
-    def var(codes_axis: np.ndarray, f: Factor) -> _Var:
+    def var(codes_axis: np.ndarray, f: Factor) -> Var:
         used = np.unique(codes_axis)
         values = [f.levels[i] for i in used]
         codes = np.searchsorted(used, codes_axis)
         numeric = f.edges is not None
-        return _Var(f.node, f.column, codes.astype(np.int64), values if not numeric else [float(v) for v in values],
+        return Var(f.node, f.column, codes.astype(np.int64), values if not numeric else [float(v) for v in values],
                     numeric, np.asarray(values, dtype=np.float64) if numeric else None)
 
     ident = identify(spec)
@@ -464,7 +465,7 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
         nj = np.maximum(nj, 0.0)
         N[:, j], T[:, j] = nj, np.clip(tj, 0.0, nj)
 
-    d = object.__new__(_Design)
+    d = object.__new__(Design)
     d.k, d.pattern, d.a = present.size, None, a
     d.med = np.stack([m.codes for m in meds], axis=1) if meds else np.zeros((present.size, 0), np.int64)
     d.cov = [c.codes for c in covs]
@@ -545,17 +546,10 @@ def group_metrics_from_histogram(stats: FairnessStats, specificity: float = 0.8)
     summary["worst_auroc_group"] = str(by_group["auroc"].idxmin()) if by_group["auroc"].notna().any() else None
     summary["worst_fnr_group"] = str(by_group["fnr"].idxmax()) if by_group["fnr"].notna().any() else None
 
-    def clean(v: Any) -> Any:
-        if isinstance(v, (np.integer,)):
-            return int(v)
-        if isinstance(v, (float, np.floating)):
-            return None if not math.isfinite(float(v)) else float(v)
-        return v
-
     return {"threshold": threshold, "specificity_target": specificity,
-            "overall": {k2: clean(v) for k2, v in overall.items()},
-            "by_group": [{str(k2): clean(v) for k2, v in r.items()} for r in by_group.reset_index().to_dict("records")],
-            "summary": {k2: clean(v) for k2, v in summary.items()}, "control_features": [], "controlled": None,
+            "overall": jsonable(overall),
+            "by_group": jsonable(by_group.reset_index().to_dict("records")),
+            "summary": jsonable(summary), "control_features": [], "controlled": None,
             "controlled_summary": None, "ci": None,
             "note": f"from {b}-bin score histograms (scores at bin midpoints); threshold at a bin edge"}
 
@@ -569,15 +563,15 @@ def _site_effect(stats: FairnessStats, n_boot: int, seed: int) -> dict[str, Any]
         return {"status": f"not estimable: {err}"}
     out = {"status": "ok", "n": eff.n}
     for effect in ("impermissible", "total"):
-        out[effect] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                       for k, v in eff.get(effect).items() if k in ("estimate", "ci_low", "ci_high", "p_value")}
+        out[effect] = jsonable({k: v for k, v in eff.get(effect).items() if k in ("estimate", "ci_low", "ci_high",
+                                                                                 "p_value")})
     return out
 
 
 def audit_from_statistics(stats: FairnessStats, per_site: Mapping[str, FairnessStats] | None = None, *,
                           n_boot: int = 200, seed: int = 0, specificity: float = 0.8, alpha: float = 0.05,
-                          site_boot: int = 100) -> dict[str, Any]:
-    """The audit dict of :func:`fairness.audit.run_audit` from summed statistics, plus a ``federated`` section with
+                          site_boot: int = 100) -> AuditResult:
+    """The audit of :func:`fairness.audit.run_audit` from summed statistics, plus a ``federated`` section with
     each site's impermissible and total effects (for the forest plot) and the noise levels."""
     t0 = time.perf_counter()
     layout, spec = stats.layout, stats.layout.spec
@@ -585,17 +579,16 @@ def audit_from_statistics(stats: FairnessStats, per_site: Mapping[str, FairnessS
     t1 = time.perf_counter()
     gm = group_metrics_from_histogram(stats, specificity) if stats.hist is not None else None
     eff = effects.to_dict()
-    result = {
-        "audit_version": AUDIT_VERSION, "mode": "federated",
-        "spec": spec.to_dict(), "spec_source": spec.source,
-        "data": {"n_rows": effects.n["total"], "n_by_group": effects.n, "levels": eff["levels"]},
-        "warnings": list(spec.warnings),
-        "paths": [p.to_dict() for p in effects.identification.paths],
-        "identification": eff.pop("identification"),
-        "effects": eff,
-        "group_metrics": gm,
-        "verdict": verdict(effects, alpha),
-        "federated": {
+    return AuditResult(
+        mode="federated", spec=spec.to_dict(), spec_source=spec.source,
+        data={"n_rows": effects.n["total"], "n_by_group": effects.n, "levels": eff["levels"]},
+        warnings=list(spec.warnings),
+        paths=[p.to_dict() for p in effects.identification.paths],
+        identification=eff.pop("identification"),
+        effects=eff,
+        group_metrics=gm,
+        verdict=verdict(effects, alpha),
+        federated={
             "sites": list(stats.sites), "noise_sigma": stats.sigma,
             "cells": {"shape": list(layout.shape), "estimated_shape": list(layout.known_shape), "factors": [
                 {"node": f.node, "column": f.column, "levels": list(f.levels),
@@ -606,12 +599,10 @@ def audit_from_statistics(stats: FairnessStats, per_site: Mapping[str, FairnessS
             # rows outside the declared levels (or missing), left out of the estimates; noised like every cell
             "rows_in_other_cells": rows_in_other_cells(stats),
         },
-        "robustness": {},
-        "per_site": {name: _site_effect(s, site_boot, seed) for name, s in (per_site or {}).items()} or None,
-        "timing_s": {"effects": round(t1 - t0, 3), "total": round(time.perf_counter() - t0, 3)},
-    }
-    result["verdict"] = json.loads(json.dumps(result["verdict"], default=_default))
-    return result
+        robustness={},
+        per_site={name: _site_effect(s, site_boot, seed) for name, s in (per_site or {}).items()} or None,
+        timing_s={"effects": round(t1 - t0, 3), "total": round(time.perf_counter() - t0, 3)},
+    )
 
 
 def layout_for(settings: Mapping[str, Any] | None = None) -> CellLayout:

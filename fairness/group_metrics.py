@@ -33,6 +33,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
+from core_models.jsonable import jsonable
 from fairness.graph import CausalSpec, GraphError
 
 GAP_METRICS = ("auroc", "tpr", "fpr", "fnr", "selection_rate", "ece", "mean_score")
@@ -137,26 +138,16 @@ class GroupMetrics:
         def records(df: pd.DataFrame | None) -> list[dict] | None:
             if df is None:
                 return None
-            return [{str(k): _clean(v) for k, v in r.items()} for r in df.reset_index().to_dict("records")]
+            return [{str(k): jsonable(v) for k, v in r.items()} for r in df.reset_index().to_dict("records")]
 
         return {
             "threshold": self.threshold, "specificity_target": self.specificity_target,
-            "overall": {k: _clean(v) for k, v in self.overall.items()},
-            "by_group": records(self.by_group), "summary": {k: _clean(v) for k, v in self.summary.items()},
+            "overall": {k: jsonable(v) for k, v in self.overall.items()},
+            "by_group": records(self.by_group), "summary": {k: jsonable(v) for k, v in self.summary.items()},
             "control_features": self.control_features, "controlled": records(self.controlled),
             "controlled_summary": records(self.controlled_summary),
             "ci": None if self.ci is None else {k: records(v) for k, v in self.ci.items()},
         }
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return None if not math.isfinite(float(v)) else float(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
 
 
 def group_metrics(frame: pd.DataFrame, spec: CausalSpec, *, specificity: float = 0.8,

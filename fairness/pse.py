@@ -45,6 +45,7 @@ from scipy import sparse
 from scipy.special import expit
 from scipy.stats import norm
 
+from core_models.jsonable import jsonable
 from fairness.graph import CausalSpec, GraphError
 from fairness.identification import EFFECTS, Identification, identify
 
@@ -86,11 +87,11 @@ class EffectTable:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "levels": {"a0": _jsonable(self.levels[0]), "a1": _jsonable(self.levels[1])},
+            "levels": {"a0": jsonable(self.levels[0]), "a1": jsonable(self.levels[1])},
             "n": self.n, "baseline": self.baseline, "n_boot": self.n_boot, "ci": self.ci,
             "seconds": round(self.seconds, 3),
-            "effects": [{k: _jsonable(v) for k, v in r.items()} for r in self.table.to_dict("records")],
-            "diagnostics": _jsonable(self.diagnostics),
+            "effects": [{k: jsonable(v) for k, v in r.items()} for r in self.table.to_dict("records")],
+            "diagnostics": jsonable(self.diagnostics),
             "identification": self.identification.to_dict(),
         }
 
@@ -105,26 +106,10 @@ class EffectTable:
         return "\n".join(lines)
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return [_jsonable(x) for x in v.tolist()]
-    if isinstance(v, (np.bool_, bool)):
-        return bool(v)
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return None if not math.isfinite(float(v)) else float(v)
-    return v
-
-
 # --------------------------------------------------------------------------------------------- data prep
 
 @dataclass
-class _Var:
+class Var:
     name: str
     column: str
     codes: np.ndarray  # per row
@@ -133,28 +118,28 @@ class _Var:
     values: np.ndarray | None = None  # numeric covariates: value per code
 
 
-def _categorical(frame: pd.DataFrame, node: str, column: str, max_levels: int, what: str) -> _Var:
+def _categorical(frame: pd.DataFrame, node: str, column: str, max_levels: int, what: str) -> Var:
     col = frame[column]
     levels = sorted(pd.unique(col).tolist(), key=lambda x: (str(type(x)), x))
     if len(levels) > max_levels:
         raise EstimationError(f"{what} '{node}' (column '{column}') has {len(levels)} levels; the estimator needs "
                               f"categorical {what}s with at most {max_levels} levels: bin it first")
     codes = pd.Categorical(col, categories=levels).codes.astype(np.int64)
-    return _Var(node, column, codes, levels)
+    return Var(node, column, codes, levels)
 
 
-def _covariate(frame: pd.DataFrame, node: str, column: str, max_levels: int) -> _Var:
+def _covariate(frame: pd.DataFrame, node: str, column: str, max_levels: int) -> Var:
     col = frame[column]
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         v = col.to_numpy(dtype=np.float64)
         uniq = np.unique(v)
         if len(uniq) <= max_levels:
             codes = np.searchsorted(uniq, v)
-            return _Var(node, column, codes, uniq.tolist(), True, uniq)
+            return Var(node, column, codes, uniq.tolist(), True, uniq)
         edges = np.unique(np.quantile(v, np.linspace(0, 1, max_levels + 1)[1:-1]))
         codes = np.searchsorted(edges, v, side="right")
         means = np.bincount(codes, weights=v) / np.maximum(np.bincount(codes), 1)
-        return _Var(node, column, codes, [f"bin{i}" for i in range(len(means))], True, means)
+        return Var(node, column, codes, [f"bin{i}" for i in range(len(means))], True, means)
     return _categorical(frame, node, column, max_levels, "covariate")
 
 
@@ -188,11 +173,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, lam: float = 1e-3,
     return beta
 
 
-class _Design:
+class Design:
     """Patterns of (A, mediators, label, covariates) with per-replicate counts and sums."""
 
-    def __init__(self, a: np.ndarray, meds: list[_Var], label: np.ndarray | None, label_in_meds: bool,
-                 covs: list[_Var], score: np.ndarray, n_boot: int, seed: int):
+    def __init__(self, a: np.ndarray, meds: list[Var], label: np.ndarray | None, label_in_meds: bool,
+                 covs: list[Var], score: np.ndarray, n_boot: int, seed: int):
         cols = [a] + [m.codes for m in meds] + [c.codes for c in covs]
         sizes = [2] + [len(m.levels) for m in meds] + [len(c.levels) for c in covs]
         if label is not None and not label_in_meds:
@@ -222,7 +207,7 @@ class _Design:
         self.L = None if self.label is None else self.N * self.label[:, None]
 
 
-def _features(d: _Design, med_idx: list[int], meds: list[_Var], covs: list[_Var], n_rows: np.ndarray) -> np.ndarray:
+def _features(d: Design, med_idx: list[int], meds: list[Var], covs: list[Var], n_rows: np.ndarray) -> np.ndarray:
     """Pattern-level design matrix: one-hot of the joint levels of the chosen mediators (or an intercept),
     numeric covariates standardised (+ square when > 2 levels, + interaction with the mediator one-hot),
     categorical covariates one-hot (first level dropped)."""
@@ -253,7 +238,7 @@ def _features(d: _Design, med_idx: list[int], meds: list[_Var], covs: list[_Var]
 
 # --------------------------------------------------------------------------------------------- estimators
 
-def _weighting(d: _Design, ident: Identification, meds: list[_Var], covs: list[_Var], max_weight: float,
+def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var], max_weight: float,
                parents: dict[str, list[str]]) -> tuple[dict, dict, dict]:
     names = [m.name for m in meds]
     entries = [w for w in ident.switch["total"] if w in names]
@@ -307,7 +292,7 @@ def _weighting(d: _Design, ident: Identification, meds: list[_Var], covs: list[_
     return means["score"], means["label"], diag
 
 
-def _gformula(d: _Design, ident: Identification, meds: list[_Var], covs: list[_Var], bins: int,
+def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var], bins: int,
               parents: dict[str, list[str]], max_cells: int) -> tuple[dict, dict, dict] | None:
     names = [m.name for m in meds]
     entries = set(ident.switch["total"]) & set(names)
@@ -482,13 +467,13 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
     if not np.isfinite(score).all():
         raise EstimationError(f"score column '{spec.column(spec.prediction)}' has non-numeric or infinite values")
 
-    d = _Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
+    d = Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
     return effects_from_design(d, spec, ident, meds, covs, levels, n_boot=n_boot, ci=ci, max_weight=max_weight,
                                gformula_bins=gformula_bins, positivity_ratio=positivity_ratio, min_cell=min_cell,
                                max_gformula_cells=max_gformula_cells, t0=t0)
 
 
-def effects_from_design(d: "_Design", spec: CausalSpec, ident: Identification, meds: list[_Var], covs: list[_Var],
+def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, meds: list[Var], covs: list[Var],
                         levels: tuple[Any, Any], *, n_boot: int, ci: float, max_weight: float, gformula_bins: int,
                         positivity_ratio: float, min_cell: int, max_gformula_cells: int,
                         t0: float | None = None) -> EffectTable:
@@ -586,7 +571,7 @@ class _Ident_total_only:
         self.outcome_world = {eff: (1 if eff == "total" else 0) for eff in EFFECTS}
 
 
-def _positivity(d: _Design, meds: list[_Var], ident: Identification, ratio: float, min_cell: int) -> list[str]:
+def _positivity(d: Design, meds: list[Var], ident: Identification, ratio: float, min_cell: int) -> list[str]:
     out = []
     n0 = d.N[:, 0]
     tot = [float(n0[d.a == g].sum()) for g in (0, 1)]

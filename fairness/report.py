@@ -3,8 +3,8 @@
 Sections: verdict; the causal graph with the impermissible edges in red; identification (paths, assumptions,
 positivity, notes); effects (table and a forest plot with CIs, pooled and per site); group metrics (table and
 plots); robustness (placebo, DoWhy refuters and independence tests); privacy (epsilon per site) and dataset shift,
-when a run folder gives them; diagnostics. Works on :func:`fairness.audit.run_audit`'s dict and on
-:func:`fairness.federated.audit_from_statistics`'s.
+when a run folder gives them; diagnostics. Renders a :class:`fairness.results.AuditResult`, pooled or federated
+(or its stored JSON); each section is drawn on its own, so one that fails says so and the others still render.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fairness.audit import write_audit_json  # noqa: E402
+from fairness.results import AuditResult, as_result  # noqa: E402
 
 SECTIONS = ("verdict", "graph", "identification", "effects", "group-metrics", "robustness", "privacy", "shift",
             "diagnostics")
@@ -129,13 +129,13 @@ def graph_figure(spec: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def _effect_rows(audit: dict[str, Any]) -> list[dict[str, Any]]:
+def _effect_rows(audit: AuditResult) -> list[dict[str, Any]]:
     rows = []
-    for r in audit["effects"]["effects"]:
+    for r in audit.effects["effects"]:
         if r["estimator"] == "weighting" and r["outcome"] in ("score", "label"):
             rows.append({"label": f"{r['outcome']}: {r['effect']}", "estimate": r["estimate"], "lo": r["ci_low"],
-                         "hi": r["ci_high"], "kind": "pooled" if audit.get("mode") != "federated" else "consortium"})
-    for site, s in (audit.get("per_site") or {}).items():
+                         "hi": r["ci_high"], "kind": "pooled" if audit.mode != "federated" else "consortium"})
+    for site, s in (audit.per_site or {}).items():
         if s.get("status") == "ok":
             r = s["impermissible"]
             rows.append({"label": f"site {site}: impermissible", "estimate": r["estimate"], "lo": r["ci_low"],
@@ -143,7 +143,7 @@ def _effect_rows(audit: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in rows if r["estimate"] is not None and math.isfinite(r["estimate"])]
 
 
-def forest_figure(audit: dict[str, Any]) -> str:
+def forest_figure(audit: AuditResult) -> str:
     rows = _effect_rows(audit)
     fig, ax = plt.subplots(figsize=(7, 0.38 * len(rows) + 1.2))
     colours = {"pooled": "#2166ac", "consortium": "#2166ac", "site": "#b2182b"}
@@ -258,75 +258,77 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 code{background:#f3f3f3;padding:0 3px}"""
 
 
-def render_html(audit: dict[str, Any], context: dict[str, Any] | None = None, title: str | None = None) -> str:
-    """The report as one HTML string (no external resources)."""
-    context = context or {}
-    spec = audit["spec"]
-    ident = audit["identification"]
-    v = audit["verdict"]
-    sens = ident["sensitive"]
-    title = title or f"Causal fairness audit: {spec.get('name', '')}"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
-             f"</head><body><h1>{_e(title)}</h1>",
-             f"<p>{_e(audit.get('mode', 'pooled'))} audit of {audit['data']['n_rows']} rows "
-             f"(groups: {_e(audit['data']['n_by_group'])}); graph <code>{_e(audit.get('spec_source', ''))}</code>.</p>"]
-
+def _verdict(audit: AuditResult, context: dict[str, Any]) -> str:
+    v = audit.verdict
     cls = "verdict sig" if v.get("significant") and v.get("identified") else "verdict"
-    parts.append(f"<h2 id='verdict'>Verdict</h2><div class='{cls}'>{_e(v['text'])}</div>")
+    return f"<h2 id='verdict'>Verdict</h2><div class='{cls}'>{_e(v['text'])}</div>"
 
-    parts.append("<h2 id='graph'>Causal graph</h2>" + _img(graph_figure(spec), "causal graph"))
-    parts.append(_table([{"edge": f"{e['from']} -> {e['to']}",
-                          "class": "permissible" if e.get("permissible", True) else "IMPERMISSIBLE",
-                          "why": e.get("why", "")} for e in spec["edges"]]))
-    parts.append("<p>Paths from the sensitive attribute to the score:</p>" +
-                 _table([{"path": p["path"], "class": p["class"]} for p in audit["paths"]]))
 
-    parts.append("<h2 id='identification'>Identification and assumptions</h2>"
-                 f"<p><strong>{_e(ident['summary'])}</strong></p>")
+def _graph(audit: AuditResult, context: dict[str, Any]) -> str:
+    spec = audit.spec
+    return ("<h2 id='graph'>Causal graph</h2>" + _img(graph_figure(spec), "causal graph")
+            + _table([{"edge": f"{e['from']} -> {e['to']}",
+                       "class": "permissible" if e.get("permissible", True) else "IMPERMISSIBLE",
+                       "why": e.get("why", "")} for e in spec["edges"]])
+            + "<p>Paths from the sensitive attribute to the score:</p>"
+            + _table([{"path": p["path"], "class": p["class"]} for p in audit.paths]))
+
+
+def _identification(audit: AuditResult, context: dict[str, Any]) -> str:
+    ident = audit.identification
+    parts = ["<h2 id='identification'>Identification and assumptions</h2>"
+             f"<p><strong>{_e(ident['summary'])}</strong></p>"]
     if ident.get("notes"):
         parts.append("<p>How edges between mediators were read:</p>" + _list(ident["notes"]))
     parts.append("<p>Assumptions:</p>" + _list(ident["assumptions"]) + f"<p>{_e(ident['positivity'])}</p>")
     parts.append("<p>Estimands:</p>" + _table([{"effect": k, "estimand": s} for k, s in ident["estimands"].items()]))
     if ident.get("identified_alternative"):
         parts.append("<p>Identified instead:</p>" + _table(ident["identified_alternative"], ["name", "description"]))
+    return "".join(parts)
 
-    eff = audit["effects"]
-    parts.append(f"<h2 id='effects'>Effects of {_e(sens)} ({_e(eff['levels']['a0'])} &rarr; "
-                 f"{_e(eff['levels']['a1'])}), {eff['n_boot']} bootstrap replicates</h2>")
-    parts.append(_img(forest_figure(audit), "forest plot of effects with confidence intervals"))
-    parts.append(_table(eff["effects"], ["outcome", "effect", "estimator", "estimate", "ci_low", "ci_high", "se",
-                                         "p_value", "identified"]))
-    if audit.get("per_site"):
+
+def _effects(audit: AuditResult, context: dict[str, Any]) -> str:
+    eff = audit.effects
+    parts = [f"<h2 id='effects'>Effects of {_e(audit.identification['sensitive'])} ({_e(eff['levels']['a0'])} "
+             f"&rarr; {_e(eff['levels']['a1'])}), {eff['n_boot']} bootstrap replicates</h2>",
+             _img(forest_figure(audit), "forest plot of effects with confidence intervals"),
+             _table(eff["effects"], ["outcome", "effect", "estimator", "estimate", "ci_low", "ci_high", "se",
+                                     "p_value", "identified"])]
+    if audit.per_site:
         parts.append("<p>Per site (impermissible and total effect on the score):</p>" + _table([
             {"site": s, "status": r.get("status"), "n": (r.get("n") or {}).get("total"),
              "impermissible": (r.get("impermissible") or {}).get("estimate"),
              "ci_low": (r.get("impermissible") or {}).get("ci_low"),
              "ci_high": (r.get("impermissible") or {}).get("ci_high"),
-             "total": (r.get("total") or {}).get("estimate")} for s, r in audit["per_site"].items()]))
+             "total": (r.get("total") or {}).get("estimate")} for s, r in audit.per_site.items()]))
+    return "".join(parts)
 
-    parts.append("<h2 id='group-metrics'>Group metrics</h2>")
-    gm = audit.get("group_metrics")
-    if gm:
-        parts.append(_img(group_figure(gm, sens), "group metrics per group"))
-        cols = [c for c in ("count", "prevalence", "mean_score", "auroc", "tpr", "fpr", "fnr", "specificity",
-                            "selection_rate", "ece", "brier")]
-        parts.append(_table(gm["by_group"], [sens] + cols))
-        s = gm["summary"]
-        parts.append(f"<p>Worst-group AUROC {_f(s.get('worst_group_auroc'))} (group {_e(s.get('worst_auroc_group'))}), "
-                     f"AUROC gap {_f(s.get('auroc_gap'))}, FNR gap {_f(s.get('fnr_gap'))} (highest FNR: group "
-                     f"{_e(s.get('worst_fnr_group'))}), FPR gap {_f(s.get('fpr_gap'))}; threshold "
-                     f"{_f(gm['threshold'])}. Group gaps mix permissible and impermissible influence; the effects "
-                     "above separate them.</p>")
-        if gm.get("note"):
-            parts.append(f"<p><em>{_e(gm['note'])}</em></p>")
-        if gm.get("controlled"):
-            parts.append(f"<p>Within strata of the permissible mediators ({_e(', '.join(gm['control_features']))}):"
-                         "</p>" + _table(gm["controlled"]))
-    else:
-        parts.append("<p><em>no outcome (label) node: no group metrics</em></p>")
 
-    parts.append("<h2 id='robustness'>Robustness: refuters and tests of the graph</h2>")
-    rob = audit.get("robustness") or {}
+def _group_metrics(audit: AuditResult, context: dict[str, Any]) -> str:
+    head = "<h2 id='group-metrics'>Group metrics</h2>"
+    gm, sens = audit.group_metrics, audit.identification["sensitive"]
+    if not gm:
+        return head + "<p><em>no outcome (label) node: no group metrics</em></p>"
+    cols = ["count", "prevalence", "mean_score", "auroc", "tpr", "fpr", "fnr", "specificity", "selection_rate",
+            "ece", "brier"]
+    s = gm["summary"]
+    parts = [head, _img(group_figure(gm, sens), "group metrics per group"), _table(gm["by_group"], [sens] + cols),
+             f"<p>Worst-group AUROC {_f(s.get('worst_group_auroc'))} (group {_e(s.get('worst_auroc_group'))}), "
+             f"AUROC gap {_f(s.get('auroc_gap'))}, FNR gap {_f(s.get('fnr_gap'))} (highest FNR: group "
+             f"{_e(s.get('worst_fnr_group'))}), FPR gap {_f(s.get('fpr_gap'))}; threshold "
+             f"{_f(gm['threshold'])}. Group gaps mix permissible and impermissible influence; the effects "
+             "above separate them.</p>"]
+    if gm.get("note"):
+        parts.append(f"<p><em>{_e(gm['note'])}</em></p>")
+    if gm.get("controlled"):
+        parts.append(f"<p>Within strata of the permissible mediators ({_e(', '.join(gm['control_features']))}):"
+                     "</p>" + _table(gm["controlled"]))
+    return "".join(parts)
+
+
+def _robustness(audit: AuditResult, context: dict[str, Any]) -> str:
+    parts = ["<h2 id='robustness'>Robustness: refuters and tests of the graph</h2>"]
+    rob = audit.robustness or {}
     if "placebo" in rob:
         p = rob["placebo"]
         parts.append("<p>Placebo (sensitive attribute randomly permuted; every effect must vanish): "
@@ -346,27 +348,35 @@ def render_html(audit: dict[str, Any], context: dict[str, Any] | None = None, ti
     if not rob:
         parts.append("<p><em>not run" + (": the federated audit has no rows to permute or test; run "
                      "<code>equifed-audit</code> on a site's predictions for these checks"
-                     if audit.get("mode") == "federated" else " (equifed-audit runs them by default)") + "</em></p>")
+                     if audit.mode == "federated" else " (equifed-audit runs them by default)") + "</em></p>")
+    return "".join(parts)
 
+
+def _correction(audit: AuditResult, context: dict[str, Any]) -> str:
     corr = context.get("correction")
-    if corr:
-        rows = [{"": when, **{k: corr[when][k] for k in ("estimate", "ci_low", "ci_high")}}
-                for when in ("before", "after")]
-        parts.append("<h2 id='correction'>Post-processing correction</h2>"
-                     f"<p>Logit shift per level of {_e(corr['mediator_column'])} (level 0 first): "
-                     f"{_e(', '.join(_f(v, 4) for v in corr['delta']))}, fitted on {corr['n']} labelled rows so "
-                     "that the mean score within label strata no longer depends on the mediator; applied at "
-                     "inference with the mediator read from the image's metadata. The impermissible effect on the "
-                     "score before and after it (weighting estimator on the same rows; a correction fitted and "
-                     "checked on the same rows reads about zero by construction: check it on other rows):</p>"
-                     + _table(rows, ["", "estimate", "ci_low", "ci_high"]))
+    if not corr:
+        return ""
+    rows = [{"": when, **{k: corr[when][k] for k in ("estimate", "ci_low", "ci_high")}} for when in ("before", "after")]
+    return ("<h2 id='correction'>Post-processing correction</h2>"
+            f"<p>Logit shift per level of {_e(corr['mediator_column'])} (level 0 first): "
+            f"{_e(', '.join(_f(v, 4) for v in corr['delta']))}, fitted on {corr['n']} labelled rows so "
+            "that the mean score within label strata no longer depends on the mediator; applied at "
+            "inference with the mediator read from the image's metadata. The impermissible effect on the "
+            "score before and after it (weighting estimator on the same rows; a correction fitted and "
+            "checked on the same rows reads about zero by construction: check it on other rows):</p>"
+            + _table(rows, ["", "estimate", "ci_low", "ci_high"]))
 
-    if context.get("image_evidence"):
-        parts.append("<h2 id='image-evidence'>Image evidence (attribution maps)</h2>"
-                     + _image_evidence(context["image_evidence"]))
 
-    parts.append("<h2 id='privacy'>Privacy</h2>")
-    fed = audit.get("federated")
+def _image_section(audit: AuditResult, context: dict[str, Any]) -> str:
+    if not context.get("image_evidence"):
+        return ""
+    return ("<h2 id='image-evidence'>Image evidence (attribution maps)</h2>"
+            + _image_evidence(context["image_evidence"]))
+
+
+def _privacy(audit: AuditResult, context: dict[str, Any]) -> str:
+    parts = ["<h2 id='privacy'>Privacy</h2>"]
+    fed = audit.federated
     if fed:
         parts.append(f"<p>Sites: {_e(', '.join(fed['sites']))}. Noise std in the summed cells: "
                      + ", ".join(f"{_e(k)} {_f(v, 3)}" for k, v in fed["noise_sigma"].items()) + ".</p>")
@@ -377,35 +387,61 @@ def render_html(audit: dict[str, Any], context: dict[str, Any] | None = None, ti
                      + _table([{"site": s, **r} for s, r in sorted(eps.items())], ["site"] + cols))
     elif not fed:
         parts.append("<p><em>not a federated run: no epsilon to report</em></p>")
+    return "".join(parts)
 
-    parts.append("<h2 id='shift'>Dataset shift</h2>")
-    if context.get("shift"):
-        parts.append(_table(context["shift"]))
-    else:
-        parts.append("<p><em>no shift summary available</em></p>")
 
-    parts.append("<h2 id='diagnostics'>Diagnostics and warnings</h2>")
-    diag = eff.get("diagnostics", {})
-    warns = list(audit.get("warnings", [])) + list(diag.get("positivity_warnings", [])) + \
+def _shift(audit: AuditResult, context: dict[str, Any]) -> str:
+    body = _table(context["shift"]) if context.get("shift") else "<p><em>no shift summary available</em></p>"
+    return "<h2 id='shift'>Dataset shift</h2>" + body
+
+
+def _diagnostics(audit: AuditResult, context: dict[str, Any]) -> str:
+    diag = audit.effects.get("diagnostics", {})
+    warns = list(audit.warnings) + list(diag.get("positivity_warnings", [])) + \
         list(diag.get("graph_checks", [])) + list(diag.get("notes", [])) + list(context.get("notes", []))
-    parts.append(_list(warns))
+    parts = ["<h2 id='diagnostics'>Diagnostics and warnings</h2>", _list(warns)]
     w = diag.get("weights", {})
     if w:
         parts.append(_table([{"effect": k, **r} for k, r in w.items()]))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return "".join(parts)
 
 
-def write_report(audit: dict[str, Any], out_dir: str | Path, *, context: dict[str, Any] | None = None,
+# The report's sections in order; a new one is a function (audit, context) -> HTML added here.
+RENDERERS = (_verdict, _graph, _identification, _effects, _group_metrics, _robustness, _correction, _image_section,
+             _privacy, _shift, _diagnostics)
+
+
+def _isolated(render, audit: AuditResult, context: dict[str, Any]) -> str:
+    """A section that cannot be drawn says so in its place; the rest of the report still renders."""
+    try:
+        return render(audit, context)
+    except Exception as err:  # noqa: BLE001 - a report section never ends the report
+        return (f"<h2>{_e(render.__name__.strip('_').replace('_', ' '))}</h2><p class='warn'>this section could "
+                f"not be drawn: {_e(type(err).__name__)}: {_e(err)}</p>")
+
+
+def render_html(audit: AuditResult | dict[str, Any], context: dict[str, Any] | None = None,
+                title: str | None = None) -> str:
+    """The report as one HTML string (no external resources)."""
+    audit, context = as_result(audit), context or {}
+    title = title or f"Causal fairness audit: {audit.spec.get('name', '')}"
+    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
+            f"</head><body><h1>{_e(title)}</h1>"
+            f"<p>{_e(audit.mode)} audit of {audit.data['n_rows']} rows (groups: {_e(audit.data['n_by_group'])}); "
+            f"graph <code>{_e(audit.spec_source)}</code>.</p>")
+    return "\n".join([head, *(_isolated(r, audit, context) for r in RENDERERS), "</body></html>"])
+
+
+def write_report(audit: AuditResult | dict[str, Any], out_dir: str | Path, *, context: dict[str, Any] | None = None,
                  title: str | None = None, stem: str = "fairness_audit") -> dict[str, Path]:
     """Write ``<stem>.json`` and ``<stem>.html`` into ``out_dir`` (the HTML through a temporary file, so a reader
     never sees half a report)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    audit = dict(audit)
+    audit = as_result(audit)
     if context:
-        audit["context"] = {k: v for k, v in context.items() if k != "notes"}
-    json_path = write_audit_json(audit, out / f"{stem}.json")
+        audit = audit.replace(context={k: v for k, v in context.items() if k != "notes"})
+    json_path = audit.write(out / f"{stem}.json")
     html_path = out / f"{stem}.html"
     tmp = html_path.with_suffix(".html.tmp")
     tmp.write_text(render_html(audit, context, title), encoding="utf-8")

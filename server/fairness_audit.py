@@ -22,10 +22,10 @@ from typing import Any
 from flwr.common import log
 
 from core_models.config import RunConfig, keys_of, run_config_of
-from fairness.audit import write_audit_json
 from fairness.federated import audit_from_statistics, layout_for, stats_from_record, sum_statistics
 from fairness.graph import GraphError
 from fairness.report import run_context, write_report
+from fairness.results import AuditResult
 from server.site_statistics import SiteRelease
 
 
@@ -51,15 +51,14 @@ def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteReleas
     except GraphError as err:  # e.g. a group empty after the noise: no audit this round, training goes on
         log(WARNING, "equifed fairness: round %d: no audit: %s", server_round, err)
         return
-    audit["round"] = server_round
-    audit["federated"]["not_released"] = missing
+    audit = audit.replace(round=server_round, federated={**audit.federated, "not_released": missing})
     context = run_context(out_dir, {r.site: r.epsilon for r in ok})
     write_report(audit, out_dir, context=context, title=f"Federated causal fairness audit, round {server_round}")
-    write_audit_json(audit, Path(out_dir) / "fairness" / f"round_{server_round:03d}.json")
+    audit.write(Path(out_dir) / "fairness" / f"round_{server_round:03d}.json")
     log(INFO, "equifed fairness: round %d: %s (rows outside the declared levels, noised: %.1f)", server_round,
-        audit["verdict"]["text"], audit["federated"]["rows_in_other_cells"])
+        audit.verdict["text"], audit.federated["rows_in_other_cells"])
 
 
-def load_audit(out_dir: Path) -> dict:
+def load_audit(out_dir: Path) -> AuditResult:
     """The latest federated audit of a run folder."""
-    return json.loads((Path(out_dir) / "fairness_audit.json").read_text())
+    return AuditResult.read(Path(out_dir) / "fairness_audit.json")

@@ -15,18 +15,20 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, MPEG2MPML, generate_uid
 
-from core_models import data
 from core_models.data import (
     ImageError,
     ManifestError,
     Rejection,
     load_npz,
     load_site,
+    parse_dicom_age,
     read_dicom,
     read_image,
     read_manifest,
     write_rejected,
 )
+from core_models.data import dicom_intensity
+from core_models.data import site as data_site
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 CT = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
@@ -188,11 +190,12 @@ def test_table_path_equals_direct_pydicom_path(seed):
         ds.VOILUTFunction = "SIGMOID"  # not affine: served by the gather
     lo, hi = (-2048, 2047) if signed else (0, 4095)
     arr = rng.integers(lo, hi + 1, (32, 32)).astype(np.int16 if signed else np.uint16)
-    kind = data._voi_kind(ds)
-    direct = data._direct_intensity(arr, ds, ds.PhotometricInterpretation, kind)
-    data._TABLES.clear()
+    kind = dicom_intensity._voi_kind(ds)
+    direct = dicom_intensity._direct_intensity(arr, ds, ds.PhotometricInterpretation, kind)
+    dicom_intensity._TABLES.clear()
     for _ in range(2):  # built, then reused
-        np.testing.assert_allclose(data._dicom_intensity(arr, ds, ds.PhotometricInterpretation), direct, atol=1e-6)
+        np.testing.assert_allclose(dicom_intensity._dicom_intensity(arr, ds, ds.PhotometricInterpretation), direct,
+                                   atol=1e-6)
 
 
 def test_signed_ct_hounsfield_window(tmp_path):
@@ -226,8 +229,8 @@ def test_metadata_fields(tmp_path):
                     "dicom_age": 45.0, "modality": "CR", "rows": 16, "cols": 16}
     _, meta = read_dicom(write_dicom(tmp_path / "infant.dcm", ramp(), PatientAge="006M"))
     assert meta["dicom_age"] == 0.5 and meta["manufacturer"] is None
-    assert data.parse_dicom_age("14D") == pytest.approx(14 / 365.25)
-    assert data.parse_dicom_age("junk") is None
+    assert parse_dicom_age("14D") == pytest.approx(14 / 365.25)
+    assert parse_dicom_age("junk") is None
 
 
 @pytest.mark.parametrize("sop, name", [(RT_PLAN, "RT Plan Storage"), (BASIC_TEXT_SR, "Basic Text SR Storage")])
@@ -452,13 +455,13 @@ def test_write_rejected_csv(tmp_path):
 @pytest.fixture
 def count_decodes(monkeypatch):
     calls = []
-    real = data.read_image
+    real = data_site.read_image
 
     def counting(path, size=None):
         calls.append(str(path))
         return real(path, size)
 
-    monkeypatch.setattr(data, "read_image", counting)
+    monkeypatch.setattr(data_site, "read_image", counting)
     return calls
 
 
@@ -478,7 +481,7 @@ def test_cache_hit_decodes_nothing_and_matches(tmp_path, count_decodes):
     uncached = load_site(site, image_size=8, cache=False)  # same numbers with or without the cache
     np.testing.assert_array_equal(uncached.images, second.images)
     pd.testing.assert_frame_equal(uncached.frame, second.frame)
-    exact, _ = data.read_dicom(site / "img" / "2.dcm", 8)
+    exact, _ = read_dicom(site / "img" / "2.dcm", 8)
     np.testing.assert_allclose(second.images[2, 0], exact, atol=1e-5)
     load_site(site, image_size=16)  # another size is another cache entry
     assert len(list((site / ".equifed_cache").glob("*.npz"))) == 2
@@ -526,18 +529,18 @@ def test_cache_write_failure_and_corrupt_cache(tmp_path, count_decodes, monkeypa
 
 def test_transient_failure_is_not_cached(tmp_path, monkeypatch):
     site = make_site(tmp_path, n=2)
-    real = data.read_image
+    real = data_site.read_image
 
     def denied(path, size=None):
         if str(path).endswith("1.dcm"):
             raise ImageError("cannot open file: permission denied") from PermissionError(13, "denied")
         return real(path, size)
 
-    monkeypatch.setattr(data, "read_image", denied)
+    monkeypatch.setattr(data_site, "read_image", denied)
     sd = load_site(site, image_size=8)
     assert len(sd.labels) == 1 and sd.rejected[0].row == 1 and "permission denied" in sd.rejected[0].reason
     assert not list((site / ".equifed_cache").glob("*.npz"))  # fixing permissions changes no mtime
-    monkeypatch.setattr(data, "read_image", real)
+    monkeypatch.setattr(data_site, "read_image", real)
     assert len(load_site(site, image_size=8).labels) == 2
 
 

@@ -69,7 +69,7 @@ name = "site_a"
 name = "site_b"
 """
 RUN_CONFIG = ["local-epochs=1", "image-size=32", "batch-size=16", "dp=true", "fraction-evaluate=0",
-              "round-timeout=300"]
+              "round-timeout=300", "strategy=fedprox"]
 TRAIN_METRICS = {"train-loss", "val-auroc", "val-loss", "num-examples", "rejected", "steps", "epsilon-before",
                  "epsilon", "epsilon-train", "epsilon-release", "noise-multiplier"}
 
@@ -165,9 +165,10 @@ def deployment(tmp_path_factory):
         stranger_key = hospital["stranger"] / "stranger.key"
 
         port = free_port()
-        server_args = ["server.cli", "start", "--dir", str(cons), "--out", str(out), "--host", "127.0.0.1",
-                       "--port", str(port), "--rounds", str(ROUNDS), "--min-sites", "2", "--connect-timeout", "120",
-                       "--timeout", "600", *[a for c in RUN_CONFIG for a in ("-c", c)]]
+        base_args = ["server.cli", "start", "--dir", str(cons), "--out", str(out), "--host", "127.0.0.1",
+                     "--port", str(port), "--rounds", str(ROUNDS), "--min-sites", "2", "--connect-timeout", "120",
+                     "--timeout", "600"]
+        server_args = base_args + [a for c in RUN_CONFIG for a in ("-c", c)]
 
         def client_args(site: str, data_dir: Path, key: Path, *extra: str) -> list[str]:
             return ["client.cli", "start", "--site", site, "--data", str(data_dir), "--server",
@@ -201,7 +202,7 @@ def deployment(tmp_path_factory):
         latest = torch.load(ckpt / "latest.pt", weights_only=True)  # tensors, numbers, strings only
         history = json.loads(latest["history"])
         facts["rounds_before_crash"] = (latest["round"], sorted({r["round"] for r in history["sites"]}))
-        server = procs.start("server2", server_args + ["--resume"])
+        server = procs.start("server2", base_args + ["--resume"])  # as the README says: no -c flags again
         facts["server2_rc"] = server.wait(timeout=400)
 
         # a run that fails (the ServerApp raises at once on a damaged checkpoint): the command must say so, exit 1
@@ -328,6 +329,10 @@ def test_server_crash_resumes_round_count(deployment):
     flower_log = (deployment["out"] / "flower.log").read_text()
     assert "resuming" in flower_log and "after round 1 of 2" in flower_log
     assert "Number of rounds: 1" in flower_log  # the resumed ServerApp runs round 2 only
+    resumed = flower_log[flower_log.index("resuming"):]
+    assert "TrackedFedProx" in resumed and "TrackedFedAvg" not in resumed  # the run's own settings, not defaults
+    summary = json.loads((deployment["out"] / "summary.json").read_text())
+    assert summary["strategy"] == "fedprox" and summary["run_config"]["dp"] is True
     metrics = pd.read_csv(deployment["out"] / "metrics.csv")
     assert metrics["round"].tolist() == [0, 1, 2]  # history kept, counter continued, nothing redone
     train = train_rows(deployment)

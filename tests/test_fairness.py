@@ -312,7 +312,7 @@ def test_group_metrics_through_metricframe(large_run, spec):
 def test_run_audit_is_json_and_states_a_verdict(large_run, spec):
     t, _truth, eff = large_run
     audit = run_audit(t, spec, n_boot=50)
-    text = json.dumps(audit, allow_nan=False)
+    text = json.dumps(audit.to_json(), allow_nan=False)
     back = json.loads(text)
     assert back["identification"]["identified"] is True
     assert {r["effect"] for r in back["effects"]["effects"]} == {"total", "impermissible", "permissible", "direct"}

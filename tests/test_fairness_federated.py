@@ -62,7 +62,7 @@ def test_federated_audit_equals_pooled_audit_without_noise(consortium):
     pooled_frame = pd.concat(frames.values(), ignore_index=True)
     assert set(pooled_frame["age"].unique()) > {30, 50, 70}  # raw ages; the audit sees them in 4 bins
     pooled = estimate_effects(coarse_frame(pooled_frame, layout), spec, n_boot=200, seed=0)
-    rows = {(r["outcome"], r["effect"], r["estimator"]): r for r in fed["effects"]["effects"]}
+    rows = {(r["outcome"], r["effect"], r["estimator"]): r for r in fed.effects["effects"]}
     assert len(rows) == 3 * len(EFFECTS) * 2
     for (outcome, effect, estimator), r in rows.items():
         p = pooled.get(effect, outcome, estimator)
@@ -71,10 +71,10 @@ def test_federated_audit_equals_pooled_audit_without_noise(consortium):
         if p["ci_high"] - p["ci_low"] > 1e-6:
             ratio = (r["ci_high"] - r["ci_low"]) / (p["ci_high"] - p["ci_low"])
             assert 0.75 < ratio < 1.33, (outcome, effect, estimator, ratio)
-    assert fed["effects"]["n"] == pooled.n == {"a0": pooled.n["a0"], "a1": pooled.n["a1"], "total": 9000}
-    assert fed["verdict"]["significant"] and fed["identification"]["identified"]
+    assert fed.effects["n"] == pooled.n == {"a0": pooled.n["a0"], "a1": pooled.n["a1"], "total": 9000}
+    assert fed.verdict["significant"] and fed.identification["identified"]
     # group metrics: exact at the histogram's threshold (a bin edge); AUROC = that of the binned scores
-    gm = fed["group_metrics"]
+    gm = fed.group_metrics
     exact = group_metrics(pooled_frame, spec, threshold=gm["threshold"], control=None)
     for r in gm["by_group"]:
         g = r["A"]
@@ -88,8 +88,8 @@ def test_federated_audit_equals_pooled_audit_without_noise(consortium):
     # per site: each site's own estimate, from its statistics alone
     for name, f in frames.items():
         alone = estimate_effects(coarse_frame(f, layout), spec, n_boot=20, seed=0).estimate("impermissible")
-        assert fed["per_site"][name]["impermissible"]["estimate"] == pytest.approx(alone, abs=1e-10)
-    json.dumps(fed, allow_nan=False)
+        assert fed.per_site[name]["impermissible"]["estimate"] == pytest.approx(alone, abs=1e-10)
+    json.dumps(fed.to_json(), allow_nan=False)
 
 
 def test_noise_widens_the_cis_and_every_release_is_charged(consortium, tmp_path):
@@ -165,11 +165,11 @@ def test_client_producer_and_server_analyser_write_the_report(consortium, tmp_pa
                   "epsilon": [0.4, 1.4]}).to_csv(tmp_path / "per_site.csv", index=False)
     analyse_fairness(tmp_path, 3, releases, cfg)
     audit = load_audit(tmp_path)
-    assert audit["round"] == 3 and audit["data"]["n_rows"] == 320 and audit["mode"] == "federated"
-    assert set(audit["per_site"]) == {"north", "south"}
-    assert audit["federated"]["not_released"][0] == "west (budget exhausted)"
-    assert "odd (unusable release: site odd: 'cells_n' has 5 values" in audit["federated"]["not_released"][1]
-    assert audit["context"]["epsilon"]["south"] == {"epsilon": 1.4, "epsilon (after this release)": 1.5}
+    assert audit.round == 3 and audit.data["n_rows"] == 320 and audit.mode == "federated"
+    assert set(audit.per_site) == {"north", "south"}
+    assert audit.federated["not_released"][0] == "west (budget exhausted)"
+    assert "odd (unusable release: site odd: 'cells_n' has 5 values" in audit.federated["not_released"][1]
+    assert audit.context["epsilon"]["south"] == {"epsilon": 1.4, "epsilon (after this release)": 1.5}
     html = (tmp_path / "fairness_audit.html").read_text()
     assert "round 3" in html and "no shift.csv in the run folder" in html and "1.5000" in html
     assert (tmp_path / "fairness" / "round_003.json").exists()

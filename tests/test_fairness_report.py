@@ -18,6 +18,7 @@ from fairness import identify, load_graph_spec, run_audit
 from fairness.cli import main as audit_main
 from fairness.dowhy_checks import independence_tests
 from fairness.report import SECTIONS, run_context, write_report
+from fairness.results import AuditResult
 from simulations.scenario import SiteSpec
 from fairness.mitigation import ScoreShiftCorrection
 from tests.test_fairness import add_score, f_score, fast_truth
@@ -42,7 +43,7 @@ def audited():
 
 def test_dowhy_total_effect_refuters_and_independence_tests(audited):
     _frame, truth, audit = audited
-    dw = audit["robustness"]["dowhy"]
+    dw = audit.robustness["dowhy"]
     te = dw["total_effect"]
     assert te["status"] == "ok" and te["backdoor_variables"] == [] and te["n_rows"] == 1500
     assert te["estimate"] == pytest.approx(truth["total"], abs=0.03)
@@ -55,10 +56,10 @@ def test_dowhy_total_effect_refuters_and_independence_tests(audited):
     assert tests["A ⫫ S"]["p_value"] < 1e-3 and tests["A ⫫ S"]["consistent"]
     assert tests["S ⫫ D | A, C"]["p_value"] > 0.05 and tests["S ⫫ D | A, C"]["consistent"]
     # the placebo PSE (our estimator, A permuted) covers 0 while the real one does not
-    assert audit["robustness"]["placebo"]["passed"]
-    assert audit["robustness"]["placebo"]["impermissible"]["ci_low"] <= 0 <= \
-        audit["robustness"]["placebo"]["impermissible"]["ci_high"]
-    assert audit["verdict"]["impermissible_score"]["ci_low"] > 0
+    assert audit.robustness["placebo"]["passed"]
+    assert audit.robustness["placebo"]["impermissible"]["ci_low"] <= 0 <= \
+        audit.robustness["placebo"]["impermissible"]["ci_high"]
+    assert audit.verdict["impermissible_score"]["ci_low"] > 0
 
 
 def test_independence_test_flags_a_missing_s_to_d_edge():
@@ -95,7 +96,7 @@ def test_report_renders_every_section_with_images(audited, tmp_path):
     assert len(images) == 3  # graph, forest plot, group metrics
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert "src=\"http" not in html and "<script" not in html  # self-contained
-    assert html_escape(audit["verdict"]["text"]) in html
+    assert html_escape(audit.verdict["text"]) in html
     assert "IMPERMISSIBLE" in html and "S ⫫ D | A, C" in html and "placebo (permuted A)" in html
     assert "2.2500" in html and "3.5000" in html  # last epsilon per site
     assert "covariate" in html and "0.0010" in html  # latest round of shift.csv only
@@ -117,8 +118,8 @@ def test_cli_writes_the_report_and_rejects_bad_input(tmp_path, capsys):
                      "Yhat=prob", "--n-boot", "50", "--no-dowhy", "--site-column", "site"])
     assert rc == 0
     assert "social-pathway (impermissible) effect" in capsys.readouterr().out
-    audit = json.loads((out / "fairness_audit.json").read_text())
-    assert audit["robustness"]["placebo"]["passed"] and set(audit["per_site"]) == {"north", "south"}
+    audit = AuditResult.read(out / "fairness_audit.json")
+    assert audit.robustness["placebo"]["passed"] and set(audit.per_site) == {"north", "south"}
     assert (out / "fairness_audit.html").stat().st_size > 10_000
 
     def fails(args: list[str], message: str) -> None:

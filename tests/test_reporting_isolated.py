@@ -4,6 +4,7 @@ draws every degenerate effect row."""
 import math
 
 from fairness.report import forest_figure
+from fairness.results import AuditResult
 from server.analysers import ANALYSERS, analyse
 from server.site_statistics import SiteRelease
 
@@ -28,13 +29,17 @@ def test_forest_plot_draws_degenerate_effects():
         return {"estimator": "weighting", "outcome": "score", "effect": effect, "estimate": est, "ci_low": lo,
                 "ci_high": hi}
 
-    audit = {"effects": {"effects": [
+    effects = {"effects": [
         row("zero by construction", 1e-17, 0.0, 0.0),  # the estimate a rounding error outside its interval
         row("zero width", 0.1, 0.1, 0.1),
         row("no interval", 0.2, None, None),
         row("infinite bound", 0.1, -math.inf, 0.3),
         row("nan bound", 0.1, math.nan, 0.2),
         row("nan estimate", math.nan, 0.0, 1.0),
-    ]}, "per_site": {"s": {"status": "ok", "impermissible": {"estimate": -1e-17, "ci_low": 0.0, "ci_high": 0.0}}}}
+    ]}
+    audit = AuditResult(mode="pooled", spec={}, spec_source="", data={}, warnings=[], paths=[], identification={},
+                        effects=effects, group_metrics=None, verdict={},
+                        per_site={"s": {"status": "ok", "impermissible": {"estimate": -1e-17, "ci_low": 0.0,
+                                                                          "ci_high": 0.0}}})
     png = forest_figure(audit)
     assert isinstance(png, str) and len(png) > 1000

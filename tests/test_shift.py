@@ -3,6 +3,7 @@ suppression), the server's tests and label-shift estimates on generated hospital
 prior adaptation, the generator's pure label-shift knob, and one real Flower run with `statistics=shift`."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from client.app import statistics
 from client.cli import main as client_cli
 from client.ledger import PrivacyLedger, dataset_fingerprint
-from client.shift_stats import (intensity_hist, manufacturer_counts, model_outputs, release_shift, rff_features,
-                                rff_map)
+from client.shift_stats import (intensity_hist, manufacturer_counts, model_outputs, release_shift, request_settings,
+                                rff_features, rff_map)
 from client.statistics import Releaser
+from core_models.config import app_defaults
 from core_models.label_shift import N_BINS
 from core_models.networks import build_model
 from core_models.training import make_loader, train_epochs
@@ -26,8 +28,11 @@ from simulations.scenario import SiteSpec, scenario_from_dict, scenario_hash
 from tests.test_client import _context, consortium  # noqa: F401  (shared fixture)
 
 SIZE = 32
-SETTINGS = {"stats-rff-dim": 32, "stats-feature-clip": 20.0, "stats-rff-bandwidth": 0.5, "seed": 3,
-            "manufacturers": ["GE", "Siemens"]}
+# the stats-* keys every statistics request carries (the server sends them all)
+STATS_KEYS = {k: v for k, v in app_defaults(Path(__file__).resolve().parent.parent / "pyproject.toml").items()
+              if k.startswith("stats-")}
+SETTINGS = request_settings({**STATS_KEYS, "stats-rff-dim": 32, "stats-feature-clip": 20.0, "stats-rff-bandwidth": 0.5,
+                             "seed": 3, "stats-manufacturers": "GE,Siemens"})
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -129,7 +134,8 @@ def test_query_handler_releases_shift(consortium):  # noqa: F811
     before = len(PrivacyLedger.open(gamma, delta=1e-5, max_epsilon=None,
                                     fingerprint=dataset_fingerprint(gamma)).entries)
     content = RecordDict({"arrays": ArrayRecord(build_model("cnn").state_dict()),
-                          "config": ConfigRecord({"statistics": "shift", "server-round": 2, "seed": 4})})
+                          "config": ConfigRecord({**STATS_KEYS, "statistics": "shift", "server-round": 2,
+                                                  "seed": 4})})
     reply = statistics(Message(content=content, dst_node_id=7, message_type=MessageType.QUERY), ctx)
     rec = reply.content["shift"]
     assert rec["num_classes"] == 2 and rec["bins"] == N_BINS and rec["sigma_output_hist"] == 3.0

@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
-from core_models import data
 from core_models.data import DEFAULT_LIMITS, ImageError, ImageLimits, ManifestError, load_npz, load_site, read_image
+from core_models.data.cache import CACHE_DIR, _cache_load
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 HUGE = 60000  # 60000 x 60000 = 3.6e9 pixels: 7.2 GB as uint16 if anything allocated it
@@ -270,7 +270,7 @@ def test_cache_folder_symlinked_out_is_not_written_through(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "manifest-s8-k2-keepme.npz").write_bytes(b"not ours")  # would match the old-version cleanup glob
-    os.symlink(elsewhere, site / data.CACHE_DIR)
+    os.symlink(elsewhere, site / CACHE_DIR)
     first = load_site(site, image_size=8)
     second = load_site(site, image_size=8)
     np.testing.assert_array_equal(first.images, second.images)
@@ -280,9 +280,9 @@ def test_cache_folder_symlinked_out_is_not_written_through(tmp_path):
 def test_planted_cache_with_foreign_arrays_is_ignored(tmp_path):
     path = tmp_path / "c.npz"
     np.savez(path, images=np.zeros((3, 32, 32), np.uint16), info=np.array('{"key": "k"}'))
-    assert data._cache_load(path, "k", n_images=3, image_size=8) is None  # wrong image size
+    assert _cache_load(path, "k", n_images=3, image_size=8) is None  # wrong image size
     np.savez(path, images=np.zeros((5, 8, 8), np.uint16), info=np.array('{"key": "k"}'))
-    assert data._cache_load(path, "k", n_images=3, image_size=8) is None  # more images than the site has
+    assert _cache_load(path, "k", n_images=3, image_size=8) is None  # more images than the site has
 
 
 def _npz_with_header_only(path, arrays):

@@ -7,6 +7,7 @@ locally, and reply with vectors whose shape depends on the request only. Fast: n
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from client.shift_stats import release_shift, request_settings
+from core_models.config import app_defaults
 from core_models.label_shift import N_BINS
 from client.statistics import Releaser
 from fairness import mitigation
@@ -239,7 +241,8 @@ def test_shift_statistics_labels_outside_the_classes_never_raise(caplog):
     labels = rng.integers(0, k, n)
     images = rng.random((n, 1, 4, 4))
     logits, feats = rng.normal(size=(n, k)), rng.normal(size=(n, d))
-    settings = request_settings({"stats-rff-dim": 8})
+    stats_keys = {k: v for k, v in app_defaults(Path("pyproject.toml")).items() if k.startswith("stats-")}
+    settings = request_settings({**stats_keys, "stats-rff-dim": 8, "seed": 0})
     clean = release_shift(Releaser(None, 0), k, labels, images, ["GE"] * n, labels, logits, feats, settings)
     bad_labels = labels.copy()
     bad_labels[:3] = [5, -1, 2]

@@ -1,0 +1,82 @@
+"""Which dataset a ledger history belongs to: a fingerprint of the site's patients and image contents."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from client.ledger.storage import STATE_DIR, atomic_write
+from core_models.paths import UnsafePath, resolve_site_file
+
+FINGERPRINT_CACHE = "fingerprint_cache.json"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
+    """sha256 over the site's (patient_id, image content digest) pairs, sorted.
+
+    The key is the patient set and the bytes of their images, not the manifest's bytes: reformatting the
+    manifest (column order, quoting, blank lines, extra columns, renamed or moved files) leaves it unchanged.
+    Only regular files inside the site folder are read (core_models.paths); any other path counts as
+    "unreadable" without being opened, so a FIFO or /dev/zero in the manifest cannot hang the site.
+    Per-file digests are cached in `<data>/.equifed/fingerprint_cache.json` keyed by (real path, size,
+    mtime_ns), so a big site re-hashes only files that changed.
+    """
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / manifest
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no {manifest} in {data_dir}: cannot fingerprint the dataset")
+    rows = list(csv.DictReader(manifest_path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()))
+
+    cache_path = data_dir / STATE_DIR / FINGERPRINT_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}  # the cache is only a speed-up; the ledger never depends on it
+    new_cache: dict[str, list] = {}
+    # A file written within the last 2 s could change again without its mtime moving
+    # (coarse timestamps): hash it now but do not cache it ("racy git" rule).
+    racy_before = time.time_ns() - 2_000_000_000
+
+    pairs = set()
+    for r in rows:
+        pid, rel = str(r.get("patient_id") or "").strip(), str(r.get("image_path") or "").strip()
+        if not pid or not rel:
+            continue
+        try:
+            real, st = resolve_site_file(data_dir, rel)
+        except UnsafePath:
+            pairs.add((pid, "unreadable"))
+            continue
+        key = str(real)
+        hit = cache.get(key)
+        if isinstance(hit, list) and len(hit) == 3 and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            digest = hit[2]
+        else:
+            digest = _file_sha256(real)
+        if st.st_mtime_ns < racy_before:
+            new_cache[key] = [st.st_size, st.st_mtime_ns, digest]
+        pairs.add((pid, digest))
+    if new_cache != cache:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(cache_path, json.dumps(new_cache))
+        except OSError:
+            pass  # read-only data folder: hash again next time
+    h = hashlib.sha256()
+    h.update(b"equifed-dataset-v2\0")
+    for pid, digest in sorted(pairs):
+        h.update(json.dumps([pid, digest]).encode() + b"\n")
+    return h.hexdigest()

@@ -1,0 +1,137 @@
+"""load_site: a site folder to what everything downstream (splits, training, shift statistics, fairness audits)
+needs from it: grayscale images in [0, 1] where bright means dense on every scanner, integer labels, and the manifest
+rows that survived, with the acquisition metadata (manufacturer, model, ...) that explains site shift.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core_models.data.cache import _cache_file, _cache_key, _cache_load, _cache_save
+from core_models.data.images import read_image
+from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, ManifestError, _limits
+from core_models.data.manifest import Rejection, _first_reasons, _parse_manifest, _read_manifest_bytes
+from core_models.data.pixels import META_COLUMNS
+
+log = logging.getLogger(__name__)
+
+_Q = 65535.0  # images are quantised to uint16 steps (error <= 7.7e-6) so cached and fresh loads are bit-identical
+
+
+@dataclass
+class SiteData:
+    images: np.ndarray  # (N, 1, S, S) float32 in [0, 1]
+    labels: np.ndarray  # (N,) int64
+    frame: pd.DataFrame  # accepted manifest rows (index reset) + META_COLUMNS
+    rejected: list[Rejection]
+
+
+def _meta_frame(metas: list[dict]) -> pd.DataFrame:
+    mf = pd.DataFrame.from_records(metas, columns=list(META_COLUMNS))
+    mf["dicom_age"] = pd.to_numeric(mf["dicom_age"], errors="coerce").astype(np.float64)
+    for c in ("rows", "cols"):
+        mf[c] = mf[c].astype(np.int64)
+    return mf
+
+
+def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: ImageLimits | None = None):
+    """Decode each accepted row into a preallocated uint16 stack (a big site never holds two float copies).
+
+    Returns (stack, ok_rows, metas, rejections, transient); transient means some failure may go away without the
+    file changing (permission denied, out of memory, no decoder installed), so that result must not be cached.
+    """
+    stack = np.empty((len(paths), image_size, image_size), dtype=np.uint16)
+    ok_rows, metas, rejected, transient = [], [], [], False
+    done: dict[str, tuple | str] = {}  # a path listed twice is decoded once
+    # read_image(path, size) when no limits were given (the defaults), so wrappers of that call keep working
+    extra = {} if limits is None else {"limits": limits}
+    for row, shown, p in zip(df.index, df["image_path"], paths):
+        result = done.get(p)
+        if result is None:
+            try:
+                result = read_image(p, image_size, **extra)
+            except ImageError as e:
+                result = str(e)
+                transient |= isinstance(e.__cause__, PermissionError) or isinstance(e, DecoderMissing)
+            except Exception as e:  # one odd file must not stop a site
+                result = f"unexpected error while decoding ({type(e).__name__}: {e})"
+                transient = True
+            done[p] = result
+        if isinstance(result, str):
+            rejected.append(Rejection(str(shown), int(row), result))
+        else:
+            stack[len(ok_rows)] = np.rint(result[0] * np.float32(_Q))
+            metas.append(result[1])
+            ok_rows.append(int(row))
+    return stack[: len(ok_rows)], ok_rows, metas, rejected, transient
+
+
+def load_site(
+    data_dir,
+    image_size: int = 64,
+    manifest: str = "manifest.csv",
+    num_classes: int = 2,
+    cache: bool = True,
+    limits: ImageLimits | None = None,
+) -> SiteData:
+    """Load a site: validate the manifest, decode every usable image at image_size, collect rejections.
+
+    Image paths must resolve to regular files inside `data_dir` (:func:`core_models.paths.resolve_site_file`);
+    files and images over `limits` (default :data:`DEFAULT_LIMITS`, see :class:`ImageLimits`) are refused from
+    fstat and headers before decoding. Each such refusal is a Rejection with its reason; the rest of the site loads.
+    The result is identical whether or not the cache was hit (images are quantised to 1/65535 steps either way).
+    """
+    if limits is not None:
+        _limits(limits)  # type check now, not once per image
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    image_size = int(image_size)
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / manifest
+    raw = _read_manifest_bytes(manifest_path, limits)
+    df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir)
+
+    def nothing_usable(all_rejected):
+        detail = "manifest has no rows" if n_rows == 0 else (
+            f"{n_rows} rows, all rejected; first reasons: {_first_reasons(all_rejected)}")
+        return ManifestError(f"no usable images in {data_dir}: {detail}")
+
+    if df.empty:
+        raise nothing_usable(rejected)
+
+    key = _cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits)) if cache else None
+    cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key) if key else None
+    hit = _cache_load(cache_path, key, len(paths), image_size) if cache_path is not None else None
+    if hit is not None:
+        stack, ok_rows, metas, decode_rejected = hit
+        log.info("%s: %d images from cache %s", data_dir, len(ok_rows), cache_path.name)
+    else:
+        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size, limits)
+        if cache_path is not None and not transient:
+            _cache_save(cache_path, key, stack, ok_rows, metas, decode_rejected)
+
+    rejected = sorted(rejected + decode_rejected, key=lambda r: (r.row is None, r.row or 0))
+    if len(ok_rows) == 0:
+        raise nothing_usable(rejected)
+
+    frame = df.loc[ok_rows].reset_index(drop=True)
+    mf = _meta_frame(metas)
+    for c in META_COLUMNS:
+        if c in frame.columns:  # the manifest's own value wins; DICOM fills its gaps
+            frame[c] = frame[c].where(frame[c].notna(), mf[c])
+        else:
+            frame[c] = mf[c]
+    out = stack.astype(np.float32)
+    out *= np.float32(1.0 / _Q)
+    log.info("%s: %d images, %d rejected", data_dir, len(frame), len(rejected))
+    return SiteData(
+        images=out[:, None],
+        labels=frame["label"].to_numpy(dtype=np.int64),
+        frame=frame,
+        rejected=rejected,
+    )
