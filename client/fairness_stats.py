@@ -22,11 +22,11 @@ import torch
 from client.shift_stats import model_outputs, one_per_patient
 from client.site import LocalSite
 from client.statistics import Releaser
-from core_models.config import FairPenaltyConfig, read_section
+from core_models.config import FairAuditConfig, FairPenaltyConfig, read_section
 from core_models.networks import get_device
 from core_models.training import make_loader, predict_proba
 from fairness import mitigation
-from fairness.federated import DEFAULT_GRAPH, layout_for, release_statistics, site_statistics
+from fairness.federated import layout_for, release_statistics, site_statistics
 from fairness.graph import GRAPH_DIR
 
 
@@ -41,11 +41,11 @@ def scores(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
 def produce_fairness(site: LocalSite, model, request: dict, releaser: Releaser) -> dict:
     if model is None:
         raise ValueError("the fairness statistics need the global model")
-    graph = str(request.get("stats-fairness-graph", "") or DEFAULT_GRAPH)
+    audit = read_section(FairAuditConfig, request)
     shipped = sorted(p.stem for p in GRAPH_DIR.glob("*.toml"))
-    if graph not in shipped:  # a path the server names is never opened here: whether it exists is site state
-        raise ValueError(f"the site reads only the graph specs equifed ships ({shipped}), not {graph!r}")
-    layout = layout_for(request)
+    if audit.graph not in shipped:  # a path the server names is never opened here: whether it exists is site state
+        raise ValueError(f"the site reads only the graph specs equifed ships ({shipped}), not {audit.graph!r}")
+    layout = layout_for(audit)
     keep = one_per_patient(site.data.frame) & (site.split == "test").to_numpy()
     frame = site.data.frame.loc[keep].reset_index(drop=True)
     frame[layout.spec.column(layout.spec.prediction)] = scores(model, site.data.images[keep])

@@ -26,7 +26,7 @@ are those of the binned scores).
 
 **Values the layout does not know never raise** (the server names the columns and levels; an exception's type
 would reach it, one exact bit per query such as "does any patient here have level X?"). The layout is checked
-against the public run config and graph spec only (:meth:`CellLayout.from_settings`, before data are seen). On the
+against the public run config and graph spec only (:meth:`CellLayout.from_config`, before data are seen). On the
 data, every axis has one extra cell, last, that catches what the declared levels do not:
 
 * A: the two compared levels, then "other" (a value that is neither, a missing value, or a row whose score is not
@@ -68,6 +68,7 @@ from fairlearn.metrics import (
 )
 from sklearn.metrics import roc_auc_score
 
+from core_models.config import FairAuditConfig
 from core_models.jsonable import jsonable
 from fairness.audit import verdict
 from fairness.graph import CausalSpec, GraphError, load_graph_spec
@@ -77,9 +78,6 @@ from fairness.results import AuditResult
 from fairness.pse import EffectTable, EstimationError, Design, Var, effects_from_design
 
 SENSITIVITY = {"cells_n": 1.0, "cells_score": 1.0, "cells_score_sq": 1.0, "hist": 1.0}
-DEFAULT_SCORE_BINS = 20
-DEFAULT_GRAPH = "synthetic"
-DEFAULT_BINS = "C:40|55|70"  # age edges for the shipped synthetic spec
 OTHER = "other"  # the extra cell's level name in reports
 
 log = logging.getLogger(__name__)
@@ -191,7 +189,7 @@ class CellLayout:
     spec: CausalSpec
     a_levels: tuple[Any, Any]
     factors: tuple[Factor, ...]
-    score_bins: int = DEFAULT_SCORE_BINS
+    score_bins: int = 20
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -213,12 +211,11 @@ class CellLayout:
         return next((f for f in self.factors if f.node == out), None)
 
     @classmethod
-    def from_settings(cls, spec: CausalSpec, settings: Mapping[str, Any] | None = None) -> "CellLayout":
-        """Levels and bins from ``stats-fairness-levels`` / ``stats-fairness-bins`` / ``stats-fairness-score-bins``
-        (run-config keys; every categorical node defaults to levels 0|1)."""
-        settings = dict(settings or {})
-        levels = parse_node_lists(settings.get("stats-fairness-levels", ""), "stats-fairness-levels")
-        bins = parse_node_lists(settings.get("stats-fairness-bins", DEFAULT_BINS), "stats-fairness-bins")
+    def from_config(cls, spec: CausalSpec, audit: FairAuditConfig) -> "CellLayout":
+        """Levels and bins from run config ``stats-fairness-levels`` / ``stats-fairness-bins`` /
+        ``stats-fairness-score-bins`` (every categorical node not named has levels 0|1)."""
+        levels = parse_node_lists(audit.levels, "stats-fairness-levels")
+        bins = parse_node_lists(audit.bins, "stats-fairness-bins")
         unknown = sorted((set(levels) | set(bins)) - set(spec.nodes))
         if unknown:
             raise GraphError(f"stats-fairness-levels/bins name unknown node(s) {unknown} (nodes: {list(spec.nodes)})")
@@ -253,7 +250,7 @@ class CellLayout:
         lab = next((f for f in factors if f.role == "label"), None)
         if lab is not None and {_norm(v) for v in lab.levels} != {"0", "1"}:
             raise GraphError(f"the label '{lab.column}' must have levels 0|1, declared {list(lab.levels)}")
-        b = int(settings.get("stats-fairness-score-bins", DEFAULT_SCORE_BINS))
+        b = audit.score_bins
         if not 2 <= b <= 1000:
             raise GraphError(f"stats-fairness-score-bins must lie in [2, 1000], got {b}")
         return cls(spec, (a_lv[0], a_lv[1]), tuple(factors), b)
@@ -605,8 +602,6 @@ def audit_from_statistics(stats: FairnessStats, per_site: Mapping[str, FairnessS
     )
 
 
-def layout_for(settings: Mapping[str, Any] | None = None) -> CellLayout:
-    """The layout of a run: graph from ``stats-fairness-graph`` (a path or a shipped name, default "synthetic")."""
-    settings = dict(settings or {})
-    spec = load_graph_spec(str(settings.get("stats-fairness-graph", "") or DEFAULT_GRAPH))
-    return CellLayout.from_settings(spec, settings)
+def layout_for(audit: FairAuditConfig) -> CellLayout:
+    """The layout of a run: its graph (``stats-fairness-graph``, a path or a shipped name) and cells."""
+    return CellLayout.from_config(load_graph_spec(audit.graph), audit)

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -33,8 +31,7 @@ from core_models.processes import APP_DIR, port_is_free
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
-from server.console import RoundPrinter, save_overrides, settle_overrides
-from server.superlink import app_snapshot
+from server.console import annotate_summary, follow_run, save_overrides, settle_overrides
 
 
 def _warn_hospital_keys(folder: Path) -> None:
@@ -139,93 +136,101 @@ def _last_round(out: Path) -> int:
     return int(pd.read_csv(metrics)["round"].max())
 
 
-def cmd_start(args: argparse.Namespace) -> int:
-    folder = Path(args.dir).resolve()
-    out = Path(args.out).resolve()
+def _check_folder(folder: Path) -> dict | None:
+    """The consortium index, or None after saying what is wrong with the server folder."""
     try:
         index = load_index(folder)
     except ConsortiumError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return None
     ca_keys = ca_keys_in_folder(folder)
     if ca_keys:
         print(f"error: {ca_keys[0]} is the consortium's CA private key, inside the server folder {folder}: anyone "
               f"who reaches this server could issue certificates every hospital trusts. Move it offline (e.g. to "
               f"{default_ca_key_path(folder)}, then off this machine) and start again; the server does not need it",
               file=sys.stderr)
-        return 2
+        return None
     if not index["sites"]:
         print(f"error: no hospital is registered in {folder}; add each with `equifed-server register`",
               file=sys.stderr)
-        return 2
+        return None
     _warn_hospital_keys(folder)
+    return index
+
+
+def _check_run(args: argparse.Namespace, out: Path) -> dict | None:
+    """The run's checked overrides, or None after saying why the run cannot start (bad -c, a run already in
+    `out` without --resume, a busy port)."""
     checkpoint = out / "checkpoints" / "latest.pt"
-    resuming = args.resume and checkpoint.exists()
     try:  # every key and value checked before anything is written or started
         defaults = app_defaults(APP_DIR / "pyproject.toml")
-        overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds, resuming=resuming,
-                                     force=args.force_config,
+        overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds,
+                                     resuming=args.resume and checkpoint.exists(), force=args.force_config,
                                      say=lambda line: print(f"equifed-server: {line}", flush=True))
         RunConfig.from_flower({**defaults, **overrides}).server.check_holdout()  # holdout-path only from -c
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return None
     if not args.resume and checkpoint.exists():
         print(f"error: {out} already holds a run (checkpoints/latest.pt); continue it with --resume "
               f"or choose another --out", file=sys.stderr)
-        return 2
+        return None
     if args.resume and not checkpoint.exists():
         print(f"equifed-server: no checkpoint in {out}: the run starts from round 1", flush=True)
     if not port_is_free(args.host, args.port):
         print(f"error: port {args.port} on {args.host} is already in use (another server, or another program); "
               f"stop it or choose --port", file=sys.stderr)
-        return 2
-    lock = _lock_state(folder)
+        return None
+    return overrides
+
+
+def _connect(link, args: argparse.Namespace, folder: Path, n_sites: int) -> bool:
+    """Start the SuperLink, bring its allow-list and runs up to date and wait for the hospitals; False when
+    fewer than --min-sites connected."""
+    link.start()
+    print(f"equifed-server: SuperLink listening on {args.host}:{link.port} (TLS, SuperNode authentication, "
+          f"database {link.database})", flush=True)
+    added = sync_allow_list(link, folder)
+    if added:
+        print(f"equifed-server: registered {', '.join(added)}", flush=True)
+    stale = link.stop_unfinished_runs()
+    if stale:
+        print(f"equifed-server: stopped run(s) {', '.join(map(str, stale))} left unfinished by an earlier "
+              f"server process", flush=True)
+    want = min(args.wait_for_sites or n_sites, n_sites)
+    print(f"equifed-server: waiting for {want} of {n_sites} hospital(s) to connect", flush=True)
+    try:
+        link.wait_for_nodes(want, timeout=args.connect_timeout)
+    except TimeoutError as err:
+        online = sum(1 for n in link.nodes() if n.get("status") == "online")
+        if online < args.min_sites:
+            print(f"error: {err}; need at least --min-sites {args.min_sites}", file=sys.stderr)
+            return False
+        print(f"equifed-server: {err}; starting with {online}", flush=True)
+    return True
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    folder, out = Path(args.dir).resolve(), Path(args.out).resolve()
+    index = _check_folder(folder)
+    overrides = _check_run(args, out) if index is not None else None
+    lock = _lock_state(folder) if overrides is not None else None
     if lock is None:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
-    n_sites = len(index["sites"])
-    run_config = {
-        "out-dir": str(out),
-        "resume": bool(args.resume),
-        "min-train-nodes": args.min_sites,
-        "registry-path": str(folder / "state" / "privacy_registry.json"),  # outlives any one run
-    }
-    run_config.update(overrides)
-
+    run_config = {"out-dir": str(out), "resume": bool(args.resume), "min-train-nodes": args.min_sites,
+                  "registry-path": str(folder / "state" / "privacy_registry.json"),  # outlives any one run
+                  **overrides}
     _raise_on_sigterm()
     link = deployment_superlink(folder, host=args.host, port=args.port)
     try:
-        link.start()
-        print(f"equifed-server: SuperLink listening on {args.host}:{link.port} (TLS, SuperNode authentication, "
-              f"database {link.database})", flush=True)
-        added = sync_allow_list(link, folder)
-        if added:
-            print(f"equifed-server: registered {', '.join(added)}", flush=True)
-        stale = link.stop_unfinished_runs()
-        if stale:
-            print(f"equifed-server: stopped run(s) {', '.join(map(str, stale))} left unfinished by an earlier "
-                  f"server process", flush=True)
-        want = min(args.wait_for_sites or n_sites, n_sites)
-        print(f"equifed-server: waiting for {want} of {n_sites} hospital(s) to connect", flush=True)
-        try:
-            link.wait_for_nodes(want, timeout=args.connect_timeout)
-        except TimeoutError as err:
-            online = sum(1 for n in link.nodes() if n.get("status") == "online")
-            if online < args.min_sites:
-                print(f"error: {err}; need at least --min-sites {args.min_sites}", file=sys.stderr)
-                return 2
-            print(f"equifed-server: {err}; starting with {online}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="equifed-app-") as tmp:
-            run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config)
-        print(f"equifed-server: run {run_id} started ({'resumed' if args.resume else 'new'}), results in {out}",
-              flush=True)
-        printer = RoundPrinter(out)
-        printer.printed = _last_round(out) if args.resume else -1
-        status = link.wait(run_id, timeout=args.timeout, on_poll=printer)
-        printer()
-        (out / "flower.log").write_text(link.logs(run_id))
+        if not _connect(link, args, folder, len(index["sites"])):
+            return 2
+        run_id, status = follow_run(
+            link, run_config, out, timeout=args.timeout, printed=_last_round(out) if args.resume else -1,
+            announce=lambda rid: print(f"equifed-server: run {rid} started ({'resumed' if args.resume else 'new'}), "
+                                       f"results in {out}", flush=True))
     except (RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -236,19 +241,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     finally:
         link.stop()
         lock.close()
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        summary.update({"flower_run_id": run_id, "flower_status": status.get("status")})
-        summary_path.write_text(json.dumps(summary, indent=2))
+    summary = annotate_summary(out, flower_run_id=run_id, flower_status=status.get("status"))
     if status.get("status") != "finished:completed":
         print(f"equifed-server: run {run_id} FAILED ({link.outcome(status)}); "
               f"Flower log: {out / 'flower.log'}", file=sys.stderr)
         return 1
     print(f"equifed-server: run {run_id} completed; results in {out}", flush=True)
-    if summary_path.exists():
-        for line in json.loads(summary_path.read_text()).get("warnings", []):
-            print(f"equifed-server: WARNING: {line}", file=sys.stderr, flush=True)
+    for line in (summary or {}).get("warnings", []):
+        print(f"equifed-server: WARNING: {line}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -1,14 +1,17 @@
 """What the server-side commands (`equifed-server start`, `equifed-simulate`) share on the console:
-`-c KEY=VALUE` run-config overrides and the rounds printed as the server writes them."""
+`-c KEY=VALUE` run-config overrides, the run submitted and followed round by round, its outcome in summary.json."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from core_models.config import ConfigError, check_overrides, schema
+from server.superlink import app_snapshot
 
 # Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
 # results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.
@@ -85,6 +88,32 @@ class RoundPrinter:
             if r > self.printed:
                 print(round_table(r, sites, row), flush=True)
                 self.printed = r
+
+
+def follow_run(link, run_config: dict, out: Path, *, timeout: float, announce: Callable[[int], None],
+               federation: dict | None = None, printed: int = -1) -> tuple[int, dict]:
+    """Submit the app (a snapshot: edits to the tree meanwhile cannot break its build) with `run_config`, print
+    each round after `printed` as the server writes it, keep Flower's log as flower.log; (run id, final status)."""
+    with tempfile.TemporaryDirectory(prefix="equifed-app-") as tmp:
+        run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config, federation)
+    announce(run_id)
+    printer = RoundPrinter(out)
+    printer.printed = printed
+    status = link.wait(run_id, timeout=timeout, on_poll=printer)
+    printer()
+    (out / "flower.log").write_text(link.logs(run_id))
+    return run_id, status
+
+
+def annotate_summary(out: Path, **fields) -> dict | None:
+    """summary.json (which the ServerApp writes when the run completes) with the command's own facts added;
+    None when the run wrote none."""
+    path = out / "summary.json"
+    if not path.exists():
+        return None
+    summary = {**json.loads(path.read_text()), **fields}
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def save_overrides(out: Path, overrides: dict) -> None:

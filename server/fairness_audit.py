@@ -21,7 +21,7 @@ from typing import Any
 
 from flwr.common import log
 
-from core_models.config import RunConfig, keys_of, run_config_of
+from core_models.config import RunConfig, run_config_of
 from fairness.federated import audit_from_statistics, layout_for, stats_from_record, sum_statistics
 from fairness.graph import GraphError
 from fairness.report import run_context, write_report
@@ -32,7 +32,7 @@ from server.site_statistics import SiteRelease
 def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteRelease],
                      run_config: RunConfig | Mapping[str, Any]) -> None:
     cfg = run_config_of(run_config)
-    layout = layout_for(keys_of(cfg.audit))
+    layout = layout_for(cfg.audit)
     ok = [r for r in releases if r.status == "ok" and "fairness" in r.records]
     missing = [f"{r.site} ({r.status})" for r in releases if r not in ok]
     if not ok:

@@ -13,7 +13,6 @@ import argparse
 import json
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ import pandas as pd
 from client.site import STATE_DIR, list_sites
 from core_models.config import ConfigError, RunConfig, app_defaults
 from core_models.processes import APP_DIR
-from server.console import RoundPrinter, save_overrides, settle_overrides
-from server.superlink import LocalSuperLink, app_snapshot
+from server.console import annotate_summary, follow_run, save_overrides, settle_overrides
+from server.superlink import LocalSuperLink
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import ScenarioError, load_scenario
 
@@ -153,6 +152,56 @@ def collect_rejections(site_dirs: list[Path], out: Path) -> int:
     return len(merged)
 
 
+def _error(message: str) -> int:
+    print(f"equifed-simulate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _prepare_sites(args: argparse.Namespace, out: Path, t0: float):
+    """(site folders, holdout or None, their data root, the run config the data imply) from --sites or the
+    scenario (generated into out/data). UsageError or ScenarioError before anything is written."""
+    if args.sites is not None:
+        sites, holdout = existing_sites(args.sites, args.holdout)
+        out.mkdir(parents=True, exist_ok=True)
+        data_dir = Path(args.sites).resolve()
+        print(f"equifed: {len(sites)} site folder(s) in {data_dir} -> {out}: {', '.join(s.name for s in sites)}; "
+              f"holdout: {holdout or 'none'}", flush=True)
+        return sites, holdout, data_dir, {}  # the run config's own image-size (pyproject) unless -c overrides it
+    scenario = load_scenario(Path(args.scenario or DEFAULT_SCENARIO))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"equifed: scenario {scenario.name!r} -> {out}", flush=True)
+    data_dir = out / "data"
+    sites = generate_consortium(scenario, data_dir, overwrite=args.overwrite_data)
+    holdout = data_dir / "holdout"
+    holdout = holdout if (holdout / "manifest.csv").exists() else None
+    print(f"equifed: {len(sites)} sites ready in {time.time() - t0:.1f}s: {', '.join(s.name for s in sites)}",
+          flush=True)
+    return sites, holdout, data_dir, {"image-size": scenario.image_size}
+
+
+def _run_config(args, out: Path, sites, holdout, data_dir: Path, implied: dict, overrides: dict) -> dict:
+    run_config = {"data-root": str(data_dir), "holdout-path": str(holdout) if holdout else "", **implied,
+                  "out-dir": str(out), "min-train-nodes": len(sites), "resume": bool(args.resume)}
+    no_test = sites_without_test(sites)
+    if no_test and "fraction-evaluate" not in overrides:
+        run_config["fraction-evaluate"] = 0.0
+        print(f"equifed: {', '.join(no_test)} ha{'s' if len(no_test) == 1 else 've'} no test split (manifest split "
+              f"column): per-site evaluation is off; the holdout scores the global model", flush=True)
+    return {**run_config, **overrides}
+
+
+def _report(out: Path, summary: dict, n_rejected: int, t0: float) -> None:
+    print(
+        f"equifed: done in {time.time() - t0:.0f}s; holdout AUROC "
+        f"{_fmt(summary.get('initial_holdout_auroc'))} -> {_fmt(summary.get('final_holdout_auroc'))}; "
+        f"{n_rejected} rejected image(s); results in {out}",
+        flush=True,
+    )
+    print_findings(out)
+    for line in summary.get("warnings", []):
+        print(f"equifed: WARNING: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -166,56 +215,16 @@ def main(argv: list[str] | None = None) -> int:
                                      force=args.force_config, implied=generated,
                                      say=lambda line: print(f"equifed: {line}", flush=True))
     except ConfigError as err:
-        print(f"equifed-simulate: error: {err}", file=sys.stderr)
-        return 2
-    if args.sites is not None:
-        try:
-            sites, holdout = existing_sites(args.sites, args.holdout)
-        except UsageError as err:
-            print(f"equifed-simulate: error: {err}", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        data_dir = Path(args.sites).resolve()
-        print(f"equifed: {len(sites)} site folder(s) in {data_dir} -> {out}: {', '.join(s.name for s in sites)}; "
-              f"holdout: {holdout or 'none'}", flush=True)
-        image_size = {}  # the run config's own image-size (pyproject) unless -c overrides it
-    else:
-        try:  # a scenario error is the user's input: said in one line, exit 2, nothing written
-            scenario = load_scenario(Path(args.scenario or DEFAULT_SCENARIO))
-        except ScenarioError as err:
-            print(f"equifed-simulate: error: {err}", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"equifed: scenario {scenario.name!r} -> {out}", flush=True)
-        data_dir = out / "data"
-        sites = generate_consortium(scenario, data_dir, overwrite=args.overwrite_data)
-        holdout = data_dir / "holdout"
-        holdout = holdout if (holdout / "manifest.csv").exists() else None
-        print(f"equifed: {len(sites)} sites ready in {time.time() - t0:.1f}s: {', '.join(s.name for s in sites)}",
-              flush=True)
-        image_size = {"image-size": scenario.image_size}
-
-    run_config = {
-        "data-root": str(data_dir),
-        "holdout-path": str(holdout) if holdout else "",
-        **image_size,
-        "out-dir": str(out),
-        "min-train-nodes": len(sites),
-        "resume": bool(args.resume),
-        **generated,
-    }
-    no_test = sites_without_test(sites)
-    if no_test and "fraction-evaluate" not in overrides:
-        run_config["fraction-evaluate"] = 0.0
-        print(f"equifed: {', '.join(no_test)} ha{'s' if len(no_test) == 1 else 've'} no test split (manifest split "
-              f"column): per-site evaluation is off; the holdout scores the global model", flush=True)
-    run_config.update(overrides)
+        return _error(str(err))
+    try:  # a scenario or folder error is the user's input: said in one line, exit 2, nothing written
+        sites, holdout, data_dir, implied = _prepare_sites(args, out, t0)
+    except (UsageError, ScenarioError) as err:
+        return _error(str(err))
+    run_config = _run_config(args, out, sites, holdout, data_dir, {**implied, **generated}, overrides)
     try:
         RunConfig.from_flower({**defaults, **run_config}).server.check_holdout()
     except ConfigError as err:
-        print(f"equifed-simulate: error: {err}", file=sys.stderr)
-        return 2
-    federation = {"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client}
+        return _error(str(err))
 
     save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
     (out / "summary.json").unlink(missing_ok=True)  # written anew when the run completes
@@ -224,35 +233,19 @@ def main(argv: list[str] | None = None) -> int:
             (out / stale).unlink(missing_ok=True)
     errors_before = error_log_sizes(sites)
     with LocalSuperLink(log_path=out / "superlink.log") as link:
-        with tempfile.TemporaryDirectory(prefix="equifed-app-") as tmp:  # edits to the tree cannot break the build
-            run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config, federation)
-        print(f"equifed: run {run_id} started on SuperLink {link.address}", flush=True)
-        printer = RoundPrinter(out)
-        status = link.wait(run_id, timeout=args.timeout, on_poll=printer)
-        printer()
-        (out / "flower.log").write_text(link.logs(run_id))
+        run_id, status = follow_run(
+            link, run_config, out, timeout=args.timeout,
+            federation={"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client},
+            announce=lambda rid: print(f"equifed: run {rid} started on SuperLink {link.address}", flush=True))
     n_rejected = collect_rejections(sites, out)
-    ok = status.get("status") == "finished:completed"
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        summary.update({"flower_run_id": run_id, "flower_status": status.get("status"), "rejected_images": n_rejected})
-        summary_path.write_text(json.dumps(summary, indent=2))
+    summary = annotate_summary(out, flower_run_id=run_id, flower_status=status.get("status"),
+                               rejected_images=n_rejected)
     for line in site_failures(sites, errors_before):
         print(line, file=sys.stderr, flush=True)
-    if not ok:
+    if status.get("status") != "finished:completed":
         print(f"equifed: run {run_id} FAILED ({link.outcome(status)}); Flower log: {out / 'flower.log'}", file=sys.stderr)
         return 1
-    summary = json.loads(summary_path.read_text())
-    print(
-        f"equifed: done in {time.time() - t0:.0f}s; holdout AUROC "
-        f"{_fmt(summary.get('initial_holdout_auroc'))} -> {_fmt(summary.get('final_holdout_auroc'))}; "
-        f"{n_rejected} rejected image(s); results in {out}",
-        flush=True,
-    )
-    print_findings(out)
-    for line in summary.get("warnings", []):
-        print(f"equifed: WARNING: {line}", file=sys.stderr, flush=True)
+    _report(out, summary or {}, n_rejected, t0)
     return 0
 
 

@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
+from core_models.config import keys_of, run_config_of
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -46,7 +48,7 @@ def manifest_frame(site: SiteSpec, n: int, seed: int) -> pd.DataFrame:
 def consortium():
     frames = {name: manifest_frame(s, 3000, seed=i) for i, (name, s) in enumerate(SITES.items())}
     spec = load_graph_spec("synthetic")
-    return spec, CellLayout.from_settings(spec, {"stats-fairness-bins": "C:40|55|70"}), frames
+    return spec, CellLayout.from_config(spec, run_config_of({"stats-fairness-bins": "C:40|55|70"}).audit), frames
 
 
 def released(frames, layout, releaser_for) -> dict:
@@ -119,15 +121,15 @@ def test_noise_widens_the_cis_and_every_release_is_charged(consortium, tmp_path)
 def test_layout_errors_name_the_problem(consortium):
     spec, layout, frames = consortium
     with pytest.raises(ValueError, match="covariate 'C' needs fixed cells"):
-        CellLayout.from_settings(spec, {"stats-fairness-bins": ""})
+        CellLayout.from_config(spec, run_config_of({"stats-fairness-bins": ""}).audit)
     with pytest.raises(ValueError, match="unknown node"):
-        CellLayout.from_settings(spec, {"stats-fairness-levels": "Q:0|1"})
+        CellLayout.from_config(spec, run_config_of({"stats-fairness-levels": "Q:0|1"}).audit)
     # a value outside the declared levels is data, not a setting: it lands in the "other" cell, never in an error
     bad = release_statistics(site_statistics(frames["north"].assign(scanner_legacy=2), layout), Releaser(None, 0.0))
     clean = release_statistics(site_statistics(frames["north"], layout), Releaser(None, 0.0))
     assert {k: len(v) for k, v in bad.items() if isinstance(v, list)} == \
         {k: len(v) for k, v in clean.items() if isinstance(v, list)}
-    three = CellLayout.from_settings(spec, {"stats-fairness-levels": "S:0|1|2"})
+    three = CellLayout.from_config(spec, run_config_of({"stats-fairness-levels": "S:0|1|2"}).audit)
     with pytest.raises(ValueError, match="cells_n' has 135 values, the layout needs 180"):
         stats_from_record(release_statistics(site_statistics(frames["north"], layout), Releaser(None, 0.0)), three)
 
@@ -146,6 +148,7 @@ def test_client_producer_and_server_analyser_write_the_report(consortium, tmp_pa
     model = build_model("cnn", 2)
     cfg = {"stats-fairness-graph": "synthetic", "stats-fairness-bins": "C:40|55|70", "stats-fairness-boot": 50,
            "seed": 0}
+    request = {**keys_of(run_config_of(cfg).audit), "seed": 0}  # the server's request carries every stats-* key
     releases = []
     for i, name in enumerate(("north", "south")):
         f = consortium[2][name].iloc[:240].copy()
@@ -155,7 +158,7 @@ def test_client_producer_and_server_analyser_write_the_report(consortium, tmp_pa
         split = pd.Series(np.where(np.arange(len(f)) % 3 == 0, "train", "test"))
         site = LocalSite(name, tmp_path, SiteData(images, f["label"].astype(int).to_numpy(), f.drop(columns="score"),
                                                   []), split)
-        rec = produce_fairness(site, model, cfg, Releaser(None, 0.0))
+        rec = produce_fairness(site, model, request, Releaser(None, 0.0))
         assert sum(rec["cells_n"]) == (split == "test").sum() == 160
         assert len(rec["hist"]) == 2 * 2 * 20 and rec["sigma_cells_n"] == 0.0
         releases.append(SiteRelease(name, "ok", {"fairness": rec}, epsilon=0.5 + i))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from client.shift_stats import release_shift, request_settings
-from core_models.config import app_defaults
+from core_models.config import app_defaults, run_config_of
 from core_models.label_shift import N_BINS
 from client.statistics import Releaser
 from fairness import mitigation
@@ -78,7 +78,7 @@ def structure(record: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def layout() -> CellLayout:
-    return layout_for({"stats-fairness-graph": "synthetic", "stats-fairness-bins": "C:40|55|70"})
+    return layout_for(run_config_of({"stats-fairness-graph": "synthetic", "stats-fairness-bins": "C:40|55|70"}).audit)
 
 
 def release(frame: pd.DataFrame, layout: CellLayout, name: str) -> dict:
@@ -143,8 +143,9 @@ def test_server_reads_the_extra_cells_out_of_the_estimate(layout):
 
 
 def test_declared_other_level_is_the_catch_all():
-    spec = layout_for({}).spec
-    lay = CellLayout.from_settings(spec, {"stats-fairness-levels": "S:0|1|other", "stats-fairness-bins": "C:50"})
+    spec = layout_for(run_config_of({}).audit).spec
+    lay = CellLayout.from_config(spec, run_config_of({"stats-fairness-levels": "S:0|1|other",
+                                                      "stats-fairness-bins": "C:50"}).audit)
     s = lay.factors[0]
     assert s.levels == (0, 1, "other") and s.n_cells == 3 and s.other_code == 2 and s.n_known == 3
     codes = s.codes(pd.Series([0, "1", 1.0, "Other", "other", 9, None, "x"]))
