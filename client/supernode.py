@@ -36,7 +36,7 @@ import psutil
 from client.ledger import LedgerError, ledger_report
 from client.site import SITE_LOG, STATE_DIR, open_site, site_max_epsilon
 from client.pinned_runner import launcher
-from core_models.processes import APP_DIR, _bin, free_port, kill_tree
+from core_models.processes import APP_DIR, flower_bin, free_port, kill_tree
 
 REFUSED_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 EXIT_REFUSED = 3  # the server does not know this site's key
@@ -162,7 +162,7 @@ def supernode_command(server: str, ca: Path | None, key: Path | None, node_confi
     process isolation (it starts no ClientApp: the pinned runner takes its tasks).
     `insecure=True` (plain HTTP, no key) exists for tests against an insecure SuperLink."""
     config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
-    cmd = [_bin("flower-supernode"), "--superlink", server]
+    cmd = [flower_bin("flower-supernode"), "--superlink", server]
     if insecure:
         cmd.append("--insecure")
     else:

@@ -37,7 +37,7 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
     """Flower's console scripts next to this interpreter (the venv), else on PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name

@@ -11,7 +11,7 @@ from typing import Callable
 import pandas as pd
 
 from core_models.config import ConfigError, check_overrides, schema
-from server.superlink import app_snapshot
+from core_models.processes import app_snapshot
 
 # Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
 # results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.

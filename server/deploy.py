@@ -27,7 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from server.certs import PublicKeyError, create_ca, create_server_cert, public_key_fingerprint, read_site_public_key
-from server.superlink import CONNECTION, LocalSuperLink, TLSFiles, free_port
+from core_models.processes import free_port
+from server.superlink import CONNECTION, LocalSuperLink, TLSFiles
 
 INDEX = "consortium.json"
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 # re-exported: server.cli, server.deploy, simulations and the tests import them from here
-from core_models.processes import APP_DIR, _bin, app_snapshot, free_port, kill_tree  # noqa: F401
+from core_models.processes import flower_bin, free_port, kill_tree
 
 CONNECTION = "equifed"
 APP_PROCESSES = ("flwr-serverapp", "flwr-simulation")  # what a SuperExec starts for a run
@@ -97,7 +97,7 @@ class LocalSuperLink:
         self.stop(hard=self.simulation and self.database is None)
 
     def command(self) -> list[str]:
-        cmd = [_bin("flower-superlink"), "--disable-runtime-dependency-installation",
+        cmd = [flower_bin("flower-superlink"), "--disable-runtime-dependency-installation",
                "--host", self.host, "--port", str(self.port)]
         if self.tls:
             cmd += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
@@ -169,7 +169,7 @@ class LocalSuperLink:
 
     # --- runs ----------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def submit(self, app_dir: Path, run_config: dict | None = None, federation_config: dict | None = None) -> int:
         """Start a run of the Flower app in `app_dir`; return its run id."""

@@ -45,7 +45,7 @@ from core_models.networks import build_model
 from client.cli import main as client_main
 from client.cli import make_site_keys
 from server.cli import main as server_main
-from server.superlink import free_port, kill_tree
+from core_models.processes import free_port, kill_tree
 from simulations.generator import generate_consortium
 
 pytestmark = pytest.mark.deployment
