@@ -26,6 +26,7 @@ from client.producers import produce
 from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.networks import build_model, get_device
+from core_models.pretrained import freeze, frozen_part
 from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
 from core_models.training import evaluate, make_loader, train_epochs
 from fairness import mitigation
@@ -204,6 +205,7 @@ def train(msg: Message, context: Context) -> Message:
         return _refusal(msg, site, POLICY_REFUSED, err)
     model = _model(msg, cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
+    freeze(model, frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round))
     seed = train_cfg.seed  # splits and the stratified penalty's draws; never the DP noise
     x, y = site.part("train")
     if len(y) == 0:

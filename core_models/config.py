@@ -96,10 +96,17 @@ class TrainingConfig:
     weight_decay: float = key("weight-decay")
     grad_accumulation: int = key("grad-accumulation")
     seed: int = key("seed")  # splits, shuffling and the penalty's draws; never DP noise
+    pretrained_path: str = key("pretrained-path")  # the server's initial model; "" = fresh weights
+    pretrained_key_map: str = key("pretrained-key-map")
+    freeze: str = key("freeze")
+    unfreeze_after: int = key("unfreeze-after")
 
     def check(self) -> None:
         _one_of("model", self.model, self.MODELS)
         _one_of("optimizer", self.optimizer, ("adam", "sgd"))
+        _one_of("freeze", self.freeze, ("none", "stem", "encoder"))  # core_models.pretrained.FREEZE_CHOICES
+        if self.unfreeze_after < 0:
+            raise ConfigError(f"run config 'unfreeze-after' must be >= 0, got {self.unfreeze_after}")
         for name, value in (("local-epochs", self.local_epochs), ("batch-size", self.batch_size),
                             ("image-size", self.image_size), ("grad-accumulation", self.grad_accumulation)):
             if value < 1:

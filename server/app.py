@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from core_models.config import RunConfig
 from core_models.networks import build_model
+from core_models.pretrained import load_pretrained
 from core_models.model_card import write_card
 from server.checkpoint import BEST_MODEL, load_latest
 from server.hooks import (BestModel, Checkpointing, FairnessBroadcast, HoldoutEvaluation, RoundEvaluation,
@@ -36,7 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = Path(cfg.server.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.train.model, cfg.train.num_classes)
+    model = initial_model(cfg)
     best = BestModel(out_dir, cfg.server, dp=cfg.dp.enabled)
     checkpoint = _resume(out_dir, cfg, model, best)
     done = int(checkpoint["round"]) if checkpoint else 0
@@ -68,6 +69,17 @@ def main(grid: Grid, context: Context) -> None:
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)
     failures = list(statistics.failures) if statistics else []
     _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures)
+
+
+def initial_model(cfg: RunConfig) -> torch.nn.Module:
+    """The round-0 global model: fresh weights, or the run config's pretrained checkpoint mapped onto them."""
+    model = build_model(cfg.train.model, cfg.train.num_classes)
+    if cfg.train.pretrained_path:
+        report = load_pretrained(model, cfg.train.pretrained_path, cfg.train.pretrained_key_map)
+        log(INFO, "equifed: pretrained %s: %d tensors loaded (%d adapted RGB -> grey), %d kept fresh: %s",
+            cfg.train.pretrained_path, len(report.loaded), len(report.adapted), len(report.skipped),
+            ", ".join(f"{k} ({why})" for k, why in list(report.skipped.items())[:5]) or "none")
+    return model
 
 
 def _resume(out_dir: Path, cfg: RunConfig, model: torch.nn.Module, best: BestModel) -> dict | None:

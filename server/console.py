@@ -54,6 +54,11 @@ def settle_overrides(out: Path, items: list[str], defaults: dict, *, rounds: int
         overrides["num-server-rounds"] = rounds
     typed = check_overrides({**(implied or {}), **overrides}, defaults)
     overrides = {name: typed[name] for name in overrides}
+    if overrides.get("pretrained-path"):  # the ServerApp runs in another folder: the file, absolute, checked now
+        path = Path(str(overrides["pretrained-path"])).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"pretrained-path {overrides['pretrained-path']!r}: no such file")
+        overrides["pretrained-path"] = str(path)
     if not resuming:
         return overrides
     if not (out / SAVED_CONFIG).exists():

@@ -1,0 +1,147 @@
+"""Start from weights trained elsewhere: a checkpoint file on local disk mapped onto an equifed network, its RGB
+first convolution adapted to one (grey) channel, and the parts a site keeps frozen while it trains.
+
+Why: labelled scans are scarce at one hospital and DP-SGD's noise grows with the number of trained parameters; good
+features learnt elsewhere (a public chest X-ray model, a self-supervised encoder) leave little to learn, and a frozen
+encoder leaves DP-SGD only the head's per-sample gradients.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain containers only, never code (a
+pickled object in the file is refused, not run). Nothing is downloaded.
+
+Key mapping: a checkpoint's names rarely match ours. ``key_map`` is ``"src=dst;src2=dst2"``: every checkpoint key
+that starts with ``src`` is renamed to start with ``dst`` instead (first rule that matches), after a leading
+``module.`` (DataParallel / Opacus) is dropped. Examples: a MONAI ``ResNet`` saved on its own loads into
+``build_model("resnet")`` (``Standardize`` first, so its ResNet is submodule ``1``) with ``"=1."``; a state dict saved
+from ``build_model`` itself needs no map. A key whose tensor does not fit (e.g. a head with other classes) is left
+at its fresh initialisation and listed in the report, so the caller sees what was not taken over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FREEZE_CHOICES = ("none", "stem", "encoder")
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file that holds no state dict equifed can read (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What a pretrained checkpoint gave the model."""
+
+    loaded: list[str]
+    adapted: list[str] = field(default_factory=list)  # RGB -> grey first convolutions
+    skipped: dict[str, str] = field(default_factory=dict)  # our key -> why it kept its fresh weights
+    unused: list[str] = field(default_factory=list)  # checkpoint keys no parameter of ours took
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file: a bare state dict, or one under "state_dict" / "model"."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointFormatError(f"pretrained checkpoint not found: {path}") from None
+    except Exception as err:  # weights_only refuses pickled code; a damaged file fails here too
+        raise CheckpointFormatError(f"{path} is not a weights-only torch checkpoint ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointFormatError(f"{path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def parse_key_map(text: str) -> list[tuple[str, str]]:
+    rules = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"pretrained key map entries are src=dst, got {part!r}")
+        src, dst = part.split("=", 1)
+        rules.append((src.strip(), dst.strip()))
+    return rules
+
+
+def rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for src, dst in rules:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def grey_first_conv(weight: torch.Tensor) -> torch.Tensor:
+    """An RGB convolution's weight (out, 3, k, k) as a one-channel one (out, 1, k, k): the sum over the input
+    channels, so a grey image gives what the RGB network gave the same image replicated to three channels."""
+    return weight.sum(dim=1, keepdim=True)
+
+
+def load_pretrained(model: nn.Module, path: str | Path, key_map: str = "") -> LoadReport:
+    """Copy the checkpoint's tensors that fit into `model` (in place); the rest keep their initialisation."""
+    source = {rename(k, parse_key_map(key_map)): v for k, v in read_state_dict(path).items()}
+    target = model.state_dict()
+    loaded, adapted, skipped = [], [], {}
+    for name, mine in target.items():
+        theirs = source.get(name)
+        if theirs is None:
+            skipped[name] = "not in the checkpoint"
+            continue
+        if theirs.dim() == 4 and mine.dim() == 4 and mine.shape[1] == 1 and theirs.shape[1] == 3 \
+                and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]:
+            theirs = grey_first_conv(theirs)
+            adapted.append(name)
+        if theirs.shape != mine.shape:
+            skipped[name] = f"shape {tuple(theirs.shape)} in the checkpoint, {tuple(mine.shape)} here"
+            continue
+        target[name] = theirs.to(mine.dtype)
+        loaded.append(name)
+    if not loaded:
+        raise CheckpointFormatError(f"no tensor of {path} fits this network (first keys: {sorted(source)[:3]}; "
+                                    f"ours: {sorted(target)[:3]}): give a key map (pretrained-key-map)")
+    model.load_state_dict(target)
+    return LoadReport(loaded, adapted, skipped, sorted(set(source) - set(target)))
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    """The classification head: `model.head` (SmallCNN), else the last linear layer (MONAI's ResNet `fc`)."""
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the network has no linear head to keep trainable")
+    return linears[-1]
+
+
+def freeze(model: nn.Module, part: str) -> nn.Module:
+    """Keep `part` at its current (e.g. pretrained or global) weights while training: "stem" (the first block),
+    "encoder" (everything but the head: a linear model on fixed features), or "none". Returns `model`."""
+    if part not in FREEZE_CHOICES:
+        raise ValueError(f"freeze must be one of {list(FREEZE_CHOICES)}, got {part!r}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if part == "stem":
+        stem = getattr(model, "stem", None)
+        if not isinstance(stem, nn.Module):
+            raise ValueError("this network has no stem to freeze; use freeze=encoder or none")
+        for p in stem.parameters():
+            p.requires_grad_(False)
+    elif part == "encoder":
+        keep = {id(p) for p in head_of(model).parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+    return model
+
+
+def frozen_part(part: str, unfreeze_after: int, server_round: int) -> str:
+    """What stays frozen in `server_round`: `part` up to round `unfreeze_after` (0: every round), then nothing."""
+    return part if unfreeze_after == 0 or server_round <= unfreeze_after else "none"
