@@ -27,14 +27,14 @@ from client.shift_stats import model_outputs
 from client.site import STATE_DIR
 from core_models.data import load_site
 from core_models.networks import build_model
-from fairness.cli import load_state_dict_file
+from core_models.model_card import load_state_dict_file
 from core_models.label_shift import N_BINS, bbse_prior, mlls_interval, output_bins
 
 
 def load_model_weights(path: str | Path) -> dict:
     """A state dict from `final_model.pt` or a round checkpoint (which holds it under "model"), read with
     ``torch.load(weights_only=True)``: a file that would need to run code to load, or holds no state dict, raises
-    ValueError naming the file (fairness.cli.load_state_dict_file)."""
+    ValueError naming the file (core_models.model_card.load_state_dict_file)."""
     return load_state_dict_file(path)
 
 

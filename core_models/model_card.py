@@ -32,3 +32,32 @@ def read_card(model_path: str | Path) -> dict | None:
                 "image_size": int(card["image_size"])}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a model card ({type(err).__name__}: {err})") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict:
+    """The state dict in a model file: `final_model.pt` (a state dict) or a round checkpoint (which holds it
+    under "model"). Read with ``torch.load(weights_only=True)``, so nothing in the file is executed; a file that
+    needs more than tensors, numbers and strings to load, or that holds no mapping of names to tensors, raises
+    ValueError naming the file. Every command that reads weights it did not write goes through here."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[0] if lines else "")
+        raise ValueError(f"model file {path} refused: it is not a plain state dict of tensors (loading it would "
+                         f"need more than tensors, numbers and strings, and it is not loaded in a way that could "
+                         f"run code from it; {why or type(err).__name__})") from None
+    for wrapper in ("model", "state_dict"):  # a round checkpoint; a training script's checkpoint
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise ValueError(f"model file {path} holds no state dict (a mapping of parameter names to tensors)")
+    return state

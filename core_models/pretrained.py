@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core_models.model_card import load_state_dict_file
+
 FREEZE_CHOICES = ("none", "stem", "encoder")
 
 
@@ -42,21 +44,15 @@ class LoadReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file: a bare state dict, or one under "state_dict" / "model"."""
-    path = Path(path)
+    """The tensors of a checkpoint file, through the one weights-only loader (core_models.model_card), with a
+    "state_dict" wrapper and DataParallel's leading "module." taken off."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointFormatError(f"pretrained checkpoint not found: {path}") from None
-    except Exception as err:  # weights_only refuses pickled code; a damaged file fails here too
-        raise CheckpointFormatError(f"{path} is not a weights-only torch checkpoint ({type(err).__name__}: "
-                                    f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointFormatError(f"{path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+        state = load_state_dict_file(path)
+    except FileNotFoundError as err:
+        raise CheckpointFormatError(f"pretrained checkpoint not found: {Path(path)}") from err
+    except ValueError as err:
+        raise CheckpointFormatError(str(err)) from None
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def parse_key_map(text: str) -> list[tuple[str, str]]:

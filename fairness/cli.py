@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core_models.model_card import load_state_dict_file
 from fairness.graph import GraphError, load_graph_spec
 
 
@@ -156,34 +157,6 @@ def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, see
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
-
-
-def load_state_dict_file(path: str | Path) -> dict:
-    """The state dict in a model file: `final_model.pt` (a state dict) or a round checkpoint (which holds it
-    under "model"). Read with ``torch.load(weights_only=True)``, so nothing in the file is executed; a file that
-    needs more than tensors, numbers and strings to load, or that holds no mapping of names to tensors, raises
-    ValueError naming the file. (equifed-client adapt uses this too.)"""
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        why = next((ln for ln in lines if "Unsupported" in ln or "GLOBAL" in ln), lines[0] if lines else "")
-        raise ValueError(f"model file {path} refused: it is not a plain state dict of tensors (loading it would "
-                         f"need more than tensors, numbers and strings, and it is not loaded in a way that could "
-                         f"run code from it; {why or type(err).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not (isinstance(state, dict) and state
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
-        raise ValueError(f"model file {path} holds no state dict (a mapping of parameter names to tensors)")
-    return state
 
 
 def load_weights(path: str | Path, arch: str | None = None, num_classes: int | None = None):
