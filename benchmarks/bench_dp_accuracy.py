@@ -1,13 +1,20 @@
-"""Global holdout AUROC of the default 4-hospital federation at epsilon = inf, 8, 3, 1.
+"""Global holdout AUROC of the default 4-hospital federation under local DP-SGD, per method and epsilon.
 
-    .venv/bin/python benchmarks/bench_dp_accuracy.py [--rounds 5] [--epsilons inf,8,3,1] [-c KEY=VALUE ...]
+    .venv/bin/python benchmarks/bench_dp_accuracy.py [--rounds 5] [--epsilons inf,8,3,1]
+        [--methods scratch,transfer] [--pretrain-scenario label_skew] [--pretrain-rounds 8] [-c KEY=VALUE ...]
 
-`-c` overrides the run config of every run (e.g. the DP-friendly optimiser settings
-`-c optimizer=sgd -c learning-rate=0.2 -c batch-size=64`: logical batch 64 through the
-default physical batch of 16).
+Methods:
+* `scratch`: the network trained end to end from random weights (under DP its stem stays frozen).
+* `transfer`: first a model is trained without DP on a *different* synthetic scenario (`--pretrain-scenario`,
+  standing in for public data; trained once per invocation), then the default federation starts from it with
+  `freeze=encoder`: each site trains only the linear head, under DP-SGD when epsilon is finite.
+* `transfer-full`: the same checkpoint, every layer but the stem fine-tuned (the DP default otherwise).
 
-Each epsilon runs `equifed-simulate` on the default scenario in its own folder (fresh
-data, so fresh privacy ledgers), delta = 1e-5, otherwise the default run config.
+`-c` overrides the run config of every run of the default scenario (e.g. `-c learning-rate=0.05`).
+`--method-config METHOD:KEY=VALUE` overrides one method's runs only.
+
+Each (method, epsilon) runs `equifed-simulate` in its own folder (fresh data, so fresh privacy ledgers),
+delta = 1e-5. The table shows the epsilon each site's ledger holds at the end.
 """
 
 from __future__ import annotations
@@ -19,40 +26,90 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from simulations.run import DEFAULT_SCENARIO
 from simulations.run import main as simulate
+
+SCENARIOS = DEFAULT_SCENARIO.parent
+METHODS = {
+    "scratch": [],
+    "transfer": ["-c", "freeze=encoder"],
+    "transfer-full": [],
+}
+
+
+def _pretrain(work: Path, scenario: str, rounds: int) -> Path:
+    """A model trained without DP on another scenario: the stand-in for a public checkpoint."""
+    out = work / "pretrain"
+    if not (out / "final_model.pt").exists():
+        code = simulate([str(SCENARIOS / f"{scenario}.toml"), "--out", str(out), "--rounds", str(rounds)])
+        if code != 0:
+            raise SystemExit(f"pretraining on {scenario} failed; see {out}/flower.log")
+    return out / "final_model.pt"
+
+
+def _method_config(items: list[str]) -> dict[str, list[str]]:
+    extra: dict[str, list[str]] = {}
+    for item in items:
+        method, _, setting = item.partition(":")
+        extra.setdefault(method, []).extend(["-c", setting])
+    return extra
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epsilons", default="inf,8,3,1")
+    parser.add_argument("--methods", default="scratch,transfer")
+    parser.add_argument("--pretrain-scenario", default="label_skew")
+    parser.add_argument("--pretrain-rounds", type=int, default=8)
     parser.add_argument("--work", default=None)
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--method-config", action="append", default=[], metavar="METHOD:KEY=VALUE")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="equifed-dp-acc-"))
-    rows = []
-    for text in args.epsilons.split(","):
-        eps = float(text)
-        out = work / f"eps_{text}"
-        extra = [] if math.isinf(eps) else ["-c", "dp=true", "-c", f"target-epsilon={eps}", "-c", "target-delta=1e-5"]
-        for item in args.run_config:
-            extra += ["-c", item]
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}; choose from {sorted(METHODS)}")
+    per_method = _method_config(args.method_config)
+    checkpoint = None
+    if any(m.startswith("transfer") for m in methods):
         start = time.perf_counter()
-        code = simulate([str(DEFAULT_SCENARIO), "--out", str(out), "--rounds", str(args.rounds), *extra])
-        wall = time.perf_counter() - start
-        if code != 0:
-            raise SystemExit(f"run at epsilon={text} failed; see {out}/flower.log")
-        summary = json.loads((out / "summary.json").read_text())
-        import pandas as pd
-
-        per_site = pd.read_csv(out / "per_site.csv")
-        spent = per_site[per_site["phase"] == "train"].groupby("site")["epsilon"].max()
-        rows.append((text, summary["final_holdout_auroc"], spent.max(), wall))
-    print(f"\ndefault scenario, {args.rounds} rounds, delta = 1e-5, run config overrides: {args.run_config or 'none'}")
-    print(f"{'target eps':>10} {'holdout AUROC':>14} {'max site eps':>13} {'wall s':>8}")
-    for text, auc, spent, wall in rows:
-        print(f"{text:>10} {auc:14.3f} {spent:13.2f} {wall:8.0f}")
+        checkpoint = _pretrain(work, args.pretrain_scenario, args.pretrain_rounds)
+        print(f"pretrained on {args.pretrain_scenario} in {time.perf_counter() - start:.0f} s: {checkpoint}")
+    rows = []
+    for method in methods:
+        for text in args.epsilons.split(","):
+            eps = float(text)
+            out = work / f"{method}_eps_{text}"
+            extra = [] if math.isinf(eps) else ["-c", "dp=true", "-c", f"target-epsilon={eps}",
+                                                "-c", "target-delta=1e-5"]
+            if method.startswith("transfer"):
+                extra += ["-c", f"pretrained-path={checkpoint}"]
+            extra += METHODS[method] + per_method.get(method, [])
+            for item in args.run_config:
+                extra += ["-c", item]
+            start = time.perf_counter()
+            code = simulate([str(DEFAULT_SCENARIO), "--out", str(out), "--rounds", str(args.rounds), *extra])
+            wall = time.perf_counter() - start
+            if code != 0:
+                raise SystemExit(f"{method} at epsilon={text} failed; see {out}/flower.log")
+            summary = json.loads((out / "summary.json").read_text())
+            per_site = pd.read_csv(out / "per_site.csv")
+            spent = per_site[per_site["phase"] == "train"].groupby("site")["epsilon"].max()
+            rows.append((method, text, summary["final_holdout_auroc"], spent, wall))
+            print(f"{method} eps={text}: holdout AUROC {summary['final_holdout_auroc']:.3f} ({wall:.0f} s)",
+                  flush=True)
+    print(f"\ndefault scenario, {args.rounds} rounds, delta = 1e-5, overrides: {args.run_config or 'none'}"
+          f" {args.method_config or ''}")
+    sites = sorted(rows[0][3].index)
+    print(f"| method | target eps | holdout AUROC | {' | '.join(f'eps {s}' for s in sites)} | wall s |")
+    print("|---|---|---|" + "---|" * len(sites) + "---|")
+    for method, text, auc, spent, wall in rows:
+        cells = " | ".join(f"{spent.get(s, math.nan):.2f}" for s in sites)
+        print(f"| {method} | {text} | {auc:.3f} | {cells} | {wall:.0f} |")
 
 
 if __name__ == "__main__":
