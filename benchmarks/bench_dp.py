@@ -13,7 +13,9 @@
    `DPConv2d` layers are switched to plain `nn.Conv2d`); the other DP rows use the model as
    built plus `prepare_for_dp` where named (core_models/networks.py). With one thread
    (each simulated client's setting) the ratio is also given on process CPU time, which other
-   jobs on the machine disturb far less than wall time. Then 2 threads (wall time).
+   jobs on the machine disturb far less than wall time. "head only" rows train the linear head
+   on a frozen encoder (`freeze=encoder`, DP on fixed features), against the non-DP step of the
+   same frozen model. Then 2 threads (wall time).
 2. Peak RSS, each configuration in its own fresh subprocess, 3 times alternately, medians of
    the peak resident set (VmHWM; `peak_rss_mb` says why not ru_maxrss): a process that only
    imports torch+opacus and builds the model and the data (baseline), non-DP training at
@@ -47,6 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import core_models.grad_samplers  # noqa: F401  (registers DPConv2d with Opacus, also for variants without prepare_for_dp)
 from core_models.networks import DPConv2d, SmallCNN, build_model, prepare_for_dp
+from core_models.pretrained import freeze
 
 SIZE, LR, SIGMA, CLIP, TARGET = 64, 2e-3, 1.0, 1.0, 1.3
 warnings.filterwarnings("ignore", module="opacus")  # secure-RNG and poisson/hooks notices
@@ -65,6 +68,7 @@ class Config:
     stem_stride: int = 2  # 1 = the earlier layout
     freeze_stem: bool = False  # non-DP only
     os_noise: bool = False  # the noise from an OS-entropy-seeded generator, as client.dp trains
+    freeze: str = "none"  # core_models.pretrained.freeze: "encoder" = only the head trains (DP on fixed features)
 
 
 NONDP = Config("non-DP, Adam")
@@ -73,6 +77,8 @@ RECOMMENDED = Config("DP hooks + prepare_for_dp (recommended)", "hooks", prepare
 NONDP_FROZEN = Config("non-DP, stem frozen", freeze_stem=True)
 SKIP_ONLY = Config("DP hooks + skip summed grads", "hooks", prepare={"freeze_stem": False})
 CLIENT = Config("DP as the client trains (OS-entropy noise)", "hooks", prepare={}, os_noise=True)
+NONDP_HEAD = Config("head only: non-DP", freeze="encoder")
+CLIENT_HEAD = Config("head only: DP as the client trains", "hooks", prepare={}, os_noise=True, freeze="encoder")
 MAIN = [
     NONDP,
     NONDP_FROZEN,
@@ -88,8 +94,10 @@ MAIN = [
     Config("old layout: non-DP", stem_stride=1),
     Config("old layout: DP hooks, stock", "hooks", stock=True, stem_stride=1),
     Config("old layout: DP hooks + prepare_for_dp", "hooks", prepare={}, stem_stride=1),
+    NONDP_HEAD,
+    CLIENT_HEAD,
 ]
-SUBSET = [NONDP, STOCK_HOOKS, RECOMMENDED, CLIENT]
+SUBSET = [NONDP, STOCK_HOOKS, RECOMMENDED, CLIENT, NONDP_HEAD, CLIENT_HEAD]
 
 
 def make_model(cfg: Config, seed: int = 0) -> nn.Module:
@@ -104,6 +112,8 @@ def make_model(cfg: Config, seed: int = 0) -> nn.Module:
     if cfg.freeze_stem:
         for p in model.stem.parameters():
             p.requires_grad_(False)
+    if cfg.freeze != "none":
+        freeze(model, cfg.freeze)
     return model
 
 
@@ -162,6 +172,8 @@ def time_configs(configs: list[Config], batch: int, rounds: int) -> dict[str, di
 
 
 def baseline_of(cfg: Config) -> str:
+    if cfg.freeze == "encoder":
+        return NONDP_HEAD.label
     return "old layout: non-DP" if cfg.stem_stride == 1 else NONDP.label
 
 

@@ -58,6 +58,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from datetime import datetime, timezone
@@ -136,6 +137,23 @@ def _site_log(path: Path | None, text: str) -> None:
         fh.write(text.rstrip("\n") + "\n")
 
 
+def _background_errors_to_log(site_log: Path | None) -> None:
+    """An exception in one of Flower's background threads of a task (e.g. its task heartbeat, answered
+    '401 Unauthorized' once the task has ended and its token is void) goes to the site's log in one line instead
+    of a traceback on the operator's console: the task's own outcome is reported on its own."""
+    def hook(args: threading.ExceptHookArgs) -> None:
+        line = f"--- background thread {args.thread.name if args.thread else '?'}: " \
+               f"{args.exc_type.__name__}: {args.exc_value}"
+        if site_log is None:
+            print(line, flush=True)
+            return
+        site_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(site_log, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    threading.excepthook = hook
+
+
 # --- one task (the role of flwr-clientapp) ----------------------------------------------
 def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: int | None) -> None:
     """A task process started before its task: load what every task needs, then answer the
@@ -144,6 +162,7 @@ def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: i
 
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
+    _background_errors_to_log(site_log)
     try:
         loaded = load_installed_clientapp()
     except Exception as err:  # noqa: BLE001  (answered as the task's failure, below)

@@ -128,6 +128,7 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
         "initial_holdout_auroc": first.get("holdout_auroc"),
         "final_holdout_auroc": last.get("holdout_auroc"),
         **best_summary,
+        "sites_trained": sum(int(r.get("sites_trained") or 0) for r in history.rows),  # site-rounds, all rounds
         "warnings": warnings,
         "stopped_early": bool(stopped),
         "stopped_at_round": int(last["round"]) if stopped else None,

@@ -31,7 +31,7 @@ from core_models.processes import APP_DIR, port_is_free
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
-from server.console import annotate_summary, follow_run, save_overrides, settle_overrides
+from server.console import annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
 
 
 def _warn_hospital_keys(folder: Path) -> None:
@@ -245,6 +245,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if status.get("status") != "finished:completed":
         print(f"equifed-server: run {run_id} FAILED ({link.outcome(status)}); "
               f"Flower log: {out / 'flower.log'}", file=sys.stderr)
+        return 1
+    failed = nothing_trained(summary)
+    if failed:
+        print(f"equifed-server: run {run_id} FAILED: {failed}; results in {out}", file=sys.stderr)
         return 1
     print(f"equifed-server: run {run_id} completed; results in {out}", flush=True)
     for line in (summary or {}).get("warnings", []):

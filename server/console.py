@@ -121,6 +121,15 @@ def annotate_summary(out: Path, **fields) -> dict | None:
     return summary
 
 
+def nothing_trained(summary: dict | None) -> str | None:
+    """Why a run that Flower completed did not do its job: no site trained in any round (each refused, ran out
+    of budget or failed; per_site.csv has their replies), so the model is the one it started from. None if it
+    trained."""
+    if summary and summary.get("sites_trained") == 0:
+        return "no site trained in any round (per_site.csv has each site's reply); the model is the one it started from"
+    return None
+
+
 def save_overrides(out: Path, overrides: dict) -> None:
     """The run-config overrides a new run was started with, kept so that --resume continues the same run."""
     (out / SAVED_CONFIG).write_text(json.dumps(overrides, indent=2, sort_keys=True))

@@ -21,7 +21,7 @@ import pandas as pd
 from client.site import STATE_DIR, list_sites
 from core_models.config import ConfigError, RunConfig, app_defaults
 from core_models.processes import APP_DIR
-from server.console import annotate_summary, follow_run, save_overrides, settle_overrides
+from server.console import annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
 from server.superlink import LocalSuperLink
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import ScenarioError, load_scenario
@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     # generated sites name their fairness columns as a user names theirs; a user's -c wins
     generated = {} if args.sites is not None else dict(FAIRNESS_RUN_CONFIG)
     resuming = args.resume and (out / "checkpoints" / "latest.pt").exists()
+    if not args.resume and (out / "checkpoints" / "latest.pt").exists():  # its sites' ledgers hold that run's spend
+        return _error(f"{out} already holds a run (checkpoints/latest.pt); continue it with --resume or choose "
+                      f"another --out")
     try:  # every key and value checked before any data are generated or any process started
         defaults = app_defaults(APP_DIR / "pyproject.toml")
         overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds, resuming=resuming,
@@ -244,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
     if status.get("status") != "finished:completed":
         print(f"equifed: run {run_id} FAILED ({link.outcome(status)}); Flower log: {out / 'flower.log'}", file=sys.stderr)
+        return 1
+    failed = nothing_trained(summary)
+    if failed:
+        print(f"equifed: run {run_id} FAILED: {failed}; results in {out}", file=sys.stderr)
         return 1
     _report(out, summary or {}, n_rejected, t0)
     return 0

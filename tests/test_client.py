@@ -122,3 +122,27 @@ def test_the_server_reads_the_site_from_an_error_reply():
     wrapped = f"<class 'flwr.clientapp.ClientAppException'>:<'\nException occurred. Message: {site_error('b_2', 'x')}'>"
     assert error_site(wrapped) == "b_2"
     assert error_site("<class 'RuntimeError'>") is None and error_status(1) == "error"
+
+
+def test_a_task_background_thread_error_goes_to_the_site_log_not_the_console(tmp_path, capsys):
+    import threading
+
+    from client.pinned_runner import _background_errors_to_log
+
+    saved = threading.excepthook
+    try:
+        _background_errors_to_log(tmp_path / "client_errors.log")
+
+        def heartbeat():
+            raise RuntimeError("Client error '401 Unauthorized' for url .../send-task-heartbeat")
+
+        worker = threading.Thread(target=heartbeat, name="heartbeat")
+        worker.start()
+        worker.join()
+    finally:
+        threading.excepthook = saved
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert (tmp_path / "client_errors.log").read_text() == (
+        "--- background thread heartbeat: RuntimeError: Client error '401 Unauthorized' for url "
+        ".../send-task-heartbeat\n")

@@ -173,9 +173,11 @@ def test_deleted_ledger_is_refused_by_the_server(dp_run):
     # registry refuses it; a lost ledger alone is refused by the site itself (tests/test_threats.py)
     (sites[0] / ".equifed" / "privacy_ledger.json").unlink()
     (sites[0] / ".equifed" / "ledger_witness.json").unlink()
-    code = simulate([str(out / "s.toml"), "--out", str(out), "--rounds", "1", *DP, "-c", "target-epsilon=4.0"])
+    # a second study on the same sites (a new run folder; the server's registry of the first one)
+    code = simulate(["--sites", str(out / "data"), "--out", str(out / "again"), "--rounds", "1", *DP,
+                     "-c", "target-epsilon=4.0", "-c", f"registry-path={out / 'privacy_registry.json'}"])
     assert code == 0
-    rows = pd.read_csv(out / "per_site.csv")
+    rows = pd.read_csv(out / "again" / "per_site.csv")
     north = rows[(rows["site"] == "north") & (rows["phase"] == "train")]
     assert list(north["status"]) == ["refused"]
     assert "ledger is missing" in north["error"].iloc[0]

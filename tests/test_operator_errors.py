@@ -72,6 +72,15 @@ def test_simulate_resume_refuses_a_changed_experiment_before_any_work(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", SAVED_CONFIG]  # no data generated
 
 
+def test_simulate_refuses_a_folder_that_holds_a_run_without_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest.pt").write_bytes(b"x")  # an earlier run: its sites' ledgers are spent
+    assert simulate(["--out", str(out)]) == 2
+    assert "already holds a run (checkpoints/latest.pt); continue it with --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # nothing generated
+
+
 def test_a_bad_scenario_or_a_missing_folder_is_one_line_and_exit_2(tmp_path, capsys):
     from client.cli import main as client_main
 
@@ -91,11 +100,14 @@ def test_a_model_worse_than_round_zero_is_flagged_and_no_holdout_line_without_a_
             {"round": 1, "holdout_auroc": 0.70, "holdout_loss": 0.60},
             {"round": 2, "holdout_auroc": 0.58, "holdout_loss": 0.72}]
     warnings = regressions(rows, best_round=1)
-    assert warnings == ["the final global model (round 2) is worse than the untrained round-0 model on the "
-                        "holdout: auroc 0.660 -> 0.580",
-                        "the final global model (round 2) is worse than the untrained round-0 model on the "
-                        "holdout: loss 0.690 -> 0.720"]
+    assert warnings == ["the final global model (round 2) is worse than the round-0 model it started from "
+                        "on the holdout: auroc 0.660 -> 0.580",
+                        "the final global model (round 2) is worse than the round-0 model it started from "
+                        "on the holdout: loss 0.690 -> 0.720"]
     assert regressions(rows[:2], best_round=1) == []  # better than round 0: nothing to say
+    within_noise = [{"round": 0, "holdout_auroc": 0.9893, "holdout_loss": 0.143},
+                    {"round": 1, "holdout_auroc": 0.9887, "holdout_loss": 0.145}]
+    assert regressions(within_noise) == []  # 0.989 -> 0.989 and +1.4 % loss: not a regression
     assert regressions([{"round": 0}, {"round": 1, "val_loss": 0.5}]) == []  # no holdout, no verdict
     site = [{"round": 1, "site": "a", "phase": "train", "status": "ok", "train-loss": 0.5, "num-examples": 10}]
     assert "HOLDOUT" not in round_table(1, site, {"round": 1, "sites_trained": 1})
@@ -107,3 +119,11 @@ def test_an_unknown_graph_name_lists_the_shipped_ones():
 
     with pytest.raises(SpecError, match=r"synthtic: graph spec not found \(a TOML path, or a shipped name: synthetic"):
         load_graph_spec("synthtic")
+
+
+def test_a_completed_run_in_which_no_site_trained_is_a_failure():
+    from server.console import nothing_trained
+
+    assert nothing_trained({"status": "completed", "sites_trained": 0}).startswith("no site trained in any round")
+    assert nothing_trained({"status": "completed", "sites_trained": 3}) is None
+    assert nothing_trained(None) is None  # no summary: the run's own failure is reported instead

@@ -27,6 +27,7 @@ def test_two_sites_two_rounds_beat_round_zero(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["flower_status"] == "finished:completed"
     assert summary["final_holdout_auroc"] == pytest.approx(metrics["holdout_auroc"].iloc[-1])
+    assert summary["sites_trained"] == 4  # 2 sites x 2 rounds: the count nothing_trained reads
 
 
 def test_per_site_metrics_are_kept(run_dir):
