@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -84,6 +85,7 @@ def main() -> None:
         for text in args.epsilons.split(","):
             eps = float(text)
             out = work / f"{method}_eps_{text}"
+            shutil.rmtree(out, ignore_errors=True)  # fresh data: a ledger from an earlier run would be spent
             extra = [] if math.isinf(eps) else ["-c", "dp=true", "-c", f"target-epsilon={eps}",
                                                 "-c", "target-delta=1e-5"]
             if method.startswith("transfer"):
@@ -99,17 +101,19 @@ def main() -> None:
             summary = json.loads((out / "summary.json").read_text())
             per_site = pd.read_csv(out / "per_site.csv")
             spent = per_site[per_site["phase"] == "train"].groupby("site")["epsilon"].max()
-            rows.append((method, text, summary["final_holdout_auroc"], spent, wall))
+            start_auc = pd.read_csv(out / "metrics.csv").set_index("round").loc[0, "holdout_auroc"]
+            rows.append((method, text, start_auc, summary["final_holdout_auroc"], spent, wall))
             print(f"{method} eps={text}: holdout AUROC {summary['final_holdout_auroc']:.3f} ({wall:.0f} s)",
                   flush=True)
     print(f"\ndefault scenario, {args.rounds} rounds, delta = 1e-5, overrides: {args.run_config or 'none'}"
           f" {args.method_config or ''}")
-    sites = sorted(rows[0][3].index)
-    print(f"| method | target eps | holdout AUROC | {' | '.join(f'eps {s}' for s in sites)} | wall s |")
+    sites = sorted(rows[0][4].index)
+    print(f"| method | target eps | holdout AUROC round 0 -> final | {' | '.join(f'eps {s}' for s in sites)}"
+          " | wall s |")
     print("|---|---|---|" + "---|" * len(sites) + "---|")
-    for method, text, auc, spent, wall in rows:
+    for method, text, start_auc, auc, spent, wall in rows:
         cells = " | ".join(f"{spent.get(s, math.nan):.2f}" for s in sites)
-        print(f"| {method} | {text} | {auc:.3f} | {cells} | {wall:.0f} |")
+        print(f"| {method} | {text} | {start_auc:.3f} -> {auc:.3f} | {cells} | {wall:.0f} |")
 
 
 if __name__ == "__main__":
