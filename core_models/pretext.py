@@ -1,0 +1,335 @@
+"""Self-supervised pretext tasks: train an equifed network's encoder on unlabelled grey images.
+
+Why: a hospital has far more scans than labelled scans, and DP-SGD learns slowly from few labels. A pretext
+phase on the unlabelled images gives the encoder useful features first; the label phase then starts from them
+(`encoder_state` gives weights that `build_model(...).load_state_dict(..., strict=True)` takes).
+
+Two tasks (`PRETEXT_TASKS`):
+
+* "rotation": every image is turned by k x 90 degrees, k drawn per image; a linear head on the encoder's pooled
+  features predicts k (4 classes, cross-entropy). Scans have a canonical orientation, so the encoder has to
+  notice anatomy-like structure to solve it.
+* "inpainting": a quarter of an 8 x 8 grid of square patches is set to the image's own mean; a small decoder from
+  the encoder's last feature map rebuilds the image (16 x 16, upsampled to the input size) and the loss is the
+  mean squared error on the hidden pixels only, so copying the visible pixels earns nothing.
+
+DP-SGD (Opacus, per-sample clipping) needs every sample's loss to depend on that sample alone. So the corruption
+happens inside `PretextModel.forward`, per image, from the draws of a `torch.Generator` the caller passes (tests
+seed it; a DP run passes one seeded from OS entropy, like the DP noise), a hidden patch is filled with that
+image's own mean (not the batch's), every loss is reduced over one sample's pixels and then averaged over the
+batch, and the heads use only per-sample layers (Linear, Conv2d, GroupNorm; no BatchNorm).
+
+The network's own classification head is not part of the pretext graph: `PretextModel` freezes it (it would get
+no per-sample gradient, which Opacus' optimizer refuses) and `encoder_state` returns it as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core_models.networks import SmallCNN, get_device
+from core_models.pretrained import head_of
+from core_models.training import local_optimizer, make_loader
+
+
+class PretextOutput(NamedTuple):
+    """What a pretext loss needs from one forward pass."""
+
+    prediction: torch.Tensor  # rotation: (B, 4) logits; inpainting: (B, 1, H, W) reconstruction
+    target: torch.Tensor  # rotation: (B,) each image's k; inpainting: (B, 1, H, W) the uncorrupted images
+    mask: torch.Tensor | None  # inpainting: (B, 1, H, W), 1.0 on hidden pixels; rotation: None
+
+
+# --- the encoder: everything `embed` uses -------------------------------------------------------------------
+
+
+def _resnet_parts(network: nn.Module) -> tuple[list[nn.Module], nn.Module] | None:
+    """(modules before the ResNet, the MONAI ResNet) for `build_model("resnet")`'s layout, else None.
+
+    Duck-typed (conv1 ... layer4, avgpool) so that recognising it does not import MONAI."""
+    if isinstance(network, nn.Sequential) and len(network) >= 1:
+        last = network[-1]
+        if all(hasattr(last, name) for name in ("conv1", "bn1", "act", "layer4", "avgpool", "fc")):
+            return list(network)[:-1], last
+    return None
+
+
+def feature_map(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's last feature map (B, C, h, w), before global pooling.
+
+    SmallCNN: `network.features(x)`. MONAI ResNet (`build_model("resnet")`): its forward up to `layer4`."""
+    if isinstance(network, SmallCNN):
+        return network.features(x)
+    parts = _resnet_parts(network)
+    if parts is None:
+        raise TypeError(f"no pretext encoder for {type(network).__name__}: expected SmallCNN or build_model('resnet')")
+    before, resnet = parts
+    for module in before:
+        x = module(x)
+    x = resnet.act(resnet.bn1(resnet.conv1(x)))
+    if not resnet.no_max_pool:
+        x = resnet.maxpool(x)
+    return resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(x))))
+
+
+def pool_features(network: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """The penultimate features from `feature_map`'s output: what the network's head sees (SmallCNN: `embed`)."""
+    if isinstance(network, SmallCNN):
+        return torch.flatten(network.pool(fmap), 1)
+    parts = _resnet_parts(network)
+    if parts is None:
+        raise TypeError(f"no pretext encoder for {type(network).__name__}")
+    return torch.flatten(parts[1].avgpool(fmap), 1)
+
+
+def embed(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Penultimate features of any supported network (equals `SmallCNN.embed`)."""
+    return pool_features(network, feature_map(network, x))
+
+
+# --- corruptions (all randomness from the caller's generator) -----------------------------------------------
+
+
+def _draw_device(generator: torch.Generator) -> torch.device:
+    """Draws are made where the generator lives (a CPU generator serves CUDA batches too), then moved."""
+    return generator.device
+
+
+def rotate(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image of `x` (B, C, S, S) turned by k x 90 degrees, k drawn per image; returns (rotated, k)."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotation needs square images, got {tuple(x.shape[-2:])}")
+    k = torch.randint(0, 4, (x.shape[0],), generator=generator, device=_draw_device(generator)).to(x.device)
+    turned = torch.stack([torch.rot90(x, r, dims=(-2, -1)) for r in range(4)])  # (4, B, C, S, S)
+    return turned[k, torch.arange(x.shape[0], device=x.device)], k
+
+
+def mask_patches(x: torch.Tensor, generator: torch.Generator, grid: int = 8,
+                 fraction: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide `fraction` of a `grid` x `grid` split of each image, chosen per image, under that image's mean.
+
+    Returns (masked images, mask), mask (B, 1, H, W) 1.0 on hidden pixels. Exactly round(fraction x grid^2)
+    cells per image; at sizes not divisible by `grid` the cells differ by a pixel (nearest-neighbour split)."""
+    b, _, h, w = x.shape
+    if min(h, w) < grid:
+        raise ValueError(f"images of {h}x{w} px are smaller than the {grid}x{grid} patch grid")
+    cells = grid * grid
+    hidden = min(cells, max(1, round(fraction * cells)))
+    scores = torch.rand(b, cells, generator=generator, device=_draw_device(generator))
+    chosen = scores.argsort(dim=1)[:, :hidden]
+    cell_mask = torch.zeros_like(scores).scatter_(1, chosen, 1.0).view(b, 1, grid, grid).to(x.device, x.dtype)
+    mask = F.interpolate(cell_mask, size=(h, w), mode="nearest")
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # this image's mean only: no other sample leaks in
+    return x * (1 - mask) + mean * mask, mask
+
+
+# --- the tasks ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RotationTask:
+    """Predict which of 4 rotations each image got, from the pooled features."""
+
+    name: str = "rotation"
+    classes: int = 4
+
+    def make_head(self, channels: int) -> nn.Module:
+        return nn.Linear(channels, self.classes)
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator):
+        rotated, k = rotate(x, generator)
+        return rotated, k, None
+
+    def predict(self, head: nn.Module, fmap: torch.Tensor, pooled: torch.Tensor, size) -> torch.Tensor:
+        return head(pooled)
+
+    def per_sample_loss(self, output: PretextOutput) -> torch.Tensor:
+        return F.cross_entropy(output.prediction, output.target, reduction="none")
+
+
+@dataclass(frozen=True)
+class InpaintingTask:
+    """Rebuild hidden patches from the encoder's last feature map; MSE on the hidden pixels only."""
+
+    name: str = "inpainting"
+    grid: int = 8
+    fraction: float = 0.25
+    decoder_size: int = 16  # the decoder's output resolution, upsampled (bilinear) to the input size
+
+    def make_head(self, channels: int) -> nn.Module:
+        """A light decoder: the feature map (1x1 at 28 px, 2x2 at 32, 4x4 at 64) resampled to 4x4, then
+        (upsample x2, conv 3x3, GroupNorm, ReLU) up to `decoder_size`, and one output channel.
+
+        Per-sample layers only (GroupNorm, not BatchNorm), so Opacus computes its per-sample gradients."""
+        steps = int(round(math.log2(self.decoder_size / 4)))
+        if steps < 0 or 4 * 2**steps != self.decoder_size:
+            raise ValueError(f"decoder_size must be 4 x a power of two, got {self.decoder_size}")
+        width = 32
+        layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(4), nn.Conv2d(channels, width, kernel_size=1),
+                                   nn.GroupNorm(8, width), nn.ReLU()]
+        for _ in range(steps):
+            narrower = max(8, width // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, narrower, 3, padding=1),
+                       nn.GroupNorm(8, narrower), nn.ReLU()]
+            width = narrower
+        layers.append(nn.Conv2d(width, 1, kernel_size=3, padding=1))
+        return nn.Sequential(*layers)
+
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator):
+        masked, mask = mask_patches(x, generator, self.grid, self.fraction)
+        return masked, x, mask
+
+    def predict(self, head: nn.Module, fmap: torch.Tensor, pooled: torch.Tensor, size) -> torch.Tensor:
+        low = head(fmap)
+        if tuple(low.shape[-2:]) == tuple(size):
+            return low
+        return F.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+    def per_sample_loss(self, output: PretextOutput) -> torch.Tensor:
+        if output.mask is None:
+            raise ValueError("the inpainting loss needs the mask of hidden pixels")
+        squared = (output.prediction - output.target) ** 2 * output.mask
+        return squared.sum(dim=(1, 2, 3)) / output.mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+
+PretextTask = RotationTask | InpaintingTask
+PRETEXT_TASKS: dict[str, PretextTask] = {"rotation": RotationTask(), "inpainting": InpaintingTask()}
+
+
+def get_task(task: str | PretextTask) -> PretextTask:
+    if isinstance(task, (RotationTask, InpaintingTask)):
+        return task
+    if task not in PRETEXT_TASKS:
+        raise ValueError(f"unknown pretext task {task!r}; choose one of {sorted(PRETEXT_TASKS)}")
+    return PRETEXT_TASKS[task]
+
+
+# --- the model, its loss and a plain training loop ----------------------------------------------------------
+
+
+class PretextModel(nn.Module):
+    """An equifed network's encoder (everything `embed` uses) with a pretext head.
+
+    `forward(x, generator)` corrupts the batch per image (from `generator`), encodes it and returns a
+    `PretextOutput`. The network is held, not copied: pretext training updates its encoder weights in place.
+    The network's classification head is frozen here (it takes no part); unfreeze it for the label phase
+    (`pretrained.freeze(network, "none")`) or load `encoder_state` into a fresh `build_model`."""
+
+    def __init__(self, network: nn.Module, task: str | PretextTask = "rotation") -> None:
+        super().__init__()
+        self.task = get_task(task)
+        self.network = network
+        classifier = head_of(network)
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+        self.head = self.task.make_head(classifier.in_features)
+
+    @property
+    def stem(self) -> nn.Module | None:
+        """The network's stem, so that `prepare_for_dp(pretext_model)` freezes it as for the network itself."""
+        return getattr(self.network, "stem", None)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's penultimate features of uncorrupted images."""
+        return embed(self.network, x)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> PretextOutput:
+        inputs, target, mask = self.task.corrupt(x, generator)
+        fmap = feature_map(self.network, inputs)
+        pooled = pool_features(self.network, fmap)
+        return PretextOutput(self.task.predict(self.head, fmap, pooled, tuple(x.shape[-2:])), target, mask)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The PretextModel inside an Opacus GradSampleModule (its `_module`), or `model` itself."""
+    inner = model._modules.get("_module")
+    return inner if isinstance(inner, PretextModel) else model
+
+
+def per_sample_losses(task: str | PretextTask, output: PretextOutput) -> torch.Tensor:
+    """One loss per image (B,), each reduced over that image's own pixels / logits only."""
+    return get_task(task).per_sample_loss(output)
+
+
+def pretext_loss(task: str | PretextTask, model: nn.Module, x: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
+    """The batch's pretext loss: the mean of the per-sample losses (Opacus' loss_reduction="mean").
+
+    `model` is a PretextModel for `task`, or the GradSampleModule Opacus wraps it in. An empty batch (a Poisson
+    draw that took nobody) gives 0, still connected to the graph so that a DP step (noise only) can follow."""
+    task = get_task(task)
+    inner = _unwrap(model)
+    if isinstance(inner, PretextModel) and inner.task.name != task.name:
+        raise ValueError(f"the model was built for the {inner.task.name!r} task, not {task.name!r}")
+    output = model(x, generator)
+    if x.shape[0] == 0:
+        return output.prediction.sum() * 0.0
+    return task.per_sample_loss(output).mean()
+
+
+def pretext_steps(forward: nn.Module, batches, optimizer, device: torch.device, task: str | PretextTask,
+                  generator: torch.Generator) -> tuple[float, int]:
+    """`training.train_steps` for a pretext loss: forward, backward and an optimizer step per batch.
+
+    Its own loop because `train_steps` is built around cross-entropy on labels; it takes the same arguments,
+    so under DP-SGD `forward` is Opacus' GradSampleModule and `batches` a BatchMemoryManager's chunks (the
+    DPOptimizer skips the step between chunks). Batches are (x, ...) tuples; labels are ignored.
+    Returns the summed loss and the image count."""
+    optimizer.zero_grad()
+    total_loss, total_n = 0.0, 0
+    for x, *_ in batches:
+        x = x.to(device)
+        loss = pretext_loss(task, forward, x, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        total_loss += loss.item() * len(x)
+        total_n += len(x)
+    return total_loss, total_n
+
+
+def train_pretext(model: PretextModel, images: np.ndarray, task: str | PretextTask, epochs: int = 5,
+                  batch_size: int = 32, lr: float = 1e-3, device: torch.device | None = None,
+                  generator: torch.Generator | None = None, optimizer: str = "adam") -> dict:
+    """Train `model` (in place, no DP) on unlabelled `images` (N, 1, H, W) in [0, 1].
+
+    `generator` gives the corruptions and the shuffling order (default: seeded from the OS). Returns the mean
+    loss of the first and the last epoch, every epoch's mean and the optimizer step count."""
+    if epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    if get_task(task).name != model.task.name:
+        raise ValueError(f"the model was built for the {model.task.name!r} task, not {get_task(task).name!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    device = device or get_device()
+    model.to(device).train()
+    opt, counter = local_optimizer(model, optimizer, lr, weight_decay=0.0, proximal_mu=0.0)
+    shuffle_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=_draw_device(generator)))
+    loader = make_loader(images, np.zeros(len(images), dtype=np.int64), batch_size=batch_size, shuffle=True,
+                         seed=shuffle_seed)
+    epoch_losses = []
+    for _ in range(epochs):
+        loss, n = pretext_steps(model, loader, opt, device, task, generator)
+        epoch_losses.append(loss / max(n, 1))
+    return {"loss_first": epoch_losses[0], "loss_last": epoch_losses[-1], "epoch_losses": epoch_losses,
+            "steps": float(counter.steps)}
+
+
+def encoder_state(pretext_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The wrapped network's state_dict (its classification head as it was), detached copies.
+
+    Keys are the plain network's, so `build_model(name, num_classes).load_state_dict(state, strict=True)`
+    takes it when the head's shape matches (same `num_classes`; else drop the head's keys and load non-strict).
+    Accepts the PretextModel or Opacus' GradSampleModule around it."""
+    inner = _unwrap(pretext_model)
+    if not isinstance(inner, PretextModel):
+        raise TypeError(f"expected a PretextModel, got {type(pretext_model).__name__}")
+    return {k: v.detach().clone() for k, v in inner.network.state_dict().items()}
