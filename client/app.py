@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import traceback
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from client.producers import produce
 from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.networks import build_model, get_device
+from core_models.pretext import PretextModel, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
 from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
 from core_models.training import evaluate, make_loader, train_epochs
@@ -86,7 +88,8 @@ def _site(context: Context, cfg: RunConfig) -> LocalSite:
     path = resolve_site_path(dict(context.node_config), {"data-root": cfg.server.data_root})
     name = context.node_config.get("site")
     site = open_site(path, image_size=cfg.train.image_size, seed=cfg.train.seed, num_classes=cfg.train.num_classes,
-                     name=str(name) if name else None, node_config=dict(context.node_config))
+                     name=str(name) if name else None, node_config=dict(context.node_config),
+                     unlabelled=bool(cfg.train.pretext))
     if cfg.fair.active:  # before any work: the columns the run names must be in this site's manifest
         missing = [c for c in cfg.fair.columns if c not in site.data.frame.columns]
         if missing:
@@ -96,9 +99,97 @@ def _site(context: Context, cfg: RunConfig) -> LocalSite:
 
 
 def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
+    """The global model the message carries: the network, or in a pretext run the network with its pretext
+    head (PretextModel)."""
     model = build_model(cfg.train.model, cfg.train.num_classes)
+    if cfg.train.pretext:
+        model = PretextModel(model, cfg.train.pretext)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
+
+
+def _pretext_images(site: LocalSite) -> tuple[np.ndarray, np.ndarray]:
+    """(images, patient ids) the pretext phase trains on: the train split and the manifest's unlabelled rows,
+    except those of patients in the val or test split (their images stay unseen until they are scored)."""
+    train = (site.split == "train").to_numpy()
+    held = set(site.data.frame.loc[~train, "patient_id"].astype(str))
+    extra = site.data.unlabelled_frame
+    keep = ~extra["patient_id"].astype(str).isin(held).to_numpy() if len(extra) else np.zeros(0, dtype=bool)
+    images = np.concatenate([site.data.images[train], site.data.unlabelled[keep]])
+    patients = np.concatenate([site.data.frame.loc[train, "patient_id"].astype(str).to_numpy(),
+                               extra.loc[keep, "patient_id"].astype(str).to_numpy() if len(extra) else []])
+    return images, patients.astype(str)
+
+
+def _os_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
+def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSite, policy: SitePolicy) -> Message:
+    """A round of self-supervised pretraining: the pretext loss on the site's images (labels unused), under
+    DP-SGD when the run asks for DP, charged to the same ledger as label training. The corruptions are drawn from
+    OS entropy. The reply has the label round's metrics; the pretext losses stand in for train/val loss."""
+    train_cfg = cfg.train
+    model = _model(msg, cfg)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    if frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round) == "stem":
+        for p in model.stem.parameters():
+            p.requires_grad_(False)
+    images, patients = _pretext_images(site)
+    if len(images) == 0:
+        raise ValueError(f"site {site.name}: no images for the pretext phase")
+    zeros = np.zeros(len(images), dtype=np.int64)
+    loss_fn = pretext_loss_fn(train_cfg.pretext, _os_generator())
+    common = dict(optimizer=train_cfg.optimizer, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                  proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
+    if cfg.dp.enabled:
+        ledger = _ledger(site, policy)
+        epsilon_before = ledger.epsilon()
+        try:
+            n = len(set(patients))
+            noised = ledger.noised_once(f"{ledger.fingerprint}:seed{train_cfg.seed}:pretext-patients", [float(n)],
+                                        1.0, max(COUNT_NOISE, policy.min_release_noise), label="pretext-patient-count")
+            n_noised = max(2.0, float(np.round(noised[0])))
+            plan = plan_dp(n_noised, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
+                           cfg.dp.target_epsilon, ledger.delta)
+            ledger.check_budget([plan.mechanism])
+            stats = train_dp(model, images, zeros, plan, ledger, patients=patients, batch_size=train_cfg.batch_size,
+                             physical_batch_size=cfg.dp.physical_batch_size, max_grad_norm=cfg.dp.max_grad_norm,
+                             server_round=server_round, run_id=str(context.run_id), loss_fn=loss_fn, **common)
+        except BudgetExhausted as err:
+            return _refusal(msg, site, BUDGET_EXHAUSTED, err)
+        spent = ledger.summary()
+        metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_noised,
+                   "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
+                   "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
+                   "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
+        extra = {"privacy": ConfigRecord({"fingerprint": ledger.fingerprint}),
+                 DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
+    else:
+        loader = make_loader(images, zeros, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed + server_round)
+        stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, device=get_device(), loss_fn=loss_fn,
+                             **common)
+        val = _pretext_loss_on(model, site.part("val")[0], cfg)
+        metrics = {"train-loss": stats["train_loss"], "val-auroc": math.nan, "val-loss": val,
+                   "num-examples": len(images), "rejected": len(site.data.rejected), "steps": stats["steps"],
+                   "epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf,
+                   "epsilon-release": math.inf, "noise-multiplier": 0.0}
+        extra = {}
+    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), **extra}
+    return _reply(msg, site, content)
+
+
+def _pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig) -> float:
+    """The mean pretext loss of the model on images (a validation figure for best-by = val-loss)."""
+    if len(images) == 0:
+        return math.nan
+    model.eval()
+    loss_fn = pretext_loss_fn(cfg.train.pretext, torch.Generator().manual_seed(cfg.train.seed))
+    total = 0.0
+    with torch.no_grad():
+        for (x, _y) in make_loader(images, np.zeros(len(images), dtype=np.int64), 256):
+            total += float(loss_fn(model, x.to(get_device()), _y)) * len(x)
+    return total / len(images)
 
 
 def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
@@ -203,6 +294,8 @@ def train(msg: Message, context: Context) -> Message:
         policy.check_training(cfg.dp.enabled)
     except PolicyRefusal as err:
         return _refusal(msg, site, POLICY_REFUSED, err)
+    if train_cfg.pretext:
+        return _train_pretext(msg, context, cfg, site, policy)
     model = _model(msg, cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
     freeze(model, frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round))
@@ -279,6 +372,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
                                                                              "eval-loss"])})
     model = _model(msg, cfg)
     x, y = site.part("test")
+    if cfg.train.pretext:  # no classifier yet: the pretext loss on the test images
+        metrics = {"eval-auroc": math.nan, "eval-accuracy": math.nan, "eval-loss": _pretext_loss_on(model, x, cfg),
+                   "num-examples": len(y)}
+        return _reply(msg, site, {"metrics": MetricRecord(metrics)})
     result = evaluate(model, make_loader(x, y, 256), get_device())
     metrics = MetricRecord(
         {

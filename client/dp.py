@@ -35,7 +35,7 @@ from torch.utils.data._utils.collate import default_collate
 import core_models.grad_samplers  # noqa: F401  (DPConv2d's per-sample gradient, registered with Opacus)
 from client.ledger import PrivacyLedger, os_entropy_rng
 from core_models.networks import get_device, prepare_for_dp
-from core_models.training import Penalty, local_optimizer, tensor_dataset, train_steps
+from core_models.training import LossFn, Penalty, local_optimizer, tensor_dataset, train_steps
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,7 @@ def train_dp(
     penalty_fn: Penalty | None = None,
     sampling_rng: np.random.Generator | None = None,
     noise_generator: torch.Generator | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """Train `model` in place with DP-SGD for `plan.steps_per_round` logical steps.
 
@@ -146,7 +147,7 @@ def train_dp(
     the noised gradient (core_models.training.ProximalTerm: post-processing, no privacy cost). `penalty_fn`
     (with `meta` rows next to the images) is a Penalty: a mean of per-sample terms with public coefficients
     (e.g. the fairness penalty with the server's broadcast PSE), so per-sample clipping still bounds each
-    patient's influence.
+    patient's influence. `loss_fn` replaces the cross-entropy (a self-supervised pretext loss; labels unused).
     `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
     `batch_size` is the logical batch the plan was sized for.
     """
@@ -178,5 +179,5 @@ def train_dp(
                                                        run_id=run_id))
     with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=physical_batch_size,
                             optimizer=private_opt) as batches:
-        total_loss, total_n = train_steps(private_model, batches, private_opt, device, penalty_fn)
+        total_loss, total_n = train_steps(private_model, batches, private_opt, device, penalty_fn, loss_fn=loss_fn)
     return {"train_loss": total_loss / max(total_n, 1), "steps": float(counter.steps)}

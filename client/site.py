@@ -68,15 +68,16 @@ def list_sites(root: Path) -> list[Path]:
 
 
 def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name: str | None = None,
-              node_config: dict | None = None) -> LocalSite:
-    """Load (once per process) and split a site; write its split and rejection list locally."""
-    key = (str(path.resolve()), image_size, seed)
+              node_config: dict | None = None, unlabelled: bool = False) -> LocalSite:
+    """Load (once per process) and split a site; write its split and rejection list locally. `unlabelled`: keep
+    the manifest's rows without a label apart (`data.unlabelled`) for a self-supervised pretext phase."""
+    key = (str(path.resolve()), image_size, seed, unlabelled)
     if key in _LOADED:
         return _LOADED[key]
     with pydicom_to_site_log(path):
         data = load_site(path, image_size=image_size, num_classes=num_classes,
-                         limits=SitePolicy.load(path, node_config).image_limits())
-    split = assign_splits(data.frame, seed=seed)
+                         limits=SitePolicy.load(path, node_config).image_limits(), unlabelled=unlabelled)
+    split = assign_splits(data.frame, seed=seed) if len(data.frame) else pd.Series([], dtype=object)
     frame = data.frame.assign(split=split.to_numpy())
     check_no_leakage(frame)
     state = path / STATE_DIR
@@ -87,7 +88,7 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
     except OSError:
         pass  # read-only data folder: the split is deterministic from the seed anyway
     if name is None:
-        name = str(frame["site"].iloc[0]) if "site" in frame.columns else path.name
+        name = str(frame["site"].iloc[0]) if "site" in frame.columns and len(frame) else path.name
     site = LocalSite(name=name, path=path, data=data, split=split.reset_index(drop=True))
     _LOADED[key] = site
     return site

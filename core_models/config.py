@@ -100,9 +100,13 @@ class TrainingConfig:
     pretrained_key_map: str = key("pretrained-key-map")
     freeze: str = key("freeze")
     unfreeze_after: int = key("unfreeze-after")
+    pretext: str = key("pretext")  # "" = label training; else the run trains the encoder on this pretext task
 
     def check(self) -> None:
         _one_of("model", self.model, self.MODELS)
+        _one_of("pretext", self.pretext, ("", "rotation", "inpainting"))  # core_models.pretext.PRETEXT_TASKS
+        if self.pretext and self.freeze == "encoder":
+            raise ConfigError("run config 'pretext' trains the encoder: it cannot be frozen (freeze = 'encoder')")
         _one_of("optimizer", self.optimizer, ("adam", "sgd"))
         _one_of("freeze", self.freeze, ("none", "stem", "encoder"))  # core_models.pretrained.FREEZE_CHOICES
         if self.unfreeze_after < 0:
@@ -254,6 +258,15 @@ class RunConfig:
     audit: FairAuditConfig
     fair: FairPenaltyConfig
     server: ServerConfig
+
+    def __post_init__(self) -> None:
+        if self.train.pretext:
+            clash = [name for name, on in (("fair-lambda", self.fair.lam > 0), ("fair-offset", self.fair.offset),
+                                           ("statistics", bool(self.release.kinds)), ("central-dp", self.dp.central))
+                     if on]
+            if clash:
+                raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} trains the encoder without labels: "
+                                  f"it cannot be combined with {', '.join(clash)}")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -37,7 +37,7 @@ from torch import nn
 
 from core_models.networks import SmallCNN, get_device
 from core_models.pretrained import head_of
-from core_models.training import local_optimizer, make_loader
+from core_models.training import LossFn, local_optimizer, make_loader, train_steps
 
 
 class PretextOutput(NamedTuple):
@@ -275,25 +275,11 @@ def pretext_loss(task: str | PretextTask, model: nn.Module, x: torch.Tensor,
     return task.per_sample_loss(output).mean()
 
 
-def pretext_steps(forward: nn.Module, batches, optimizer, device: torch.device, task: str | PretextTask,
-                  generator: torch.Generator) -> tuple[float, int]:
-    """`training.train_steps` for a pretext loss: forward, backward and an optimizer step per batch.
-
-    Its own loop because `train_steps` is built around cross-entropy on labels; it takes the same arguments,
-    so under DP-SGD `forward` is Opacus' GradSampleModule and `batches` a BatchMemoryManager's chunks (the
-    DPOptimizer skips the step between chunks). Batches are (x, ...) tuples; labels are ignored.
-    Returns the summed loss and the image count."""
-    optimizer.zero_grad()
-    total_loss, total_n = 0.0, 0
-    for x, *_ in batches:
-        x = x.to(device)
-        loss = pretext_loss(task, forward, x, generator)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        total_loss += loss.item() * len(x)
-        total_n += len(x)
-    return total_loss, total_n
+def pretext_loss_fn(task: str | PretextTask, generator: torch.Generator) -> LossFn:
+    """`pretext_loss` as `training.train_steps`' `loss_fn`: the one training loop, plain or under DP-SGD (there
+    `forward` is Opacus' GradSampleModule and the batches a BatchMemoryManager's chunks); labels are ignored."""
+    task = get_task(task)
+    return lambda forward, x, y: pretext_loss(task, forward, x, generator)
 
 
 def train_pretext(model: PretextModel, images: np.ndarray, task: str | PretextTask, epochs: int = 5,
@@ -317,7 +303,7 @@ def train_pretext(model: PretextModel, images: np.ndarray, task: str | PretextTa
                          seed=shuffle_seed)
     epoch_losses = []
     for _ in range(epochs):
-        loss, n = pretext_steps(model, loader, opt, device, task, generator)
+        loss, n = train_steps(model, loader, opt, device, loss_fn=pretext_loss_fn(task, generator))
         epoch_losses.append(loss / max(n, 1))
     return {"loss_first": epoch_losses[0], "loss_last": epoch_losses[-1], "epoch_losses": epoch_losses,
             "steps": float(counter.steps)}

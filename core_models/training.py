@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from core_models.networks import get_device
+
+# (forward, images, labels) -> a mean of per-sample losses: what train_steps minimises in place of cross-entropy
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def tensor_dataset(images: np.ndarray, labels: np.ndarray, meta: np.ndarray | None = None) -> TensorDataset:
@@ -103,10 +106,12 @@ def local_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: f
 
 
 def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, penalty_fn: Penalty | None = None,
-                accumulation: int = 1) -> tuple[float, int]:
+                accumulation: int = 1, loss_fn: LossFn | None = None) -> tuple[float, int]:
     """The one local training loop (plain and DP-SGD): cross-entropy plus the penalty, backward, and an optimizer
     step every `accumulation` batches and after the last. Returns the summed training loss and the image count.
 
+    `loss_fn(forward, x, y)` replaces the cross-entropy (and the penalty) with another mean of per-sample losses,
+    e.g. a self-supervised pretext loss that ignores `y`.
     Under DP-SGD `forward` is Opacus' GradSampleModule and `optimizer` its DPOptimizer, which clips, noises and
     skips the step between the physical chunks of one logical batch; an empty Poisson draw is still a step
     (noise only)."""
@@ -116,12 +121,16 @@ def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, pe
     total_loss, total_n = 0.0, 0
     for i, (x, y, *meta) in enumerate(batches):
         x, y = x.to(device), y.to(device)
-        logits = forward(x)
-        if len(y) == 0:
-            loss = objective = logits.sum() * 0.0
+        if loss_fn is not None:
+            loss = objective = loss_fn(forward, x, y)
         else:
-            loss = criterion(logits, y)
-            objective = loss if penalty_fn is None else loss + penalty_fn(logits, y, meta[0].to(device) if meta else None)
+            logits = forward(x)
+            if len(y) == 0:
+                loss = objective = logits.sum() * 0.0
+            else:
+                loss = criterion(logits, y)
+                objective = loss if penalty_fn is None else loss + penalty_fn(logits, y,
+                                                                              meta[0].to(device) if meta else None)
         (objective / accumulation).backward()
         if accumulation == 1 or (i + 1) % accumulation == 0 or i + 1 == last:
             optimizer.step()
@@ -143,8 +152,10 @@ def train_epochs(
     device: torch.device | None = None,
     progress: bool = False,
     penalty_fn: Penalty | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
-    """Train in place; return the mean training loss and the number of optimizer steps.
+    """Train in place; return the mean training loss and the number of optimizer steps (`loss_fn`: see
+    train_steps).
 
     `proximal_mu > 0` adds FedProx's term (ProximalTerm) towards the weights the model holds on entry (the
     server's global model). `penalty_fn` (a Penalty) gets each batch's logits and, from a loader made with
@@ -158,7 +169,7 @@ def train_epochs(
     total_loss, total_n = 0.0, 0
     for epoch in range(epochs):
         batches = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        loss, n = train_steps(model, batches, opt, device, penalty_fn, grad_accumulation)
+        loss, n = train_steps(model, batches, opt, device, penalty_fn, grad_accumulation, loss_fn)
         total_loss, total_n = total_loss + loss, total_n + n
     return {"train_loss": total_loss / max(total_n, 1), "steps": float(counter.steps)}
 

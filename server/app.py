@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from core_models.config import RunConfig
 from core_models.networks import build_model
+from core_models.pretext import PretextModel, encoder_state
 from core_models.pretrained import load_pretrained
 from core_models.model_card import write_card
 from server.checkpoint import BEST_MODEL, load_latest
@@ -46,7 +47,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg.server, registry, round_offset=done, site_rows=saved["sites"],
                               state=checkpoint["strategy"] if checkpoint else None)
     history = RunHistory(out_dir, strategy, list(saved["global"]), cfg.server.num_rounds)
-    holdout = HoldoutEvaluation(cfg.train, Path(cfg.server.holdout_path)) if cfg.server.holdout_path else None
+    # a pretext run has no classifier to score yet: its sites' pretext losses are its validation figures
+    scored = cfg.server.holdout_path and not cfg.train.pretext
+    holdout = HoldoutEvaluation(cfg.train, Path(cfg.server.holdout_path)) if scored else None
     fair = FairnessBroadcast(grid, strategy, cfg) if cfg.fair.lam > 0 else None
     statistics = StatisticsCollection(grid, strategy, cfg, out_dir) if cfg.release.kinds else None
     checkpoints = Checkpointing(history, best)
@@ -64,6 +67,10 @@ def main(grid: Grid, context: Context) -> None:
         log(WARNING, "equifed: stopped early after round %d: %s", history.rows[-1]["round"], stopped)
         final = checkpoints.last_arrays.to_torch_state_dict()
     torch.save(final, out_dir / "final_model.pt")
+    if cfg.train.pretext:  # the encoder (a plain network state dict, its head untrained): a pretrained-path
+        for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):
+            if saved.exists():
+                torch.save(_network_of(cfg, torch.load(saved, weights_only=True)), saved)
     for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)
@@ -72,14 +79,22 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def initial_model(cfg: RunConfig) -> torch.nn.Module:
-    """The round-0 global model: fresh weights, or the run config's pretrained checkpoint mapped onto them."""
+    """The round-0 global model: fresh weights, or the run config's pretrained checkpoint mapped onto them; in a
+    pretext run, with the pretext task's head (PretextModel)."""
     model = build_model(cfg.train.model, cfg.train.num_classes)
     if cfg.train.pretrained_path:
         report = load_pretrained(model, cfg.train.pretrained_path, cfg.train.pretrained_key_map)
         log(INFO, "equifed: pretrained %s: %d tensors loaded (%d adapted RGB -> grey), %d kept fresh: %s",
             cfg.train.pretrained_path, len(report.loaded), len(report.adapted), len(report.skipped),
             ", ".join(f"{k} ({why})" for k, why in list(report.skipped.items())[:5]) or "none")
-    return model
+    return PretextModel(model, cfg.train.pretext) if cfg.train.pretext else model
+
+
+def _network_of(cfg: RunConfig, pretext_state: dict) -> dict:
+    """The network's own state dict from a PretextModel's."""
+    model = PretextModel(build_model(cfg.train.model, cfg.train.num_classes), cfg.train.pretext)
+    model.load_state_dict(pretext_state)
+    return encoder_state(model)
 
 
 def _resume(out_dir: Path, cfg: RunConfig, model: torch.nn.Module, best: BestModel) -> dict | None:

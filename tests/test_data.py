@@ -17,8 +17,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, MPEG2MPML, gen
 
 from core_models.data import (
     ImageError,
+    META_COLUMNS,
     ManifestError,
     Rejection,
+    SiteData,
     load_npz,
     load_site,
     parse_dicom_age,
@@ -561,3 +563,127 @@ def test_mixed_site_png_dicom_absolute_path_and_manifest_metadata_wins(tmp_path)
                                atol=1e-5)
     with pytest.raises(ValueError, match="image_size"):
         load_site(site, image_size=0)
+
+
+# ------------------------------------------------------------------------------------------------ unlabelled rows
+
+
+def make_unlabelled_site(tmp_path, n_labelled=6, n_unlabelled=4, corrupt=True, seed=0):
+    """PNG site: n_labelled rows with labels, n_unlabelled with an empty (or blank) label cell and, if corrupt, one
+    more unlabelled row whose file is not an image."""
+    rng = np.random.default_rng(seed)
+    site = tmp_path / "unl"
+    (site / "img").mkdir(parents=True)
+    rows = []
+    for i in range(n_labelled + n_unlabelled):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(site / "img" / f"{i}.png")
+        label = str(i % 2) if i < n_labelled else ("" if i % 2 else "  ")  # empty and blank cells
+        rows.append([f"P{i:03d}", f"img/{i}.png", label])
+    if corrupt:
+        (site / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 40)
+        rows.append(["P999", "img/corrupt.png", ""])
+    write_manifest(site / "manifest.csv", rows)
+    return site
+
+
+def test_unlabelled_rows_rejected_by_default_kept_on_request(tmp_path):
+    site = make_unlabelled_site(tmp_path)
+    sd = load_site(site, image_size=8, cache=False)
+    assert sd.images.shape == (6, 1, 8, 8) and sd.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert [(r.row, r.reason) for r in sd.rejected] == [(row, "missing label") for row in range(6, 11)]
+    assert sd.unlabelled.shape == (0, 1, 8, 8) and sd.unlabelled.dtype == np.float32 and sd.unlabelled_frame.empty
+
+    su = load_site(site, image_size=8, cache=False, unlabelled=True)
+    np.testing.assert_array_equal(su.images, sd.images)
+    np.testing.assert_array_equal(su.labels, sd.labels)
+    pd.testing.assert_frame_equal(su.frame, sd.frame)
+    assert su.unlabelled.shape == (4, 1, 8, 8) and su.unlabelled.dtype == np.float32
+    assert su.unlabelled_frame["patient_id"].tolist() == ["P006", "P007", "P008", "P009"]
+    assert su.unlabelled_frame["image_path"].tolist() == [f"img/{i}.png" for i in range(6, 10)]
+    assert list(su.unlabelled_frame.index) == [0, 1, 2, 3] and "label" not in su.unlabelled_frame.columns
+    assert set(META_COLUMNS) <= set(su.unlabelled_frame.columns)
+    assert su.unlabelled_frame["rows"].tolist() == [16] * 4
+    (rej,) = su.rejected
+    assert rej.row == 10 and rej.image_path == "img/corrupt.png" and rej.reason.startswith("unreadable image file")
+
+    # each unlabelled image is exactly what a labelled load of the same file gives
+    rows = [[f"P{i:03d}", f"img/{i}.png", "1"] for i in range(6, 10)] + [["P999", "img/corrupt.png", "1"]]
+    write_manifest(site / "labelled.csv", rows)
+    as_labelled = load_site(site, image_size=8, manifest="labelled.csv", cache=False)
+    np.testing.assert_array_equal(su.unlabelled, as_labelled.images)
+    assert [(r.row, r.reason) for r in as_labelled.rejected] == [(4, rej.reason)]  # same decode reason
+
+
+def test_unlabelled_keeps_rejecting_bad_labels_and_bad_paths(tmp_path):
+    site = make_unlabelled_site(tmp_path, n_labelled=2, n_unlabelled=1, corrupt=False)
+    with open(site / "manifest.csv", "a", newline="") as f:
+        csv.writer(f).writerows([["X1", "img/0.png", "abc"], ["X2", "img/0.png", "5"], ["X3", "img/gone.png", ""],
+                                 ["", "img/1.png", ""], ["X5", "../outside.png", ""]])
+    su = load_site(site, image_size=8, cache=False, unlabelled=True)
+    assert len(su.labels) == 2 and len(su.unlabelled) == 1
+    by_row = {r.row: r.reason for r in su.rejected}
+    assert set(by_row) == {3, 4, 5, 6, 7}
+    assert "'abc'" in by_row[3] and "out of range" in by_row[4] and "image file not found" in by_row[5]
+    assert by_row[6] == "missing patient_id" and "missing label" not in by_row.values()
+
+
+def test_unlabelled_cache_never_crosses_and_hits(tmp_path, count_decodes):
+    site = make_unlabelled_site(tmp_path)
+    plain = load_site(site, image_size=8)
+    assert len(count_decodes) == 6 and len(plain.labels) == 6 and len(plain.unlabelled) == 0
+    assert sum(r.reason == "missing label" for r in plain.rejected) == 5
+    with_u = load_site(site, image_size=8, unlabelled=True)  # not served the labelled-only entry
+    assert len(count_decodes) == 6 + 11
+    assert len(with_u.labels) == 6 and len(with_u.unlabelled) == 4 and [r.row for r in with_u.rejected] == [10]
+    again = load_site(site, image_size=8)  # its own entry survived the other load's save
+    assert len(count_decodes) == 17
+    assert len(again.labels) == 6 and len(again.unlabelled) == 0 and len(again.rejected) == 5
+    np.testing.assert_array_equal(again.images, plain.images)
+    hit = load_site(site, image_size=8, unlabelled=True)  # second unlabelled load: from the cache
+    assert len(count_decodes) == 17
+    np.testing.assert_array_equal(hit.images, with_u.images)
+    np.testing.assert_array_equal(hit.unlabelled, with_u.unlabelled)
+    pd.testing.assert_frame_equal(hit.unlabelled_frame, with_u.unlabelled_frame)
+    pd.testing.assert_frame_equal(hit.frame, with_u.frame)
+    assert hit.rejected == with_u.rejected
+    assert len(list((site / ".equifed_cache").glob("*.npz"))) == 2
+    fresh = load_site(site, image_size=8, unlabelled=True, cache=False)
+    np.testing.assert_array_equal(fresh.unlabelled, hit.unlabelled)
+
+
+def test_unlabelled_cache_other_order(tmp_path, count_decodes):
+    site = make_unlabelled_site(tmp_path)
+    assert len(load_site(site, image_size=8, unlabelled=True).unlabelled) == 4
+    plain = load_site(site, image_size=8)
+    assert len(plain.labels) == 6 and len(plain.unlabelled) == 0 and len(plain.rejected) == 5
+    assert len(count_decodes) == 11 + 6
+    assert len(load_site(site, image_size=8, unlabelled=True).unlabelled) == 4
+    assert len(load_site(site, image_size=8).rejected) == 5
+    assert len(count_decodes) == 17  # both from their own entries
+
+
+def test_all_unlabelled_site(tmp_path, count_decodes):
+    site = make_unlabelled_site(tmp_path, n_labelled=0, n_unlabelled=5, corrupt=False)
+    with pytest.raises(ManifestError, match=r"no usable images .*5 rows, all rejected; .*missing label"):
+        load_site(site, image_size=8)
+    su = load_site(site, image_size=8, unlabelled=True)
+    assert su.images.shape == (0, 1, 8, 8) and su.labels.shape == (0,) and su.labels.dtype == np.int64
+    assert su.frame.empty and {"patient_id", "label", *META_COLUMNS} <= set(su.frame.columns)
+    assert su.unlabelled.shape == (5, 1, 8, 8) and len(su.unlabelled_frame) == 5 and su.rejected == []
+    again = load_site(site, image_size=8, unlabelled=True)
+    assert len(count_decodes) == 5  # cached too
+    np.testing.assert_array_equal(again.unlabelled, su.unlabelled)
+    (site / "img" / "0.png").write_bytes(b"junk")  # only unlabelled rows, none decodable: still an error
+    write_manifest(site / "manifest.csv", [["P0", "img/0.png", ""]])
+    with pytest.raises(ManifestError, match="no usable images"):
+        load_site(site, image_size=8, unlabelled=True)
+
+
+def test_site_data_defaults_for_existing_constructions():
+    sd = SiteData(images=np.zeros((3, 1, 8, 8), np.float32), labels=np.zeros(3, np.int64),
+                  frame=pd.DataFrame({"label": [0, 0, 0]}), rejected=[])
+    assert sd.unlabelled.shape == (0, 1, 8, 8) and sd.unlabelled.dtype == np.float32
+    assert isinstance(sd.unlabelled_frame, pd.DataFrame) and sd.unlabelled_frame.empty
+    other = SiteData(images=np.zeros((1, 1, 4, 4), np.float32), labels=np.zeros(1, np.int64),
+                     frame=pd.DataFrame(), rejected=[])
+    assert other.unlabelled_frame is not sd.unlabelled_frame

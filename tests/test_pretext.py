@@ -16,12 +16,12 @@ from core_models.pretext import (
     mask_patches,
     per_sample_losses,
     pretext_loss,
-    pretext_steps,
+    pretext_loss_fn,
     rotate,
     train_pretext,
 )
 from core_models.pretrained import head_of
-from core_models.training import local_optimizer, make_loader
+from core_models.training import local_optimizer, make_loader, train_steps
 
 CPU = torch.device("cpu")
 
@@ -149,14 +149,15 @@ def test_dp_sgd_per_sample_gradients_are_per_sample(task):
 
 
 @pytest.mark.parametrize("task", sorted(PRETEXT_TASKS))
-def test_pretext_steps_under_batch_memory_manager(task):
+def test_pretext_loss_in_the_training_loop_under_batch_memory_manager(task):
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     torch.manual_seed(0)
     model = PretextModel(build_model("cnn", 2), task)
     private_model, private_opt, private_loader, counter = _private(model, synthetic_images(8, seed=6))
     with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=4, optimizer=private_opt) as batches:
-        loss, n = pretext_steps(private_model, batches, private_opt, CPU, task, seeded(8))
+        loss, n = train_steps(private_model, batches, private_opt, CPU,
+                              loss_fn=pretext_loss_fn(task, seeded(8)))
     assert n == 8 and math.isfinite(loss)
     assert counter.steps == 1  # two physical chunks, one noised logical step
 

@@ -30,11 +30,14 @@ CACHE_VERSION = 3  # bump when decoding changes, so stale caches are never reuse
 
 
 def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], image_size: int,
-               num_classes: int | None, limits: ImageLimits = DEFAULT_LIMITS) -> str:
+               num_classes: int | None, limits: ImageLimits = DEFAULT_LIMITS, unlabelled: bool = False) -> str:
     """Hash of everything the decoded stack depends on: format version, size, limits (they decide rejections),
-    manifest bytes, each image's (path, size, mtime_ns)."""
+    manifest bytes, each image's (path, size, mtime_ns), and whether rows without a label were kept (only hashed
+    when they were, so the keys of ordinary loads are what they always were)."""
     h = hashlib.sha256()
     h.update(f"equifed-cache v{CACHE_VERSION}\0size={image_size}\0classes={num_classes}\0".encode())
+    if unlabelled:
+        h.update(b"unlabelled=1\0")
     h.update(f"pixels={limits.max_pixels}\0bytes={limits.max_file_bytes}\0frames={limits.multi_frame}\0".encode())
     h.update(hashlib.sha256(raw).digest())
     for p, (size, mtime_ns) in zip(paths, stamps):
@@ -42,9 +45,12 @@ def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], imag
     return h.hexdigest()
 
 
-def _cache_file(data_dir: Path, manifest: str, image_size: int, num_classes, key: str) -> Path:
+def _cache_file(data_dir: Path, manifest: str, image_size: int, num_classes, key: str,
+                unlabelled: bool = False) -> Path:
+    """The cache slot's file. A load that keeps unlabelled rows has its own slot ("k2u-" rather than "k2-"), so
+    alternating the two kinds of load never makes one's save delete the other's file."""
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(manifest).stem)
-    return data_dir / CACHE_DIR / f"{stem}-s{image_size}-k{num_classes}-{key[:32]}.npz"
+    return data_dir / CACHE_DIR / f"{stem}-s{image_size}-k{num_classes}{'u' if unlabelled else ''}-{key[:32]}.npz"
 
 
 def _cache_dir_ok(cache_dir: Path) -> bool:

@@ -59,9 +59,18 @@ def _read_manifest_bytes(manifest_path: Path, limits: ImageLimits | None = None)
     return b"".join(chunks)
 
 
+# The label _parse_manifest(unlabelled=True) gives a row whose label cell is empty (real labels are >= 0).
+_NO_LABEL = -1
+
+
+def _label_missing(value) -> bool:
+    """An empty label cell: None, NaN (pandas' reading of an empty cell) or only whitespace."""
+    return value is None or (not isinstance(value, str) and pd.isna(value)) or str(value).strip() == ""
+
+
 def _parse_label(value, num_classes: int | None) -> tuple[int | None, str]:
     """Return (label, "") or (None, reason). Accepts "1" and "1.0" (spreadsheets write those), nothing fractional."""
-    if value is None or (not isinstance(value, str) and pd.isna(value)) or str(value).strip() == "":
+    if _label_missing(value):
         return None, "missing label"
     text = str(value).strip()
     try:
@@ -77,9 +86,13 @@ def _parse_label(value, num_classes: int | None) -> tuple[int | None, str]:
     return label, ""
 
 
-def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path | None = None):
+def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path | None = None,
+                    unlabelled: bool = False):
     """Parse manifest bytes -> (accepted rows indexed by manifest row, resolved paths, their (size, mtime_ns),
     rejections, number of rows). Files are stat-ed here, before decoding, so a file changed meanwhile invalidates.
+
+    With `unlabelled`, a row whose label cell is empty is accepted (every other check still applies) with label
+    :data:`_NO_LABEL` instead of being rejected as "missing label"; a bad non-empty label is still rejected.
 
     Image paths are relative to the manifest's folder and must resolve (symlinks followed) to regular files inside
     `site_dir` (default: the manifest's folder); anything else is a Rejection with the reason from
@@ -120,7 +133,7 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, si
         if pd.isna(pid) or str(pid).strip() == "":
             rejected.append(Rejection(shown, row, "missing patient_id"))
             continue
-        label, why = _parse_label(lab, num_classes)
+        label, why = (_NO_LABEL, "") if unlabelled and _label_missing(lab) else _parse_label(lab, num_classes)
         if label is None:
             rejected.append(Rejection(shown, row, why))
             continue

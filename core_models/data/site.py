@@ -6,7 +6,7 @@ rows that survived, with the acquisition metadata (manufacturer, model, ...) tha
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import pandas as pd
 from core_models.data.cache import _cache_file, _cache_key, _cache_load, _cache_save
 from core_models.data.images import read_image
 from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, ManifestError, _limits
-from core_models.data.manifest import Rejection, _first_reasons, _parse_manifest, _read_manifest_bytes
+from core_models.data.manifest import _NO_LABEL, Rejection, _first_reasons, _parse_manifest, _read_manifest_bytes
 from core_models.data.pixels import META_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,18 @@ _Q = 65535.0  # images are quantised to uint16 steps (error <= 7.7e-6) so cached
 class SiteData:
     images: np.ndarray  # (N, 1, S, S) float32 in [0, 1]
     labels: np.ndarray  # (N,) int64
-    frame: pd.DataFrame  # accepted manifest rows (index reset) + META_COLUMNS
+    frame: pd.DataFrame  # accepted labelled manifest rows (index reset) + META_COLUMNS
     rejected: list[Rejection]
+    # Rows without a label, kept only by load_site(unlabelled=True): for a self-supervised pretext phase, never for
+    # anything that needs labels. (N_u, 1, S, S) float32 in [0, 1]; left out, (0, 1, S, S) with S from `images`.
+    unlabelled: np.ndarray | None = None
+    # Their manifest rows (index reset, no `label` column) + META_COLUMNS; left out, empty.
+    unlabelled_frame: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def __post_init__(self):
+        if self.unlabelled is None:
+            side = self.images.shape[-1] if getattr(self.images, "ndim", 0) == 4 else 0
+            self.unlabelled = np.empty((0, 1, side, side), dtype=np.float32)
 
 
 def _meta_frame(metas: list[dict]) -> pd.DataFrame:
@@ -78,8 +88,14 @@ def load_site(
     num_classes: int = 2,
     cache: bool = True,
     limits: ImageLimits | None = None,
+    unlabelled: bool = False,
 ) -> SiteData:
     """Load a site: validate the manifest, decode every usable image at image_size, collect rejections.
+
+    A row with an empty label cell is rejected ("missing label") unless `unlabelled`: then it is kept, through the
+    same path checks and decoding as any row, in ``unlabelled`` / ``unlabelled_frame`` (for a self-supervised
+    pretext phase only), while ``images``, ``labels`` and ``frame`` hold the labelled rows alone. A site of only
+    unlabelled rows then loads (with an empty ``frame``); it is still a ManifestError without `unlabelled`.
 
     Image paths must resolve to regular files inside `data_dir` (:func:`core_models.paths.resolve_site_file`);
     files and images over `limits` (default :data:`DEFAULT_LIMITS`, see :class:`ImageLimits`) are refused from
@@ -94,7 +110,8 @@ def load_site(
     data_dir = Path(data_dir)
     manifest_path = data_dir / manifest
     raw = _read_manifest_bytes(manifest_path, limits)
-    df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir)
+    df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir,
+                                                          unlabelled=unlabelled)
 
     def nothing_usable(all_rejected):
         detail = "manifest has no rows" if n_rows == 0 else (
@@ -104,8 +121,8 @@ def load_site(
     if df.empty:
         raise nothing_usable(rejected)
 
-    key = _cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits)) if cache else None
-    cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key) if key else None
+    key = _cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits), unlabelled) if cache else None
+    cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key, unlabelled) if key else None
     hit = _cache_load(cache_path, key, len(paths), image_size) if cache_path is not None else None
     if hit is not None:
         stack, ok_rows, metas, decode_rejected = hit
@@ -119,19 +136,36 @@ def load_site(
     if len(ok_rows) == 0:
         raise nothing_usable(rejected)
 
-    frame = df.loc[ok_rows].reset_index(drop=True)
-    mf = _meta_frame(metas)
-    for c in META_COLUMNS:
-        if c in frame.columns:  # the manifest's own value wins; DICOM fills its gaps
-            frame[c] = frame[c].where(frame[c].notna(), mf[c])
-        else:
-            frame[c] = mf[c]
-    out = stack.astype(np.float32)
-    out *= np.float32(1.0 / _Q)
-    log.info("%s: %d images, %d rejected", data_dir, len(frame), len(rejected))
+    def with_meta(rows: list[int], row_metas: list[dict]) -> pd.DataFrame:
+        frame = df.loc[rows].reset_index(drop=True)
+        mf = _meta_frame(row_metas)
+        for c in META_COLUMNS:
+            if c in frame.columns:  # the manifest's own value wins; DICOM fills its gaps
+                frame[c] = frame[c].where(frame[c].notna(), mf[c])
+            else:
+                frame[c] = mf[c]
+        return frame
+
+    no_label = (df["label"].loc[ok_rows].to_numpy() == _NO_LABEL) if unlabelled else np.zeros(len(ok_rows), bool)
+    pick = [np.flatnonzero(~no_label), np.flatnonzero(no_label)]
+    frame, u_frame = (with_meta([ok_rows[i] for i in idx], [metas[i] for i in idx]) for idx in pick)
+    u_frame = u_frame.drop(columns="label")
+
+    def to_float(idx: np.ndarray) -> np.ndarray:
+        out = (stack if len(idx) == len(stack) else stack[idx]).astype(np.float32)  # one float copy per part
+        out *= np.float32(1.0 / _Q)
+        return out[:, None]
+
+    images, u_images = (to_float(idx) for idx in pick)
+    if unlabelled:
+        log.info("%s: %d images, %d unlabelled, %d rejected", data_dir, len(frame), len(u_frame), len(rejected))
+    else:
+        log.info("%s: %d images, %d rejected", data_dir, len(frame), len(rejected))
     return SiteData(
-        images=out[:, None],
+        images=images,
         labels=frame["label"].to_numpy(dtype=np.int64),
         frame=frame,
         rejected=rejected,
+        unlabelled=u_images,
+        unlabelled_frame=u_frame,
     )

@@ -1,0 +1,127 @@
+"""The federated self-supervised phase: a pretext run trains the encoder on every site's images, the manifest's
+unlabelled rows included (never those of held-out patients), under DP-SGD charged to the site's own ledger, and
+writes an encoder that a label run takes as its pretrained-path."""
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.app import train
+from client.ledger import PrivacyLedger
+from core_models.config import ConfigError, check_overrides
+from core_models.data import load_site
+from core_models.networks import build_model
+from core_models.pretext import PretextModel
+from core_models.splits import assign_splits
+from simulations.generator import generate_consortium
+from simulations.run import main as simulate
+
+RUN_CONFIG = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+SCENARIO = """
+name = "pretext-test"
+seed = 9
+image_size = 32
+[defaults]
+n = 60
+[[sites]]
+name = "gamma"
+[[sites]]
+name = "delta"
+"""
+N_UNLABELLED = 10
+
+
+def _add_unlabelled(site: Path) -> str:
+    """N_UNLABELLED pretraining-only rows (new patients, empty label) and two of a test-split patient; returns
+    that patient's id."""
+    manifest = pd.read_csv(site / "manifest.csv", dtype=str)
+    split = assign_splits(load_site(site, image_size=32, cache=False).frame, seed=RUN_CONFIG["seed"])
+    frame = load_site(site, image_size=32, cache=False).frame.assign(split=split.to_numpy())
+    held = str(frame.loc[frame["split"] == "test", "patient_id"].iloc[0])
+    rows = []
+    for i, image in enumerate(manifest["image_path"].iloc[:N_UNLABELLED + 2]):
+        copy = f"unlabelled_{i}{Path(image).suffix}"
+        shutil.copy(site / image, site / copy)
+        rows.append({"patient_id": f"u{i}" if i < N_UNLABELLED else held, "image_path": copy, "label": ""})
+    pd.concat([manifest, pd.DataFrame(rows)]).to_csv(site / "manifest.csv", index=False)
+    return held
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretext")
+    (out / "s.toml").write_text(SCENARIO)
+    found = generate_consortium(out / "s.toml", out / "data")
+    _add_unlabelled(found[0])
+    return out, found
+
+
+def _message() -> Message:
+    model = PretextModel(build_model("cnn"), "rotation")
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+def _context(site: Path, **overrides) -> Context:
+    run_config = {**RUN_CONFIG, "image-size": 32, "local-epochs": 1, "pretext": "rotation", **overrides}
+    return Context(run_id=1, node_id=7, node_config={"data-path": str(site), "site": site.name, "require-dp": False},
+                   state=RecordDict(), run_config=run_config)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_pretext_round_uses_unlabelled_rows_but_not_held_out_patients(sites):
+    _, (gamma, _) = sites
+    n_train = int((assign_splits(load_site(gamma, image_size=32).frame, seed=RUN_CONFIG["seed"]) == "train").sum())
+    reply = train(_message(), _context(gamma))
+    assert set(reply.content["arrays"].to_torch_state_dict()) == set(PretextModel(build_model("cnn")).state_dict())
+    metrics = reply.content["metrics"]
+    # the train split and the ten new patients' images; the test patient's two unlabelled images stay out
+    assert metrics["num-examples"] == n_train + N_UNLABELLED
+    assert metrics["train-loss"] > 0 and metrics["val-loss"] > 0
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_pretext_round_under_dp_is_charged_to_the_site_ledger(sites):
+    _, (_, delta) = sites
+    reply = train(_message(), _context(delta, dp=True, **{"target-epsilon": 4.0}))
+    metrics = reply.content["metrics"]
+    ledger = PrivacyLedger.open(delta)
+    spent = ledger.summary()
+    assert spent["train_steps"] == metrics["steps"] > 0  # every noised pretext step is on the ledger
+    assert metrics["epsilon"] == pytest.approx(ledger.epsilon()) and 0 < metrics["epsilon"] < 4.0
+    entries = json.loads((delta / ".equifed" / "privacy_ledger.json").read_text())
+    labels = {e["label"] for ds in entries["datasets"].values() for e in ds["entries"]}
+    assert "pretext-patient-count" in labels  # its sample rate comes from a noised, charged patient count
+    assert metrics["train-loss"] != metrics["train-loss"]  # withheld (NaN) under DP
+
+
+def test_pretext_cannot_be_combined_with_label_only_features():
+    with pytest.raises(ConfigError, match="cannot be combined with fair-lambda, statistics"):
+        check_overrides({"pretext": "rotation", "fair-lambda": 5.0, "fair-sensitive": "A", "fair-mediator": "S",
+                         "statistics": "shift"}, RUN_CONFIG)
+    with pytest.raises(ConfigError, match="must be one of"):
+        check_overrides({"pretext": "jigsaw"}, RUN_CONFIG)
+
+
+@pytest.mark.simulation
+def test_federated_pretext_run_writes_an_encoder_for_the_label_run(sites, tmp_path):
+    out, _ = sites
+    run = tmp_path / "ssl"
+    code = simulate([str(out / "s.toml"), "--out", str(run), "--rounds", "1", "--timeout", "300",
+                     "--cpus-per-client", "2", "-c", "pretext=inpainting", "-c", "local-epochs=1"])
+    assert code == 0
+    encoder = torch.load(run / "final_model.pt", weights_only=True)
+    network = build_model("cnn")
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    network.load_state_dict(encoder, strict=True)  # a plain network state dict: what pretrained-path reads
+    assert not torch.equal(before["features.block4.0.weight"], encoder["features.block4.0.weight"])
+    rows = pd.read_csv(run / "metrics.csv")
+    assert "holdout_auroc" not in rows.columns or rows["holdout_auroc"].isna().all()  # nothing to score yet
+    assert json.loads((run / "summary.json").read_text())["sites_trained"] == 2
