@@ -9,6 +9,9 @@ Methods:
   standing in for public data; trained once per invocation), then the default federation starts from it with
   `freeze=encoder`: each site trains only the linear head, under DP-SGD when epsilon is finite.
 * `transfer-full`: the same checkpoint, every layer but the stem fine-tuned (the DP default otherwise).
+* `ssl`: a federated self-supervised run on the default federation's own images (`--ssl-task`, `--ssl-rounds`),
+  then the head trained on its encoder (`freeze=encoder`) on the same sites. Under DP both runs are DP-SGD on the
+  same ledgers: the pretext run gets `--ssl-share` of epsilon, the head the rest.
 
 `-c` overrides the run config of every run of the default scenario (e.g. `-c learning-rate=0.05`).
 `--method-config METHOD:KEY=VALUE` overrides one method's runs only.
@@ -37,6 +40,7 @@ METHODS = {
     "scratch": [],
     "transfer": ["-c", "freeze=encoder"],
     "transfer-full": [],
+    "ssl": ["-c", "freeze=encoder"],
 }
 
 
@@ -47,6 +51,17 @@ def _pretrain(work: Path, scenario: str, rounds: int) -> Path:
         code = simulate([str(SCENARIOS / f"{scenario}.toml"), "--out", str(out), "--rounds", str(rounds)])
         if code != 0:
             raise SystemExit(f"pretraining on {scenario} failed; see {out}/flower.log")
+    return out / "final_model.pt"
+
+
+def _ssl_encoder(out: Path, args, eps: float) -> Path:
+    """The federated pretext run on the default scenario (under DP with its share of epsilon): its encoder."""
+    dp = [] if math.isinf(eps) else ["-c", "dp=true", "-c", f"target-epsilon={eps * args.ssl_share}",
+                                     "-c", "target-delta=1e-5"]
+    code = simulate([str(DEFAULT_SCENARIO), "--out", str(out), "--rounds", str(args.ssl_rounds),
+                     "-c", f"pretext={args.ssl_task}", *dp])
+    if code != 0:
+        raise SystemExit(f"the pretext run failed; see {out}/flower.log")
     return out / "final_model.pt"
 
 
@@ -65,6 +80,9 @@ def main() -> None:
     parser.add_argument("--methods", default="scratch,transfer")
     parser.add_argument("--pretrain-scenario", default="label_skew")
     parser.add_argument("--pretrain-rounds", type=int, default=8)
+    parser.add_argument("--ssl-task", default="rotation")
+    parser.add_argument("--ssl-rounds", type=int, default=5)
+    parser.add_argument("--ssl-share", type=float, default=0.5, help="share of epsilon the pretext run spends")
     parser.add_argument("--work", default=None)
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--method-config", action="append", default=[], metavar="METHOD:KEY=VALUE")
@@ -86,15 +104,22 @@ def main() -> None:
             eps = float(text)
             out = work / f"{method}_eps_{text}"
             shutil.rmtree(out, ignore_errors=True)  # fresh data: a ledger from an earlier run would be spent
-            extra = [] if math.isinf(eps) else ["-c", "dp=true", "-c", f"target-epsilon={eps}",
+            share = args.ssl_share if method == "ssl" else 0.0
+            extra = [] if math.isinf(eps) else ["-c", "dp=true", "-c", f"target-epsilon={eps * (1 - share)}",
                                                 "-c", "target-delta=1e-5"]
+            source = [str(DEFAULT_SCENARIO)]
+            start = time.perf_counter()
+            if method == "ssl":
+                pretext = _ssl_encoder(out / "pretext", args, eps)
+                source = ["--sites", str(out / "pretext" / "data")]
+                extra += ["-c", f"pretrained-path={pretext}"]
+                out = out / "head"
             if method.startswith("transfer"):
                 extra += ["-c", f"pretrained-path={checkpoint}"]
             extra += METHODS[method] + per_method.get(method, [])
             for item in args.run_config:
                 extra += ["-c", item]
-            start = time.perf_counter()
-            code = simulate([str(DEFAULT_SCENARIO), "--out", str(out), "--rounds", str(args.rounds), *extra])
+            code = simulate([*source, "--out", str(out), "--rounds", str(args.rounds), *extra])
             wall = time.perf_counter() - start
             if code != 0:
                 raise SystemExit(f"{method} at epsilon={text} failed; see {out}/flower.log")

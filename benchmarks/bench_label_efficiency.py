@@ -1,0 +1,126 @@
+"""Label efficiency without DP: holdout AUROC of the default federation when only a share of each site's
+training patients keep their label, for a network trained from scratch, from a federated self-supervised encoder
+(trained on every image, labelled or not) and from a checkpoint pretrained on another scenario.
+
+    .venv/bin/python benchmarks/bench_label_efficiency.py [--fractions 0.05,0.1,0.25,1] [--rounds 5]
+        [--methods scratch,ssl,transfer] [--ssl-task rotation] [--ssl-rounds 5] [--pretrain-scenario label_skew]
+
+The default scenario is generated once. Its split is fixed per patient (written into each manifest's `split`
+column, as the client would draw it), then for each fraction the labels of the other training patients are blanked
+(drawn per site from `--seed`): those rows become unlabelled images, which only the pretext run uses. Validation
+and test rows keep their labels. Each (method, fraction) trains in a fresh copy of the sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core_models.data import load_site
+from core_models.splits import assign_splits
+from simulations.generator import generate_consortium
+from simulations.run import DEFAULT_SCENARIO
+from simulations.run import main as simulate
+
+SCENARIOS = DEFAULT_SCENARIO.parent
+
+
+def _fix_splits(data: Path, seed: int) -> None:
+    """Each site's manifest with the split the client draws at `seed`, so blanking labels cannot move it."""
+    for site in sorted(d for d in data.iterdir() if (d / "manifest.csv").exists() and d.name != "holdout"):
+        frame = load_site(site, image_size=64).frame
+        split = assign_splits(frame, seed=seed)
+        manifest = pd.read_csv(site / "manifest.csv", dtype=str)
+        by_patient = dict(zip(frame["patient_id"].astype(str), split))
+        manifest["split"] = manifest["patient_id"].map(by_patient)
+        manifest.to_csv(site / "manifest.csv", index=False)
+
+
+def _with_fraction(base: Path, out: Path, fraction: float, seed: int) -> dict[str, int]:
+    """A copy of the sites in which only `fraction` of each site's training patients keep their label."""
+    shutil.copytree(base, out)
+    kept = {}
+    rng = np.random.default_rng(seed)
+    for site in sorted(d for d in out.iterdir() if (d / "manifest.csv").exists() and d.name != "holdout"):
+        manifest = pd.read_csv(site / "manifest.csv", dtype=str)
+        train = sorted(manifest.loc[manifest["split"] == "train", "patient_id"].unique())
+        keep = set(rng.choice(train, size=max(2, round(fraction * len(train))), replace=False))
+        blank = (manifest["split"] == "train") & ~manifest["patient_id"].isin(keep)
+        manifest.loc[blank, "label"] = ""
+        manifest.to_csv(site / "manifest.csv", index=False)
+        kept[site.name] = int((manifest["split"] == "train").sum() - blank.sum())
+    return kept
+
+
+def _run(args_list: list[str], what: str) -> dict:
+    code = simulate(args_list)
+    out = Path(args_list[args_list.index("--out") + 1])
+    if code != 0:
+        raise SystemExit(f"{what} failed; see {out}/flower.log")
+    return json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fractions", default="0.05,0.1,0.25,1")
+    parser.add_argument("--methods", default="scratch,ssl,transfer")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ssl-task", default="rotation")
+    parser.add_argument("--ssl-rounds", type=int, default=5)
+    parser.add_argument("--pretrain-scenario", default="label_skew")
+    parser.add_argument("--pretrain-rounds", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="equifed-label-eff-"))
+    base = work / "base"
+    if not (base / "consortium.json").exists():
+        generate_consortium(DEFAULT_SCENARIO, base)
+        _fix_splits(base, seed=0)  # the run config's default seed: the split the sites would draw
+    methods = args.methods.split(",")
+    checkpoint = work / "pretrain" / "final_model.pt"
+    if "transfer" in methods and not checkpoint.exists():
+        _run([str(SCENARIOS / f"{args.pretrain_scenario}.toml"), "--out", str(work / "pretrain"),
+              "--rounds", str(args.pretrain_rounds)], "pretraining")
+    rows = []
+    for fraction in [float(f) for f in args.fractions.split(",")]:
+        for method in methods:
+            folder = work / f"{method}_{fraction:g}"
+            shutil.rmtree(folder, ignore_errors=True)
+            kept = _with_fraction(base, folder / "data", fraction, args.seed)
+            start = time.perf_counter()
+            label = ["--sites", str(folder / "data"), "--out", str(folder / "run"), "--rounds", str(args.rounds)]
+            if method == "ssl":
+                _run(["--sites", str(folder / "data"), "--out", str(folder / "pretext"),
+                      "--rounds", str(args.ssl_rounds), "-c", f"pretext={args.ssl_task}"], "pretext run")
+                label += ["-c", f"pretrained-path={folder / 'pretext' / 'final_model.pt'}"]
+            elif method == "transfer":
+                label += ["-c", f"pretrained-path={checkpoint}"]
+            summary = _run(label, f"{method} at {fraction:g}")
+            wall = time.perf_counter() - start
+            rows.append({"fraction": fraction, "method": method, "labelled_train_images": sum(kept.values()),
+                         "holdout_auroc": summary["final_holdout_auroc"], "wall_s": round(wall)})
+            print(f"{method} at {fraction:g} of the labels ({sum(kept.values())} labelled training images): "
+                  f"holdout AUROC {summary['final_holdout_auroc']:.3f} ({wall:.0f} s)", flush=True)
+    table = pd.DataFrame(rows)
+    full = table[table["fraction"] == 1.0].set_index("method")["holdout_auroc"]
+    table["of_own_full"] = table.apply(lambda r: r["holdout_auroc"] / full.get(r["method"], np.nan), axis=1)
+    table["of_scratch_full"] = table["holdout_auroc"] / full.get("scratch", np.nan)
+    print(f"\nlabel efficiency, default scenario, {args.rounds} label rounds, no DP (work folder {work})")
+    print("| fraction of labels | labelled training images | method | holdout AUROC | / same method at 100 % "
+          "| / scratch at 100 % | wall s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table.itertuples():
+        print(f"| {r.fraction:g} | {r.labelled_train_images} | {r.method} | {r.holdout_auroc:.3f} | "
+              f"{r.of_own_full:.3f} | {r.of_scratch_full:.3f} | {r.wall_s} |")
+
+
+if __name__ == "__main__":
+    main()
