@@ -212,6 +212,27 @@ def build_model(name: str = "cnn", num_classes: int = 2) -> nn.Module:
             norm=("group", {"num_groups": 8}),
         )
         return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
+    if name == "resnet18":
+        from monai.networks.nets import ResNet
+        from opacus.validators import ModuleValidator
+
+        # torchvision's ResNet-18 layout and parameter names (7x7 stride-2 stem, max-pool, [2, 2, 2, 2] basic
+        # blocks of 64-512 channels, bias-free 1x1 shortcuts), so its public checkpoints map onto it
+        # (pretrained-key-map "=1."); GroupNorm in place of BatchNorm, as DP-SGD needs.
+        resnet = ResNet(
+            block="basic",
+            layers=[2, 2, 2, 2],
+            block_inplanes=[64, 128, 256, 512],
+            spatial_dims=2,
+            n_input_channels=1,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            no_max_pool=False,
+            bias_downsample=False,
+            num_classes=num_classes,
+            norm=("group", {"num_groups": 32}),
+        )
+        return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
 
 

@@ -13,8 +13,8 @@ from core_models.networks import DPConv2d, SmallCNN, build_model, prepare_for_dp
 from core_models.training import ProximalTerm, auroc, evaluate, fit, make_loader, train_epochs
 
 
-@pytest.mark.parametrize("name", ["cnn", "resnet"])
-@pytest.mark.parametrize("size", [28, 64, 224])
+@pytest.mark.parametrize("name,size", [(name, size) for name in ("cnn", "resnet") for size in (28, 64, 224)]
+                         + [("resnet18", 64)])
 def test_networks_accept_sizes_and_pass_opacus(name, size):
     model = build_model(name, num_classes=3)
     assert ModuleValidator.validate(model, strict=False) == []

@@ -108,3 +108,26 @@ def test_server_starts_from_the_checkpoint_and_bad_settings_are_config_errors(tm
         run_config_of({"freeze": "everything"})
     with pytest.raises(CheckpointFormatError, match="not found"):
         initial_model(run_config_of({"pretrained-path": str(tmp_path / "missing.pt")}))
+
+
+def test_a_torchvision_resnet18_checkpoint_maps_onto_model_resnet18(tmp_path):
+    """torchvision's ResNet-18 parameter names and shapes (written here by MONAI's ResNet in the same layout with
+    BatchNorm, 3 channels, 1000 classes: no download) load into `resnet18` with the key map "=1."."""
+    from monai.networks.nets import ResNet
+
+    torch.manual_seed(3)
+    public = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                    n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, bias_downsample=False, num_classes=1000)
+    state = public.state_dict()
+    assert {"conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.weight"} <= set(state)
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    model = build_model("resnet18", 2)
+    report = load_pretrained(model, path, "=1.")
+    assert report.adapted == ["1.conv1.weight"]  # RGB stem summed to grey
+    assert torch.equal(model.state_dict()["1.conv1.weight"], state["conv1.weight"].sum(1, keepdim=True))
+    assert set(report.skipped) == {"1.fc.weight", "1.fc.bias"}  # 1000 classes there, 2 here
+    convs = [k for k in state if k.endswith("weight") and state[k].dim() == 4 and k != "conv1.weight"]
+    assert len(convs) == 19 and all(torch.equal(model.state_dict()[f"1.{k}"], state[k]) for k in convs)
+    # BatchNorm's running statistics have no counterpart in the GroupNorm network DP-SGD needs
+    assert set(report.unused) == {f"1.{k}" for k in state if "running_" in k or "num_batches_tracked" in k}
