@@ -35,7 +35,9 @@ from fairness import mitigation
 
 app = ClientApp(mods=[audit_mod])  # audit_mod: the site's own log of what it sends (client/audit.py)
 
-COUNT_NOISE = 5.0  # noise multiplier of the patient counts a site noises once (FedAvg weights, DP-SGD's q)
+# noise multiplier of the counts a site noises once (patients: FedAvg weights, DP-SGD's q): +-20 patients moves
+# q a little at hospital sizes, and at delta 1e-5 each such release costs epsilon ~0.18 (~0.8 at 5)
+COUNT_NOISE = 20.0
 
 
 def central_dp_mod(msg: Message, context: Context, call_next):
@@ -151,7 +153,7 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
                                         1.0, max(COUNT_NOISE, policy.min_release_noise), label="pretext-patient-count")
             n_noised = max(2.0, float(np.round(noised[0])))
             plan = plan_dp(n_noised, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
-                           cfg.dp.target_epsilon, ledger.delta)
+                           cfg.dp.target_epsilon, ledger.delta, one_off=_one_off_releases(cfg, policy))
             ledger.check_budget([plan.mechanism])
             stats = train_dp(model, images, zeros, plan, ledger, patients=patients, batch_size=train_cfg.batch_size,
                              physical_batch_size=cfg.dp.physical_batch_size, max_grad_norm=cfg.dp.max_grad_norm,
@@ -264,6 +266,14 @@ def _noised_patients(ledger: PrivacyLedger, site: LocalSite, part: str, seed: in
     return max(2.0, float(np.round(noised[0])))
 
 
+def _one_off_releases(cfg: RunConfig, policy: SitePolicy, counts: int = 1) -> list[tuple[float, float, int]]:
+    """The noised-once releases a DP run makes besides its training steps, as (sigma, q, steps): the training
+    patient count, the test-patient count when the run evaluates, the offset's counts when fair-offset is on.
+    The plan's target-epsilon covers them too (one charged in an earlier run is reserved again: spend <= target)."""
+    n = counts + (cfg.server.fraction_evaluate > 0) + bool(cfg.fair.offset)
+    return [(max(COUNT_NOISE, policy.min_release_noise), 1.0, 1)] * n
+
+
 def _dp_offset(fair: FairPenaltyConfig, site: LocalSite, ledger: PrivacyLedger, seed: int, policy: SitePolicy, inner):
     """The mediator's logit offset under DP-SGD: from the training counts noised once (one image per patient,
     sensitivity 1) and charged, so each patient's loss depends on the others only through a DP release."""
@@ -312,7 +322,7 @@ def train(msg: Message, context: Context) -> Message:
         try:
             n_train = _noised_patients(ledger, site, "train", seed, policy)
             plan = plan_dp(n_train, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
-                           cfg.dp.target_epsilon, ledger.delta)
+                           cfg.dp.target_epsilon, ledger.delta, one_off=_one_off_releases(cfg, policy))
             penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]),
                                           offset=False)
             if cfg.fair.offset:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch.utils.data._utils.collate import default_collate
 
 import core_models.grad_samplers  # noqa: F401  (DPConv2d's per-sample gradient, registered with Opacus)
 from client.ledger import PrivacyLedger, os_entropy_rng
+from client.ledger.accounting import epsilon_of
 from core_models.networks import get_device, prepare_for_dp
 from core_models.training import LossFn, Penalty, local_optimizer, tensor_dataset, train_steps
 
@@ -53,9 +55,12 @@ class DPPlan:
 
 
 def plan_dp(
-    n_patients: float, batch_size: int, local_epochs: int, rounds: int, target_epsilon: float, delta: float
+    n_patients: float, batch_size: int, local_epochs: int, rounds: int, target_epsilon: float, delta: float,
+    one_off: Sequence[tuple[float, float, int]] = (),
 ) -> DPPlan:
-    """Noise multiplier that spends `target_epsilon` over `rounds` x `local_epochs` epochs.
+    """Noise multiplier that spends `target_epsilon` over `rounds` x `local_epochs` epochs, together with the
+    `one_off` mechanisms the run charges besides training ((sigma, q, steps) each: the noised patient counts), so
+    that the run's whole spend stays within `target_epsilon` at `delta`.
 
     `n_patients` is the site's *noised* training-patient count (released once): q = batch / n and
     the step count follow from it, so neither reveals the exact count. With Poisson sampling at
@@ -66,15 +71,36 @@ def plan_dp(
         raise ValueError(f"DP-SGD needs at least 2 training patients, got {n:g}")
     sample_rate = min(1.0, batch_size / n)
     steps_per_round = local_epochs * max(1, math.ceil(1 / sample_rate))
-    sigma = get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=rounds * steps_per_round,
-        accountant="rdp",
-    )
+    steps = rounds * steps_per_round
+    one_off = [tuple(m) for m in one_off]
+    if not one_off:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                     steps=steps, accountant="rdp")
+    else:
+        sigma = _noise_within(target_epsilon, delta, sample_rate, steps, one_off)
     return DPPlan(noise_multiplier=float(sigma), sample_rate=sample_rate, steps_per_round=steps_per_round,
                   expected_batch_size=sample_rate * n)
+
+
+def _noise_within(target: float, delta: float, q: float, steps: int, one_off: list) -> float:
+    """The smallest noise multiplier (to 0.1 %) whose training, composed with `one_off`, spends <= `target`."""
+    spent = epsilon_of(one_off, delta)
+    if spent >= target:
+        raise ValueError(f"target-epsilon {target:g} is used up by the run's one-off releases alone "
+                         f"(epsilon {spent:.3f} at delta {delta:g}): raise it")
+
+    def within(sigma: float) -> bool:
+        return epsilon_of(one_off + [(sigma, q, steps)], delta) <= target
+
+    lo, hi = 0.0, 1.0
+    while not within(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier reaches target-epsilon {target:g}")
+    while hi - lo > 1e-3 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if within(mid) else (mid, hi)
+    return hi
 
 
 class PatientPoissonSampler:

@@ -184,3 +184,17 @@ def test_deleted_ledger_is_refused_by_the_server(dp_run):
     south = rows[(rows["site"] == "south") & (rows["phase"] == "train")]
     assert list(south["status"]) == ["ok"]
     assert south["epsilon-before"].iloc[0] > 0  # south's ledger carried over from the first run
+
+
+def test_the_plan_keeps_training_and_the_one_off_counts_within_the_target():
+    from client.ledger.accounting import epsilon_of
+
+    releases = [(20.0, 1.0, 1)] * 2  # the training- and test-patient counts, noised once each
+    for target in (1.0, 3.0, 8.0):
+        plan = plan_dp(300, 16, 2, 5, target, 1e-5, one_off=releases)
+        spent = epsilon_of(releases + [(plan.noise_multiplier, plan.sample_rate, 5 * plan.steps_per_round)], 1e-5)
+        assert 0.99 * target <= spent <= target  # the whole run's spend, not the training alone
+        alone = plan_dp(300, 16, 2, 5, target, 1e-5)
+        assert plan.noise_multiplier > alone.noise_multiplier
+    with pytest.raises(ValueError, match="used up by the run's one-off releases"):
+        plan_dp(300, 16, 2, 5, 1.0, 1e-5, one_off=[(5.0, 1.0, 1)] * 2)  # two counts at sigma 5 cost 1.16
