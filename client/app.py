@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -252,7 +253,9 @@ def _under_dp(cfg: RunConfig, policy: SitePolicy) -> bool:
 
 def _ledger(site: LocalSite, policy: SitePolicy) -> PrivacyLedger:
     """The site's ledger at the site's own delta and budget (never the server's)."""
-    n_patients = int(site.data.frame["patient_id"].astype(str).nunique())
+    ids = [site.data.frame["patient_id"]] + ([site.data.unlabelled_frame["patient_id"]]
+                                              if len(site.data.unlabelled_frame) else [])
+    n_patients = int(pd.concat(ids).astype(str).nunique())  # unlabelled rows' patients too (a pretext run)
     return PrivacyLedger.open(site.path, delta=policy.delta_for(n_patients), max_epsilon=policy.max_epsilon,
                               fingerprint=dataset_fingerprint(site.path))
 

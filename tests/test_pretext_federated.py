@@ -125,3 +125,15 @@ def test_federated_pretext_run_writes_an_encoder_for_the_label_run(sites, tmp_pa
     rows = pd.read_csv(run / "metrics.csv")
     assert "holdout_auroc" not in rows.columns or rows["holdout_auroc"].isna().all()  # nothing to score yet
     assert json.loads((run / "summary.json").read_text())["sites_trained"] == 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_with_no_labels_at_all_takes_part_in_the_pretext_phase(sites, tmp_path):
+    _, (_, delta) = sites
+    site = tmp_path / "unlabelled_site"
+    shutil.copytree(delta, site, ignore=shutil.ignore_patterns(".equifed", ".equifed_cache"))
+    manifest = pd.read_csv(site / "manifest.csv", dtype=str)
+    manifest["label"] = ""
+    manifest.to_csv(site / "manifest.csv", index=False)
+    reply = train(_message(), _context(site))
+    assert reply.content["metrics"]["num-examples"] == len(manifest)  # every image, no split to hold out
