@@ -20,6 +20,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from client.audit import audit_mod
 from client.dp import plan_dp, train_dp
 from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
+from client.ledger.accounting import epsilon_of
 from client.policy import PolicyRefusal, SitePolicy
 from client.shift_stats import one_per_patient
 from client.site import SITE_LOG, STATE_DIR, LocalSite, open_site, resolve_site_path
@@ -91,8 +92,7 @@ def _site(context: Context, cfg: RunConfig) -> LocalSite:
     path = resolve_site_path(dict(context.node_config), {"data-root": cfg.server.data_root})
     name = context.node_config.get("site")
     site = open_site(path, image_size=cfg.train.image_size, seed=cfg.train.seed, num_classes=cfg.train.num_classes,
-                     name=str(name) if name else None, node_config=dict(context.node_config),
-                     unlabelled=bool(cfg.train.pretext))
+                     name=str(name) if name else None, node_config=dict(context.node_config))
     if cfg.fair.active:  # before any work: the columns the run names must be in this site's manifest
         missing = [c for c in cfg.fair.columns if c not in site.data.frame.columns]
         if missing:
@@ -136,25 +136,33 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
     model = _model(msg, cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
     if frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round) == "stem":
-        for p in model.stem.parameters():
+        if model.stem is None:
+            raise ValueError(f"model {train_cfg.model!r} has no stem to freeze; use freeze=none")
+        for p in model.stem.parameters():  # (not pretrained.freeze: it would unfreeze the unused classifier head)
             p.requires_grad_(False)
     images, patients = _pretext_images(site)
     if len(images) == 0:
         raise ValueError(f"site {site.name}: no images for the pretext phase")
     zeros = np.zeros(len(images), dtype=np.int64)
-    loss_fn = pretext_loss_fn(train_cfg.pretext, _os_generator())
+    # corruptions: seeded without DP (a run repeats), from OS entropy under DP like every draw of the mechanism
+    generator = _os_generator() if cfg.dp.enabled else torch.Generator().manual_seed(train_cfg.seed + server_round)
+    loss_fn = pretext_loss_fn(train_cfg.pretext, generator)
     common = dict(optimizer=train_cfg.optimizer, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                   proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
     if cfg.dp.enabled:
         ledger = _ledger(site, policy)
         epsilon_before = ledger.epsilon()
         try:
+            one_off = _one_off_releases(cfg, policy, ledger)
+        except PolicyRefusal as err:
+            return _refusal(msg, site, POLICY_REFUSED, err)
+        try:
             n = len(set(patients))
             noised = ledger.noised_once(f"{ledger.fingerprint}:seed{train_cfg.seed}:pretext-patients", [float(n)],
                                         1.0, max(COUNT_NOISE, policy.min_release_noise), label="pretext-patient-count")
             n_noised = max(2.0, float(np.round(noised[0])))
             plan = plan_dp(n_noised, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
-                           cfg.dp.target_epsilon, ledger.delta, one_off=_one_off_releases(cfg, policy))
+                           cfg.dp.target_epsilon, ledger.delta, one_off=one_off)
             ledger.check_budget([plan.mechanism])
             stats = train_dp(model, images, zeros, plan, ledger, patients=patients, batch_size=train_cfg.batch_size,
                              physical_batch_size=cfg.dp.physical_batch_size, max_grad_norm=cfg.dp.max_grad_norm,
@@ -255,7 +263,7 @@ def _ledger(site: LocalSite, policy: SitePolicy) -> PrivacyLedger:
     """The site's ledger at the site's own delta and budget (never the server's)."""
     ids = [site.data.frame["patient_id"]] + ([site.data.unlabelled_frame["patient_id"]]
                                               if len(site.data.unlabelled_frame) else [])
-    n_patients = int(pd.concat(ids).astype(str).nunique())  # unlabelled rows' patients too (a pretext run)
+    n_patients = int(pd.concat(ids).astype(str).nunique())  # unlabelled rows' patients too: every run alike
     return PrivacyLedger.open(site.path, delta=policy.delta_for(n_patients), max_epsilon=policy.max_epsilon,
                               fingerprint=dataset_fingerprint(site.path))
 
@@ -269,12 +277,18 @@ def _noised_patients(ledger: PrivacyLedger, site: LocalSite, part: str, seed: in
     return max(2.0, float(np.round(noised[0])))
 
 
-def _one_off_releases(cfg: RunConfig, policy: SitePolicy, counts: int = 1) -> list[tuple[float, float, int]]:
+def _one_off_releases(cfg: RunConfig, policy: SitePolicy, ledger: PrivacyLedger) -> list[tuple[float, float, int]]:
     """The noised-once releases a DP run makes besides its training steps, as (sigma, q, steps): the training
-    patient count, the test-patient count when the run evaluates, the offset's counts when fair-offset is on.
-    The plan's target-epsilon covers them too (one charged in an earlier run is reserved again: spend <= target)."""
-    n = counts + (cfg.server.fraction_evaluate > 0) + bool(cfg.fair.offset)
-    return [(max(COUNT_NOISE, policy.min_release_noise), 1.0, 1)] * n
+    (or pretext) patient count, the test-patient count when the run evaluates, the offset's counts when fair-offset
+    is on. The plan's target-epsilon covers them too (one charged in an earlier run is reserved again: spend <=
+    target). Raises PolicyRefusal, before anything is released, when they alone would use the target up."""
+    n = 1 + (cfg.server.fraction_evaluate > 0) + bool(cfg.fair.offset)
+    releases = [(max(COUNT_NOISE, policy.min_release_noise), 1.0, 1)] * n
+    spent = epsilon_of(releases, ledger.delta)
+    if spent >= cfg.dp.target_epsilon:
+        raise PolicyRefusal("target-epsilon", f"{cfg.dp.target_epsilon:g} is used up by this site's noised counts "
+                                              f"alone (epsilon {spent:.3f} at its delta {ledger.delta:g}): ask for more")
+    return releases
 
 
 def _dp_offset(fair: FairPenaltyConfig, site: LocalSite, ledger: PrivacyLedger, seed: int, policy: SitePolicy, inner):
@@ -323,9 +337,13 @@ def train(msg: Message, context: Context) -> Message:
         ledger = _ledger(site, policy)
         epsilon_before = ledger.epsilon()
         try:
+            one_off = _one_off_releases(cfg, policy, ledger)
+        except PolicyRefusal as err:
+            return _refusal(msg, site, POLICY_REFUSED, err)
+        try:
             n_train = _noised_patients(ledger, site, "train", seed, policy)
             plan = plan_dp(n_train, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
-                           cfg.dp.target_epsilon, ledger.delta, one_off=_one_off_releases(cfg, policy))
+                           cfg.dp.target_epsilon, ledger.delta, one_off=one_off)
             penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]),
                                           offset=False)
             if cfg.fair.offset:

@@ -38,7 +38,7 @@ class LocalSite:
         return int((self.split == name).sum())
 
 
-_LOADED: dict[tuple[str, int, int], LocalSite] = {}
+_LOADED: dict[tuple[str, int, int], LocalSite] = {}  # (folder, image size, seed)
 
 
 def resolve_site_path(node_config: dict, run_config: dict) -> Path:
@@ -68,15 +68,16 @@ def list_sites(root: Path) -> list[Path]:
 
 
 def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name: str | None = None,
-              node_config: dict | None = None, unlabelled: bool = False) -> LocalSite:
-    """Load (once per process) and split a site; write its split and rejection list locally. `unlabelled`: keep
-    the manifest's rows without a label apart (`data.unlabelled`) for a self-supervised pretext phase."""
-    key = (str(path.resolve()), image_size, seed, unlabelled)
+              node_config: dict | None = None) -> LocalSite:
+    """Load (once per process) and split a site; write its split and rejection list locally. The manifest's rows
+    without a label are kept apart (`data.unlabelled`): only a self-supervised pretext run trains on them, and every
+    run sees the same patients (the site's delta counts them all)."""
+    key = (str(path.resolve()), image_size, seed)
     if key in _LOADED:
         return _LOADED[key]
     with pydicom_to_site_log(path):
         data = load_site(path, image_size=image_size, num_classes=num_classes,
-                         limits=SitePolicy.load(path, node_config).image_limits(), unlabelled=unlabelled)
+                         limits=SitePolicy.load(path, node_config).image_limits(), unlabelled=True)
     split = assign_splits(data.frame, seed=seed) if len(data.frame) else pd.Series([], dtype=object)
     frame = data.frame.assign(split=split.to_numpy())
     check_no_leakage(frame)

@@ -60,6 +60,7 @@ class DataSummary:
     rejection_reasons: dict[str, int]
     max_epsilon: float
     epsilon_spent: float | None
+    unlabelled: int = 0  # images without a label: self-supervised pretext runs only
 
     def lines(self) -> list[str]:
         spent = "none yet" if self.epsilon_spent is None else f"{self.epsilon_spent:.3f}"
@@ -71,6 +72,10 @@ class DataSummary:
             + "  (per patient, no patient in two parts)",
             f"  privacy  budget epsilon {self.max_epsilon:g}, spent {spent}",
         ]
+        if self.unlabelled:
+            out.insert(2, f"  unlabelled {self.unlabelled} images (self-supervised pretext runs only"
+                          + ("; no labelled image: this site takes part in pretext runs only)" if not self.images
+                             else ")"))
         for reason, n in sorted(self.rejection_reasons.items(), key=lambda kv: -kv[1])[:3]:
             out.append(f"  rejected {n} x {reason}")
         return out
@@ -86,7 +91,7 @@ def check_data(path: Path, site: str | None = None, image_size: int = 64, seed: 
         local = open_site(path, image_size=image_size, seed=seed, name=site, node_config=node_config)
     except Exception as err:  # manifest errors, leakage, unreadable folder: all stop the site here
         raise DataFolderError(f"{path}: {type(err).__name__}: {err}") from err
-    if local.count("train") == 0:
+    if local.count("train") == 0 and len(local.data.unlabelled) == 0:
         raise DataFolderError(f"{path}: no training images after the patient split")
     try:
         report = ledger_report(path)
@@ -103,6 +108,7 @@ def check_data(path: Path, site: str | None = None, image_size: int = 64, seed: 
         splits={k: local.count(k) for k in ("train", "val", "test")},
         rejection_reasons=dict(Counter(r.reason.split(":")[0] for r in local.data.rejected)),
         max_epsilon=site_max_epsilon(path, node_config or {}), epsilon_spent=spent,
+        unlabelled=len(local.data.unlabelled),
     )
 
 

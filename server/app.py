@@ -69,8 +69,9 @@ def main(grid: Grid, context: Context) -> None:
     torch.save(final, out_dir / "final_model.pt")
     if cfg.train.pretext:  # the encoder (a plain network state dict, its head untrained): a pretrained-path
         for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):
-            if saved.exists():
-                torch.save(_network_of(cfg, torch.load(saved, weights_only=True)), saved)
+            state = torch.load(saved, weights_only=True) if saved.exists() else {}
+            if any(k.startswith("network.") for k in state):  # (already converted when a finished run resumed)
+                torch.save(_network_of(cfg, state), saved)
     for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)

@@ -151,7 +151,9 @@ class SiteTrackingMixin:
         server_round += self.round_offset
         replies = list(replies)
         self.record_replies(server_round, "evaluate", replies)
-        return super().aggregate_evaluate(server_round, replies)
+        # a site with nothing to score (no test split) weighs 0: its NaN would poison the weighted mean
+        weighed = [r for r in replies if r.has_error() or float(r.content["metrics"].get("num-examples", 1)) > 0]
+        return super().aggregate_evaluate(server_round, weighed) if weighed else None
 
     # --- state for checkpoints -------------------------------------------------------
     def state(self) -> dict[str, dict[str, np.ndarray]]:

@@ -137,3 +137,27 @@ def test_a_site_with_no_labels_at_all_takes_part_in_the_pretext_phase(sites, tmp
     manifest.to_csv(site / "manifest.csv", index=False)
     reply = train(_message(), _context(site))
     assert reply.content["metrics"]["num-examples"] == len(manifest)  # every image, no split to hold out
+
+
+def test_check_counts_unlabelled_images_and_accepts_a_pretext_only_site(sites, tmp_path):
+    from client.supernode import check_data
+
+    _, (gamma, delta) = sites
+    summary = check_data(gamma, image_size=32)
+    assert summary.unlabelled == N_UNLABELLED + 2
+    assert f"  unlabelled {N_UNLABELLED + 2} images (self-supervised pretext runs only)" in summary.lines()
+    site = tmp_path / "pretext_only"
+    shutil.copytree(delta, site, ignore=shutil.ignore_patterns(".equifed", ".equifed_cache"))
+    manifest = pd.read_csv(site / "manifest.csv", dtype=str).assign(label="")
+    manifest.to_csv(site / "manifest.csv", index=False)
+    only = check_data(site, image_size=32)  # no labelled image: not a broken folder
+    assert only.images == 0 and only.unlabelled == len(manifest)
+    assert "takes part in pretext runs only" in "\n".join(only.lines())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_target_the_noised_counts_alone_would_use_up_is_refused_before_any_release(sites):
+    _, (gamma, _) = sites
+    reply = train(_message(), _context(gamma, dp=True, **{"target-epsilon": 0.05}))
+    assert reply.has_error() and "used up by this site's noised counts" in reply.error.reason
+    assert PrivacyLedger.open(gamma).summary()["n_entries"] == 0  # refused before anything was charged

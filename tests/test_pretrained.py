@@ -119,7 +119,11 @@ def test_a_torchvision_resnet18_checkpoint_maps_onto_model_resnet18(tmp_path):
     public = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
                     n_input_channels=3, conv1_t_size=7, conv1_t_stride=2, bias_downsample=False, num_classes=1000)
     state = public.state_dict()
-    assert {"conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.weight"} <= set(state)
+    torchvision = {"conv1.weight": (64, 3, 7, 7), "layer1.0.conv1.weight": (64, 64, 3, 3),  # torchvision's names
+                   "layer2.0.downsample.0.weight": (128, 64, 1, 1), "layer4.1.bn2.running_var": (512,),
+                   "fc.weight": (1000, 512), "fc.bias": (1000,)}
+    assert {k: tuple(state[k].shape) for k in torchvision} == torchvision
+    assert len(state) == 122 and "layer2.0.downsample.0.bias" not in state  # 1x1 shortcuts without bias
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
     model = build_model("resnet18", 2)
