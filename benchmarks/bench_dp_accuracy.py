@@ -9,6 +9,8 @@ Methods:
   standing in for public data; trained once per invocation), then the default federation starts from it with
   `freeze=encoder`: each site trains only the linear head, under DP-SGD when epsilon is finite.
 * `transfer-full`: the same checkpoint, every layer but the stem fine-tuned (the DP default otherwise).
+* `scatter`: fixed wavelet scattering features (`model=scatter`: kymatio's Scattering2D, no parameters, no
+  privacy cost) and a small CNN on them, trained end to end under DP-SGD (Tramer & Boneh 2021).
 * `ssl`: a federated self-supervised run on the default federation's own images (`--ssl-task`, `--ssl-rounds`),
   then the head trained on its encoder (`freeze=encoder`) on the same sites. Under DP both runs are DP-SGD on the
   same ledgers: the pretext run gets `--ssl-share` of epsilon, the head the rest.
@@ -41,6 +43,7 @@ METHODS = {
     "transfer": ["-c", "freeze=encoder"],
     "transfer-full": [],
     "ssl": ["-c", "freeze=encoder"],
+    "scatter": ["-c", "model=scatter"],
 }
 
 

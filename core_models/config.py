@@ -84,7 +84,7 @@ def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
 class TrainingConfig:
     """What each site's local training does with the global model."""
 
-    MODELS = ("cnn", "resnet", "resnet18")  # what core_models.networks.build_model builds
+    MODELS = ("cnn", "resnet", "resnet18", "scatter")  # what core_models.networks.build_model builds
 
     model: str = key("model")
     num_classes: int = key("num-classes")

@@ -14,7 +14,7 @@ from core_models.training import ProximalTerm, auroc, evaluate, fit, make_loader
 
 
 @pytest.mark.parametrize("name,size", [(name, size) for name in ("cnn", "resnet") for size in (28, 64, 224)]
-                         + [("resnet18", 64)])
+                         + [("resnet18", 64), ("scatter", 28), ("scatter", 64)])
 def test_networks_accept_sizes_and_pass_opacus(name, size):
     model = build_model(name, num_classes=3)
     assert ModuleValidator.validate(model, strict=False) == []
@@ -184,3 +184,22 @@ def test_auroc_edge_cases():
     assert math.isnan(auroc(np.array([1, 1, 1]), probs))
     three = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
     assert auroc(np.array([0, 1, 2, 0]), three) == 1.0
+
+
+def test_scatter_features_are_fixed_unsent_and_the_rest_trains_under_dp():
+    torch.manual_seed(0)
+    model = build_model("scatter")
+    assert not any("transform" in k or "tensor" in k for k in model.state_dict())  # the filter banks stay local
+    assert sum(p.numel() for p in model.parameters()) == 42340
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 1, 32, 32, generator=g), torch.tensor([0, 1, 0, 1, 1, 0])
+    first = model.scatter(x)
+    assert first.shape == (6, 81, 8, 8) and torch.equal(first, model.scatter(x))  # a fixed transform
+    samples, module, opt = _grad_samples(model, x, y)
+    assert set(samples) == {n for n, _ in model.named_parameters()}
+    assert all(s.shape[0] == 6 for s in samples.values())  # per-sample gradients for every trained layer
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.rand(1, 1, 30, 30))
