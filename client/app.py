@@ -157,10 +157,7 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
         except PolicyRefusal as err:
             return _refusal(msg, site, POLICY_REFUSED, err)
         try:
-            n = len(set(patients))
-            noised = ledger.noised_once(f"{ledger.fingerprint}:seed{train_cfg.seed}:pretext-patients", [float(n)],
-                                        1.0, max(COUNT_NOISE, policy.min_release_noise), label="pretext-patient-count")
-            n_noised = max(2.0, float(np.round(noised[0])))
+            n_noised = _noised_count(ledger, "pretext", len(set(patients)), train_cfg.seed, policy)
             plan = plan_dp(n_noised, train_cfg.batch_size, train_cfg.local_epochs, cfg.server.num_rounds,
                            cfg.dp.target_epsilon, ledger.delta, one_off=one_off)
             ledger.check_budget([plan.mechanism])
@@ -169,25 +166,16 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
                              server_round=server_round, run_id=str(context.run_id), loss_fn=loss_fn, **common)
         except BudgetExhausted as err:
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
-        spent = ledger.summary()
-        metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_noised,
-                   "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
-                   "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
-                   "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
-        extra = {"privacy": ConfigRecord({"fingerprint": ledger.fingerprint}),
-                 DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
+        reply = _dp_train_reply(n_noised, plan, ledger, epsilon_before)
     else:
         loader = make_loader(images, zeros, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed + server_round)
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, device=get_device(), loss_fn=loss_fn,
                              **common)
         val = _pretext_loss_on(model, site.part("val")[0], cfg)
-        metrics = {"train-loss": stats["train_loss"], "val-auroc": math.nan, "val-loss": val,
-                   "num-examples": len(images), "rejected": len(site.data.rejected), "steps": stats["steps"],
-                   "epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf,
-                   "epsilon-release": math.inf, "noise-multiplier": 0.0}
-        extra = {}
-    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), **extra}
-    return _reply(msg, site, content)
+        reply = {"metrics": MetricRecord({"train-loss": stats["train_loss"], "val-auroc": math.nan, "val-loss": val,
+                                          "num-examples": len(images), "rejected": len(site.data.rejected),
+                                          "steps": stats["steps"], **NO_DP})}
+    return _reply(msg, site, {"arrays": ArrayRecord(model.state_dict()), **reply})
 
 
 def _pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig) -> float:
@@ -272,9 +260,30 @@ def _noised_patients(ledger: PrivacyLedger, site: LocalSite, part: str, seed: in
     """The split's patient count, noised once per (dataset, split seed) and reused: FedAvg's weight and
     DP-SGD's sample rate come from it, so neither reveals the exact count."""
     n = int(site.data.frame.loc[(site.split == part).to_numpy(), "patient_id"].astype(str).nunique())
+    return _noised_count(ledger, part, n, seed, policy)
+
+
+def _noised_count(ledger: PrivacyLedger, part: str, n: int, seed: int, policy: SitePolicy) -> float:
+    """`n` patients of `part`, noised once per (dataset, split seed), charged, and reused (at least 2)."""
     noised = ledger.noised_once(f"{ledger.fingerprint}:seed{seed}:{part}-patients", [float(n)], 1.0,
                                 max(COUNT_NOISE, policy.min_release_noise), label=f"{part}-patient-count")
     return max(2.0, float(np.round(noised[0])))
+
+
+def _dp_train_reply(n_noised: float, plan, ledger: PrivacyLedger, epsilon_before: float) -> dict:
+    """A DP training reply's metrics and records: the noised patient count, the ledger's epsilons, the plan;
+    losses, AUROC and the rejection count withheld (NaN)."""
+    spent = ledger.summary()
+    metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_noised,
+               "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
+               "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
+               "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
+    return {"metrics": MetricRecord(metrics), "privacy": ConfigRecord({"fingerprint": ledger.fingerprint}),
+            DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
+
+
+NO_DP = {"epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf, "epsilon-release": math.inf,
+         "noise-multiplier": 0.0}  # what a reply trained without DP says of privacy: no guarantee
 
 
 def _one_off_releases(cfg: RunConfig, policy: SitePolicy, ledger: PrivacyLedger) -> list[tuple[float, float, int]]:
@@ -357,13 +366,7 @@ def train(msg: Message, context: Context) -> Message:
                              **common)
         except BudgetExhausted as err:  # (mid-round only if another process charged meanwhile: nothing is sent)
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
-        spent = ledger.summary()
-        metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_train,
-                   "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
-                   "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
-                   "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
-        extra = {"privacy": ConfigRecord({"fingerprint": ledger.fingerprint}),
-                 DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
+        reply = _dp_train_reply(n_train, plan, ledger, epsilon_before)
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
         loader = make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round, meta=meta)
@@ -371,16 +374,13 @@ def train(msg: Message, context: Context) -> Message:
                              device=get_device(), penalty_fn=penalty, **common)
         xv, yv = site.part("val")
         val = evaluate(model, make_loader(xv, yv, 256), get_device())
-        metrics = {"train-loss": stats["train_loss"], "val-auroc": val["auroc"], "val-loss": val["loss"],
-                   "num-examples": len(y), "rejected": len(site.data.rejected), "steps": stats["steps"],
-                   "epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf,
-                   "epsilon-release": math.inf, "noise-multiplier": 0.0}
-        extra = {}
+        reply = {"metrics": MetricRecord({"train-loss": stats["train_loss"], "val-auroc": val["auroc"],
+                                          "val-loss": val["loss"], "num-examples": len(y),
+                                          "rejected": len(site.data.rejected), "steps": stats["steps"], **NO_DP})}
     carried = penalty.state_dict() if penalty is not None else {}
     if "mu" in carried:  # the stratified penalty's multiplier carries over to the next round
         context.state["fair-state"] = ConfigRecord({"mu": float(carried["mu"])})
-    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics), **extra}
-    return _reply(msg, site, content)
+    return _reply(msg, site, {"arrays": ArrayRecord(model.state_dict()), **reply})
 
 
 @app.evaluate()

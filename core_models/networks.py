@@ -238,46 +238,29 @@ def build_model(name: str = "cnn", num_classes: int = 2) -> nn.Module:
     if name == "scatter":
         return ScatterNet(num_classes=num_classes)
     if name == "resnet":
-        from monai.networks.nets import ResNet  # here: importing MONAI costs every process seconds
-        from opacus.validators import ModuleValidator  # and so does Opacus (the server never needs it)
-
-        # MONAI's ResNet-10 layout in 2-D, narrowed for CPU. MONAI 1.6 applies `norm`
-        # only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm.
-        resnet = ResNet(
-            block="basic",
-            layers=[1, 1, 1, 1],
-            block_inplanes=[16, 32, 64, 128],
-            spatial_dims=2,
-            n_input_channels=1,
-            conv1_t_size=3,
-            conv1_t_stride=1,
-            no_max_pool=False,
-            num_classes=num_classes,
-            norm=("group", {"num_groups": 8}),
-        )
-        return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
+        # MONAI's ResNet-10 layout in 2-D, narrowed for CPU
+        return _monai_resnet(num_classes, layers=[1, 1, 1, 1], widths=[16, 32, 64, 128], stem_kernel=3,
+                             stem_stride=1, groups=8, bias_downsample=True)
     if name == "resnet18":
-        from monai.networks.nets import ResNet
-        from opacus.validators import ModuleValidator
-
         # torchvision's ResNet-18 layout and parameter names (7x7 stride-2 stem, max-pool, [2, 2, 2, 2] basic
         # blocks of 64-512 channels, bias-free 1x1 shortcuts), so its public checkpoints map onto it
-        # (pretrained-key-map "=1."); GroupNorm in place of BatchNorm, as DP-SGD needs.
-        resnet = ResNet(
-            block="basic",
-            layers=[2, 2, 2, 2],
-            block_inplanes=[64, 128, 256, 512],
-            spatial_dims=2,
-            n_input_channels=1,
-            conv1_t_size=7,
-            conv1_t_stride=2,
-            no_max_pool=False,
-            bias_downsample=False,
-            num_classes=num_classes,
-            norm=("group", {"num_groups": 32}),
-        )
-        return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
+        # (pretrained-key-map "=1.")
+        return _monai_resnet(num_classes, layers=[2, 2, 2, 2], widths=[64, 128, 256, 512], stem_kernel=7,
+                             stem_stride=2, groups=32, bias_downsample=False)
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+
+
+def _monai_resnet(num_classes: int, *, layers: list[int], widths: list[int], stem_kernel: int, stem_stride: int,
+                  groups: int, bias_downsample: bool) -> nn.Module:
+    """A 2-D, one-channel MONAI ResNet of basic blocks behind `Standardize`, with GroupNorm throughout: MONAI 1.6
+    applies `norm` only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm (DP-SGD needs it)."""
+    from monai.networks.nets import ResNet  # here: importing MONAI costs every process seconds
+    from opacus.validators import ModuleValidator  # and so does Opacus (the server never needs it)
+
+    resnet = ResNet(block="basic", layers=layers, block_inplanes=widths, spatial_dims=2, n_input_channels=1,
+                    conv1_t_size=stem_kernel, conv1_t_stride=stem_stride, no_max_pool=False,
+                    bias_downsample=bias_downsample, num_classes=num_classes, norm=("group", {"num_groups": groups}))
+    return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
 
 
 def get_device() -> torch.device:
