@@ -42,9 +42,11 @@ def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
                 + " ".join(ident.reasons))
         alt = ident.identified_alternative[0]["name"] if ident.identified_alternative else None
         tot = effects.get("total", "score")
-        if alt and alt.startswith("edge effect") and math.isfinite(s["estimate"]):
+        if alt and alt != "total effect" and math.isfinite(s["estimate"]):
             text += (f" What is identified instead, the {alt}, is {_fmt(s['estimate'])} ({effects.ci:.0%} CI {ci}, "
                      f"{_p(s['p_value'])}).")
+        elif not ident.total_effect_identified:
+            text += " Nothing is estimated: adjusting for the covariates does not remove the confounding."
         elif math.isfinite(tot["estimate"]):
             text += (f" Only the total effect is estimated: {_fmt(tot['estimate'])} ({effects.ci:.0%} CI "
                      f"[{_fmt(tot['ci_low'])}, {_fmt(tot['ci_high'])}]).")

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-placebo", action="store_true", help="skip the permuted-A placebo")
     p.add_argument("--fit-correction", default=None, metavar="JSON",
                    help="also fit the post-processing correction (a logit shift per level of the social mediator "
-                        "that zeroes its effect; fairness.mitigation.ScoreShiftCorrection) on these predictions, "
-                        "write it here and report the impermissible effect after it")
+                        "within cells of the covariates that zeroes its effect; "
+                        "fairness.mitigation.ScoreShiftCorrection) on these predictions, write it here and report "
+                        "the impermissible effect after it")
     g = p.add_argument_group("image evidence (Grad-CAM or occlusion)")
     g.add_argument("--model", default=None, help="model weights (final_model.pt or a round checkpoint)")
     g.add_argument("--reference-model", default=None, help="weights to compare with (e.g. before mitigation)")
@@ -126,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, seed: int = 0) -> dict:
     """Fit :class:`fairness.mitigation.ScoreShiftCorrection` for the spec's one observed social mediator (levels
-    coded 0..k, S = 0 the reference level) on labelled predictions, write it as JSON to ``path`` (what a site
-    applies at inference, S read from the image's metadata) and return it with the audit's impermissible effect on
-    the score before and after (weighting estimator, bootstrap CI)."""
+    coded 0..k, S = 0 the reference level) within cells of the spec's covariates (numeric columns) on labelled
+    predictions, write it as JSON to ``path`` (what a site applies at inference, S read from the image's metadata,
+    the covariates from ``covariate_columns``; ``ScoreShiftCorrection.from_dict`` reads it back) and return it with
+    the audit's impermissible effect on the score before and after (weighting estimator, bootstrap CI)."""
     import json
 
     import numpy as np
@@ -144,15 +146,21 @@ def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, see
     s = frame[s_col].to_numpy()
     if not np.all(np.isin(s, np.arange(int(np.max(s)) + 1))) or not (s == 0).any():
         raise ValueError(f"--fit-correction needs {s_col!r} coded 0..k with 0 present (the reference level)")
+    c_cols = [spec.column(n) for n in spec.covariates]
+    not_numeric = [col for col in c_cols if not pd.api.types.is_numeric_dtype(frame[col])]
+    if not_numeric:
+        raise ValueError(f"--fit-correction fits within cells of the covariates and needs them numeric: code "
+                         f"{', '.join(map(repr, not_numeric))} as numbers")
+    c = frame[c_cols].to_numpy(float) if c_cols else None
     a = (frame[a_col] != spec.nodes[spec.sensitive].reference).to_numpy().astype(int)
-    corr = ScoreShiftCorrection().fit(frame[y_col].to_numpy(float), a, s, frame[d_col].to_numpy())
-    corrected = frame.assign(**{y_col: corr.transform(frame[y_col].to_numpy(float), s)})
+    corr = ScoreShiftCorrection().fit(frame[y_col].to_numpy(float), a, s, frame[d_col].to_numpy(), c=c)
+    corrected = frame.assign(**{y_col: corr.transform(frame[y_col].to_numpy(float), s, c=c)})
 
     def effect(f: pd.DataFrame) -> dict:
         row = estimate_effects(f, spec, n_boot=n_boot, seed=seed).get("impermissible", "score")
         return {k: float(row[k]) for k in ("estimate", "ci_low", "ci_high")}
 
-    out = {"mediator": social[0], "mediator_column": s_col, "delta": [round(float(v), 6) for v in corr.delta],
+    out = {"mediator": social[0], "mediator_column": s_col, "covariate_columns": c_cols, **corr.to_dict(),
            "before": effect(frame), "after": effect(corrected), "n": int(len(frame))}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

@@ -78,6 +78,14 @@ class Identification:
     positivity: str
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how edges between mediators were read (e.g. S -> D)
+    # per effect, the A-value every observed mediator's and the target's factor receives (entries: their switch;
+    # members of a district with an entry: the entry's value; others: the target's)
+    factor_world: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per mediator, the other mediators its factor conditions on (Tian's factorisation: its district among its
+    # predecessors and that district's parents); A and the covariates are always conditioned on
+    conditioning: dict[str, list[str]] = field(default_factory=dict)
+    effect_identified: dict[str, bool] = field(default_factory=dict)
+    interventional: bool = False  # the impermissible/permissible rows hold the interventional analogue
 
     @property
     def permissible_identified(self) -> bool:
@@ -105,6 +113,8 @@ class Identification:
             "switch": self.switch, "outcome_world": self.outcome_world, "estimands": self.estimands,
             "identified_alternative": self.identified_alternative, "assumptions": list(self.assumptions),
             "positivity": self.positivity, "reasons": list(self.reasons), "notes": list(self.notes),
+            "factor_world": self.factor_world, "conditioning": self.conditioning,
+            "effect_identified": dict(self.effect_identified), "interventional": self.interventional,
         }
 
 
@@ -113,18 +123,22 @@ def _conditional(node: str, parents: list[str], a_value: str | None) -> str:
     return f"p({node.lower()} | {', '.join(cond)})" if cond else f"p({node.lower()})"
 
 
-def edge_gformula(spec: CausalSpec, target: str, switch: dict[str, int], outcome_world: int) -> str:
-    """The edge g-formula for one A-setting of the entries, as text (A in the reference group, covariates C)."""
-    proj, _bi = spec.projection()
-    a = spec.sensitive
+def edge_gformula(spec: CausalSpec, target: str, switch: dict[str, int], outcome_world: int,
+                  factor_world: dict[str, int] | None = None, conditioning: dict[str, list[str]] | None = None) -> str:
+    """The edge g-formula for one A-setting of the entries, as text (A in the reference group, covariates C); with
+    hidden common causes, each factor conditions on Tian's set and takes its district's A-value."""
+    proj, bidirected = spec.projection()
     meds = spec.mediators(target)
     covs = spec.covariates
     cvar = ", ".join(c.lower() for c in covs)
     world = {0: "a0", 1: "a1"}
+    confounded = {n for e in bidirected for n in e}
     factors = []
     for m in meds:
-        pa = [p.lower() for p in proj.predecessors(m) if p in meds] + [c.lower() for c in covs]
-        factors.append(_conditional(m, pa, world[switch[m]] if m in switch else None))
+        given = conditioning[m] if conditioning else [p for p in proj.predecessors(m) if p in meds]
+        pa = [p.lower() for p in given] + [c.lower() for c in covs]
+        value = (factor_world or switch).get(m) if (m in switch or m in confounded) else None
+        factors.append(_conditional(m, pa, None if value is None else world[value]))
     cond = [f"A={world[outcome_world]}"] + [m.lower() for m in meds] + [c.lower() for c in covs]
     inner = f"E[{target} | {', '.join(cond)}]"
     body = " · ".join([inner] + factors)
@@ -176,8 +190,10 @@ def identify(spec: CausalSpec, target: str | None = None) -> Identification:
         reasons.append(f"{{{', '.join(d)}}} is a recanting district: these variables share an unmeasured cause and "
                        "carry both impermissible and permissible paths.")
 
+    # Adjustment for the covariates identifies E[T(a) | A=a0] when A's only unmeasured common causes are with
+    # covariates (they then block every back-door path); a mediator or the target in A's district breaks it.
     a_district = next((d for d in spec.districts(ancestors | {a}) if a in d), {a})
-    confounded_a = sorted(a_district - {a})
+    confounded_a = sorted(a_district - {a} - set(covs))
     total_ok = not confounded_a
     if not total_ok:
         reasons.append(f"'{a}' shares an unmeasured cause with {', '.join(confounded_a)}: even the total effect is "
@@ -186,25 +202,42 @@ def identify(spec: CausalSpec, target: str | None = None) -> Identification:
 
     target_is_entry = target in classes
     switch: dict[str, dict[str, int]] = {}
-    world: dict[str, int] = {}
     switch["total"] = {w: 1 for w in classes}
-    world["total"] = 1
     switch["impermissible"] = {w: int(c != "permissible") for w, c in classes.items()}
     switch["permissible"] = {w: int(c == "permissible") for w, c in classes.items()}
-    for eff in ("impermissible", "permissible"):
-        world[eff] = switch[eff][target] if target_is_entry else 0
     switch["direct"] = {w: int(w == target) for w in classes}
-    world["direct"] = 1
+    default_world = {"total": 1, "impermissible": 0, "permissible": 0, "direct": 1}
+    mediator_districts = spec.districts(ancestors)
+    factor_world: dict[str, dict[str, int]] = {}
+    effect_identified: dict[str, bool] = {}
+    for eff in EFFECTS:
+        sw = {**switch[eff], target: 1} if eff == "direct" else switch[eff]  # the direct effect switches T itself
+        worlds, consistent = _factor_worlds(mediator_districts, sw, meds, target, sw.get(target, default_world[eff]))
+        factor_world[eff] = worlds
+        effect_identified[eff] = total_ok and consistent and (eff in ("total", "direct") or identified)
+    world = {eff: factor_world[eff][target] for eff in EFFECTS}
     for eff in EFFECTS:  # entries that do not reach T through an observed mediator set are not in the formula
         switch[eff] = {w: v for w, v in switch[eff].items() if w != target}
+    conditioning = tian_conditioning(spec, proj, target, meds)
 
     base = f"E[{target} | A=a0]"
-    estimands = {eff: f"{edge_gformula(spec, target, switch[eff], world[eff])} − {base}" for eff in EFFECTS}
+    estimands = {eff: f"{edge_gformula(spec, target, switch[eff], world[eff], factor_world[eff], conditioning)} − {base}"
+                 for eff in EFFECTS}
 
     imp_entries = sorted(w for w, c in classes.items() if c != "permissible")
     alternatives: list[dict[str, str]] = []
-    if not identified:
-        if total_ok and imp_entries:
+    interventional = bool(total_ok and rec_districts and not witnesses)
+    analogue = {"name": "interventional analogue",
+                "description": ("the switched mediators (" + ", ".join(imp_entries) + ") drawn from their "
+                                "a1-law given their parents and the covariates, the others independently from "
+                                "their a0-law (Vansteelandt & Daniel 2017): identified without the cross-world "
+                                "assumption, equal to the PSE when the mediators share no hidden cause"),
+                "estimand": estimands["impermissible"]}
+    if not identified and total_ok:
+        if interventional:
+            alternatives.append({**analogue, "description": analogue["description"]
+                                 + ". Estimated in the 'impermissible' rows, flagged identified=False."})
+        elif imp_entries:
             alternatives.append({
                 "name": "edge effect of " + ", ".join(f"{a} -> {w}" for w in imp_entries),
                 "description": ("A switched to a1 on the edges into " + ", ".join(imp_entries) + " and a0 elsewhere, "
@@ -213,17 +246,11 @@ def identify(spec: CausalSpec, target: str | None = None) -> Identification:
                                 + " included). Estimated in the 'impermissible' rows, flagged identified=False."),
                 "estimand": estimands["impermissible"],
             })
-        if total_ok:
-            alternatives.append({"name": "total effect", "description": "A switched on every path.",
-                                 "estimand": estimands["total"]})
-            if witnesses:
-                alternatives.append({
-                    "name": "interventional analogue",
-                    "description": ("the switched mediators drawn from their a1-distribution given covariates, the "
-                                    "others independently from their a0-distribution (Vansteelandt & Daniel 2017); "
-                                    "not estimated by this module yet"),
-                    "estimand": "",
-                })
+        alternatives.append({"name": "total effect", "description": "A switched on every path.",
+                             "estimand": estimands["total"]})
+        if witnesses:
+            alternatives.append({**analogue, "estimand": "",
+                                 "description": analogue["description"] + "; not estimated for a recanting witness"})
 
     switched = [w for w, v in switch["impermissible"].items() if v]
     hidden = [f"{sorted(e)[0]} <-> {sorted(e)[1]}" for e in bidirected]
@@ -234,6 +261,8 @@ def identify(spec: CausalSpec, target: str | None = None) -> Identification:
         f"for the confounding of {a}: {target}(·) ⊥ {a} | covariates.",
         "Consistency: the observed values are the potential outcomes under the observed A (no interference).",
         f"Effects are contrasts in the reference group: E[{target}(π) − {target} | A=a0].",
+        "Cross-world independence (NPSEM-IE): a path-specific effect combines potential values of the mediators under "
+        "a1 and a0 for the same patient; no experiment can check this, the interventional analogue does not need it.",
         "No recanting witness / district (checked above)."
         if identified else "Recanting witness / district present: see reasons.",
     ]
@@ -251,8 +280,48 @@ def identify(spec: CausalSpec, target: str | None = None) -> Identification:
         recanting_witnesses=witnesses, recanting_districts=rec_districts, witness_paths=witness_paths,
         total_effect_identified=total_ok, mediators=meds, covariates=covs, switch=switch, outcome_world=world,
         estimands=estimands, identified_alternative=alternatives, assumptions=assumptions, positivity=positivity,
-        reasons=reasons,
+        reasons=reasons, factor_world=factor_world, conditioning=conditioning, effect_identified=effect_identified,
+        interventional=interventional,
     )
+
+
+def _factor_worlds(districts: list[set[str]], switch: dict[str, int], meds: list[str], target: str,
+                   target_default: int) -> tuple[dict[str, int], bool]:
+    """The A-value each factor of the edge g-formula receives: a district's members all take the value of its
+    entries (Shpitser's district kernels are evaluated at one A each); ``consistent`` is False when a district's
+    entries disagree (the effect is then not identified). Districts without an entry take the target's value,
+    which spares them a density ratio in the estimators."""
+    consistent = True
+    of: dict[str, int] = {}
+    for dist in districts:
+        vals = {switch[w] for w in dist if w in switch}
+        if len(vals) > 1:
+            consistent = False
+        if vals:
+            v = switch[target] if target in dist and target in switch else min(vals)
+            of.update({n: switch.get(n, v) for n in dist})
+    t_world = of.get(target, target_default)
+    worlds = {m: of.get(m, switch.get(m, t_world)) for m in meds}
+    worlds[target] = t_world
+    return worlds, consistent
+
+
+def tian_conditioning(spec: CausalSpec, proj: nx.DiGraph, target: str, meds: list[str]) -> dict[str, list[str]]:
+    """For each mediator (and the target), the mediators its factor p(v | ...) conditions on in Tian's
+    factorisation of the observed law: v's district within its predecessors (in a topological order of the
+    projection) and that district's parents. In a graph without hidden common causes it is v's parents."""
+    order = [n for n in nx.topological_sort(proj) if n in set(meds) | {target}]
+    _p, bidirected = spec.projection()
+    out: dict[str, list[str]] = {}
+    for i, v in enumerate(order):
+        before = set(order[: i + 1])
+        h = nx.Graph()
+        h.add_nodes_from(before)
+        h.add_edges_from(tuple(e) for e in bidirected if e <= before)
+        dist = nx.node_connected_component(h, v)
+        cond = (dist | {p for d in dist for p in proj.predecessors(d)}) & (before - {v})
+        out[v] = [m for m in order if m in cond]
+    return out
 
 
 def _mediator_edge_notes(spec: CausalSpec, proj: nx.DiGraph, classes: dict[str, str]) -> list[str]:

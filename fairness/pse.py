@@ -75,14 +75,20 @@ class EffectTable:
     seconds: float
     replicates: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict, repr=False)
 
-    def get(self, effect: str, outcome: str = "score", estimator: str = "weighting") -> dict[str, Any]:
+    @property
+    def primary(self) -> str:
+        """The estimator the verdict reads: the robust one when it ran, else the weighting one."""
+        return "robust" if (self.table.estimator == "robust").any() else "weighting"
+
+    def get(self, effect: str, outcome: str = "score", estimator: str | None = None) -> dict[str, Any]:
+        estimator = estimator or self.primary
         t = self.table
         row = t[(t.outcome == outcome) & (t.effect == effect) & (t.estimator == estimator)]
         if row.empty:
             raise KeyError(f"no row for outcome={outcome!r}, effect={effect!r}, estimator={estimator!r}")
         return row.iloc[0].to_dict()
 
-    def estimate(self, effect: str, outcome: str = "score", estimator: str = "weighting") -> float:
+    def estimate(self, effect: str, outcome: str = "score", estimator: str | None = None) -> float:
         return float(self.get(effect, outcome, estimator)["estimate"])
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +102,7 @@ class EffectTable:
         }
 
     def __str__(self) -> str:
-        t = self.table[self.table.estimator == "weighting"]
+        t = self.table[self.table.estimator == self.primary]
         lines = [f"effects of A ({self.levels[0]!r} -> {self.levels[1]!r}) in the reference group, "
                  f"{self.n_boot} bootstrap replicates, {self.ci:.0%} CI"]
         for r in t.itertuples():
@@ -241,7 +247,6 @@ def _features(d: Design, med_idx: list[int], meds: list[Var], covs: list[Var], n
 def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var], max_weight: float,
                parents: dict[str, list[str]]) -> tuple[dict, dict, dict]:
     names = [m.name for m in meds]
-    entries = [w for w in ident.switch["total"] if w in names]
     n0 = d.N[:, 0]
     cache: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -252,19 +257,23 @@ def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var
             cache[key] = x @ fit_logistic(x, d.a.astype(np.float64), d.N)
         return cache[key]
 
-    log_ratio = {}
-    for w in entries:
+    def log_ratio(w: str) -> np.ndarray:  # log p(w | a1, given, c) / p(w | a0, given, c), by Bayes from two classifiers
         pa = [names.index(p) for p in parents[w]]
-        log_ratio[w] = eta(pa + [names.index(w)]) - eta(pa)
+        return eta(pa + [names.index(w)]) - eta(pa)
+
+    worlds = {eff: {m: v for m, v in ident.factor_world.get(eff, {}).items() if m in names} for eff in EFFECTS}
+    for eff in EFFECTS:  # without factor worlds (a hand-built identification): the entries' switches
+        if not worlds[eff]:
+            worlds[eff] = {w: v for w, v in ident.switch[eff].items() if w in names}
     eta_cov = eta([])
     means: dict[str, dict[str, np.ndarray]] = {"score": {}, "label": {}}
     diag: dict[str, Any] = {}
     for eff in EFFECTS:
         ay = ident.outcome_world[eff]
         logw = np.zeros_like(d.N)
-        for w in entries:
-            if ident.switch[eff].get(w, ay) != ay:
-                logw += log_ratio[w] if ay == 0 else -log_ratio[w]
+        for w, value in worlds[eff].items():
+            if value != ay:
+                logw += log_ratio(w) if ay == 0 else -log_ratio(w)
         if ay == 1:
             logw -= eta_cov
         mask = (d.a == ay)[:, None]
@@ -295,7 +304,6 @@ def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var
 def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var], bins: int,
               parents: dict[str, list[str]], max_cells: int) -> tuple[dict, dict, dict] | None:
     names = [m.name for m in meds]
-    entries = set(ident.switch["total"]) & set(names)
     # coarse covariate cell per pattern
     ccols, csizes = [], []
     w0 = d.N[:, 0]
@@ -342,8 +350,7 @@ def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var]
     def conditional(j: int) -> np.ndarray:
         name = names[j]
         keep = {1 + j, c_axis} | {1 + names.index(p) for p in parents[name]}
-        if name in entries:
-            keep.add(0)
+        keep.add(0)  # every factor is estimated per A (needed for entries and their districts; harmless elsewhere)
         drop = tuple(ax for ax in range(len(shape)) if ax not in keep)
         sub = N.sum(drop, keepdims=True) if drop else N
         den = sub.sum(1 + j, keepdims=True)
@@ -366,7 +373,7 @@ def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var]
         prod = np.ones([1] * len(lm) + [1, 1])
         for j, name in enumerate(names):
             p = conds[j]
-            a_idx = ident.switch[eff].get(name, ay) if name in entries else 0
+            a_idx = ident.factor_world[eff].get(name, ay)
             prod = prod * p[a_idx]
         for k, q in qs.items():
             if eff == "total":  # model-free: E[T | a1, c] averaged over the reference group's covariates
@@ -409,6 +416,13 @@ def _targets(ident: Identification, direct_ok: bool) -> dict[str, tuple[bool, st
                                 "; ".join(str(p) for p in ident.paths if not p.permissible) + ")")
         out["permissible"] = (True, "effect along the permissible paths (" +
                               "; ".join(str(p) for p in ident.paths if p.permissible) + ")")
+    elif ident.interventional:
+        dist = "; ".join("{" + ", ".join(d) + "}" for d in ident.recanting_districts)
+        out["impermissible"] = (False, "NOT the impermissible PSE (recanting district " + dist + "): its "
+                                "interventional analogue, " + ", ".join(imp_entries) + " drawn from the a1 law "
+                                "given parents and covariates, the other mediators independently from the a0 law")
+        out["permissible"] = (False, "NOT the permissible PSE (recanting district " + dist + "): its "
+                              "interventional analogue, " + ", ".join(per_entries) + " drawn from the a1 law")
     else:
         out["impermissible"] = (False, "NOT the impermissible PSE (not identified): edge effect of "
                                 + (", ".join(f"{a} -> {w}" for w in imp_entries) or "no edge"))
@@ -425,13 +439,17 @@ def _targets(ident: Identification, direct_ok: bool) -> dict[str, tuple[bool, st
 def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200, seed: int = 0,
                      levels: tuple[Any, Any] | None = None, ci: float = 0.95, max_weight: float = 50.0,
                      max_covariate_levels: int = 50, max_mediator_levels: int = 20, gformula_bins: int = 4,
-                     positivity_ratio: float = 20.0, min_cell: int = 5, max_gformula_cells: int = 200_000
+                     positivity_ratio: float = 20.0, min_cell: int = 5, max_gformula_cells: int = 200_000,
+                     robust: bool = True, robust_learner: str = "quadratic", robust_folds: int = 2
                      ) -> EffectTable:
     """Estimate total, impermissible, permissible and direct effects of the sensitive attribute on the score (and
-    on the label, when the spec has an outcome node) with ``n_boot`` bootstrap replicates.
+    on the label, when the spec has an outcome node): the cross-fitted multiply robust estimator
+    (:mod:`fairness.robust`, Wald intervals; with the TV decomposition and E-values) when ``robust``, and the
+    weighting and g-formula estimators with ``n_boot`` bootstrap replicates as second opinions.
 
     ``levels=(a0, a1)`` picks the two levels to compare (default: the spec's reference level, then the other one).
-    Mediators must be categorical (at most ``max_mediator_levels`` levels); numeric covariates with more than
+    The weighting and g-formula estimators need categorical mediators (at most ``max_mediator_levels`` levels;
+    with a continuous one only the robust rows are given); numeric covariates with more than
     ``max_covariate_levels`` distinct values are cut into that many quantile bins for the weights.
     """
     t0 = time.perf_counter()
@@ -455,7 +473,9 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
         raise EstimationError(f"one of the groups {levels} of '{a_node.column}' is empty")
 
     med_names = ident.mediators
-    meds = [_categorical(frame, m, spec.column(m), max_mediator_levels, "mediator") for m in med_names]
+    continuous = [m for m in med_names if frame[spec.column(m)].nunique() > max_mediator_levels]
+    if continuous and not robust:
+        _categorical(frame, continuous[0], spec.column(continuous[0]), max_mediator_levels, "mediator")  # raises
     covs = [_covariate(frame, c, spec.column(c), max_covariate_levels) for c in spec.covariates]
     out_node = spec.outcome
     label = None
@@ -467,10 +487,102 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
     if not np.isfinite(score).all():
         raise EstimationError(f"score column '{spec.column(spec.prediction)}' has non-numeric or infinite values")
 
-    d = Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
-    return effects_from_design(d, spec, ident, meds, covs, levels, n_boot=n_boot, ci=ci, max_weight=max_weight,
-                               gformula_bins=gformula_bins, positivity_ratio=positivity_ratio, min_cell=min_cell,
-                               max_gformula_cells=max_gformula_cells, t0=t0)
+    if continuous:
+        table = _robust_only_table(ident, levels, a, score, label, n_boot, ci)
+        table.diagnostics["notes"].append(
+            "continuous mediator(s) " + ", ".join(continuous) + ": only the robust estimator (no bins) is given")
+    else:
+        meds = [_categorical(frame, m, spec.column(m), max_mediator_levels, "mediator") for m in med_names]
+        d = Design(a, meds, label, out_node in med_names, covs, score, n_boot, seed)
+        table = effects_from_design(d, spec, ident, meds, covs, levels, n_boot=n_boot, ci=ci,
+                                    max_weight=max_weight, gformula_bins=gformula_bins,
+                                    positivity_ratio=positivity_ratio, min_cell=min_cell,
+                                    max_gformula_cells=max_gformula_cells, t0=t0)
+    if robust:
+        _add_robust(table, frame, spec, a, seed=seed, ci=ci, learner=robust_learner, folds=robust_folds)
+    table.seconds = time.perf_counter() - t0
+    return table
+
+
+def _robust_only_table(ident: Identification, levels, a, score, label, n_boot: int, ci: float) -> EffectTable:
+    n0, n1 = int((a == 0).sum()), int((a == 1).sum())
+    baseline = {"score": float(score[a == 0].mean())}
+    if label is not None:
+        baseline["label"] = float(label[a == 0].mean())
+    return EffectTable(table=pd.DataFrame(columns=["outcome", "effect", "estimator", "estimate", "ci_low",
+                                                   "ci_high", "se", "p_value", "n_boot_ok", "identified", "target"]),
+                       identification=ident, diagnostics={"notes": [], "positivity_warnings": [], "graph_checks": []},
+                       levels=levels, n={"a0": n0, "a1": n1, "total": n0 + n1}, baseline=baseline, n_boot=n_boot,
+                       ci=ci, seconds=0.0)
+
+
+def _add_robust(table: EffectTable, frame: pd.DataFrame, spec: CausalSpec, a: np.ndarray, *, seed: int, ci: float,
+                learner: str, folds: int) -> None:
+    """Append the robust estimator's rows (effects, TV decomposition, E-values on the score) and compare it with
+    the weighting estimator, in place."""
+    from fairness.robust import DECOMPOSITION, e_value, robust_effects
+
+    res = robust_effects(frame, spec, a, folds=folds, seed=seed, ci=ci, learner=learner)
+    ident = table.identification
+
+    def targets_for(idt: Identification) -> dict[str, tuple[bool, str]]:
+        if not idt.total_effect_identified:
+            return {eff: (False, "not estimated: confounding of the sensitive attribute") for eff in EFFECTS}
+        return _targets(idt, idt.effect_identified.get("direct", True))
+
+    by_outcome = {"score": targets_for(ident), "amplification": targets_for(ident)}
+    if spec.outcome is not None:
+        by_outcome["label"] = targets_for(identify(spec, spec.outcome))
+    targets = by_outcome["score"]
+    decomposition = {
+        "tv": (True, "observed disparity E[T | a1] - E[T | a0] = ctf-direct - ctf-indirect - ctf-spurious"),
+        "ctf-direct": (targets["direct"][0], "counterfactual direct effect in the reference group (x-DE)"),
+        "ctf-indirect": (targets["direct"][0] and ident.total_effect_identified,
+                         "counterfactual indirect effect E[T(a1, M(a0)) - T(a1) | a0] (x-IE)"),
+        "ctf-spurious": (ident.total_effect_identified,
+                         "counterfactual spurious effect E[T(a1) | a0] - E[T | a1]: the part of the disparity "
+                         "due to the covariates differing between the groups (x-SE)"),
+    }
+    sd = res.diagnostics["score_sd_a0"]
+    rows = []
+    for (outcome, eff), r in res.estimates.items():
+        ok, text = by_outcome[outcome].get(eff) or decomposition[eff]
+        row = {"outcome": outcome, "effect": eff, "estimator": "robust", "estimate": r.estimate,
+               "ci_low": r.ci_low, "ci_high": r.ci_high, "se": r.se, "p_value": r.p_value, "n_boot_ok": 0,
+               "identified": bool(ok), "target": text}
+        if outcome == "score" and eff in EFFECTS:
+            row["e_value"], row["e_value_ci"] = e_value(r.estimate, r.ci_low, r.ci_high, sd)
+        rows.append(row)
+    table.table = pd.concat([table.table, pd.DataFrame(rows)], ignore_index=True)
+    table.diagnostics["robust"] = res.diagnostics
+    table.diagnostics["sensitivity"] = _sensitivity_text(table, DECOMPOSITION)
+    checks = table.diagnostics.setdefault("graph_checks", [])
+    for eff in ("impermissible", "permissible"):
+        try:
+            w, r = table.get(eff, estimator="weighting"), table.get(eff, estimator="robust")
+        except KeyError:
+            continue
+        diff = r["estimate"] - w["estimate"]
+        se = math.hypot(r["se"], w["se"])
+        if math.isfinite(diff) and se > 0 and abs(diff) >= 0.01 and abs(diff) / se > norm.ppf(0.995):
+            checks.append(f"{eff}: robust {r['estimate']:+.4f} and weighting {w['estimate']:+.4f} disagree "
+                          f"(difference {diff:+.4f}, z = {diff / se:.1f}); under the graph they estimate the same "
+                          "quantity: an edge between mediators (e.g. S -> D), a covariate link or a hidden common "
+                          "cause may be missing, or a nuisance model is poor")
+
+
+def _sensitivity_text(table: EffectTable, decomposition: tuple[str, ...]) -> list[str]:
+    """Plain-language E-values of the robust effects on the score."""
+    out = []
+    for eff in ("impermissible", "total"):
+        r = table.get(eff, "score", "robust")
+        if not math.isfinite(r.get("e_value", math.nan)):
+            continue
+        out.append(f"{eff}: an unmeasured confounder (of a mediator and the score, e.g. site or scanner effects, "
+                   f"or of the sensitive attribute and a mediator) associated with both by a risk ratio of "
+                   f"{r['e_value']:.2f} each, beyond the covariates, could explain the estimate away; to move the "
+                   f"interval to include zero it needs {r['e_value_ci']:.2f} (1 = the interval already does).")
+    return out
 
 
 def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, meds: list[Var], covs: list[Var],
@@ -482,12 +594,13 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
     t0 = time.perf_counter() if t0 is None else t0
     med_names = [m.name for m in meds]
     proj, bidirected = spec.projection()
-    parents = {m: [p for p in proj.predecessors(m) if p in med_names] for m in med_names}
-    relevant = set(med_names) | {spec.sensitive, spec.prediction} | set(spec.covariates)
-    hidden = [sorted(e) for e in bidirected if e <= relevant]
-    markovian = not hidden
-    target_district = next((dd for dd in spec.districts(relevant) if spec.prediction in dd), {spec.prediction})
-    direct_ok = ident.total_effect_identified and not (target_district & set(ident.entries) - {spec.prediction})
+    graph_parents = {m: [p for p in proj.predecessors(m) if p in med_names] for m in med_names}
+    # hidden common causes: each factor conditions on Tian's set; a recanting district: the interventional
+    # analogue, each mediator drawn from its own law given its parents (the district's dependence left out)
+    parents = graph_parents if ident.interventional else {
+        m: [p for p in ident.conditioning.get(m, graph_parents[m]) if p in med_names] for m in med_names}
+    hidden = [" <-> ".join(sorted(e)) for e in bidirected]
+    direct_ok = ident.effect_identified.get("direct", ident.total_effect_identified)
     t_design = time.perf_counter() - t0
 
     # baseline E[T | A=a0] per replicate
@@ -498,30 +611,27 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             base["label"] = (d.L * m0).sum(0) / (d.N * m0).sum(0)
 
     notes: list[str] = []
-    if markovian:
-        w_score, w_label, w_diag = _weighting(d, ident, meds, covs, max_weight, parents)
-        g = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells)
-        if g is None:
-            notes.append("g-formula skipped: too many (A, mediator, covariate) cells")
-            g_score, g_label, g_diag = {}, {}, {}
-        else:
-            g_score, g_label, g_diag = g
-    else:
-        notes.append("latent confounding among " + "; ".join(" <-> ".join(h) for h in hidden) +
-                     ": only the total effect is estimated")
-        sub = _Ident_total_only(ident)
-        w_score, w_label, w_diag = _weighting(d, sub, [], covs, max_weight, {})
+    if hidden:
+        notes.append("hidden common causes " + "; ".join(hidden) + (
+            ": the impermissible/permissible rows hold the interventional analogue (mediators drawn independently "
+            "from their laws given their parents)" if ident.interventional else
+            ": each factor conditions on its district (Tian's factorisation) and takes its district's A-value"))
+    w_score, w_label, w_diag = _weighting(d, ident, meds, covs, max_weight, parents)
+    g = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells)
+    if g is None:
+        notes.append("g-formula skipped: too many (A, mediator, covariate) cells")
         g_score, g_label, g_diag = {}, {}, {}
-        for dct in (w_score, w_label):
-            for eff in list(dct):
-                if eff != "total":
-                    dct[eff] = np.full(d.N.shape[1], np.nan)
+    else:
+        g_score, g_label, g_diag = g
     t_fit = time.perf_counter() - t0 - t_design
 
     targets = _targets(ident, direct_ok)
-    if not markovian:
-        why = "not estimated: latent confounding among " + "; ".join(" <-> ".join(h) for h in hidden)
-        targets.update({eff: (False, why) for eff in EFFECTS if eff != "total"})
+    if not ident.total_effect_identified:
+        why = "not estimated: " + " ".join(r for r in ident.reasons if "total effect" in r)
+        targets = {eff: (False, why) for eff in EFFECTS}
+        for by_out in (w_score, w_label, g_score, g_label):
+            for eff in list(by_out):
+                by_out[eff] = np.full(d.N.shape[1], np.nan)
     rows, reps = [], {}
     est_means = {"weighting": {"score": w_score, "label": w_label}, "gformula": {"score": g_score, "label": g_label}}
     for estimator, by_out in est_means.items():
@@ -561,14 +671,6 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
     baseline = {k: float(v[0]) for k, v in base.items()}
     return EffectTable(table=table, identification=ident, diagnostics=diagnostics, levels=levels, n=n,
                        baseline=baseline, n_boot=n_boot, ci=ci, seconds=time.perf_counter() - t0, replicates=reps)
-
-
-class _Ident_total_only:
-    """Minimal stand-in for Identification when only the total effect can be estimated."""
-
-    def __init__(self, ident: Identification):
-        self.switch = {eff: {} for eff in EFFECTS}
-        self.outcome_world = {eff: (1 if eff == "total" else 0) for eff in EFFECTS}
 
 
 def _positivity(d: Design, meds: list[Var], ident: Identification, ratio: float, min_cell: int) -> list[str]:

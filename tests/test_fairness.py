@@ -315,7 +315,9 @@ def test_run_audit_is_json_and_states_a_verdict(large_run, spec):
     text = json.dumps(audit.to_json(), allow_nan=False)
     back = json.loads(text)
     assert back["identification"]["identified"] is True
-    assert {r["effect"] for r in back["effects"]["effects"]} == {"total", "impermissible", "permissible", "direct"}
+    assert {r["effect"] for r in back["effects"]["effects"]} == {"total", "impermissible", "permissible", "direct",
+                                                                 "tv", "ctf-direct", "ctf-indirect", "ctf-spurious"}
+    assert {r["estimator"] for r in back["effects"]["effects"]} == {"robust", "weighting", "gformula"}
     assert back["verdict"]["significant"] is True
     assert f"{eff.estimate('impermissible'):+.3f}" in back["verdict"]["text"]
     assert back["group_metrics"]["summary"]["worst_group_auroc"] <= min(

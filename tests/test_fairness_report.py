@@ -157,11 +157,12 @@ def test_cli_fits_the_post_processing_correction(tmp_path, capsys):
     c = json.loads(out.read_text())
     assert c["mediator_column"] == "scanner_legacy" and c["delta"][0] == 0 and c["delta"][1] > 0
     assert truth["impermissible"] > 0.03 and c["before"]["estimate"] == pytest.approx(truth["impermissible"], abs=0.02)
-    corr = ScoreShiftCorrection(np.asarray(c["delta"]))
+    assert c["covariate_columns"] == ["age"] and np.shape(c["cell_delta"]) == (2, len(c["covariate_edges"][0]) + 1)
+    corr = ScoreShiftCorrection.from_dict(c)
     eps = np.random.default_rng(29 + 99).normal(0.0, 0.5, len(t))  # add_score's noise: the rows' own scores
     a0 = (t.A == 0).to_numpy()
-    cf = corr.transform(f_score(t.A, t.S_a1, t.D_S_cf, t.C, eps, 0.0), t.S_a1)
-    after_true = float(np.mean((cf - corr.transform(t.score, t.S))[a0]))
+    cf = corr.transform(f_score(t.A, t.S_a1, t.D_S_cf, t.C, eps, 0.0), t.S_a1, c=t.C)
+    after_true = float(np.mean((cf - corr.transform(t.score, t.S, c=t.C))[a0]))
     assert abs(after_true) < 0.15 * truth["impermissible"]
     assert c["after"]["ci_low"] < 0 < c["after"]["ci_high"] and abs(c["after"]["estimate"]) < 0.01
     html = (tmp_path / "audit" / "fairness_audit.html").read_text()
