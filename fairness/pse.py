@@ -81,7 +81,15 @@ class EffectTable:
         return "robust" if (self.table.estimator == "robust").any() else "weighting"
 
     def get(self, effect: str, outcome: str = "score", estimator: str | None = None) -> dict[str, Any]:
-        estimator = estimator or self.primary
+        """One row; without ``estimator``, the first of robust, weighting, g-formula that has an estimate (the
+        interventional analogue of a recanting district, for one, has only a g-formula)."""
+        if estimator is None:
+            t = self.table
+            for name in ("robust", "weighting", "gformula"):
+                row = t[(t.outcome == outcome) & (t.effect == effect) & (t.estimator == name)]
+                if not row.empty and np.isfinite(float(row.iloc[0]["estimate"])):
+                    return row.iloc[0].to_dict()
+            estimator = self.primary
         t = self.table
         row = t[(t.outcome == outcome) & (t.effect == effect) & (t.estimator == estimator)]
         if row.empty:
@@ -617,6 +625,13 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             "from their laws given their parents)" if ident.interventional else
             ": each factor conditions on its district (Tian's factorisation) and takes its district's A-value"))
     w_score, w_label, w_diag = _weighting(d, ident, meds, covs, max_weight, parents)
+    if ident.interventional:  # reweighting the observed joint law of the mediators cannot make them independent
+        for by_out in (w_score, w_label):
+            for eff in ("impermissible", "permissible"):
+                if eff in by_out:
+                    by_out[eff] = np.full(d.N.shape[1], np.nan)
+        notes.append("the interventional analogue is given by the g-formula (the weighting estimator would keep "
+                     "the mediators' hidden dependence)")
     g = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells)
     if g is None:
         notes.append("g-formula skipped: too many (A, mediator, covariate) cells")

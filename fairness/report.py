@@ -131,8 +131,11 @@ def graph_figure(spec: dict[str, Any]) -> str:
 
 def _effect_rows(audit: AuditResult) -> list[dict[str, Any]]:
     rows = []
-    for r in audit.effects["effects"]:
-        if r["estimator"] == "weighting" and r["outcome"] in ("score", "label"):
+    effects = audit.effects["effects"]
+    shown = "robust" if any(r["estimator"] == "robust" for r in effects) else "weighting"
+    for r in effects:
+        if (r["estimator"] == shown and r["outcome"] in ("score", "label")
+                and r["effect"] in ("total", "impermissible", "permissible", "direct")):
             rows.append({"label": f"{r['outcome']}: {r['effect']}", "estimate": r["estimate"], "lo": r["ci_low"],
                          "hi": r["ci_high"], "kind": "pooled" if audit.mode != "federated" else "consortium"})
     for site, s in (audit.per_site or {}).items():
@@ -294,6 +297,18 @@ def _effects(audit: AuditResult, context: dict[str, Any]) -> str:
              _img(forest_figure(audit), "forest plot of effects with confidence intervals"),
              _table(eff["effects"], ["outcome", "effect", "estimator", "estimate", "ci_low", "ci_high", "se",
                                      "p_value", "identified"])]
+    decomposition = [r for r in eff["effects"] if r["estimator"] == "robust" and r["outcome"] == "score"
+                     and r["effect"] in ("tv", "ctf-direct", "ctf-indirect", "ctf-spurious")]
+    if decomposition:
+        parts.append("<p>The observed disparity of the score split into counterfactual direct, indirect and "
+                     "spurious parts (Plecko &amp; Bareinboim's causal fairness analysis, in the reference group): "
+                     "TV = ctf-direct &minus; ctf-indirect &minus; ctf-spurious; the spurious part is the disparity "
+                     "that comes from the covariates differing between the groups.</p>"
+                     + _table(decomposition, ["effect", "estimate", "ci_low", "ci_high", "p_value", "identified"]))
+    sensitivity = (eff.get("diagnostics") or {}).get("sensitivity") or []
+    if sensitivity:
+        parts.append("<p>Sensitivity to unmeasured confounding (E-values, VanderWeele &amp; Ding):</p><ul>"
+                     + "".join(f"<li>{_e(t)}</li>" for t in sensitivity) + "</ul>")
     if audit.per_site:
         parts.append("<p>Per site (impermissible and total effect on the score):</p>" + _table([
             {"site": s, "status": r.get("status"), "n": (r.get("n") or {}).get("total"),

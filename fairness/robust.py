@@ -27,6 +27,7 @@ to be with both to explain an effect away.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -248,6 +249,7 @@ def robust_effects(frame: pd.DataFrame, spec: CausalSpec, a: np.ndarray, *, fold
 
 
 def _robust_effects(frame, spec, a, *, folds, seed, ci, clip, learner) -> RobustEffects:
+    t0 = time.perf_counter()
     a = np.asarray(a, dtype=np.int64)
     n = len(a)
     rng = np.random.default_rng(seed)
@@ -294,7 +296,8 @@ def _robust_effects(frame, spec, a, *, folds, seed, ci, clip, learner) -> Robust
             out[("amplification", eff)] = _summary(s.estimate - lab.estimate, s.influence - lab.influence, ci)
     sd0 = float(pd.to_numeric(frame[spec.column(spec.prediction)])[a == 0].std())
     diagnostics = {"folds": folds, "learner": learner, "probability_clip": clip,
-                   "clipped_probabilities": nu.clipped, "max_weight": weights, "score_sd_a0": sd0}
+                   "clipped_probabilities": nu.clipped, "max_weight": weights, "score_sd_a0": sd0,
+                   "seconds": round(time.perf_counter() - t0, 3)}
     return RobustEffects(out, diagnostics)
 
 
