@@ -448,7 +448,7 @@ def estimate_effects(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int = 200
                      levels: tuple[Any, Any] | None = None, ci: float = 0.95, max_weight: float = 50.0,
                      max_covariate_levels: int = 50, max_mediator_levels: int = 20, gformula_bins: int = 4,
                      positivity_ratio: float = 20.0, min_cell: int = 5, max_gformula_cells: int = 200_000,
-                     robust: bool = True, robust_learner: str = "quadratic", robust_folds: int = 2
+                     robust: bool = True, robust_learner: str = "quadratic", robust_folds: int = 5
                      ) -> EffectTable:
     """Estimate total, impermissible, permissible and direct effects of the sensitive attribute on the score (and
     on the label, when the spec has an outcome node): the cross-fitted multiply robust estimator

@@ -14,8 +14,9 @@ regression (the efficient influence function of psi; Tchetgen Tchetgen & Shpitse
 with ``W_j = 1{A=a_j} p(a0|C)/p(a_j|C) prod_{i<j} p(m_i | a_i, h_i)/p(m_i | a_j, h_i)``. Each density ratio is
 obtained by Bayes from classifiers of A, ``odds(a1 | h_i, m_i) / odds(a1 | h_i)``, so continuous mediators and
 covariates need no bins. psi-hat is consistent when, factor by factor, either the regression or the ratio is right.
-Nuisances are fitted on the other folds (cross-fitting), so flexible learners (gradient boosting by default) do
-not bias the interval; the interval is Wald with the influence function's standard error, centred on the estimate.
+Nuisances are fitted on the other folds (cross-fitting), so a flexible learner (:data:`LEARNERS`: quadratic
+ridge/logistic by default, gradient boosting for large tables) does not bias the interval; the interval is Wald
+with the influence function's standard error, centred on the estimate.
 
 Also from the same influence functions: Plecko & Bareinboim's decomposition of the observed disparity
 ``TV = E[T|a1] - E[T|a0] = DE - IE - SE`` (x-specific counterfactual direct, indirect and spurious effects in the
@@ -38,7 +39,7 @@ from scipy.stats import norm
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import PolynomialFeatures, SplineTransformer, StandardScaler
+from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 from threadpoolctl import threadpool_limits
 
 from fairness.graph import CausalSpec
@@ -54,18 +55,10 @@ def _boosting(seed: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
     return (lambda: HistGradientBoostingRegressor(**kw)), (lambda: HistGradientBoostingClassifier(**kw))
 
 
-def _splines(seed: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """Additive splines of each column with all pairwise interactions, ridge / logistic: smooth, fast, and close
-    to right for the logistic-type laws of scores and group membership."""
-    def basis():
-        return [("splines", SplineTransformer(n_knots=5, degree=3, extrapolation="linear")),
-                ("pairs", PolynomialFeatures(degree=2, interaction_only=True, include_bias=False)),
-                ("scale", StandardScaler())]
-    return (lambda: Pipeline(basis() + [("fit", Ridge(alpha=1.0))]),
-            lambda: Pipeline(basis() + [("fit", LogisticRegression(C=1.0, max_iter=500))]))
-
-
 def _quadratic(seed: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Every column, its square and every pairwise product, in a ridge / logistic regression. The default: at
+    hospital sizes (n = 2,000) boosted trees fitted on half the rows gave density ratios noisy enough that the
+    intervals covered 0.80 of the time instead of 0.95; these smooth fits cover 0.92-0.96 on the same models."""
     def basis():
         return [("pairs", PolynomialFeatures(degree=2, include_bias=False)), ("scale", StandardScaler())]
     return (lambda: Pipeline(basis() + [("fit", Ridge(alpha=1e-3))]),
@@ -73,7 +66,7 @@ def _quadratic(seed: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
 
 
 LEARNERS: dict[str, Callable[[int], tuple[Callable[[], Any], Callable[[], Any]]]] = {
-    "boosting": _boosting, "splines": _splines, "quadratic": _quadratic}
+    "quadratic": _quadratic, "boosting": _boosting}
 
 
 @dataclass(frozen=True)
@@ -238,8 +231,8 @@ def _psi(nu: _Nuisance, mediators: list[str], worlds: list[int], y: np.ndarray) 
     return phi, w_max
 
 
-def robust_effects(frame: pd.DataFrame, spec: CausalSpec, a: np.ndarray, *, folds: int = 2, seed: int = 0,
-                   ci: float = 0.95, clip: float = 0.01, learner: str = "boosting") -> RobustEffects:
+def robust_effects(frame: pd.DataFrame, spec: CausalSpec, a: np.ndarray, *, folds: int = 5, seed: int = 0,
+                   ci: float = 0.95, clip: float = 0.01, learner: str = "quadratic") -> RobustEffects:
     """The four effects of A (``a``: 1 for a1, 0 for the reference a0, per row of ``frame``) on the score and, with
     an outcome node, on the label, plus amplification and the TV decomposition. Effects whose identification fails
     (:attr:`Identification.effect_identified`) are NaN. One thread: the learners' OpenMP pools are slower than one
