@@ -81,6 +81,14 @@ def _row(effects: EffectTable, effect: str) -> dict[str, Any]:
     return jsonable({k: r[k] for k in ("estimate", "ci_low", "ci_high", "p_value")})
 
 
+def _decomposition(effects: EffectTable) -> dict[str, Any] | None:
+    """TV = ctf-direct - ctf-indirect - ctf-spurious of the score, when the robust estimator ran."""
+    try:
+        return {e: _row(effects, e) for e in ("tv", "ctf-direct", "ctf-indirect", "ctf-spurious")}
+    except KeyError:
+        return None
+
+
 def placebo_check(frame: pd.DataFrame, spec: CausalSpec, *, n_boot: int, seed: int,
                   effects_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The PSE with the sensitive column randomly permuted: every effect of the placebo must be null (its CI
@@ -109,7 +117,7 @@ def per_site_effects(frame: pd.DataFrame, spec: CausalSpec, site_column: str, *,
             out[str(name)] = {"status": f"not estimable: {err}"}
             continue
         out[str(name)] = {"status": "ok", "n": eff.n, "impermissible": _row(eff, "impermissible"),
-                          "total": _row(eff, "total")}
+                          "total": _row(eff, "total"), "decomposition": _decomposition(eff)}
     return out
 
 
@@ -144,6 +152,7 @@ def run_audit(frame: pd.DataFrame, spec: CausalSpec | str | Path, *, n_boot: int
                                     effects_kwargs=effects_kwargs)
     t3 = time.perf_counter()
     eff = effects.to_dict()
+    eff["decomposition"] = _decomposition(effects)
     return AuditResult(
         mode="pooled", spec=spec.to_dict(), spec_source=spec.source,
         data={"n_rows": int(len(frame)), "n_by_group": effects.n, "levels": eff["levels"]},

@@ -130,7 +130,7 @@ def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, see
     coded 0..k, S = 0 the reference level) within cells of the spec's covariates (numeric columns) on labelled
     predictions, write it as JSON to ``path`` (what a site applies at inference, S read from the image's metadata,
     the covariates from ``covariate_columns``; ``ScoreShiftCorrection.from_dict`` reads it back) and return it with
-    the audit's impermissible effect on the score before and after (weighting estimator, bootstrap CI)."""
+    the audit's impermissible effect on the score before and after (its robust estimator and interval)."""
     import json
 
     import numpy as np

@@ -28,7 +28,9 @@ A spec is a TOML file (see ``fairness/graphs/synthetic.toml``)::
     why = "access to modern scanners depends on the group"
 
 Roles: ``sensitive`` (A), ``prediction`` (the score Ŷ), ``outcome`` (the label, at most one), ``mediator``,
-``covariate`` (baseline variables, never descendants of A) and ``latent`` (unobserved common causes). A node without
+``covariate`` (baseline variables, never descendants of A) and ``latent`` (unobserved common causes). A hidden
+common cause of two nodes (a bidirected edge) can also be written ``[[hidden_causes]] between = ["S", "X"]``
+(``why = "..."``): it becomes a latent node ``U_S_X`` with edges into both. A node without
 ``column`` is unobserved; sensitive, prediction, outcome and covariate nodes must be observed.
 
 **Path classes.** A directed path from A to Ŷ is *impermissible* if it contains an impermissible edge, and
@@ -59,7 +61,7 @@ MAX_PATHS = 10_000
 
 _NODE_KEYS = {"role", "column", "kind", "resolving", "description", "reference"}
 _EDGE_KEYS = {"from", "to", "permissible", "why"}
-_TOP_KEYS = {"name", "description", "nodes", "edges"}
+_TOP_KEYS = {"name", "description", "nodes", "edges", "hidden_causes"}
 
 
 class GraphError(ValueError):
@@ -232,6 +234,24 @@ class CausalSpec:
             edges.append(Edge(u, v, _check(where, f"{label}.permissible", t.get("permissible", True), bool,
                                            "true or false"),
                               _check(where, f"{label}.why", t.get("why", ""), str, "a string")))
+        hidden = raw.get("hidden_causes", [])
+        if not isinstance(hidden, list) or not all(isinstance(h, Mapping) for h in hidden):
+            raise SpecError(f"{where}: key 'hidden_causes' must be an array of tables ([[hidden_causes]])")
+        for i, t in enumerate(hidden):
+            label = f"hidden_causes[{i}]"
+            bad = set(t) - {"between", "why"}
+            if bad:
+                raise SpecError(f"{where}: unknown key '{label}.{sorted(bad)[0]}' (allowed: between, why)")
+            pair = t.get("between")
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+                raise SpecError(f"{where}: key '{label}.between' must name two nodes, e.g. [\"S\", \"X\"]")
+            for v in pair:
+                if v not in nodes:
+                    raise SpecError(f"{where}: key '{label}.between' names unknown node {v!r} (nodes: {', '.join(nodes)})")
+            u = f"U_{pair[0]}_{pair[1]}"
+            why = _check(where, f"{label}.why", t.get("why", ""), str, "a string")
+            nodes[u] = Node(name=u, role="latent", description=why or f"hidden common cause of {pair[0]} and {pair[1]}")
+            edges += [Edge(u, pair[0]), Edge(u, pair[1])]
         return cls(name=name, nodes=nodes, edges=edges, description=description, source=where)
 
     def to_dict(self) -> dict[str, Any]:

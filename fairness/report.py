@@ -315,7 +315,10 @@ def _effects(audit: AuditResult, context: dict[str, Any]) -> str:
              "impermissible": (r.get("impermissible") or {}).get("estimate"),
              "ci_low": (r.get("impermissible") or {}).get("ci_low"),
              "ci_high": (r.get("impermissible") or {}).get("ci_high"),
-             "total": (r.get("total") or {}).get("estimate")} for s, r in audit.per_site.items()]))
+             "total": (r.get("total") or {}).get("estimate"),
+             **{f"{k} (TV split)": ((r.get("decomposition") or {}).get(k) or {}).get("estimate")
+                for k in ("tv", "ctf-direct", "ctf-indirect", "ctf-spurious")}}
+            for s, r in audit.per_site.items()]))
     return "".join(parts)
 
 
@@ -373,11 +376,13 @@ def _correction(audit: AuditResult, context: dict[str, Any]) -> str:
         return ""
     rows = [{"": when, **{k: corr[when][k] for k in ("estimate", "ci_low", "ci_high")}} for when in ("before", "after")]
     return ("<h2 id='correction'>Post-processing correction</h2>"
-            f"<p>Logit shift per level of {_e(corr['mediator_column'])} (level 0 first): "
+            f"<p>Logit shift per level of {_e(corr['mediator_column'])} (level 0 first; within each cell of "
+            f"the covariates {_e(', '.join(corr.get('covariate_columns') or []) or '(none)')}, averaged here): "
             f"{_e(', '.join(_f(v, 4) for v in corr['delta']))}, fitted on {corr['n']} labelled rows so "
-            "that the mean score within label strata no longer depends on the mediator; applied at "
+            "that within each covariate cell the mean score over the label strata no longer depends on the "
+            "mediator (a path-specific correction: the A -> disease path is left alone); applied at "
             "inference with the mediator read from the image's metadata. The impermissible effect on the "
-            "score before and after it (weighting estimator on the same rows; a correction fitted and "
+            "score before and after it (the audit's estimator on the same rows; a correction fitted and "
             "checked on the same rows reads about zero by construction: check it on other rows):</p>"
             + _table(rows, ["", "estimate", "ci_low", "ci_high"]))
 

@@ -116,3 +116,16 @@ def test_e_values():
     eff = estimate_effects(sample(m, 3_000, np.random.default_rng(4)), m.spec(), n_boot=20, seed=0)
     assert any("risk ratio" in t for t in eff.diagnostics["sensitivity"])
     assert eff.get("impermissible", estimator="robust")["e_value"] > 1.2
+
+
+def test_hidden_causes_table_is_a_latent_node_with_two_children():
+    raw = MODELS["markovian"].spec().to_dict()
+    raw["hidden_causes"] = [{"between": ["S", "X"], "why": "site effects"}]
+    from fairness.graph import CausalSpec, SpecError
+
+    spec = CausalSpec.from_dict(raw)
+    assert spec.nodes["U_S_X"].role == "latent"
+    assert identify(spec).estimands == identify(MODELS["latent_s_image"].spec()).estimands
+    raw["hidden_causes"] = [{"between": ["S", "Q"]}]
+    with pytest.raises(SpecError, match="unknown node 'Q'"):
+        CausalSpec.from_dict(raw)
