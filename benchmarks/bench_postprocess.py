@@ -15,9 +15,8 @@ correction applied to the counterfactual scores (identity before). Methods: ``po
 fitted without the covariate: the correction before it was made path-specific) and ``within C`` (shifts fitted
 within age cells, ``c=age``). ``reversed sign``: seeds whose true corrected effect has the other sign and exceeds
 10 % of the effect before (outside the 90–110 % band). ``audit before/after``: the audit's own reading of the scores
-(weighting estimator on the evaluation rows, 100 bootstrap replicates: mean estimate, and how many 95 % CIs of the
-corrected effect lie wholly on the other side of zero); on ``strong`` it reads about 0.003 low both before and
-after, a bias of the audit's estimator, not of the correction. Targets for ``within C``: 90–110 % removed, >= 90 %
+(its primary, robust estimator on the evaluation rows: mean estimate, and how many 95 % CIs of the corrected
+effect lie wholly on the other side of zero; the weighting estimator read about 0.003 low on ``strong``). Targets for ``within C``: 90–110 % removed, >= 90 %
 of the permissible effect kept, no reversed sign.
 
     nice .venv/bin/python benchmarks/bench_postprocess.py --seeds 20   (prints a markdown table)
