@@ -269,10 +269,7 @@ def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var
         pa = [names.index(p) for p in parents[w]]
         return eta(pa + [names.index(w)]) - eta(pa)
 
-    worlds = {eff: {m: v for m, v in ident.factor_world.get(eff, {}).items() if m in names} for eff in EFFECTS}
-    for eff in EFFECTS:  # without factor worlds (a hand-built identification): the entries' switches
-        if not worlds[eff]:
-            worlds[eff] = {w: v for w, v in ident.switch[eff].items() if w in names}
+    worlds = {eff: {m: v for m, v in ident.factor_world[eff].items() if m in names} for eff in EFFECTS}
     eta_cov = eta([])
     means: dict[str, dict[str, np.ndarray]] = {"score": {}, "label": {}}
     diag: dict[str, Any] = {}
@@ -528,7 +525,7 @@ def _add_robust(table: EffectTable, frame: pd.DataFrame, spec: CausalSpec, a: np
                 learner: str, folds: int) -> None:
     """Append the robust estimator's rows (effects, TV decomposition, E-values on the score) and compare it with
     the weighting estimator, in place."""
-    from fairness.robust import DECOMPOSITION, e_value, robust_effects
+    from fairness.robust import e_value, robust_effects
 
     res = robust_effects(frame, spec, a, folds=folds, seed=seed, ci=ci, learner=learner)
     ident = table.identification
@@ -563,7 +560,7 @@ def _add_robust(table: EffectTable, frame: pd.DataFrame, spec: CausalSpec, a: np
         rows.append(row)
     table.table = pd.concat([table.table, pd.DataFrame(rows)], ignore_index=True)
     table.diagnostics["robust"] = res.diagnostics
-    table.diagnostics["sensitivity"] = _sensitivity_text(table, DECOMPOSITION)
+    table.diagnostics["sensitivity"] = _sensitivity_text(table)
     checks = table.diagnostics.setdefault("graph_checks", [])
     for eff in ("impermissible", "permissible"):
         try:
@@ -579,7 +576,7 @@ def _add_robust(table: EffectTable, frame: pd.DataFrame, spec: CausalSpec, a: np
                           "cause may be missing, or a nuisance model is poor")
 
 
-def _sensitivity_text(table: EffectTable, decomposition: tuple[str, ...]) -> list[str]:
+def _sensitivity_text(table: EffectTable) -> list[str]:
     """Plain-language E-values of the robust effects on the score."""
     out = []
     for eff in ("impermissible", "total"):

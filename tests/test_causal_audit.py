@@ -110,7 +110,8 @@ def test_e_values():
     est = sd * math.log(2.0) / 0.91  # an approximate risk ratio of 2
     point, limit = e_value(est, est / 2, est * 1.5, sd)
     assert point == pytest.approx(2 + math.sqrt(2), rel=1e-9)
-    assert 1 < limit < point
+    rr_limit = math.sqrt(2.0)  # the limit nearest zero is half the estimate: exp(0.91 d / 2) = sqrt(2)
+    assert limit == pytest.approx(rr_limit + math.sqrt(rr_limit * (rr_limit - 1)), rel=1e-9)
     assert e_value(est, -0.01, est * 2, sd)[1] == 1.0  # the interval covers zero
     m = MODELS["markovian"]
     eff = estimate_effects(sample(m, 3_000, np.random.default_rng(4)), m.spec(), n_boot=20, seed=0)
