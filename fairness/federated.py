@@ -344,7 +344,9 @@ def release_statistics(stats: FairnessStats, releaser, prefix: str = "fairness")
     """Every vector through the releaser (noise for its declared sensitivity, charged to the ledger); returns what
     the site sends: flat lists plus the noise std of each (``sigma_<name>``)."""
     out: dict[str, Any] = {
-        "cells_n": releaser.release_counts(f"{prefix}/cells_n", stats.n.ravel(), SENSITIVITY["cells_n"]),
+        # not suppressed below the release's min count: the cell's noised score sum is released anyway, and
+        # zeroing small noised counts would bias the federated estimate (see _cells)
+        "cells_n": releaser.release(f"{prefix}/cells_n", stats.n.ravel(), SENSITIVITY["cells_n"]),
         "cells_score": releaser.release(f"{prefix}/cells_score", stats.score.ravel(), SENSITIVITY["cells_score"]),
         "cells_score_sq": releaser.release(f"{prefix}/cells_score_sq", stats.score_sq.ravel(),
                                            SENSITIVITY["cells_score_sq"]),
@@ -398,28 +400,98 @@ def rows_in_other_cells(stats: FairnessStats) -> float:
     return float(stats.n.sum() - known_cells(stats.layout, stats.n).sum())
 
 
-def _clean_cells(stats: FairnessStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Noised cells made consistent: n >= 0, 0 <= sum <= n, sum^2/n <= sum of squares <= sum."""
-    n = np.maximum(known_cells(stats.layout, stats.n), 0.0)
-    t = np.clip(known_cells(stats.layout, stats.score), 0.0, n)
+def _cells(stats: FairnessStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The declared cells (counts, score sums, sums of squares) and which of them enter the estimate.
+
+    Without noise: the non-empty cells, exactly the pooled table's patterns. With noise: every declared cell, as
+    released. Clipping noised entries (n >= 0, 0 <= sum <= n) or dropping cells whose noised count is <= 0 adds mass
+    to the small cells, which makes the groups look alike and pulls every effect toward zero; the estimators are
+    smooth functions of sums of these entries, so zero-mean noise leaves them unbiased to first order."""
+    n = known_cells(stats.layout, stats.n).astype(np.float64)
+    t = known_cells(stats.layout, stats.score).astype(np.float64)
+    q = known_cells(stats.layout, stats.score_sq).astype(np.float64)
+    use = np.ones(n.shape, bool) if stats.noisy else n > 0
+    return n, t, q, use
+
+
+def _cell_moments(n: np.ndarray, t: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's score mean and std for the bootstrap's sampling model, kept in [0, 1] and [0, 1/2] (the score's
+    range); a cell with under one (noised) row takes the mean and std of all cells."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        lo = np.where(n > 0, t * t / n, 0.0)
-    q = np.clip(known_cells(stats.layout, stats.score_sq), lo, t)
-    t = np.where(n > 0, t, 0.0)
-    return n, t, np.where(n > 0, q, 0.0)
+        m_all = float(np.clip(t.sum() / n.sum(), 0.0, 1.0))
+        v_all = float(np.clip(q.sum() / n.sum() - m_all ** 2, 0.0, 0.25))
+        mean = np.where(n >= 1, np.clip(t / n, 0.0, 1.0), m_all)
+        var = np.where(n >= 2, np.clip(q / n - mean ** 2, 0.0, 0.25), v_all)
+    return mean, np.sqrt(var)
+
+
+_STEPS = (1.0, 0.5)  # finite-difference steps of the linearisation: one row (counts), half a score unit (sums)
+
+
+def _perturbations(n0: np.ndarray, t0: np.ndarray, q0: np.ndarray, stats: FairnessStats, n_boot: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n_boot`` draws (cells x replicates) of the change in cell counts and score sums that resampling rows and
+    releasing again would make: a multinomial draw minus its expectation (the row bootstrap's law), the cell
+    mean times that change plus a normal with the cell's within-cell variance, then fresh privacy noise."""
+    rng = np.random.default_rng(seed)
+    k = n0.size
+    n_pos = np.maximum(n0, 0.0)
+    total = int(round(n_pos.sum()))
+    share = n_pos / n_pos.sum()
+    mean, sd = _cell_moments(n0, t0, q0)
+    s_n, s_t = stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)
+    dn, dt = np.empty((k, n_boot)), np.empty((k, n_boot))
+    for j in range(n_boot):
+        m = rng.multinomial(total, share).astype(np.float64)
+        dn[:, j] = m - share * total
+        dt[:, j] = mean * dn[:, j] + np.sqrt(m) * sd * rng.standard_normal(k)
+        if stats.noisy:
+            dn[:, j] += s_n * rng.standard_normal(k)
+            dt[:, j] += s_t * rng.standard_normal(k)
+    return dn, dt
+
+
+def _step_columns(n0: np.ndarray, t0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and sums at the data (column 0), then each count stepped up and down, then each sum: 1 + 4K columns."""
+    k = n0.size
+    hn, ht = _STEPS
+    eye = np.eye(k)
+    same_n, same_t = np.repeat(n0[:, None], 2 * k, 1), np.repeat(t0[:, None], 2 * k, 1)
+    n_cols = np.concatenate([n0[:, None] + hn * eye, n0[:, None] - hn * eye], axis=1)
+    t_cols = np.concatenate([t0[:, None] + ht * eye, t0[:, None] - ht * eye], axis=1)
+    return (np.concatenate([n0[:, None], n_cols, same_n], axis=1),
+            np.concatenate([t0[:, None], same_t, t_cols], axis=1))
+
+
+def _linearized(dn: np.ndarray, dt: np.ndarray):
+    """Map an effect's values on :func:`_step_columns` to the estimate and its replicates
+    ``estimate + gradient . (dn_j, dt_j)``. Re-evaluating the estimator on twice-noised cells would spread the
+    replicates wider than the estimate varies (its ratios are steeper near small cells); a second-order bias
+    correction was tried and is unstable at large noise (its curvature is dominated by the smallest cells)."""
+    k = dn.shape[0]
+    hn, ht = _STEPS
+
+    def replicates(values: np.ndarray) -> np.ndarray:
+        est = values[0]
+        up_n, down_n, up_t, down_t = (values[1 + i * k:1 + (i + 1) * k] for i in range(4))
+        grad = np.concatenate([(up_n - down_n) / (2 * hn), (up_t - down_t) / (2 * ht)])
+        return np.concatenate([[est], est + grad @ np.concatenate([dn, dt], axis=0)])
+    return replicates
 
 
 def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: int = 0, ci: float = 0.95,
                             max_weight: float = 50.0, gformula_bins: int = 4, positivity_ratio: float = 20.0,
                             min_cell: int = 5, max_gformula_cells: int = 200_000) -> EffectTable:
-    """:func:`fairness.pse.estimate_effects` on cell statistics. Column 0 is the data; each bootstrap replicate
-    draws cell counts ~ Multinomial(n, cell shares), cell score sums ~ Normal(count x mean, count x variance), then
-    adds the privacy noise (std ``stats.sigma``) again, so the CIs cover sampling and noise. Only the declared
+    """:func:`fairness.pse.estimate_effects` on cell statistics. Column 0 is the data (noised entries as released,
+    see :func:`_cells`). Each bootstrap replicate perturbs the cells around the data: counts by a multinomial draw
+    minus its expectation (the row bootstrap's law), score sums by the cell mean times that change plus a normal
+    with the cell's within-cell variance, then fresh privacy noise of the released size (std ``stats.sigma``); so
+    the replicates spread around the estimate by sampling and noise, and the CIs cover both. Only the declared
     cells (:func:`known_cells`) enter: rows in the extra "other" cells are left out."""
     t0 = time.perf_counter()
     layout, spec = stats.layout, stats.layout.spec
-    n, t, q = _clean_cells(stats)
-    present = np.flatnonzero(n.ravel() > 0)
+    n, t, q, use = _cells(stats)
+    present = np.flatnonzero(use.ravel())
     if present.size == 0:
         raise EstimationError("every released cell is empty")
     idx = np.unravel_index(present, layout.known_shape)
@@ -443,38 +515,32 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
     lab = layout.label_factor
     label = None if lab is None else np.asarray([float(lab.levels[i]) for i in idx[1 + layout.factors.index(lab)]])
 
-    b1 = n_boot + 1
-    rng = np.random.default_rng(seed)
-    N = np.empty((present.size, b1))
-    T = np.empty((present.size, b1))
-    N[:, 0], T[:, 0] = n0, t0c
-    total = int(round(n0.sum()))
-    share = n0 / n0.sum()
-    mean = t0c / n0
-    sd = np.sqrt(np.maximum(q0 / n0 - mean ** 2, 0.0))
-    s_n, s_t = stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)
-    for j in range(1, b1):
-        nj = rng.multinomial(total, share).astype(np.float64)
-        tj = nj * mean + np.sqrt(nj) * sd * rng.standard_normal(present.size)
-        if s_n > 0 or s_t > 0:
-            nj = nj + s_n * rng.standard_normal(present.size)
-            tj = tj + s_t * rng.standard_normal(present.size)
-        nj = np.maximum(nj, 0.0)
-        N[:, j], T[:, j] = nj, np.clip(tj, 0.0, nj)
+    k = present.size
+    dn, dt = _perturbations(n0, t0c, q0, stats, n_boot, seed)
+    if stats.noisy:
+        N, T = _step_columns(n0, t0c)
+        replicate_map = _linearized(dn, dt)
+    else:
+        N = np.concatenate([n0[:, None], n0[:, None] + dn], axis=1)
+        T = np.concatenate([t0c[:, None], np.clip(t0c[:, None] + dt, 0.0, N[:, 1:])], axis=1)
+        replicate_map = None
 
     d = object.__new__(Design)
-    d.k, d.pattern, d.a = present.size, None, a
-    d.med = np.stack([m.codes for m in meds], axis=1) if meds else np.zeros((present.size, 0), np.int64)
+    d.k, d.pattern, d.a = k, None, a
+    d.med = np.stack([m.codes for m in meds], axis=1) if meds else np.zeros((k, 0), np.int64)
     d.cov = [c.codes for c in covs]
     d.label, d.N, d.T = label, N, T
     d.L = None if label is None else N * label[:, None]
     table = effects_from_design(d, spec, ident, meds, covs, layout.a_levels, n_boot=n_boot, ci=ci,
                                 max_weight=max_weight, gformula_bins=gformula_bins, positivity_ratio=positivity_ratio,
-                                min_cell=min_cell, max_gformula_cells=max_gformula_cells, t0=t0)
+                                min_cell=min_cell, max_gformula_cells=max_gformula_cells, t0=t0,
+                                smoothed=stats.noisy, replicate_map=replicate_map)
     if stats.noisy:
         table.diagnostics["notes"].append(
             "federated: cells carry Gaussian privacy noise (std per cell: counts {:.3g}, score sums {:.3g}); the "
-            "bootstrap adds it again, so the CIs include it".format(s_n, s_t))
+            "replicates add it again (linearised around the estimate), so the CIs include it; the smoothed "
+            "g-formula (linear outcome model, additive in A) is the primary estimate".format(
+                stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)))
     return table
 
 

@@ -51,6 +51,14 @@ from fairness.identification import EFFECTS, Identification, identify
 
 OUTCOMES = ("score", "label", "amplification")
 ESTIMATORS = ("weighting", "gformula")
+# the verdict's estimator, first that ran: robust (rows), smoothed (noised federated cells), weighting
+PRIMARY_ORDER = ("robust", "smoothed", "weighting")
+
+
+def primary_estimator(names) -> str:
+    """The first of :data:`PRIMARY_ORDER` among ``names`` (an iterable of estimator names)."""
+    present = set(names)
+    return next((e for e in PRIMARY_ORDER if e in present), "weighting")
 
 
 class EstimationError(GraphError):
@@ -77,15 +85,15 @@ class EffectTable:
 
     @property
     def primary(self) -> str:
-        """The estimator the verdict reads: the robust one when it ran, else the weighting one."""
-        return "robust" if (self.table.estimator == "robust").any() else "weighting"
+        """The estimator the verdict reads: the first of :data:`PRIMARY_ORDER` that ran."""
+        return primary_estimator(self.table.estimator)
 
     def get(self, effect: str, outcome: str = "score", estimator: str | None = None) -> dict[str, Any]:
-        """One row; without ``estimator``, the first of robust, weighting, g-formula that has an estimate (the
+        """One row; without ``estimator``, the first of robust, smoothed, weighting, g-formula with an estimate (the
         interventional analogue of a recanting district, for one, has only a g-formula)."""
         if estimator is None:
             t = self.table
-            for name in ("robust", "weighting", "gformula"):
+            for name in PRIMARY_ORDER + ("gformula",):
                 row = t[(t.outcome == outcome) & (t.effect == effect) & (t.estimator == name)]
                 if not row.empty and np.isfinite(float(row.iloc[0]["estimate"])):
                     return row.iloc[0].to_dict()
@@ -221,7 +229,8 @@ class Design:
         self.L = None if self.label is None else self.N * self.label[:, None]
 
 
-def _features(d: Design, med_idx: list[int], meds: list[Var], covs: list[Var], n_rows: np.ndarray) -> np.ndarray:
+def _features(d: Design, med_idx: list[int], meds: list[Var], covs: list[Var], n_rows: np.ndarray,
+              interactions: bool = True) -> np.ndarray:
     """Pattern-level design matrix: one-hot of the joint levels of the chosen mediators (or an intercept),
     numeric covariates standardised (+ square when > 2 levels, + interaction with the mediator one-hot),
     categorical covariates one-hot (first level dropped)."""
@@ -243,7 +252,7 @@ def _features(d: Design, med_idx: list[int], meds: list[Var], covs: list[Var], n
             cols = [z] + ([z ** 2] if len(c.levels) > 2 else [])
             for zc in cols:
                 parts.append(zc[:, None])
-                if onehot.shape[1] > 1:
+                if interactions and onehot.shape[1] > 1:
                     parts.append(onehot[:, 1:] * zc[:, None])
         else:
             parts.append(np.eye(len(c.levels))[codes][:, 1:])
@@ -306,14 +315,59 @@ def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var
     return means["score"], means["label"], diag
 
 
+def fit_mean_logit(x: np.ndarray, sums: np.ndarray, counts: np.ndarray, lam: float = 1e-3, max_iter: int = 50,
+                   tol: float = 1e-9) -> np.ndarray:
+    """A logit-link model of a cell's mean, ``sums / counts`` (values in [0, 1]), one fit per column of the K x B
+    arrays: the root of ``x' (sums - counts * expit(x beta)) = 0``, which is linear in the cells' counts and sums
+    (noise in them enters as a sum over cells). Fisher scoring with the counts floored at 0 in the curvature
+    (the root is the same). Returns beta (p x B)."""
+    p, b = x.shape[1], sums.shape[1]
+    beta = np.zeros((p, b))
+    w = np.maximum(counts, 0.0)
+    eye = lam * np.eye(p)
+    for _ in range(max_iter):
+        mu = expit(x @ beta)
+        grad = x.T @ (sums - counts * mu) - lam * beta
+        hess = np.einsum("kp,kb,kq->bpq", x, w * mu * (1.0 - mu), x, optimize=True) + eye
+        step = np.clip(np.linalg.solve(hess, grad.T[..., None])[..., 0].T, -10.0, 10.0)
+        beta += step
+        if np.max(np.abs(step)) < tol:
+            break
+    return beta
+
+
+def _smooth_outcome(meds: list[Var], covs: list[Var], codes: list[np.ndarray], N: np.ndarray,
+                    S: np.ndarray, with_a: bool) -> np.ndarray:
+    """``E[T | a, m, c]`` on the (A, mediators, covariate cell) grid (``codes``: each grid point's codes, ``N``,
+    ``S``: its counts and sums, grid shape x replicates) from :func:`fit_mean_logit`: the mediators' joint
+    one-hot, covariate terms (no interactions) and, ``with_a`` (the graph lets A reach T other than through the
+    observed mediators), an additive term in A, on the logit scale. Its estimating
+    equations are sums over all cells, so noise in one cell's count or sum is averaged out instead of divided by
+    that cell's (small, noisy) count."""
+    grid = type("Grid", (), {})()
+    grid.k = codes[0].size
+    grid.med = np.stack(codes[1:1 + len(meds)], axis=1) if meds else np.zeros((grid.k, 0), np.int64)
+    grid.cov = codes[1 + len(meds):]
+    n = N.reshape(grid.k, -1)
+    x = _features(grid, list(range(len(meds))), meds, covs, np.maximum(n[:, 0], 1e-12), interactions=False)
+    if with_a:
+        x = np.concatenate([x, codes[0][:, None].astype(np.float64)], axis=1)
+    return expit(x @ fit_mean_logit(x, S.reshape(grid.k, -1), n)).reshape(N.shape)
+
+
 def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var], bins: int,
-              parents: dict[str, list[str]], max_cells: int) -> tuple[dict, dict, dict] | None:
+              parents: dict[str, list[str]], max_cells: int, outcome: str = "cells", label_is_axis: bool = False
+              ) -> tuple[dict, dict, dict] | None:
+    """The edge g-formula on (A, mediators, covariate cells). ``outcome="cells"``: each cell's mean score (the
+    total effect model-free). ``"smooth"``: :func:`_smooth_outcome`, covariates not coarsened (each covariate cell
+    one pattern), and the returned means include ``"none"``, the same formula with nothing switched (its estimate
+    of ``E[T | a0]``, the baseline its contrasts are taken against, so the outcome model's noise cancels)."""
     names = [m.name for m in meds]
     # coarse covariate cell per pattern
     ccols, csizes = [], []
     w0 = d.N[:, 0]
     for c, codes in zip(covs, d.cov):
-        if c.numeric and len(c.levels) > bins:
+        if c.numeric and len(c.levels) > bins and outcome == "cells":
             v = c.values[codes]
             order = np.argsort(v)
             cum = np.cumsum(w0[order]) / w0.sum()
@@ -366,22 +420,65 @@ def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var]
         fallbacks["empty_mediator_strata"] += int((den[..., 0] == 0).sum())
         return p
 
-    conds = [conditional(j) for j in range(len(meds))]
-    qs = {"score": cell_mean(T)}
-    if L is not None:
-        qs["label"] = cell_mean(L)
+    def cov_codes(cell: np.ndarray) -> list[np.ndarray]:
+        return list(np.unravel_index(_u[cell], csizes)) if ccols else []
+
+    def smooth_conditional(j: int) -> np.ndarray:
+        """``p(m_j | a, parents, c)`` from continuation-ratio logit fits (level l against the levels above it),
+        each additive in A, the parents' joint one-hot and the covariate terms: like the outcome model, sums over
+        all cells instead of ratios of small noisy counts."""
+        name = names[j]
+        pa = [names.index(p) for p in parents[name]]
+        keep = {0, 1 + j, c_axis} | {1 + p for p in pa}
+        drop = tuple(ax for ax in range(len(shape)) if ax not in keep)
+        sub = N.sum(drop, keepdims=True) if drop else N
+        strata_shape = sub.shape[:1 + j] + sub.shape[2 + j:-1]
+        k = int(np.prod(strata_shape))
+        at = np.unravel_index(np.arange(k), strata_shape)
+        axis_of = lambda ax: ax if ax < 1 + j else ax - 1  # noqa: E731  (axis in the strata grid)
+        grid = type("Grid", (), {})()
+        grid.k = k
+        grid.med = np.stack([at[axis_of(1 + p)] for p in pa], axis=1) if pa else np.zeros((k, 0), np.int64)
+        grid.cov = cov_codes(at[axis_of(c_axis)])
+        counts_all = np.moveaxis(sub, 1 + j, -2).reshape(k, lm[j], -1)  # strata x levels x replicates
+        x = _features(grid, list(range(len(pa))), [meds[p] for p in pa], covs,
+                      np.maximum(counts_all[:, :, 0].sum(1), 1e-12), interactions=False)
+        x = np.concatenate([x, at[0][:, None].astype(np.float64)], axis=1)
+        probs, rest = [], np.ones((k, counts_all.shape[2]))
+        for level in range(lm[j] - 1):
+            h = expit(x @ fit_mean_logit(x, counts_all[:, level], counts_all[:, level:].sum(1)))
+            probs.append(rest * h)
+            rest = rest * (1.0 - h)
+        probs.append(rest)
+        p = np.stack(probs, axis=1).reshape(strata_shape + (lm[j], -1))
+        return np.moveaxis(p, -2, 1 + j)
+
+    conds = [(smooth_conditional if outcome == "smooth" else conditional)(j) for j in range(len(meds))]
+    if outcome == "smooth":
+        grid = list(np.unravel_index(np.arange(g), shape))
+        codes = grid[:-1] + cov_codes(grid[-1])
+        qs = {"score": _smooth_outcome(meds, covs, codes, N, T, ident.target in ident.entries)}
+        if L is not None:
+            # a label that is a mediator is a coordinate of the cells (its cell means are exact): no model
+            qs["label"] = cell_mean(L) if label_is_axis else _smooth_outcome(meds, covs, codes, N, L, True)
+    else:
+        qs = {"score": cell_mean(T)}
+        if L is not None:
+            qs["label"] = cell_mean(L)
     n_a0 = N[0].sum(tuple(ax - 1 for ax in m_axes), keepdims=False)  # (lc, b1)
     pc = n_a0 / n_a0.sum(0, keepdims=True)
     out: dict[str, dict[str, np.ndarray]] = {k: {} for k in qs}
-    for eff in EFFECTS:
-        ay = ident.outcome_world[eff]
+    worlds = {eff: (ident.outcome_world[eff], ident.factor_world[eff]) for eff in EFFECTS}
+    if outcome == "smooth":
+        worlds["none"] = (0, {})
+    for eff, (ay, factor_world) in worlds.items():
         prod = np.ones([1] * len(lm) + [1, 1])
         for j, name in enumerate(names):
             p = conds[j]
-            a_idx = ident.factor_world[eff].get(name, ay)
+            a_idx = factor_world.get(name, ay)
             prod = prod * p[a_idx]
         for k, q in qs.items():
-            if eff == "total":  # model-free: E[T | a1, c] averaged over the reference group's covariates
+            if eff == "total" and outcome == "cells":  # model-free: E[T | a1, c] averaged over the reference group's covariates
                 s = (T if k == "score" else L)[1].sum(tuple(ax - 1 for ax in m_axes))
                 n = N[1].sum(tuple(ax - 1 for ax in m_axes))
                 overall = s.sum(0, keepdims=True) / np.maximum(n.sum(0, keepdims=True), 1e-300)
@@ -593,9 +690,12 @@ def _sensitivity_text(table: EffectTable) -> list[str]:
 def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, meds: list[Var], covs: list[Var],
                         levels: tuple[Any, Any], *, n_boot: int, ci: float, max_weight: float, gformula_bins: int,
                         positivity_ratio: float, min_cell: int, max_gformula_cells: int,
-                        t0: float | None = None) -> EffectTable:
+                        t0: float | None = None, smoothed: bool = False, replicate_map=None) -> EffectTable:
     """The estimation proper, on pattern counts and sums (``d.N``, ``d.T``: column 0 the data, then one column
-    per bootstrap replicate). Shared by :func:`estimate_effects` (rows) and :mod:`fairness.federated` (cells)."""
+    per bootstrap replicate). Shared by :func:`estimate_effects` (rows) and :mod:`fairness.federated` (cells).
+    ``smoothed`` adds the g-formula with a smooth outcome model (:func:`_smooth_outcome`);
+    ``replicate_map`` (when the columns are not replicates but finite-difference steps) turns each effect's column
+    values into the estimate and its replicates."""
     t0 = time.perf_counter() if t0 is None else t0
     med_names = [m.name for m in meds]
     proj, bidirected = spec.projection()
@@ -635,17 +735,28 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
         g_score, g_label, g_diag = {}, {}, {}
     else:
         g_score, g_label, g_diag = g
+    s_score, s_label, s_base = {}, {}, {}
+    if smoothed:
+        sm = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells, outcome="smooth",
+                       label_is_axis=spec.outcome in med_names)
+        if sm is None:
+            notes.append("smoothed g-formula skipped: too many (A, mediator, covariate) cells")
+        else:
+            s_score, s_label = sm[0], sm[1]
+            s_base = {k: v.pop("none") for k, v in (("score", s_score), ("label", s_label)) if "none" in v}
     t_fit = time.perf_counter() - t0 - t_design
 
     targets = _targets(ident, direct_ok)
     if not ident.total_effect_identified:
         why = "not estimated: " + " ".join(r for r in ident.reasons if "total effect" in r)
         targets = {eff: (False, why) for eff in EFFECTS}
-        for by_out in (w_score, w_label, g_score, g_label):
+        for by_out in (w_score, w_label, g_score, g_label, s_score, s_label):
             for eff in list(by_out):
                 by_out[eff] = np.full(d.N.shape[1], np.nan)
     rows, reps = [], {}
     est_means = {"weighting": {"score": w_score, "label": w_label}, "gformula": {"score": g_score, "label": g_label}}
+    if smoothed:
+        est_means = {"smoothed": {"score": s_score, "label": s_label}, **est_means}
     for estimator, by_out in est_means.items():
         for eff in EFFECTS:
             effects = {}
@@ -653,7 +764,9 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
                 mean = by_out[outcome].get(eff)
                 if mean is None or outcome not in base:
                     continue
-                effects[outcome] = mean - base[outcome]
+                effects[outcome] = mean - (s_base[outcome] if estimator == "smoothed" else base[outcome])
+                if replicate_map is not None:
+                    effects[outcome] = replicate_map(effects[outcome])
             if "score" in effects and "label" in effects:
                 effects["amplification"] = effects["score"] - effects["label"]
             for outcome, rep in effects.items():
