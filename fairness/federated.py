@@ -483,11 +483,15 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
                             max_weight: float = 50.0, gformula_bins: int = 4, positivity_ratio: float = 20.0,
                             min_cell: int = 5, max_gformula_cells: int = 200_000) -> EffectTable:
     """:func:`fairness.pse.estimate_effects` on cell statistics. Column 0 is the data (noised entries as released,
-    see :func:`_cells`). Each bootstrap replicate perturbs the cells around the data: counts by a multinomial draw
+    see :func:`_cells`). Each bootstrap replicate is a perturbation of the cells: counts by a multinomial draw
     minus its expectation (the row bootstrap's law), score sums by the cell mean times that change plus a normal
-    with the cell's within-cell variance, then fresh privacy noise of the released size (std ``stats.sigma``); so
-    the replicates spread around the estimate by sampling and noise, and the CIs cover both. Only the declared
-    cells (:func:`known_cells`) enter: rows in the extra "other" cells are left out."""
+    with the cell's within-cell variance, and, when the cells are noised, fresh privacy noise of the released size
+    (std ``stats.sigma``). Without noise the estimators are re-evaluated on the perturbed cells. With noise each
+    effect is linearised around the estimate (finite differences in every cell, :func:`_linearized`) and the
+    replicates are the estimate plus its gradient times the perturbation, so the CIs cover sampling and noise
+    and are centred on the estimate; the primary estimate is then the g-formula with smooth (logit) models of the
+    score and the mediators, whose fits pool all cells. Only the declared cells (:func:`known_cells`) enter: rows
+    in the extra "other" cells are left out."""
     t0 = time.perf_counter()
     layout, spec = stats.layout, stats.layout.spec
     n, t, q, use = _cells(stats)
@@ -538,8 +542,9 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
     if stats.noisy:
         table.diagnostics["notes"].append(
             "federated: cells carry Gaussian privacy noise (std per cell: counts {:.3g}, score sums {:.3g}); the "
-            "replicates add it again (linearised around the estimate), so the CIs include it; the smoothed "
-            "g-formula (linear outcome model, additive in A) is the primary estimate".format(
+            "replicates add it again (linearised around the estimate), so the CIs include it; the primary "
+            "estimate is the smoothed g-formula (logit models of the score and of each mediator, additive in A, "
+            "fitted over all cells), the weighting and cell g-formula rows are unsmoothed checks".format(
                 stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)))
     return table
 

@@ -24,6 +24,7 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from fairness.pse import primary_estimator  # noqa: E402
 from fairness.results import AuditResult, as_result  # noqa: E402
 
 SECTIONS = ("verdict", "graph", "identification", "effects", "group-metrics", "robustness", "privacy", "shift",
@@ -132,7 +133,7 @@ def graph_figure(spec: dict[str, Any]) -> str:
 def _effect_rows(audit: AuditResult) -> list[dict[str, Any]]:
     rows = []
     effects = audit.effects["effects"]
-    shown = "robust" if any(r["estimator"] == "robust" for r in effects) else "weighting"
+    shown = primary_estimator(r["estimator"] for r in effects)
     for r in effects:
         if (r["estimator"] == shown and r["outcome"] in ("score", "label")
                 and r["effect"] in ("total", "impermissible", "permissible", "direct")):
