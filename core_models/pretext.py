@@ -279,7 +279,7 @@ def pretext_loss_fn(task: str | PretextTask, generator: torch.Generator) -> Loss
     """`pretext_loss` as `training.train_steps`' `loss_fn`: the one training loop, plain or under DP-SGD (there
     `forward` is Opacus' GradSampleModule and the batches a BatchMemoryManager's chunks); labels are ignored."""
     task = get_task(task)
-    return lambda forward, x, y: pretext_loss(task, forward, x, generator)
+    return lambda forward, x, y, *_meta: pretext_loss(task, forward, x, generator)
 
 
 def train_pretext(model: PretextModel, images: np.ndarray, task: str | PretextTask, epochs: int = 5,

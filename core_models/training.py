@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from core_models.networks import get_device
 
-# (forward, images, labels) -> a mean of per-sample losses: what train_steps minimises in place of cross-entropy
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# (forward, images, labels[, meta]) -> a mean of per-sample losses: what train_steps minimises in place of
+# cross-entropy (meta: the loader's metadata rows, when it has them)
+LossFn = Callable[..., torch.Tensor]
 
 
 def tensor_dataset(images: np.ndarray, labels: np.ndarray, meta: np.ndarray | None = None) -> TensorDataset:
@@ -110,8 +111,9 @@ def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, pe
     """The one local training loop (plain and DP-SGD): cross-entropy plus the penalty, backward, and an optimizer
     step every `accumulation` batches and after the last. Returns the summed training loss and the image count.
 
-    `loss_fn(forward, x, y)` replaces the cross-entropy (and the penalty) with another mean of per-sample losses,
-    e.g. a self-supervised pretext loss that ignores `y`.
+    `loss_fn(forward, x, y[, meta])` replaces the cross-entropy (and the penalty) with another mean of per-sample
+    losses, e.g. a self-supervised pretext loss that ignores `y`, or classification plus detection (the boxes
+    in `meta`).
     Under DP-SGD `forward` is Opacus' GradSampleModule and `optimizer` its DPOptimizer, which clips, noises and
     skips the step between the physical chunks of one logical batch; an empty Poisson draw is still a step
     (noise only)."""
@@ -122,7 +124,7 @@ def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, pe
     for i, (x, y, *meta) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         if loss_fn is not None:
-            loss = objective = loss_fn(forward, x, y)
+            loss = objective = loss_fn(forward, x, y, *(m.to(device) for m in meta))
         else:
             logits = forward(x)
             if len(y) == 0:

@@ -14,7 +14,11 @@ Storage quantisation: ``x`` (float in [0, 1]) is stored as ``round(x * 4095)`` i
 ``x`` to within 1/8190.
 
 On disk, per site: ``images/<patient_id>.dcm``, ``manifest.csv`` (what the hospital has) and ``truth.csv`` (the hidden
-structural truth, read only by simulations and tests).
+structural truth, read only by simulations and tests), and ``boxes.csv`` (each drawn lesion's bounding box, as a
+hospital's annotations would give it) when every positive patient's lesion is one the generator drew.
+
+Boxes are in pixels of the written ``image_size`` x ``image_size`` image: pixel (row i, column j) covers
+[j, j + 1) x [i, i + 1), ``x``/``y`` are the left/top edges (column/row), ``w``/``h`` the width/height.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ SCANNER_KNOBS = [
 ]
 HEADER_KNOBS = ["legacy_manufacturer", "legacy_model", "modern_manufacturer", "modern_model"]
 _S_ALIASES = {"scanner_legacy": "S", "scanner_legacy_cf": "S_cf"}
+BOX_COLUMNS = ["box_x", "box_y", "box_w", "box_h"]  # truth.csv; empty where no lesion is drawn
+BOXES_FILE_COLUMNS = ["patient_id", "x", "y", "w", "h", "label"]
+LESION_BOX_SIGMAS = 2.0  # a lesion's box is its centre +/- this many sigma (~91 % of the blob's mass)
 
 
 # ----------------------------------------------------------------------------------------------------------- seeds
@@ -185,6 +192,7 @@ def finish_truth(name: str, structural: pd.DataFrame, seeds: np.ndarray, image_s
     truth["base_npz"] = ""
     truth["base_split"] = ""
     truth["base_index"] = -1
+    truth[BOX_COLUMNS] = truth_boxes(truth)
     return truth
 
 
@@ -296,6 +304,50 @@ def lesion_params(seed_lesion: int) -> dict[str, float]:
         "sigma": rng.uniform(0.07, 0.15),  # in units of half the image width
         "amp": rng.uniform(0.6, 1.4),
     }
+
+
+def lesion_box(seed_lesion: int, size: int) -> tuple[float, float, float, float]:
+    """(x, y, w, h) of the lesion's box in pixels of a size x size image: centre +/- LESION_BOX_SIGMAS sigma,
+    clipped to the image. x is the left edge (a column), y the top edge (a row); pixel j covers [j, j + 1).
+
+    ``_grid`` puts pixel centre i at (i + 0.5) / size * 2 - 1, so a coordinate u in [-1, 1] lies at pixel
+    position (u + 1) * size / 2; cy is along rows (yy), cx along columns (xx)."""
+    p = lesion_params(seed_lesion)
+    half, r = size / 2.0, LESION_BOX_SIGMAS * p["sigma"]
+
+    def span(c: float) -> tuple[float, float]:
+        lo, hi = (min(max((v + 1.0) * half, 0.0), float(size)) for v in (c - r, c + r))
+        return float(lo), float(hi - lo)
+
+    (x, w), (y, h) = span(p["cx"]), span(p["cy"])
+    return x, y, w, h
+
+
+def lesion_drawn(row: Mapping[str, Any]) -> bool:
+    """Whether render_base draws a lesion for this row: D = 1, a generated (not a real) base and a non-zero contrast."""
+    npz = row.get("base_npz", "") if hasattr(row, "get") else ""
+    real_base = isinstance(npz, str) and bool(npz)
+    return int(row["D"]) == 1 and not real_base and float(row["lesion_contrast"]) != 0.0
+
+
+def truth_boxes(truth: pd.DataFrame) -> pd.DataFrame:
+    """The truth.csv box columns (BOX_COLUMNS, pixels of each row's image_size): NaN where no lesion is drawn."""
+    out = np.full((len(truth), 4), np.nan)
+    for k, row in enumerate(truth.to_dict("records")):
+        if lesion_drawn(row):
+            out[k] = lesion_box(int(row["seed_lesion"]), int(row["image_size"]))
+    return pd.DataFrame(out, columns=BOX_COLUMNS, index=truth.index)
+
+
+def boxes_from_truth(truth: pd.DataFrame) -> pd.DataFrame:
+    """boxes.csv rows: one per patient with a drawn lesion (label 1), in truth order."""
+    boxes = truth_boxes(truth)
+    keep = boxes["box_x"].notna().to_numpy()
+    out = pd.DataFrame({"patient_id": truth["patient_id"].to_numpy()[keep]})
+    for c in ("x", "y", "w", "h"):
+        out[c] = boxes[f"box_{c}"].to_numpy()[keep]
+    out["label"] = 1
+    return out[BOXES_FILE_COLUMNS]
 
 
 def render_base(row: Mapping[str, Any], size: int | None = None) -> np.ndarray:
@@ -450,11 +502,15 @@ def manifest_from_truth(truth: pd.DataFrame, s_column: str = "S") -> pd.DataFram
 
 
 def write_site(truth: pd.DataFrame, site_dir: str | Path, uid_key: str, s_values: np.ndarray | None = None) -> Path:
-    """Render every row and write ``images/*.dcm``, ``manifest.csv`` and ``truth.csv``.
+    """Render every row and write ``images/*.dcm``, ``manifest.csv``, ``truth.csv`` and ``boxes.csv``.
 
-    ``s_values`` (default: the row's own S) is the scanner used for the image and its headers.
+    ``s_values`` (default: the row's own S) is the scanner used for the image and its headers. The box columns are
+    recomputed from the rows as written (a caller may have swapped in real base images after finish_truth).
+    boxes.csv is written only when every positive patient has a drawn lesion: a semi-synthetic site's positives have
+    none, and a file that left them out would tell a detector their images hold no lesion.
     """
     site_dir = Path(site_dir)
+    truth = truth.assign(**truth_boxes(truth))
     (site_dir / "images").mkdir(parents=True, exist_ok=True)
     s_values = truth["S"].to_numpy() if s_values is None else np.asarray(s_values).astype(int)
     for row, s in zip(truth.to_dict("records"), s_values):
@@ -463,11 +519,21 @@ def write_site(truth: pd.DataFrame, site_dir: str | Path, uid_key: str, s_values
     written = truth.assign(S_written=s_values)
     manifest_from_truth(written, "S_written").to_csv(site_dir / "manifest.csv", index=False)
     truth.to_csv(site_dir / "truth.csv", index=False)
+    boxes_path = site_dir / "boxes.csv"
+    if truth["box_x"].notna().sum() == (truth["D"].astype(int) == 1).sum():
+        boxes_from_truth(truth).to_csv(boxes_path, index=False)
+    else:
+        boxes_path.unlink(missing_ok=True)  # left from an earlier write, it would describe other images
     return site_dir
 
 
 def read_truth(site_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(site_dir) / "truth.csv", keep_default_na=False)
+    """truth.csv as written; the box columns as floats (NaN where empty), other empty cells stay ""."""
+    truth = pd.read_csv(Path(site_dir) / "truth.csv", keep_default_na=False)
+    for c in BOX_COLUMNS:
+        if c in truth.columns:
+            truth[c] = pd.to_numeric(truth[c], errors="coerce").astype(np.float64)
+    return truth
 
 
 def read_site_pixels(site_dir: str | Path) -> np.ndarray:

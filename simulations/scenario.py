@@ -55,7 +55,7 @@ from typing import Any
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
 # Bumped whenever the generator's output for the same scenario changes, so cached consortia are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 class ScenarioError(ValueError):

@@ -13,8 +13,10 @@ Submodules, in import order (each imports only those above it):
 - ``npz``: MedMNIST load_npz
 - ``cache``: the decoded-site cache (``.equifed_cache/``)
 - ``site``: SiteData and load_site
+- ``boxes``: a site's optional lesion boxes (``boxes.csv``): load_boxes, rescale_boxes to the model's input size
 """
 
+from core_models.data.boxes import boxes_by_patient, load_boxes, rescale_boxes
 from core_models.data.cache import CACHE_DIR
 from core_models.data.dicom import parse_dicom_age, read_dicom
 from core_models.data.images import read_image
@@ -35,11 +37,14 @@ __all__ = [
     "ManifestError",
     "Rejection",
     "SiteData",
+    "boxes_by_patient",
+    "load_boxes",
     "load_npz",
     "load_site",
     "parse_dicom_age",
     "read_dicom",
     "read_image",
     "read_manifest",
+    "rescale_boxes",
     "write_rejected",
 ]
