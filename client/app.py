@@ -28,7 +28,7 @@ from client.fairness_stats import fair_meta_rows
 from client.producers import produce
 from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
-from core_models.networks import build_model, get_device
+from core_models.networks import build_model, get_device, with_detector
 from core_models.pretext import PretextModel, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
 from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
@@ -104,7 +104,7 @@ def _site(context: Context, cfg: RunConfig) -> LocalSite:
 def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
     """The global model the message carries: the network, or in a pretext run the network with its pretext
     head (PretextModel)."""
-    model = build_model(cfg.train.model, cfg.train.num_classes)
+    model = with_detector(build_model(cfg.train.model, cfg.train.num_classes), cfg.train)
     if cfg.train.pretext:
         model = PretextModel(model, cfg.train.pretext)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -369,9 +369,13 @@ def train(msg: Message, context: Context) -> Message:
         reply = _dp_train_reply(n_train, plan, ledger, epsilon_before)
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
+        loss_fn = None
+        if train_cfg.detection:  # the loader's metadata carries the boxes (the config rules out the penalty)
+            from core_models.detection import box_meta, detection_objective
+            meta, loss_fn = box_meta(*site.boxes("train")), detection_objective()
         loader = make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round, meta=meta)
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, grad_accumulation=train_cfg.grad_accumulation,
-                             device=get_device(), penalty_fn=penalty, **common)
+                             device=get_device(), penalty_fn=penalty, loss_fn=loss_fn, **common)
         xv, yv = site.part("val")
         val = evaluate(model, make_loader(xv, yv, 256), get_device())
         reply = {"metrics": MetricRecord({"train-loss": stats["train_loss"], "val-auroc": val["auroc"],
@@ -414,9 +418,20 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             "eval-accuracy": result["accuracy"],
             "eval-loss": result["loss"],
             "num-examples": len(y),
+            **({"eval-map50": _map50(model, site, x)} if cfg.train.detection else {}),
         }
     )
     return _reply(msg, site, {"metrics": metrics})
+
+
+def _map50(model, site: LocalSite, x: np.ndarray) -> float:
+    """Average precision at IoU 0.5 of the global detector on the annotated test images (NaN without any)."""
+    from core_models.detection import average_precision, predict_boxes
+    boxes, annotated = site.boxes("test")
+    keep = np.flatnonzero(annotated)
+    if not len(keep):
+        return math.nan
+    return average_precision(predict_boxes(model, x[keep], device=get_device()), [boxes[i] for i in keep])
 
 
 @app.query()

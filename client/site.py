@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import pandas as pd
 
 from client.policy import SitePolicy
 from core_models.data import SiteData, load_site, write_rejected
+from core_models.data.boxes import image_boxes
 from core_models.splits import assign_splits, check_no_leakage
 
 STATE_DIR = ".equifed"  # per-site state that must persist: split, rejections, privacy ledger
@@ -29,6 +30,8 @@ class LocalSite:
     path: Path
     data: SiteData
     split: pd.Series  # "train" / "val" / "test" per accepted row
+    image_size: int = 0  # the model input's side, what the images were resized to
+    _boxes: tuple | None = field(default=None, repr=False)
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         mask = (self.split == name).to_numpy()
@@ -36,6 +39,17 @@ class LocalSite:
 
     def count(self, name: str) -> int:
         return int((self.split == name).sum())
+
+    def boxes(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """A split's lesion boxes (pixels of the model input) and which images are annotated, from the site's
+        boxes.csv (read once; a site without one: no image is annotated, they train the classifier only)."""
+        if self._boxes is None:
+            found = image_boxes(self.path, self.data.frame, self.image_size)
+            n = len(self.data.frame)
+            self._boxes = found if found is not None else ([np.zeros((0, 4), np.float32)] * n, np.zeros(n, bool))
+        per_image, annotated = self._boxes
+        mask = (self.split == name).to_numpy()
+        return [b for b, m in zip(per_image, mask) if m], annotated[mask]
 
 
 _LOADED: dict[tuple[str, int, int], LocalSite] = {}  # (folder, image size, seed)
@@ -90,7 +104,7 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
         pass  # read-only data folder: the split is deterministic from the seed anyway
     if name is None:
         name = str(frame["site"].iloc[0]) if "site" in frame.columns and len(frame) else path.name
-    site = LocalSite(name=name, path=path, data=data, split=split.reset_index(drop=True))
+    site = LocalSite(name=name, path=path, data=data, split=split.reset_index(drop=True), image_size=image_size)
     _LOADED[key] = site
     return site
 

@@ -101,6 +101,7 @@ class TrainingConfig:
     freeze: str = key("freeze")
     unfreeze_after: int = key("unfreeze-after")
     pretext: str = key("pretext")  # "" = label training; else the run trains the encoder on this pretext task
+    detection: bool = key("detection")  # also train a lesion detector on the encoder (sites' boxes.csv)
 
     def check(self) -> None:
         _one_of("model", self.model, self.MODELS)
@@ -267,6 +268,14 @@ class RunConfig:
             if clash:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} trains the encoder without labels: "
                                   f"it cannot be combined with {', '.join(clash)}")
+        if self.train.detection:
+            clash = [name for name, on in (("pretext", bool(self.train.pretext)), ("dp", self.dp.enabled),
+                                           ("fair-lambda", self.fair.lam > 0), ("fair-offset", self.fair.offset))
+                     if on]
+            if self.train.model != "cnn":
+                clash.append(f"model = {self.train.model!r} (the detector taps the cnn's feature maps)")
+            if clash:
+                raise ConfigError(f"run config 'detection' = true is not available with {', '.join(clash)}")
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:

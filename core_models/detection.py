@@ -115,9 +115,12 @@ class LesionDetector(nn.Module):
         return logits, objectness, offsets
 
 
-def pack_boxes(per_image: list, max_boxes: int = 4) -> torch.Tensor:
+def pack_boxes(per_image: list, max_boxes: int | None = None) -> torch.Tensor:
     """Each image's ``(x, y, w, h)`` boxes as one ``(B, max_boxes, 4)`` tensor of corner boxes, NaN-padded (an
-    image without a lesion: all NaN). Extra boxes beyond ``max_boxes`` are an error, not silently dropped."""
+    image without a lesion: all NaN; ``max_boxes`` default: the most any image has). Extra boxes beyond
+    ``max_boxes`` are an error, not silently dropped."""
+    if max_boxes is None:
+        max_boxes = max([1, *(np.asarray(b if b is not None else []).reshape(-1, 4).shape[0] for b in per_image)])
     out = torch.full((len(per_image), max_boxes, 4), float("nan"))
     for i, boxes in enumerate(per_image):
         b = np.asarray(boxes if boxes is not None else [], dtype=np.float32).reshape(-1, 4)
@@ -216,7 +219,7 @@ def average_precision(detections: list[Detections], truth: list, iou: float = 0.
     return float(metric(results)[0][f"AP_IoU_{iou:.2f}_MaxDet_100"])
 
 
-def box_meta(per_image: list, annotated, max_boxes: int = 4) -> np.ndarray:
+def box_meta(per_image: list, annotated, max_boxes: int | None = None) -> np.ndarray:
     """The loader's metadata rows for detection: ``[annotated, corner boxes (max_boxes x 4, NaN-padded)]``.
     ``annotated`` per image: its site supplies boxes and says where every lesion is; a positive image without a
     box is therefore not annotated (its lesion's place is unknown), a negative one is (no box: all background)."""
@@ -252,3 +255,31 @@ def predict_boxes(model: LesionDetector, images: np.ndarray, batch_size: int = 6
         _, objectness, offsets = model.detect(x)
         out += postprocess(objectness, offsets, model.anchors, model.image_size, **kwargs)
     return out
+
+
+def draw_detections(images: np.ndarray, truth: list, detections: list[Detections], path, min_score: float = 0.3,
+                    columns: int = 4) -> None:
+    """A PNG of ``images`` with their true boxes (green) and the detector's boxes scoring at least ``min_score``
+    (red, score printed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    n = len(images)
+    rows = max(1, math.ceil(n / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, img, t, d in zip(axes.ravel(), images, truth, detections):
+        ax.imshow(np.asarray(img).reshape(img.shape[-2:]), cmap="gray", vmin=0, vmax=1)
+        for x, y, w, h in np.asarray(t if t is not None else [], np.float32).reshape(-1, 4):
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, color="lime", lw=1.2))
+        for (x, y, w, h), s in zip(d.boxes, d.scores):
+            if s >= min_score:
+                ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, color="red", lw=1.2))
+                ax.text(x, y - 1, f"{s:.2f}", color="red", fontsize=6)
+    fig.suptitle("true boxes (green), predicted (red, score)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -250,6 +250,15 @@ def build_model(name: str = "cnn", num_classes: int = 2) -> nn.Module:
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
 
 
+def with_detector(model: nn.Module, train) -> nn.Module:
+    """The global model a training config names: ``model``, wrapped with its lesion detector when
+    ``train.detection`` (imported here: MONAI's detection utilities cost every process seconds to import)."""
+    if not getattr(train, "detection", False):
+        return model
+    from core_models.detection import LesionDetector
+    return LesionDetector(model, train.image_size)
+
+
 def _monai_resnet(num_classes: int, *, layers: list[int], widths: list[int], stem_kernel: int, stem_stride: int,
                   groups: int, bias_downsample: bool) -> nn.Module:
     """A 2-D, one-channel MONAI ResNet of basic blocks behind `Standardize`, with GroupNorm throughout: MONAI 1.6

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from core_models.config import RunConfig
-from core_models.networks import build_model
+from core_models.networks import build_model, with_detector
 from core_models.pretext import PretextModel, encoder_state
 from core_models.pretrained import load_pretrained
 from core_models.model_card import write_card
@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     history = RunHistory(out_dir, strategy, list(saved["global"]), cfg.server.num_rounds)
     # a pretext run has no classifier to score yet: its sites' pretext losses are its validation figures
     scored = cfg.server.holdout_path and not cfg.train.pretext
-    holdout = HoldoutEvaluation(cfg.train, Path(cfg.server.holdout_path)) if scored else None
+    holdout = HoldoutEvaluation(cfg.train, Path(cfg.server.holdout_path), out_dir) if scored else None
     fair = FairnessBroadcast(grid, strategy, cfg) if cfg.fair.lam > 0 else None
     statistics = StatisticsCollection(grid, strategy, cfg, out_dir) if cfg.release.kinds else None
     checkpoints = Checkpointing(history, best)
@@ -72,6 +72,12 @@ def main(grid: Grid, context: Context) -> None:
             state = torch.load(saved, weights_only=True) if saved.exists() else {}
             if any(k.startswith("network.") for k in state):  # (already converted when a finished run resumed)
                 torch.save(_network_of(cfg, state), saved)
+    if cfg.train.detection:  # the classifier alone (what scoring and auditing load); the whole detector beside it
+        for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):
+            state = torch.load(saved, weights_only=True) if saved.exists() else {}
+            if any(k.startswith(DETECTOR_HEAD) for k in state):  # (already split when a finished run resumed)
+                torch.save(state, saved.with_name(saved.stem + "_detector.pt"))
+                torch.save({k[len(CLASSIFIER):]: v for k, v in state.items() if k.startswith(CLASSIFIER)}, saved)
     for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)
@@ -79,16 +85,19 @@ def main(grid: Grid, context: Context) -> None:
     _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures)
 
 
+CLASSIFIER, DETECTOR_HEAD = "classifier.", "head."  # a LesionDetector's state-dict prefixes
+
+
 def initial_model(cfg: RunConfig) -> torch.nn.Module:
     """The round-0 global model: fresh weights, or the run config's pretrained checkpoint mapped onto them; in a
-    pretext run, with the pretext task's head (PretextModel)."""
+    pretext run, with the pretext task's head (PretextModel); with detection, wrapped in its LesionDetector."""
     model = build_model(cfg.train.model, cfg.train.num_classes)
     if cfg.train.pretrained_path:
         report = load_pretrained(model, cfg.train.pretrained_path, cfg.train.pretrained_key_map)
         log(INFO, "equifed: pretrained %s: %d tensors loaded (%d adapted RGB -> grey), %d kept fresh: %s",
             cfg.train.pretrained_path, len(report.loaded), len(report.adapted), len(report.skipped),
             ", ".join(f"{k} ({why})" for k, why in list(report.skipped.items())[:5]) or "none")
-    return PretextModel(model, cfg.train.pretext) if cfg.train.pretext else model
+    return PretextModel(model, cfg.train.pretext) if cfg.train.pretext else with_detector(model, cfg.train)
 
 
 def _network_of(cfg: RunConfig, pretext_state: dict) -> dict:
@@ -143,6 +152,8 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
         "model": cfg.train.model,
         "initial_holdout_auroc": first.get("holdout_auroc"),
         "final_holdout_auroc": last.get("holdout_auroc"),
+        **({"initial_holdout_map50": first.get("holdout_map50"), "final_holdout_map50": last.get("holdout_map50")}
+           if cfg.train.detection else {}),
         **best_summary,
         "sites_trained": sum(int(r.get("sites_trained") or 0) for r in history.rows),  # site-rounds, all rounds
         "warnings": warnings,

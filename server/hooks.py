@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
 from core_models.data import load_site
 from core_models.model_card import card_path
-from core_models.networks import build_model
+from core_models.networks import build_model, with_detector
 from core_models.training import evaluate, make_loader
 from fairness import mitigation
 from server.analysers import analyse
@@ -74,16 +74,44 @@ class RunHistory:
 
 
 class HoldoutEvaluation:
-    """The global model's metrics on the server's labelled held-out set (run config holdout-path)."""
+    """The global model's metrics on the server's labelled held-out set (run config holdout-path); with detection
+    and a boxes.csv there, its mAP@0.5 too, and the boxes it predicts on a few holdout images drawn in
+    ``holdout_boxes.png`` in ``out_dir`` (every round; a failing plot is logged, never fatal)."""
 
-    def __init__(self, train: TrainingConfig, path: Path):
+    def __init__(self, train: TrainingConfig, path: Path, out_dir: Path | None = None):
         data = load_site(path, image_size=train.image_size, num_classes=train.num_classes)
+        self.images = data.images
         self.loader = make_loader(data.images, data.labels, batch_size=256)
-        self.model = build_model(train.model, train.num_classes)
+        self.model = with_detector(build_model(train.model, train.num_classes), train)
+        self.boxes = None
+        if train.detection:
+            from core_models.data.boxes import image_boxes
+            self.boxes = image_boxes(path, data.frame, train.image_size)
+        self.out_dir = out_dir
 
     def __call__(self, rnd: Round) -> None:
         self.model.load_state_dict(rnd.arrays.to_torch_state_dict())
         rnd.row.update({f"holdout_{k}": v for k, v in evaluate(self.model, self.loader).items()})
+        if self.boxes is not None:
+            rnd.row["holdout_map50"] = self._map50()
+
+    def _map50(self) -> float:
+        from core_models.detection import average_precision, draw_detections, predict_boxes
+        per_image, annotated = self.boxes
+        keep = np.flatnonzero(annotated)
+        if not len(keep):
+            return math.nan
+        found = predict_boxes(self.model, self.images[keep])
+        truth = [per_image[i] for i in keep]
+        if self.out_dir is not None:
+            try:
+                shown = [i for i, t in enumerate(truth) if len(t)][:6] + [i for i, t in enumerate(truth)
+                                                                          if not len(t)][:2]
+                draw_detections(self.images[keep][shown], [truth[i] for i in shown], [found[i] for i in shown],
+                                Path(self.out_dir) / "holdout_boxes.png")
+            except Exception as err:  # noqa: BLE001  a plot never ends a training run
+                log(WARNING, "equifed: holdout_boxes.png not drawn: %s: %s", type(err).__name__, err)
+        return average_precision(found, truth)
 
 
 class SiteOutcomes:

@@ -211,3 +211,23 @@ def boxes_by_patient(boxes: pd.DataFrame, patient_ids: Iterable[str]) -> list[np
     for k, p in enumerate(pids):
         groups.setdefault(p, []).append(k)
     return [xywh[groups.get(str(p).strip(), [])].reshape(-1, 4) for p in patient_ids]
+
+
+def image_boxes(data_dir, frame: pd.DataFrame, size: int, limits: ImageLimits | None = None
+                ) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """For each image row of a loaded site (``frame``: SiteData.frame), its boxes in pixels of the ``size`` x
+    ``size`` model input and whether the row is annotated; None when the site has no boxes file.
+
+    The file names patients, so a patient with several images is not annotated (which image holds the box is
+    unknown); a labelled-positive image without a box is not either (where its lesion is, is unknown). Annotated
+    images with no box are lesion-free: every anchor is background."""
+    path = Path(data_dir) / BOXES_FILE
+    if not path.exists():
+        return None
+    pids = frame["patient_id"].astype(str).str.strip()
+    boxes = load_boxes(path, patient_ids=pids, image_sizes=frame, limits=limits)
+    per_image = boxes_by_patient(rescale_boxes(boxes, frame, size), pids)
+    single = ~pids.duplicated(keep=False).to_numpy()
+    positive = frame["label"].to_numpy().astype(np.int64) > 0
+    has_box = np.array([len(b) > 0 for b in per_image])
+    return per_image, single & (has_box | ~positive)
