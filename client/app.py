@@ -334,7 +334,8 @@ def train(msg: Message, context: Context) -> Message:
         return _train_pretext(msg, context, cfg, site, policy)
     model = _model(msg, cfg)
     server_round = int(msg.content["config"].get("server-round", 0))
-    freeze(model, frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round))
+    # the classifier's parts (a detector's own head trains whatever is frozen: on fixed features with "encoder")
+    freeze(getattr(model, "classifier", model), frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round))
     seed = train_cfg.seed  # splits and the stratified penalty's draws; never the DP noise
     x, y = site.part("train")
     if len(y) == 0:
@@ -451,6 +452,7 @@ def statistics(msg: Message, context: Context) -> Message:
     except PolicyRefusal as err:
         return _refusal(msg, site, POLICY_REFUSED, err)
     model = _model(msg, cfg) if "arrays" in msg.content.array_records else None
+    model = getattr(model, "classifier", model)  # a detector's classifier: its scores and embedding
     server_round = int(request.get("server-round", 0))
     ledger = _ledger(site, policy)
     releaser = Releaser(ledger, noise_multiplier=noise, min_count=cfg.release.min_count,

@@ -229,6 +229,7 @@ class BestModel:
         """No best model so far: an earlier one here, and its card, would be taken for this run's."""
         (self.out_dir / BEST_MODEL).unlink(missing_ok=True)
         card_path(self.out_dir / BEST_MODEL).unlink(missing_ok=True)
+        (self.out_dir / BEST_MODEL).with_name(Path(BEST_MODEL).stem + "_detector.pt").unlink(missing_ok=True)
 
     def update(self, rnd: Round, state: dict, total_rounds: int) -> None:
         """Keep the round's model when it is the best; say so in its row, and whether patience ran out."""

@@ -119,6 +119,25 @@ def test_truth_boxes_round_trip_through_boxes_csv_and_load_boxes(tmp_path):
         assert [len(b) for b in per] == positive.astype(int).tolist()
 
 
+def test_a_boxed_patient_whose_image_is_rejected_is_not_an_error(tmp_path):
+    from core_models.data.boxes import image_boxes
+    site_dir = generate_consortium(scenario_from_dict(_scenario()), tmp_path)[0]
+    boxes = pd.read_csv(site_dir / "boxes.csv", dtype={"patient_id": str})
+    manifest = pd.read_csv(site_dir / "manifest.csv", dtype={"patient_id": str})
+    broken = manifest.loc[manifest["patient_id"] == boxes["patient_id"][0], "image_path"].iloc[0]
+    (site_dir / broken).write_bytes(b"not a DICOM file")
+    site = load_site(site_dir, image_size=32, cache=False)
+    assert boxes["patient_id"][0] not in set(site.frame["patient_id"]) and len(site.rejected) == 1
+    per_image, annotated = image_boxes(site_dir, site.frame, 32)
+    assert len(per_image) == len(site.frame) and annotated.all()
+    assert sum(len(b) for b in per_image) == len(boxes) - 1
+    # a patient the manifest does not list is still an error, named
+    boxes.loc[len(boxes)] = ["nobody", 1.0, 1.0, 2.0, 2.0, 1]
+    boxes.to_csv(site_dir / "boxes.csv", index=False)
+    with pytest.raises(ValueError, match="nobody"):
+        image_boxes(site_dir, site.frame, 32)
+
+
 def test_counterfactual_site_keeps_the_boxes(tmp_path):
     site_dir = generate_consortium(scenario_from_dict({**_scenario(), "holdout": {"n": 4}}), tmp_path / "c")[0]
     cf = write_counterfactual_site(site_dir, tmp_path / "cf")

@@ -54,6 +54,16 @@ def test_good_overrides_are_typed():
     assert merged["round-timeout"] == 30.0 and isinstance(merged["learning-rate"], float) and merged["dp"] is True
 
 
+@pytest.mark.parametrize("other, named", [
+    ({"dp": True}, "dp"), ({"pretext": "rotation"}, "pretext"), ({"model": "resnet"}, "model = 'resnet'"),
+    ({"fair-offset": True, "fair-sensitive": "race", "fair-mediator": "scanner"}, "fair-offset"),
+])
+def test_detection_refuses_what_it_cannot_train_with(other, named):
+    with pytest.raises(ConfigError, match=f"'detection' = true is not available with {named}"):
+        check_overrides({"detection": True, **other}, DEFAULTS)
+    assert RunConfig.from_flower(check_overrides({"detection": True}, DEFAULTS)).train.detection
+
+
 def test_fairness_features_need_their_columns_named():
     with pytest.raises(ConfigError, match="set fair-sensitive and fair-mediator"):
         check_overrides({"fair-lambda": 5.0}, DEFAULTS)

@@ -213,8 +213,8 @@ def boxes_by_patient(boxes: pd.DataFrame, patient_ids: Iterable[str]) -> list[np
     return [xywh[groups.get(str(p).strip(), [])].reshape(-1, 4) for p in patient_ids]
 
 
-def image_boxes(data_dir, frame: pd.DataFrame, size: int, limits: ImageLimits | None = None
-                ) -> tuple[list[np.ndarray], np.ndarray] | None:
+def image_boxes(data_dir, frame: pd.DataFrame, size: int, limits: ImageLimits | None = None,
+                manifest: str = "manifest.csv") -> tuple[list[np.ndarray], np.ndarray] | None:
     """For each image row of a loaded site (``frame``: SiteData.frame), its boxes in pixels of the ``size`` x
     ``size`` model input and whether the row is annotated; None when the site has no boxes file.
 
@@ -225,7 +225,12 @@ def image_boxes(data_dir, frame: pd.DataFrame, size: int, limits: ImageLimits | 
     if not path.exists():
         return None
     pids = frame["patient_id"].astype(str).str.strip()
-    boxes = load_boxes(path, patient_ids=pids, image_sizes=frame, limits=limits)
+    # checked against the whole manifest: a boxed patient whose image was rejected (or who has no label) is not an
+    # error in the boxes file; their boxes are simply not used
+    listed = pd.read_csv(Path(data_dir) / manifest, dtype=str, keep_default_na=False, usecols=["patient_id"],
+                         encoding="utf-8-sig")["patient_id"].str.strip()
+    boxes = load_boxes(path, patient_ids=listed, image_sizes=frame, limits=limits)
+    boxes = boxes[boxes["patient_id"].isin(set(pids))]
     per_image = boxes_by_patient(rescale_boxes(boxes, frame, size), pids)
     single = ~pids.duplicated(keep=False).to_numpy()
     positive = frame["label"].to_numpy().astype(np.int64) > 0
