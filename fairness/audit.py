@@ -69,6 +69,8 @@ def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
         out["impermissible_label"], out["amplification"] = lab, amp
     except KeyError:
         pass
+    if effects.diagnostics.get("uninformative"):
+        text += " " + effects.diagnostics["uninformative"]
     warn = effects.diagnostics.get("positivity_warnings", []) + effects.diagnostics.get("graph_checks", [])
     if warn:
         text += f" {len(warn)} warning(s) on positivity or the graph: see diagnostics."

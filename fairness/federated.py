@@ -425,6 +425,8 @@ def _cell_moments(n: np.ndarray, t: np.ndarray, q: np.ndarray) -> tuple[np.ndarr
     return mean, np.sqrt(var)
 
 
+# noise std per count above this share of the mean count per cell: the cells say nothing about the effect
+NOISE_DOMINATES = 0.5
 _STEPS = (1.0, 0.5)  # finite-difference steps of the linearisation: one row (counts), half a score unit (sums)
 
 
@@ -546,6 +548,24 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
             "estimate is the smoothed g-formula (logit models of the score and of each mediator, additive in A, "
             "fitted over all cells), the weighting and cell g-formula rows are unsmoothed checks".format(
                 stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)))
+        s_n, per_cell = stats.sigma.get("cells_n", 0.0), float(np.maximum(n0, 0.0).sum()) / k
+        imp = table.get("impermissible", estimator=table.primary)
+        why = None
+        if s_n > NOISE_DOMINATES * per_cell:
+            # the fits then saturate or collapse toward no effect, with intervals that look narrow: say nothing
+            why = (f"the counts' noise std ({s_n:.3g}) exceeds {NOISE_DOMINATES:g} x the mean count per cell "
+                   f"({per_cell:.3g} patients in each of {k} cells); every CI is set to the effect's whole range")
+            for i, r in table.table.iterrows():
+                bound = 2.0 if r["outcome"] == "amplification" else 1.0
+                table.table.loc[i, ["ci_low", "ci_high", "p_value"]] = [-bound, bound, 1.0]
+        elif not imp["ci_high"] - imp["ci_low"] < 0.5:
+            why = f"the CI spans {imp['ci_high'] - imp['ci_low']:.2f} of the effect's [-1, 1] range"
+        if why:
+            table.diagnostics["uninformative"] = (
+                f"The privacy noise dominates ({why}), so this audit cannot tell a large effect from none; it needs "
+                "more patients per cell (larger sites, coarser stats-fairness-bins) or less release-noise (at a "
+                "privacy cost).")
+            table.diagnostics["notes"].append(table.diagnostics["uninformative"])
     return table
 
 

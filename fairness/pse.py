@@ -242,7 +242,9 @@ def _features(d: Design, med_idx: list[int], meds: list[Var], covs: list[Var], n
     else:
         onehot = np.ones((d.k, 1))
     parts.append(onehot)
-    w = n_rows / n_rows.sum()
+    # feature scaling only: weights floored at 0 (noised federated counts can be negative)
+    w = np.maximum(np.asarray(n_rows, dtype=np.float64), 0.0)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / max(len(w), 1))
     for c, codes in zip(covs, d.cov):
         if c.numeric:
             v = c.values[codes]
@@ -315,12 +317,14 @@ def _weighting(d: Design, ident: Identification, meds: list[Var], covs: list[Var
     return means["score"], means["label"], diag
 
 
-def fit_mean_logit(x: np.ndarray, sums: np.ndarray, counts: np.ndarray, lam: float = 1e-3, max_iter: int = 50,
+def fit_mean_logit(x: np.ndarray, sums: np.ndarray, counts: np.ndarray, lam: float = 0.1, max_iter: int = 50,
                    tol: float = 1e-9) -> np.ndarray:
     """A logit-link model of a cell's mean, ``sums / counts`` (values in [0, 1]), one fit per column of the K x B
     arrays: the root of ``x' (sums - counts * expit(x beta)) = 0``, which is linear in the cells' counts and sums
     (noise in them enters as a sum over cells). Fisher scoring with the counts floored at 0 in the curvature
-    (the root is the same). Returns beta (p x B)."""
+    (the root is the same). ``lam``: a ridge that keeps beta finite when noised sums and counts admit no root
+    (0.1: against the thousands of rows' information at consortium sizes it moves nothing measurable; at 1.0 the
+    intervals under noise covered 0.89-0.95 instead of 0.91-0.95). Returns beta (p x B)."""
     p, b = x.shape[1], sums.shape[1]
     beta = np.zeros((p, b))
     w = np.maximum(counts, 0.0)
@@ -491,14 +495,16 @@ def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var]
 
 # --------------------------------------------------------------------------------------------- main entry
 
-def _summarise(rep: np.ndarray, ci: float) -> dict[str, float]:
+def _summarise(rep: np.ndarray, ci: float, bound: float = math.inf) -> dict[str, float]:
+    """Estimate, percentile CI (intersected with [-bound, bound], the range the effect can take: a replicate
+    outside it is noise, and cutting the interval there keeps its coverage), bootstrap SE and Wald p-value."""
     est = float(rep[0])
     boot = rep[1:]
     boot = boot[np.isfinite(boot)]
     if len(boot) < 2:
         return {"estimate": est, "ci_low": math.nan, "ci_high": math.nan, "se": math.nan, "p_value": math.nan,
                 "n_boot_ok": int(len(boot))}
-    lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    lo, hi = np.clip(np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2]), -bound, bound)
     se = float(np.std(boot, ddof=1))
     if se > 0:
         p = float(2 * norm.sf(abs(est) / se))
@@ -772,7 +778,10 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             for outcome, rep in effects.items():
                 reps[(outcome, eff, estimator)] = rep
                 ok, text = targets[eff]
-                rows.append({"outcome": outcome, "effect": eff, "estimator": estimator, **_summarise(rep, ci),
+                # a difference of means of a [0, 1] score or label; amplification is a difference of two of them
+                bound = 2.0 if outcome == "amplification" else 1.0
+                rows.append({"outcome": outcome, "effect": eff, "estimator": estimator,
+                             **_summarise(rep, ci, bound),
                              "identified": bool(ok), "target": text})
     table = pd.DataFrame(rows)
 

@@ -208,3 +208,26 @@ def test_release_noise_does_not_shrink_the_consortium_estimate(consortium):
     assert 0.05 < target < 0.09 and se < 0.003
     assert abs(mean - target) < 3 * se, (mean, target, se)
     assert np.mean(covered) >= 0.88
+
+
+def test_an_audit_the_noise_swamps_says_so_instead_of_a_narrow_interval(consortium):
+    """280 patients in 32 cells with noise std 10 per count: the cells carry no information about the effect (the
+    fits collapse toward no effect with narrow-looking intervals). The audit must not report one."""
+    _spec, layout, _frames = consortium
+    rng = np.random.default_rng(7)
+    stats = site_statistics(manifest_frame(SITES["north"], 280, seed=7), layout)
+    noise = lambda a: a + 10.0 * rng.standard_normal(a.shape)  # noqa: E731
+    noisy = dataclasses.replace(stats, n=noise(stats.n), score=noise(stats.score), score_sq=noise(stats.score_sq),
+                                hist=noise(stats.hist), sigma={k: 10.0 for k in stats.sigma})
+    table = effects_from_statistics(noisy, n_boot=50, seed=0)
+    assert "noise dominates" in table.diagnostics["uninformative"] and "32 cells" in table.diagnostics["uninformative"]
+    imp = table.get("impermissible")
+    assert (imp["ci_low"], imp["ci_high"], imp["p_value"]) == (-1.0, 1.0, 1.0)
+    assert (table.get("impermissible", "amplification")["ci_low"]) == -2.0
+    audit = audit_from_statistics(noisy, {"north": noisy}, n_boot=50, seed=0)
+    assert "cannot tell a large effect from none" in audit.verdict["text"] and not audit.verdict["significant"]
+    # the same site at 2,000 patients and the same noise is informative
+    big = site_statistics(manifest_frame(SITES["north"], 2000, seed=7), layout)
+    big = dataclasses.replace(big, n=noise(big.n), score=noise(big.score), score_sq=noise(big.score_sq),
+                              sigma={k: 10.0 for k in big.sigma})
+    assert "uninformative" not in effects_from_statistics(big, n_boot=50, seed=0).diagnostics
