@@ -24,7 +24,7 @@ import torch
 from client.site import list_sites, open_site
 from core_models.data import load_site
 from core_models.data.boxes import image_boxes
-from core_models.detection import LesionDetector, average_precision, box_meta, detection_objective, predict_boxes
+from core_models.detection import LesionDetector, box_meta, detection_objective, score_annotated
 from core_models.networks import build_model
 from core_models.training import make_loader, train_epochs
 
@@ -59,10 +59,8 @@ def centralised(data: Path, epochs: int, seed: int = 0) -> dict:
     train_epochs(model, loader, epochs=epochs, optimizer="adam", lr=0.002, weight_decay=1e-4,
                  device=torch.device("cpu"), loss_fn=detection_objective())
     hold = load_site(data / "holdout", image_size=64, num_classes=2)
-    per_image, ann = image_boxes(data / "holdout", hold.frame, 64)
-    keep = np.flatnonzero(ann)
-    found = predict_boxes(model, hold.images[keep])
-    return {"map50": average_precision(found, [per_image[i] for i in keep]), "seconds": time.perf_counter() - t0}
+    ap = score_annotated(model, hold.images, *image_boxes(data / "holdout", hold.frame, 64))[0]
+    return {"map50": ap, "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:

@@ -427,12 +427,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 def _map50(model, site: LocalSite, x: np.ndarray) -> float:
     """Average precision at IoU 0.5 of the global detector on the annotated test images (NaN without any)."""
-    from core_models.detection import average_precision, predict_boxes
-    boxes, annotated = site.boxes("test")
-    keep = np.flatnonzero(annotated)
-    if not len(keep):
-        return math.nan
-    return average_precision(predict_boxes(model, x[keep], device=get_device()), [boxes[i] for i in keep])
+    from core_models.detection import score_annotated
+    return score_annotated(model, x, *site.boxes("test"), device=get_device())[0]
 
 
 @app.query()

@@ -261,6 +261,17 @@ def predict_boxes(model: LesionDetector, images: np.ndarray, batch_size: int = 6
     return out
 
 
+def score_annotated(model: LesionDetector, images: np.ndarray, per_image: list, annotated,
+                    device: torch.device | None = None) -> tuple[float, np.ndarray, list[Detections]]:
+    """AP at IoU 0.5 of ``model`` on the annotated images (NaN without any), which they were, and the boxes it
+    found on them."""
+    keep = np.flatnonzero(np.asarray(annotated, dtype=bool))
+    if not len(keep):
+        return math.nan, keep, []
+    found = predict_boxes(model, images[keep], device=device)
+    return average_precision(found, [per_image[i] for i in keep]), keep, found
+
+
 def draw_detections(images: np.ndarray, truth: list, detections: list[Detections], path, min_score: float = 0.3,
                     columns: int = 4) -> None:
     """A PNG of ``images`` with their true boxes (green) and the detector's boxes scoring at least ``min_score``

@@ -96,14 +96,11 @@ class HoldoutEvaluation:
             rnd.row["holdout_map50"] = self._map50()
 
     def _map50(self) -> float:
-        from core_models.detection import average_precision, draw_detections, predict_boxes
+        from core_models.detection import draw_detections, score_annotated
         per_image, annotated = self.boxes
-        keep = np.flatnonzero(annotated)
-        if not len(keep):
-            return math.nan
-        found = predict_boxes(self.model, self.images[keep])
+        ap, keep, found = score_annotated(self.model, self.images, per_image, annotated)
         truth = [per_image[i] for i in keep]
-        if self.out_dir is not None:
+        if self.out_dir is not None and len(keep):
             try:
                 shown = [i for i, t in enumerate(truth) if len(t)][:6] + [i for i, t in enumerate(truth)
                                                                           if not len(t)][:2]
@@ -111,7 +108,7 @@ class HoldoutEvaluation:
                                 Path(self.out_dir) / "holdout_boxes.png")
             except Exception as err:  # noqa: BLE001  a plot never ends a training run
                 log(WARNING, "equifed: holdout_boxes.png not drawn: %s: %s", type(err).__name__, err)
-        return average_precision(found, truth)
+        return ap
 
 
 class SiteOutcomes:

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from core_models.data.limits import ImageError, ImageLimits, _limits, _mb, _open_regular
+from core_models.data.limits import ImageLimits, read_capped
 from core_models.data.manifest import _label_missing, _parse_label
 
 BOXES_FILE = "boxes.csv"
@@ -30,33 +30,6 @@ _EDGE_TOLERANCE = 1e-6  # px: a box written as x, w with x + w == width may roun
 _SHOWN = 10  # rows named per problem before "... and k more"
 
 ImageSizes = Mapping[str, tuple[int, int]] | pd.DataFrame
-
-
-def _read_boxes_bytes(path: Path, limits: ImageLimits | None) -> bytes:
-    """The file's bytes, if it is a regular file within limits.max_manifest_bytes (as for a manifest)."""
-    limit = _limits(limits).max_manifest_bytes
-    try:
-        f = _open_regular(path, limit, what="boxes file")
-    except ImageError as e:
-        text = str(e)
-        if text.startswith("boxes file not found"):
-            raise ValueError(text) from None
-        if text.startswith("boxes file too large"):
-            raise ValueError(text.replace("boxes file too large", f"boxes file {path} too large")) from None
-        if text.startswith("not a regular file"):
-            raise ValueError(f"boxes file {path} is not a regular file (a device, FIFO or folder)") from None
-        raise ValueError(f"cannot read boxes file {path}: {e.__cause__ or e}") from e
-    chunks, total = [], 0
-    try:
-        with f:
-            while total <= limit and (chunk := f.read(min(1 << 20, limit + 1 - total))):
-                chunks.append(chunk)
-                total += len(chunk)
-    except OSError as e:
-        raise ValueError(f"cannot read boxes file {path}: {e}") from e
-    if total > limit:
-        raise ValueError(f"boxes file {path} too large: over {_mb(limit)}")
-    return b"".join(chunks)
 
 
 def _rows(items: list[tuple[int, str]]) -> str:
@@ -89,7 +62,7 @@ def load_boxes(path, patient_ids: Iterable[str] | None = None, image_sizes: Imag
     are not checked). The file is read within limits.max_manifest_bytes.
     """
     path = Path(path)
-    raw = _read_boxes_bytes(path, limits)
+    raw = read_capped(path, limits, "boxes file", ValueError)
     try:
         df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:

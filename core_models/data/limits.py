@@ -109,3 +109,30 @@ def _open_regular(path, max_bytes: int, what: str = "image file") -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_capped(path, limits: ImageLimits | None, what: str, error: type[Exception]) -> bytes:
+    """A small table's bytes (a manifest, a boxes file), if it is a regular file within limits.max_manifest_bytes:
+    a FIFO, /dev/zero or a runaway export is an ``error`` naming ``what`` and the path, not a hang or an exhausted
+    site."""
+    limit = _limits(limits).max_manifest_bytes
+    try:
+        f = _open_regular(path, limit, what=what)
+    except ImageError as e:
+        text = str(e)
+        if text.startswith((f"{what} not found", f"{what} too large")):
+            raise error(text.replace(f"{what} too large", f"{what} {path} too large")) from None
+        if text.startswith("not a regular file"):
+            raise error(f"{what} {path} is not a regular file (a device, FIFO or folder)") from None
+        raise error(f"cannot read {what} {path}: {e.__cause__ or e}") from e
+    chunks, total = [], 0
+    try:
+        with f:  # chunked: read(limit + 1) would allocate the whole limit up front
+            while total <= limit and (chunk := f.read(min(1 << 20, limit + 1 - total))):
+                chunks.append(chunk)
+                total += len(chunk)
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e}") from e
+    if total > limit:  # the file grew after the size check
+        raise error(f"{what} {path} too large: over {_mb(limit)}")
+    return b"".join(chunks)

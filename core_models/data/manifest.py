@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core_models.data.limits import ImageError, ImageLimits, ManifestError, _limits, _mb, _open_regular
+from core_models.data.limits import ImageLimits, ManifestError, read_capped
 from core_models.paths import UnsafePath, resolve_site_file
 
 MANIFEST_REQUIRED = ("patient_id", "image_path", "label")
@@ -34,29 +34,8 @@ class Rejection:
 
 
 def _read_manifest_bytes(manifest_path: Path, limits: ImageLimits | None = None) -> bytes:
-    """The manifest's bytes, if it is a regular file within limits.max_manifest_bytes (a FIFO, /dev/zero or a
-    runaway export is a ManifestError, not a hang or an exhausted site)."""
-    limit = _limits(limits).max_manifest_bytes
-    try:
-        f = _open_regular(manifest_path, limit, what="manifest")
-    except ImageError as e:
-        text = str(e)
-        if text.startswith(("manifest not found", "manifest too large")):
-            raise ManifestError(text.replace("manifest too large", f"manifest {manifest_path} too large")) from None
-        if text.startswith("not a regular file"):
-            raise ManifestError(f"manifest {manifest_path} is not a regular file (a device, FIFO or folder)") from None
-        raise ManifestError(f"cannot read manifest {manifest_path}: {e.__cause__ or e}") from e
-    chunks, total = [], 0
-    try:
-        with f:  # chunked: read(limit + 1) would allocate the whole limit up front
-            while total <= limit and (chunk := f.read(min(1 << 20, limit + 1 - total))):
-                chunks.append(chunk)
-                total += len(chunk)
-    except OSError as e:
-        raise ManifestError(f"cannot read manifest {manifest_path}: {e}") from e
-    if total > limit:  # the file grew after the size check
-        raise ManifestError(f"manifest {manifest_path} too large: over {_mb(limit)}")
-    return b"".join(chunks)
+    """The manifest's bytes within limits.max_manifest_bytes (see :func:`read_capped`)."""
+    return read_capped(manifest_path, limits, "manifest", ManifestError)
 
 
 # The label _parse_manifest(unlabelled=True) gives a row whose label cell is empty (real labels are >= 0).
