@@ -57,7 +57,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from core_models.networks import SmallCNN
+from core_models.networks import SmallCNN, build_model
 from core_models.training import make_loader, train_epochs
 from fairness.attribution import attribution_maps, image_evidence
 from fairness.mitigation import (DensityRatio, MediatorOffset, PathSpecificPenalty, ScoreShiftCorrection,
@@ -127,15 +127,16 @@ def s_blind(rows: pd.DataFrame, scenario) -> np.ndarray:
 def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.ndarray | None = None,
               lr: float = 0.002, batch_size: int = 32, mode: str = "stratified-sd",
               per_cell: int = 32, ramp_steps: int = 0, factorise: bool = True,
-              dual_lr: float = 0.0, offset: bool = False, pool: dict | None = None) -> tuple[SmallCNN, dict]:
-    """SmallCNN on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
+              dual_lr: float = 0.0, offset: bool = False, pool: dict | None = None,
+              network: str = "cnn") -> tuple[torch.nn.Module, dict]:
+    """A ``network`` (core_models.networks.build_model: SmallCNN by default) on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
     (StratifiedPathPenalty: per_cell reference-group rows from every scanner cell per step), "stratified-sd" (strata
     by scanner and label), "pooled-sd*" (strata over both groups) or "per-sample"
     (PathSpecificPenalty on the training minibatch, the DP-SGD/federated form); ``offset`` trains with the
     mediator's fixed logit offset (MediatorOffset, dropped at inference), with or without the penalty. ``pool``
     (x, y, meta of part of the validation split) replaces the validation split as the "pooled-sd-val" pool."""
     torch.manual_seed(seed)
-    model = SmallCNN()
+    model = build_model(network)
     tr = data["train"]
     x = tr["x"] if x_train is None else x_train
     va = data["val"]

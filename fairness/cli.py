@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size the images are scaled to; default: the model's training size from its card "
                         "(final_model.json beside final_model.pt)")
     g.add_argument("--max-images", type=int, default=200)
-    g.add_argument("--attribution", default="gradcam", choices=["gradcam", "occlusion"],
-                   help="Grad-CAM (the network's last block) or occlusion at pixel resolution (slower: ~850 "
-                        "forward passes per 32 px image; use with --max-images 64)")
+    g.add_argument("--attribution", default="gradcam",
+                   help="comma-separated methods: gradcam (the network's default layer: SmallCNN's last block, "
+                        "a ResNet's third stage) and/or occlusion at pixel resolution (slower: ~850 forward passes "
+                        "per 32 px image; use with --max-images 64 or --occlusion-stride)")
+    g.add_argument("--occlusion-stride", type=int, default=1, help="occlusion windows every this many pixels")
     return p
 
 
@@ -205,10 +207,14 @@ def region_mask(text: str, size: int):
 def image_evidence_from_files(args) -> dict:
     """Attribution evidence for ``--model`` (and ``--reference-model``) on the ``--images`` rows ``--image-filter``."""
     from core_models.data import load_site
-    from fairness.attribution import image_evidence
+    from fairness.attribution import ATTRIBUTION_METHODS, image_evidence
 
     from core_models.model_card import read_card
 
+    methods = [m.strip() for m in args.attribution.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ATTRIBUTION_METHODS))
+    if unknown or not methods:
+        raise ValueError(f"--attribution {args.attribution!r}: choose from {', '.join(ATTRIBUTION_METHODS)}")
     model = load_weights(args.model, args.arch)  # a refused file is named before anything else is read
     if args.image_size is None:
         card = read_card(args.model)
@@ -224,9 +230,12 @@ def image_evidence_from_files(args) -> dict:
         raise ValueError(f"no image of {args.images} has {column} == {value}")
     x = data.images[keep][: args.max_images]
     reference = load_weights(args.reference_model, args.arch) if args.reference_model else None
-    return image_evidence(model, x, region_mask(args.region, args.image_size),
-                          reference_model=reference, method=args.attribution,
-                          n_draws=10 if args.attribution == "gradcam" else 3)
+    mask = region_mask(args.region, args.image_size)
+    evidence = {method: image_evidence(model, x, mask, reference_model=reference, method=method,
+                                       n_draws=10 if method == "gradcam" else 3,
+                                       occlusion_stride=args.occlusion_stride)
+                for method in methods}
+    return evidence[methods[0]] if len(methods) == 1 else evidence
 
 
 if __name__ == "__main__":

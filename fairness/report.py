@@ -220,6 +220,14 @@ def _list(items: list[str]) -> str:
     return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items) + "</ul>" if items else "<p><em>none</em></p>"
 
 
+def _checks(r: dict[str, Any]) -> str:
+    """The two faithfulness checks of one model's maps, in words."""
+    if "passes_randomisation" not in r:
+        return ""
+    return "; ".join(f"{name} {'pass' if r.get(key) else 'FAIL'}" for name, key in
+                     (("randomisation", "passes_randomisation"), ("deletion", "passes_deletion")))
+
+
 def _image_evidence(ev: dict[str, Any]) -> str:
     """The attribution evidence (:func:`fairness.attribution.image_evidence`'s dict, or a dict of name -> such dicts;
     each may carry its ``reference`` model's numbers) as one table and how to read it."""
@@ -242,15 +250,17 @@ def _image_evidence(ev: dict[str, Any]) -> str:
                          "randomisation rank corr.": r.get("randomisation_spearman"),
                          "pairs": r.get("randomisation_pairs"),
                          "deletion AUC (map order)": r.get("deletion_auc_attribution"),
-                         "deletion AUC (random order)": r.get("deletion_auc_random")})
+                         "deletion AUC (random order)": r.get("deletion_auc_random"),
+                         "checks": _checks(r)})
     return _table(rows) + (
-        "<p>Region share is the share of the attribution mass inside the marker region (for Grad-CAM grown by the "
-        "CAM's stride; occlusion maps are at pixel resolution) and "
+        "<p>Region share is the share of the attribution mass inside the marker region (for the CAMs grown by their "
+        "layer's stride; occlusion maps are at pixel resolution) and "
         "the model looks at the marker when it lies well above the area share (what an even map gets); the rank "
         "correlation with the map of the same network with re-initialised weights should be low (else the map "
         "shows the image, not the model); and a deletion AUC (class-1 probability as the top-attributed pixels "
         "are replaced by the image mean) below the random-order one means the map points at pixels the score "
-        "depends on.</p>")
+        "depends on. A map that fails either check is not evidence about the model, whatever its region share "
+        "(randomisation passes at a rank correlation of at most 0.3).</p>")
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}

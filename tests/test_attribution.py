@@ -1,7 +1,9 @@
-"""Grad-CAM image evidence for the fairness audit (fairness/attribution.py) and its report section.
+"""Grad-CAM, HiResCAM and occlusion image evidence for the fairness audit (fairness/attribution.py) and its report
+section.
 
-The model under test is a SmallCNN trained on noise images whose label is the corner marker alone; half of all
-images (either label) carry the same bright square somewhere else, so only the corner position decides."""
+The models under test (a SmallCNN, a ResNet) are trained on noise images whose label is the corner marker alone;
+half of all images (either label) carry the same bright square somewhere else, so only the corner position
+decides."""
 
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import torch
 from torch.nn import functional as F
 
 from core_models.model_card import write_card
-from core_models.networks import SmallCNN
+from core_models.networks import SmallCNN, build_model
 from fairness import load_graph_spec, run_audit
 from fairness.attribution import (
-    DEFAULT_LAYER,
+    DEFAULT_LAYERS,
+    RANDOMISATION_PASS,
     area_share,
+    cam_resolution,
     deletion_curve,
     gradcam_maps,
     grow_mask,
+    hirescam_maps,
     image_evidence,
     occlusion_maps,
     randomisation_check,
@@ -48,14 +53,20 @@ def marker_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-@pytest.fixture(scope="module")
-def trained():
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread for the module, so no number depends on how the machine's BLAS splits a sum."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = SmallCNN()
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_on_marker(model: torch.nn.Module, steps: int = 150) -> tuple[torch.nn.Module, np.ndarray, float]:
+    """``model`` trained (Adam, seeded batches) to read the corner marker; its held-out accuracy and 48 marked
+    held-out images."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(150):
+    for step in range(steps):
         x, y = marker_images(32, 1000 + step)
         loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad()
@@ -65,9 +76,19 @@ def trained():
     x, y = marker_images(400, 1)
     with torch.no_grad():
         acc = float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-    marked = x[y == 1][:48]
-    yield model, marked, acc
-    torch.set_num_threads(threads)
+    return model, x[y == 1][:48], acc
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    return train_on_marker(SmallCNN())
+
+
+@pytest.fixture(scope="module")
+def trained_resnet():
+    torch.manual_seed(0)
+    return train_on_marker(build_model("resnet"))
 
 
 def test_the_test_model_reads_the_corner_only(trained):
@@ -124,6 +145,45 @@ def test_occlusion_maps_resolve_the_marker_at_pixel_level(trained):
     assert ev["method"] == "occlusion" and ev["cam_resolution"] == [SIZE, SIZE] and ev["grow"] == 0
     assert ev["region_share_mean"] == pytest.approx(float(share.mean()), rel=1e-5)
     assert ev["deletion_auc_attribution"] < ev["deletion_auc_random"]
+
+def test_cams_reduce_to_the_class_activation_map_before_a_global_average_pool():
+    """Before global average pooling and a linear head (a MONAI ResNet's last stage) the gradient at every position
+    is the head's weight over the number of positions, so Grad-CAM and HiResCAM both equal the class activation
+    map ReLU(sum_k w_k A_k) / (h w) (Zhou et al. 2016): the definition, checked on random weights."""
+    torch.manual_seed(4)
+    model = build_model("resnet").eval()
+    x = np.random.default_rng(4).random((3, 1, 32, 32)).astype(np.float32)
+    seen = {}
+    handle = model[1].layer4.register_forward_hook(lambda _m, _i, o: seen.__setitem__("a", o.detach()))
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    handle.remove()
+    act = seen["a"]
+    cam = torch.relu(torch.einsum("k,nkhw->nhw", model[1].fc.weight[1].detach(), act) / (act.shape[2] * act.shape[3]))
+    cam = F.interpolate(cam[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0].numpy()
+    assert cam.max() > 0 and (cam == 0).any()  # the ReLU bites somewhere: the comparison is not trivial
+    np.testing.assert_allclose(hirescam_maps(model, x, "1.layer4"), cam, atol=1e-6)
+    np.testing.assert_allclose(gradcam_maps(model, x, "1.layer4"), cam, atol=1e-6)
+
+
+def test_a_resnet_gives_maps_with_resolution_that_pass_both_checks(trained_resnet):
+    """SmallCNN's CAMs cancel before its last 2x2 block; a ResNet's second stage (8x8 at 32 px) does not, and its
+    HiResCAM finds the marker, changes with the weights and orders the deletion better than chance (Grad-CAM at the
+    same layer does neither here)."""
+    model, marked, acc = trained_resnet
+    assert acc > 0.98
+    assert cam_resolution(model, "1.layer2", (SIZE, SIZE)) == (8, 8)
+    ev = {method: image_evidence(model, marked[:24], MASK, method=method, n_draws=3)
+          for method in ("hirescam", "gradcam")}
+    for e in ev.values():
+        assert e["layer"] == "1.layer2" and e["cam_resolution"] == [8, 8] and e["grow"] == 4
+        assert e["n_zero_maps"] == 0  # not cancelled, unlike SmallCNN's stem and block2
+    hires = ev["hirescam"]
+    assert hires["passes_randomisation"] and hires["passes_deletion"]
+    assert hires["region_share_mean"] > 4 * hires["region_area_share"]  # measured 0.30 against 0.0625
+    # Grad-CAM averages each channel's gradient over the positions: on this model it misses the marker (0.04)
+    assert ev["gradcam"]["region_share_mean"] < hires["region_share_mean"] / 2
+
 
 def test_region_share_on_hand_made_maps():
     inside = np.where(MASK, 2.0, 0.0)
@@ -190,7 +250,7 @@ def test_image_evidence_dict_and_report_section(trained):
     before = SmallCNN()  # stands in for the unmitigated model
     ev = image_evidence(model, marked[:24], MASK, reference_model=before)
     assert json.loads(json.dumps(ev, allow_nan=False)) == ev  # plain, strict-JSON types
-    assert ev["n_images"] == 24 and ev["layer"] == DEFAULT_LAYER == "features.block4"
+    assert ev["n_images"] == 24 and ev["layer"] == DEFAULT_LAYERS[0] == "features.block4"
     assert ev["cam_resolution"] == [2, 2] and ev["grow"] == 16
     assert ev["region_area_share"] == pytest.approx(area_share(MASK, 16))
     maps = gradcam_maps(model, marked[:24])
@@ -198,6 +258,8 @@ def test_image_evidence_dict_and_report_section(trained):
     assert ev["deletion_auc_attribution"] < ev["deletion_auc_random"]
     assert ev["randomisation_draws"] == 10 and 0 < ev["randomisation_pairs"] <= 240
     assert ev["randomisation_spearman"] < 0.5
+    assert ev["passes_deletion"] is True
+    assert ev["passes_randomisation"] is (ev["randomisation_spearman"] <= RANDOMISATION_PASS)
     assert set(ev["reference"]) >= {"region_share_mean", "randomisation_spearman", "deletion_auc_attribution"}
     with pytest.raises(ValueError, match="1x1"):
         image_evidence(model, np.zeros((2, 1, 28, 28), np.float32), marker_mask(28))
@@ -249,17 +311,23 @@ def test_audit_cli_adds_image_evidence_from_files(trained, tmp_path, capsys):
     assert ev["region_share_mean"] > ev["region_area_share"]  # the marker model looks at the corner
     assert "id='image-evidence'" in (tmp_path / "audit" / "fairness_audit.html").read_text()
     assert audit_main(base + ["--out", str(tmp_path / "occ"), "--model", str(tmp_path / "final_model.pt"),
-                              "--images", str(site), "--attribution", "occlusion", "--max-images", "4"]) == 0
-    occ = json.loads((tmp_path / "occ" / "fairness_audit.json").read_text())["context"]["image_evidence"]
+                              "--images", str(site), "--attribution", "hirescam,occlusion", "--max-images", "4"]) == 0
+    both = json.loads((tmp_path / "occ" / "fairness_audit.json").read_text())["context"]["image_evidence"]
+    assert list(both) == ["hirescam", "occlusion"] and both["hirescam"]["layer"] == "features.block4"
+    occ = both["occlusion"]
     assert occ["method"] == "occlusion" and occ["n_images"] == min(4, legacy) and occ["grow"] == 0
     assert occ["region_share_mean"] > 5 * occ["region_area_share"]  # pixel resolution: far sharper than 2x2
+    html = (tmp_path / "occ" / "fairness_audit.html").read_text()
+    assert "<td>hirescam</td>" in html and "<td>occlusion</td>" in html and "randomisation pass" in html
     capsys.readouterr()
     for extra, message in [(["--model", str(tmp_path / "final_model.pt")], "both --model and --images"),
                            (["--model", str(tmp_path / "nope.pt"), "--images", str(site)], "not found"),
                            (["--model", str(tmp_path / "final_model.pt"), "--images", str(site), "--region", "0,0,2"],
                             "--region"),
                            (["--model", str(tmp_path / "final_model.pt"), "--images", str(site), "--image-filter",
-                             "scanner_legacy=7"], "no image")]:
+                             "scanner_legacy=7"], "no image"),
+                           (["--model", str(tmp_path / "final_model.pt"), "--images", str(site), "--attribution",
+                             "gradcam,lime"], "choose from gradcam, hirescam, occlusion")]:
         assert audit_main(base + ["--out", str(tmp_path / "x")] + extra) == 2
         assert message in capsys.readouterr().err
     # weights without a card: the image size is never guessed
