@@ -31,7 +31,7 @@ from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.networks import build_model, get_device, with_detector
 from core_models.pretext import PretextModel, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
-from core_models.protocol import BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
+from core_models.protocol import BOX_EXAMPLES, BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
 from core_models.training import evaluate, make_loader, train_epochs
 from fairness import mitigation
 
@@ -370,10 +370,12 @@ def train(msg: Message, context: Context) -> Message:
         reply = _dp_train_reply(n_train, plan, ledger, epsilon_before)
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
-        loss_fn = None
+        loss_fn, boxed = None, {}
         if train_cfg.detection:  # the loader's metadata carries the boxes (the config rules out the penalty)
             from core_models.detection import box_meta, detection_objective
-            meta, loss_fn = box_meta(*site.boxes("train")), detection_objective()
+            per_image, annotated = site.boxes("train")
+            meta, loss_fn = box_meta(per_image, annotated), detection_objective()
+            boxed = {BOX_EXAMPLES: int(np.sum(annotated))}  # the server weighs the detection heads by it
         loader = make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round, meta=meta)
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, grad_accumulation=train_cfg.grad_accumulation,
                              device=get_device(), penalty_fn=penalty, loss_fn=loss_fn, **common)
@@ -381,7 +383,8 @@ def train(msg: Message, context: Context) -> Message:
         val = evaluate(model, make_loader(xv, yv, 256), get_device())
         reply = {"metrics": MetricRecord({"train-loss": stats["train_loss"], "val-auroc": val["auroc"],
                                           "val-loss": val["loss"], "num-examples": len(y),
-                                          "rejected": len(site.data.rejected), "steps": stats["steps"], **NO_DP})}
+                                          "rejected": len(site.data.rejected), "steps": stats["steps"], **boxed,
+                                          **NO_DP})}
     carried = penalty.state_dict() if penalty is not None else {}
     if "mu" in carried:  # the stratified penalty's multiplier carries over to the next round
         context.state["fair-state"] = ConfigRecord({"mu": float(carried["mu"])})

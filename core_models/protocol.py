@@ -29,3 +29,6 @@ def error_status(code: int) -> str:
     return STATUS_OF_ERROR.get(int(code), "error")
 
 DISCLOSURE = "disclosure"  # ConfigRecord of a reply: which of its metrics are noised, which are withheld (NaN)
+
+BOX_EXAMPLES = "box-examples"  # train metric of a detection round: the annotated images the site trained the head on
+DETECTION_HEAD = "head."  # state-dict prefix of a LesionDetector's own head (the classifier's keys are "classifier.")

@@ -153,8 +153,8 @@ def _auc(y: Sequence[float], x: Sequence[float]) -> float:
 
 def gradcam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | None = None, class_idx: int = 1,
                  *, batch_size: int = 128) -> np.ndarray:
-    """Grad-CAM maps (N, H, W) of class ``class_idx`` at ``layer`` (default: the first of :data:`DEFAULT_LAYERS` the model has), upsampled
-    bilinearly to the image size by MONAI.
+    """Grad-CAM maps (N, H, W) of class ``class_idx`` at ``layer`` (default: the first of :data:`DEFAULT_LAYERS` the
+    model has), upsampled bilinearly to the image size by MONAI.
 
     Runs on a deep copy (eval mode, gradients on), because MONAI registers hooks on the module and needs gradients
     at the layer. The maps are MONAI's raw ReLU'd Grad-CAM, in the model's units and comparable across images:
@@ -429,15 +429,15 @@ def image_evidence(model: nn.Module, x: np.ndarray | torch.Tensor, mask: np.ndar
                    occlusion_stride: int = 1) -> dict[str, Any]:
     """Attribution evidence on images ``x`` (e.g. legacy-scanner images, which carry the marker) as one JSON-able
     dict for the audit report (``context["image_evidence"]``): ``n_images``, ``method`` (one of
-    :data:`ATTRIBUTION_METHODS`), ``layer`` (the CAM's; for occlusion the window), ``cam_resolution`` [h, w] (the grid the map
-    resolves: the layer's, or the input's for occlusion), ``grow`` (default: the layer's stride, input size // CAM
-    size; 0 for occlusion), ``region_area_share`` (the grown marker region's share of the image),
+    :data:`ATTRIBUTION_METHODS`), ``layer`` (the CAM's; for occlusion the window), ``cam_resolution`` [h, w] (the
+    grid the map resolves: the layer's, or the input's for occlusion), ``grow`` (default: the layer's stride, input
+    size // CAM size; 0 for occlusion), ``region_area_share`` (the grown marker region's share of the image),
     ``region_share_mean`` / ``_median`` (of the attribution; ``n_zero_maps`` all-zero maps left out), the
     randomisation Spearman correlation (``randomisation_pairs``: the image x draw pairs it rests on), the deletion
-    AUCs (attribution vs random order) and curves (``occlusion_stride``: windows every that many pixels, for
-    large images or slow networks), ``passes_randomisation`` (median correlation <= :data:`RANDOMISATION_PASS`)
-    and ``passes_deletion`` (map order below random order); with ``reference_model`` (e.g. the model before mitigation) the
-    same numbers for it under ``reference``, so the report shows before and after.
+    AUCs (attribution vs random order) and curves (``occlusion_stride``: windows every that many pixels, for large
+    images or slow networks), ``passes_randomisation`` (median correlation <= :data:`RANDOMISATION_PASS`) and
+    ``passes_deletion`` (map order below random order); with ``reference_model`` (e.g. the model before
+    mitigation) the same numbers for it under ``reference``, so the report shows before and after.
     """
     if method not in ATTRIBUTION_METHODS:
         raise ValueError(f"unknown attribution method {method!r}: one of {ATTRIBUTION_METHODS}")

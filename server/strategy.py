@@ -13,14 +13,14 @@ from collections.abc import Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from core_models.config import ServerConfig
-from core_models.protocol import DISCLOSURE, error_site, error_status
+from core_models.protocol import BOX_EXAMPLES, DETECTION_HEAD, DISCLOSURE, error_site, error_status
 from server.privacy_registry import PrivacyRegistry
 
 # Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
@@ -28,6 +28,30 @@ from server.privacy_registry import PrivacyRegistry
 UNREACHABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+def pool_detection_heads(replies: list[Message]) -> list[Message]:
+    """Give every reply's detection head the mean of the heads the sites trained, weighted by the annotated images
+    each trained it on (their ``box-examples``), so the strategy averages identical heads.
+
+    A site without boxes trains the classifier only and sends back the head it received; FedAvg would weigh that
+    stale copy by the site's num-examples and pull the head's update back toward the old head (by a quarter with
+    one of four equal sites unboxed). The classifier's arrays are left to the strategy."""
+    with_arrays = [r for r in replies if not r.has_error() and "arrays" in r.content.array_records]
+    trained = [r for r in with_arrays if float(r.content["metrics"].get(BOX_EXAMPLES, 0)) > 0]
+    if not trained:
+        return replies
+    weights = np.array([float(r.content["metrics"][BOX_EXAMPLES]) for r in trained])
+    weights /= weights.sum()
+    keys = [k for k in trained[0].content["arrays"].keys() if k.startswith(DETECTION_HEAD)]
+    pooled = {k: sum(w * r.content["arrays"][k].numpy().astype(np.float64) for w, r in zip(weights, trained))
+              for k in keys}
+    for r in with_arrays:
+        arrays = r.content["arrays"]
+        for k in keys:
+            if k in arrays:
+                arrays[k] = Array(pooled[k].astype(arrays[k].numpy().dtype))
+    return replies
 
 
 class SiteTrackingMixin:
@@ -138,7 +162,7 @@ class SiteTrackingMixin:
         server_round += self.round_offset
         replies = self.screen_privacy(server_round, list(replies))
         self.record_replies(server_round, "train", replies)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_train(server_round, pool_detection_heads(replies))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
