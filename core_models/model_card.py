@@ -14,10 +14,12 @@ def card_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def write_card(model_path: str | Path, arch: str, num_classes: int, image_size: int) -> Path:
+def write_card(model_path: str | Path, arch: str, num_classes: int, image_size: int, detector: bool = False) -> Path:
+    """``detector``: the file holds a LesionDetector (the classifier under "classifier.", its box head under
+    "head."), not the bare network."""
     path = card_path(model_path)
-    path.write_text(json.dumps({"model": arch, "num_classes": int(num_classes), "image_size": int(image_size)},
-                               indent=1) + "\n")
+    card = {"model": arch, "num_classes": int(num_classes), "image_size": int(image_size)}
+    path.write_text(json.dumps({**card, **({"detector": True} if detector else {})}, indent=1) + "\n")
     return path
 
 
@@ -29,7 +31,7 @@ def read_card(model_path: str | Path) -> dict | None:
     try:
         card = json.loads(path.read_text())
         return {"model": str(card["model"]), "num_classes": int(card["num_classes"]),
-                "image_size": int(card["image_size"])}
+                "image_size": int(card["image_size"]), "detector": bool(card.get("detector", False))}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a model card ({type(err).__name__}: {err})") from None
 

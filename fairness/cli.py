@@ -170,7 +170,8 @@ def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, see
 
 
 def load_weights(path: str | Path, arch: str | None = None, num_classes: int | None = None):
-    """The network in `path`, built as its model card says (or as `arch`/`num_classes` say, where given).
+    """The network in `path`, built as its model card says (or as `arch`/`num_classes` say, where given); of a
+    detector file (its card says so), the detector's classifier, which is what scores and explanations use.
     Raises ValueError naming the file when the weights do not fit that network."""
     from core_models.model_card import read_card
     from core_models.networks import build_model
@@ -179,8 +180,13 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     card = read_card(path) or {}
     arch = arch or card.get("model", "cnn")
     model = build_model(arch, num_classes or card.get("num_classes", 2))
+    holder = model
+    if card.get("detector"):
+        from core_models.detection import LesionDetector
+
+        holder = LesionDetector(model, card["image_size"])
     try:
-        model.load_state_dict(state)
+        holder.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"model file {path} does not fit the network {arch!r}"
                          f"{' (its model card)' if card and arch == card.get('model') else ''}: "

@@ -20,6 +20,7 @@ from core_models.networks import build_model, with_detector
 from core_models.pretext import PretextModel, encoder_state
 from core_models.pretrained import load_pretrained
 from core_models.model_card import write_card
+from core_models.protocol import DETECTION_HEAD
 from server.checkpoint import BEST_MODEL, load_latest
 from server.hooks import (BestModel, Checkpointing, FairnessBroadcast, HoldoutEvaluation, RoundEvaluation,
                           RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly)
@@ -75,17 +76,20 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.train.detection:  # the classifier alone (what scoring and auditing load); the whole detector beside it
         for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):
             state = torch.load(saved, weights_only=True) if saved.exists() else {}
-            if any(k.startswith(DETECTOR_HEAD) for k in state):  # (already split when a finished run resumed)
+            if any(k.startswith(DETECTION_HEAD) for k in state):  # (already split when a finished run resumed)
                 torch.save(state, saved.with_name(saved.stem + "_detector.pt"))
                 torch.save({k[len(CLASSIFIER):]: v for k, v in state.items() if k.startswith(CLASSIFIER)}, saved)
     for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)
+        detector = saved.with_name(saved.stem + "_detector.pt")
+        if cfg.train.detection and detector.exists():
+            write_card(detector, cfg.train.model, cfg.train.num_classes, cfg.train.image_size, detector=True)
     failures = list(statistics.failures) if statistics else []
     _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures)
 
 
-CLASSIFIER, DETECTOR_HEAD = "classifier.", "head."  # a LesionDetector's state-dict prefixes
+CLASSIFIER = "classifier."  # a LesionDetector's state-dict prefix of its classifier
 
 
 def initial_model(cfg: RunConfig) -> torch.nn.Module:

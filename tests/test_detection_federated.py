@@ -12,7 +12,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from core_models.model_card import read_card
 from core_models.networks import build_model
+from fairness.cli import load_weights
 from server.strategy import TrackedFedAvg
 from simulations.generator import generate_consortium
 from simulations.run import main as simulate
@@ -47,6 +49,13 @@ def test_sites_without_boxes_take_part_and_the_holdout_map_rises(tmp_path):
     # final_model.pt is the classifier alone (what scoring and auditing load); the detector lies beside it
     build_model("cnn").load_state_dict(torch.load(out / "final_model.pt", weights_only=True))
     assert any(k.startswith("head.out") for k in torch.load(out / "final_model_detector.pt", weights_only=True))
+    # the detector's card says what it is, and the commands that score or explain read its classifier from it
+    assert read_card(out / "final_model_detector.pt") == {"model": "cnn", "num_classes": 2, "image_size": 32,
+                                                          "detector": True}
+    assert read_card(out / "final_model.pt")["detector"] is False
+    x = torch.from_numpy(np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32))
+    with torch.no_grad():
+        assert torch.equal(load_weights(out / "final_model_detector.pt")(x), load_weights(out / "final_model.pt")(x))
 
 
 def _train_reply(node: int, head: float, classifier: float, n: int, boxes: int) -> Message:
