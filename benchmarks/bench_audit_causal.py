@@ -8,7 +8,8 @@ Models (simulations/causal_models.py): ``markovian``; ``latent_a_c`` (a hidden c
 ``latent_s_image`` (a hidden cause of the scanner S and the image: site / scanner effects); ``strong_c`` (C drives
 A, S, D and the score strongly); ``continuous_s`` (S continuous: only the robust estimator applies); ``latent_s_d``
 (a hidden cause of S and D: a recanting district, the PSE is not identified; the audit's rows then hold the
-interventional analogue, compared here with that analogue's truth). Each replication draws ``--n`` fresh
+interventional analogue, compared here with that analogue's truth, and bounds on the PSE itself for any dependence
+between S and D, compared with the PSE's truth). Each replication draws ``--n`` fresh
 patients; the truth comes from 1,000,000 patients' counterfactual scores.
 """
 
@@ -57,6 +58,13 @@ def replicate(name: str, n: int, reps: int) -> list[dict]:
                 rows.append({"model": name, "estimator": estimator, "effect": effect, "truth": target,
                              "estimate": got["estimate"], "covered": got["ci_low"] <= target <= got["ci_high"],
                              "width": got["ci_high"] - got["ci_low"]})
+        for b in eff.diagnostics.get("bounds", []):  # a recanting district: the PSE itself, bounded
+            if b["outcome"] == "score":
+                target = truth[b["effect"]]
+                rows.append({"model": name, "estimator": "bounds", "effect": b["effect"], "truth": target,
+                             "estimate": math.nan, "lower": b["lower"], "upper": b["upper"],
+                             "in_bounds": b["lower"] <= target <= b["upper"],
+                             "covered": b["ci_low"] <= target <= b["ci_high"], "width": b["ci_high"] - b["ci_low"]})
     return rows
 
 
@@ -84,6 +92,11 @@ def main() -> None:
         t0 = time.perf_counter()
         df = pd.DataFrame(replicate(name, args.n, args.reps))
         for (estimator, effect), g in df.groupby(["estimator", "effect"], sort=False):
+            if estimator == "bounds":
+                print(f"| {name} | {verdict} | bounds | {effect} (the PSE itself) | {g.truth.iloc[0]:+.4f} | "
+                      f"[{g.lower.mean():+.4f}, {g.upper.mean():+.4f}] (truth inside in {g.in_bounds.mean():.2f}) | "
+                      f" | {g.covered.mean():.2f} | {g.width.mean():.4f} |")
+                continue
             label = effect + (" (interventional analogue)" if effect == "impermissible" and not ident.identified
                               else "")
             print(f"| {name} | {verdict} | {estimator} | {label} | {g.truth.iloc[0]:+.4f} | {g.estimate.mean():+.4f} "

@@ -45,6 +45,14 @@ def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
         if alt and alt != "total effect" and math.isfinite(s["estimate"]):
             text += (f" What is identified instead, the {alt}, is {_fmt(s['estimate'])} ({effects.ci:.0%} CI {ci}, "
                      f"{_p(s['p_value'])}).")
+        bound = next((b for b in effects.diagnostics.get("bounds", [])
+                      if b["outcome"] == "score" and b["effect"] == "impermissible"), None)
+        if bound is not None:
+            text += (f" The effect itself lies between {_fmt(bound['lower'])} and {_fmt(bound['upper'])} whatever "
+                     f"the dependence between {' and '.join(bound['district'])} ({effects.ci:.0%} CI for that range "
+                     f"[{_fmt(bound['ci_low'])}, {_fmt(bound['ci_high'])}])"
+                     + ("; it is positive across it." if bound["ci_low"] > 0 else
+                        "; it is negative across it." if bound["ci_high"] < 0 else "."))
         elif not ident.total_effect_identified:
             text += " Nothing is estimated: adjusting for the covariates does not remove the confounding."
         elif math.isfinite(tot["estimate"]):

@@ -490,7 +490,61 @@ def _gformula(d: Design, ident: Identification, meds: list[Var], covs: list[Var]
             else:
                 inner = (q[ay] * prod).sum(tuple(ax - 1 for ax in m_axes))
             out[k][eff] = (pc * inner).sum(0)
-    return out["score"], out.get("label", {}), {"cells": g, "covariate_cells": lc, "empty_cell_fallbacks": fallbacks}
+    diag = {"cells": g, "covariate_cells": lc, "empty_cell_fallbacks": fallbacks}
+    pair = _bounded_pair(ident, meds, parents) if outcome == "cells" else None
+    if pair is not None:
+        diag["bounds"] = {k: {eff: _coupling_bounds(q, conds, pc, pair, worlds[eff], names) for eff in
+                              ("impermissible", "permissible")} for k, q in qs.items()}
+    return out["score"], out.get("label", {}), diag
+
+
+def _bounded_pair(ident: Identification, meds: list[Var], parents: dict[str, list[str]]) -> tuple[int, int] | None:
+    """The two mediators (their indices) of a recanting district whose joint cross-world law the data leave open,
+    when the bounds below apply: one district of two binary mediators, neither with a mediator parent."""
+    if not ident.interventional or len(ident.recanting_districts) != 1:
+        return None
+    names = [m.name for m in meds]
+    district = list(ident.recanting_districts[0])
+    if len(district) != 2 or any(v not in names for v in district):
+        return None
+    j1, j2 = (names.index(v) for v in district)
+    if any(len(meds[j].levels) != 2 or parents[names[j]] for j in (j1, j2)):
+        return None
+    return j1, j2
+
+
+def _coupling_bounds(q: np.ndarray, conds: list[np.ndarray], pc: np.ndarray, pair: tuple[int, int],
+                     world: tuple[int, dict[str, int]], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on the edge g-formula's mean when the two district mediators M1, M2 (switched to different A-values)
+    may depend on each other in any way: each is drawn from its own identified law, p(m1 | a', c) and
+    p(m2 | a'', c), and their coupling is free (the Frechet class; the interventional analogue takes the
+    independent one). Per covariate cell the mean is linear in t = P(M1 = 1, M2 = 1), with slope the outcome's
+    interaction mu11 - mu10 - mu01 + mu00, and t ranges over [max(0, p1 + p2 - 1), min(p1, p2)]; the other
+    mediators follow their own laws given M1, M2. Returns (lower, upper) per column."""
+    ay, factor_world = world
+    j1, j2 = pair
+    n_meds = len(conds)
+    mu = q[ay]
+    for j, p in enumerate(conds):
+        if j not in pair:
+            mu = mu * p[factor_world.get(names[j], ay)]
+    others = tuple(j for j in range(n_meds) if j not in pair)
+    if others:
+        mu = mu.sum(others, keepdims=True)
+
+    def at(arr: np.ndarray, v1: int, v2: int) -> np.ndarray:
+        idx = tuple(v1 if j == j1 else v2 if j == j2 else 0 for j in range(n_meds))
+        return np.broadcast_to(arr, np.broadcast_shapes(arr.shape, mu.shape))[idx]
+
+    p1 = at(conds[j1][factor_world.get(names[j1], ay)], 1, 0)
+    p2 = at(conds[j2][factor_world.get(names[j2], ay)], 0, 1)
+    m00, m10, m01, m11 = at(mu, 0, 0), at(mu, 1, 0), at(mu, 0, 1), at(mu, 1, 1)
+    fixed = m00 + (m10 - m00) * p1 + (m01 - m00) * p2
+    slope = m11 - m10 - m01 + m00
+    t_low, t_high = np.maximum(0.0, p1 + p2 - 1.0), np.minimum(p1, p2)
+    lower = fixed + np.minimum(slope * t_low, slope * t_high)
+    upper = fixed + np.maximum(slope * t_low, slope * t_high)
+    return (pc * lower).sum(0), (pc * upper).sum(0)
 
 
 # --------------------------------------------------------------------------------------------- main entry
@@ -741,6 +795,7 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
         g_score, g_label, g_diag = {}, {}, {}
     else:
         g_score, g_label, g_diag = g
+    coupling = g_diag.pop("bounds", None)
     s_score, s_label, s_base = {}, {}, {}
     if smoothed:
         sm = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells, outcome="smooth",
@@ -799,6 +854,10 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             diagnostics["positivity_warnings"].append(
                 f"{eff}: effective sample size {dg['effective_sample_size']:.0f} is under 10% of the "
                 f"{dg['n_rows']} reweighted rows")
+    if coupling is not None and ident.total_effect_identified:
+        diagnostics["bounds"] = _bound_rows(coupling, base, ci, replicate_map, ident.recanting_districts[0])
+        notes.append("bounds: the impermissible and permissible PSEs for any dependence between the district's "
+                     "mediators (" + ", ".join(ident.recanting_districts[0]) + "), each drawn from its own law")
     if smoothed:  # the unsmoothed rows the checks compare are heavy-tailed on noised cells: no test of the graph
         diagnostics["graph_checks"] = []
         notes.append("graph checks skipped: on noised cells the weighting and cell g-formula rows they compare are "
@@ -810,6 +869,25 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
     baseline = {k: float(v[0]) for k, v in base.items()}
     return EffectTable(table=table, identification=ident, diagnostics=diagnostics, levels=levels, n=n,
                        baseline=baseline, n_boot=n_boot, ci=ci, seconds=time.perf_counter() - t0, replicates=reps)
+
+
+def _bound_rows(coupling: dict, base: dict, ci: float, replicate_map, district: list[str]) -> list[dict]:
+    """The bounds of :func:`_coupling_bounds` as effects (minus the baseline E[T | a0]), each with a ``ci``
+    interval for the whole range: the lower bound's lower and the upper bound's upper percentile over the
+    replicates (conservative: it covers every value in the range, not only the true one)."""
+    rows = []
+    for outcome, by_effect in coupling.items():
+        for eff, (low, high) in by_effect.items():
+            low, high = low - base[outcome], high - base[outcome]
+            if replicate_map is not None:
+                low, high = replicate_map(low), replicate_map(high)
+            lo_b, hi_b = low[1:][np.isfinite(low[1:])], high[1:][np.isfinite(high[1:])]
+            q = (1 - ci) / 2
+            rows.append({"outcome": outcome, "effect": eff, "district": list(district),
+                         "lower": float(low[0]), "upper": float(high[0]),
+                         "ci_low": float(np.clip(np.quantile(lo_b, q), -1, 1)) if len(lo_b) else math.nan,
+                         "ci_high": float(np.clip(np.quantile(hi_b, 1 - q), -1, 1)) if len(hi_b) else math.nan})
+    return rows
 
 
 def _positivity(d: Design, meds: list[Var], ident: Identification, ratio: float, min_cell: int) -> list[str]:

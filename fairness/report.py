@@ -316,6 +316,13 @@ def _effects(audit: AuditResult, context: dict[str, Any]) -> str:
                      "TV = ctf-direct &minus; ctf-indirect &minus; ctf-spurious; the spurious part is the disparity "
                      "that comes from the covariates differing between the groups.</p>"
                      + _table(decomposition, ["effect", "estimate", "ci_low", "ci_high", "p_value", "identified"]))
+    bounds = (eff.get("diagnostics") or {}).get("bounds") or []
+    if bounds:
+        parts.append("<p>Bounds on the path-specific effects themselves (not identified: their mediators share an "
+                     "unmeasured cause): each mediator drawn from its own identified law, their dependence anything "
+                     "the data allow; the interval covers the whole range.</p>"
+                     + _table([{**b, "district": ", ".join(b["district"])} for b in bounds],
+                              ["outcome", "effect", "district", "lower", "upper", "ci_low", "ci_high"]))
     sensitivity = (eff.get("diagnostics") or {}).get("sensitivity") or []
     if sensitivity:
         parts.append("<p>Sensitivity to unmeasured confounding (E-values, VanderWeele &amp; Ding):</p><ul>"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fairness import estimate_effects, identify, run_audit
+from fairness.report import render_html
 from fairness.robust import e_value
 from simulations.causal_models import MODELS, StructuralModel, sample, true_effects
 
@@ -57,6 +58,42 @@ def test_recanting_district_is_named_and_its_interventional_analogue_estimated(t
     assert row["identified"] is False and "interventional analogue" in row["target"]
     assert "interventional analogue" in audit.verdict["text"] and "recanting district" in audit.verdict["text"]
     assert f"{row['estimate']:+.3f}" in audit.verdict["text"]
+
+
+def test_a_recanting_district_bounds_the_pse_itself(truths):
+    """The PSE of a recanting district is bounded over every coupling of S(a1) and D(a0) that the two identified
+    laws allow: the range holds the true PSE (S and D share a hidden cause) and the interventional analogue (the
+    independent coupling); it is one point when the score is additive in S and D and wide when it is their
+    product, and the verdict states it."""
+    m = MODELS["latent_s_d"]
+    frame = sample(m, 20_000, np.random.default_rng(5))
+    audit = run_audit(frame, m.spec(), n_boot=50)
+    bounds = {(b["outcome"], b["effect"]): b for b in audit.effects["diagnostics"]["bounds"]}
+    imp = bounds[("score", "impermissible")]
+    assert imp["district"] == ["D", "S"]
+    analogue = next(r for r in audit.effects["effects"] if r["effect"] == "impermissible"
+                    and r["outcome"] == "score" and r["estimator"] == "gformula")["estimate"]
+    assert imp["ci_low"] <= imp["lower"] <= analogue <= imp["upper"] <= imp["ci_high"]
+    truth = truths["latent_s_d"]
+    for effect in ("impermissible", "permissible"):
+        b = bounds[("score", effect)]
+        assert b["ci_low"] <= truth[effect] <= b["ci_high"], (effect, b, truth[effect])
+    assert f"between {imp['lower']:+.3f} and {imp['upper']:+.3f}" in audit.verdict["text"]
+    html = render_html(audit)
+    assert "Bounds on the path-specific effects" in html and f"<td>{imp['upper']:.4f}</td>" in html
+
+    def bounds_for(score: np.ndarray) -> dict:
+        eff = estimate_effects(frame.assign(score=score), m.spec(), n_boot=10, seed=0)
+        b = next(b for b in eff.diagnostics["bounds"] if b["outcome"] == "score" and b["effect"] == "impermissible")
+        return {**b, "analogue": eff.estimate("impermissible", estimator="gformula")}
+
+    s, d = frame["S"].to_numpy(float), frame["D"].to_numpy(float)
+    additive = bounds_for(0.2 + 0.3 * s + 0.2 * d)
+    assert additive["lower"] == pytest.approx(additive["upper"], abs=1e-9)
+    assert additive["lower"] == pytest.approx(additive["analogue"], abs=1e-9)
+    product = bounds_for(s * d)
+    assert product["upper"] - product["lower"] > 0.05
+    assert product["lower"] < product["analogue"] < product["upper"]
 
 
 def test_continuous_mediator_is_estimated_without_bins(truths):
