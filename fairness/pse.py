@@ -90,7 +90,8 @@ class EffectTable:
 
     def get(self, effect: str, outcome: str = "score", estimator: str | None = None) -> dict[str, Any]:
         """One row; without ``estimator``, the first of robust, smoothed, weighting, g-formula with an estimate (the
-        interventional analogue of a recanting district, for one, has only a g-formula)."""
+        interventional analogue of a recanting district, for one, has no weighting form; its robust form needs
+        categorical mediators without mediator parents)."""
         if estimator is None:
             t = self.table
             for name in PRIMARY_ORDER + ("gformula",):
@@ -787,8 +788,8 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             for eff in ("impermissible", "permissible"):
                 if eff in by_out:
                     by_out[eff] = np.full(d.N.shape[1], np.nan)
-        notes.append("the interventional analogue is given by the g-formula (the weighting estimator would keep "
-                     "the mediators' hidden dependence)")
+        notes.append("the interventional analogue is given by the robust estimator and the g-formula (the weighting "
+                     "estimator would keep the mediators' hidden dependence)")
     g = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells)
     if g is None:
         notes.append("g-formula skipped: too many (A, mediator, covariate) cells")

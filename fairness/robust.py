@@ -18,6 +18,9 @@ Nuisances are fitted on the other folds (cross-fitting), so a flexible learner (
 ridge/logistic by default, gradient boosting for large tables) does not bias the interval; the interval is Wald
 with the influence function's standard error, centred on the estimate.
 
+A recanting district's PSE is not identified; its interventional analogue (each mediator drawn independently from
+its own law given A and the covariates) gets its own influence-function estimator, :func:`_interventional_psi`.
+
 Also from the same influence functions: Plecko & Bareinboim's decomposition of the observed disparity
 ``TV = E[T|a1] - E[T|a0] = DE - IE - SE`` (x-specific counterfactual direct, indirect and spurious effects in the
 reference group), and E-values (VanderWeele & Ding 2017; for mediated effects Smith & VanderWeele 2019): how strong,
@@ -231,6 +234,102 @@ def _psi(nu: _Nuisance, mediators: list[str], worlds: list[int], y: np.ndarray) 
     return phi, w_max
 
 
+def _analogue_applies(frame: pd.DataFrame, spec: CausalSpec, ident, max_cells: int = 400) -> bool:
+    """Whether :func:`_interventional_psi` covers this interventional analogue: mediators that have no mediator
+    parents (each is drawn from its own law given A and the covariates), categorical, few joint levels."""
+    if not ident.interventional or not ident.mediators:
+        return False
+    proj, _ = spec.projection()
+    cells = 1
+    for m in ident.mediators:
+        if any(p in ident.mediators for p in proj.predecessors(m)):
+            return False
+        levels = frame[spec.column(m)].nunique()
+        cells *= levels
+        if levels > MAX_MEDIATOR_LEVELS:
+            return False
+    return cells <= max_cells
+
+
+def _interventional_psi(nu: _Nuisance, mediators: list[str], worlds: list[int], y: np.ndarray) -> np.ndarray:
+    """Per-row phi of the interventional analogue psi = E[ sum_m mu(m, C) prod_j p(m_j | a_j, C) | A = a0 ], with
+    mu(m, C) = E[T | A = a_y, M = m, C] and each mediator drawn independently from its own law (mediators without
+    mediator parents). Its efficient influence function (Benkeser & Ran 2021; Diaz et al. 2021), with
+    theta(C) the inner sum and w_a = 1{A=a} p(a0|C) / p(a|C):
+
+        phi = 1{A=a0} theta(C) + w_{a_y} prod_j p(M_j | a_j, C) / p(M | a_y, C) (T - mu(M, C))
+              + sum_j w_{a_j} (mubar_j(M_j, C) - theta(C)),
+
+    mubar_j(m_j, C) the inner sum with M_j fixed at m_j. Consistent when, term by term, either the regression or
+    the weights are right; every nuisance fitted on the other folds."""
+    a, frame, spec = nu.a, nu.frame, nu.spec
+    n, k = len(y), len(mediators)
+    xc, cat_c = _matrix(frame, nu.covariates) if nu.covariates else (np.zeros((n, 0)), np.zeros(0, bool))
+    codes, levels = [], []
+    for m in mediators:
+        col = frame[spec.column(m)]
+        values = col.to_numpy()
+        lev = np.unique(values)
+        codes.append(np.searchsorted(lev, values))
+        numeric = pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col)
+        levels.append(lev.astype(np.float64) if numeric else np.arange(len(lev), dtype=np.float64))
+    sizes = [len(v) for v in levels]
+    joint = np.ravel_multi_index(codes, sizes)
+    combos = np.array(np.unravel_index(np.arange(int(np.prod(sizes))), sizes)).T  # every joint level
+    xa = np.column_stack([a.astype(np.float64), xc])
+    cat_a = np.concatenate([[False], cat_c])
+    ell0 = nu.a_logit([])
+    ay = worlds[-1]
+    theta, mu_obs, ratio = np.empty(n), np.empty(n), np.empty(n)
+    mubar = [np.empty(n) for _ in range(k)]
+    lo, hi = float(y.min()), float(y.max())
+
+    def probs(model, x, value: float, size: int) -> np.ndarray:
+        """p(level | A = value, C) for every level (levels the fold never saw: 0)."""
+        x = x.copy()
+        x[:, 0] = value
+        out = np.zeros((len(x), size))
+        out[:, model.classes_.astype(int)] = model.predict_proba(x)
+        return out
+
+    for fold in np.unique(nu.folds):
+        train, test = nu.folds != fold, nu.folds == fold
+        rows = train & (a == ay)
+        xm = np.column_stack([xc] + [levels[j][codes[j]] for j in range(k)])
+        reg = nu._fit(nu.make_reg, xm, np.concatenate([cat_c, np.zeros(k, bool)]), y, rows)
+        t = int(test.sum())
+        grid = np.concatenate([np.repeat(xc[test], len(combos), axis=0),
+                               np.tile(np.column_stack([levels[j][combos[:, j]] for j in range(k)]), (t, 1))], axis=1)
+        mu = np.clip(reg.predict(grid), lo, hi).reshape(t, len(combos))
+        marg = [probs(nu._fit(nu.make_clf, xa, cat_a, codes[j], train), xa[test], worlds[j], sizes[j])
+                for j in range(k)]
+        factor = np.ones((t, len(combos)))
+        for j in range(k):
+            factor *= marg[j][:, combos[:, j]]
+        theta[test] = (mu * factor).sum(1)
+        own = joint[test]
+        mu_obs[test] = mu[np.arange(t), own]
+        p_joint = probs(nu._fit(nu.make_clf, xa, cat_a, joint, train), xa[test], ay, len(combos))[np.arange(t), own]
+        nu.clipped += int((p_joint < nu.clip).sum())
+        ratio[test] = factor[np.arange(t), own] / np.clip(p_joint, nu.clip, 1.0)
+        for j in range(k):
+            others = np.ones((t, len(combos)))
+            for i in range(k):
+                if i != j:
+                    others *= marg[i][:, combos[:, i]]
+            same = combos[None, :, j] == codes[j][test][:, None]  # the joint levels with M_j at its own value
+            mubar[j][test] = (mu * others * same).sum(1)
+
+    def weight(world: int) -> np.ndarray:
+        w = (a == world) * (np.exp(-ell0) if world == 1 else np.ones(n))
+        return w * (a == 0).sum() / max(w.sum(), 1e-300)  # E[w] = p(a0): normalised (Hajek), as in _psi
+
+    phi = (a == 0) * theta + weight(ay) * ratio * (y - mu_obs)
+    for j in range(k):
+        phi = phi + weight(worlds[j]) * (mubar[j] - theta)
+    return phi
+
+
 def robust_effects(frame: pd.DataFrame, spec: CausalSpec, a: np.ndarray, *, folds: int = 5, seed: int = 0,
                    ci: float = 0.95, clip: float = 0.01, learner: str = "quadratic") -> RobustEffects:
     """The four effects of A (``a``: 1 for a1, 0 for the reference a0, per row of ``frame``) on the score and, with
@@ -262,12 +361,16 @@ def _robust_effects(frame, spec, a, *, folds, seed, ci, clip, learner) -> Robust
         infl0 = (a == 0) * (y - mean0) / p0
         infl1 = (a == 1) * (y - mean1) / (1 - p0)
         effect_ests: dict[str, tuple[float, np.ndarray]] = {}
+        analogue = _analogue_applies(frame, spec, ident)
         for eff in EFFECTS:
-            if not ident.effect_identified.get(eff, False):
+            worlds = [ident.factor_world[eff][m] for m in ident.mediators] + [ident.factor_world[eff][node]]
+            if analogue and eff in ("impermissible", "permissible"):  # a recanting district's identified analogue
+                phi, w_max = _interventional_psi(nu, ident.mediators, worlds, y), math.nan
+            elif not ident.effect_identified.get(eff, False):
                 effect_ests[eff] = (math.nan, np.full(n, math.nan))
                 continue
-            worlds = [ident.factor_world[eff][m] for m in ident.mediators] + [ident.factor_world[eff][node]]
-            phi, w_max = _psi(nu, ident.mediators, worlds, y)
+            else:
+                phi, w_max = _psi(nu, ident.mediators, worlds, y)
             psi = float(phi.sum() / (a == 0).sum())
             infl = (phi - (a == 0) * psi) / p0 - infl0
             effect_ests[eff] = (psi - mean0, infl)

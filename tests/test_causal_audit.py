@@ -52,12 +52,15 @@ def test_recanting_district_is_named_and_its_interventional_analogue_estimated(t
     assert ident.identified_alternative[0]["name"] == "interventional analogue"
     frame = sample(MODELS["latent_s_d"], 20_000, np.random.default_rng(5))
     audit = run_audit(frame, spec, n_boot=50)
-    row = next(r for r in audit.effects["effects"]
-               if r["effect"] == "impermissible" and r["outcome"] == "score" and r["estimator"] == "gformula")
-    assert row["estimate"] == pytest.approx(truths["latent_s_d"]["interventional"], abs=0.006)
-    assert row["identified"] is False and "interventional analogue" in row["target"]
+    rows = {r["estimator"]: r for r in audit.effects["effects"]
+            if r["effect"] == "impermissible" and r["outcome"] == "score"}
+    truth = truths["latent_s_d"]["interventional"]
+    for estimator in ("robust", "gformula"):  # the influence-function form and the plug-in
+        assert rows[estimator]["estimate"] == pytest.approx(truth, abs=0.006), estimator
+        assert rows[estimator]["identified"] is False and "interventional analogue" in rows[estimator]["target"]
+    assert rows["robust"]["ci_low"] <= truth <= rows["robust"]["ci_high"]
     assert "interventional analogue" in audit.verdict["text"] and "recanting district" in audit.verdict["text"]
-    assert f"{row['estimate']:+.3f}" in audit.verdict["text"]
+    assert f"{rows['robust']['estimate']:+.3f}" in audit.verdict["text"]
 
 
 def test_a_recanting_district_bounds_the_pse_itself(truths):
