@@ -859,6 +859,9 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
         diagnostics["bounds"] = _bound_rows(coupling, base, ci, replicate_map, ident.recanting_districts[0])
         notes.append("bounds: the impermissible and permissible PSEs for any dependence between the district's "
                      "mediators (" + ", ".join(ident.recanting_districts[0]) + "), each drawn from its own law")
+    elif ident.interventional and ident.total_effect_identified:
+        notes.append("no bounds on the PSEs themselves: they are computed for one recanting district of two binary "
+                     "mediators without mediator parents")
     if smoothed:  # the unsmoothed rows the checks compare are heavy-tailed on noised cells: no test of the graph
         diagnostics["graph_checks"] = []
         notes.append("graph checks skipped: on noised cells the weighting and cell g-formula rows they compare are "
