@@ -129,7 +129,8 @@ def train_cnn(data: dict, epochs: int, seed: int, lam: float = 0.0, x_train: np.
               per_cell: int = 32, ramp_steps: int = 0, factorise: bool = True,
               dual_lr: float = 0.0, offset: bool = False, pool: dict | None = None,
               network: str = "cnn") -> tuple[torch.nn.Module, dict]:
-    """A ``network`` (core_models.networks.build_model: SmallCNN by default) on the pooled training set; ``lam > 0`` adds the path-specific penalty, ``mode`` "stratified"
+    """A ``network`` (core_models.networks.build_model: SmallCNN by default) on the pooled training set; ``lam > 0``
+    adds the path-specific penalty, ``mode`` "stratified"
     (StratifiedPathPenalty: per_cell reference-group rows from every scanner cell per step), "stratified-sd" (strata
     by scanner and label), "pooled-sd*" (strata over both groups) or "per-sample"
     (PathSpecificPenalty on the training minibatch, the DP-SGD/federated form); ``offset`` trains with the

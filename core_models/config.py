@@ -269,9 +269,10 @@ class RunConfig:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} trains the encoder without labels: "
                                   f"it cannot be combined with {', '.join(clash)}")
         if self.train.detection:
+            # central-dp: its noise is sized for equal weights, and the detection head is weighted by annotations
             clash = [name for name, on in (("pretext", bool(self.train.pretext)), ("dp", self.dp.enabled),
-                                           ("fair-lambda", self.fair.lam > 0), ("fair-offset", self.fair.offset))
-                     if on]
+                                           ("central-dp", self.dp.central), ("fair-lambda", self.fair.lam > 0),
+                                           ("fair-offset", self.fair.offset)) if on]
             if self.train.model != "cnn":
                 clash.append(f"model = {self.train.model!r} (the detector taps the cnn's feature maps)")
             if clash:

@@ -55,9 +55,9 @@ from torch import nn
 
 DEFAULT_LAYERS = ("features.block4", "1.layer2")
 """Grad-CAM's layer, the first of these a network has: SmallCNN's last conv block (2x2 at 32 px input, stride 16),
-the earliest layer whose Grad-CAM is not cancelled by the GroupNorm that follows it; a MONAI ResNet's (``resnet``,
-``resnet18``) second stage (16x16 at 64 px, stride 4), whose identity shortcuts keep the score from being invariant
-to the scale of its activations (see the module docstring)."""
+the earliest layer whose Grad-CAM is not cancelled by the GroupNorm that follows it; a MONAI ResNet's second stage
+(``resnet``: 16x16 at 64 px, stride 4; ``resnet18``, with its stride-2 stem: 8x8), whose identity shortcuts keep the
+score from being invariant to the scale of its activations (see the module docstring)."""
 
 DELETION_FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -79,6 +79,8 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     for mod in m.modules():
         if getattr(mod, "skip_summed_grads", False):
             mod.skip_summed_grads = False
+        for hooks in (mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks):
+            hooks.clear()  # the copy carries the original's hooks (Opacus' per-sample capture among them)
     for p in m.parameters():
         p.requires_grad_(True)
     return m
@@ -172,7 +174,8 @@ def gradcam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | No
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Backward hook for")  # checked just below instead
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # first layers: harmless
-            maps = cam(torch.from_numpy(x[i:i + batch_size]), class_idx=class_idx)
+            with torch.enable_grad():  # also inside a caller's no_grad block
+                maps = cam(torch.from_numpy(x[i:i + batch_size]), class_idx=class_idx)
         if layer not in cam.nn_module.gradients:
             raise RuntimeError(f"no gradient reached {layer!r}: choose a layer the class score depends on")
         out.append(maps.detach().cpu().numpy()[:, 0])
@@ -204,9 +207,10 @@ def hirescam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | N
     out = []
     try:
         for i in range(0, len(x), batch_size):
-            logits = m(torch.from_numpy(x[i:i + batch_size]))
-            act = seen.pop("a")
-            grad, = torch.autograd.grad(logits[:, class_idx].sum(), act)
+            with torch.enable_grad():  # also inside a caller's no_grad block
+                logits = m(torch.from_numpy(x[i:i + batch_size]))
+                act = seen.pop("a")
+                grad, = torch.autograd.grad(logits[:, class_idx].sum(), act)
             cam = torch.relu((grad * act).sum(1, keepdim=True))
             out.append(nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear",
                                                  align_corners=False)[:, 0].detach().numpy())

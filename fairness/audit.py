@@ -29,6 +29,19 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
+def _bounds_sentence(effects: EffectTable) -> str:
+    """The bounds on a non-identified impermissible effect (a recanting district's), when they were computed."""
+    bound = next((b for b in effects.diagnostics.get("bounds", [])
+                  if b["outcome"] == "score" and b["effect"] == "impermissible"), None)
+    if bound is None:
+        return ""
+    return (f" Whatever the dependence between {' and '.join(bound['district'])}, the effect itself is estimated "
+            f"to lie between {_fmt(bound['lower'])} and {_fmt(bound['upper'])} ({effects.ci:.0%} CI for that range "
+            f"[{_fmt(bound['ci_low'])}, {_fmt(bound['ci_high'])}])"
+            + ("; it is positive across it." if bound["ci_low"] > 0 else
+               "; it is negative across it." if bound["ci_high"] < 0 else "."))
+
+
 def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
     """The headline: the impermissible (social-pathway) effect on the score, its CI and test, against the label's."""
     ident = effects.identification
@@ -44,15 +57,7 @@ def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:
         tot = effects.get("total", "score")
         if alt and alt != "total effect" and math.isfinite(s["estimate"]):
             text += (f" What is identified instead, the {alt}, is {_fmt(s['estimate'])} ({effects.ci:.0%} CI {ci}, "
-                     f"{_p(s['p_value'])}).")
-        bound = next((b for b in effects.diagnostics.get("bounds", [])
-                      if b["outcome"] == "score" and b["effect"] == "impermissible"), None)
-        if bound is not None:
-            text += (f" The effect itself lies between {_fmt(bound['lower'])} and {_fmt(bound['upper'])} whatever "
-                     f"the dependence between {' and '.join(bound['district'])} ({effects.ci:.0%} CI for that range "
-                     f"[{_fmt(bound['ci_low'])}, {_fmt(bound['ci_high'])}])"
-                     + ("; it is positive across it." if bound["ci_low"] > 0 else
-                        "; it is negative across it." if bound["ci_high"] < 0 else "."))
+                     f"{_p(s['p_value'])}).") + _bounds_sentence(effects)
         elif not ident.total_effect_identified:
             text += " Nothing is estimated: adjusting for the covariates does not remove the confounding."
         elif math.isfinite(tot["estimate"]):

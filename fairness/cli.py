@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(final_model.json beside final_model.pt)")
     g.add_argument("--max-images", type=int, default=200)
     g.add_argument("--attribution", default="gradcam",
-                   help="comma-separated methods: gradcam (the network's default layer: SmallCNN's last block, "
-                        "a ResNet's third stage) and/or occlusion at pixel resolution (slower: ~850 forward passes "
-                        "per 32 px image; use with --max-images 64 or --occlusion-stride)")
+                   help="comma-separated methods: gradcam and hirescam (at the network's default layer: SmallCNN's "
+                        "last block, a ResNet's second stage) and occlusion at pixel resolution (slower: ~850 forward "
+                        "passes per 32 px image; use with --max-images 64 or --occlusion-stride)")
     g.add_argument("--occlusion-stride", type=int, default=1, help="occlusion windows every this many pixels")
     return p
 
@@ -238,7 +238,7 @@ def image_evidence_from_files(args) -> dict:
     reference = load_weights(args.reference_model, args.arch) if args.reference_model else None
     mask = region_mask(args.region, args.image_size)
     evidence = {method: image_evidence(model, x, mask, reference_model=reference, method=method,
-                                       n_draws=10 if method == "gradcam" else 3,
+                                       n_draws=3 if method == "occlusion" else 10,
                                        occlusion_stride=args.occlusion_stride)
                 for method in methods}
     return evidence[methods[0]] if len(methods) == 1 else evidence

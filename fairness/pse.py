@@ -788,8 +788,8 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             for eff in ("impermissible", "permissible"):
                 if eff in by_out:
                     by_out[eff] = np.full(d.N.shape[1], np.nan)
-        notes.append("the interventional analogue is given by the robust estimator and the g-formula (the weighting "
-                     "estimator would keep the mediators' hidden dependence)")
+        notes.append("the interventional analogue has no weighting form (reweighting the observed joint law would "
+                     "keep the mediators' hidden dependence)")
     g = _gformula(d, ident, meds, covs, gformula_bins, parents, max_gformula_cells)
     if g is None:
         notes.append("g-formula skipped: too many (A, mediator, covariate) cells")
@@ -855,13 +855,16 @@ def effects_from_design(d: "Design", spec: CausalSpec, ident: Identification, me
             diagnostics["positivity_warnings"].append(
                 f"{eff}: effective sample size {dg['effective_sample_size']:.0f} is under 10% of the "
                 f"{dg['n_rows']} reweighted rows")
+    if smoothed:  # on noised cells the cell g-formula the bounds rest on is heavy-tailed (as the graph checks)
+        coupling = None
     if coupling is not None and ident.total_effect_identified:
         diagnostics["bounds"] = _bound_rows(coupling, base, ci, replicate_map, ident.recanting_districts[0])
         notes.append("bounds: the impermissible and permissible PSEs for any dependence between the district's "
                      "mediators (" + ", ".join(ident.recanting_districts[0]) + "), each drawn from its own law")
     elif ident.interventional and ident.total_effect_identified:
-        notes.append("no bounds on the PSEs themselves: they are computed for one recanting district of two binary "
-                     "mediators without mediator parents")
+        why = ("the statistics are noised" if smoothed else "the g-formula was skipped" if g is None else
+               "they are computed for one recanting district of two binary mediators without mediator parents")
+        notes.append(f"no bounds on the PSEs themselves: {why}")
     if smoothed:  # the unsmoothed rows the checks compare are heavy-tailed on noised cells: no test of the graph
         diagnostics["graph_checks"] = []
         notes.append("graph checks skipped: on noised cells the weighting and cell g-formula rows they compare are "

@@ -234,7 +234,7 @@ def _psi(nu: _Nuisance, mediators: list[str], worlds: list[int], y: np.ndarray) 
     return phi, w_max
 
 
-def _analogue_applies(frame: pd.DataFrame, spec: CausalSpec, ident, max_cells: int = 400) -> bool:
+def _analogue_applies(frame: pd.DataFrame, spec: CausalSpec, ident, max_cells: int = 64) -> bool:
     """Whether :func:`_interventional_psi` covers this interventional analogue: mediators that have no mediator
     parents (each is drawn from its own law given A and the covariates), categorical, few joint levels."""
     if not ident.interventional or not ident.mediators:
@@ -298,9 +298,13 @@ def _interventional_psi(nu: _Nuisance, mediators: list[str], worlds: list[int], 
         xm = np.column_stack([xc] + [levels[j][codes[j]] for j in range(k)])
         reg = nu._fit(nu.make_reg, xm, np.concatenate([cat_c, np.zeros(k, bool)]), y, rows)
         t = int(test.sum())
-        grid = np.concatenate([np.repeat(xc[test], len(combos), axis=0),
-                               np.tile(np.column_stack([levels[j][combos[:, j]] for j in range(k)]), (t, 1))], axis=1)
-        mu = np.clip(reg.predict(grid), lo, hi).reshape(t, len(combos))
+        at_combos = np.column_stack([levels[j][combos[:, j]] for j in range(k)])
+        mu = np.empty((t, len(combos)))
+        step = max(1, 200_000 // len(combos))  # rows x joint levels predicted at a time: memory stays bounded
+        for i in range(0, t, step):
+            part = xc[test][i:i + step]
+            grid = np.concatenate([np.repeat(part, len(combos), axis=0), np.tile(at_combos, (len(part), 1))], axis=1)
+            mu[i:i + step] = np.clip(reg.predict(grid), lo, hi).reshape(len(part), len(combos))
         marg = [probs(nu._fit(nu.make_clf, xa, cat_a, codes[j], train), xa[test], worlds[j], sizes[j])
                 for j in range(k)]
         factor = np.ones((t, len(combos)))
@@ -310,8 +314,9 @@ def _interventional_psi(nu: _Nuisance, mediators: list[str], worlds: list[int], 
         own = joint[test]
         mu_obs[test] = mu[np.arange(t), own]
         p_joint = probs(nu._fit(nu.make_clf, xa, cat_a, joint, train), xa[test], ay, len(combos))[np.arange(t), own]
-        nu.clipped += int((p_joint < nu.clip).sum())
-        ratio[test] = factor[np.arange(t), own] / np.clip(p_joint, nu.clip, 1.0)
+        floor = nu.clip / len(combos)  # the clip shared out over the joint levels: small cells stay small
+        nu.clipped += int((p_joint < floor).sum())
+        ratio[test] = factor[np.arange(t), own] / np.clip(p_joint, floor, 1.0)
         for j in range(k):
             others = np.ones((t, len(combos)))
             for i in range(k):

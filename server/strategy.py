@@ -8,6 +8,7 @@ Flower's own FedAvg / FedProx / FedAdam; aggregation itself stays Flower's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from logging import WARNING
@@ -38,11 +39,20 @@ def pool_detection_heads(replies: list[Message]) -> list[Message]:
     stale copy by the site's num-examples and pull the head's update back toward the old head (by a quarter with
     one of four equal sites unboxed). The classifier's arrays are left to the strategy."""
     with_arrays = [r for r in replies if not r.has_error() and "arrays" in r.content.array_records]
-    trained = [r for r in with_arrays if float(r.content["metrics"].get(BOX_EXAMPLES, 0)) > 0]
+    trained, weights = [], []
+    for r in with_arrays:
+        metrics = r.content.metric_records.get("metrics")
+        if metrics is None:
+            continue
+        # a site's weight: its annotated images, never more than the images it says it trained on
+        boxed = float(metrics.get(BOX_EXAMPLES, 0.0))
+        n = float(metrics.get("num-examples", 0.0))
+        if math.isfinite(boxed) and math.isfinite(n) and min(boxed, n) > 0:
+            trained.append(r)
+            weights.append(min(boxed, n))
     if not trained:
         return replies
-    weights = np.array([float(r.content["metrics"][BOX_EXAMPLES]) for r in trained])
-    weights /= weights.sum()
+    weights = np.asarray(weights) / sum(weights)
     keys = [k for k in trained[0].content["arrays"].keys() if k.startswith(DETECTION_HEAD)]
     pooled = {k: sum(w * r.content["arrays"][k].numpy().astype(np.float64) for w, r in zip(weights, trained))
               for k in keys}

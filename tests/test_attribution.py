@@ -7,12 +7,14 @@ decides."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from opacus import GradSampleModule
 from torch.nn import functional as F
 
 from core_models.model_card import write_card
@@ -164,12 +166,19 @@ def test_cams_reduce_to_the_class_activation_map_before_a_global_average_pool():
     assert cam.max() > 0 and (cam == 0).any()  # the ReLU bites somewhere: the comparison is not trivial
     np.testing.assert_allclose(hirescam_maps(model, x, "1.layer4"), cam, atol=1e-6)
     np.testing.assert_allclose(gradcam_maps(model, x, "1.layer4"), cam, atol=1e-6)
+    # the same inside a caller's no_grad block, and for the model as Opacus wraps it for DP-SGD (its hooks left out)
+    with torch.no_grad():
+        np.testing.assert_allclose(hirescam_maps(model, x, "1.layer4"), cam, atol=1e-6)
+        np.testing.assert_allclose(gradcam_maps(model, x, "1.layer4"), cam, atol=1e-6)
+    wrapped = GradSampleModule(copy.deepcopy(model))
+    for maps in (hirescam_maps, gradcam_maps):
+        np.testing.assert_allclose(maps(wrapped, x, "1.layer4"), cam, atol=1e-6)
 
 
 def test_a_resnet_gives_maps_with_resolution_that_pass_both_checks(trained_resnet):
     """SmallCNN's CAMs cancel before its last 2x2 block; a ResNet's second stage (8x8 at 32 px) does not, and its
     HiResCAM finds the marker, changes with the weights and orders the deletion better than chance (Grad-CAM at the
-    same layer does neither here)."""
+    same layer misses the marker here)."""
     model, marked, acc = trained_resnet
     assert acc > 0.98
     assert cam_resolution(model, "1.layer2", (SIZE, SIZE)) == (8, 8)

@@ -81,7 +81,8 @@ def test_a_recanting_district_bounds_the_pse_itself(truths):
     for effect in ("impermissible", "permissible"):
         b = bounds[("score", effect)]
         assert b["ci_low"] <= truth[effect] <= b["ci_high"], (effect, b, truth[effect])
-    assert f"between {imp['lower']:+.3f} and {imp['upper']:+.3f}" in audit.verdict["text"]
+    assert f"to lie between {imp['lower']:+.3f} and {imp['upper']:+.3f}" in audit.verdict["text"]
+    assert "Only the total effect" not in audit.verdict["text"]
     html = render_html(audit)
     assert "Bounds on the path-specific effects" in html and f"<td>{imp['upper']:.4f}</td>" in html
 

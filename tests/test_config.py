@@ -55,7 +55,8 @@ def test_good_overrides_are_typed():
 
 
 @pytest.mark.parametrize("other, named", [
-    ({"dp": True}, "dp"), ({"pretext": "rotation"}, "pretext"), ({"model": "resnet"}, "model = 'resnet'"),
+    ({"dp": True}, "dp"), ({"central-dp": True}, "central-dp"), ({"pretext": "rotation"}, "pretext"),
+    ({"model": "resnet"}, "model = 'resnet'"),
     ({"fair-offset": True, "fair-sensitive": "race", "fair-mediator": "scanner"}, "fair-offset"),
 ])
 def test_detection_refuses_what_it_cannot_train_with(other, named):

@@ -5,6 +5,7 @@ how the strategy averages the detection head."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -79,6 +80,11 @@ def test_fedavg_weighs_the_detection_head_by_the_boxes_each_site_trained_it_on(t
     state = arrays.to_torch_state_dict()
     assert torch.allclose(state["head.out.weight"], torch.full((2, 3), 1.25))
     assert torch.allclose(state["classifier.w"], torch.tensor([2.25]))
+    # a claimed weight is capped by the site's own image count, and one that is not a finite count is ignored
+    replies = [_train_reply(1, 1.0, 1.0, 100, 30), _train_reply(2, 2.0, 2.0, 10, 10**12),
+               _train_reply(3, 5.0, 3.0, 100, math.inf)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["head.out.weight"], torch.full((2, 3), (30 + 20) / 40))
     # a round where no site had boxes: FedAvg as it is
-    arrays, _ = strategy.aggregate_train(2, [_train_reply(1, 1.0, 1.0, 100, 0), _train_reply(3, 0.0, 3.0, 300, 0)])
+    arrays, _ = strategy.aggregate_train(3, [_train_reply(1, 1.0, 1.0, 100, 0), _train_reply(3, 0.0, 3.0, 300, 0)])
     assert torch.allclose(arrays.to_torch_state_dict()["head.out.weight"], torch.full((2, 3), 0.25))

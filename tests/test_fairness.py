@@ -28,6 +28,7 @@ from fairness import (
     load_graph_spec,
     run_audit,
 )
+from fairness.audit import verdict
 from fairness.graph import CausalSpec
 from simulations.generator import causal_rates, sample_truth, structural_rows
 from simulations.scenario import SiteSpec
@@ -209,6 +210,15 @@ def test_both_estimators_recover_the_true_effects_on_large_n(large_run):
     assert imp["identified"] and imp["ci_low"] > 0 and imp["p_value"] < 1e-6
     assert eff.diagnostics["weights"]["impermissible"]["n_clipped"] == 0
     assert eff.diagnostics["positivity_warnings"] == [] and eff.diagnostics["graph_checks"] == []
+
+
+def test_a_recanting_witness_verdict_gives_the_edge_effect_only(large_run, spec):
+    """The verdict of a non-identified effect names what is estimated instead, once, and nothing after it."""
+    t, _, _ = large_run
+    witness = spec.with_edges(add=[("S", "D", True)], nodes={"D": {"resolving": True}})
+    text = verdict(estimate_effects(t, witness, n_boot=20, seed=0))["text"]
+    assert "What is identified instead, the edge effect of A -> S, is" in text
+    assert "Only the total effect" not in text and "to lie between" not in text
 
 
 def test_label_has_no_social_effect_while_the_score_does(large_run):
