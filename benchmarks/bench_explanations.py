@@ -131,7 +131,7 @@ def figure(path: Path, shown: dict) -> None:
     for ax in axes.ravel():
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 

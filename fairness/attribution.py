@@ -191,9 +191,9 @@ def hirescam_maps(model: nn.Module, x: np.ndarray | torch.Tensor, layer: str | N
 
     Grad-CAM averages each channel's gradient over the positions before weighting the activations, so a channel
     that helps the score at the marker and hurts it elsewhere gets a small weight everywhere; HiResCAM keeps the
-    gradient where it is. On the marker scenario at 64 px (ResNet, ``1.layer2``) its marker share fell from
-    0.13-0.25 to 0.01-0.02 with the mitigation where Grad-CAM's went from 0.11-0.15 to 0.02-0.11, and its deletion
-    curves fell below random order where Grad-CAM's mostly did not."""
+    gradient where it is. On the marker scenario at 64 px (ResNet, ``1.layer2``, 5 draws) its marker share fell
+    from 0.151 to 0.014 with the mitigation (Grad-CAM's from 0.092 to 0.056), and for the unmitigated model its
+    deletion curve lay below random order (0.150 against 0.193; Grad-CAM's above it, 0.231)."""
     m = _plain_copy(model)
     layer = layer or _default_layer(m)
     _check_layer(m, layer)
