@@ -12,6 +12,8 @@ at full resolution, and `prepare_for_dp` trims what DP-SGD has to do per sample.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections import OrderedDict
 
 import torch
@@ -183,6 +185,35 @@ def prepare_for_dp(model: nn.Module, *, freeze_stem: bool = True, skip_summed_gr
     return model
 
 
+class CoefficientCache:
+    """Scattering coefficients of images seen before, for every ScatterNet in the process (the transform is fixed,
+    so they do not depend on the network's weights). A site trains on the same images every epoch and every round,
+    with a fresh network each round, and the transform is ~85 % of a training step at 64 px on CPU. Holds at most
+    ``max_bytes``; beyond that nothing more is kept."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._store: dict[bytes, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, keys: list[bytes]) -> list[torch.Tensor | None]:
+        with self._lock:
+            return [self._store.get(k) for k in keys]
+
+    def put(self, keys: list[bytes], coefficients: torch.Tensor) -> None:
+        with self._lock:
+            for k, coef in zip(keys, coefficients):
+                if k not in self._store and self.bytes + coef.nbytes <= self.max_bytes:
+                    self._store[k] = coef.clone()
+                    self.bytes += coef.nbytes
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+SCATTER_CACHE = CoefficientCache()
+
+
 class ScatterNet(nn.Module):
     """Fixed wavelet scattering features (kymatio's Scattering2D, J=2, 8 angles: 81 channels at a quarter of the
     resolution), GroupNorm, two small convolutions and a linear head.
@@ -190,7 +221,8 @@ class ScatterNet(nn.Module):
     Why: the scattering transform is fixed (no parameters, no privacy cost), and DP-SGD learns far better on such
     features than end to end (Tramer & Boneh, 2021: ScatterNet + a small CNN or a linear model beat end-to-end
     CNNs under DP). The transform is kept outside the module tree, so its filter banks are neither in the state dict
-    nor sent; one is built per input size (a multiple of 4) on first use, on the input's device.
+    nor sent; one is built per input size (a multiple of 4) on first use, on the input's device. On CPU the
+    coefficients of images seen before come from :data:`SCATTER_CACHE`.
     `freeze=encoder` leaves a linear model on the (normalised, pooled) features."""
 
     def __init__(self, num_classes: int = 2, width: int = 32) -> None:
@@ -204,8 +236,7 @@ class ScatterNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(2 * width, num_classes)
 
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) in [0, 1] -> (B, 81, H/4, W/4) scattering coefficients (no gradient to the input)."""
+    def _transform(self, x: torch.Tensor):
         key = (tuple(x.shape[-2:]), x.device)
         transform = self._transforms.get(key)
         if transform is None:
@@ -214,9 +245,27 @@ class ScatterNet(nn.Module):
             if x.shape[-1] % 4 or x.shape[-2] % 4:
                 raise ValueError(f"ScatterNet needs image sides divisible by 4, got {tuple(x.shape[-2:])}")
             transform = self._transforms[key] = Scattering2D(J=2, shape=tuple(x.shape[-2:]), L=8).to(x.device)
-        with torch.no_grad():
-            out = transform(x.contiguous())
-        return out.flatten(1, 2)
+        return transform
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] -> (B, 81, H/4, W/4) scattering coefficients (no gradient to the input); on CPU,
+        images seen before are served from the cache (keyed by their bytes: the transform is deterministic)."""
+        transform = self._transform(x)
+        x = x.detach().contiguous()
+        if x.device.type != "cpu":
+            with torch.no_grad():
+                return transform(x).flatten(1, 2)
+        shape = repr(tuple(x.shape[1:])).encode()
+        keys = [hashlib.blake2b(shape + row.numpy().tobytes(), digest_size=16).digest() for row in x]
+        found = SCATTER_CACHE.get(keys)
+        missing = [i for i, coef in enumerate(found) if coef is None]
+        if missing:
+            with torch.no_grad():
+                computed = transform(x[missing]).flatten(1, 2)
+            for i, coef in zip(missing, computed):
+                found[i] = coef
+            SCATTER_CACHE.put([keys[i] for i in missing], computed)
+        return torch.stack(found)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(self.norm(self.scatter(x)))), 1)

@@ -203,3 +203,27 @@ def test_scatter_features_are_fixed_unsent_and_the_rest_trains_under_dp():
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="divisible by 4"):
         model(torch.rand(1, 1, 30, 30))
+
+
+def test_scatter_coefficients_of_seen_images_come_from_a_bounded_cache(monkeypatch):
+    """The cache serves exactly what the transform computes, to every ScatterNet of the process, keyed by the
+    image (one changed pixel is a new image), and stops keeping entries at its byte limit."""
+    from core_models import networks
+
+    cache = networks.CoefficientCache(max_bytes=10 * 81 * 8 * 8 * 4)  # room for 10 images of 32 px
+    monkeypatch.setattr(networks, "SCATTER_CACHE", cache)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 1, 32, 32, generator=g)
+    first, second = build_model("scatter"), build_model("scatter")
+    exact = first._transform(x)(x).flatten(1, 2)
+    assert torch.equal(first.scatter(x), exact) and len(cache) == 6
+    calls = []
+    real = second._transform(x)
+    monkeypatch.setattr(second, "_transform", lambda _x: lambda batch: calls.append(len(batch)) or real(batch))
+    changed = x.clone()
+    changed[2, 0, 5, 5] += 0.01
+    assert torch.equal(second.scatter(changed)[[0, 1, 3, 4, 5]], exact[[0, 1, 3, 4, 5]])
+    assert calls == [1]  # only the changed image was transformed
+    more = torch.rand(8, 1, 32, 32, generator=g)
+    assert torch.equal(first.scatter(more), first._transform(more)(more).flatten(1, 2))
+    assert len(cache) == 10 and cache.bytes == cache.max_bytes  # full: the rest were computed, not kept
