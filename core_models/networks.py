@@ -189,7 +189,8 @@ class CoefficientCache:
     """Scattering coefficients of images seen before, for every ScatterNet in the process (the transform is fixed,
     so they do not depend on the network's weights). A site trains on the same images every epoch and every round,
     with a fresh network each round, and the transform is ~85 % of a training step at 64 px on CPU. Holds at most
-    ``max_bytes``; beyond that nothing more is kept."""
+    ``max_bytes`` (per process); beyond that nothing more is kept, so a site larger than that is served its first
+    images from the cache every epoch instead of none (an LRU would evict all of them in a cyclic pass)."""
 
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
@@ -206,6 +207,11 @@ class CoefficientCache:
                 if k not in self._store and self.bytes + coef.nbytes <= self.max_bytes:
                     self._store[k] = coef.clone()
                     self.bytes += coef.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._store.clear()
+            self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._store)
@@ -249,9 +255,12 @@ class ScatterNet(nn.Module):
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) in [0, 1] -> (B, 81, H/4, W/4) scattering coefficients (no gradient to the input); on CPU,
-        images seen before are served from the cache (keyed by their bytes: the transform is deterministic)."""
+        images seen before are served from the cache (keyed by their bytes: the transform is deterministic). Only
+        training adds to it: evaluation and attribution (occlusion's thousands of one-off variants) read it only."""
         transform = self._transform(x)
         x = x.detach().contiguous()
+        if x.shape[0] == 0:  # DP-SGD's Poisson batches can be empty
+            return x.new_zeros((0, 81, x.shape[-2] // 4, x.shape[-1] // 4))
         if x.device.type != "cpu":
             with torch.no_grad():
                 return transform(x).flatten(1, 2)
@@ -264,7 +273,8 @@ class ScatterNet(nn.Module):
                 computed = transform(x[missing]).flatten(1, 2)
             for i, coef in zip(missing, computed):
                 found[i] = coef
-            SCATTER_CACHE.put([keys[i] for i in missing], computed)
+            if self.training:
+                SCATTER_CACHE.put([keys[i] for i in missing], computed)
         return torch.stack(found)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,8 @@ def _bounds_sentence(effects: EffectTable) -> str:
     return (f" Whatever the dependence between {' and '.join(bound['district'])}, the effect itself is estimated "
             f"to lie between {_fmt(bound['lower'])} and {_fmt(bound['upper'])} ({effects.ci:.0%} CI for that range "
             f"[{_fmt(bound['ci_low'])}, {_fmt(bound['ci_high'])}])"
-            + ("; it is positive across it." if bound["ci_low"] > 0 else
-               "; it is negative across it." if bound["ci_high"] < 0 else "."))
+            + ("; the effect is positive across that interval." if bound["ci_low"] > 0 else
+               "; the effect is negative across that interval." if bound["ci_high"] < 0 else "."))
 
 
 def verdict(effects: EffectTable, alpha: float = 0.05) -> dict[str, Any]:

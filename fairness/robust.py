@@ -314,7 +314,8 @@ def _interventional_psi(nu: _Nuisance, mediators: list[str], worlds: list[int], 
         own = joint[test]
         mu_obs[test] = mu[np.arange(t), own]
         p_joint = probs(nu._fit(nu.make_clf, xa, cat_a, joint, train), xa[test], ay, len(combos))[np.arange(t), own]
-        floor = nu.clip / len(combos)  # the clip shared out over the joint levels: small cells stay small
+        # the clip shared out over the joint levels (small cells stay small), at most a 1,000-fold ratio
+        floor = max(nu.clip / len(combos), 1e-3)
         nu.clipped += int((p_joint < floor).sum())
         ratio[test] = factor[np.arange(t), own] / np.clip(p_joint, floor, 1.0)
         for j in range(k):

@@ -44,9 +44,13 @@ def pool_detection_heads(replies: list[Message]) -> list[Message]:
         metrics = r.content.metric_records.get("metrics")
         if metrics is None:
             continue
-        # a site's weight: its annotated images, never more than the images it says it trained on
-        boxed = float(metrics.get(BOX_EXAMPLES, 0.0))
-        n = float(metrics.get("num-examples", 0.0))
+        # a site's weight: its annotated images, never more than the images it says it trained on (both are the
+        # site's own word: this catches mistakes, not a site that overstates both)
+        try:
+            boxed = float(metrics.get(BOX_EXAMPLES, 0.0))
+            n = float(metrics.get("num-examples", 0.0))
+        except (TypeError, ValueError):
+            continue
         if math.isfinite(boxed) and math.isfinite(n) and min(boxed, n) > 0:
             trained.append(r)
             weights.append(min(boxed, n))

@@ -224,6 +224,18 @@ def test_scatter_coefficients_of_seen_images_come_from_a_bounded_cache(monkeypat
     changed[2, 0, 5, 5] += 0.01
     assert torch.equal(second.scatter(changed)[[0, 1, 3, 4, 5]], exact[[0, 1, 3, 4, 5]])
     assert calls == [1]  # only the changed image was transformed
+    # each image's coefficients are those of the image alone, and a caller changing them changes nothing kept
+    alone = real(x[4:5]).flatten(1, 2)[0]
+    served = second.scatter(x)
+    assert torch.equal(served[4], alone)
+    served.zero_()
+    assert torch.equal(second.scatter(x)[4], alone)
+    # evaluation (and attribution's one-off variants) read the cache but do not fill it
+    first.eval()
+    first.scatter(torch.rand(3, 1, 32, 32, generator=g))
+    assert len(cache) == 7
+    first.train()
     more = torch.rand(8, 1, 32, 32, generator=g)
     assert torch.equal(first.scatter(more), first._transform(more)(more).flatten(1, 2))
     assert len(cache) == 10 and cache.bytes == cache.max_bytes  # full: the rest were computed, not kept
+    assert first.scatter(torch.rand(0, 1, 32, 32)).shape == (0, 81, 8, 8)  # DP-SGD's empty Poisson batch
