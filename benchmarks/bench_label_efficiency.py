@@ -77,6 +77,12 @@ def main() -> None:
     parser.add_argument("--pretrain-scenario", default="label_skew")
     parser.add_argument("--pretrain-rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--local-epochs", type=int, default=2, help="label phase at 100 %% of the labels")
+    parser.add_argument("--equal-steps", action="store_true",
+                        help="scale the label phase's local epochs by 1 / fraction, so that every fraction takes "
+                             "about as many optimizer steps as the full-label run")
+    parser.add_argument("--extra", action="append", default=[], help="run-config key=value for the label phase")
+    parser.add_argument("--ssl-extra", action="append", default=[], help="run-config key=value for the pretext run")
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="equifed-label-eff-"))
@@ -96,10 +102,17 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             kept = _with_fraction(base, folder / "data", fraction, args.seed)
             start = time.perf_counter()
-            label = ["--sites", str(folder / "data"), "--out", str(folder / "run"), "--rounds", str(args.rounds)]
+            epochs = max(1, round(args.local_epochs / fraction)) if args.equal_steps else args.local_epochs
+            label = ["--sites", str(folder / "data"), "--out", str(folder / "run"), "--rounds", str(args.rounds),
+                     "-c", f"local-epochs={epochs}"]
+            for extra in args.extra:
+                label += ["-c", extra]
             if method == "ssl":
-                _run(["--sites", str(folder / "data"), "--out", str(folder / "pretext"),
-                      "--rounds", str(args.ssl_rounds), "-c", f"pretext={args.ssl_task}"], "pretext run")
+                pretext = ["--sites", str(folder / "data"), "--out", str(folder / "pretext"),
+                           "--rounds", str(args.ssl_rounds), "-c", f"pretext={args.ssl_task}"]
+                for extra in args.ssl_extra:
+                    pretext += ["-c", extra]
+                _run(pretext, "pretext run")
                 label += ["-c", f"pretrained-path={folder / 'pretext' / 'final_model.pt'}"]
             elif method == "transfer":
                 label += ["-c", f"pretrained-path={checkpoint}"]

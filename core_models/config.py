@@ -85,6 +85,8 @@ class TrainingConfig:
     """What each site's local training does with the global model."""
 
     MODELS = ("cnn", "resnet", "resnet18", "scatter")  # what core_models.networks.build_model builds
+    PRETEXTS = ("", "rotation", "inpainting", "contrastive")  # "" and core_models.pretext.PRETEXT_TASKS
+    BATCH_COUPLED_PRETEXTS = ("contrastive",)  # a loss over the whole batch: no per-sample gradient for DP-SGD
 
     model: str = key("model")
     num_classes: int = key("num-classes")
@@ -105,7 +107,7 @@ class TrainingConfig:
 
     def check(self) -> None:
         _one_of("model", self.model, self.MODELS)
-        _one_of("pretext", self.pretext, ("", "rotation", "inpainting"))  # core_models.pretext.PRETEXT_TASKS
+        _one_of("pretext", self.pretext, self.PRETEXTS)
         if self.pretext and self.freeze == "encoder":
             raise ConfigError("run config 'pretext' trains the encoder: it cannot be frozen (freeze = 'encoder')")
         _one_of("optimizer", self.optimizer, ("adam", "sgd"))
@@ -268,6 +270,10 @@ class RunConfig:
             if clash:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} trains the encoder without labels: "
                                   f"it cannot be combined with {', '.join(clash)}")
+            if self.dp.enabled and self.train.pretext in TrainingConfig.BATCH_COUPLED_PRETEXTS:
+                raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} cannot run with dp = true: its loss "
+                                  "compares each image with the rest of the batch, so DP-SGD's per-sample clipping "
+                                  "would not bound one patient's influence; use 'rotation' or 'inpainting'")
         if self.train.detection:
             # central-dp: its noise is sized for equal weights, and the detection head is weighted by annotations
             clash = [name for name, on in (("pretext", bool(self.train.pretext)), ("dp", self.dp.enabled),

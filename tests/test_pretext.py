@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from core_models.config import TrainingConfig
 from core_models.networks import build_model, prepare_for_dp
 from core_models.pretext import (
     PRETEXT_TASKS,
+    ContrastiveTask,
     PretextModel,
+    PretextOutput,
+    augment,
     embed,
     encoder_state,
     mask_patches,
@@ -24,6 +28,7 @@ from core_models.pretrained import head_of
 from core_models.training import local_optimizer, make_loader, train_steps
 
 CPU = torch.device("cpu")
+PER_SAMPLE_TASKS = sorted(name for name, task in PRETEXT_TASKS.items() if task.per_sample)
 
 
 def synthetic_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -50,7 +55,7 @@ def test_tasks_fit_every_network_and_size(name, size, task):
     model = PretextModel(network, task)
     x = torch.tensor(synthetic_images(3, size))
     out = model(x, seeded(0))
-    expected = (3, 4) if task == "rotation" else (3, 1, size, size)
+    expected = {"rotation": (3, 4), "inpainting": (3, 1, size, size), "contrastive": (6, 64)}[task]
     assert tuple(out.prediction.shape) == expected
     loss = pretext_loss(task, model, x, seeded(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -119,7 +124,7 @@ def _private(model, images, noise_seed=1):
     return private_model, private_opt, private_loader, counter
 
 
-@pytest.mark.parametrize("task", sorted(PRETEXT_TASKS))
+@pytest.mark.parametrize("task", PER_SAMPLE_TASKS)
 def test_dp_sgd_per_sample_gradients_are_per_sample(task):
     torch.manual_seed(0)
     model = PretextModel(build_model("cnn", 2), task)
@@ -148,7 +153,7 @@ def test_dp_sgd_per_sample_gradients_are_per_sample(task):
     assert all(not torch.equal(p, q) for p, q in zip(trainable, before))
 
 
-@pytest.mark.parametrize("task", sorted(PRETEXT_TASKS))
+@pytest.mark.parametrize("task", PER_SAMPLE_TASKS)
 def test_pretext_loss_in_the_training_loop_under_batch_memory_manager(task):
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -195,6 +200,56 @@ def test_encoder_state_loads_into_a_fresh_network(name):
     key = next(iter(state))
     state[key].add_(1.0)  # a copy: editing it leaves the model alone
     assert not torch.equal(state[key], model.network.state_dict()[key])
+
+
+def test_the_config_knows_every_task_and_which_ones_dp_cannot_train():
+    assert set(TrainingConfig.PRETEXTS) == {"", *PRETEXT_TASKS}
+    assert set(TrainingConfig.BATCH_COUPLED_PRETEXTS) == {n for n, t in PRETEXT_TASKS.items() if not t.per_sample}
+    assert PER_SAMPLE_TASKS == ["inpainting", "rotation"]
+
+
+def test_contrastive_loss_is_nt_xent_and_couples_the_batch():
+    """The loss by hand for two images: view a of image 0 against its partner and the two views of image 1."""
+    task = ContrastiveTask(temperature=0.5)
+    z = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [0.6, -0.8]]), dim=1)
+    partner = torch.tensor([2, 3, 0, 1])
+    out = task.per_sample_loss(PretextOutput(z, partner, None))
+
+    def view_loss(i):
+        logits = torch.tensor([float(z[i] @ z[j]) / 0.5 for j in range(4) if j != i])
+        positive = [j for j in range(4) if j != i].index(int(partner[i]))
+        return float(torch.logsumexp(logits, 0) - logits[positive])
+
+    assert out.shape == (2,)
+    assert out[0].item() == pytest.approx((view_loss(0) + view_loss(2)) / 2, abs=1e-6)
+    assert out[1].item() == pytest.approx((view_loss(1) + view_loss(3)) / 2, abs=1e-6)
+    moved = z.clone()
+    moved[1] = torch.nn.functional.normalize(torch.tensor([1.0, 0.1]), dim=0)  # image 1 only
+    assert task.per_sample_loss(PretextOutput(moved, partner, None))[0] != out[0]  # image 0's loss moves too
+
+
+def test_contrastive_pretext_learns_to_match_an_images_two_views():
+    torch.manual_seed(0)
+    model = PretextModel(build_model("cnn", 2), "contrastive")
+    stats = train_pretext(model, synthetic_images(128, seed=20), "contrastive", epochs=6, batch_size=32, lr=3e-3,
+                          device=CPU, generator=seeded(20))
+    assert stats["loss_last"] < 0.8 * stats["loss_first"]  # 0.70-0.77 x measured on four seeds
+    model.eval()
+    x = torch.tensor(synthetic_images(64, seed=21))
+    with torch.no_grad():
+        z = model(x, seeded(22)).prediction
+    nearest = (z[:64] @ z[64:].T).argmax(1)
+    assert (nearest == torch.arange(64)).float().mean().item() > 0.08  # 0.13-0.22 on four seeds; chance 1 / 64
+
+
+def test_augment_draws_per_image_from_the_generator():
+    x = torch.tensor(synthetic_images(8, seed=23))
+    a, b = augment(x, seeded(24)), augment(x, seeded(24))
+    assert torch.equal(a, b) and not torch.equal(a, augment(x, seeded(25)))
+    assert a.shape == x.shape and not torch.equal(a, x)
+    assert torch.equal(augment(x[:0], seeded(24)), x[:0])  # an empty Poisson draw
+    same = augment(torch.cat([x[:1], x[:1]]), seeded(26))
+    assert not torch.equal(same[0], same[1])  # each image draws its own view
 
 
 def test_same_seed_same_corruption():

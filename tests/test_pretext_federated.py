@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client.app import train
+from client.app import SiteError, train
 from client.ledger import PrivacyLedger
 from core_models.config import ConfigError, check_overrides
 from core_models.data import load_site
@@ -161,3 +161,37 @@ def test_a_target_the_noised_counts_alone_would_use_up_is_refused_before_any_rel
     reply = train(_message(), _context(gamma, dp=True, **{"target-epsilon": 0.05}))
     assert reply.has_error() and "used up by this site's noised counts" in reply.error.reason
     assert PrivacyLedger.open(gamma).summary()["n_entries"] == 0  # refused before anything was charged
+
+
+def _contrastive_message() -> Message:
+    model = PretextModel(build_model("cnn"), "contrastive")
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=7, message_type="train")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_contrastive_round_under_dp_is_refused_before_the_site_is_read(sites, tmp_path):
+    """Its loss compares each image with the batch: per-sample clipping would not bound a patient's influence."""
+    _, (gamma, _) = sites
+    site = tmp_path / "gamma"
+    shutil.copytree(gamma, site, ignore=shutil.ignore_patterns(".equifed"))
+    with pytest.raises(SiteError, match="ConfigError during train"):
+        train(_contrastive_message(), _context(site, dp=True, pretext="contrastive"))
+    assert "cannot run with dp = true" in (site / ".equifed" / "client_errors.log").read_text()
+    assert not (site / ".equifed" / "privacy_ledger.json").exists()  # nothing spent, nothing opened
+    with pytest.raises(ConfigError, match="per-sample clipping"):
+        check_overrides({"pretext": "contrastive", "dp": True}, RUN_CONFIG)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_contrastive_round_without_dp_trains_the_encoder(sites):
+    _, (gamma, _) = sites
+    message = _contrastive_message()
+    before = message.content["arrays"].to_torch_state_dict()
+    reply = train(message, _context(gamma, pretext="contrastive", **{"batch-size": 32}))
+    after = reply.content["arrays"].to_torch_state_dict()
+    assert set(after) == set(before)
+    assert not torch.equal(after["network.features.block4.0.weight"], before["network.features.block4.0.weight"])
+    assert torch.equal(after["network.head.weight"], before["network.head.weight"])  # the label head takes no part
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and 0 < metrics["train-loss"] and 0 < metrics["val-loss"]
