@@ -49,9 +49,12 @@ from core_models.training import LossFn, local_optimizer, make_loader, train_ste
 class PretextOutput(NamedTuple):
     """What a pretext loss needs from one forward pass."""
 
-    prediction: torch.Tensor  # rotation: (B, 4) logits; inpainting: (B, 1, H, W) reconstruction
-    target: torch.Tensor  # rotation: (B,) each image's k; inpainting: (B, 1, H, W) the uncorrupted images
-    mask: torch.Tensor | None  # inpainting: (B, 1, H, W), 1.0 on hidden pixels; rotation: None
+    # rotation: (B, 4) logits; inpainting: (B, 1, H, W) reconstruction; contrastive: (2B, d) unit projections
+    prediction: torch.Tensor
+    # rotation: (B,) each image's k; inpainting: (B, 1, H, W) the uncorrupted images; contrastive: (2B,) each
+    # view's partner
+    target: torch.Tensor
+    mask: torch.Tensor | None  # inpainting: (B, 1, H, W), 1.0 on hidden pixels; otherwise None
 
 
 # --- the encoder: everything `embed` uses -------------------------------------------------------------------
