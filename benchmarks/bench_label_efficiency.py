@@ -3,15 +3,15 @@ training patients keep their label, for a network trained from scratch, from a f
 (trained on every image, labelled or not) and from a checkpoint pretrained on another scenario.
 
     .venv/bin/python benchmarks/bench_label_efficiency.py [--fractions 0.05,0.1,0.25,1] [--rounds 20]
-        [--methods scratch,ssl,transfer] [--ssl-task contrastive] [--ssl-rounds 10] [--ssl-batch-size 64]
-        [--ssl-epochs 5] [--pretrain-scenario label_skew] [--seed 0]
+        [--label-epochs 5] [--methods scratch,ssl,transfer] [--ssl-task contrastive] [--ssl-rounds 20]
+        [--ssl-batch-size 64] [--ssl-epochs 5] [--pretrain-scenario label_skew] [--seed 0]
 
 The default scenario is generated once. Its split is fixed per patient (written into each manifest's `split`
 column, as the client would draw it), then for each fraction the labels of the other training patients are blanked
 (drawn per site from `--seed`, which also seeds both runs' initial weights and shuffling; the split stays): those
 rows become unlabelled images, which only the pretext run uses. Validation and test rows keep their labels. Each (method, fraction) trains in a fresh copy of the sites. Every label phase
-runs the same number of rounds and local epochs, enough for the smallest fractions to converge (20 rounds: a site
-with 26 labelled images takes 2 steps an epoch).
+runs the same number of rounds and local epochs, enough for the smallest fractions to converge (20 rounds of 5
+epochs: a site with 26 labelled images takes 2 steps an epoch).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.05,0.1,0.25,1")
     parser.add_argument("--methods", default="scratch,ssl,transfer")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--label-epochs", type=int, default=5, help="local epochs of every label phase")
     parser.add_argument("--ssl-task", default="contrastive")
-    parser.add_argument("--ssl-rounds", type=int, default=10)
+    parser.add_argument("--ssl-rounds", type=int, default=20)
     parser.add_argument("--ssl-batch-size", type=int, default=64, help="the contrastive task's negatives")
     parser.add_argument("--ssl-epochs", type=int, default=5)
     parser.add_argument("--pretrain-scenario", default="label_skew")
@@ -116,7 +117,7 @@ def main() -> None:
             kept = _with_fraction(base, folder / "data", fraction, args.seed)
             start = time.perf_counter()
             label = ["--sites", str(folder / "data"), "--out", str(folder / "run"), "--rounds", str(args.rounds),
-                     "-c", f"seed={args.seed}"]
+                     "-c", f"local-epochs={args.label_epochs}", "-c", f"seed={args.seed}"]
             for extra in args.extra:
                 label += ["-c", extra]
             if method == "ssl":
@@ -133,7 +134,7 @@ def main() -> None:
     full = table[table["fraction"] == 1.0].set_index("method")["holdout_auroc"]
     table["of_own_full"] = table.apply(lambda r: r["holdout_auroc"] / full.get(r["method"], np.nan), axis=1)
     table["of_scratch_full"] = table["holdout_auroc"] / full.get("scratch", np.nan)
-    print(f"\nlabel efficiency, default scenario, {args.rounds} label rounds, no DP (work folder {work})")
+    print(f"\nlabel efficiency, default scenario, {args.rounds} label rounds of {args.label_epochs} epochs, no DP (work folder {work})")
     print("| fraction of labels | labelled training images | method | holdout AUROC | / same method at 100 % "
           "| / scratch at 100 % | wall s |")
     print("|---|---|---|---|---|---|---|")
