@@ -9,9 +9,10 @@ training patients keep their label, for a network trained from scratch, from a f
 The default scenario is generated once. Its split is fixed per patient (written into each manifest's `split`
 column, as the client would draw it), then for each fraction the labels of the other training patients are blanked
 (drawn per site from `--seed`, which also seeds both runs' initial weights and shuffling; the split stays): those
-rows become unlabelled images, which only the pretext run uses. Validation and test rows keep their labels. Each (method, fraction) trains in a fresh copy of the sites. Every label phase
-runs the same number of rounds and local epochs, enough for the smallest fractions to converge (20 rounds of 5
-epochs: a site with 26 labelled images takes 2 steps an epoch).
+rows become unlabelled images, which only the pretext run uses. Validation and test rows keep their labels. Each
+(method, fraction) trains in a fresh copy of the sites. Every label phase runs the same number of rounds and local
+epochs, enough for the smallest fractions to converge (20 rounds of 5 epochs: a site with 26 labelled images takes
+2 steps an epoch). One pretext run per seed serves every fraction: it reads the same images.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def main() -> None:
     if "transfer" in methods and not checkpoint.exists():
         _run([str(SCENARIOS / f"{args.pretrain_scenario}.toml"), "--out", str(work / "pretrain"),
               "--rounds", str(args.pretrain_rounds)], "pretraining")
-    ssl_checkpoint = work / f"pretext_{args.ssl_task}_seed{args.seed}" / "final_model.pt"
+    settings = "_".join([args.ssl_task, f"{args.ssl_rounds}r", f"{args.ssl_epochs}e", f"b{args.ssl_batch_size}",
+                         *args.ssl_extra, f"seed{args.seed}"])
+    ssl_checkpoint = work / f"pretext_{settings}" / "final_model.pt"  # a run with other settings trains anew
     if "ssl" in methods and not ssl_checkpoint.exists():
         # one pretext run serves every fraction: it reads the same images (the train split, labelled or not)
         start = time.perf_counter()
@@ -134,7 +137,8 @@ def main() -> None:
     full = table[table["fraction"] == 1.0].set_index("method")["holdout_auroc"]
     table["of_own_full"] = table.apply(lambda r: r["holdout_auroc"] / full.get(r["method"], np.nan), axis=1)
     table["of_scratch_full"] = table["holdout_auroc"] / full.get("scratch", np.nan)
-    print(f"\nlabel efficiency, default scenario, {args.rounds} label rounds of {args.label_epochs} epochs, no DP (work folder {work})")
+    print(f"\nlabel efficiency, default scenario, {args.rounds} label rounds of {args.label_epochs} epochs, no DP "
+          f"(work folder {work})")
     print("| fraction of labels | labelled training images | method | holdout AUROC | / same method at 100 % "
           "| / scratch at 100 % | wall s |")
     print("|---|---|---|---|---|---|---|")

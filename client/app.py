@@ -29,7 +29,7 @@ from client.producers import produce
 from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.networks import build_model, get_device, with_detector
-from core_models.pretext import PretextModel, pretext_loss_fn
+from core_models.pretext import PretextModel, get_task, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
 from core_models.protocol import BOX_EXAMPLES, BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
 from core_models.training import evaluate, make_loader, train_epochs
@@ -179,14 +179,16 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
 
 
 def _pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig) -> float:
-    """The mean pretext loss of the model on images (a validation figure for best-by = val-loss)."""
+    """The mean pretext loss of the model on images (a validation figure for best-by = val-loss). A loss that
+    compares the images of a batch is scored in batches of the training size, on the training loss's scale."""
     if len(images) == 0:
         return math.nan
     model.eval()
     loss_fn = pretext_loss_fn(cfg.train.pretext, torch.Generator().manual_seed(cfg.train.seed))
+    batch = 256 if get_task(cfg.train.pretext).per_sample else cfg.train.batch_size
     total = 0.0
     with torch.no_grad():
-        for (x, _y) in make_loader(images, np.zeros(len(images), dtype=np.int64), 256):
+        for (x, _y) in make_loader(images, np.zeros(len(images), dtype=np.int64), batch):
             total += float(loss_fn(model, x.to(get_device()), _y)) * len(x)
     return total / len(images)
 

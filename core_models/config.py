@@ -270,6 +270,9 @@ class RunConfig:
             if clash:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} trains the encoder without labels: "
                                   f"it cannot be combined with {', '.join(clash)}")
+            if self.train.pretext in TrainingConfig.BATCH_COUPLED_PRETEXTS and self.train.batch_size < 2:
+                raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} compares each image with the rest "
+                                  f"of its batch: 'batch-size' must be >= 2 (64 measured), got {self.train.batch_size}")
             if self.dp.enabled and self.train.pretext in TrainingConfig.BATCH_COUPLED_PRETEXTS:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} cannot run with dp = true: its loss "
                                   "compares each image with the rest of the batch, so DP-SGD's per-sample clipping "

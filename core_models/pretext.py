@@ -14,12 +14,12 @@ Three tasks (`PRETEXT_TASKS`):
   mean squared error on the hidden pixels only, so copying the visible pixels earns nothing.
 * "contrastive": SimCLR (Chen et al. 2020). Two randomly augmented views of each image (crop and zoom, a small
   turn, a mirror, exposure and gamma, noise); a small projection head on the pooled features and the NT-Xent
-  loss pull an image's two views together and push them from every other view of the batch. On the default
-  scenario its features are the most label-efficient of the three (a linear probe on them reaches 0.90 holdout
-  AUROC with 10 % of the labels; rotation 0.73, random features 0.61). Its loss couples the images of a batch,
-  so it has no per-sample gradient: it is refused under DP-SGD (`PretextTask.per_sample`).
+  loss pull an image's two views together and push them from every other view of the batch. Its loss couples
+  the images of a batch, so it has no per-sample gradient: each task's `per_sample` says so, the run config
+  refuses it with dp = true and `pretext_loss` refuses it on an Opacus-wrapped model.
 
-DP-SGD (Opacus, per-sample clipping) needs every sample's loss to depend on that sample alone. So the corruption
+DP-SGD (Opacus, per-sample clipping) needs every sample's loss to depend on that sample alone. So for rotation and
+inpainting the corruption
 happens inside `PretextModel.forward`, per image, from the draws of a `torch.Generator` the caller passes (tests
 seed it; a DP run passes one seeded from OS entropy, like the DP noise), a hidden patch is filled with that
 image's own mean (not the batch's), every loss is reduced over one sample's pixels and then averaged over the
@@ -214,11 +214,17 @@ class InpaintingTask:
 def augment(x: torch.Tensor, generator: torch.Generator, zoom: tuple[float, float] = (0.75, 1.0),
             turn: float = 0.2, shift: float = 0.12, exposure: tuple[float, float] = (0.7, 1.3),
             gamma: tuple[float, float] = (0.7, 1.4), noise: float = 0.06) -> torch.Tensor:
-    """One random view of each image of `x` (B, 1, H, W) in [0, 1], every parameter drawn per image.
+    """One random view of each square image of `x` (B, C, S, S) in [0, 1], every parameter drawn per image.
 
     A crop-and-zoom by `zoom` (share of the side kept), a turn of up to `turn` radians, a shift of up to `shift`
     of the half-width, a left-right mirror half the time (findings occur on either side), then gamma and exposure
-    (scanners differ in both) and Gaussian noise of a drawn std up to `noise`."""
+    (scanners differ in both) and Gaussian noise of a drawn std up to `noise`. Values are clipped to [0, 1]
+    before gamma; exposure and noise may then leave that range a little, as a scanner's would."""
+    if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"augment needs a batch of square images (B, C, S, S), got {tuple(x.shape)}")
+    if not (0 < zoom[0] <= zoom[1] and 0 < gamma[0] <= gamma[1] and 0 <= exposure[0] <= exposure[1]):
+        raise ValueError(f"augment's ranges must be positive (low <= high): zoom {zoom}, gamma {gamma}, "
+                         f"exposure {exposure}")
     b, device = x.shape[0], _draw_device(generator)
     if b == 0:  # an empty Poisson draw
         return x.clone()
@@ -242,7 +248,8 @@ def augment(x: torch.Tensor, generator: torch.Generator, zoom: tuple[float, floa
 class ContrastiveTask:
     """SimCLR: tell each image's second view apart from every other view of the batch (NT-Xent).
 
-    The batch is the negatives, so a larger batch gives a harder task (64 measured; a site's `batch-size`)."""
+    The other images of the batch are the negatives, so the run's `batch-size` sets how hard the task is (the
+    benchmarks use 64; a batch of one image has no negative and a loss of 0)."""
 
     name: str = "contrastive"
     per_sample: bool = False  # one image's loss depends on the whole batch: no DP-SGD
@@ -263,7 +270,9 @@ class ContrastiveTask:
         return F.normalize(head(pooled), dim=1)
 
     def per_sample_loss(self, output: PretextOutput) -> torch.Tensor:
-        """Each image's NT-Xent loss (the mean over its two views), (B,); a view is never its own negative."""
+        """Each image's NT-Xent loss (the mean over its two views), (B,); a view is never its own negative.
+
+        One value per image, but each depends on every view of the batch: not a per-sample loss for DP-SGD."""
         z = output.prediction
         similarity = z @ z.T / self.temperature
         similarity = similarity.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
@@ -328,20 +337,25 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def per_sample_losses(task: str | PretextTask, output: PretextOutput) -> torch.Tensor:
-    """One loss per image (B,), each reduced over that image's own pixels / logits only."""
+    """One loss per image (B,); for the per-sample tasks each is reduced over that image's own pixels / logits only."""
     return get_task(task).per_sample_loss(output)
 
 
 def pretext_loss(task: str | PretextTask, model: nn.Module, x: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
-    """The batch's pretext loss: the mean of the per-sample losses (Opacus' loss_reduction="mean").
+    """The batch's pretext loss: the mean of the per-image losses (Opacus' loss_reduction="mean").
 
-    `model` is a PretextModel for `task`, or the GradSampleModule Opacus wraps it in. An empty batch (a Poisson
-    draw that took nobody) gives 0, still connected to the graph so that a DP step (noise only) can follow."""
+    `model` is a PretextModel for `task`, or the GradSampleModule Opacus wraps it in; a task without per-sample
+    losses is refused there, since per-sample clipping would not bound one image's influence. An empty batch (a
+    Poisson draw that took nobody) gives 0, still connected to the graph so that a DP step (noise only) can
+    follow."""
     task = get_task(task)
     inner = _unwrap(model)
     if isinstance(inner, PretextModel) and inner.task.name != task.name:
         raise ValueError(f"the model was built for the {inner.task.name!r} task, not {task.name!r}")
+    if inner is not model and not task.per_sample:
+        raise ValueError(f"the {task.name!r} pretext task compares each image with the rest of its batch: it has no "
+                         "per-sample gradient and cannot be trained under DP-SGD")
     output = model(x, generator)
     if x.shape[0] == 0:
         return output.prediction.sum() * 0.0

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from core_models.networks import get_device
 
-# (forward, images, labels[, meta]) -> a mean of per-sample losses: what train_steps minimises in place of
-# cross-entropy (meta: the loader's metadata rows, when it has them)
+# (forward, images, labels[, meta]) -> a mean of per-image losses: what train_steps minimises in place of
+# cross-entropy (meta: the loader's metadata rows, when it has them); under DP-SGD each must be per-sample
 LossFn = Callable[..., torch.Tensor]
 
 
@@ -111,8 +111,8 @@ def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, pe
     """The one local training loop (plain and DP-SGD): cross-entropy plus the penalty, backward, and an optimizer
     step every `accumulation` batches and after the last. Returns the summed training loss and the image count.
 
-    `loss_fn(forward, x, y[, meta])` replaces the cross-entropy (and the penalty) with another mean of per-sample
-    losses, e.g. a self-supervised pretext loss that ignores `y`, or classification plus detection (the boxes
+    `loss_fn(forward, x, y[, meta])` replaces the cross-entropy (and the penalty) with another mean of per-image
+    losses (per-sample under DP-SGD), e.g. a self-supervised pretext loss that ignores `y`, or classification plus detection (the boxes
     in `meta`).
     Under DP-SGD `forward` is Opacus' GradSampleModule and `optimizer` its DPOptimizer, which clips, noises and
     skips the step between the physical chunks of one logical batch; an empty Poisson draw is still a step
