@@ -94,9 +94,9 @@ def main() -> None:
         generate_consortium(DEFAULT_SCENARIO, base)
         _fix_splits(base, seed=0)  # the run config's default seed: the split the sites would draw
     methods = args.methods.split(",")
-    checkpoint = work / "pretrain" / "final_model.pt"
+    checkpoint = work / f"pretrain_{args.pretrain_scenario}_{args.pretrain_rounds}r" / "final_model.pt"
     if "transfer" in methods and not checkpoint.exists():
-        _run([str(SCENARIOS / f"{args.pretrain_scenario}.toml"), "--out", str(work / "pretrain"),
+        _run([str(SCENARIOS / f"{args.pretrain_scenario}.toml"), "--out", str(checkpoint.parent),
               "--rounds", str(args.pretrain_rounds)], "pretraining")
     settings = "_".join([args.ssl_task, f"{args.ssl_rounds}r", f"{args.ssl_epochs}e", f"b{args.ssl_batch_size}",
                          *args.ssl_extra, f"seed{args.seed}"])

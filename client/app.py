@@ -180,7 +180,7 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
 
 def _pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig) -> float:
     """The mean pretext loss of the model on images (a validation figure for best-by = val-loss). A loss that
-    compares the images of a batch is scored in batches of the training size, on the training loss's scale."""
+    compares the images of a batch is scored in batches of at most the training size (the last may be smaller)."""
     if len(images) == 0:
         return math.nan
     model.eval()

@@ -173,7 +173,8 @@ def train_dp(
     the noised gradient (core_models.training.ProximalTerm: post-processing, no privacy cost). `penalty_fn`
     (with `meta` rows next to the images) is a Penalty: a mean of per-sample terms with public coefficients
     (e.g. the fairness penalty with the server's broadcast PSE), so per-sample clipping still bounds each
-    patient's influence. `loss_fn` replaces the cross-entropy (a per-sample self-supervised pretext loss; labels unused).
+    patient's influence. `loss_fn` replaces the cross-entropy (a per-sample self-supervised pretext loss; labels
+    unused).
     `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
     `batch_size` is the logical batch the plan was sized for.
     """

@@ -18,12 +18,12 @@ Three tasks (`PRETEXT_TASKS`):
   the images of a batch, so it has no per-sample gradient: each task's `per_sample` says so, the run config
   refuses it with dp = true and `pretext_loss` refuses it on an Opacus-wrapped model.
 
-DP-SGD (Opacus, per-sample clipping) needs every sample's loss to depend on that sample alone. So for rotation and
-inpainting the corruption
-happens inside `PretextModel.forward`, per image, from the draws of a `torch.Generator` the caller passes (tests
-seed it; a DP run passes one seeded from OS entropy, like the DP noise), a hidden patch is filled with that
-image's own mean (not the batch's), every loss is reduced over one sample's pixels and then averaged over the
-batch, and the heads use only per-sample layers (Linear, Conv2d, GroupNorm; no BatchNorm).
+DP-SGD (Opacus, per-sample clipping) needs every sample's loss to depend on that sample alone. So for rotation
+and inpainting the corruption happens inside `PretextModel.forward`, per image, from the draws of a
+`torch.Generator` the caller passes (tests seed it; a DP run passes one seeded from OS entropy, like the DP
+noise), a hidden patch is filled with that image's own mean (not the batch's), every loss is reduced over one
+sample's pixels and then averaged over the batch, and the heads use only per-sample layers (Linear, Conv2d,
+GroupNorm; no BatchNorm).
 
 The network's own classification head is not part of the pretext graph: `PretextModel` freezes it (it would get
 no per-sample gradient, which Opacus' optimizer refuses) and `encoder_state` returns it as it was.
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ class RotationTask:
 
     name: str = "rotation"
     classes: int = 4
-    per_sample: bool = True  # each image's loss depends on that image alone (DP-SGD can train it)
+    per_sample: ClassVar[bool] = True  # each image's loss depends on that image alone (DP-SGD can train it)
 
     def make_head(self, channels: int) -> nn.Module:
         return nn.Linear(channels, self.classes)
@@ -170,7 +170,7 @@ class InpaintingTask:
     """Rebuild hidden patches from the encoder's last feature map; MSE on the hidden pixels only."""
 
     name: str = "inpainting"
-    per_sample: bool = True
+    per_sample: ClassVar[bool] = True
     grid: int = 8
     fraction: float = 0.25
     decoder_size: int = 16  # the decoder's output resolution, upsampled (bilinear) to the input size
@@ -222,9 +222,11 @@ def augment(x: torch.Tensor, generator: torch.Generator, zoom: tuple[float, floa
     before gamma; exposure and noise may then leave that range a little, as a scanner's would."""
     if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"augment needs a batch of square images (B, C, S, S), got {tuple(x.shape)}")
-    if not (0 < zoom[0] <= zoom[1] and 0 < gamma[0] <= gamma[1] and 0 <= exposure[0] <= exposure[1]):
-        raise ValueError(f"augment's ranges must be positive (low <= high): zoom {zoom}, gamma {gamma}, "
-                         f"exposure {exposure}")
+    if not (0 < zoom[0] <= zoom[1] <= 1 and 0 < gamma[0] <= gamma[1] and 0 < exposure[0] <= exposure[1]
+            and turn >= 0 and shift >= 0 and noise >= 0):
+        raise ValueError(f"augment's ranges must be low <= high, zoom within (0, 1], gamma and exposure above 0, "
+                         f"turn, shift and noise >= 0: zoom {zoom}, gamma {gamma}, exposure {exposure}, turn {turn}, "
+                         f"shift {shift}, noise {noise}")
     b, device = x.shape[0], _draw_device(generator)
     if b == 0:  # an empty Poisson draw
         return x.clone()
@@ -252,7 +254,7 @@ class ContrastiveTask:
     benchmarks use 64; a batch of one image has no negative and a loss of 0)."""
 
     name: str = "contrastive"
-    per_sample: bool = False  # one image's loss depends on the whole batch: no DP-SGD
+    per_sample: ClassVar[bool] = False  # one image's loss depends on the whole batch: no DP-SGD
     temperature: float = 0.2
     projection: int = 64
 
@@ -353,7 +355,8 @@ def pretext_loss(task: str | PretextTask, model: nn.Module, x: torch.Tensor,
     inner = _unwrap(model)
     if isinstance(inner, PretextModel) and inner.task.name != task.name:
         raise ValueError(f"the model was built for the {inner.task.name!r} task, not {task.name!r}")
-    if inner is not model and not task.per_sample:
+    wrapped = "_module" in model._modules  # Opacus' GradSampleModule (or any wrapper around the model)
+    if wrapped and not (task.per_sample and getattr(inner, "task", task).per_sample):
         raise ValueError(f"the {task.name!r} pretext task compares each image with the rest of its batch: it has no "
                          "per-sample gradient and cannot be trained under DP-SGD")
     output = model(x, generator)
@@ -363,8 +366,9 @@ def pretext_loss(task: str | PretextTask, model: nn.Module, x: torch.Tensor,
 
 
 def pretext_loss_fn(task: str | PretextTask, generator: torch.Generator) -> LossFn:
-    """`pretext_loss` as `training.train_steps`' `loss_fn`: the one training loop, plain or under DP-SGD (there
-    `forward` is Opacus' GradSampleModule and the batches a BatchMemoryManager's chunks); labels are ignored."""
+    """`pretext_loss` as `training.train_steps`' `loss_fn`: the one training loop, plain or, for the per-sample
+    tasks, under DP-SGD (there `forward` is Opacus' GradSampleModule and the batches a BatchMemoryManager's
+    chunks); labels are ignored."""
     task = get_task(task)
     return lambda forward, x, y, *_meta: pretext_loss(task, forward, x, generator)
 

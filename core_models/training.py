@@ -112,8 +112,8 @@ def train_steps(forward: nn.Module, batches, optimizer, device: torch.device, pe
     step every `accumulation` batches and after the last. Returns the summed training loss and the image count.
 
     `loss_fn(forward, x, y[, meta])` replaces the cross-entropy (and the penalty) with another mean of per-image
-    losses (per-sample under DP-SGD), e.g. a self-supervised pretext loss that ignores `y`, or classification plus detection (the boxes
-    in `meta`).
+    losses (per-sample under DP-SGD), e.g. a self-supervised pretext loss that ignores `y`, or classification
+    plus detection (the boxes in `meta`).
     Under DP-SGD `forward` is Opacus' GradSampleModule and `optimizer` its DPOptimizer, which clips, noises and
     skips the step between the physical chunks of one logical batch; an empty Poisson draw is still a step
     (noise only)."""

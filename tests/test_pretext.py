@@ -264,8 +264,10 @@ def test_augment_without_randomness_is_the_image_or_its_mirror():
     assert any(same) and any(mirrored)
     with pytest.raises(ValueError, match="square images"):
         augment(torch.zeros(2, 1, 32, 16), seeded(0))
-    with pytest.raises(ValueError, match="ranges must be positive"):
-        augment(x, seeded(0), gamma=(0.0, 1.0))
+    for bad in ({"gamma": (0.0, 1.0)}, {"zoom": (0.5, 1.2)}, {"exposure": (0.0, 1.0)}, {"noise": -0.1},
+                {"zoom": (0.9, 0.8)}):
+        with pytest.raises(ValueError, match="ranges must be low <= high"):
+            augment(x, seeded(0), **bad)
 
 
 def test_contrastive_task_has_no_per_sample_gradient_and_is_refused_under_dp_sgd():

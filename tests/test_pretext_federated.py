@@ -7,17 +7,19 @@ import shutil
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import SiteError, train
+from client.dp import plan_dp, train_dp
 from client.ledger import PrivacyLedger
 from core_models.config import ConfigError, check_overrides
 from core_models.data import load_site
 from core_models.networks import build_model
-from core_models.pretext import PretextModel
+from core_models.pretext import ContrastiveTask, PretextModel, pretext_loss_fn
 from core_models.splits import assign_splits
 from simulations.generator import generate_consortium
 from simulations.run import main as simulate
@@ -163,6 +165,13 @@ def test_a_target_the_noised_counts_alone_would_use_up_is_refused_before_any_rel
     assert PrivacyLedger.open(gamma).summary()["n_entries"] == 0  # refused before anything was charged
 
 
+def _copy_of(site: Path, tmp_path: Path) -> Path:
+    """A copy of a site without its ledger or caches."""
+    copy = tmp_path / site.name
+    shutil.copytree(site, copy, ignore=shutil.ignore_patterns(".equifed"))
+    return copy
+
+
 def _contrastive_message() -> Message:
     model = PretextModel(build_model("cnn"), "contrastive")
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": ConfigRecord({"server-round": 1})})
@@ -173,8 +182,7 @@ def _contrastive_message() -> Message:
 def test_a_contrastive_round_under_dp_is_refused_before_the_site_is_read(sites, tmp_path):
     """Its loss compares each image with the batch: per-sample clipping would not bound a patient's influence."""
     _, (gamma, _) = sites
-    site = tmp_path / "gamma"
-    shutil.copytree(gamma, site, ignore=shutil.ignore_patterns(".equifed"))
+    site = _copy_of(gamma, tmp_path)
     with pytest.raises(SiteError, match="ConfigError during train"):
         train(_contrastive_message(), _context(site, dp=True, pretext="contrastive"))
     assert "cannot run with dp = true" in (site / ".equifed" / "client_errors.log").read_text()
@@ -195,3 +203,20 @@ def test_a_contrastive_round_without_dp_trains_the_encoder(sites):
     assert torch.equal(after["network.head.weight"], before["network.head.weight"])  # the label head takes no part
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and 0 < metrics["train-loss"] and 0 < metrics["val-loss"]
+
+
+def test_dp_training_of_a_contrastive_model_stops_before_its_first_step(sites, tmp_path):
+    """The library path under the config check: DP-SGD on the batch-coupled loss is refused, nothing spent."""
+    _, (gamma, _) = sites
+    images = load_site(_copy_of(gamma, tmp_path), image_size=32).images[:32]
+    plan = plan_dp(len(images), batch_size=16, local_epochs=1, rounds=1, target_epsilon=8, delta=1e-5)
+    ledger = PrivacyLedger.open(tmp_path / "gamma", delta=1e-5, max_epsilon=100, fingerprint="toy")
+    model = PretextModel(build_model("cnn"), "contrastive")
+    with pytest.raises(ValueError, match="cannot be trained under DP-SGD"):
+        train_dp(model, images, np.zeros(len(images), dtype=np.int64), plan, ledger, batch_size=16,
+                 physical_batch_size=16, max_grad_norm=1.0, sampling_rng=np.random.default_rng(0),
+                 noise_generator=torch.Generator().manual_seed(0),
+                 loss_fn=pretext_loss_fn("contrastive", torch.Generator().manual_seed(1)))
+    assert ledger.summary()["train_steps"] == 0 and ledger.epsilon() == 0.0
+    with pytest.raises(TypeError):  # no task can claim per-sample gradients it does not have
+        ContrastiveTask(per_sample=True)
