@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from client.policy import SitePolicy
 from client.shift_stats import model_outputs
 from client.site import STATE_DIR
 from core_models.data import load_site
@@ -104,6 +105,20 @@ def _load_images(data: Path, image_size: int, num_classes: int):
     return site.images, site.frame, None
 
 
+def _checked_sizes(consortium: dict, image_size: int | None, policy: SitePolicy) -> tuple[int, int]:
+    """(classes, image size) from the consortium's file (it comes from outside the site), within the site's
+    ceilings (max-stats-dim, max-image-size) and checked before anything is allocated."""
+    k, size = consortium.get("num_classes"), image_size or consortium.get("image_size")
+    for name, value, ceiling in (("num_classes", k, policy.ceilings["max-stats-dim"]),
+                                 ("image_size", size, policy.ceilings["max-image-size"])):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
+            raise ValueError(f"the consortium file's {name} must be an integer in [1, {ceiling}] (the site's "
+                             f"ceiling), got {value!r}")
+    if k < 2:
+        raise ValueError(f"the consortium file's num_classes must be at least 2, got {k}")
+    return k, size
+
+
 def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | Path, out_dir: str | Path,
                image_size: int | None = None, seed: int = 0) -> dict:
     """Estimate the site's prior, correct the global model's probabilities, write
@@ -111,10 +126,10 @@ def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | 
     torch.set_num_threads(1)
     data, out_dir = Path(data), Path(out_dir)
     consortium = json.loads(Path(consortium_path).read_text())
-    k = int(consortium["num_classes"])
+    k, size = _checked_sizes(consortium, image_size, SitePolicy.load(data))
     model = build_model(str(consortium["model"]), k)
     model.load_state_dict(load_model_weights(model_path))
-    images, frame, labels = _load_images(data, int(image_size or consortium["image_size"]), k)
+    images, frame, labels = _load_images(data, size, k)
     logits, _ = model_outputs(model, images)
     probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     est = estimate_prior(logits, consortium, np.random.default_rng(seed))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -18,20 +18,22 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 
 from client.audit import audit_mod
-from client.dp import plan_dp, train_dp
-from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint
+from client.dp import os_entropy_generator, plan_dp, train_dp
+from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint, dataset_tag
 from client.ledger.accounting import epsilon_of
-from client.policy import PolicyRefusal, SitePolicy
+from client.policy import PolicyRefusal, SitePolicy, statistic_dims
 from client.shift_stats import one_per_patient
 from client.site import SITE_LOG, STATE_DIR, LocalSite, open_site, resolve_site_path
 from client.fairness_stats import fair_meta_rows
-from client.producers import produce
+from client.producers import produce, request_sections
 from client.statistics import Releaser
 from core_models.config import FairPenaltyConfig, RunConfig
 from core_models.networks import build_model, get_device, with_detector
 from core_models.pretext import PretextModel, get_task, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
-from core_models.protocol import BOX_EXAMPLES, BUDGET_EXHAUSTED, DISCLOSURE, POLICY_REFUSED, site_error
+from core_models.data import manifest_patients
+from core_models.protocol import (BOX_EXAMPLES, BUDGET_EXHAUSTED, DATASET_TAG, DISCLOSURE, POLICY_REFUSED, PRIVACY,
+                                  site_error)
 from core_models.training import evaluate, make_loader, train_epochs
 from fairness import mitigation
 
@@ -87,18 +89,53 @@ def _error_log(context: Context) -> Path | None:
         return None
 
 
-def _site(context: Context, cfg: RunConfig) -> LocalSite:
+class Prepared(NamedTuple):
+    """What a handler knows before it reads any patient data, every value of it checked."""
+
+    cfg: RunConfig
+    path: Path
+    policy: SitePolicy
+    name: str  # the site's name in a refusal made before the data are read
+    server_round: int
+    proximal_mu: float
+
+
+def _prepare(msg: Message, context: Context) -> Prepared:
+    """The run config, the site's folder and policy, and the message's own values, all checked before any data
+    are read: whether a request is refused (ConfigError, ValueError, PolicyRefusal) then depends on the request and
+    the site's settings only, never on a patient."""
+    cfg = RunConfig.from_flower(context.run_config)  # every section's ranges (core_models.config)
+    node = dict(context.node_config)
+    path = resolve_site_path(node, {"data-root": cfg.server.data_root})
+    policy = SitePolicy.load(path, node)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    server_round = _number_in(config, "server-round", 0, 0, 10**9)
+    proximal_mu = _number_in(config, "proximal-mu", 0.0, 0.0, 1e6)
+    if msg.metadata.message_type == MessageType.TRAIN and cfg.fair.lam > 0 and "fair-ratio" in config:
+        # the broadcast strata, checked (finite, in range, the layout's length) before any data are read
+        mitigation.ConsortiumStrata.from_config(config, cfg.fair.mediator_levels,
+                                                mitigation.parse_edges(cfg.fair.covariate_edges))
+    return Prepared(cfg, path, policy, str(node.get("site") or path.name), int(server_round), float(proximal_mu))
+
+
+def _number_in(config, name: str, default: float, low: float, high: float) -> float:
+    """A number the server's message carries, finite and in [low, high] (ValueError otherwise)."""
+    value = config.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"message value {name!r} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+def _site(context: Context, prepared: Prepared) -> LocalSite:
+    """The site's data, read once the request has passed every check. A fairness column the run names but the
+    manifest lacks is not an error (whether the site holds a column would then leave the site): its rows count
+    as excluded (fairness.mitigation.meta_array, a warning in the site's log)."""
     torch.set_num_threads(1)  # several simulated sites share the CPU
-    path = resolve_site_path(dict(context.node_config), {"data-root": cfg.server.data_root})
+    cfg = prepared.cfg
     name = context.node_config.get("site")
-    site = open_site(path, image_size=cfg.train.image_size, seed=cfg.train.seed, num_classes=cfg.train.num_classes,
-                     name=str(name) if name else None, node_config=dict(context.node_config))
-    if cfg.fair.active:  # before any work: the columns the run names must be in this site's manifest
-        missing = [c for c in cfg.fair.columns if c not in site.data.frame.columns]
-        if missing:
-            raise ValueError(f"site {site.name}: the fairness settings name column(s) {missing} that the manifest "
-                             f"lacks (it has {sorted(site.data.frame.columns)})")
-    return site
+    return open_site(prepared.path, image_size=cfg.train.image_size, seed=cfg.train.seed,
+                     num_classes=cfg.train.num_classes, name=str(name) if name else None,
+                     node_config=dict(context.node_config))
 
 
 def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
@@ -124,17 +161,13 @@ def _pretext_images(site: LocalSite) -> tuple[np.ndarray, np.ndarray]:
     return images, patients.astype(str)
 
 
-def _os_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-
-
-def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSite, policy: SitePolicy) -> Message:
+def _train_pretext(msg: Message, context: Context, prepared: Prepared, site: LocalSite) -> Message:
     """A round of self-supervised pretraining: the pretext loss on the site's images (labels unused), under
     DP-SGD when the run asks for DP, charged to the same ledger as label training. The corruptions are drawn from
     OS entropy. The reply has the label round's metrics; the pretext losses stand in for train/val loss."""
+    cfg, policy, server_round = prepared.cfg, prepared.policy, prepared.server_round
     train_cfg = cfg.train
     model = _model(msg, cfg)
-    server_round = int(msg.content["config"].get("server-round", 0))
     if frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round) == "stem":
         if model.stem is None:
             raise ValueError(f"model {train_cfg.model!r} has no stem to freeze; use freeze=none")
@@ -145,10 +178,10 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
         raise ValueError(f"site {site.name}: no images for the pretext phase")
     zeros = np.zeros(len(images), dtype=np.int64)
     # corruptions: seeded without DP (a run repeats), from OS entropy under DP like every draw of the mechanism
-    generator = _os_generator() if cfg.dp.enabled else torch.Generator().manual_seed(train_cfg.seed + server_round)
+    generator = os_entropy_generator("cpu") if cfg.dp.enabled else torch.Generator().manual_seed(train_cfg.seed + server_round)
     loss_fn = pretext_loss_fn(train_cfg.pretext, generator)
     common = dict(optimizer=train_cfg.optimizer, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-                  proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
+                  proximal_mu=prepared.proximal_mu)
     if cfg.dp.enabled:
         ledger = _ledger(site, policy)
         epsilon_before = ledger.epsilon()
@@ -166,7 +199,7 @@ def _train_pretext(msg: Message, context: Context, cfg: RunConfig, site: LocalSi
                              server_round=server_round, run_id=str(context.run_id), loss_fn=loss_fn, **common)
         except BudgetExhausted as err:
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
-        reply = _dp_train_reply(n_noised, plan, ledger, epsilon_before)
+        reply = _dp_train_reply(site, n_noised, plan, ledger, epsilon_before)
     else:
         loader = make_loader(images, zeros, train_cfg.batch_size, shuffle=True, seed=train_cfg.seed + server_round)
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, device=get_device(), loss_fn=loss_fn,
@@ -238,10 +271,11 @@ def _fair_penalty(msg: Message, cfg: RunConfig, site: LocalSite, model, seed: in
     return (penalty, meta) if penalty is not None else (None, None)
 
 
-def _refusal(msg: Message, site: LocalSite, code: int, err: Exception) -> Message:
+def _refusal(msg: Message, site: LocalSite | str, code: int, err: Exception) -> Message:
     """An Error reply the server records under the site's name; the run goes on with the others."""
     what = "budget exhausted" if code == BUDGET_EXHAUSTED else "refused"
-    return Message(Error(code=code, reason=site_error(site.name, f"{what}: {err}")), reply_to=msg)
+    name = site if isinstance(site, str) else site.name
+    return Message(Error(code=code, reason=site_error(name, f"{what}: {err}")), reply_to=msg)
 
 
 def _under_dp(cfg: RunConfig, policy: SitePolicy) -> bool:
@@ -250,12 +284,17 @@ def _under_dp(cfg: RunConfig, policy: SitePolicy) -> bool:
 
 
 def _ledger(site: LocalSite, policy: SitePolicy) -> PrivacyLedger:
-    """The site's ledger at the site's own delta and budget (never the server's)."""
-    ids = [site.data.frame["patient_id"]] + ([site.data.unlabelled_frame["patient_id"]]
-                                              if len(site.data.unlabelled_frame) else [])
-    n_patients = int(pd.concat(ids).astype(str).nunique())  # unlabelled rows' patients too: every run alike
+    """The site's ledger at the site's own delta and budget (never the server's). The delta is sized from every
+    patient the manifest names, labelled or not, usable or not, so that no run setting (the number of classes,
+    the image size) moves it; the ledger keeps the first one and only ever tightens it."""
+    n_patients = manifest_patients(site.path / "manifest.csv", policy.image_limits())
     return PrivacyLedger.open(site.path, delta=policy.delta_for(n_patients), max_epsilon=policy.max_epsilon,
                               fingerprint=dataset_fingerprint(site.path))
+
+
+def _privacy_record(site: LocalSite, ledger: PrivacyLedger) -> ConfigRecord:
+    """Which dataset a reply's spend belongs to, as a keyed tag: the fingerprint itself stays at the site."""
+    return ConfigRecord({DATASET_TAG: dataset_tag(site.path, ledger.fingerprint)})
 
 
 def _noised_patients(ledger: PrivacyLedger, site: LocalSite, part: str, seed: int, policy: SitePolicy) -> float:
@@ -272,7 +311,7 @@ def _noised_count(ledger: PrivacyLedger, part: str, n: int, seed: int, policy: S
     return max(2.0, float(np.round(noised[0])))
 
 
-def _dp_train_reply(n_noised: float, plan, ledger: PrivacyLedger, epsilon_before: float) -> dict:
+def _dp_train_reply(site: LocalSite, n_noised: float, plan, ledger: PrivacyLedger, epsilon_before: float) -> dict:
     """A DP training reply's metrics and records: the noised patient count, the ledger's epsilons, the plan;
     losses, AUROC and the rejection count withheld (NaN)."""
     spent = ledger.summary()
@@ -280,7 +319,7 @@ def _dp_train_reply(n_noised: float, plan, ledger: PrivacyLedger, epsilon_before
                "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
                "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
                "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
-    return {"metrics": MetricRecord(metrics), "privacy": ConfigRecord({"fingerprint": ledger.fingerprint}),
+    return {"metrics": MetricRecord(metrics), PRIVACY: _privacy_record(site, ledger),
             DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
 
 
@@ -324,18 +363,18 @@ def _disclosure(noised: list[str], withheld: list[str]) -> ConfigRecord:
 @keep_details_local
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's train split; with DP, within the site's budget and policy."""
-    cfg = RunConfig.from_flower(context.run_config)
-    site = _site(context, cfg)
-    policy = SitePolicy.load(site.path, dict(context.node_config))
+    prepared = _prepare(msg, context)
+    cfg, policy, server_round = prepared.cfg, prepared.policy, prepared.server_round
     train_cfg = cfg.train
     try:
         policy.check_training(cfg.dp.enabled)
+        policy.check_request(cfg)
     except PolicyRefusal as err:
-        return _refusal(msg, site, POLICY_REFUSED, err)
+        return _refusal(msg, prepared.name, POLICY_REFUSED, err)
+    site = _site(context, prepared)
     if train_cfg.pretext:
-        return _train_pretext(msg, context, cfg, site, policy)
+        return _train_pretext(msg, context, prepared, site)
     model = _model(msg, cfg)
-    server_round = int(msg.content["config"].get("server-round", 0))
     # the classifier's parts (a detector's own head trains whatever is frozen: on fixed features with "encoder")
     freeze(getattr(model, "classifier", model), frozen_part(train_cfg.freeze, train_cfg.unfreeze_after, server_round))
     seed = train_cfg.seed  # splits and the stratified penalty's draws; never the DP noise
@@ -343,7 +382,7 @@ def train(msg: Message, context: Context) -> Message:
     if len(y) == 0:
         raise ValueError(f"site {site.name}: no training images after the split")
     common = dict(optimizer=train_cfg.optimizer, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-                  proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)))
+                  proximal_mu=prepared.proximal_mu)
     fair_state = context.state.config_records.get("fair-state", ConfigRecord({"mu": 0.0}))
     if cfg.dp.enabled:
         ledger = _ledger(site, policy)
@@ -369,7 +408,7 @@ def train(msg: Message, context: Context) -> Message:
                              **common)
         except BudgetExhausted as err:  # (mid-round only if another process charged meanwhile: nothing is sent)
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
-        reply = _dp_train_reply(n_train, plan, ledger, epsilon_before)
+        reply = _dp_train_reply(site, n_train, plan, ledger, epsilon_before)
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
         loss_fn, boxed = None, {}
@@ -399,9 +438,13 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Score the received global model on the site's own test split. Under DP the scores stay at the site
     (the metrics are withheld, NaN) and the weight is the noised patient count: the server's questions about
     the model (a crafted model turns accuracy x n into an exact count of any predicate) get no exact answer."""
-    cfg = RunConfig.from_flower(context.run_config)
-    site = _site(context, cfg)
-    policy = SitePolicy.load(site.path, dict(context.node_config))
+    prepared = _prepare(msg, context)
+    cfg, policy = prepared.cfg, prepared.policy
+    try:
+        policy.check_request(cfg)
+    except PolicyRefusal as err:
+        return _refusal(msg, prepared.name, POLICY_REFUSED, err)
+    site = _site(context, prepared)
     if _under_dp(cfg, policy):
         try:
             n_test = _noised_patients(_ledger(site, policy), site, "test", cfg.train.seed, policy)
@@ -442,19 +485,20 @@ def statistics(msg: Message, context: Context) -> Message:
     """Release the statistics the server asks for (config `statistics`, comma-separated), each noised and
     charged to the site's ledger, if the site's policy agrees to release them at the requested noise; a site out
     of budget releases nothing."""
-    cfg = RunConfig.from_flower(context.run_config)
-    site = _site(context, cfg)
-    policy = SitePolicy.load(site.path, dict(context.node_config))
+    prepared = _prepare(msg, context)
+    cfg, policy, server_round = prepared.cfg, prepared.policy, prepared.server_round
     request = dict(msg.content["config"])
     kinds = [k.strip() for k in str(request["statistics"]).split(",") if k.strip()]
     noise = cfg.release.noise
     try:
         policy.check_release(kinds, noise)
+        policy.check_request(cfg)
+        policy.check_dims(statistic_dims(request_sections(kinds, request)))  # each setting read and checked
     except PolicyRefusal as err:
-        return _refusal(msg, site, POLICY_REFUSED, err)
+        return _refusal(msg, prepared.name, POLICY_REFUSED, err)
+    site = _site(context, prepared)
     model = _model(msg, cfg) if "arrays" in msg.content.array_records else None
     model = getattr(model, "classifier", model)  # a detector's classifier: its scores and embedding
-    server_round = int(request.get("server-round", 0))
     ledger = _ledger(site, policy)
     releaser = Releaser(ledger, noise_multiplier=noise, min_count=cfg.release.min_count,
                         round=server_round, run_id=str(context.run_id))
@@ -464,6 +508,6 @@ def statistics(msg: Message, context: Context) -> Message:
     except BudgetExhausted as err:
         return _refusal(msg, site, BUDGET_EXHAUSTED, err)
     content: dict = {kind: MetricRecord(values) for kind, values in released.items()}
-    content["privacy"] = ConfigRecord({"fingerprint": ledger.fingerprint})
+    content[PRIVACY] = _privacy_record(site, ledger)
     content["metrics"] = MetricRecord({"epsilon-before": epsilon_before, "epsilon": ledger.epsilon()})
     return _reply(msg, site, content)

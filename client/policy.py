@@ -18,6 +18,14 @@ Keys (site.toml, or the same names in the node config):
 | `max-image-pixels`   | the data layer's default                  | images larger than this are rejected undecoded   |
 | `max-file-mb`        | the data layer's default                  | files larger than this are rejected unread       |
 | `multi-frame`        | "reject"                                  | multi-frame DICOM: "reject" or its "first" frame |
+| `max-image-size`     | 512                                       | largest model input side (pixels) a run may ask  |
+| `max-local-epochs`   | 50                                        | most local epochs a round may ask                |
+| `max-rounds`         | 1000                                      | most rounds (num-server-rounds) a run may plan   |
+| `max-stats-dim`      | 4096                                      | longest axis of a statistic a run may ask for    |
+
+The four ceilings bound what a request makes the site allocate and compute (a 20000-pixel image size would
+allocate 1.6 GB per image before anything is decoded); they are checked against the run config, before any data
+are read, so a refusal says nothing about the data.
 
 `multi-frame` is the site's own choice of what its data mean, not a cap: "reject" is stricter, so where both
 sources set it, "reject" wins. It defaults to "reject" because a multi-frame object is usually a volume, cine loop
@@ -32,17 +40,23 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from core_models.data import MULTI_FRAME, ImageLimits
+
+if TYPE_CHECKING:
+    from core_models.config import RunConfig
 
 SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
 DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
 DEFAULT_MIN_RELEASE_NOISE = 1.0
 STATISTICS = ("shift", "fairness", "fair-pse")  # the names a `release` list may hold
+CEILINGS = {"max-image-size": 512, "max-local-epochs": 50, "max-rounds": 1000, "max-stats-dim": 4096}
 KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
-        "multi-frame")
+        "multi-frame", *CEILINGS)
 
 
 class PolicyError(ValueError):
@@ -120,6 +134,7 @@ class SitePolicy:
     max_image_pixels: int | None = None
     max_file_mb: float | None = None
     multi_frame: str | None = None  # None: the data layer's default ("reject")
+    ceilings: dict[str, int] = field(default_factory=lambda: dict(CEILINGS))  # CEILINGS' keys, tightened
 
     @classmethod
     def load(cls, site_dir, node_config: dict | None = None) -> "SitePolicy":
@@ -130,7 +145,11 @@ class SitePolicy:
         deployment = bool(node_config.get("data-path"))
         eps, deltas, noise, pixels, mbs, dp_flags, frames = [], [], [], [], [], [], []
         release: frozenset[str] | None = None
+        ceilings = dict(CEILINGS)
         for source, table in sources:
+            for name in CEILINGS:
+                if name in table:
+                    ceilings[name] = min(ceilings[name], int(_number(source, name, table[name], 0.0)))
             if "max-epsilon" in table:
                 eps.append(_number(source, "max-epsilon", table["max-epsilon"], 0.0))
             if "delta" in table:
@@ -154,7 +173,8 @@ class SitePolicy:
                    require_dp=require, release=release,
                    min_release_noise=max(noise) if noise else DEFAULT_MIN_RELEASE_NOISE,
                    max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None,
-                   multi_frame=("reject" if "reject" in frames else "first") if frames else None)
+                   multi_frame=("reject" if "reject" in frames else "first") if frames else None,
+                   ceilings=ceilings)
 
     def image_limits(self) -> ImageLimits:
         """The data layer's caps, tightened (never loosened past its defaults) by the site's settings, and its
@@ -177,6 +197,25 @@ class SitePolicy:
                                 "the run trains without differential privacy (dp = false); this site sends "
                                 "only DP-SGD updates")
 
+    def check_request(self, cfg: "RunConfig") -> None:
+        """The run's sizes within the site's ceilings (run config only: called before any data are read)."""
+        self._within("max-image-size", "image-size", cfg.train.image_size)
+        self._within("max-local-epochs", "local-epochs", cfg.train.local_epochs)
+        self._within("max-rounds", "num-server-rounds", cfg.server.num_rounds)
+        sections = {"shift": cfg.shift, "fairness": cfg.audit, "fair-pse": cfg.fair}
+        self.check_dims(statistic_dims({k: v for k, v in sections.items() if k in cfg.release.kinds}))
+        if cfg.fair.active:
+            self.check_dims(statistic_dims({"fair-pse": cfg.fair}))
+
+    def check_dims(self, dims: dict[str, int]) -> None:
+        """Each axis of a statistic asked for (statistic_dims) within `max-stats-dim`."""
+        for name, value in dims.items():
+            self._within("max-stats-dim", name, value)
+
+    def _within(self, setting: str, name: str, value: int) -> None:
+        if value > self.ceilings[setting]:
+            raise PolicyRefusal(f"{setting} = {self.ceilings[setting]}", f"the run asks for {name} = {value}")
+
     def check_release(self, kinds: list[str], noise_multiplier: float) -> None:
         """Every statistic asked for must be on the release list, with at least the site's noise."""
         forbidden = [k for k in kinds if self.release is not None and k not in self.release]
@@ -186,6 +225,22 @@ class SitePolicy:
         if not noise_multiplier >= self.min_release_noise:
             raise PolicyRefusal(f"min-release-noise = {self.min_release_noise:g}",
                                 f"the server asked for releases with noise multiplier {noise_multiplier:g}")
+
+
+def statistic_dims(sections: dict) -> dict[str, int]:
+    """The axis lengths the requested statistics would have, by the key that sets each: `sections` maps a
+    statistic's name to its settings (ShiftConfig, FairAuditConfig, FairPenaltyConfig)."""
+    dims = {}
+    if "shift" in sections:
+        dims["stats-rff-dim"] = sections["shift"].rff_dim
+    if "fairness" in sections:
+        dims["stats-fairness-score-bins"] = sections["fairness"].score_bins
+    if "fair-pse" in sections:
+        fair = sections["fair-pse"]
+        bins = len([e for e in fair.covariate_edges.split(",") if e.strip()]) + 1
+        dims["fair-mediator-levels x covariate bins"] = fair.mediator_levels * bins
+        dims["fair-per-cell"] = fair.per_cell
+    return dims
 
 
 def default_delta(n_patients: int) -> float:

@@ -9,12 +9,26 @@ from client.fairness_stats import produce_fair_pse, produce_fairness
 from client.shift_stats import produce_shift
 from client.site import LocalSite
 from client.statistics import Producer, Releaser
+from core_models.config import FairAuditConfig, FairPenaltyConfig, ShiftConfig, read_section
 
 PRODUCERS: dict[str, Producer] = {
     "shift": produce_shift,
     "fairness": produce_fairness,
     "fair-pse": produce_fair_pse,
 }
+
+
+# the settings each statistic's request carries (its producer reads them again from the request)
+SETTINGS = {"shift": ShiftConfig, "fairness": FairAuditConfig, "fair-pse": FairPenaltyConfig}
+
+
+def request_sections(kinds: list[str], request: dict) -> dict:
+    """The settings of every statistic asked for, read from the request and range-checked (ConfigError), before
+    any data are read."""
+    unknown = [k for k in kinds if k not in PRODUCERS]
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; this site provides {sorted(PRODUCERS)}")
+    return {kind: read_section(SETTINGS[kind], request) for kind in kinds if kind in SETTINGS}
 
 
 def produce(kinds: list[str], site: LocalSite, model, request: dict, releaser: Releaser) -> dict[str, dict]:

@@ -52,7 +52,7 @@ class LocalSite:
         return [b for b, m in zip(per_image, mask) if m], annotated[mask]
 
 
-_LOADED: dict[tuple[str, int, int], LocalSite] = {}  # (folder, image size, seed)
+_LOADED: dict[tuple[str, int, int, int], LocalSite] = {}  # (folder, image size, seed, classes)
 
 
 def resolve_site_path(node_config: dict, run_config: dict) -> Path:
@@ -86,7 +86,7 @@ def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name
     """Load (once per process) and split a site; write its split and rejection list locally. The manifest's rows
     without a label are kept apart (`data.unlabelled`): only a self-supervised pretext run trains on them, and every
     run sees the same patients (the site's delta counts them all)."""
-    key = (str(path.resolve()), image_size, seed)
+    key = (str(path.resolve()), image_size, seed, num_classes)
     if key in _LOADED:
         return _LOADED[key]
     with pydicom_to_site_log(path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,16 @@ def schema(cls=None) -> dict[str, type]:
     return out
 
 
+def _within(name: str, value: float, low: float, high: float, *, above: bool = False) -> None:
+    """`value` is a finite number in [low, high] ((low, high] with `above`): every numeric key a site reads is
+    checked like this before any data are read, so a refusal never depends on the data and no NaN, inf or huge
+    value reaches a computation whose result leaves the site."""
+    ok = math.isfinite(value) and (value > low if above else value >= low) and value <= high
+    if not ok:
+        bound = f"{'(' if above else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"run config {name!r} must be a finite number in {bound}, got {value!r}")
+
+
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"run config {name!r} must be one of {list(choices)}, got {value!r}")
@@ -118,6 +129,10 @@ class TrainingConfig:
                             ("image-size", self.image_size), ("grad-accumulation", self.grad_accumulation)):
             if value < 1:
                 raise ConfigError(f"run config {name!r} must be >= 1, got {value}")
+        _within("num-classes", self.num_classes, 2, 10_000)
+        _within("learning-rate", self.learning_rate, 0.0, 10.0, above=True)
+        _within("weight-decay", self.weight_decay, 0.0, 10.0)
+        _within("seed", self.seed, 0, 2**63 - 1)
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,14 @@ class DPConfig:
     central_noise: float = key("central-dp-noise")
     central_clip: float = key("central-dp-clip")
 
+    def check(self) -> None:
+        _within("target-epsilon", self.target_epsilon, 0.0, 1e4, above=True)
+        _within("target-delta", self.target_delta, 0.0, 1.0, above=True)
+        _within("max-grad-norm", self.max_grad_norm, 0.0, 1e6, above=True)
+        _within("physical-batch-size", self.physical_batch_size, 1, 1e9)
+        _within("central-dp-noise", self.central_noise, 0.0, 1e6)
+        _within("central-dp-clip", self.central_clip, 0.0, 1e6, above=True)
+
 
 @dataclass(frozen=True)
 class ReleaseConfig:
@@ -141,6 +164,10 @@ class ReleaseConfig:
     statistics: str = key("statistics")
     noise: float = key("release-noise")
     min_count: int = key("release-min-count")
+
+    def check(self) -> None:
+        _within("release-noise", self.noise, 0.0, 1e6, above=True)
+        _within("release-min-count", self.min_count, 0, 1e9)
 
     @property
     def kinds(self) -> list[str]:
@@ -158,6 +185,18 @@ class ShiftConfig:
     bootstrap: int = key("stats-bootstrap")
     alpha: float = key("stats-alpha")
 
+    def check(self) -> None:
+        _within("stats-rff-dim", self.rff_dim, 2, 1e9)  # the site's policy sets the ceiling (max-stats-dim)
+        if self.rff_dim % 2:
+            raise ConfigError(f"run config 'stats-rff-dim' must be even (cos and sin of each frequency), got "
+                              f"{self.rff_dim}")
+        _within("stats-feature-clip", self.feature_clip, 0.0, 1e6, above=True)
+        # on features rescaled into the unit ball, a bandwidth far outside [1e-3, 1e3] only makes the kernel
+        # trivial (and a tiny one overflows the projection)
+        _within("stats-rff-bandwidth", self.rff_bandwidth, 1e-3, 1e3)
+        _within("stats-bootstrap", self.bootstrap, 0, 1e6)
+        _within("stats-alpha", self.alpha, 0.0, 1.0, above=True)
+
     @property
     def vocabulary(self) -> list[str]:
         """The manufacturer names counted one by one (every other name is counted as "other")."""
@@ -173,6 +212,10 @@ class FairAuditConfig:
     levels: str = key("stats-fairness-levels")
     score_bins: int = key("stats-fairness-score-bins")
     boot: int = key("stats-fairness-boot")
+
+    def check(self) -> None:
+        _within("stats-fairness-score-bins", self.score_bins, 1, 1e9)  # ceiling: the site's max-stats-dim
+        _within("stats-fairness-boot", self.boot, 0, 1e6)
 
 
 @dataclass(frozen=True)
@@ -203,6 +246,19 @@ class FairPenaltyConfig:
     def check(self) -> None:
         _one_of("fair-form", self.form, ("stratified", "per-sample"))
         _one_of("fair-pool-split", self.pool_split, ("train", "val"))
+        _within("fair-lambda", self.lam, 0.0, 1e6)
+        _within("fair-mediator-levels", self.mediator_levels, 1, 1e9)  # ceiling: the site's max-stats-dim
+        _within("fair-max-weight", self.max_weight, 0.0, 1e6, above=True)
+        _within("fair-per-cell", self.per_cell, 1, 1e9)
+        _within("fair-dual-lr", self.dual_lr, 0.0, 1e6)
+        try:
+            edges = [float(x) for x in self.covariate_edges.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"run config 'fair-covariate-edges' must be comma-separated numbers, got "
+                              f"{self.covariate_edges!r}") from None
+        if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"run config 'fair-covariate-edges' must be finite and increasing, got "
+                              f"{self.covariate_edges!r}")
         if self.active:
             missing = [k for k, v in (("fair-sensitive", self.sensitive), ("fair-mediator", self.mediator)) if not v]
             if missing:
@@ -242,6 +298,12 @@ class ServerConfig:
             raise ConfigError(f"run config 'num-server-rounds' must be >= 1, got {self.num_rounds}")
         if self.patience < 0:
             raise ConfigError(f"run config 'patience' must be >= 0 rounds (0 = off), got {self.patience}")
+        _within("proximal-mu", self.proximal_mu, 0.0, 1e6)
+        _within("server-lr", self.server_lr, 0.0, 1e3, above=True)
+        _within("fraction-train", self.fraction_train, 0.0, 1.0)
+        _within("fraction-evaluate", self.fraction_evaluate, 0.0, 1.0)
+        _within("min-train-nodes", self.min_train_nodes, 0, 1e6)
+        _within("round-timeout", self.round_timeout, 0.0, 1e7, above=True)
 
     def check_holdout(self) -> None:
         """What only the assembled run config can tell (a command sets holdout-path itself)."""

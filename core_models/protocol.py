@@ -32,3 +32,6 @@ DISCLOSURE = "disclosure"  # ConfigRecord of a reply: which of its metrics are n
 
 BOX_EXAMPLES = "box-examples"  # train metric of a detection round: the annotated images the site trained the head on
 DETECTION_HEAD = "head."  # state-dict prefix of a LesionDetector's own head (the classifier's keys are "classifier.")
+
+PRIVACY = "privacy"  # ConfigRecord of a reply that spent privacy: the dataset tag its spend belongs to
+DATASET_TAG = "dataset-tag"  # a keyed hash of the site's dataset (never the dataset's own fingerprint)

@@ -1,4 +1,5 @@
-"""The server's memory of each site's privacy spend, per dataset fingerprint.
+"""The server's memory of each site's privacy spend, per dataset tag (a keyed hash the site computes; see
+client.ledger.dataset_tag).
 
 A site's ledger lives on the site's disk, so the server cannot stop a site from
 deleting it; it can refuse to train with a site whose reported spend went backwards

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from core_models.config import ServerConfig
-from core_models.protocol import BOX_EXAMPLES, DETECTION_HEAD, DISCLOSURE, error_site, error_status
+from core_models.protocol import BOX_EXAMPLES, DATASET_TAG, DETECTION_HEAD, DISCLOSURE, PRIVACY, error_site, error_status
 from server.privacy_registry import PrivacyRegistry
 
 # Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
@@ -108,16 +108,16 @@ class SiteTrackingMixin:
         """Drop (and remember) replies from sites whose reported spend is inconsistent."""
         kept = []
         for msg in replies:
-            privacy = msg.content.config_records.get("privacy") if not msg.has_error() else None
+            privacy = msg.content.config_records.get(PRIVACY) if not msg.has_error() else None
             if privacy is None or self.registry is None:
                 kept.append(msg)
                 continue
             site = msg.content["site"]["name"]
-            reason = self.registry.check(str(privacy["fingerprint"]), site,
+            reason = self.registry.check(str(privacy[DATASET_TAG]), site,
                                          float(msg.content["metrics"]["epsilon-before"]))
             if reason is None:
                 kept.append(msg)
-                self.registry.record(str(privacy["fingerprint"]), site, float(msg.content["metrics"]["epsilon"]))
+                self.registry.record(str(privacy[DATASET_TAG]), site, float(msg.content["metrics"]["epsilon"]))
             else:
                 self.refused_nodes[msg.metadata.src_node_id] = reason
                 self.site_rows.append({"round": server_round, "phase": phase, "site": site,

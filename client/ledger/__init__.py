@@ -17,7 +17,7 @@ fingerprint: which dataset a history belongs to; storage: the file, its lock, fo
 accounting: epsilon by Opacus' RDP analysis; report: the ethics board's view; privacy_ledger: PrivacyLedger.
 """
 
-from client.ledger.fingerprint import FINGERPRINT_CACHE, dataset_fingerprint
+from client.ledger.fingerprint import FINGERPRINT_CACHE, SITE_KEY, dataset_fingerprint, dataset_tag
 from client.ledger.privacy_ledger import BudgetExhausted, PrivacyLedger, os_entropy_rng
 from client.ledger.report import RDP_NOTE, ledger_report
 from client.ledger.storage import (
@@ -40,10 +40,12 @@ __all__ = [
     "LedgerError",
     "PrivacyLedger",
     "RDP_NOTE",
+    "SITE_KEY",
     "STATE_DIR",
     "VERSION",
     "WITNESS_FILE",
     "dataset_fingerprint",
+    "dataset_tag",
     "ledger_path",
     "ledger_report",
     "load_ledger_file",

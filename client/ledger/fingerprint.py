@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import hmac
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 
 from client.ledger.storage import STATE_DIR, atomic_write
+from core_models.data import manifest_table
 from core_models.paths import UnsafePath, resolve_site_file
 
 FINGERPRINT_CACHE = "fingerprint_cache.json"
@@ -26,7 +29,9 @@ def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
     """sha256 over the site's (patient_id, image content digest) pairs, sorted.
 
     The key is the patient set and the bytes of their images, not the manifest's bytes: reformatting the
-    manifest (column order, quoting, blank lines, extra columns, renamed or moved files) leaves it unchanged.
+    manifest (column order, quoting, blank lines, extra columns, renamed or moved files, whitespace around a header
+    or an id) leaves it unchanged. The manifest is read as the loader reads it (core_models.data.manifest_table).
+    It never leaves the site: replies carry a keyed tag of it (client.ledger.dataset_tag).
     Only regular files inside the site folder are read (core_models.paths); any other path counts as
     "unreadable" without being opened, so a FIFO or /dev/zero in the manifest cannot hang the site.
     Per-file digests are cached in `<data>/.equifed/fingerprint_cache.json` keyed by (real path, size,
@@ -36,7 +41,7 @@ def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
     manifest_path = data_dir / manifest
     if not manifest_path.exists():
         raise FileNotFoundError(f"no {manifest} in {data_dir}: cannot fingerprint the dataset")
-    rows = list(csv.DictReader(manifest_path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()))
+    table = manifest_table(manifest_path)  # the loader's own normalised reading: one patient is one id everywhere
 
     cache_path = data_dir / STATE_DIR / FINGERPRINT_CACHE
     try:
@@ -51,8 +56,7 @@ def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
     racy_before = time.time_ns() - 2_000_000_000
 
     pairs = set()
-    for r in rows:
-        pid, rel = str(r.get("patient_id") or "").strip(), str(r.get("image_path") or "").strip()
+    for pid, rel in zip(table["patient_id"], table["image_path"]):
         if not pid or not rel:
             continue
         try:
@@ -80,3 +84,33 @@ def dataset_fingerprint(data_dir, manifest: str = "manifest.csv") -> str:
     for pid, digest in sorted(pairs):
         h.update(json.dumps([pid, digest]).encode() + b"\n")
     return h.hexdigest()
+
+
+SITE_KEY = "site_key"  # a secret of the site's, made once from OS entropy; it never leaves the site
+
+
+def _site_key(data_dir) -> bytes:
+    """The site's secret key (`<data>/.equifed/site_key`, owner-only), created on first use."""
+    path = Path(data_dir) / STATE_DIR / SITE_KEY
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile: use theirs
+        return bytes.fromhex(path.read_text().strip())
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return bytes.fromhex(path.read_text().strip())
+
+
+def dataset_tag(data_dir, fingerprint: str) -> str:
+    """What the server is told about which dataset a reply's spend belongs to: HMAC-SHA256 of the fingerprint
+    under the site's secret key. The server can still tell "the same dataset as before" (its registry refuses a
+    site whose spend on a dataset went backwards), but no one without the key can compute the tag of a
+    candidate dataset, so it is no membership test and names no data."""
+    return hmac.new(_site_key(data_dir), fingerprint.encode(), hashlib.sha256).hexdigest()

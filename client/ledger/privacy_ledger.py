@@ -7,6 +7,7 @@ on the composition of every history in the file, so changing the data never gran
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from pathlib import Path
@@ -28,10 +29,19 @@ from client.ledger.storage import (
     load_ledger_file,
     locked,
     now,
+    site_delta_of,
     valid_mechanism,
     write_ledger,
     write_witness,
 )
+
+log = logging.getLogger(__name__)
+
+
+def _tightest(*deltas: float | None) -> float:
+    """The smallest of the deltas given (DEFAULT_DELTA when none is)."""
+    given = [float(d) for d in deltas if d is not None]
+    return min(given) if given else DEFAULT_DELTA
 
 
 class BudgetExhausted(RuntimeError):
@@ -60,9 +70,10 @@ class PrivacyLedger:
         """Load the site's ledger (validated against its witness) or create it; select this dataset's history.
 
         A dataset whose fingerprint is not in the file yet (new site, or changed data) gets a new history next
-        to the old ones, which keep counting against the budget. `delta` defaults to the one stored with this
-        dataset's history (1e-5 for a new one); the client passes the site policy's; `max_epsilon` comes from
-        the site's own policy each time.
+        to the old ones, which keep counting against the budget. The ledger keeps one delta for the site, the one
+        it was first opened with (the client passes the site policy's); a later `delta` can tighten it, never
+        loosen it, so no setting of a run (which can change what the site's data look like) moves the delta the
+        budget is checked at. Without any, 1e-5. `max_epsilon` comes from the site's own policy each time.
         """
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
@@ -76,13 +87,17 @@ class PrivacyLedger:
             check_against_witness(path, doc)
             if doc is None:
                 doc = empty_ledger(data_dir.resolve().name)
+            site_delta = _tightest(delta, site_delta_of(doc))
+            changed = doc.get("delta") != site_delta
+            doc["delta"] = site_delta
             if fp not in doc["datasets"]:
-                doc["datasets"][fp] = empty_dataset(delta if delta is not None else DEFAULT_DELTA)
+                doc["datasets"][fp] = empty_dataset(site_delta)
+                changed = True
+            if changed:
                 cls._write(path, doc)
             elif not path.with_name(WITNESS_FILE).exists():
                 write_witness(path.with_name(WITNESS_FILE), doc)  # a ledger from before witnesses
-        stored_delta = doc["datasets"][fp].get("delta", DEFAULT_DELTA)
-        return cls(path, fp, float(delta if delta is not None else stored_delta), max_epsilon, doc)
+        return cls(path, fp, site_delta, max_epsilon, doc)
 
     @staticmethod
     def _write(path: Path, doc: dict) -> None:
@@ -231,13 +246,18 @@ class PrivacyLedger:
 
         `sensitivity` is the L2 sensitivity of the whole vector to one patient. The charge is
         written before the noised value is returned; if it is refused, nothing is released.
-        The noise comes from OS entropy; `rng` exists for tests that must be reproducible and is never
+        Non-finite entries are replaced by 0 (a value that does not depend on the data) before the noise, and
+        counted in the site's log only. The noise comes from OS entropy; `rng` exists for tests that must be reproducible and is never
         set by the client. (numpy's sampler is not hardened against floating-point attacks; fine for
         aggregates.)
         """
         if not (math.isfinite(sensitivity) and sensitivity > 0):
             raise ValueError(f"sensitivity must be positive, got {sensitivity}")
         x = np.asarray(value, dtype=np.float64)
+        bad = ~np.isfinite(x)
+        if bad.any():  # a NaN or inf would pass through the noise exactly: it leaves as 0 + noise instead
+            log.warning("release %s: %d non-finite value(s) replaced by 0 before the noise", label, int(bad.sum()))
+            x = np.where(bad, 0.0, x)
         self.check_budget([(noise_multiplier, 1.0, 1)])
         rng = rng if rng is not None else os_entropy_rng()
         noised = x + rng.normal(0.0, noise_multiplier * sensitivity, size=x.shape)

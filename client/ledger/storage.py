@@ -1,7 +1,7 @@
 """The ledger on disk: its file format, its validation, one writer at a time, and writes that never tear.
 
 File layout:
-    {"version": 1, "site": ..., "datasets": {fingerprint: {"created", "delta",
+    {"version": 1, "site": ..., "delta": the site's delta (only ever tightened), "datasets": {fingerprint: {"created", "delta",
      "history": [[sigma, q, steps], ...], "entries": [{...}, ...]}},
      "noised": {key: {"value": [...], "label", "time"}}, "checksum": sha256}
 `history` is exactly Opacus' RDPAccountant.history; `entries` is the human-readable log (consecutive training
@@ -53,6 +53,15 @@ def empty_ledger(site: str) -> dict:
 
 def empty_dataset(delta: float) -> dict:
     return {"created": now(), "delta": float(delta), "history": [], "entries": []}
+
+
+def site_delta_of(doc: dict) -> float | None:
+    """The delta the site's ledger is kept at: its own, or (a ledger from before it had one) the smallest any of
+    its datasets was opened with; None for a new ledger."""
+    if "delta" in doc:
+        return float(doc["delta"])
+    deltas = [float(ds["delta"]) for ds in doc["datasets"].values() if "delta" in ds]
+    return min(deltas) if deltas else None
 
 
 def all_history(doc: dict) -> list:
@@ -159,6 +168,8 @@ def load_ledger_file(path) -> dict:
             logged[(e["sigma"], e["q"])] += e["steps"]
         if hist != logged:
             raise _corrupt(path, f"dataset {fp[:12]}: history and entries disagree")
+    if "delta" in doc and not (isinstance(doc["delta"], float) and 0 < doc["delta"] < 1):
+        raise _corrupt(path, f"bad site delta {doc['delta']!r}")
     noised = doc.get("noised", {})
     if not (isinstance(noised, dict) and all(isinstance(v, dict) and isinstance(v.get("value"), list)
                                              for v in noised.values())):

@@ -6,7 +6,8 @@ Submodules, in import order (each imports only those above it):
 
 - ``limits``: ImageLimits, the errors (ManifestError, ImageError, DecoderMissing), non-blocking regular-file opening
 - ``pixels``: META_COLUMNS, size checks, normalise / grey-from-RGB / resize shared by every reader
-- ``manifest``: manifest reading and validation, Rejection, read_manifest, write_rejected
+- ``manifest``: manifest reading (normalised once: manifest_table), validation, Rejection, read_manifest,
+  write_rejected
 - ``dicom_intensity``: modality / VOI LUT to [0, 1], with its table cache
 - ``dicom``: DICOM header checks, lean and full reads, pixel decoding, luminance; read_dicom, parse_dicom_age
 - ``images``: the Pillow path and read_image (dispatch by suffix / DICOM magic)
@@ -21,7 +22,7 @@ from core_models.data.cache import CACHE_DIR
 from core_models.data.dicom import parse_dicom_age, read_dicom
 from core_models.data.images import read_image
 from core_models.data.limits import DEFAULT_LIMITS, MULTI_FRAME, DecoderMissing, ImageError, ImageLimits, ManifestError
-from core_models.data.manifest import Rejection, read_manifest, write_rejected
+from core_models.data.manifest import Rejection, manifest_patients, manifest_table, read_manifest, write_rejected
 from core_models.data.npz import load_npz
 from core_models.data.pixels import META_COLUMNS
 from core_models.data.site import SiteData, load_site
@@ -41,6 +42,8 @@ __all__ = [
     "load_boxes",
     "load_npz",
     "load_site",
+    "manifest_patients",
+    "manifest_table",
     "parse_dicom_age",
     "read_dicom",
     "read_image",

@@ -65,17 +65,16 @@ def _parse_label(value, num_classes: int | None) -> tuple[int | None, str]:
     return label, ""
 
 
-def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path | None = None,
-                    unlabelled: bool = False):
-    """Parse manifest bytes -> (accepted rows indexed by manifest row, resolved paths, their (size, mtime_ns),
-    rejections, number of rows). Files are stat-ed here, before decoding, so a file changed meanwhile invalidates.
+def _normal_text(value) -> str:
+    """A text cell as every reader sees it: surrounding whitespace removed (a missing cell is "")."""
+    return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value).strip()
 
-    With `unlabelled`, a row whose label cell is empty is accepted (every other check still applies) with label
-    :data:`_NO_LABEL` instead of being rejected as "missing label"; a bad non-empty label is still rejected.
 
-    Image paths are relative to the manifest's folder and must resolve (symlinks followed) to regular files inside
-    `site_dir` (default: the manifest's folder); anything else is a Rejection with the reason from
-    :func:`core_models.paths.resolve_site_file`, and nothing of it is opened."""
+def _table(raw: bytes, manifest_path: Path) -> pd.DataFrame:
+    """The manifest's rows, normalised once for every reader (the loader, the splits, the dataset fingerprint, the
+    patient count behind the site's delta): header names without surrounding whitespace or a byte-order mark, the
+    text columns read as text, and `patient_id` and `image_path` stripped of surrounding whitespace, so that
+    " alpha-1" and "alpha-1" are one patient everywhere. Raises ManifestError when a required column is missing."""
     try:
         header = pd.read_csv(io.BytesIO(raw), nrows=0, encoding="utf-8-sig").columns
     except pd.errors.EmptyDataError:
@@ -98,6 +97,36 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, si
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ManifestError(f"manifest {manifest_path} is not a readable CSV: {e}") from e
     df = df.rename(columns=names)
+    for column in ("patient_id", "image_path"):
+        df[column] = [_normal_text(v) for v in df[column]]
+    return df
+
+
+def manifest_table(manifest_path, limits: ImageLimits | None = None) -> pd.DataFrame:
+    """Every row of a manifest, labelled or not and before any row is validated, normalised as the loader reads it."""
+    manifest_path = Path(manifest_path)
+    return _table(_read_manifest_bytes(manifest_path, limits), manifest_path)
+
+
+def manifest_patients(manifest_path, limits: ImageLimits | None = None) -> int:
+    """How many patients the manifest names, over every row (labelled or not, usable or not): what the site's
+    default delta is sized for, so that no run setting (the number of classes, the image size) can change it."""
+    ids = manifest_table(manifest_path, limits)["patient_id"]
+    return int(ids[ids != ""].nunique())
+
+
+def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path | None = None,
+                    unlabelled: bool = False):
+    """Parse manifest bytes -> (accepted rows indexed by manifest row, resolved paths, their (size, mtime_ns),
+    rejections, number of rows). Files are stat-ed here, before decoding, so a file changed meanwhile invalidates.
+
+    With `unlabelled`, a row whose label cell is empty is accepted (every other check still applies) with label
+    :data:`_NO_LABEL` instead of being rejected as "missing label"; a bad non-empty label is still rejected.
+
+    Image paths are relative to the manifest's folder and must resolve (symlinks followed) to regular files inside
+    `site_dir` (default: the manifest's folder); anything else is a Rejection with the reason from
+    :func:`core_models.paths.resolve_site_file`, and nothing of it is opened."""
+    df = _table(raw, manifest_path)
     n_rows = len(df)
 
     base = os.path.abspath(manifest_path.parent)
@@ -105,11 +134,11 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, si
     same = os.path.realpath(site) == os.path.realpath(base)
     keep, labels, paths, stamps, rejected = [], [], [], [], []
     for row, pid, ipath, lab in zip(range(n_rows), df["patient_id"], df["image_path"], df["label"]):
-        shown = "" if pd.isna(ipath) else str(ipath)
-        if shown.strip() == "":
+        shown = ipath
+        if shown == "":
             rejected.append(Rejection(shown, row, "missing image_path"))
             continue
-        if pd.isna(pid) or str(pid).strip() == "":
+        if pid == "":
             rejected.append(Rejection(shown, row, "missing patient_id"))
             continue
         label, why = (_NO_LABEL, "") if unlabelled and _label_missing(lab) else _parse_label(lab, num_classes)
