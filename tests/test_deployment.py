@@ -39,7 +39,7 @@ import psutil
 import pytest
 import torch
 
-from client.ledger import ledger_report
+from client.ledger import dataset_fingerprint, ledger_report
 from client.supernode import EXIT_REFUSED, probe_server
 from core_models.networks import build_model
 from client.cli import main as client_main
@@ -380,6 +380,7 @@ def test_message_audit(deployment):
     for site in SITES:
         manifest = pd.read_csv(deployment["data"][site] / "manifest.csv", dtype=str)
         secrets = set(manifest["patient_id"]) | {Path(p).name for p in manifest["image_path"]}
+        secrets.add(dataset_fingerprint(deployment["data"][site]))  # what an adversary could hash for itself
         entries = [json.loads(line) for line in (deployment["root"] / f"audit_{site}.jsonl").read_text().splitlines()]
         assert entries, site
         for entry in entries:
@@ -397,8 +398,8 @@ def test_message_audit(deployment):
             assert entry["configs"]["disclosure"] == {"noised": "num-examples",
                                                       "withheld": "train-loss,val-auroc,val-loss,rejected"}
             assert all(math.isnan(metrics[k]) for k in ("train-loss", "val-auroc", "val-loss", "rejected"))
-            assert set(entry["configs"]["privacy"]) == {"fingerprint"}
-            assert re.fullmatch(r"[0-9a-f]{64}", entry["configs"]["privacy"]["fingerprint"])
+            assert set(entry["configs"]["privacy"]) == {"dataset-tag"}  # keyed: never the fingerprint itself
+            assert re.fullmatch(r"[0-9a-f]{64}", entry["configs"]["privacy"]["dataset-tag"])
             for text in _strings({k: v for k, v in entry.items() if k not in ("message_type", "reply_to")}):
                 assert "/" not in text and str(deployment["root"]) not in text, text
                 assert text not in secrets, text
