@@ -32,7 +32,7 @@ class Releaser:
     min_count: int = 0
     round: int | None = None
     run_id: str | None = None
-    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    rng: np.random.Generator | None = None  # None: the ledger's OS-entropy generator (tests pass their own)
     released: dict[str, float] = field(default_factory=dict)  # label -> noise std used
 
     def __post_init__(self) -> None:

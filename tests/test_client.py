@@ -72,7 +72,9 @@ def test_site_found_by_node_config_or_partition(consortium):
 def test_train_reply_holds_weights_and_aggregates_only(consortium):
     gamma = consortium[0]
     # a hospital that allows training without DP (its choice; deployment requires DP by default)
-    reply = train(_message(), _context({"data-path": str(gamma), "site": "gamma", "require-dp": False}))
+    msg = _message()
+    sent = msg.content["arrays"].to_torch_state_dict()  # the global model the server sent
+    reply = train(msg, _context({"data-path": str(gamma), "site": "gamma", "require-dp": False}))
     state = reply.content["arrays"].to_torch_state_dict()
     assert set(state) == set(build_model("cnn").state_dict())
     assert not any(k.startswith("_module.") for k in state)
@@ -87,9 +89,13 @@ def test_train_reply_holds_weights_and_aggregates_only(consortium):
     # no patient identifiers anywhere in what is sent back
     texts = " ".join(_strings(reply.content))
     assert "gamma-0" not in texts and texts.count("gamma") == 1  # only the site's name
-    # the weights moved
-    before = build_model("cnn").state_dict()
-    assert any(not torch.equal(state[k], before[k]) for k in state if k.endswith("weight"))
+    # the weights moved away from the ones the server sent: every trainable tensor (freeze = "none"), not
+    # merely some tensor of an unrelated random model
+    trainable = {name for name, p in build_model("cnn").named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(state)
+    unchanged = [k for k in trainable if torch.equal(state[k], sent[k])]
+    assert not unchanged, unchanged
+    assert metrics["steps"] > 0
 
 
 def test_evaluate_reply(consortium):
@@ -106,7 +112,7 @@ def test_failure_reaches_server_without_details(tmp_path):
     (site / "images" / "PAT-SECRET-001.dcm").write_bytes(b"garbage")
     (site / "manifest.csv").write_text("patient_id,image_path,label\nPAT-SECRET-001,images/PAT-SECRET-001.dcm,1\n")
     with pytest.raises(SiteError) as err:
-        train(_message(), _context({"data-path": str(site), "site": "broken"}))
+        train(_message(), _context({"data-path": str(site), "site": "broken"}, dp=True))  # past the policy
     assert "PAT-SECRET" not in str(err.value)
     assert "ManifestError" in str(err.value) and "site broken" in str(err.value)
     log = (site / ".equifed" / "client_errors.log").read_text()

@@ -3,6 +3,7 @@ enforced by the site, rolled-back ledgers refused by the server."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from opacus.accountants import RDPAccountant
 
 from client.dp import plan_dp, train_dp
 from client.ledger import PrivacyLedger
+from client.ledger.accounting import epsilon_of
 from core_models.networks import build_model
 from simulations.generator import generate_consortium
 from simulations.run import main as simulate
@@ -116,7 +118,9 @@ name = "tiny_budget"
 n = 100
 """
 
-DP = [*ONE_ACTOR, "-c", "dp=true", "-c", "target-epsilon=6.0", "-c", "local-epochs=1", "-c", "batch-size=32",
+TARGET = 6.0
+SECOND_TARGET = 4.0  # the second study's (test_deleted_ledger_is_refused_by_the_server)
+DP = [*ONE_ACTOR, "-c", "dp=true", "-c", f"target-epsilon={TARGET}", "-c", "local-epochs=1", "-c", "batch-size=32",
       "-c", "physical-batch-size=16", "-c", "image-size=32", "-c", "min-train-nodes=2"]
 
 
@@ -134,7 +138,7 @@ def dp_run(tmp_path_factory):
 
 
 def test_small_budget_site_stops_others_finish(dp_run):
-    out, _ = dp_run
+    out, sites = dp_run
     rows = pd.read_csv(out / "per_site.csv")
     train = rows[rows["phase"] == "train"]
     ok = train[train["status"] == "ok"]
@@ -143,10 +147,13 @@ def test_small_budget_site_stops_others_finish(dp_run):
     refused = train[(train["round"] == 2) & (train["site"] == "tiny_budget")]
     assert list(refused["status"]) == ["budget exhausted"]
     assert "5.3" in refused["error"].iloc[0]
-    # epsilon reported per site grows round over round and stays under the run's target
+    # epsilon reported per site grows round over round and never passes the run's target: the plan reserves the
+    # noised patient counts (released once) inside target-epsilon, so the whole spend is at most the target
     north = ok[ok["site"] == "north"].sort_values("round")
-    # (the target plans the DP-SGD steps; the site's noised patient counts, released once, add a little)
-    assert north["epsilon"].is_monotonic_increasing and north["epsilon"].iloc[0] < north["epsilon"].iloc[1] <= 6.3
+    assert north["epsilon"].is_monotonic_increasing and north["epsilon"].iloc[0] < north["epsilon"].iloc[1]
+    assert (ok["epsilon"] <= TARGET + 1e-9).all(), ok[["round", "site", "epsilon"]]
+    for site in sites[:2]:  # the ledgers too (they hold the test-patient count charged after a reply)
+        assert PrivacyLedger.open(site).epsilon() <= TARGET + 1e-9
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flower_status"] == "finished:completed"
 
@@ -167,28 +174,57 @@ def test_ledgers_on_disk_agree_with_reports(dp_run):
     assert len(registry) == 3
 
 
-def test_deleted_ledger_is_refused_by_the_server(dp_run):
+def test_deleted_ledger_is_refused_by_the_server(dp_run, tmp_path):
     out, sites = dp_run
+    # on a copy of the run's sites and registry: the other tests read the originals, in any order
+    data, registry_path = tmp_path / "data", tmp_path / "privacy_registry.json"
+    shutil.copytree(out / "data", data)
+    shutil.copy(out / "privacy_registry.json", registry_path)
+    north_dir = data / sites[0].name
+    first_run = PrivacyLedger.open(north_dir)
+    old_history, old_epsilon, delta = first_run.history, first_run.epsilon(), first_run.delta
+    old_runs = {e["run_id"] for e in first_run.entries if e["kind"] == "train"}
     # north loses its ledger and the witness beside it (a whole reset, which the site cannot see): the server's
     # registry refuses it; a lost ledger alone is refused by the site itself (tests/test_threats.py)
-    (sites[0] / ".equifed" / "privacy_ledger.json").unlink()
-    (sites[0] / ".equifed" / "ledger_witness.json").unlink()
+    (north_dir / ".equifed" / "privacy_ledger.json").unlink()
+    (north_dir / ".equifed" / "ledger_witness.json").unlink()
     # a second study on the same sites (a new run folder; the server's registry of the first one)
-    code = simulate(["--sites", str(out / "data"), "--out", str(out / "again"), "--rounds", "1", *DP,
-                     "-c", "target-epsilon=4.0", "-c", f"registry-path={out / 'privacy_registry.json'}"])
+    code = simulate(["--sites", str(data), "--out", str(tmp_path / "again"), "--rounds", "1", *DP,
+                     "-c", f"target-epsilon={SECOND_TARGET}", "-c", f"registry-path={registry_path}"])
     assert code == 0
-    rows = pd.read_csv(out / "again" / "per_site.csv")
+    rows = pd.read_csv(tmp_path / "again" / "per_site.csv")
     north = rows[(rows["site"] == "north") & (rows["phase"] == "train")]
     assert list(north["status"]) == ["refused"]
     assert "ledger is missing" in north["error"].iloc[0]
+    assert f"already spent epsilon={old_epsilon:.3f}" in north["error"].iloc[0]
+    assert north[["epsilon", "epsilon-before"]].isna().all().all()  # the refused reply's metrics are not kept
+    assert not ((rows["site"] == "north") & (rows["phase"] == "evaluate")).any()  # not asked again this run
     south = rows[(rows["site"] == "south") & (rows["phase"] == "train")]
     assert list(south["status"]) == ["ok"]
     assert south["epsilon-before"].iloc[0] > 0  # south's ledger carried over from the first run
+    # ...but the refusal came after the fact: north trained a whole round on a fresh ledger and sent its update
+    # (the refused row is the server's answer to that reply). Its new ledger holds only this run's spend: the
+    # training-patient count noised afresh and a full round of DP-SGD, close to the second run's target
+    ledger = PrivacyLedger.open(north_dir)
+    entries = ledger.entries
+    assert [(e["kind"], e["label"]) for e in entries] == [("release", "train-patient-count"), ("train", "")]
+    assert entries[-1]["round"] == 1 and entries[-1]["run_id"] not in old_runs
+    south_ledger = PrivacyLedger.open(data / "south")
+    assert entries[-1]["run_id"] == south_ledger.entries[-1]["run_id"]  # the second run's
+    assert 0.9 * SECOND_TARGET < ledger.epsilon() <= SECOND_TARGET + 1e-9
+    assert ledger.epsilon() == pytest.approx(entries[-1]["epsilon_after"])
+    # the site's patients have now spent both histories composed, of which its ledger knows only the second
+    both = epsilon_of(old_history + ledger.history, delta)
+    assert both > old_epsilon > ledger.epsilon()
+    # the server kept what it saw in the first run for north (neither reset nor lowered) and moved south on
+    registry = {r["site"]: r["epsilon"] for r in json.loads(registry_path.read_text()).values()}
+    assert registry["north"] == pytest.approx(old_epsilon, rel=1e-9)
+    assert registry["south"] == pytest.approx(south["epsilon"].iloc[0], rel=1e-9)
+    original = {r["site"]: r["epsilon"] for r in json.loads((out / "privacy_registry.json").read_text()).values()}
+    assert registry["south"] > original["south"]
 
 
 def test_the_plan_keeps_training_and_the_one_off_counts_within_the_target():
-    from client.ledger.accounting import epsilon_of
-
     releases = [(20.0, 1.0, 1)] * 2  # the training- and test-patient counts, noised once each
     for target in (1.0, 3.0, 8.0):
         plan = plan_dp(300, 16, 2, 5, target, 1e-5, one_off=releases)

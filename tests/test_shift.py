@@ -25,7 +25,7 @@ from server.shift import ShiftStats, analyse_shift, compare_site, consortium_sum
 from server.site_statistics import SiteRelease
 from simulations.generator import generate_consortium, render, sample_truth
 from simulations.scenario import SiteSpec, scenario_from_dict, scenario_hash
-from tests.test_client import _context, consortium  # noqa: F401  (shared fixture)
+from tests.test_client import RUN_CONFIG, _context, consortium  # noqa: F401  (shared fixture)
 
 SIZE = 32
 # the stats-* keys every statistics request carries (the server sends them all)
@@ -130,24 +130,42 @@ def test_random_features_bounded_and_shared():
 
 def test_query_handler_releases_shift(consortium):  # noqa: F811
     gamma = consortium[0]
-    ctx = _context({"data-path": str(gamma), "site": "gamma"}, **{"release-noise": 3.0, "release-min-count": 0})
+    # the policy's smallest release noise (1.0), so that the counts below can be checked tightly; six releases at
+    # sigma 1 cost more than the default budget of 10, so this site's own node config allows more
+    noise = 1.0
+    ctx = _context({"data-path": str(gamma), "site": "gamma", "max-epsilon": 50.0},
+                   **{"release-noise": noise, "release-min-count": 0})
     before = len(PrivacyLedger.open(gamma, delta=1e-5, max_epsilon=None,
                                     fingerprint=dataset_fingerprint(gamma)).entries)
     content = RecordDict({"arrays": ArrayRecord(build_model("cnn").state_dict()),
                           "config": ConfigRecord({**STATS_KEYS, "statistics": "shift", "server-round": 2,
                                                   "seed": 4})})
     reply = statistics(Message(content=content, dst_node_id=7, message_type=MessageType.QUERY), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     rec = reply.content["shift"]
-    assert rec["num_classes"] == 2 and rec["bins"] == N_BINS and rec["sigma_output_hist"] == 3.0
+    assert rec["num_classes"] == 2 and rec["bins"] == N_BINS and rec["sigma_output_hist"] == noise
     assert len(rec["rff_sum"]) == 2 * 64  # the default map: 64 features per label
     ledger = PrivacyLedger.open(gamma, delta=1e-5, max_epsilon=None, fingerprint=dataset_fingerprint(gamma))
     new = ledger.entries[before:]
     assert [e["label"] for e in new][0] == "shift/label_counts" and len(new) == 6
-    assert all(e["round"] == 2 and e["sigma"] == 3.0 for e in new)
+    assert all(e["round"] == 2 and e["sigma"] == noise for e in new)
     assert reply.content["metrics"]["epsilon"] > reply.content["metrics"]["epsilon-before"]
-    # the label counts cover every patient (60 generated), the model statistics only the val/test splits
-    assert sum(rec["label_counts"]) == pytest.approx(60, abs=3 * 3.0 * 2)
-    assert sum(rec["confusion"]) < 40
+    # the label counts cover every patient of every split (one image each), each cell within 5 noise sds of the
+    # exact count; counting the train split alone would miss by far more than that
+    manifest = pd.read_csv(gamma / "manifest.csv").drop_duplicates("patient_id")
+    exact = np.bincount(manifest["label"].to_numpy(), minlength=2).astype(float)
+    sigma = rec["sigma_label_counts"]
+    assert sigma == noise  # sensitivity 1
+    bound = 5 * sigma
+    assert np.abs(np.asarray(rec["label_counts"]) - exact).max() <= bound, (rec["label_counts"], exact)
+    from client.site import open_site
+    site = open_site(gamma, image_size=32, seed=int(RUN_CONFIG["seed"]))
+    train_only = np.bincount(site.part("train")[1], minlength=2)
+    assert np.abs(train_only - exact).max() > 2 * bound  # (the check above tells the two apart)
+    # the model statistics only the val/test splits (their patients, one image each); zero cells are clipped at
+    # the minimum count (0), so allow each of the 4 cells its full deviation
+    holdout = int(site.split.isin(["val", "test"]).sum())
+    assert abs(sum(rec["confusion"]) - holdout) <= 4 * 5 * rec["sigma_confusion"] < len(manifest) - holdout
 
 
 # ------------------------------------------------------------------------------------------------ server analysis

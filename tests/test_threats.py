@@ -7,7 +7,9 @@ the real ledger and real Opacus DP-SGD.
 
 import json
 import math
+import os
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -19,12 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import evaluate_global, statistics, train
 from client.dp import PatientPoissonSampler, plan_dp, train_dp
-from client.ledger import LedgerError, PrivacyLedger, dataset_fingerprint, ledger_path
+from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, dataset_fingerprint, ledger_path
 from client.policy import SitePolicy, default_delta
 from client.site import LocalSite
 from client.producers import PRODUCERS
 from client.statistics import Releaser
-from core_models.data import SiteData
+from core_models.data import ManifestError, SiteData
 from core_models.networks import build_model
 from core_models.protocol import POLICY_REFUSED
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
@@ -116,16 +118,121 @@ def test_dp_noise_cannot_be_regenerated_from_the_run_seed(tmp_path):
         assert abs(float(torch.corrcoef(torch.stack([first[moved], guess]))[0, 1])) < 0.05
 
 
-def test_poisson_batches_are_not_reproducible_from_a_seed():
-    patients = np.repeat(np.arange(200), 2)
-    draws = [list(PatientPoissonSampler(patients, 0.1, 5, rng=np.random.default_rng())) for _ in range(2)]
-    assert draws[0] != draws[1]
+class EntropySpy:
+    """os.urandom, counted: who asked for OS entropy (the function and its caller, as (file, function) pairs)."""
+
+    def __init__(self, monkeypatch):
+        self.real = os.urandom
+        self.calls: list[tuple[tuple[str, str], tuple[str, str]]] = []
+        monkeypatch.setattr(os, "urandom", self)
+
+    def __call__(self, n):
+        frame = sys._getframe(1)
+        self.calls.append((_where(frame), _where(frame.f_back)))
+        return self.real(n)
+
+    def asked_by(self, function: tuple[str, str], caller: tuple[str, str]) -> int:
+        return sum(1 for f, c in self.calls if f == function and c == caller)
 
 
-def test_release_noise_differs_between_identical_requests(tmp_path):
-    ledger = PrivacyLedger.open(tmp_path, delta=1e-5, max_epsilon=None, fingerprint="f")
-    releases = [ledger.release(np.zeros(50), 1.0, 3.0, label="x") for _ in range(2)]
+def _where(frame) -> tuple[str, str]:
+    path = Path(frame.f_code.co_filename).resolve()
+    root = Path(__file__).resolve().parent.parent
+    return (path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix(), frame.f_code.co_name)
+
+
+LEDGER_RNG = ("client/ledger/privacy_ledger.py", "os_entropy_rng")
+NOISE_GENERATOR = ("client/dp.py", "os_entropy_generator")
+TRAIN_DP = ("client/dp.py", "train_dp")
+RELEASE = ("client/ledger/privacy_ledger.py", "release")
+
+
+class Draws:
+    """What DP-SGD really drew: the sampler's batches and the Gaussian noise Opacus added, per run."""
+
+    def __init__(self, monkeypatch):
+        import opacus.optimizers.optimizer as opacus_optimizer
+
+        self.batches: list[list[int]] = []
+        self.noise: list[torch.Tensor] = []
+        draws, real_noise = self, opacus_optimizer._generate_noise
+
+        class Sampler(PatientPoissonSampler):
+            def __iter__(self):
+                for batch in super().__iter__():
+                    draws.batches.append(list(batch))
+                    yield batch
+
+        def noise(*args, **kwargs):
+            out = real_noise(*args, **kwargs)
+            draws.noise.append(out.detach().ravel()[:200].clone())
+            return out
+
+        monkeypatch.setattr("client.dp.PatientPoissonSampler", Sampler)
+        monkeypatch.setattr(opacus_optimizer, "_generate_noise", noise)
+
+    def take(self) -> tuple[list[list[int]], torch.Tensor]:
+        """(the batches, the noise) drawn since the last take."""
+        out = (self.batches, torch.cat(self.noise) if self.noise else torch.zeros(0))
+        self.batches, self.noise = [], []
+        return out
+
+
+def _train_round(site, server_round, draws):
+    """The real train handler, DP on, every public seed fixed (what a server knowing them would replay)."""
+    draws.take()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = build_model("cnn")  # the same global model for every copy (seeded just above)
+    reply = train(_message(model=model, **{"server-round": server_round}),
+                  _context({"data-path": str(site), "site": "alpha"}, dp=True, seed=0))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return reply, *draws.take()
+
+
+def test_poisson_batches_are_not_reproducible_from_a_seed(site, tmp_path, monkeypatch):
+    """Two copies of one site, identical config, ledger and global model: the production path (the train handler,
+    no generator passed in) draws its patient batches and its DP noise from OS entropy, so they differ."""
+    entropy, draws = EntropySpy(monkeypatch), Draws(monkeypatch)
+    _train_round(site, 1, draws)  # round 1 noises the patient count once: both copies then share it
+    assert entropy.asked_by(LEDGER_RNG, RELEASE) >= 1  # the noised count's noise came from the OS
+    twin = tmp_path / "twin" / "alpha"
+    shutil.copytree(site, twin)  # the ledger, witness and noised count too
+    entropy.calls.clear()
+    first, batches_first, noise_first = _train_round(site, 2, draws)
+    # train_dp's own defaults (no generator passed in): the sampler's and the noise's, seeded from the OS
+    sampling, noise = entropy.asked_by(LEDGER_RNG, TRAIN_DP), entropy.asked_by(NOISE_GENERATOR, TRAIN_DP)
+    assert sampling >= 1 and noise >= 1
+    second, batches_second, noise_second = _train_round(twin, 2, draws)
+    assert entropy.asked_by(LEDGER_RNG, TRAIN_DP) > sampling and entropy.asked_by(NOISE_GENERATOR, TRAIN_DP) > noise
+    # the two rounds ran the same plan: the same noised count, noise multiplier and number of steps
+    m1, m2 = dict(first.content["metrics"]), dict(second.content["metrics"])
+    assert m1["num-examples"] == m2["num-examples"] and m1["noise-multiplier"] == m2["noise-multiplier"]
+    assert m1["epsilon"] == pytest.approx(m2["epsilon"])
+    assert len(batches_first) == len(batches_second) == int(m1["steps"]) > 1
+    assert len(noise_first) == len(noise_second) > 1000
+    # ...but different patients in the batches and unrelated noise
+    assert batches_first != batches_second
+    assert not torch.equal(noise_first, noise_second)
+    assert abs(float(torch.corrcoef(torch.stack([noise_first, noise_second]))[0, 1])) < 0.1
+    assert not all(torch.equal(x, y) for x, y in zip(first.content["arrays"].to_torch_state_dict().values(),
+                                                       second.content["arrays"].to_torch_state_dict().values()))
+
+
+def test_release_noise_differs_between_identical_requests(pristine, tmp_path, monkeypatch):
+    """`PrivacyLedger.release` as the client calls it (no rng) on two copies of one site: OS-entropy noise."""
+    entropy = EntropySpy(monkeypatch)
+    releases = []
+    for copy in ("a", "b"):
+        dest = tmp_path / copy / "alpha"
+        shutil.copytree(pristine, dest, ignore=shutil.ignore_patterns(".equifed"))
+        ledger = PrivacyLedger.open(dest, delta=1e-5, max_epsilon=None)
+        np.random.seed(0)
+        releases.append(ledger.release(np.zeros(50), 1.0, 3.0, label="x", round=1, run_id="1"))
+    assert entropy.asked_by(LEDGER_RNG, RELEASE) == 2  # each release seeded its own generator from the OS
     assert not np.array_equal(releases[0], releases[1])
+    assert abs(float(np.corrcoef(releases[0], releases[1])[0, 1])) < 0.6
+    assert releases[0].std() == pytest.approx(3.0, rel=0.4)
 
 
 # ------------------------------------------------------------------------------------------ 2. the server's settings
@@ -191,7 +298,7 @@ def test_adding_patients_carries_the_history_over(site):
     ledger = PrivacyLedger.open(site, delta=1e-5, max_epsilon=50)
     assert ledger.dataset_epsilon() == 0.0  # a new dataset's own history...
     assert ledger.epsilon() == pytest.approx(spent)  # ...but the site's budget counts everything
-    with pytest.raises(Exception, match="max-epsilon"):
+    with pytest.raises(BudgetExhausted, match="max-epsilon"):
         PrivacyLedger.open(site, delta=1e-5, max_epsilon=spent).charge(1.0, 0.1, 1)
 
 
@@ -338,5 +445,6 @@ def test_site_image_caps_reach_the_decoder(site):
     from client.site import open_site
 
     (site / "site.toml").write_text("max-image-pixels = 100\n")  # every generated image is larger
-    with pytest.raises(Exception, match="too large"):
+    # every image is rejected undecoded (one bad file never stops a site), so the site has nothing usable
+    with pytest.raises(ManifestError, match=r"all rejected.*image too large.*limit 100 pixel values"):
         open_site(site, image_size=32, seed=0)
