@@ -15,7 +15,9 @@
    (each simulated client's setting) the ratio is also given on process CPU time, which other
    jobs on the machine disturb far less than wall time. "head only" rows train the linear head
    on a frozen encoder (`freeze=encoder`, DP on fixed features), against the non-DP step of the
-   same frozen model. Then 2 threads (wall time).
+   same frozen model. "DP as the client trains" rows also run `client.dp.NonfiniteGuard` (a sample with a
+   non-finite per-sample gradient gets a zero one; one `isfinite` per parameter per step), as `train_dp` does;
+   "(no guard)" is the same step without it, side by side. Then 2 threads (wall time).
 2. Peak RSS, each configuration in its own fresh subprocess, 3 times alternately, medians of
    the peak resident set (VmHWM; `peak_rss_mb` says why not ru_maxrss): a process that only
    imports torch+opacus and builds the model and the data (baseline), non-DP training at
@@ -69,6 +71,7 @@ class Config:
     freeze_stem: bool = False  # non-DP only
     os_noise: bool = False  # the noise from an OS-entropy-seeded generator, as client.dp trains
     freeze: str = "none"  # core_models.pretrained.freeze: "encoder" = only the head trains (DP on fixed features)
+    guard: bool = False  # client.dp.NonfiniteGuard on the DP optimizer (zeroes non-finite per-sample gradients)
 
 
 NONDP = Config("non-DP, Adam")
@@ -76,9 +79,11 @@ STOCK_HOOKS = Config("DP hooks, stock Opacus", "hooks", stock=True)
 RECOMMENDED = Config("DP hooks + prepare_for_dp (recommended)", "hooks", prepare={})
 NONDP_FROZEN = Config("non-DP, stem frozen", freeze_stem=True)
 SKIP_ONLY = Config("DP hooks + skip summed grads", "hooks", prepare={"freeze_stem": False})
-CLIENT = Config("DP as the client trains (OS-entropy noise)", "hooks", prepare={}, os_noise=True)
+CLIENT = Config("DP as the client trains (OS noise, guard)", "hooks", prepare={}, os_noise=True, guard=True)
+CLIENT_NO_GUARD = Config("DP as the client trained (no guard)", "hooks", prepare={}, os_noise=True)
 NONDP_HEAD = Config("head only: non-DP", freeze="encoder")
-CLIENT_HEAD = Config("head only: DP as the client trains", "hooks", prepare={}, os_noise=True, freeze="encoder")
+CLIENT_HEAD = Config("head only: DP as the client trains", "hooks", prepare={}, os_noise=True, freeze="encoder",
+                     guard=True)
 MAIN = [
     NONDP,
     NONDP_FROZEN,
@@ -91,13 +96,14 @@ MAIN = [
     Config("DP hooks + freeze stem", "hooks", prepare={"skip_summed_grads": False}),
     RECOMMENDED,
     CLIENT,
+    CLIENT_NO_GUARD,
     Config("old layout: non-DP", stem_stride=1),
     Config("old layout: DP hooks, stock", "hooks", stock=True, stem_stride=1),
     Config("old layout: DP hooks + prepare_for_dp", "hooks", prepare={}, stem_stride=1),
     NONDP_HEAD,
     CLIENT_HEAD,
 ]
-SUBSET = [NONDP, STOCK_HOOKS, RECOMMENDED, CLIENT, NONDP_HEAD, CLIENT_HEAD]
+SUBSET = [NONDP, STOCK_HOOKS, RECOMMENDED, CLIENT, CLIENT_NO_GUARD, NONDP_HEAD, CLIENT_HEAD]
 
 
 def make_model(cfg: Config, seed: int = 0) -> nn.Module:
@@ -134,6 +140,10 @@ def make_private(cfg: Config, model: nn.Module, loader: DataLoader):
         module, opt, criterion, loader = engine.make_private(criterion=criterion, **kw)
     else:
         module, opt, loader = engine.make_private(**kw)
+    if cfg.guard:
+        from client.dp import NonfiniteGuard
+
+        NonfiniteGuard(opt)
     return module, opt, criterion, loader
 
 
@@ -355,7 +365,8 @@ def main() -> None:
         for threads, table in (("1 thread", res["one_thread"]), ("2 threads", res["two_threads"])):
             b16 = table[16]
             print(f"\nDP / non-DP step time, default model, batch 16, {threads} (target <= {TARGET}):")
-            pairs = [(STOCK_HOOKS, NONDP), (SKIP_ONLY, NONDP), (RECOMMENDED, NONDP), (RECOMMENDED, NONDP_FROZEN)]
+            pairs = [(STOCK_HOOKS, NONDP), (SKIP_ONLY, NONDP), (RECOMMENDED, NONDP), (RECOMMENDED, NONDP_FROZEN),
+                     (CLIENT_NO_GUARD, NONDP), (CLIENT, NONDP)]
             for cfg, ref in pairs:
                 if cfg.label not in b16 or ref.label not in b16:
                     continue

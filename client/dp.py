@@ -14,10 +14,18 @@ Randomness: the Poisson draws and the Gaussian noise come from generators seeded
 on every call. Nothing in the run config (the server's `seed`) reaches them, so the server cannot regenerate
 and subtract the noise. Opacus' `secure_mode` would do the same with torchcsprng, which does not install with
 torch 2.x.
+
+Non-finite per-sample gradients: the server crafts the model, so it can make one sample's gradient inf or NaN
+(a logit that overflows only on a target image). Opacus' clip factor `C / (norm + 1e-6)` is then NaN for that
+sample and the NaN goes through the sum and the noise into the weights: an exact membership test. Before
+clipping, `NonfiniteGuard` replaces the per-sample gradient of such a sample by zero in every parameter (a zero
+gradient is within the clip norm, so the sensitivity argument holds: the sample simply adds nothing to that step)
+and counts them; the count stays in the site's log and `train_dp`'s stats, never in a reply.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -38,6 +46,8 @@ from client.ledger import PrivacyLedger, os_entropy_rng
 from client.ledger.accounting import epsilon_of
 from core_models.networks import get_device, prepare_for_dp
 from core_models.training import LossFn, Penalty, local_optimizer, tensor_dataset, train_steps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,88 @@ def os_entropy_generator(device) -> torch.Generator:
     return generator
 
 
+def _finite_rows(g: torch.Tensor) -> torch.Tensor:
+    """(B,) mask of the samples whose per-sample gradient `g` (B, ...) is finite everywhere."""
+    finite = torch.isfinite(g)
+    return finite.flatten(1).all(1) if finite.dim() > 1 else finite
+
+
+def _unmark(grad_sample) -> None:
+    """Undo Opacus' `_mark_as_processed` on a `grad_sample` (a tensor or a list of them), to clip it again."""
+    for t in grad_sample if isinstance(grad_sample, list) else [grad_sample]:
+        if hasattr(t, "_processed"):
+            del t._processed
+
+
+class NonfiniteGuard:
+    """Wraps a DPOptimizer's `clip_and_accumulate` so that a sample whose per-sample gradient is non-finite in ANY
+    parameter adds a zero per-sample gradient in EVERY parameter (within the clip norm), and counts it (`count`).
+
+    Fast path: Opacus clips and sums the physical batch as usual, into a fresh sum, and the guard checks that
+    sum (parameter-sized, not batch x parameter-sized) before adding it to the logical batch's. A non-finite
+    per-sample gradient always makes that sum non-finite: its clip factor `C / (norm + 1e-6)` is NaN (NaN entry)
+    or 0 (inf entry, and 0 x inf is NaN), and it multiplies the sample's gradient in every parameter; clipped
+    finite gradients cannot overflow. Only then (a crafted model or broadcast) does the guard find the samples
+    (one vectorised `isfinite` per parameter), zero their per-sample gradients and let Opacus clip the batch
+    again. Works on each physical batch of BatchMemoryManager, with gradients accumulated over several backward
+    passes (`grad_sample` a list, checked chunk by chunk) and with empty batches."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.count = 0
+        self._clip_and_accumulate = optimizer.clip_and_accumulate
+        optimizer.clip_and_accumulate = self.clip_and_accumulate
+
+    def clip_and_accumulate(self):
+        params = self.optimizer.params
+        earlier = [p.summed_grad for p in params]  # the logical batch's sum so far (None at its first chunk)
+        for p in params:
+            p.summed_grad = None
+        self._clip_and_accumulate()
+        if not self._finite([p.summed_grad for p in params]):
+            for p in params:
+                _unmark(p.grad_sample)
+                p.summed_grad = None
+            self.scrub()
+            self._clip_and_accumulate()
+        for p, before in zip(params, earlier):
+            if before is not None:  # what Opacus' own `p.summed_grad += grad` does
+                p.summed_grad = before.add_(p.summed_grad)
+
+    @staticmethod
+    def _finite(sums) -> bool:
+        sums = [g for g in sums if g is not None]
+        return not sums or bool(torch.isfinite(torch.stack([g.sum() for g in sums])).all())
+
+    def scrub(self) -> int:
+        """Replace the per-sample gradients of every non-finite sample by zeros, in every parameter; returns how
+        many samples."""
+        params = [p for p in self.optimizer.params if getattr(p, "grad_sample", None) is not None]
+        chunked = [isinstance(p.grad_sample, list) for p in params]
+        chunks = [p.grad_sample if lst else [p.grad_sample] for p, lst in zip(params, chunked)]
+        if not chunks or len({len(c) for c in chunks}) != 1:
+            return 0  # nothing to check, or an inconsistent accumulation that Opacus itself refuses
+        found = 0
+        for j in range(len(chunks[0])):
+            ok = None
+            for c in chunks:
+                rows = _finite_rows(c[j])
+                ok = rows if ok is None else ok & rows.to(ok.device)
+            if ok is None or bool(ok.all()):
+                continue
+            found += int((~ok).sum())
+            for p, lst, c in zip(params, chunked, chunks):
+                g = c[j]
+                keep = ok.to(g.device).view(-1, *([1] * (g.dim() - 1)))
+                cleaned = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+                if lst:
+                    p.grad_sample[j] = cleaned
+                else:
+                    p.grad_sample = cleaned
+        self.count += found
+        return found
+
+
 def patient_loader(images: np.ndarray, labels: np.ndarray, patients, plan: DPPlan, rng: np.random.Generator,
                    meta: np.ndarray | None = None) -> DataLoader:
     """The loader DP-SGD draws from: patient-level Poisson batches; an empty batch keeps the tensors' shapes."""
@@ -177,6 +269,9 @@ def train_dp(
     unused).
     `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
     `batch_size` is the logical batch the plan was sized for.
+    Returns the mean training loss (withheld from DP replies; inf or NaN under a crafted model, never an error),
+    the step count and `nonfinite_samples`: how many drawn samples had a non-finite per-sample gradient and added a
+    zero gradient instead (NonfiniteGuard; also a warning in the site's log, never in a reply).
     """
     del batch_size  # the plan's sample rate and expected batch size already carry it
     device = get_device()
@@ -200,6 +295,7 @@ def train_dp(
         noise_generator=noise_generator or os_entropy_generator(device),
     )
     private_opt.expected_batch_size = plan.expected_batch_size
+    guard = NonfiniteGuard(private_opt)  # a crafted model's inf/NaN per-sample gradient adds nothing, not NaN
     # The ledger, not the per-round engine, is the accountant of record. Opacus calls the
     # hook once per noised (logical) step, never on the physical chunks in between.
     private_opt.attach_step_hook(ledger.optimizer_hook(plan.noise_multiplier, plan.sample_rate, round=server_round,
@@ -207,4 +303,9 @@ def train_dp(
     with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=physical_batch_size,
                             optimizer=private_opt) as batches:
         total_loss, total_n = train_steps(private_model, batches, private_opt, device, penalty_fn, loss_fn=loss_fn)
-    return {"train_loss": total_loss / max(total_n, 1), "steps": float(counter.steps)}
+    if guard.count:
+        log.warning("DP-SGD: %d sample(s) had a non-finite per-sample gradient (inf or NaN, e.g. from a crafted "
+                    "global model); each was replaced by a zero gradient before clipping", guard.count)
+    # the loss is withheld from DP replies; a non-finite one (same crafted model) is kept as it is, never raised on
+    train_loss = float(total_loss) / max(total_n, 1)
+    return {"train_loss": train_loss, "steps": float(counter.steps), "nonfinite_samples": float(guard.count)}

@@ -75,14 +75,25 @@ def rff_features(features: np.ndarray, freqs: np.ndarray, clip: float) -> np.nda
     """[cos, sin] random features of the clipped, rescaled features; every row has L2 norm exactly 1.
 
     Clipping each feature vector to norm `clip` and dividing by `clip` puts it in the unit ball,
-    where the kernel bandwidth means the same thing at every site.
+    where the kernel bandwidth means the same thing at every site. A row whose random features come out
+    non-finite (an overflowing projection: non-finite frequencies from a crafted bandwidth) gets the random
+    features of the zero vector instead, computed without the map (0 x inf would be NaN), so it still has norm 1
+    and what replaces it does not depend on the data.
     """
     f = np.asarray(features, dtype=np.float64)
     f = np.where(np.isfinite(f).all(axis=1, keepdims=True), f, 0.0)  # a non-finite vector: 0 (still norm 1 after)
-    norms = np.linalg.norm(f, axis=1, keepdims=True)
-    f = f * np.minimum(1.0, clip / np.maximum(norms, 1e-12)) / clip
-    proj = f @ freqs.T
-    return np.hstack([np.cos(proj), np.sin(proj)]) / np.sqrt(freqs.shape[0])
+    with np.errstate(all="ignore"):  # overflow / non-finite frequencies (a server's tiny bandwidth): handled below
+        norms = np.linalg.norm(f, axis=1, keepdims=True)
+        f = f * np.minimum(1.0, clip / np.maximum(norms, 1e-12)) / clip
+        proj = f @ freqs.T
+        out = np.hstack([np.cos(proj), np.sin(proj)]) / np.sqrt(freqs.shape[0])
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():  # the random features of the zero vector (projection 0: cos 1, sin 0), norm 1 and data-free
+        zero = np.concatenate([np.ones(freqs.shape[0]), np.zeros(freqs.shape[0])]) / np.sqrt(freqs.shape[0])
+        out[bad] = zero
+        log.warning("shift statistics: %d of %d feature vectors had non-finite random features; each was taken "
+                    "as the zero vector's", int(bad.sum()), len(out))
+    return out
 
 
 def rff_class_sums(labels: np.ndarray, rff: np.ndarray, k: int) -> np.ndarray:

@@ -24,6 +24,12 @@ label is not 0/1 (:func:`valid_rows`). An excluded row is left out of the releas
 never on the rest of the data, and the vectors' lengths on the request only (so two sites reply alike); a
 column the site lacks excludes every row, with a warning in the site's local log.
 
+**The server's broadcast is checked, not the data.** ``DensityRatio.from_config`` / ``ConsortiumStrata.from_config``
+refuse (ValueError naming the key) any broadcast value that is non-finite, out of its range or of the wrong length
+for the run's layout: a NaN ratio in a cell fenced around one patient's covariate would make that patient's
+gradient NaN, so whether the model came back NaN would tell the server whether the patient is at the site. The
+check reads the message and the run config only, so the refusal is the same whatever the data.
+
 No Flower import: the server and client glue lives in client/app.py and server/app.py.
 """
 
@@ -119,7 +125,16 @@ class DensityRatio:
 
     @classmethod
     def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "DensityRatio":
-        return cls(np.asarray(list(config["fair-ratio"]), float), float(config["fair-p0"]), n_s, tuple(c_edges))
+        """The server's broadcast, checked against the layout the run config fixes (:func:`check_layout`) before
+        any data is read: the ratios finite, in [0, MAX_BROADCAST] and one per (S, C-bin) cell; ``p0`` in
+        [MIN_P0, 1). A value outside raises ValueError naming its key (a NaN cell fenced around one patient's
+        covariate would otherwise turn that patient's gradient, hence the model, into NaN)."""
+        n_cells = check_layout(n_s, c_edges)
+        ratio = _broadcast_vector(config, "fair-ratio", n_cells, 0.0, MAX_BROADCAST)
+        p0 = _broadcast_number(config, "fair-p0", MIN_P0, 1.0)
+        if not p0 < 1.0:
+            raise ValueError(f"broadcast 'fair-p0' must be below 1 (both groups are needed), got {p0!r}")
+        return cls(ratio, p0, int(n_s), tuple(float(e) for e in c_edges))
 
 
 def parse_edges(text: str) -> tuple[float, ...]:
@@ -244,10 +259,76 @@ class ConsortiumStrata:
 
     @classmethod
     def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "ConsortiumStrata":
-        return cls(DensityRatio.from_config(config, n_s, c_edges), np.asarray(list(config["fair-stratum-w"]), float),
-                   np.asarray(list(config["fair-stratum-n"]), float), float(config["fair-n-total"]),
-                   float(config["fair-pse"]), np.asarray(list(config["fair-stratum-mean"]), float),
-                   bool(config["fair-pool-groups"]), n_s, tuple(c_edges))
+        """The server's broadcast, every value checked before use and before any data is read (it reads the
+        message and the run config's layout only): the ratio table and ``p0`` (:meth:`DensityRatio.from_config`),
+        one stratum weight, pool count and mean per (S, C-bin, D) stratum, the weights finite with
+        |w| <= MAX_BROADCAST, the counts finite and >= 0, the means in [0, 1], the PSE finite with
+        |PSE| <= MAX_BROADCAST, ``fair-pool-groups`` a boolean. ValueError naming the key otherwise."""
+        weights = DensityRatio.from_config(config, n_s, c_edges)
+        n_strata = 2 * len(weights.ratio)
+        w = _broadcast_vector(config, "fair-stratum-w", n_strata, -MAX_BROADCAST, MAX_BROADCAST)
+        n_pool = _broadcast_vector(config, "fair-stratum-n", n_strata, 0.0, MAX_COUNT)
+        n_total = _broadcast_number(config, "fair-n-total", 0.0, MAX_COUNT)
+        pse = _broadcast_number(config, "fair-pse", -MAX_BROADCAST, MAX_BROADCAST)
+        means = _broadcast_vector(config, "fair-stratum-mean", n_strata, 0.0, 1.0)
+        pool_groups = _get(config, "fair-pool-groups")
+        if not isinstance(pool_groups, (bool, np.bool_)) and pool_groups not in (0, 1):
+            raise ValueError(f"broadcast 'fair-pool-groups' must be a boolean, got {pool_groups!r}")
+        return cls(weights, w, n_pool, n_total, pse, means, bool(pool_groups), weights.n_s, weights.c_edges)
+
+
+# bounds of the broadcast values a site accepts (a consortium's honest values are far inside them)
+MAX_BROADCAST = 1e6  # |stratum weight|, density ratio, |PSE|
+MAX_COUNT = 1e12  # pool counts, total rows
+MIN_P0 = 1e-6  # P(A = a0): h = (r - 1) / p0 stays finite and bounded
+
+
+def check_layout(n_s, c_edges) -> int:
+    """The (S level, C bin) cell count of the run config's layout, after checking it: ``n_s`` an integer >= 1, the
+    covariate edges finite and strictly increasing. ValueError naming the run config key otherwise."""
+    if isinstance(n_s, bool) or not isinstance(n_s, (int, np.integer)) or n_s < 1:
+        raise ValueError(f"'fair-mediator-levels' must be an integer >= 1, got {n_s!r}")
+    edges = np.asarray(tuple(c_edges), dtype=np.float64)
+    if not np.isfinite(edges).all() or (len(edges) > 1 and not (np.diff(edges) > 0).all()):
+        raise ValueError(f"'fair-covariate-edges' must be finite and strictly increasing, got {tuple(c_edges)!r}")
+    return int(n_s) * (len(edges) + 1)
+
+
+def _get(config, key: str):
+    if key not in config:
+        raise ValueError(f"broadcast '{key}' is missing")
+    return config[key]
+
+
+def _broadcast_number(config, key: str, lo: float, hi: float) -> float:
+    value = _get(config, key)
+    try:
+        if isinstance(value, (str, bytes, list, tuple)):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"broadcast '{key}' must be a number, got {type(value).__name__}") from None
+    if not (math.isfinite(number) and lo <= number <= hi):
+        raise ValueError(f"broadcast '{key}' must be finite and in [{lo:g}, {hi:g}], got {number!r}")
+    return number
+
+
+def _broadcast_vector(config, key: str, length: int, lo: float, hi: float) -> np.ndarray:
+    value = _get(config, key)
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        vector = np.asarray(list(value), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"broadcast '{key}' must be a list of numbers") from None
+    if vector.shape != (length,):
+        raise ValueError(f"broadcast '{key}' must hold {length} values for the run's layout, got {vector.size}")
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(vector) & (vector >= lo) & (vector <= hi))
+    if bad.any():
+        raise ValueError(f"broadcast '{key}' must be finite and in [{lo:g}, {hi:g}]: {int(bad.sum())} of {length} "
+                         f"values are not (first at index {int(np.flatnonzero(bad)[0])})")
+    return vector
 
 
 def stratum_weights(n: np.ndarray, ratio: np.ndarray, n_s: int = 2, factorise_label: bool = True) -> np.ndarray:
