@@ -89,19 +89,21 @@ def guard(est: dict, before: dict | None, after: dict | None) -> list[str]:
     return reasons
 
 
-def _load_images(data: Path, image_size: int, num_classes: int):
-    """The site's images; a manifest without (complete) labels is read through a copy with placeholder labels,
-    written as `.equifed/adapt_manifest.csv` in the site folder (the site's own state folder, beside its ledger)."""
+def _load_images(data: Path, image_size: int, num_classes: int, channels: int = 1):
+    """The site's images (`channels` 1 grey, 3 RGB); a manifest without (complete) labels is read through a copy with
+    placeholder labels, written as `.equifed/adapt_manifest.csv` in the site folder (the site's own state folder,
+    beside its ledger)."""
     manifest = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
     labelled = "label" in manifest.columns and (manifest["label"].str.strip() != "").all()
     if labelled:
-        site = load_site(data, image_size=image_size, num_classes=num_classes)
+        site = load_site(data, image_size=image_size, num_classes=num_classes, channels=channels)
         return site.images, site.frame, site.labels
     copy = manifest.assign(label="0")
     copy["image_path"] = [p if Path(p).is_absolute() else str(Path("..") / p) for p in copy["image_path"]]
     (data / STATE_DIR).mkdir(exist_ok=True)
     copy.to_csv(data / STATE_DIR / "adapt_manifest.csv", index=False)
-    site = load_site(data, image_size=image_size, num_classes=num_classes, manifest=f"{STATE_DIR}/adapt_manifest.csv")
+    site = load_site(data, image_size=image_size, num_classes=num_classes, manifest=f"{STATE_DIR}/adapt_manifest.csv",
+                     channels=channels)
     return site.images, site.frame, None
 
 
@@ -127,9 +129,12 @@ def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | 
     data, out_dir = Path(data), Path(out_dir)
     consortium = json.loads(Path(consortium_path).read_text())
     k, size = _checked_sizes(consortium, image_size, SitePolicy.load(data))
-    model = build_model(str(consortium["model"]), k)
+    channels = consortium.get("in_channels", 1)  # a file from outside the site: 1 or 3 only
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise ValueError(f"the consortium file's in_channels must be 1 or 3, got {channels!r}")
+    model = build_model(str(consortium["model"]), k, channels)
     model.load_state_dict(load_model_weights(model_path))
-    images, frame, labels = _load_images(data, size, k)
+    images, frame, labels = _load_images(data, size, k, channels)
     logits, _ = model_outputs(model, images)
     probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     est = estimate_prior(logits, consortium, np.random.default_rng(seed))

@@ -135,13 +135,13 @@ def _site(context: Context, prepared: Prepared) -> LocalSite:
     name = context.node_config.get("site")
     return open_site(prepared.path, image_size=cfg.train.image_size, seed=cfg.train.seed,
                      num_classes=cfg.train.num_classes, name=str(name) if name else None,
-                     node_config=dict(context.node_config))
+                     node_config=dict(context.node_config), channels=cfg.train.in_channels)
 
 
 def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
     """The global model the message carries: the network, or in a pretext run the network with its pretext
     head (PretextModel)."""
-    model = with_detector(build_model(cfg.train.model, cfg.train.num_classes), cfg.train)
+    model = with_detector(build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels), cfg.train)
     if cfg.train.pretext:
         model = PretextModel(model, cfg.train.pretext)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

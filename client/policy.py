@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
 DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
 DEFAULT_MIN_RELEASE_NOISE = 1.0
-STATISTICS = ("shift", "fairness", "fair-pse")  # the names a `release` list may hold
+STATISTICS = ("shift", "fairness", "fair-pse", "calibration")  # the names a `release` list may hold
 CEILINGS = {"max-image-size": 512, "max-local-epochs": 50, "max-rounds": 1000, "max-stats-dim": 4096}
 KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
         "multi-frame", *CEILINGS)

@@ -5,6 +5,7 @@ One explicit table: what a site may release is read here, not assembled by impor
 
 from __future__ import annotations
 
+from client.calibration_stats import produce_calibration
 from client.fairness_stats import produce_fair_pse, produce_fairness
 from client.shift_stats import produce_shift
 from client.site import LocalSite
@@ -15,10 +16,12 @@ PRODUCERS: dict[str, Producer] = {
     "shift": produce_shift,
     "fairness": produce_fairness,
     "fair-pse": produce_fair_pse,
+    "calibration": produce_calibration,
 }
 
 
-# the settings each statistic's request carries (its producer reads them again from the request)
+# the settings each statistic's request carries (its producer reads them again from the request); "calibration"
+# has none (its bins are fixed in core_models/calibration.py, its split is the site's val split)
 SETTINGS = {"shift": ShiftConfig, "fairness": FairAuditConfig, "fair-pse": FairPenaltyConfig}
 
 

@@ -102,6 +102,7 @@ class TrainingConfig:
     model: str = key("model")
     num_classes: int = key("num-classes")
     image_size: int = key("image-size")
+    in_channels: int = key("in-channels")  # 1 = grey, 3 = RGB (colour modalities: dermoscopy, fundus, pathology)
     local_epochs: int = key("local-epochs")
     batch_size: int = key("batch-size")
     learning_rate: float = key("learning-rate")
@@ -118,6 +119,8 @@ class TrainingConfig:
 
     def check(self) -> None:
         _one_of("model", self.model, self.MODELS)
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"run config 'in-channels' must be 1 (grey) or 3 (RGB), got {self.in_channels}")
         _one_of("pretext", self.pretext, self.PRETEXTS)
         if self.pretext and self.freeze == "encoder":
             raise ConfigError("run config 'pretext' trains the encoder: it cannot be frozen (freeze = 'encoder')")
@@ -164,6 +167,7 @@ class ReleaseConfig:
     statistics: str = key("statistics")
     noise: float = key("release-noise")
     min_count: int = key("release-min-count")
+    calibrate: bool = key("calibrate")  # the "calibration" statistic, once, with the final model
 
     def check(self) -> None:
         _within("release-noise", self.noise, 0.0, 1e6, above=True)
@@ -327,7 +331,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.train.pretext:
             clash = [name for name, on in (("fair-lambda", self.fair.lam > 0), ("fair-offset", self.fair.offset),
-                                           ("statistics", bool(self.release.kinds)), ("central-dp", self.dp.central))
+                                           ("statistics", bool(self.release.kinds)), ("central-dp", self.dp.central),
+                                           ("calibrate", self.release.calibrate))
                      if on]
             if clash:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} trains the encoder without labels: "

@@ -26,6 +26,8 @@ from monai.apps.detection.utils.box_coder import BoxCoder
 from monai.data.box_utils import box_iou, clip_boxes_to_image, non_max_suppression
 from torch import nn
 
+from core_models.networks import input_channels
+
 BOX_CODER = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0), boxes_xform_clip=math.log(1000.0 / 16))
 # anchor side lengths at 64 px (scaled with the image): the generator's lesions are 9-19 px boxes at 64 px
 ANCHOR_SIZES_64 = (8, 12, 18, 26)
@@ -94,7 +96,7 @@ class LesionDetector(nn.Module):
                              f"of {names or 'its blocks (this network has no `features` sequence)'}")
         self.classifier, self.tap, self.image_size = classifier, tap, image_size
         with torch.no_grad():
-            fmap = self._features(torch.zeros(1, 1, image_size, image_size))[0]
+            fmap = self._features(torch.zeros(1, input_channels(classifier), image_size, image_size))[0]
         self.register_buffer("anchors", make_anchors(image_size, fmap.shape[-1]), persistent=False)
         self.head = DetectionHead(fmap.shape[1], len(ANCHOR_SIZES_64))
 
@@ -287,7 +289,11 @@ def draw_detections(images: np.ndarray, truth: list, detections: list[Detections
     for ax in axes.ravel():
         ax.set_axis_off()
     for ax, img, t, d in zip(axes.ravel(), images, truth, detections):
-        ax.imshow(np.asarray(img).reshape(img.shape[-2:]), cmap="gray", vmin=0, vmax=1)
+        img = np.asarray(img)
+        if img.ndim == 3 and img.shape[0] == 3:  # RGB (3, H, W)
+            ax.imshow(np.clip(img.transpose(1, 2, 0), 0, 1))
+        else:
+            ax.imshow(img.reshape(img.shape[-2:]), cmap="gray", vmin=0, vmax=1)
         for x, y, w, h in np.asarray(t if t is not None else [], np.float32).reshape(-1, 4):
             ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, color="lime", lw=1.2))
         for (x, y, w, h), s in zip(d.boxes, d.scores):

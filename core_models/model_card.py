@@ -1,4 +1,4 @@
-"""What a saved model needs to be used again: its network, classes and training image size.
+"""What a saved model needs to be used again: its network, classes, training image size and image channels.
 
 A model file holds tensors only (it is read with ``torch.load(weights_only=True)``); the card beside it
 (`final_model.json` for `final_model.pt`) is plain JSON, so scoring or auditing a model never guesses the size
@@ -14,12 +14,15 @@ def card_path(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
-def write_card(model_path: str | Path, arch: str, num_classes: int, image_size: int, detector: bool = False) -> Path:
+def write_card(model_path: str | Path, arch: str, num_classes: int, image_size: int, detector: bool = False,
+               in_channels: int = 1) -> Path:
     """``detector``: the file holds a LesionDetector (the classifier under "classifier.", its box head under
-    "head."), not the bare network."""
+    "head."), not the bare network. ``in_channels``: 3 for a network of RGB images (written only then: a card
+    without it is a grey model's)."""
     path = card_path(model_path)
     card = {"model": arch, "num_classes": int(num_classes), "image_size": int(image_size)}
-    path.write_text(json.dumps({**card, **({"detector": True} if detector else {})}, indent=1) + "\n")
+    extra = ({"detector": True} if detector else {}) | ({"in_channels": int(in_channels)} if in_channels != 1 else {})
+    path.write_text(json.dumps({**card, **extra}, indent=1) + "\n")
     return path
 
 
@@ -30,8 +33,11 @@ def read_card(model_path: str | Path) -> dict | None:
         return None
     try:
         card = json.loads(path.read_text())
-        return {"model": str(card["model"]), "num_classes": int(card["num_classes"]),
-                "image_size": int(card["image_size"]), "detector": bool(card.get("detector", False))}
+        out = {"model": str(card["model"]), "num_classes": int(card["num_classes"]),
+               "image_size": int(card["image_size"]), "detector": bool(card.get("detector", False))}
+        if "in_channels" in card:  # an RGB model's; read `card.get("in_channels", 1)`
+            out["in_channels"] = int(card["in_channels"])
+        return out
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a model card ({type(err).__name__}: {err})") from None
 

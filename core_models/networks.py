@@ -1,4 +1,5 @@
-"""Networks for 1-channel medical images that Opacus can train.
+"""Networks for 1-channel (grey) or 3-channel (RGB: dermoscopy, fundus, pathology) medical images that Opacus can
+train; `in_channels` (run config in-channels) is the input's channel count, 1 by default.
 
 Both use GroupNorm (never BatchNorm): BatchNorm mixes samples inside a batch, so
 per-sample gradients (DP-SGD) are undefined for it.
@@ -122,12 +123,13 @@ class SmallCNN(nn.Module):
     average pooling because a finding is small and local (a lesion anywhere => positive).
     """
 
-    def __init__(self, num_classes: int = 2, width: int = 16, stem_stride: int = 2) -> None:
+    def __init__(self, num_classes: int = 2, width: int = 16, stem_stride: int = 2, in_channels: int = 1) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        self.in_channels = int(in_channels)
         stem: list[nn.Module] = [
-            DPConv2d(1, width, kernel_size=3, stride=stem_stride, padding=1),
+            DPConv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1),
             _group_norm(width),
             nn.ReLU(),
         ]
@@ -229,14 +231,17 @@ class ScatterNet(nn.Module):
     CNNs under DP). The transform is kept outside the module tree, so its filter banks are neither in the state dict
     nor sent; one is built per input size (a multiple of 4) on first use, on the input's device. On CPU the
     coefficients of images seen before come from :data:`SCATTER_CACHE`.
-    `freeze=encoder` leaves a linear model on the (normalised, pooled) features."""
+    `freeze=encoder` leaves a linear model on the (normalised, pooled) features. An RGB input (`in_channels=3`) is
+    scattered channel by channel: 3 x 81 coefficient maps, normalised in groups of 9 as the grey ones are."""
 
-    def __init__(self, num_classes: int = 2, width: int = 32) -> None:
+    def __init__(self, num_classes: int = 2, width: int = 32, in_channels: int = 1) -> None:
         super().__init__()
         self._transforms: dict = {}
-        self.norm = nn.GroupNorm(9, 81)
+        self.in_channels = int(in_channels)
+        coefficients = 81 * self.in_channels
+        self.norm = nn.GroupNorm(coefficients // 9, coefficients)
         self.features = nn.Sequential(
-            DPConv2d(81, width, kernel_size=3, padding=1), _group_norm(width), nn.ReLU(), nn.MaxPool2d(2),
+            DPConv2d(coefficients, width, kernel_size=3, padding=1), _group_norm(width), nn.ReLU(), nn.MaxPool2d(2),
             DPConv2d(width, 2 * width, kernel_size=3, padding=1), _group_norm(2 * width), nn.ReLU(),
         )
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -254,13 +259,13 @@ class ScatterNet(nn.Module):
         return transform
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) in [0, 1] -> (B, 81, H/4, W/4) scattering coefficients (no gradient to the input); on CPU,
+        """(B, C, H, W) in [0, 1] -> (B, C x 81, H/4, W/4) scattering coefficients (no gradient to the input); on CPU,
         images seen before are served from the cache (keyed by their bytes: the transform is deterministic). Only
         training adds to it: evaluation and attribution (occlusion's thousands of one-off variants) read it only."""
         transform = self._transform(x)
         x = x.detach().contiguous()
         if x.shape[0] == 0:  # DP-SGD's Poisson batches can be empty
-            return x.new_zeros((0, 81, x.shape[-2] // 4, x.shape[-1] // 4))
+            return x.new_zeros((0, 81 * x.shape[1], x.shape[-2] // 4, x.shape[-1] // 4))
         if x.device.type != "cpu":
             with torch.no_grad():
                 return transform(x).flatten(1, 2)
@@ -284,29 +289,46 @@ class ScatterNet(nn.Module):
         return self.head(self.embed(x))
 
 
-def build_model(name: str = "cnn", num_classes: int = 2) -> nn.Module:
-    """Return a fresh, DP-compatible network producing `num_classes` logits.
+def build_model(name: str = "cnn", num_classes: int = 2, in_channels: int = 1) -> nn.Module:
+    """Return a fresh, DP-compatible network producing `num_classes` logits from `in_channels`-channel images
+    (1 grey, 3 RGB: run config in-channels).
 
     Binary tasks use two logits (softmax), so one loss and one metric path serve
     binary and multi-class heads alike.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB), got {in_channels!r}")
     if name == "cnn":
-        return SmallCNN(num_classes=num_classes)
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
     if name == "scatter":
-        return ScatterNet(num_classes=num_classes)
+        return ScatterNet(num_classes=num_classes, in_channels=in_channels)
     if name == "resnet":
         # MONAI's ResNet-10 layout in 2-D, narrowed for CPU
         return _monai_resnet(num_classes, layers=[1, 1, 1, 1], widths=[16, 32, 64, 128], stem_kernel=3,
-                             stem_stride=1, groups=8, bias_downsample=True)
+                             stem_stride=1, groups=8, bias_downsample=True, in_channels=in_channels)
     if name == "resnet18":
         # torchvision's ResNet-18 layout and parameter names (7x7 stride-2 stem, max-pool, [2, 2, 2, 2] basic
         # blocks of 64-512 channels, bias-free 1x1 shortcuts), so its public checkpoints map onto it
         # (pretrained-key-map "=1.")
         return _monai_resnet(num_classes, layers=[2, 2, 2, 2], widths=[64, 128, 256, 512], stem_kernel=7,
-                             stem_stride=2, groups=32, bias_downsample=False)
+                             stem_stride=2, groups=32, bias_downsample=False, in_channels=in_channels)
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+
+
+def input_channels(model: nn.Module) -> int:
+    """The number of image channels `model` takes (1 grey, 3 RGB): its `in_channels` (SmallCNN, ScatterNet), else
+    its first convolution's (a MONAI ResNet); looks through a PretextModel, a LesionDetector and Opacus' wrapper."""
+    for attr in ("_module", "network", "classifier"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return input_channels(inner)
+    channels = getattr(model, "in_channels", None)
+    if isinstance(channels, int):
+        return channels
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(first.in_channels) if first is not None else 1
 
 
 def with_detector(model: nn.Module, train) -> nn.Module:
@@ -319,13 +341,14 @@ def with_detector(model: nn.Module, train) -> nn.Module:
 
 
 def _monai_resnet(num_classes: int, *, layers: list[int], widths: list[int], stem_kernel: int, stem_stride: int,
-                  groups: int, bias_downsample: bool) -> nn.Module:
-    """A 2-D, one-channel MONAI ResNet of basic blocks behind `Standardize`, with GroupNorm throughout: MONAI 1.6
-    applies `norm` only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm (DP-SGD needs it)."""
+                  groups: int, bias_downsample: bool, in_channels: int = 1) -> nn.Module:
+    """A 2-D MONAI ResNet of basic blocks (one input channel, or `in_channels`) behind `Standardize`, with GroupNorm
+    throughout: MONAI 1.6 applies `norm` only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm
+    (DP-SGD needs it)."""
     from monai.networks.nets import ResNet  # here: importing MONAI costs every process seconds
     from opacus.validators import ModuleValidator  # and so does Opacus (the server never needs it)
 
-    resnet = ResNet(block="basic", layers=layers, block_inplanes=widths, spatial_dims=2, n_input_channels=1,
+    resnet = ResNet(block="basic", layers=layers, block_inplanes=widths, spatial_dims=2, n_input_channels=in_channels,
                     conv1_t_size=stem_kernel, conv1_t_stride=stem_stride, no_max_pool=False,
                     bias_downsample=bias_downsample, num_classes=num_classes, norm=("group", {"num_groups": groups}))
     return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))

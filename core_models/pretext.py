@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core_models.networks import SmallCNN, get_device
+from core_models.networks import SmallCNN, get_device, input_channels
 from core_models.pretrained import head_of
 from core_models.training import LossFn, local_optimizer, make_loader, train_steps
 
@@ -49,9 +49,9 @@ from core_models.training import LossFn, local_optimizer, make_loader, train_ste
 class PretextOutput(NamedTuple):
     """What a pretext loss needs from one forward pass."""
 
-    # rotation: (B, 4) logits; inpainting: (B, 1, H, W) reconstruction; contrastive: (2B, d) unit projections
+    # rotation: (B, 4) logits; inpainting: (B, C, H, W) reconstruction; contrastive: (2B, d) unit projections
     prediction: torch.Tensor
-    # rotation: (B,) each image's k; inpainting: (B, 1, H, W) the uncorrupted images; contrastive: (2B,) each
+    # rotation: (B,) each image's k; inpainting: (B, C, H, W) the uncorrupted images; contrastive: (2B,) each
     # view's partner
     target: torch.Tensor
     mask: torch.Tensor | None  # inpainting: (B, 1, H, W), 1.0 on hidden pixels; otherwise None
@@ -151,7 +151,7 @@ class RotationTask:
     classes: int = 4
     per_sample: ClassVar[bool] = True  # each image's loss depends on that image alone (DP-SGD can train it)
 
-    def make_head(self, channels: int) -> nn.Module:
+    def make_head(self, channels: int, image_channels: int = 1) -> nn.Module:
         return nn.Linear(channels, self.classes)
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator):
@@ -175,9 +175,10 @@ class InpaintingTask:
     fraction: float = 0.25
     decoder_size: int = 16  # the decoder's output resolution, upsampled (bilinear) to the input size
 
-    def make_head(self, channels: int) -> nn.Module:
+    def make_head(self, channels: int, image_channels: int = 1) -> nn.Module:
         """A light decoder: the feature map (1x1 at 28 px, 2x2 at 32, 4x4 at 64) resampled to 4x4, then
-        (upsample x2, conv 3x3, GroupNorm, ReLU) up to `decoder_size`, and one output channel.
+        (upsample x2, conv 3x3, GroupNorm, ReLU) up to `decoder_size`, and one output channel per image channel
+        (`image_channels`: 3 rebuilds an RGB image's colours).
 
         Per-sample layers only (GroupNorm, not BatchNorm), so Opacus computes its per-sample gradients."""
         steps = int(round(math.log2(self.decoder_size / 4)))
@@ -191,7 +192,7 @@ class InpaintingTask:
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, narrower, 3, padding=1),
                        nn.GroupNorm(8, narrower), nn.ReLU()]
             width = narrower
-        layers.append(nn.Conv2d(width, 1, kernel_size=3, padding=1))
+        layers.append(nn.Conv2d(width, image_channels, kernel_size=3, padding=1))
         return nn.Sequential(*layers)
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator):
@@ -208,7 +209,10 @@ class InpaintingTask:
         if output.mask is None:
             raise ValueError("the inpainting loss needs the mask of hidden pixels")
         squared = (output.prediction - output.target) ** 2 * output.mask
-        return squared.sum(dim=(1, 2, 3)) / output.mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+        hidden = output.mask.sum(dim=(1, 2, 3))
+        if output.prediction.shape[1] > 1:  # an RGB image: the mean over the hidden pixels' channels too
+            hidden = hidden * output.prediction.shape[1]
+        return squared.sum(dim=(1, 2, 3)) / hidden.clamp_min(1.0)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, zoom: tuple[float, float] = (0.75, 1.0),
@@ -258,7 +262,7 @@ class ContrastiveTask:
     temperature: float = 0.2
     projection: int = 64
 
-    def make_head(self, channels: int) -> nn.Module:
+    def make_head(self, channels: int, image_channels: int = 1) -> nn.Module:
         return nn.Sequential(nn.Linear(channels, 128), nn.ReLU(), nn.Linear(128, self.projection))
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator):
@@ -314,7 +318,7 @@ class PretextModel(nn.Module):
         classifier = head_of(network)
         for p in classifier.parameters():
             p.requires_grad_(False)
-        self.head = self.task.make_head(classifier.in_features)
+        self.head = self.task.make_head(classifier.in_features, input_channels(network))
 
     @property
     def stem(self) -> nn.Module | None:

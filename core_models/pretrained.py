@@ -1,5 +1,6 @@
 """Start from weights trained elsewhere: a checkpoint file on local disk mapped onto an equifed network, its RGB
-first convolution adapted to one (grey) channel, and the parts a site keeps frozen while it trains.
+first convolution adapted to one (grey) channel when the network takes grey images (an RGB network, in-channels=3,
+takes it as it is), and the parts a site keeps frozen while it trains.
 
 Why: labelled scans are scarce at one hospital and DP-SGD's noise grows with the number of trained parameters; good
 features learnt elsewhere (a public chest X-ray model, a self-supervised encoder) leave little to learn, and a frozen
@@ -38,7 +39,7 @@ class LoadReport:
     """What a pretrained checkpoint gave the model."""
 
     loaded: list[str]
-    adapted: list[str] = field(default_factory=list)  # RGB -> grey first convolutions
+    adapted: list[str] = field(default_factory=list)  # first convolutions adapted: RGB -> grey, grey -> RGB
     skipped: dict[str, str] = field(default_factory=dict)  # our key -> why it kept its fresh weights
     unused: list[str] = field(default_factory=list)  # checkpoint keys no parameter of ours took
 
@@ -80,8 +81,18 @@ def grey_first_conv(weight: torch.Tensor) -> torch.Tensor:
     return weight.sum(dim=1, keepdim=True)
 
 
+def rgb_first_conv(weight: torch.Tensor) -> torch.Tensor:
+    """A grey convolution's weight (out, 1, k, k) as an RGB one (out, 3, k, k): a third in each channel, so an RGB
+    image gives what the grey network gave the image's channel mean (a grey image: exactly what it gave)."""
+    return weight.repeat(1, 3, 1, 1) / 3.0
+
+
 def load_pretrained(model: nn.Module, path: str | Path, key_map: str = "") -> LoadReport:
-    """Copy the checkpoint's tensors that fit into `model` (in place); the rest keep their initialisation."""
+    """Copy the checkpoint's tensors that fit into `model` (in place); the rest keep their initialisation.
+
+    A first convolution whose input channels differ is adapted: an RGB one (out, 3, k, k) into a grey network is
+    summed to one channel (:func:`grey_first_conv`); a grey one into an RGB network (in-channels=3) is spread over
+    the three (:func:`rgb_first_conv`). An RGB checkpoint into an RGB network is copied unchanged."""
     source = {rename(k, parse_key_map(key_map)): v for k, v in read_state_dict(path).items()}
     target = model.state_dict()
     loaded, adapted, skipped = [], [], {}
@@ -90,9 +101,9 @@ def load_pretrained(model: nn.Module, path: str | Path, key_map: str = "") -> Lo
         if theirs is None:
             skipped[name] = "not in the checkpoint"
             continue
-        if theirs.dim() == 4 and mine.dim() == 4 and mine.shape[1] == 1 and theirs.shape[1] == 3 \
+        if theirs.dim() == 4 and mine.dim() == 4 and {int(mine.shape[1]), int(theirs.shape[1])} == {1, 3} \
                 and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]:
-            theirs = grey_first_conv(theirs)
+            theirs = grey_first_conv(theirs) if mine.shape[1] == 1 else rgb_first_conv(theirs)
             adapted.append(name)
         if theirs.shape != mine.shape:
             skipped[name] = f"shape {tuple(theirs.shape)} in the checkpoint, {tuple(mine.shape)} here"

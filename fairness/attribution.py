@@ -36,7 +36,11 @@ For maps with resolution, use a ResNet (``resnet``): its identity shortcuts add 
 normalised branch, so the score is not invariant to the scale of an inner stage and the CAM does not cancel. Its
 default layer is ``1.layer2``, 16x16 at 64 px (stride 4), where a 6x6 marker is a few cells, not a quadrant.
 
-Images are numpy arrays (N, 1, H, W), float32 in [0, 1], as the models take them. Imports no Flower code.
+Images are numpy arrays (N, C, H, W), float32 in [0, 1], as the models take them: C = 1 grey, or 3 for an RGB
+network (run config in-channels=3). Every map is 2-D over the image, (N, H, W), whatever C: the CAMs sum over the
+layer's channels, occlusion hides a window in every channel at once (filled with the image's mean colour), and
+deletion removes a pixel's three channels together. :func:`show_image` draws a grey or RGB image (with a map over it)
+in a matplotlib figure. Imports no Flower code.
 """
 
 from __future__ import annotations
@@ -231,7 +235,8 @@ def occlusion_maps(model: nn.Module, x: np.ndarray | torch.Tensor, patch: int | 
     """Occlusion attribution (Zeiler & Fergus 2014) at the input's resolution: for every ``patch`` x ``patch``
     window (default :func:`occlusion_window`; every ``stride`` pixels) filled with the image's
     mean, the drop of the class-``class_idx`` probability; each pixel gets the mean drop of the windows that cover
-    it (N, H, W). Positive: hiding the pixel lowers the score.
+    it (N, H, W). Positive: hiding the pixel lowers the score. An RGB image's window is filled with its mean colour
+    (each channel's mean), across all three channels.
 
     Why not Grad-CAM here: SmallCNN's only usable Grad-CAM layer is 2x2 at 32 px (module docstring), too coarse to
     tell a 3x3 corner marker from its quadrant. Why not MONAI's ``OcclusionSensitivity``: its map is a
@@ -250,7 +255,7 @@ def occlusion_maps(model: nn.Module, x: np.ndarray | torch.Tensor, patch: int | 
     out = np.zeros((n, h, w))
     for idx in range(n):
         batch = np.repeat(x[idx:idx + 1], len(corners), axis=0)
-        fill = x[idx].mean()
+        fill = x[idx].mean() if x.shape[1] == 1 else x[idx].mean(axis=(1, 2), keepdims=True)  # RGB: mean colour
         for b, (i, j) in enumerate(corners):
             batch[b, :, i:i + k, j:j + k] = fill
         drop = base[idx] - _class_probability(m, batch, class_idx)
@@ -286,6 +291,19 @@ def region_share(maps: np.ndarray, mask: np.ndarray, grow: int = 0) -> np.ndarra
     inside = maps[:, region].sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, inside / np.where(total > 0, total, 1.0), np.nan)
+
+
+def show_image(ax, image: np.ndarray, attribution: np.ndarray | None = None, alpha: float = 0.45) -> None:
+    """Draw one model input on a matplotlib axis: (1, H, W) or (H, W) in grey, (3, H, W) in colour (an RGB
+    network's input, in [0, 1]); with ``attribution`` (an (H, W) map) its positive part over it in a heat colour map."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3 and img.shape[0] == 3:
+        ax.imshow(np.clip(img.transpose(1, 2, 0), 0.0, 1.0))
+    else:
+        ax.imshow(img.reshape(img.shape[-2:]), cmap="gray", vmin=0.0, vmax=1.0)
+    if attribution is not None:
+        ax.imshow(np.clip(np.asarray(attribution, dtype=np.float32), 0.0, None), cmap="jet", alpha=alpha)
+    ax.set_axis_off()
 
 
 # --------------------------------------------------------------------------------------------- sanity checks
@@ -376,8 +394,8 @@ def deletion_curve(model: nn.Module, x: np.ndarray | torch.Tensor, maps: np.ndar
         "attribution": np.stack([np.lexsort((t, -a)) for a, t in zip(flat, tie_break)]),
         "random": np.argsort(rng.random(flat.shape), axis=1),
     }
-    if fill == "mean":
-        fill_value = x.mean(axis=(1, 2, 3), keepdims=True)
+    if fill == "mean":  # the image's mean (an RGB image's mean colour)
+        fill_value = x.mean(axis=(1, 2, 3) if c == 1 else (2, 3), keepdims=True)
     else:
         fill_value = np.full((n, 1, 1, 1), float(fill), np.float32)
     curves: dict[str, list[float]] = {}

@@ -169,17 +169,20 @@ def fit_correction(frame: pd.DataFrame, spec, path: Path, n_boot: int = 200, see
     return out
 
 
-def load_weights(path: str | Path, arch: str | None = None, num_classes: int | None = None):
-    """The network in `path`, built as its model card says (or as `arch`/`num_classes` say, where given); of a
-    detector file (its card says so), the detector's classifier, which is what scores and explanations use.
-    Raises ValueError naming the file when the weights do not fit that network."""
+def load_weights(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+                 in_channels: int | None = None):
+    """The network in `path`, built as its model card says (or as `arch`/`num_classes`/`in_channels` say, where
+    given; without a card, 1 grey channel unless the weights' first convolution takes 3); of a detector file (its
+    card says so), the detector's classifier, which is what scores and explanations use. Raises ValueError naming
+    the file when the weights do not fit that network."""
     from core_models.model_card import read_card
     from core_models.networks import build_model
 
     state = load_state_dict_file(path)
     card = read_card(path) or {}
     arch = arch or card.get("model", "cnn")
-    model = build_model(arch, num_classes or card.get("num_classes", 2))
+    channels = in_channels or card.get("in_channels") or _stem_channels(state)
+    model = build_model(arch, num_classes or card.get("num_classes", 2), channels)
     holder = model
     if card.get("detector"):
         from core_models.detection import LesionDetector
@@ -192,6 +195,13 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
                          f"{' (its model card)' if card and arch == card.get('model') else ''}: "
                          f"{str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+def _stem_channels(state: dict) -> int:
+    """The image channels of a state dict's network from its first 4-D (convolution) weight: 3 when it takes 3 (a
+    ScatterNet's: 3 x 81 scattering maps), else 1."""
+    first = next((v for v in state.values() if getattr(v, "dim", lambda: 0)() == 4), None)
+    return 3 if first is not None and first.shape[1] in (3, 3 * 81) else 1
 
 
 def region_mask(text: str, size: int):
@@ -227,7 +237,9 @@ def image_evidence_from_files(args) -> dict:
         if card is None:
             raise ValueError(f"no model card beside {args.model}: give --image-size (the size the model trained at)")
         args.image_size = card["image_size"]
-    data = load_site(Path(args.images), image_size=args.image_size)
+    from core_models.networks import input_channels
+
+    data = load_site(Path(args.images), image_size=args.image_size, channels=input_channels(model))
     column, _, value = args.image_filter.partition("=")
     if column not in data.frame:
         raise ValueError(f"--image-filter column {column!r} is not in {args.images}/manifest.csv")

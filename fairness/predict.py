@@ -3,9 +3,9 @@
     equifed-predict --model final_model.pt --data SITE_DIR --out preds.csv [--columns group,age,scanner_legacy]
 
 One row per usable image: patient_id, image_path, the manifest's metadata columns (all, or those named by
-``--columns``), label, and score (P(class 1); for more classes score_0..score_K-1). The network, classes and image
-size come from the model card beside the weights (`final_model.json`), or from ``--arch``, ``--num-classes`` and
-``--image-size``. Images the loader rejects are listed with their reason in `<out>.rejected.csv`.
+``--columns``), label, and score (P(class 1); for more classes score_0..score_K-1). The network, classes, image
+size and channels (grey or RGB) come from the model card beside the weights (`final_model.json`), or from ``--arch``,
+``--num-classes`` and ``--image-size`` (the channels then from the weights' first convolution). Images the loader rejects are listed with their reason in `<out>.rejected.csv`.
 Exits 2 with a one-line message on bad input (missing model or folder, a column the manifest lacks).
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core_models.data import ManifestError, load_site, write_rejected
 from core_models.model_card import read_card
+from core_models.networks import input_channels
 from core_models.training import make_loader, predict_proba
 from fairness.cli import load_weights
 
@@ -44,7 +45,7 @@ def predictions(model_path: str | Path, data: str | Path, columns: list[str] | N
     if image_size is None:
         raise ValueError(f"no model card beside {model_path}: give --image-size (the size the model trained at)")
     model = load_weights(model_path, arch, num_classes)
-    site = load_site(Path(data), image_size=image_size, num_classes=num_classes)
+    site = load_site(Path(data), image_size=image_size, num_classes=num_classes, channels=input_channels(model))
     frame = site.frame.reset_index(drop=True)
     extra = [c for c in frame.columns if c not in KEY_COLUMNS] if columns is None else columns
     missing = [c for c in extra if c not in frame.columns]

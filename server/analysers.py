@@ -13,7 +13,7 @@ from typing import Any
 from flwr.common import log
 
 from core_models.config import RunConfig
-from server import fairness_audit, shift
+from server import calibration, fairness_audit, shift
 from server.site_statistics import SiteRelease
 
 # fn(out_dir, server_round, releases, run config): writes its report into the run folder
@@ -22,6 +22,7 @@ Analyser = Callable[[Path, int, list[SiteRelease], "RunConfig | Mapping[str, Any
 ANALYSERS: dict[str, Analyser] = {
     "shift": shift.analyse_shift,
     "fairness": fairness_audit.analyse_fairness,
+    "calibration": calibration.analyse_calibration,
 }
 
 

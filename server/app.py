@@ -22,10 +22,10 @@ from core_models.pretrained import load_pretrained
 from core_models.model_card import write_card
 from core_models.protocol import DETECTION_HEAD
 from server.checkpoint import BEST_MODEL, load_latest
-from server.hooks import (BestModel, Checkpointing, FairnessBroadcast, HoldoutEvaluation, RoundEvaluation,
-                          RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly)
+from server.hooks import (BestModel, CalibrationStep, Checkpointing, FairnessBroadcast, HoldoutEvaluation,
+                          RoundEvaluation, RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly)
 from server.privacy_registry import PrivacyRegistry
-from server.results import plot_learning_curve, regressions, write_summary
+from server.results import calibration_notes, calibration_summary, plot_learning_curve, regressions, write_summary
 from server.strategy import SiteTrackingMixin, build_strategy
 
 __all__ = ["RunFailed", "StopEarly", "app", "main"]
@@ -53,7 +53,8 @@ def main(grid: Grid, context: Context) -> None:
     holdout = HoldoutEvaluation(cfg.train, Path(cfg.server.holdout_path), out_dir) if scored else None
     fair = FairnessBroadcast(grid, strategy, cfg) if cfg.fair.lam > 0 else None
     statistics = StatisticsCollection(grid, strategy, cfg, out_dir) if cfg.release.kinds else None
-    checkpoints = Checkpointing(history, best)
+    calibration = CalibrationStep(grid, strategy, cfg, out_dir, holdout) if cfg.release.calibrate else None
+    checkpoints = Checkpointing(history, best, on_final=calibration)  # the calibration: after the last round
     evaluate_round = RoundEvaluation(history, done, before_first=[holdout, fair],
                                      after_each=[holdout, SiteOutcomes(history), fair, statistics, checkpoints])
     stopped = ""
@@ -81,11 +82,13 @@ def main(grid: Grid, context: Context) -> None:
                 torch.save({k[len(CLASSIFIER):]: v for k, v in state.items() if k.startswith(CLASSIFIER)}, saved)
     for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
-            write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size)
+            write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size,
+                       in_channels=cfg.train.in_channels)
         detector = saved.with_name(saved.stem + "_detector.pt")
         if cfg.train.detection and detector.exists():
-            write_card(detector, cfg.train.model, cfg.train.num_classes, cfg.train.image_size, detector=True)
-    failures = list(statistics.failures) if statistics else []
+            write_card(detector, cfg.train.model, cfg.train.num_classes, cfg.train.image_size, detector=True,
+                       in_channels=cfg.train.in_channels)
+    failures = (list(statistics.failures) if statistics else []) + (list(calibration.failures) if calibration else [])
     _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures)
 
 
@@ -95,18 +98,20 @@ CLASSIFIER = "classifier."  # a LesionDetector's state-dict prefix of its classi
 def initial_model(cfg: RunConfig) -> torch.nn.Module:
     """The round-0 global model: fresh weights, or the run config's pretrained checkpoint mapped onto them; in a
     pretext run, with the pretext task's head (PretextModel); with detection, wrapped in its LesionDetector."""
-    model = build_model(cfg.train.model, cfg.train.num_classes)
+    model = build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels)
     if cfg.train.pretrained_path:
         report = load_pretrained(model, cfg.train.pretrained_path, cfg.train.pretrained_key_map)
-        log(INFO, "equifed: pretrained %s: %d tensors loaded (%d adapted RGB -> grey), %d kept fresh: %s",
-            cfg.train.pretrained_path, len(report.loaded), len(report.adapted), len(report.skipped),
+        log(INFO, "equifed: pretrained %s: %d tensors loaded (%d adapted %s), %d kept fresh: %s",
+            cfg.train.pretrained_path, len(report.loaded), len(report.adapted),
+            "grey -> RGB" if cfg.train.in_channels == 3 else "RGB -> grey", len(report.skipped),
             ", ".join(f"{k} ({why})" for k, why in list(report.skipped.items())[:5]) or "none")
     return PretextModel(model, cfg.train.pretext) if cfg.train.pretext else with_detector(model, cfg.train)
 
 
 def _network_of(cfg: RunConfig, pretext_state: dict) -> dict:
     """The network's own state dict from a PretextModel's."""
-    model = PretextModel(build_model(cfg.train.model, cfg.train.num_classes), cfg.train.pretext)
+    model = PretextModel(build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels),
+                         cfg.train.pretext)
     model.load_state_dict(pretext_state)
     return encoder_state(model)
 
@@ -148,6 +153,9 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
     warnings = regressions(history.rows, best_summary.get("best_round"))
     for line in warnings:
         log(WARNING, "equifed: %s", line)
+    notes = calibration_notes(history.rows, best_summary.get("best_round"))
+    for line in notes:
+        log(INFO, "equifed: note: %s", line)
     write_summary(out_dir, {
         "status": "completed",
         "rounds": int(last.get("round", done)),  # fewer than planned_rounds when the run stopped early
@@ -161,6 +169,8 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
         **best_summary,
         "sites_trained": sum(int(r.get("sites_trained") or 0) for r in history.rows),  # site-rounds, all rounds
         "warnings": warnings,
+        "notes": notes,  # e.g. a better-ranking model whose probabilities need calibration
+        "calibration": calibration_summary(last),  # None unless run config calibrate fitted one
         "stopped_early": bool(stopped),
         "stopped_at_round": int(last["round"]) if stopped else None,
         "stopped_reason": stopped or None,

@@ -251,6 +251,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"equifed-server: run {run_id} FAILED: {failed}; results in {out}", file=sys.stderr)
         return 1
     print(f"equifed-server: run {run_id} completed; results in {out}", flush=True)
+    for line in (summary or {}).get("notes") or []:
+        print(f"equifed-server: note: {line}", flush=True)
     for line in (summary or {}).get("warnings", []):
         print(f"equifed-server: WARNING: {line}", file=sys.stderr, flush=True)
     return 0

@@ -16,7 +16,7 @@ from core_models.processes import app_snapshot
 # Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
 # results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.
 RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "out-dir", "statistics",
-                               "fraction-evaluate", "min-train-nodes", "patience"})
+                               "fraction-evaluate", "min-train-nodes", "patience", "calibrate"})
 SAVED_CONFIG = "run_overrides.json"
 
 

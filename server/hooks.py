@@ -8,6 +8,7 @@ the holdout set, the consortium's fairness counts, the analyses that failed, the
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -20,13 +21,15 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from core_models.calibration import fold_into_head, probability_metrics
 from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
 from core_models.data import load_site
-from core_models.model_card import card_path
+from core_models.model_card import card_path, write_card
 from core_models.networks import build_model, with_detector
-from core_models.training import evaluate, make_loader
+from core_models.training import evaluate, make_loader, predict_proba
 from fairness import mitigation
 from server.analysers import analyse
+from server.calibration import CALIBRATED_MODEL, KIND as CALIBRATION, read_fit
 from server.checkpoint import (BEST_MODEL, BestTracker, choose_best_metric, pooled, restore_best_model,
                                save_checkpoint, save_model)
 from server.results import round_table, write_tables
@@ -79,10 +82,10 @@ class HoldoutEvaluation:
     ``holdout_boxes.png`` in ``out_dir`` (every round; a failing plot is logged, never fatal)."""
 
     def __init__(self, train: TrainingConfig, path: Path, out_dir: Path | None = None):
-        data = load_site(path, image_size=train.image_size, num_classes=train.num_classes)
-        self.images = data.images
+        data = load_site(path, image_size=train.image_size, num_classes=train.num_classes, channels=train.in_channels)
+        self.images, self.labels = data.images, data.labels
         self.loader = make_loader(data.images, data.labels, batch_size=256)
-        self.model = with_detector(build_model(train.model, train.num_classes), train)
+        self.model = with_detector(build_model(train.model, train.num_classes, train.in_channels), train)
         self.boxes = None
         if train.detection:
             from core_models.data.boxes import image_boxes
@@ -91,9 +94,14 @@ class HoldoutEvaluation:
 
     def __call__(self, rnd: Round) -> None:
         self.model.load_state_dict(rnd.arrays.to_torch_state_dict())
-        rnd.row.update({f"holdout_{k}": v for k, v in evaluate(self.model, self.loader).items()})
+        rnd.row.update({f"holdout_{k}": v for k, v in self.metrics(self.model).items()})
         if self.boxes is not None:
             rnd.row["holdout_map50"] = self._map50()
+
+    def metrics(self, model) -> dict[str, float]:
+        """Loss, accuracy and AUROC (core_models.training.evaluate), and the probabilities' ECE (15 equal-width
+        bins of the top-class probability) and Brier score (core_models.calibration)."""
+        return {**evaluate(model, self.loader), **probability_metrics(predict_proba(model, self.loader), self.labels)}
 
     def _map50(self) -> float:
         from core_models.detection import draw_detections, score_annotated
@@ -198,6 +206,80 @@ class StatisticsCollection:
             rnd.row["analysis_failed"] = "; ".join(f"{k}: {v}" for k, v in failed.items())
 
 
+class CalibrationStep:
+    """Run config calibrate: after the run's last round (the planned last, or the one patience stopped at) every
+    site still in the run releases the calibration histograms of the final global model on its validation split
+    (noised and charged like any statistic, if its policy releases "calibration"); the analyser fits the
+    temperature (binary: Platt scale and bias) into calibration.json, and this hook folds the fit into the model's
+    head: calibrated_model.pt (a plain state dict, with its card) and the calibrated model's holdout metrics
+    (holdout_calibrated_*) in the round's row. With "calibration" among run config statistics the round's own
+    release is used, not asked for again."""
+
+    def __init__(self, grid: Grid, strategy: SiteTrackingMixin, cfg: RunConfig, out_dir: Path,
+                 holdout: HoldoutEvaluation | None):
+        self.grid, self.strategy, self.cfg, self.out_dir, self.holdout = grid, strategy, cfg, out_dir, holdout
+        self.failures: list[dict] = []
+
+    def __call__(self, rnd: Round) -> None:
+        fit = read_fit(self.out_dir, rnd.number) if CALIBRATION in self.cfg.release.kinds else None
+        if fit is None:
+            request = ConfigRecord({"statistics": CALIBRATION, "server-round": rnd.number, "seed": self.cfg.train.seed})
+            replies = self.strategy.query(self.grid, rnd.arrays, request, rnd.number, CALIBRATION,
+                                          timeout=self.cfg.server.round_timeout)
+            failed = analyse(self.out_dir, rnd.number, to_releases(replies, [CALIBRATION]), self.cfg, [CALIBRATION])
+            self._failed(rnd, failed)
+            fit = read_fit(self.out_dir, rnd.number)
+        path = self.out_dir / CALIBRATED_MODEL
+        path.unlink(missing_ok=True)  # an earlier run's calibrated model here would be taken for this one's
+        card_path(path).unlink(missing_ok=True)
+        if fit is None:
+            log(WARNING, "equifed: no calibration after round %d; see %s", rnd.number,
+                self.out_dir / "calibration.json")
+            return
+        try:
+            self._apply(rnd, fit, path)
+        except Exception as err:  # noqa: BLE001  the calibrated model never ends a finished training run
+            path.unlink(missing_ok=True)
+            card_path(path).unlink(missing_ok=True)
+            for key in [k for k in rnd.row if k.startswith(("calibration_", "holdout_calibrated_"))]:
+                del rnd.row[key]
+            self._failed(rnd, {CALIBRATION: f"{type(err).__name__}: {err}"})
+            log(WARNING, "equifed: the calibration fitted after round %d could not be applied (%s: %s)", rnd.number,
+                type(err).__name__, err)
+
+    def _failed(self, rnd: Round, failed: dict[str, str]) -> None:
+        """Failures recorded as the statistics' are: the round's row and summary.json."""
+        if not failed:
+            return
+        self.failures.extend({"round": rnd.number, "analysis": k, "error": v} for k, v in failed.items())
+        before = [rnd.row["analysis_failed"]] if rnd.row.get("analysis_failed") else []
+        rnd.row["analysis_failed"] = "; ".join(before + [f"{k}: {v}" for k, v in failed.items()])
+
+    def _apply(self, rnd: Round, fit, path: Path) -> None:
+        train = self.cfg.train
+        model = with_detector(build_model(train.model, train.num_classes, train.in_channels), train)
+        model.load_state_dict(rnd.arrays.to_torch_state_dict())
+        fold_into_head(model, fit)
+        save_model(path, getattr(model, "classifier", model).state_dict())  # the classifier, as final_model.pt
+        card = write_card(path, train.model, train.num_classes, train.image_size, in_channels=train.in_channels)
+        card.write_text(json.dumps({**json.loads(card.read_text()),
+                                    "calibration": {"round": rnd.number, **fit.to_json()}}, indent=1) + "\n")
+        rnd.row.update({"calibration_temperature": fit.temperature, "calibration_bias": fit.bias})
+        if self.holdout is not None:
+            rnd.row.update({f"holdout_calibrated_{k}": v for k, v in self.holdout.metrics(model).items()})
+        log(INFO, "equifed: calibration after round %d: %s", rnd.number, describe(fit, rnd.row))
+
+
+def describe(fit, row: dict) -> str:
+    """One line on a fit and what it did to the holdout figures."""
+    what = (f"Platt scale {fit.scale:.3f} (temperature {fit.temperature:.3f}), bias {fit.bias:+.3f}"
+            if fit.kind == "platt" else f"temperature {fit.temperature:.3f}")
+    changes = [f"{k} {row[f'holdout_{k}']:.3f} -> {row[f'holdout_calibrated_{k}']:.3f}" for k in ("loss", "ece")
+               if math.isfinite(float(row.get(f"holdout_{k}", math.nan)))
+               and math.isfinite(float(row.get(f"holdout_calibrated_{k}", math.nan)))]
+    return what + (f"; holdout {', '.join(changes)}" if changes else "") + f"; {CALIBRATED_MODEL}"
+
+
 class BestModel:
     """best_model.pt: the global model of the best round by run config best-by (and patience), kept across a
     resume through the checkpoint's history."""
@@ -259,16 +341,20 @@ class BestModel:
 
 
 class Checkpointing:
-    """After each round: the best model, then the round's checkpoint (model, optimiser state, history)."""
+    """After each round: the best model, then (on the run's last round: the planned last, or the one patience
+    stopped at) the `on_final` hook, e.g. the calibration, then the round's checkpoint (model, optimiser state,
+    history)."""
 
-    def __init__(self, history: RunHistory, best: BestModel):
-        self.history, self.best = history, best
+    def __init__(self, history: RunHistory, best: BestModel, on_final: Hook | None = None):
+        self.history, self.best, self.on_final = history, best, on_final
         self.last_arrays: ArrayRecord | None = None  # the latest global model (final_model.pt when the run stops early)
 
     def __call__(self, rnd: Round) -> None:
         state = rnd.arrays.to_torch_state_dict()
         self.last_arrays = rnd.arrays
         self.best.update(rnd, state, self.history.total_rounds)
+        if self.on_final is not None and (rnd.number >= self.history.total_rounds or rnd.row.get("stopped")):
+            self.on_final(rnd)
         strategy = self.history.strategy
         save_checkpoint(self.history.out_dir, rnd.number, state, strategy.state(),
                         {"global": self.history.rows + [rnd.row], "sites": strategy.site_rows,

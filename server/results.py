@@ -43,7 +43,10 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
             lines.append(
                 f"  round {server_round:>3} | {'HOLDOUT (global)':<18} | loss {_fmt(global_row.get('holdout_loss'))} "
                 f"| AUROC {_fmt(global_row.get('holdout_auroc'))} | acc {_fmt(global_row.get('holdout_accuracy'))}"
+                + _calibration_figures(global_row, "holdout_")
             )
+        if math.isfinite(_number(global_row.get("calibration_temperature"))):  # run config calibrate, last round
+            lines.append(f"  round {server_round:>3} | {_calibrated_line(global_row)}")
         best_round = _number(global_row.get("best_round"))
         if math.isfinite(best_round) or math.isfinite(_number(global_row.get("val_loss"))):
             best = (f" | best: round {int(best_round)} ({global_row.get('best_metric')} "
@@ -57,6 +60,22 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
         if global_row.get("analysis_failed"):
             lines.append(f"  round {server_round:>3} | analysis failed (training goes on): {global_row['analysis_failed']}")
     return "\n".join(lines)
+
+
+def _calibrated_line(row: dict) -> str:
+    """The calibrated model's holdout figures and the fit (without a holdout: the fit)."""
+    if not math.isfinite(_number(row.get("holdout_calibrated_loss"))):
+        return f"{'CALIBRATION':<18} | {_calibration_text(row)}"
+    return (f"{'HOLDOUT calibrated':<18} | loss {_fmt(row.get('holdout_calibrated_loss'))} "
+            f"| AUROC {_fmt(row.get('holdout_calibrated_auroc'))} | acc {_fmt(row.get('holdout_calibrated_accuracy'))}"
+            f"{_calibration_figures(row, 'holdout_calibrated_')} | {_calibration_text(row)}")
+
+
+def _calibration_figures(row: dict, prefix: str) -> str:
+    """" | ECE x | Brier y" when the row has them (the probabilities' calibration on the holdout)."""
+    if not math.isfinite(_number(row.get(f"{prefix}ece"))):
+        return ""
+    return f" | ECE {_fmt(row.get(f'{prefix}ece'))} | Brier {_fmt(row.get(f'{prefix}brier'))}"
 
 
 def _number(value) -> float:
@@ -111,18 +130,88 @@ REGRESSION_TOLERANCE = {"auroc": 0.005, "loss": 0.02}
 def regressions(rows: list[dict], best_round: int | None = None) -> list[str]:
     """Plain warnings when the final (or the best) global model scores worse on the holdout than the round-0
     model it started from (untrained, or pretrained): training made the model worse, which a finished run must
-    not hide. Differences within `REGRESSION_TOLERANCE` (AUROC points; loss relative) are holdout noise."""
+    not hide. Differences within `REGRESSION_TOLERANCE` (AUROC points; loss relative) are holdout noise.
+
+    Discrimination decides: a model whose holdout AUROC went down is worse (and a loss that went up with it is
+    said too). One whose AUROC went up is not, whatever its loss: a loss that went up with it is about the
+    probabilities' calibration, said in a note (`calibration_notes`), not a warning. With an unchanged AUROC the
+    loss decides: the calibrated model's (run config calibrate) where one was fitted, else the raw one's."""
+    return _judge(rows, best_round)[0]
+
+
+def calibration_notes(rows: list[dict], best_round: int | None = None) -> list[str]:
+    """Notes (not warnings) on a final or best model that ranks the holdout better than the round-0 model but
+    whose raw probabilities lost calibration (holdout loss up): they need calibration, and where the run fitted
+    one (run config calibrate) the calibrated figures say what it did."""
+    return _judge(rows, best_round)[1]
+
+
+def _judge(rows: list[dict], best_round: int | None) -> tuple[list[str], list[str]]:
     by_round = {int(r["round"]): r for r in rows if "round" in r}
     start = by_round.get(0, {})
-    out = []
+    warnings, notes = [], []
     for what, rnd in (("final", max(by_round, default=None)), ("best", best_round)):
         if rnd is None or rnd == 0 or (what == "best" and rnd == max(by_round)):
             continue
         row = by_round.get(rnd, {})
-        for key, worse in (("holdout_auroc", lambda a, b: a < b - REGRESSION_TOLERANCE["auroc"]),
-                           ("holdout_loss", lambda a, b: a > b * (1 + REGRESSION_TOLERANCE["loss"]))):
-            now, before = _number(row.get(key)), _number(start.get(key))
-            if math.isfinite(now) and math.isfinite(before) and worse(now, before):
-                out.append(f"the {what} global model (round {rnd}) is worse than the round-0 model it started "
-                           f"from on the holdout: {key.replace('holdout_', '')} {before:.3f} -> {now:.3f}")
+        worse = f"the {what} global model (round {rnd}) is worse than the round-0 model it started from on the holdout"
+        auroc, auroc0 = _number(row.get("holdout_auroc")), _number(start.get("holdout_auroc"))
+        loss, loss0 = _number(row.get("holdout_loss")), _number(start.get("holdout_loss"))
+        calibrated = _number(row.get("holdout_calibrated_loss"))
+        ranked = math.isfinite(auroc) and math.isfinite(auroc0)
+        auroc_down = ranked and auroc < auroc0 - REGRESSION_TOLERANCE["auroc"]
+        auroc_up = ranked and auroc > auroc0 + REGRESSION_TOLERANCE["auroc"]
+        loss_up = _rose(loss, loss0)
+        judged_up = _rose(calibrated if math.isfinite(calibrated) else loss, loss0)
+        if auroc_down:
+            warnings.append(f"{worse}: auroc {auroc0:.3f} -> {auroc:.3f}")
+            if loss_up:
+                warnings.append(f"{worse}: loss {loss0:.3f} -> {loss:.3f}")
+        elif judged_up and not auroc_up:  # no better at ranking, and its probabilities are worse
+            figure = (f"calibrated loss {loss0:.3f} -> {calibrated:.3f}" if math.isfinite(calibrated)
+                      else f"loss {loss0:.3f} -> {loss:.3f}")
+            warnings.append(f"{worse}: {figure}")
+        elif loss_up or judged_up:
+            notes.append(_calibration_note(what, rnd, row, auroc0, auroc, loss0, loss, calibrated, loss_up))
+    return warnings, notes
+
+
+def _rose(loss: float, before: float) -> bool:
+    """A holdout loss above the round-0 one by more than the tolerance."""
+    return math.isfinite(loss) and math.isfinite(before) and loss > before * (1 + REGRESSION_TOLERANCE["loss"])
+
+
+def _calibration_note(what: str, rnd: int, row: dict, auroc0: float, auroc: float, loss0: float, loss: float,
+                      calibrated: float, loss_up: bool) -> str:
+    ranks = ("" if not (math.isfinite(auroc) and math.isfinite(auroc0)) else
+             f" ranks the holdout better than the round-0 model (AUROC {auroc0:.3f} -> {auroc:.3f})"
+             if auroc > auroc0 + REGRESSION_TOLERANCE["auroc"] else " ranks the holdout as well as the round-0 model")
+    text = f"the {what} global model (round {rnd}){ranks}"
+    if loss_up:
+        text += (f", but its raw probabilities are less well calibrated (holdout loss {loss0:.3f} -> {loss:.3f}, "
+                 f"ECE {_fmt(row.get('holdout_ece')).strip()})")
+    if not math.isfinite(calibrated):
+        return text + "; they need calibration before a clinician reads them (run config calibrate = true)"
+    return (text + f"; calibrated from the sites' validation splits ({_calibration_text(row)}, calibrated_model.pt): "
+                   f"holdout loss {calibrated:.3f}, ECE {_fmt(row.get('holdout_calibrated_ece')).strip()}"
+                   + (f", still above round 0's {loss0:.3f}" if _rose(calibrated, loss0) else ""))
+
+
+def _calibration_text(row: dict) -> str:
+    bias = _number(row.get("calibration_bias"))
+    return (f"temperature {_number(row.get('calibration_temperature')):.3f}"
+            + (f", bias {bias:+.3f}" if math.isfinite(bias) and bias != 0.0 else ""))
+
+
+def calibration_summary(row: dict) -> dict | None:
+    """summary.json's `calibration`: the fit of the run's last round and the holdout figures before and after;
+    None when none was fitted."""
+    if not math.isfinite(_number(row.get("calibration_temperature"))):
+        return None
+    out = {"round": row.get("round"), "model": "calibrated_model.pt", "fit": "calibration.json",
+           "temperature": _number(row.get("calibration_temperature")), "bias": _number(row.get("calibration_bias"))}
+    for key in ("loss", "ece", "brier", "auroc", "accuracy"):
+        if math.isfinite(_number(row.get(f"holdout_{key}"))):
+            out[f"holdout_{key}"] = _number(row.get(f"holdout_{key}"))
+            out[f"holdout_calibrated_{key}"] = _number(row.get(f"holdout_calibrated_{key}"))
     return out

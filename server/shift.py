@@ -256,6 +256,7 @@ def consortium_summary(stats: list[ShiftStats], run_config: RunConfig | Mapping[
         "model": train.model,
         "num_classes": stats[0].k,
         "image_size": train.image_size,
+        "in_channels": train.in_channels,
         "logodds_edges": LOGODDS_EDGES.tolist(),
         "output_hist": imputed_sum(stats).tolist(),
         "output_hist_sigma": float(np.sqrt(sum(s.sigma["output"] ** 2 for s in stats))),

@@ -1,8 +1,9 @@
 """`equifed-partition SOURCE --out OUT -k K [--alpha A] [--seed S]`: split a labelled image set into K hospital
 folders that `equifed-simulate --sites OUT` trains on directly.
 
-SOURCE is a MedMNIST-format `.npz` (keys {train,val,test}_{images,labels}, grey images) or a folder with a
-manifest.csv (patient_id, image_path, label [, split, any metadata]). The source's train and val rows are divided
+SOURCE is a MedMNIST-format `.npz` (keys {train,val,test}_{images,labels}, grey or colour images: a colour one, e.g.
+RetinaMNIST, becomes RGB PNGs, trained with run config in-channels=3) or a folder with a manifest.csv (patient_id,
+image_path, label [, split, any metadata]). The source's train and val rows are divided
 among the sites (IID, or with Dirichlet(alpha) label skew: small alpha = each site sees mostly a few classes) and
 keep their split in each site's manifest; its test rows become the global holdout, OUT/holdout.
 """
@@ -36,7 +37,8 @@ class PartitionError(ValueError):
 
 
 def load_npz_source(path: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """One row per image (patient_id, label, split, source_index) and each split's images (N, 1, H, W) in [0, 1]."""
+    """One row per image (patient_id, label, split, source_index) and each split's images (N, C, H, W) in [0, 1]:
+    C = 1 for grey images, 3 when any split holds colour ones (a grey split then replicated to three channels)."""
     frames, images = [], {}
     if not zipfile.is_zipfile(path):
         raise PartitionError(f"{path}: not a .npz archive (a zip of .npy arrays, as MedMNIST ships)")
@@ -52,7 +54,7 @@ def load_npz_source(path: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
                              f" a MedMNIST-format archive holds {', '.join(wanted)}")
     for split in ("train", "val", "test"):
         try:
-            x, y = load_npz(path, split)
+            x, y = load_npz(path, split, channels=None)  # as stored: grey (N, 1, H, W) or colour (N, 3, H, W)
         except (ValueError, OSError, zipfile.BadZipFile) as err:
             raise PartitionError(str(err)) from None
         if len(y) and y.min() < 0:
@@ -60,6 +62,8 @@ def load_npz_source(path: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
         images[split] = x
         frames.append(pd.DataFrame({"patient_id": [f"{split}-{i:06d}" for i in range(len(y))], "label": y,
                                     "split": split, "source_index": np.arange(len(y))}))
+    if any(x.shape[1] == 3 for x in images.values()):
+        images = {split: np.repeat(x, 3, axis=1) if x.shape[1] == 1 else x for split, x in images.items()}
     return pd.concat(frames, ignore_index=True), images
 
 
@@ -123,7 +127,10 @@ def assign_sites(frame: pd.DataFrame, k: int, alpha: float | None, seed: int, mi
 
 
 def _png(image: np.ndarray) -> Image.Image:
-    """An (1, H, W) image in [0, 1] as PNG: 8-bit when it came from 8-bit data (exactly), else 16-bit."""
+    """An (1, H, W) image in [0, 1] as PNG: 8-bit when it came from 8-bit data (exactly), else 16-bit. A (3, H, W)
+    colour image as an 8-bit RGB PNG (Pillow writes no 16-bit colour; 8-bit data, as MedMNIST's, stays exact)."""
+    if image.shape[0] == 3:
+        return Image.fromarray(np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0))  # RGB
     x = image[0]
     eight = np.rint(x * 255.0)
     if np.abs(eight - x * 255.0).max() < 1e-3:
@@ -218,6 +225,8 @@ def partition(source: Path, out: Path, k: int, alpha: float | None = None, seed:
     names = [f"site_{j + 1:0{width}d}" for j in range(k)]
     record = {"source": str(source.resolve()), "kind": kind, "k": k, "alpha": alpha, "seed": seed,
               "split_drawn_by_patient": note is not None, "folders": [], "sites": {}}
+    if npz_images is not None:  # the channels the written PNGs hold (run config in-channels); unknown for a folder
+        record["channels"] = int(next(iter(npz_images.values())).shape[1])
     for j, name in enumerate(names):
         rows = frame[frame["site_index"] == j]
         _write_folder(out / name, rows, name, npz_images, source)
@@ -274,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"equifed-partition: {record['rejected_source_rows']} source row(s) skipped; reasons in "
               f"{out / SOURCE_REJECTED}")
     extra = f" -c num-classes={record['num_classes']}" if record["num_classes"] > 2 else ""
+    if record.get("channels") == 3:
+        print("equifed-partition: colour images: the sites hold RGB PNGs; train them in colour with -c in-channels=3")
+        extra += " -c in-channels=3"
     print(f"next: equifed-simulate --sites {out} --out runs/NAME{extra} [-c image-size=N]")
     return 0
 

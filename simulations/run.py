@@ -89,6 +89,24 @@ def existing_sites(sites: str, holdout: str | None) -> tuple[list[Path], Path | 
     return found, path
 
 
+def channel_mismatch(sites: str, in_channels: int) -> tuple[str | None, str | None]:
+    """(error, note) comparing run config in-channels with the channels `equifed-partition` recorded for the site
+    folders (partition.json; nothing to compare for folders it did not write): colour sites in a grey run would
+    have every image refused, so that is an error saying what to set; grey sites in an RGB run train (each image
+    replicated to 3 channels, e.g. for an RGB pretrained network), so that is a note."""
+    try:
+        channels = json.loads((Path(sites) / "partition.json").read_text()).get("channels")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    if channels == 3 and in_channels == 1:
+        return (f"the sites in {sites} hold colour (RGB) images (partition.json: channels 3) but run config "
+                f"in-channels is 1, which refuses colour PNGs: add -c in-channels=3"), None
+    if channels == 1 and in_channels == 3:
+        return None, (f"the sites in {sites} hold grey images (partition.json: channels 1): in-channels=3 "
+                      f"replicates each to 3 channels (-c in-channels=1 trains on grey)")
+    return None, None
+
+
 def sites_without_test(site_dirs: list[Path]) -> list[str]:
     """Sites whose manifest fixes a split with no test rows (e.g. from equifed-partition: the test rows are the
     holdout). Unreadable manifests are left to the site's own client, which reports them."""
@@ -198,6 +216,8 @@ def _report(out: Path, summary: dict, n_rejected: int, t0: float) -> None:
         flush=True,
     )
     print_findings(out)
+    for line in summary.get("notes") or []:
+        print(f"equifed: note: {line}", flush=True)
     for line in summary.get("warnings", []):
         print(f"equifed: WARNING: {line}", file=sys.stderr, flush=True)
 
@@ -225,9 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err))
     run_config = _run_config(args, out, sites, holdout, data_dir, {**implied, **generated}, overrides)
     try:
-        RunConfig.from_flower({**defaults, **run_config}).server.check_holdout()
+        cfg = RunConfig.from_flower({**defaults, **run_config})
+        cfg.server.check_holdout()
     except ConfigError as err:
         return _error(str(err))
+    if args.sites is not None:
+        mismatch, note = channel_mismatch(args.sites, cfg.train.in_channels)
+        if mismatch:
+            return _error(mismatch)
+        if note:
+            print(f"equifed: {note}", flush=True)
 
     save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
     (out / "summary.json").unlink(missing_ok=True)  # written anew when the run completes
@@ -260,6 +287,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
 
 
+def calibration_line(fit: dict) -> str:
+    """calibration.json in one line."""
+    sites = ", ".join(fit.get("sites", [])) or "no site"
+    if not fit.get("fitted"):
+        return f"calibration (round {fit.get('round')}): none ({fit.get('reason')})"
+    bias = f", bias {fit['bias']:+.3f}" if fit.get("kind") == "platt" else ""
+    return (f"calibration (round {fit.get('round')}, from the validation splits of {sites}, about "
+            f"{fit['records']:.0f} patients' counts): temperature {fit['temperature']:.3f}{bias}; calibrated_model.pt")
+
+
 def print_findings(out: Path) -> None:
     """The last round's shift verdicts, the audit's verdict and each site's privacy spend, when the run made them."""
     shift = out / "shift.csv"
@@ -274,6 +311,9 @@ def print_findings(out: Path) -> None:
         verdict = json.loads(audit.read_text()).get("verdict", {})
         print(f"equifed: fairness audit: {verdict.get('text', 'no verdict')} See {out / 'fairness_audit.html'}",
               flush=True)
+    calibration = out / "calibration.json"
+    if calibration.exists():
+        print(f"equifed: {calibration_line(json.loads(calibration.read_text()))}", flush=True)
     per_site = out / "per_site.csv"
     if per_site.exists():
         rows = pd.read_csv(per_site)

@@ -1,5 +1,5 @@
 """Site data layer: a hospital's folder (``manifest.csv`` and images as its PACS exported them) to grayscale images in
-[0, 1], integer labels, the surviving manifest rows with acquisition metadata, and a Rejection for every bad row or
+[0, 1] (or RGB ones, ``channels=3``), integer labels, the surviving manifest rows with acquisition metadata, and a Rejection for every bad row or
 file. One bad file or row never stops a site; whole-site problems raise ManifestError.
 
 Submodules, in import order (each imports only those above it):

@@ -30,14 +30,18 @@ CACHE_VERSION = 3  # bump when decoding changes, so stale caches are never reuse
 
 
 def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], image_size: int,
-               num_classes: int | None, limits: ImageLimits = DEFAULT_LIMITS, unlabelled: bool = False) -> str:
+               num_classes: int | None, limits: ImageLimits = DEFAULT_LIMITS, unlabelled: bool = False,
+               channels: int = 1) -> str:
     """Hash of everything the decoded stack depends on: format version, size, limits (they decide rejections),
-    manifest bytes, each image's (path, size, mtime_ns), and whether rows without a label were kept (only hashed
-    when they were, so the keys of ordinary loads are what they always were)."""
+    manifest bytes, each image's (path, size, mtime_ns), whether rows without a label were kept and the channels
+    (RGB, 3; each only hashed when it is not the default, so the keys of ordinary grey loads are what they always
+    were)."""
     h = hashlib.sha256()
     h.update(f"equifed-cache v{CACHE_VERSION}\0size={image_size}\0classes={num_classes}\0".encode())
     if unlabelled:
         h.update(b"unlabelled=1\0")
+    if channels != 1:
+        h.update(f"channels={channels}\0".encode())
     h.update(f"pixels={limits.max_pixels}\0bytes={limits.max_file_bytes}\0frames={limits.multi_frame}\0".encode())
     h.update(hashlib.sha256(raw).digest())
     for p, (size, mtime_ns) in zip(paths, stamps):
@@ -46,11 +50,13 @@ def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], imag
 
 
 def _cache_file(data_dir: Path, manifest: str, image_size: int, num_classes, key: str,
-                unlabelled: bool = False) -> Path:
-    """The cache slot's file. A load that keeps unlabelled rows has its own slot ("k2u-" rather than "k2-"), so
-    alternating the two kinds of load never makes one's save delete the other's file."""
+                unlabelled: bool = False, channels: int = 1) -> Path:
+    """The cache slot's file. A load that keeps unlabelled rows has its own slot ("k2u-" rather than "k2-"), and so
+    has an RGB load ("k2c3-", "k2uc3-"), so alternating the kinds of load never makes one's save delete the other's
+    file (a save deletes the files of its own slot prefix, which no other slot's name starts with)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(manifest).stem)
-    return data_dir / CACHE_DIR / f"{stem}-s{image_size}-k{num_classes}{'u' if unlabelled else ''}-{key[:32]}.npz"
+    slot = f"k{num_classes}{'u' if unlabelled else ''}{f'c{channels}' if channels != 1 else ''}"
+    return data_dir / CACHE_DIR / f"{stem}-s{image_size}-{slot}-{key[:32]}.npz"
 
 
 def _cache_dir_ok(cache_dir: Path) -> bool:
@@ -64,12 +70,14 @@ def _cache_dir_ok(cache_dir: Path) -> bool:
         return False
 
 
-def _cache_load(path: Path, key: str, n_images: int, image_size: int):
+def _cache_load(path: Path, key: str, n_images: int, image_size: int, channels: int = 1):
     """The cached (stack, ok_rows, metas, rejected), or None. The cache lives in the (untrusted) data folder, so
     the file must be a regular file of plausible size and its arrays' headers must match what this site can
-    produce (at most n_images uint16 image_size^2 images, a bounded info text) before anything is loaded."""
+    produce (at most n_images uint16 image_size^2 images, of `channels` planes each when that is not 1, a bounded
+    info text) before anything is loaded."""
     info_chars = 65536 + 4096 * n_images
-    max_bytes = n_images * image_size * image_size * 2 + 4 * info_chars + 65536
+    max_bytes = n_images * channels * image_size * image_size * 2 + 4 * info_chars + 65536
+    plane = (image_size, image_size) if channels == 1 else (channels, image_size, image_size)
     if not _cache_dir_ok(path.parent):
         return None
     try:
@@ -81,7 +89,7 @@ def _cache_load(path: Path, key: str, n_images: int, image_size: int):
     try:
         with f, np.load(f, allow_pickle=False) as z:
             (ishape, idtype), (tshape, tdtype) = _npz_header(z, "images"), _npz_header(z, "info")
-            if (len(ishape) != 3 or ishape[0] > n_images or ishape[1:] != (image_size, image_size)
+            if (len(ishape) != 1 + len(plane) or ishape[0] > n_images or ishape[1:] != plane
                     or idtype != np.uint16 or tshape != () or tdtype.kind != "U" or tdtype.itemsize > 4 * info_chars):
                 log.warning("ignoring cache %s: unexpected arrays %s %s / %s %s", path, ishape, idtype, tshape, tdtype)
                 return None

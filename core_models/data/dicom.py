@@ -1,7 +1,9 @@
-"""DICOM as PACS export it, to one grayscale image in [0, 1] plus its acquisition metadata.
+"""DICOM as PACS export it, to one grayscale image in [0, 1] (or an RGB one, channels=3) plus its acquisition
+metadata.
 
 Compressed transfer syntaxes are decoded by pydicom's pixel-data plugins (pylibjpeg with libjpeg / openjpeg / rle,
-pyjpegls, Pillow); colour images (RGB, YBR_*, PALETTE COLOR) become their ITU-R BT.601 luminance; multi-frame objects
+pyjpegls, Pillow); colour images (RGB, YBR_FULL / YBR_FULL_422, PALETTE COLOR) become their ITU-R BT.601 luminance,
+or with channels=3 stay RGB (YBR converted to RGB, a palette looked up); multi-frame objects
 are refused or reduced to their first frame, as the site's ImageLimits.multi_frame says. Sizes are checked against
 ImageLimits from the header before pixel data are read; the first frame's own codestream header (JPEG SOF, JPEG 2000
 SIZ) must agree with the DICOM header before a decoder sees it, and a deflated dataset may not inflate past the
@@ -35,7 +37,7 @@ from pydicom.uid import (
 
 from core_models.data.dicom_intensity import _dicom_intensity
 from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, _limits, _mb, _open_regular
-from core_models.data.pixels import _check_pixel_count, _check_side, _normalise, _resize
+from core_models.data.pixels import _as_channels, _check_channels, _check_pixel_count, _check_side, _normalise, _resize
 
 # ITU-R BT.601 luma weights: the Y of DICOM's YBR_FULL (PS3.3 C.7.6.3.1.2) and of pydicom's convert_color_space, so a
 # YBR image's Y channel and the luminance of the same image stored as RGB agree to rounding.
@@ -330,11 +332,9 @@ def _decode_pixels(ds) -> tuple[np.ndarray, str]:
         raise ImageError(f"cannot decode pixel data ({syntax}): {first}") from e
 
 
-def _luminance(arr: np.ndarray, ds, space: str) -> np.ndarray:
-    """A colour image's luminance in [0, 1]: the ITU-R BT.601 luma Y = 0.299 R + 0.587 G + 0.114 B of RGB (a palette
-    is looked up to RGB first), and the Y channel itself of YBR_FULL / YBR_FULL_422 (the same Y by definition).
-    Colour samples are display values, so the scale is their stored range (0 .. 2^BitsStored - 1; a palette's
-    0 .. 2^(LUT bits) - 1), not the image's own min-max; a grey image stored as RGB keeps its grey values exactly."""
+def _colour_samples(arr: np.ndarray, ds, space: str) -> tuple[np.ndarray, str, float]:
+    """(samples (H, W, 3), their colour space, the top of their range): a palette looked up to RGB (its range
+    0 .. 2^(LUT bits) - 1), else the samples as decoded (0 .. 2^BitsStored - 1)."""
     space = space.strip().upper()
     top = float(2 ** _as_int(ds, "BitsStored", 8) - 1)
     if space == "PALETTE COLOR":
@@ -349,6 +349,39 @@ def _luminance(arr: np.ndarray, ds, space: str) -> np.ndarray:
         top, space = float(np.iinfo(arr.dtype).max), "RGB"
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ImageError(f"unexpected pixel array shape {arr.shape} for a {space or 'colour'} image")
+    return arr, space, top
+
+
+# YBR_FULL -> RGB (PS3.3 C.7.6.3.1.2, ITU-T T.871): the inverse of the BT.601 matrix pydicom's convert_color_space
+# uses, applied to (Y, Cb - half, Cr - half) in float, so any bit depth converts and nothing is rounded on the way
+_YBR_TO_RGB = np.array([[1.0, 1.0, 1.0],
+                        [0.0, -0.114 * 1.772 / 0.587, 1.772],
+                        [1.402, -0.299 * 1.402 / 0.587, 0.0]], dtype=np.float32)
+
+
+def _rgb(arr: np.ndarray, ds, space: str) -> np.ndarray:
+    """A colour image as float32 RGB (3, H, W) in [0, 1]: RGB as stored, YBR_FULL / YBR_FULL_422 converted to RGB
+    (what pydicom's convert_color_space does for 8 bits, here at any depth and without rounding), a palette looked
+    up. Scaled by the samples' stored range, as :func:`_luminance` is, so a grey image stored as RGB keeps its
+    values exactly in every channel."""
+    arr, space, top = _colour_samples(arr, ds, space)
+    if space in ("YBR_FULL", "YBR_FULL_422"):
+        half = (top + 1.0) / 2.0
+        ybr = arr.astype(np.float32) - np.array([0.0, half, half], dtype=np.float32)
+        rgb = ybr @ _YBR_TO_RGB
+    elif space == "RGB":
+        rgb = arr
+    else:
+        raise ImageError(f"colour space {space or 'unknown'} (SamplesPerPixel 3) is not supported")
+    return np.ascontiguousarray(_normalise(rgb, 0.0, top).transpose(2, 0, 1))
+
+
+def _luminance(arr: np.ndarray, ds, space: str) -> np.ndarray:
+    """A colour image's luminance in [0, 1]: the ITU-R BT.601 luma Y = 0.299 R + 0.587 G + 0.114 B of RGB (a palette
+    is looked up to RGB first), and the Y channel itself of YBR_FULL / YBR_FULL_422 (the same Y by definition).
+    Colour samples are display values, so the scale is their stored range (0 .. 2^BitsStored - 1; a palette's
+    0 .. 2^(LUT bits) - 1), not the image's own min-max; a grey image stored as RGB keeps its grey values exactly."""
+    arr, space, top = _colour_samples(arr, ds, space)
     if space in ("YBR_FULL", "YBR_FULL_422"):
         luma = arr[..., 0].astype(np.float32)
     elif space == "RGB":
@@ -437,20 +470,24 @@ def _read_lean(f: BinaryIO, limits: ImageLimits):
     return ds, arr, meta, photometric, samples, space
 
 
-def read_dicom(path, size: int | None = None, limits: ImageLimits | None = None) -> tuple[np.ndarray, dict]:
+def read_dicom(path, size: int | None = None, limits: ImageLimits | None = None,
+               channels: int = 1) -> tuple[np.ndarray, dict]:
     """Decode one DICOM image to float32 (H, W) in [0, 1] (or size x size) plus metadata.
 
     Any transfer syntax an installed pydicom plugin decodes; colour becomes luminance (:func:`_luminance`); a
     multi-frame file is refused or read as its first frame (limits.multi_frame). Raises ImageError with a reason for
     anything we cannot turn into such an image, including a file or image over `limits` (default
     :data:`DEFAULT_LIMITS`), refused from fstat and the headers before pixel data are decoded.
+    ``channels=3``: float32 (3, H, W) RGB instead (:func:`_rgb`); a grey image replicated to the three channels.
     """
     limits = _limits(limits)
+    channels = _check_channels(channels)
     with _open_regular(Path(path), limits.max_file_bytes) as f:
-        return _read_dicom_file(f, size, limits)
+        return _read_dicom_file(f, size, limits, channels)
 
 
-def _read_dicom_file(f: BinaryIO, size: int | None, limits: ImageLimits) -> tuple[np.ndarray, dict]:
+def _read_dicom_file(f: BinaryIO, size: int | None, limits: ImageLimits,
+                     channels: int = 1) -> tuple[np.ndarray, dict]:
     lean = _read_lean(f, limits)
     if lean is not None:
         ds, arr, meta, photometric, samples, space = lean
@@ -464,9 +501,9 @@ def _read_dicom_file(f: BinaryIO, size: int | None, limits: ImageLimits) -> tupl
         arr, space = _decode_pixels(ds)
 
     if samples > 1 or arr.ndim == 3 or photometric == "PALETTE COLOR":
-        img = _luminance(arr, ds, space or photometric)
+        img = (_rgb if channels == 3 else _luminance)(arr, ds, space or photometric)
     elif arr.ndim == 2:
         img = _dicom_intensity(arr, ds, photometric)
     else:
         raise ImageError(f"unexpected pixel array shape {arr.shape}; expected a 2-D image")
-    return _resize(img, size), meta
+    return _as_channels(_resize(img, size), channels), meta

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from core_models.data.limits import ImageLimits, _limits
-from core_models.data.pixels import _grey_from_channels
+from core_models.data.pixels import _check_channels, _grey_from_channels
 
 
 def _npz_header(z, key: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -29,8 +29,13 @@ def _npz_header(z, key: str) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(int(v) for v in shape), np.dtype(dtype)
 
 
-def load_npz(path, split: str = "train", limits: ImageLimits | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(path, split: str = "train", limits: ImageLimits | None = None,
+             channels: int | None = 1) -> tuple[np.ndarray, np.ndarray]:
     """Load one split of a MedMNIST .npz -> images (N, 1, H, W) float32 in [0, 1] and labels (N,) int64.
+
+    ``channels``: 1 (grey; colour images are refused), 3 (RGB (N, 3, H, W): colour kept, grey replicated to three
+    channels) or None (as stored: colour images as (N, 3, H, W), grey ones, or RGB ones whose channels agree,
+    as (N, 1, H, W)). A fourth (alpha) channel is dropped.
 
     Shapes and dtypes are checked from the .npy headers before any array is read: one image (H x W x channels) must
     be within limits.max_pixels and there must be one label per image. The number of images is not capped (real
@@ -38,6 +43,8 @@ def load_npz(path, split: str = "train", limits: ImageLimits | None = None) -> t
     """
     path = Path(path)
     limits = _limits(limits)
+    if channels is not None:
+        channels = _check_channels(channels)
     with np.load(path, allow_pickle=False) as z:
         keys = sorted(z.files)
         ik, lk = f"{split}_images", f"{split}_labels"
@@ -63,14 +70,21 @@ def load_npz(path, split: str = "train", limits: ImageLimits | None = None) -> t
         top = 1.0
     else:
         raise ValueError(f"{path}: {ik} has dtype {x.dtype}; expected uint8, uint16 or float in [0, 1]")
+    colour = False
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     elif x.ndim == 4 and x.shape[-1] in (3, 4):
-        x = _grey_from_channels(x, top)
-        if x is None:
-            raise ValueError(f"{path}: {ik} are colour images, expected grayscale")
-    if x.ndim != 3:
-        raise ValueError(f"{path}: {ik} has shape {x.shape}, expected (N, H, W) 2-D grayscale images")
+        grey = None if channels == 3 else _grey_from_channels(x, top)
+        if grey is not None:
+            x = grey
+        elif channels == 1:
+            raise ValueError(f"{path}: {ik} are colour images, expected grayscale (load them with channels=3; "
+                             f"train with run config in-channels=3)")
+        else:
+            x, colour = x[..., :3], True
+    if x.ndim != (4 if colour else 3):
+        raise ValueError(f"{path}: {ik} has shape {x.shape}, expected (N, H, W) 2-D grayscale images"
+                         f"{' or (N, H, W, 3) colour ones' if channels != 1 else ''}")
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -81,4 +95,8 @@ def load_npz(path, split: str = "train", limits: ImageLimits | None = None) -> t
     if not np.all(np.asarray(y, dtype=np.float64) == np.rint(np.asarray(y, dtype=np.float64))):
         raise ValueError(f"{path}: {lk} are not integers")
     images = np.clip(x.astype(np.float32) / np.float32(top), 0.0, 1.0)
+    if colour:
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), y.astype(np.int64)
+    if channels == 3:
+        return np.ascontiguousarray(np.repeat(images[:, None], 3, axis=1)), y.astype(np.int64)
     return np.ascontiguousarray(images[:, None]), y.astype(np.int64)

@@ -1,5 +1,5 @@
 """Pixel helpers every image reader shares (DICOM, Pillow, npz), so they agree on them: the metadata columns each
-returns, size checks, normalising to [0, 1], grey-from-RGB and resizing.
+returns, size checks, normalising to [0, 1], grey-from-RGB, channel counts and resizing.
 """
 
 from __future__ import annotations
@@ -14,15 +14,34 @@ from core_models.data.limits import ImageError, ImageLimits
 META_COLUMNS = ("manufacturer", "scanner_model", "dicom_sex", "dicom_age", "modality", "rows", "cols")
 MIN_SIDE = 8
 _CHANNEL_TOLERANCE = 2  # max |R-G|, |R-B| (of 255) still called grayscale: lossy JPEG leaves small chroma noise
+CHANNELS = (1, 3)  # what the readers return: 1 = grey (H, W), 3 = RGB (3, H, W) (run config in-channels)
+
+
+def _check_channels(channels) -> int:
+    """`channels` as an int, 1 (grey) or 3 (RGB); anything else is a ValueError."""
+    if isinstance(channels, bool) or channels not in CHANNELS:
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    return int(channels)
+
+
+def _as_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """A reader's image in the layout `channels` asks for: a grey (H, W) image stays as it is for 1 and is
+    replicated to (3, H, W) for 3 (what an RGB network sees of a grey picture); a colour (3, H, W) image passes."""
+    if channels == 3 and img.ndim == 2:
+        return np.repeat(img[None], 3, axis=0)
+    return img
 
 
 def _resize(img: np.ndarray, size: int | None) -> np.ndarray:
     """Resize to size x size: area averaging when shrinking, antialiased bilinear when any side grows.
 
     Integer shrink factors take an exact numpy box-mean (what mode="area" computes) to skip torch's per-call cost.
+    A (C, H, W) colour image is resized channel by channel.
     """
     if size is None:
         return img
+    if img.ndim == 3:
+        return np.stack([_resize(channel, size) for channel in img])
     h, w = img.shape
     if (h, w) == (size, size):
         return img

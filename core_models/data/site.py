@@ -1,6 +1,7 @@
 """load_site: a site folder to what everything downstream (splits, training, shift statistics, fairness audits)
-needs from it: grayscale images in [0, 1] where bright means dense on every scanner, integer labels, and the manifest
-rows that survived, with the acquisition metadata (manufacturer, model, ...) that explains site shift.
+needs from it: grayscale images in [0, 1] where bright means dense on every scanner (or, with channels=3, RGB images
+for colour modalities: dermoscopy, fundus photographs, pathology tiles), integer labels, and the manifest rows that
+survived, with the acquisition metadata (manufacturer, model, ...) that explains site shift.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from core_models.data.cache import _cache_file, _cache_key, _cache_load, _cache_
 from core_models.data.images import read_image
 from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, ManifestError, _limits
 from core_models.data.manifest import _NO_LABEL, Rejection, _first_reasons, _parse_manifest, _read_manifest_bytes
-from core_models.data.pixels import META_COLUMNS
+from core_models.data.pixels import META_COLUMNS, _check_channels
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,21 @@ _Q = 65535.0  # images are quantised to uint16 steps (error <= 7.7e-6) so cached
 
 @dataclass
 class SiteData:
-    images: np.ndarray  # (N, 1, S, S) float32 in [0, 1]
+    images: np.ndarray  # (N, C, S, S) float32 in [0, 1]; C = 1 (grey) or 3 (RGB: load_site(channels=3))
     labels: np.ndarray  # (N,) int64
     frame: pd.DataFrame  # accepted labelled manifest rows (index reset) + META_COLUMNS
     rejected: list[Rejection]
     # Rows without a label, kept only by load_site(unlabelled=True): for a self-supervised pretext phase, never for
-    # anything that needs labels. (N_u, 1, S, S) float32 in [0, 1]; left out, (0, 1, S, S) with S from `images`.
+    # anything that needs labels. (N_u, C, S, S) float32 in [0, 1]; left out, (0, C, S, S) with C, S from `images`.
     unlabelled: np.ndarray | None = None
     # Their manifest rows (index reset, no `label` column) + META_COLUMNS; left out, empty.
     unlabelled_frame: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def __post_init__(self):
         if self.unlabelled is None:
-            side = self.images.shape[-1] if getattr(self.images, "ndim", 0) == 4 else 0
-            self.unlabelled = np.empty((0, 1, side, side), dtype=np.float32)
+            four = getattr(self.images, "ndim", 0) == 4
+            side, channels = (self.images.shape[-1], self.images.shape[1]) if four else (0, 1)
+            self.unlabelled = np.empty((0, channels, side, side), dtype=np.float32)
 
 
 def _meta_frame(metas: list[dict]) -> pd.DataFrame:
@@ -49,17 +51,21 @@ def _meta_frame(metas: list[dict]) -> pd.DataFrame:
     return mf
 
 
-def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: ImageLimits | None = None):
-    """Decode each accepted row into a preallocated uint16 stack (a big site never holds two float copies).
+def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: ImageLimits | None = None,
+                 channels: int = 1):
+    """Decode each accepted row into a preallocated uint16 stack (a big site never holds two float copies):
+    (N, S, S) grey, (N, 3, S, S) with channels=3.
 
     Returns (stack, ok_rows, metas, rejections, transient); transient means some failure may go away without the
     file changing (permission denied, out of memory, no decoder installed), so that result must not be cached.
     """
-    stack = np.empty((len(paths), image_size, image_size), dtype=np.uint16)
+    plane = (image_size, image_size) if channels == 1 else (channels, image_size, image_size)
+    stack = np.empty((len(paths), *plane), dtype=np.uint16)
     ok_rows, metas, rejected, transient = [], [], [], False
     done: dict[str, tuple | str] = {}  # a path listed twice is decoded once
-    # read_image(path, size) when no limits were given (the defaults), so wrappers of that call keep working
-    extra = {} if limits is None else {"limits": limits}
+    # read_image(path, size) when no limits were given (the defaults) and grey is asked for, so wrappers of that
+    # call keep working
+    extra = ({} if limits is None else {"limits": limits}) | ({} if channels == 1 else {"channels": channels})
     for row, shown, p in zip(df.index, df["image_path"], paths):
         result = done.get(p)
         if result is None:
@@ -89,6 +95,7 @@ def load_site(
     cache: bool = True,
     limits: ImageLimits | None = None,
     unlabelled: bool = False,
+    channels: int = 1,
 ) -> SiteData:
     """Load a site: validate the manifest, decode every usable image at image_size, collect rejections.
 
@@ -101,7 +108,12 @@ def load_site(
     files and images over `limits` (default :data:`DEFAULT_LIMITS`, see :class:`ImageLimits`) are refused from
     fstat and headers before decoding. Each such refusal is a Rejection with its reason; the rest of the site loads.
     The result is identical whether or not the cache was hit (images are quantised to 1/65535 steps either way).
+
+    ``channels=3`` (run config in-channels=3) gives RGB images (N, 3, S, S): colour PNG/JPEG and DICOM keep their
+    colour (which channels=1 refuses or reduces to luminance, see :func:`read_image`), grey images are replicated to
+    three channels; it is part of the cache key, so grey and RGB loads of one site have their own cache files.
     """
+    channels = _check_channels(channels)
     if limits is not None:
         _limits(limits)  # type check now, not once per image
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
@@ -121,20 +133,28 @@ def load_site(
     if df.empty:
         raise nothing_usable(rejected)
 
-    key = _cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits), unlabelled) if cache else None
-    cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key, unlabelled) if key else None
-    hit = _cache_load(cache_path, key, len(paths), image_size) if cache_path is not None else None
+    key = (_cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits), unlabelled, channels)
+           if cache else None)
+    cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key, unlabelled, channels) if key else None
+    hit = _cache_load(cache_path, key, len(paths), image_size, channels) if cache_path is not None else None
     if hit is not None:
         stack, ok_rows, metas, decode_rejected = hit
         log.info("%s: %d images from cache %s", data_dir, len(ok_rows), cache_path.name)
     else:
-        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size, limits)
+        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size, limits, channels)
         if cache_path is not None and not transient:
             _cache_save(cache_path, key, stack, ok_rows, metas, decode_rejected)
 
     rejected = sorted(rejected + decode_rejected, key=lambda r: (r.row is None, r.row or 0))
+    colour = sum(r.reason.startswith("colour image") for r in decode_rejected)
+    if colour:
+        log.warning("%s: %d colour image(s) refused as grey (in-channels=1); set run config in-channels=3 to train "
+                    "on them in colour", data_dir, colour)
     if len(ok_rows) == 0:
         raise nothing_usable(rejected)
+    if channels == 3 and np.array_equal(stack[:, 0], stack[:, 1]) and np.array_equal(stack[:, 0], stack[:, 2]):
+        log.warning("%s: in-channels=3 but all %d images are grey (each replicated to 3 channels); in-channels=1 "
+                    "trains on the same pixels with a third of the first layer's inputs", data_dir, len(ok_rows))
 
     def with_meta(rows: list[int], row_metas: list[dict]) -> pd.DataFrame:
         frame = df.loc[rows].reset_index(drop=True)
@@ -154,7 +174,7 @@ def load_site(
     def to_float(idx: np.ndarray) -> np.ndarray:
         out = (stack if len(idx) == len(stack) else stack[idx]).astype(np.float32)  # one float copy per part
         out *= np.float32(1.0 / _Q)
-        return out[:, None]
+        return out[:, None] if channels == 1 else out
 
     images, u_images = (to_float(idx) for idx in pick)
     if unlabelled:
