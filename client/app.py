@@ -32,8 +32,10 @@ from core_models.networks import build_model, get_device, with_detector
 from core_models.pretext import PretextModel, get_task, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
 from core_models.data import manifest_patients
-from core_models.protocol import (BOX_EXAMPLES, BUDGET_EXHAUSTED, DATASET_TAG, DISCLOSURE, POLICY_REFUSED, PRIVACY,
-                                  site_error)
+from core_models.protocol import (ARRAYS, BUDGET_EXHAUSTED, CONFIG, DATASET_TAG, DISCLOSURE, EPSILON, EPSILON_BEFORE,
+                                  EVAL_ACCURACY, EVAL_AUROC, EVAL_LOSS, METRICS, NUM_EXAMPLES, POLICY_REFUSED, PRIVACY,
+                                  PROXIMAL_MU, REJECTED, SERVER_ROUND, SITE, SITE_NAME, STATISTICS, TRAIN_LOSS, VAL_AUROC,
+                                  VAL_LOSS, EvalMetrics, TrainMetrics, disclosure, site_error)
 from core_models.training import evaluate, make_loader, train_epochs
 from fairness import mitigation
 
@@ -47,7 +49,7 @@ COUNT_NOISE = 20.0
 def central_dp_mod(msg: Message, context: Context, call_next):
     """Flower's fixedclipping_mod, only when the server runs central (site-level) DP:
     the server's DifferentialPrivacyClientSideFixedClipping wrapper sends the clipping norm."""
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG)
     if msg.metadata.message_type == MessageType.TRAIN and config is not None and "clipping_norm" in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
@@ -108,9 +110,9 @@ def _prepare(msg: Message, context: Context) -> Prepared:
     node = dict(context.node_config)
     path = resolve_site_path(node, {"data-root": cfg.server.data_root})
     policy = SitePolicy.load(path, node)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    server_round = _number_in(config, "server-round", 0, 0, 10**9)
-    proximal_mu = _number_in(config, "proximal-mu", 0.0, 0.0, 1e6)
+    config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    server_round = _number_in(config, SERVER_ROUND, 0, 0, 10**9)
+    proximal_mu = _number_in(config, PROXIMAL_MU, 0.0, 0.0, 1e6)
     if msg.metadata.message_type == MessageType.TRAIN and cfg.fair.lam > 0 and "fair-ratio" in config:
         # the broadcast strata, checked (finite, in range, the layout's length) before any data are read
         mitigation.ConsortiumStrata.from_config(config, cfg.fair.mediator_levels,
@@ -144,7 +146,7 @@ def _model(msg: Message, cfg: RunConfig) -> torch.nn.Module:
     model = with_detector(build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels), cfg.train)
     if cfg.train.pretext:
         model = PretextModel(model, cfg.train.pretext)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
     return model
 
 
@@ -205,10 +207,10 @@ def _train_pretext(msg: Message, context: Context, prepared: Prepared, site: Loc
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, device=get_device(), loss_fn=loss_fn,
                              **common)
         val = _pretext_loss_on(model, site.part("val")[0], cfg)
-        reply = {"metrics": MetricRecord({"train-loss": stats["train_loss"], "val-auroc": math.nan, "val-loss": val,
-                                          "num-examples": len(images), "rejected": len(site.data.rejected),
-                                          "steps": stats["steps"], **NO_DP})}
-    return _reply(msg, site, {"arrays": ArrayRecord(model.state_dict()), **reply})
+        reply = {METRICS: MetricRecord(TrainMetrics(
+            train_loss=stats["train_loss"], val_auroc=math.nan, val_loss=val, num_examples=len(images),
+            rejected=len(site.data.rejected), steps=stats["steps"]).to_metrics())}
+    return _reply(msg, site, {ARRAYS: ArrayRecord(model.state_dict()), **reply})
 
 
 def _pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig) -> float:
@@ -227,7 +229,7 @@ def _pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig)
 
 
 def _reply(msg: Message, site: LocalSite, content: dict) -> Message:
-    return Message(content=RecordDict({**content, "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+    return Message(content=RecordDict({**content, SITE: ConfigRecord({SITE_NAME: site.name})}), reply_to=msg)
 
 
 def _fair_meta(site: LocalSite, fair: FairPenaltyConfig, part: str = "train"):
@@ -245,7 +247,7 @@ def _fair_penalty(msg: Message, cfg: RunConfig, site: LocalSite, model, seed: in
     state, never sent). With `offset`, `fair-offset` wraps either (or nothing) in the mediator's logit offset
     (MediatorOffset) from the site's own exact training counts; under DP-SGD the caller builds it from noised
     counts instead (`_dp_offset`)."""
-    config = msg.content["config"]
+    config = msg.content[CONFIG]
     fair = cfg.fair
     n_s, c_edges = fair.mediator_levels, mitigation.parse_edges(fair.covariate_edges)
     wanted = (fair.lam > 0 and "fair-ratio" in config) or (offset and fair.offset)
@@ -315,16 +317,12 @@ def _dp_train_reply(site: LocalSite, n_noised: float, plan, ledger: PrivacyLedge
     """A DP training reply's metrics and records: the noised patient count, the ledger's epsilons, the plan;
     losses, AUROC and the rejection count withheld (NaN)."""
     spent = ledger.summary()
-    metrics = {"train-loss": math.nan, "val-auroc": math.nan, "val-loss": math.nan, "num-examples": n_noised,
-               "rejected": math.nan, "steps": float(plan.steps_per_round), "epsilon-before": epsilon_before,
-               "epsilon": ledger.epsilon(), "epsilon-train": spent["epsilon_train"],
-               "epsilon-release": spent["epsilon_release"], "noise-multiplier": plan.noise_multiplier}
-    return {"metrics": MetricRecord(metrics), PRIVACY: _privacy_record(site, ledger),
-            DISCLOSURE: _disclosure(["num-examples"], ["train-loss", "val-auroc", "val-loss", "rejected"])}
-
-
-NO_DP = {"epsilon-before": math.inf, "epsilon": math.inf, "epsilon-train": math.inf, "epsilon-release": math.inf,
-         "noise-multiplier": 0.0}  # what a reply trained without DP says of privacy: no guarantee
+    metrics = TrainMetrics(train_loss=math.nan, val_auroc=math.nan, val_loss=math.nan, num_examples=n_noised,
+                           rejected=math.nan, steps=float(plan.steps_per_round), epsilon_before=epsilon_before,
+                           epsilon=ledger.epsilon(), epsilon_train=spent["epsilon_train"],
+                           epsilon_release=spent["epsilon_release"], noise_multiplier=plan.noise_multiplier)
+    return {METRICS: MetricRecord(metrics.to_metrics()), PRIVACY: _privacy_record(site, ledger),
+            DISCLOSURE: ConfigRecord(disclosure([NUM_EXAMPLES], [TRAIN_LOSS, VAL_AUROC, VAL_LOSS, REJECTED]))}
 
 
 def _one_off_releases(cfg: RunConfig, policy: SitePolicy, ledger: PrivacyLedger) -> list[tuple[float, float, int]]:
@@ -353,10 +351,6 @@ def _dp_offset(fair: FairPenaltyConfig, site: LocalSite, ledger: PrivacyLedger, 
     noised = ledger.noised_once(f"{ledger.fingerprint}:seed{seed}:fair-offset:{columns}", counts, 1.0,
                                 max(COUNT_NOISE, policy.min_release_noise), label="fair-offset-counts")
     return mitigation.MediatorOffset.from_counts(noised, n_s, len(c_edges) + 1, inner=inner)
-
-
-def _disclosure(noised: list[str], withheld: list[str]) -> ConfigRecord:
-    return ConfigRecord({"noised": ",".join(noised), "withheld": ",".join(withheld)})
 
 
 @app.train(mods=[central_dp_mod])
@@ -411,25 +405,24 @@ def train(msg: Message, context: Context) -> Message:
         reply = _dp_train_reply(site, n_train, plan, ledger, epsilon_before)
     else:
         penalty, meta = _fair_penalty(msg, cfg, site, model, seed + server_round, mu=float(fair_state["mu"]))
-        loss_fn, boxed = None, {}
+        loss_fn, boxed = None, None
         if train_cfg.detection:  # the loader's metadata carries the boxes (the config rules out the penalty)
             from core_models.detection import box_meta, detection_objective
             per_image, annotated = site.boxes("train")
             meta, loss_fn = box_meta(per_image, annotated), detection_objective()
-            boxed = {BOX_EXAMPLES: int(np.sum(annotated))}  # the server weighs the detection heads by it
+            boxed = int(np.sum(annotated))  # the server weighs the detection heads by it
         loader = make_loader(x, y, train_cfg.batch_size, shuffle=True, seed=seed + server_round, meta=meta)
         stats = train_epochs(model, loader, epochs=train_cfg.local_epochs, grad_accumulation=train_cfg.grad_accumulation,
                              device=get_device(), penalty_fn=penalty, loss_fn=loss_fn, **common)
         xv, yv = site.part("val")
         val = evaluate(model, make_loader(xv, yv, 256), get_device())
-        reply = {"metrics": MetricRecord({"train-loss": stats["train_loss"], "val-auroc": val["auroc"],
-                                          "val-loss": val["loss"], "num-examples": len(y),
-                                          "rejected": len(site.data.rejected), "steps": stats["steps"], **boxed,
-                                          **NO_DP})}
+        reply = {METRICS: MetricRecord(TrainMetrics(
+            train_loss=stats["train_loss"], val_auroc=val["auroc"], val_loss=val["loss"], num_examples=len(y),
+            rejected=len(site.data.rejected), steps=stats["steps"], box_examples=boxed).to_metrics())}
     carried = penalty.state_dict() if penalty is not None else {}
     if "mu" in carried:  # the stratified penalty's multiplier carries over to the next round
         context.state["fair-state"] = ConfigRecord({"mu": float(carried["mu"])})
-    return _reply(msg, site, {"arrays": ArrayRecord(model.state_dict()), **reply})
+    return _reply(msg, site, {ARRAYS: ArrayRecord(model.state_dict()), **reply})
 
 
 @app.evaluate()
@@ -450,27 +443,20 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             n_test = _noised_patients(_ledger(site, policy), site, "test", cfg.train.seed, policy)
         except BudgetExhausted as err:
             return _refusal(msg, site, BUDGET_EXHAUSTED, err)
-        metrics = {"eval-auroc": math.nan, "eval-accuracy": math.nan, "eval-loss": math.nan, "num-examples": n_test}
-        return _reply(msg, site, {"metrics": MetricRecord(metrics),
-                                  DISCLOSURE: _disclosure(["num-examples"], ["eval-auroc", "eval-accuracy",
-                                                                             "eval-loss"])})
+        metrics = EvalMetrics(auroc=math.nan, accuracy=math.nan, loss=math.nan, num_examples=n_test)
+        return _reply(msg, site, {METRICS: MetricRecord(metrics.to_metrics()),
+                                  DISCLOSURE: ConfigRecord(disclosure([NUM_EXAMPLES],
+                                                                      [EVAL_AUROC, EVAL_ACCURACY, EVAL_LOSS]))})
     model = _model(msg, cfg)
     x, y = site.part("test")
     if cfg.train.pretext:  # no classifier yet: the pretext loss on the test images
-        metrics = {"eval-auroc": math.nan, "eval-accuracy": math.nan, "eval-loss": _pretext_loss_on(model, x, cfg),
-                   "num-examples": len(y)}
-        return _reply(msg, site, {"metrics": MetricRecord(metrics)})
+        metrics = EvalMetrics(auroc=math.nan, accuracy=math.nan, loss=_pretext_loss_on(model, x, cfg),
+                              num_examples=len(y))
+        return _reply(msg, site, {METRICS: MetricRecord(metrics.to_metrics())})
     result = evaluate(model, make_loader(x, y, 256), get_device())
-    metrics = MetricRecord(
-        {
-            "eval-auroc": result["auroc"],
-            "eval-accuracy": result["accuracy"],
-            "eval-loss": result["loss"],
-            "num-examples": len(y),
-            **({"eval-map50": _map50(model, site, x)} if cfg.train.detection else {}),
-        }
-    )
-    return _reply(msg, site, {"metrics": metrics})
+    metrics = EvalMetrics(auroc=result["auroc"], accuracy=result["accuracy"], loss=result["loss"], num_examples=len(y),
+                          map50=_map50(model, site, x) if cfg.train.detection else None)
+    return _reply(msg, site, {METRICS: MetricRecord(metrics.to_metrics())})
 
 
 def _map50(model, site: LocalSite, x: np.ndarray) -> float:
@@ -487,8 +473,8 @@ def statistics(msg: Message, context: Context) -> Message:
     of budget releases nothing."""
     prepared = _prepare(msg, context)
     cfg, policy, server_round = prepared.cfg, prepared.policy, prepared.server_round
-    request = dict(msg.content["config"])
-    kinds = [k.strip() for k in str(request["statistics"]).split(",") if k.strip()]
+    request = dict(msg.content[CONFIG])
+    kinds = [k.strip() for k in str(request[STATISTICS]).split(",") if k.strip()]
     noise = cfg.release.noise
     try:
         policy.check_release(kinds, noise)
@@ -497,7 +483,7 @@ def statistics(msg: Message, context: Context) -> Message:
     except PolicyRefusal as err:
         return _refusal(msg, prepared.name, POLICY_REFUSED, err)
     site = _site(context, prepared)
-    model = _model(msg, cfg) if "arrays" in msg.content.array_records else None
+    model = _model(msg, cfg) if ARRAYS in msg.content.array_records else None
     model = getattr(model, "classifier", model)  # a detector's classifier: its scores and embedding
     ledger = _ledger(site, policy)
     releaser = Releaser(ledger, noise_multiplier=noise, min_count=cfg.release.min_count,
@@ -509,5 +495,5 @@ def statistics(msg: Message, context: Context) -> Message:
         return _refusal(msg, site, BUDGET_EXHAUSTED, err)
     content: dict = {kind: MetricRecord(values) for kind, values in released.items()}
     content[PRIVACY] = _privacy_record(site, ledger)
-    content["metrics"] = MetricRecord({"epsilon-before": epsilon_before, "epsilon": ledger.epsilon()})
+    content[METRICS] = MetricRecord({EPSILON_BEFORE: epsilon_before, EPSILON: ledger.epsilon()})
     return _reply(msg, site, content)

@@ -14,6 +14,8 @@ import time
 
 from flwr.app import Context, Message
 
+from core_models.protocol import CONFIG, SERVER_ROUND
+
 
 def describe(msg: Message) -> dict:
     """What a reply carries, in plain JSON (array contents left out: they are weights)."""
@@ -46,9 +48,9 @@ def audit_mod(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     entry = {"time": time.time(), "run_id": int(context.run_id), "message_type": msg.metadata.message_type,
              "reply_to": msg.metadata.message_id}
-    config = msg.content.config_records.get("config")
-    if config is not None and "server-round" in config:
-        entry["server_round"] = int(config["server-round"])
+    config = msg.content.config_records.get(CONFIG)
+    if config is not None and SERVER_ROUND in config:
+        entry["server_round"] = int(config[SERVER_ROUND])
     try:
         reply = call_next(msg, context)
     except Exception as err:

@@ -24,6 +24,7 @@ from client.site import LocalSite
 from client.statistics import Releaser
 from core_models.config import FairAuditConfig, FairPenaltyConfig, read_section
 from core_models.networks import get_device
+from core_models.protocol import FAIR_COUNTS, PSE_COUNTS, PSE_SUMS
 from core_models.training import make_loader, predict_proba
 from fairness import mitigation
 from fairness.federated import layout_for, release_statistics, site_statistics
@@ -68,7 +69,7 @@ def produce_fair_pse(site: LocalSite, model, request: dict, releaser: Releaser) 
     meta = fair_meta_rows(site.data.frame[keep], fair)
     counts, sums = mitigation.site_release_vectors(meta, p1, y, mitigation.parse_edges(fair.covariate_edges),
                                                    fair.mediator_levels)
-    out = {"sums": releaser.release("fair-pse-sums", sums, 1.0)}
-    if bool(request.get("fair-counts", True)):  # the counts do not change: the server asks for them once
-        out["counts"] = releaser.release_counts("fair-pse-counts", counts, 1.0)
+    out = {PSE_SUMS: releaser.release("fair-pse-sums", sums, 1.0)}
+    if bool(request.get(FAIR_COUNTS, True)):  # the counts do not change: the server asks for them once
+        out[PSE_COUNTS] = releaser.release_counts("fair-pse-counts", counts, 1.0)
     return out

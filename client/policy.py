@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core_models.data import MULTI_FRAME, ImageLimits
+from core_models.protocol import STAT_FAIR_PSE, STAT_FAIRNESS, STAT_SHIFT, STATISTICS_KINDS
 
 if TYPE_CHECKING:
     from core_models.config import RunConfig
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
 DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite one
 DEFAULT_MIN_RELEASE_NOISE = 1.0
-STATISTICS = ("shift", "fairness", "fair-pse", "calibration")  # the names a `release` list may hold
+STATISTICS = STATISTICS_KINDS  # the names a `release` list may hold
 CEILINGS = {"max-image-size": 512, "max-local-epochs": 50, "max-rounds": 1000, "max-stats-dim": 4096}
 KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
         "multi-frame", *CEILINGS)
@@ -202,10 +203,10 @@ class SitePolicy:
         self._within("max-image-size", "image-size", cfg.train.image_size)
         self._within("max-local-epochs", "local-epochs", cfg.train.local_epochs)
         self._within("max-rounds", "num-server-rounds", cfg.server.num_rounds)
-        sections = {"shift": cfg.shift, "fairness": cfg.audit, "fair-pse": cfg.fair}
+        sections = {STAT_SHIFT: cfg.shift, STAT_FAIRNESS: cfg.audit, STAT_FAIR_PSE: cfg.fair}
         self.check_dims(statistic_dims({k: v for k, v in sections.items() if k in cfg.release.kinds}))
         if cfg.fair.active:
-            self.check_dims(statistic_dims({"fair-pse": cfg.fair}))
+            self.check_dims(statistic_dims({STAT_FAIR_PSE: cfg.fair}))
 
     def check_dims(self, dims: dict[str, int]) -> None:
         """Each axis of a statistic asked for (statistic_dims) within `max-stats-dim`."""
@@ -231,12 +232,12 @@ def statistic_dims(sections: dict) -> dict[str, int]:
     """The axis lengths the requested statistics would have, by the key that sets each: `sections` maps a
     statistic's name to its settings (ShiftConfig, FairAuditConfig, FairPenaltyConfig)."""
     dims = {}
-    if "shift" in sections:
-        dims["stats-rff-dim"] = sections["shift"].rff_dim
-    if "fairness" in sections:
-        dims["stats-fairness-score-bins"] = sections["fairness"].score_bins
-    if "fair-pse" in sections:
-        fair = sections["fair-pse"]
+    if STAT_SHIFT in sections:
+        dims["stats-rff-dim"] = sections[STAT_SHIFT].rff_dim
+    if STAT_FAIRNESS in sections:
+        dims["stats-fairness-score-bins"] = sections[STAT_FAIRNESS].score_bins
+    if STAT_FAIR_PSE in sections:
+        fair = sections[STAT_FAIR_PSE]
         bins = len([e for e in fair.covariate_edges.split(",") if e.strip()]) + 1
         dims["fair-mediator-levels x covariate bins"] = fair.mediator_levels * bins
         dims["fair-per-cell"] = fair.per_cell

@@ -11,18 +11,19 @@ from client.shift_stats import produce_shift
 from client.site import LocalSite
 from client.statistics import Producer, Releaser
 from core_models.config import FairAuditConfig, FairPenaltyConfig, ShiftConfig, read_section
+from core_models.protocol import STAT_CALIBRATION, STAT_FAIR_PSE, STAT_FAIRNESS, STAT_SHIFT
 
 PRODUCERS: dict[str, Producer] = {
-    "shift": produce_shift,
-    "fairness": produce_fairness,
-    "fair-pse": produce_fair_pse,
-    "calibration": produce_calibration,
+    STAT_SHIFT: produce_shift,
+    STAT_FAIRNESS: produce_fairness,
+    STAT_FAIR_PSE: produce_fair_pse,
+    STAT_CALIBRATION: produce_calibration,
 }
 
 
 # the settings each statistic's request carries (its producer reads them again from the request); "calibration"
 # has none (its bins are fixed in core_models/calibration.py, its split is the site's val split)
-SETTINGS = {"shift": ShiftConfig, "fairness": FairAuditConfig, "fair-pse": FairPenaltyConfig}
+SETTINGS = {STAT_SHIFT: ShiftConfig, STAT_FAIRNESS: FairAuditConfig, STAT_FAIR_PSE: FairPenaltyConfig}
 
 
 def request_sections(kinds: list[str], request: dict) -> dict:

@@ -41,6 +41,7 @@ from client.site import LocalSite
 from client.statistics import Releaser
 from core_models.config import ShiftConfig, read_section
 from core_models.label_shift import N_BINS, output_bins
+from core_models.protocol import SEED
 
 INTENSITY_BINS = 16
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def model_outputs(model: torch.nn.Module, images: np.ndarray, batch: int = 256) 
 
 def request_settings(request: Mapping[str, Any]) -> ShiftSettings:
     """The public settings the server's request carries (every stats-* key and the seed of the feature map)."""
-    return ShiftSettings(read_section(ShiftConfig, request), int(request["seed"]))
+    return ShiftSettings(read_section(ShiftConfig, request), int(request[SEED]))
 
 
 def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all: np.ndarray, manufacturers,

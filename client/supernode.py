@@ -17,7 +17,6 @@ other local process can take the tasks and run the bundle with Flower's stock ru
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -36,7 +35,7 @@ import psutil
 from client.ledger import LedgerError, ledger_report
 from client.site import SITE_LOG, STATE_DIR, open_site, site_max_epsilon
 from client.pinned_runner import launcher
-from core_models.processes import APP_DIR, flower_bin, free_port, kill_tree
+from core_models.processes import APP_DIR, flower_bin, flower_config, free_port, kill_tree
 
 REFUSED_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 EXIT_REFUSED = 3  # the server does not know this site's key
@@ -143,14 +142,6 @@ def wait_for_server(address: str, ca: Path, max_wait: float, stop: threading.Eve
     return False
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
 def _env(flwr_home: Path) -> dict[str, str]:
     """The SuperNode starts `flower-superexec` by name: this interpreter's bin goes first on
     PATH. Its FLWR_HOME (where the consortium's app is unpacked) is the site's own."""
@@ -167,7 +158,7 @@ def supernode_command(server: str, ca: Path | None, key: Path | None, node_confi
     """flower-supernode over TLS with the site's key; its Runtime API on the loopback, in
     process isolation (it starts no ClientApp: the pinned runner takes its tasks).
     `insecure=True` (plain HTTP, no key) exists for tests against an insecure SuperLink."""
-    config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    config = flower_config(node_config)
     cmd = [flower_bin("flower-supernode"), "--superlink", server]
     if insecure:
         cmd.append("--insecure")

@@ -8,6 +8,7 @@ fairness <- client, server).
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -35,6 +36,20 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def flower_config(values: dict) -> str:
+    """`values` as the "key=value key=value" string Flower's --run-config, --node-config and --federation-config
+    read (each value in TOML: true/false, a number, or a quoted string)."""
+    return " ".join(f"{k}={_toml(v)}" for k, v in values.items())
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
 
 
 def flower_bin(name: str) -> str:

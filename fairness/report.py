@@ -24,6 +24,7 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from core_models.protocol import EPSILON, EPSILON_BEFORE  # noqa: E402
 from fairness.pse import primary_estimator  # noqa: E402
 from fairness.results import AuditResult, as_result  # noqa: E402
 
@@ -57,7 +58,7 @@ def run_context(run_dir: str | Path | None, release_epsilon: dict[str, float] | 
             except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
                 ctx["notes"].append(f"per_site.csv unreadable: {err}")
                 t = pd.DataFrame()
-            cols = [c for c in t.columns if str(c).startswith("epsilon") and c != "epsilon-before"]
+            cols = [c for c in t.columns if str(c).startswith(EPSILON) and c != EPSILON_BEFORE]
             if "site" in t.columns and cols:
                 t = t.sort_values("round") if "round" in t.columns else t
                 for site, rows in t.groupby("site"):

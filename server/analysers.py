@@ -13,6 +13,7 @@ from typing import Any
 from flwr.common import log
 
 from core_models.config import RunConfig
+from core_models.protocol import STAT_CALIBRATION, STAT_FAIRNESS, STAT_SHIFT
 from server import calibration, fairness_audit, shift
 from server.site_statistics import SiteRelease
 
@@ -20,9 +21,9 @@ from server.site_statistics import SiteRelease
 Analyser = Callable[[Path, int, list[SiteRelease], "RunConfig | Mapping[str, Any]"], None]
 
 ANALYSERS: dict[str, Analyser] = {
-    "shift": shift.analyse_shift,
-    "fairness": fairness_audit.analyse_fairness,
-    "calibration": calibration.analyse_calibration,
+    STAT_SHIFT: shift.analyse_shift,
+    STAT_FAIRNESS: fairness_audit.analyse_fairness,
+    STAT_CALIBRATION: calibration.analyse_calibration,
 }
 
 

@@ -24,11 +24,12 @@ import numpy as np
 from core_models.calibration import N_BINS, Calibration, fit_from_histograms
 from core_models.config import RunConfig, run_config_of
 from core_models.jsonable import jsonable
+from core_models.protocol import STAT_CALIBRATION
 from server.site_statistics import SiteRelease
 
 CALIBRATION_JSON = "calibration.json"
 CALIBRATED_MODEL = "calibrated_model.pt"
-KIND = "calibration"
+KIND = STAT_CALIBRATION
 
 
 def pooled(releases: list[SiteRelease], num_classes: int) -> tuple[np.ndarray, float, list[str]]:

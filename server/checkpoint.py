@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core_models.protocol import NUM_EXAMPLES
+
 FORMAT = 2  # 1: numpy arrays and dicts pickled (needed weights_only=False; no longer read)
 
 
@@ -149,7 +151,7 @@ def pooled(rows: list[dict], key: str) -> float:
     """The sites' `key` averaged with weights num-examples (the sites report no validation count; their
     validation split is a fixed share of their data); sites whose value is withheld (NaN) are left out.
     NaN when no site has a value."""
-    pairs = [(float(r[key]), float(r.get("num-examples", 1.0))) for r in rows
+    pairs = [(float(r[key]), float(r.get(NUM_EXAMPLES, 1.0))) for r in rows
              if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
     if not pairs:
         return math.nan

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.common import log
 
 from core_models.config import RunConfig, run_config_of
+from core_models.protocol import STAT_FAIRNESS
 from fairness.federated import audit_from_statistics, layout_for, stats_from_record, sum_statistics
 from fairness.graph import GraphError
 from fairness.report import run_context, write_report
@@ -33,7 +34,7 @@ def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteReleas
                      run_config: RunConfig | Mapping[str, Any]) -> None:
     cfg = run_config_of(run_config)
     layout = layout_for(cfg.audit)
-    ok = [r for r in releases if r.status == "ok" and "fairness" in r.records]
+    ok = [r for r in releases if r.status == "ok" and STAT_FAIRNESS in r.records]
     missing = [f"{r.site} ({r.status})" for r in releases if r not in ok]
     if not ok:
         log(WARNING, "equifed fairness: round %d: no site released fairness statistics (%s)", server_round,
@@ -42,7 +43,7 @@ def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteReleas
     per_site = {}
     for r in ok:
         try:
-            per_site[r.site] = stats_from_record(r.records["fairness"], layout, r.site)
+            per_site[r.site] = stats_from_record(r.records[STAT_FAIRNESS], layout, r.site)
         except GraphError as err:  # a site on other settings: leave it out, say so
             missing.append(f"{r.site} (unusable release: {err})")
     try:

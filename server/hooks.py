@@ -26,6 +26,8 @@ from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
 from core_models.data import load_site
 from core_models.model_card import card_path, write_card
 from core_models.networks import build_model, with_detector
+from core_models.protocol import (FAIR_COUNTS, NUM_EXAMPLES, PSE_COUNTS, PSE_SUMS, SEED, SERVER_ROUND, STAT_FAIR_PSE,
+                                  STATISTICS, TRAIN_LOSS, VAL_AUROC, VAL_LOSS)
 from core_models.training import evaluate, make_loader, predict_proba
 from fairness import mitigation
 from server.analysers import analyse
@@ -135,10 +137,10 @@ class SiteOutcomes:
             raise RunFailed(f"round {rnd.number}: no site returned a model; see per_site.csv")
         row = rnd.row
         row["sites_trained"] = len(train_ok)
-        losses = [(r["train-loss"], r["num-examples"]) for r in train_ok if math.isfinite(r["train-loss"])]
+        losses = [(r[TRAIN_LOSS], r[NUM_EXAMPLES]) for r in train_ok if math.isfinite(r[TRAIN_LOSS])]
         if losses:  # sites under DP withhold their training loss (NaN)
             row["train_loss"] = float(np.average([v for v, _ in losses], weights=[max(w, 1.0) for _, w in losses]))
-        for key in ("val-loss", "val-auroc"):  # of the sites' models after this round's local training
+        for key in (VAL_LOSS, VAL_AUROC):  # of the sites' models after this round's local training
             value = pooled(train_ok, key)
             if math.isfinite(value):
                 row[key.replace("-", "_")] = value
@@ -158,26 +160,26 @@ class FairnessBroadcast:
 
     def collect(self, rnd: Round) -> dict:
         fair, current = self.cfg.fair, rnd.number
-        request = ConfigRecord({"statistics": "fair-pse", "server-round": current, "seed": self.cfg.train.seed,
-                                "fair-counts": not self.counts, **keys_of(fair)})
-        replies = self.strategy.query(self.grid, rnd.arrays, request, current, "fair-pse",
+        request = ConfigRecord({STATISTICS: STAT_FAIR_PSE, SERVER_ROUND: current, SEED: self.cfg.train.seed,
+                                FAIR_COUNTS: not self.counts, **keys_of(fair)})
+        replies = self.strategy.query(self.grid, rnd.arrays, request, current, STAT_FAIR_PSE,
                                       timeout=self.cfg.server.round_timeout)
-        releases = to_releases(replies, ["fair-pse"])
-        got = [r.records["fair-pse"] for r in releases if "fair-pse" in r.records]
-        missing = [f"{r.site} ({r.status})" for r in releases if "fair-pse" not in r.records]
+        releases = to_releases(replies, [STAT_FAIR_PSE])
+        got = [r.records[STAT_FAIR_PSE] for r in releases if STAT_FAIR_PSE in r.records]
+        missing = [f"{r.site} ({r.status})" for r in releases if STAT_FAIR_PSE not in r.records]
         if missing:  # e.g. a site's budget is exhausted: its share of the penalty is missing from now on
             log(WARNING, "equifed fairness penalty: round %d: no release from %s; see per_site.csv", current,
                 ", ".join(missing))
         if not self.counts:
-            got = [g for g in got if "counts" in g]
+            got = [g for g in got if PSE_COUNTS in g]
             if not got:
                 return {}
-            self.counts.append(np.sum([np.asarray(g["counts"]) for g in got], axis=0))
+            self.counts.append(np.sum([np.asarray(g[PSE_COUNTS]) for g in got], axis=0))
         if not got:
             return {}
         try:
             consortium = mitigation.consortium_strata(
-                self.counts, [np.sum([np.asarray(g["sums"]) for g in got], axis=0)],
+                self.counts, [np.sum([np.asarray(g[PSE_SUMS]) for g in got], axis=0)],
                 mitigation.parse_edges(fair.covariate_edges), fair.mediator_levels, max_weight=fair.max_weight,
                 pool_groups=fair.pool_groups, factorise_label=fair.factorise_label)
         except ValueError as err:  # e.g. the noised counts of one group are all suppressed: train unpenalised
@@ -223,7 +225,7 @@ class CalibrationStep:
     def __call__(self, rnd: Round) -> None:
         fit = read_fit(self.out_dir, rnd.number) if CALIBRATION in self.cfg.release.kinds else None
         if fit is None:
-            request = ConfigRecord({"statistics": CALIBRATION, "server-round": rnd.number, "seed": self.cfg.train.seed})
+            request = ConfigRecord({STATISTICS: CALIBRATION, SERVER_ROUND: rnd.number, SEED: self.cfg.train.seed})
             replies = self.strategy.query(self.grid, rnd.arrays, request, rnd.number, CALIBRATION,
                                           timeout=self.cfg.server.round_timeout)
             failed = analyse(self.out_dir, rnd.number, to_releases(replies, [CALIBRATION]), self.cfg, [CALIBRATION])

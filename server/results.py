@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from core_models.protocol import EPSILON, EVAL_AUROC, NOISED, NUM_EXAMPLES, TRAIN_LOSS  # noqa: E402
+
 
 def write_tables(out_dir: Path, global_rows: list[dict], site_rows: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -29,13 +31,13 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
         ev = next((r for r in rows if r["site"] == site and r["phase"] == "evaluate"), {})
         # a site that trained is "ok" unless its evaluation failed; evaluation may be off
         status = train.get("status", "absent") if train.get("status") != "ok" else ev.get("status", "ok")
-        eps = _number(train.get("epsilon"))
+        eps = _number(train.get(EPSILON))
         spent = f" | eps {eps:6.2f}" if math.isfinite(eps) else ""
-        n = _number(train.get("num-examples"))
-        approx = "~" if "num-examples" in str(train.get("noised", "")) else " "  # a noised count
+        n = _number(train.get(NUM_EXAMPLES))
+        approx = "~" if NUM_EXAMPLES in str(train.get(NOISED, "")) else " "  # a noised count
         lines.append(
-            f"  round {server_round:>3} | {site:<18} | train loss {_fmt(train.get('train-loss'))} "
-            f"| site AUROC {_fmt(ev.get('eval-auroc'))} | n{approx}{int(n) if math.isfinite(n) else 0:>5}{spent} "
+            f"  round {server_round:>3} | {site:<18} | train loss {_fmt(train.get(TRAIN_LOSS))} "
+            f"| site AUROC {_fmt(ev.get(EVAL_AUROC))} | n{approx}{int(n) if math.isfinite(n) else 0:>5}{spent} "
             f"| {status}"
         )
     if global_row:
@@ -95,10 +97,10 @@ def _fmt(value) -> str:
 def plot_learning_curve(out_dir: Path, global_rows: list[dict], site_rows: list[dict]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     sites = pd.DataFrame(site_rows)
-    if not sites.empty and "eval-auroc" in sites.columns:
+    if not sites.empty and EVAL_AUROC in sites.columns:
         ev = sites[(sites["phase"] == "evaluate") & (sites["status"] == "ok")]
         for site, part in ev.groupby("site"):
-            ax.plot(part["round"], part["eval-auroc"], marker="o", alpha=0.6, label=str(site))
+            ax.plot(part["round"], part[EVAL_AUROC], marker="o", alpha=0.6, label=str(site))
     glob = pd.DataFrame(global_rows)
     if not glob.empty and "holdout_auroc" in glob.columns and glob["holdout_auroc"].notna().any():
         ax.plot(glob["round"], glob["holdout_auroc"], "k-", lw=2.5, marker="s", label="holdout (global)")

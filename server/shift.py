@@ -38,6 +38,7 @@ import pandas as pd  # noqa: E402
 from core_models.config import RunConfig, run_config_of  # noqa: E402
 from core_models.label_shift import LOGODDS_EDGES, bbse_prior, mlls_interval, mlls_prior  # noqa: E402,F401
 from core_models.label_shift import normalise as _normalise  # noqa: E402
+from core_models.protocol import STAT_SHIFT  # noqa: E402
 from server.site_statistics import SiteRelease  # noqa: E402
 
 DEFAULT_ALPHA = 0.05
@@ -310,8 +311,8 @@ def analyse_shift(out_dir: Path, server_round: int, releases: list[SiteRelease],
     write shift_consortium.json."""
     out_dir = Path(out_dir)
     cfg = run_config_of(run_config)
-    stats = {r.site: ShiftStats.from_record(r.site, r.records["shift"]) for r in releases
-             if r.status == "ok" and "shift" in r.records}
+    stats = {r.site: ShiftStats.from_record(r.site, r.records[STAT_SHIFT]) for r in releases
+             if r.status == "ok" and STAT_SHIFT in r.records}
     rng = np.random.default_rng([cfg.train.seed, server_round, 44])
     n_boot, alpha = cfg.shift.bootstrap, cfg.shift.alpha
     rows = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message
 
 from core_models.config import RunConfig, keys_of
-from core_models.protocol import error_site, error_status
+from core_models.protocol import EPSILON, METRICS, SEED, SERVER_ROUND, SITE, SITE_NAME, STATISTICS, error_site, error_status
 
 
 @dataclass
@@ -29,8 +29,8 @@ class SiteRelease:
 
 def request_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
     """The statistics request: the kinds asked for, the round, the seed and every stats-* key."""
-    return ConfigRecord({"statistics": ",".join(cfg.release.kinds), "server-round": server_round,
-                         "seed": cfg.train.seed, **keys_of(cfg.shift), **keys_of(cfg.audit)})
+    return ConfigRecord({STATISTICS: ",".join(cfg.release.kinds), SERVER_ROUND: server_round,
+                         SEED: cfg.train.seed, **keys_of(cfg.shift), **keys_of(cfg.audit)})
 
 
 def to_releases(replies: list[Message], kinds: list[str]) -> list[SiteRelease]:
@@ -43,6 +43,6 @@ def to_releases(replies: list[Message], kinds: list[str]) -> list[SiteRelease]:
             out.append(SiteRelease(site=site, status=error_status(msg.error.code), records={}, error=reason))
             continue
         records = {k: dict(msg.content.metric_records[k]) for k in kinds if k in msg.content.metric_records}
-        out.append(SiteRelease(site=str(msg.content["site"]["name"]), status="ok", records=records,
-                               epsilon=float(msg.content["metrics"]["epsilon"])))
+        out.append(SiteRelease(site=str(msg.content[SITE][SITE_NAME]), status="ok", records=records,
+                               epsilon=float(msg.content[METRICS][EPSILON])))
     return out

@@ -21,7 +21,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from core_models.config import ServerConfig
-from core_models.protocol import BOX_EXAMPLES, DATASET_TAG, DETECTION_HEAD, DISCLOSURE, PRIVACY, error_site, error_status
+from core_models.protocol import (ARRAYS, BOX_EXAMPLES, CONFIG, DATASET_TAG, DETECTION_HEAD, DISCLOSURE, EPSILON,
+                                  EPSILON_BEFORE, METRICS, NOISED, NUM_EXAMPLES, PRIVACY, SITE, SITE_NAME, WITHHELD,
+                                  error_site, error_status)
 from server.privacy_registry import PrivacyRegistry
 
 # Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
@@ -38,17 +40,17 @@ def pool_detection_heads(replies: list[Message]) -> list[Message]:
     A site without boxes trains the classifier only and sends back the head it received; FedAvg would weigh that
     stale copy by the site's num-examples and pull the head's update back toward the old head (by a quarter with
     one of four equal sites unboxed). The classifier's arrays are left to the strategy."""
-    with_arrays = [r for r in replies if not r.has_error() and "arrays" in r.content.array_records]
+    with_arrays = [r for r in replies if not r.has_error() and ARRAYS in r.content.array_records]
     trained, weights = [], []
     for r in with_arrays:
-        metrics = r.content.metric_records.get("metrics")
+        metrics = r.content.metric_records.get(METRICS)
         if metrics is None:
             continue
         # a site's weight: its annotated images, never more than the images it says it trained on (both are the
         # site's own word: this catches mistakes, not a site that overstates both)
         try:
             boxed = float(metrics.get(BOX_EXAMPLES, 0.0))
-            n = float(metrics.get("num-examples", 0.0))
+            n = float(metrics.get(NUM_EXAMPLES, 0.0))
         except (TypeError, ValueError):
             continue
         if math.isfinite(boxed) and math.isfinite(n) and min(boxed, n) > 0:
@@ -57,11 +59,11 @@ def pool_detection_heads(replies: list[Message]) -> list[Message]:
     if not trained:
         return replies
     weights = np.asarray(weights) / sum(weights)
-    keys = [k for k in trained[0].content["arrays"].keys() if k.startswith(DETECTION_HEAD)]
-    pooled = {k: sum(w * r.content["arrays"][k].numpy().astype(np.float64) for w, r in zip(weights, trained))
+    keys = [k for k in trained[0].content[ARRAYS].keys() if k.startswith(DETECTION_HEAD)]
+    pooled = {k: sum(w * r.content[ARRAYS][k].numpy().astype(np.float64) for w, r in zip(weights, trained))
               for k in keys}
     for r in with_arrays:
-        arrays = r.content["arrays"]
+        arrays = r.content[ARRAYS]
         for k in keys:
             if k in arrays:
                 arrays[k] = Array(pooled[k].astype(arrays[k].numpy().dtype))
@@ -96,7 +98,7 @@ class SiteTrackingMixin:
         """Ask every site still in the run (`phase`, e.g. "statistics"); the replies that pass the privacy
         screen, each reply (and each site that did not reply) recorded in the per-site rows."""
         nodes = [n for n in grid.get_node_ids() if n not in self.refused_nodes]
-        messages = [Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+        messages = [Message(content=RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node,
                             message_type=MessageType.QUERY) for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         self.expected_nodes[(server_round, phase)] = nodes
@@ -112,12 +114,12 @@ class SiteTrackingMixin:
             if privacy is None or self.registry is None:
                 kept.append(msg)
                 continue
-            site = msg.content["site"]["name"]
+            site = msg.content[SITE][SITE_NAME]
             reason = self.registry.check(str(privacy[DATASET_TAG]), site,
-                                         float(msg.content["metrics"]["epsilon-before"]))
+                                         float(msg.content[METRICS][EPSILON_BEFORE]))
             if reason is None:
                 kept.append(msg)
-                self.registry.record(str(privacy[DATASET_TAG]), site, float(msg.content["metrics"]["epsilon"]))
+                self.registry.record(str(privacy[DATASET_TAG]), site, float(msg.content[METRICS][EPSILON]))
             else:
                 self.refused_nodes[msg.metadata.src_node_id] = reason
                 self.site_rows.append({"round": server_round, "phase": phase, "site": site,
@@ -146,10 +148,10 @@ class SiteTrackingMixin:
                 self.site_rows.append({"round": server_round, "phase": phase, "site": site,
                                        "status": error_status(msg.error.code), "error": reason})
                 continue
-            site = msg.content["site"]["name"] if "site" in msg.content.config_records else f"node-{node}"
-            metrics = {k: float(v) for k, v in msg.content["metrics"].items()}
+            site = msg.content[SITE][SITE_NAME] if SITE in msg.content.config_records else f"node-{node}"
+            metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
             disclosure = msg.content.config_records.get(DISCLOSURE)
-            said = ({"noised": str(disclosure["noised"]), "withheld": str(disclosure["withheld"])}
+            said = ({NOISED: str(disclosure[NOISED]), WITHHELD: str(disclosure[WITHHELD])}
                     if disclosure is not None else {})  # which values the site noised, which it kept (NaN)
             self.site_rows.append({"round": server_round, "phase": phase, "site": site, "status": "ok",
                                    "node": str(node), **metrics, **said})
@@ -190,7 +192,7 @@ class SiteTrackingMixin:
         replies = list(replies)
         self.record_replies(server_round, "evaluate", replies)
         # a site with nothing to score (no test split) weighs 0: its NaN would poison the weighted mean
-        weighed = [r for r in replies if r.has_error() or float(r.content["metrics"].get("num-examples", 1)) > 0]
+        weighed = [r for r in replies if r.has_error() or float(r.content[METRICS].get(NUM_EXAMPLES, 1)) > 0]
         return super().aggregate_evaluate(server_round, weighed) if weighed else None
 
     # --- state for checkpoints -------------------------------------------------------

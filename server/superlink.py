@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 # re-exported: server.cli, server.deploy, simulations and the tests import them from here
-from core_models.processes import flower_bin, free_port, kill_tree
+from core_models.processes import flower_bin, flower_config, free_port, kill_tree
 
 CONNECTION = "equifed"
 APP_PROCESSES = ("flwr-serverapp", "flwr-simulation")  # what a SuperExec starts for a run
@@ -175,9 +175,9 @@ class LocalSuperLink:
         """Start a run of the Flower app in `app_dir`; return its run id."""
         args = ["run", str(app_dir), CONNECTION, "--format", "json"]
         if run_config:
-            args += ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())]
+            args += ["--run-config", flower_config(run_config)]
         if federation_config:
-            args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
+            args += ["--federation-config", flower_config(federation_config)]
         done = self.flwr(*args)
         try:
             payload = json.loads(done.stdout[done.stdout.index("{"):])
@@ -296,11 +296,3 @@ class LocalSuperLink:
             if time.time() > deadline:
                 raise TimeoutError(f"only {online} of {count} hospital(s) connected within {timeout:.0f}s")
             time.sleep(poll)
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))

@@ -21,6 +21,7 @@ import pandas as pd
 from client.site import STATE_DIR, list_sites
 from core_models.config import ConfigError, RunConfig, app_defaults
 from core_models.processes import APP_DIR
+from core_models.protocol import EPSILON
 from server.console import annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
 from server.superlink import LocalSuperLink
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
@@ -317,9 +318,9 @@ def print_findings(out: Path) -> None:
     per_site = out / "per_site.csv"
     if per_site.exists():
         rows = pd.read_csv(per_site)
-        if "epsilon" in rows.columns and rows["epsilon"].notna().any():
-            ledger = rows[rows["epsilon"] < float("inf")].groupby("site")["epsilon"].max()
-            no_dp = rows["phase"].eq("train") & rows["epsilon"].eq(float("inf"))
+        if EPSILON in rows.columns and rows[EPSILON].notna().any():
+            ledger = rows[rows[EPSILON] < float("inf")].groupby("site")[EPSILON].max()
+            no_dp = rows["phase"].eq("train") & rows[EPSILON].eq(float("inf"))
             if len(ledger):
                 print("equifed: epsilon on each site's ledger (at the site's own delta): "
                       + ", ".join(f"{site} {eps:.2f}" for site, eps in ledger.items())
