@@ -479,7 +479,7 @@ def statistics(msg: Message, context: Context) -> Message:
     try:
         policy.check_release(kinds, noise)
         policy.check_request(cfg)
-        policy.check_dims(statistic_dims(request_sections(kinds, request)))  # each setting read and checked
+        policy.check_dims(statistic_dims(request_sections(kinds, request), cfg.train.num_classes))  # each setting read and checked
     except PolicyRefusal as err:
         return _refusal(msg, prepared.name, POLICY_REFUSED, err)
     site = _site(context, prepared)

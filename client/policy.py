@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core_models.data import MULTI_FRAME, ImageLimits
+from core_models.label_shift import N_BINS
 from core_models.protocol import STAT_FAIR_PSE, STAT_FAIRNESS, STAT_SHIFT, STATISTICS_KINDS
 
 if TYPE_CHECKING:
@@ -146,11 +147,11 @@ class SitePolicy:
         deployment = bool(node_config.get("data-path"))
         eps, deltas, noise, pixels, mbs, dp_flags, frames = [], [], [], [], [], [], []
         release: frozenset[str] | None = None
-        ceilings = dict(CEILINGS)
+        set_ceilings: dict[str, list[int]] = {}
         for source, table in sources:
             for name in CEILINGS:
                 if name in table:
-                    ceilings[name] = min(ceilings[name], int(_number(source, name, table[name], 0.0)))
+                    set_ceilings.setdefault(name, []).append(int(_number(source, name, table[name], 0.0)))
             if "max-epsilon" in table:
                 eps.append(_number(source, "max-epsilon", table["max-epsilon"], 0.0))
             if "delta" in table:
@@ -168,6 +169,9 @@ class SitePolicy:
                 mbs.append(_number(source, "max-file-mb", table["max-file-mb"], 0.0))
             if "multi-frame" in table:
                 frames.append(_multi_frame(source, table["multi-frame"]))
+        # the site's own value stands (raised or lowered); where both its sources set one, the stricter
+        ceilings = {name: min(set_ceilings[name]) if name in set_ceilings else default
+                    for name, default in CEILINGS.items()}
         # require-dp: any source saying true wins; with no say, deployment requires it
         require = any(dp_flags) if dp_flags else deployment
         return cls(max_epsilon=min(eps) if eps else DEFAULT_MAX_EPSILON, delta=min(deltas) if deltas else None,
@@ -201,12 +205,18 @@ class SitePolicy:
     def check_request(self, cfg: "RunConfig") -> None:
         """The run's sizes within the site's ceilings (run config only: called before any data are read)."""
         self._within("max-image-size", "image-size", cfg.train.image_size)
+        # a colour image holds three planes: its pixels count against the same bound (max-image-size squared)
+        pixels = cfg.train.in_channels * cfg.train.image_size ** 2
+        if pixels > self.ceilings["max-image-size"] ** 2:
+            raise PolicyRefusal(f"max-image-size = {self.ceilings['max-image-size']}",
+                                f"the run asks for {cfg.train.in_channels} x {cfg.train.image_size}^2 values per image")
         self._within("max-local-epochs", "local-epochs", cfg.train.local_epochs)
         self._within("max-rounds", "num-server-rounds", cfg.server.num_rounds)
         sections = {STAT_SHIFT: cfg.shift, STAT_FAIRNESS: cfg.audit, STAT_FAIR_PSE: cfg.fair}
-        self.check_dims(statistic_dims({k: v for k, v in sections.items() if k in cfg.release.kinds}))
+        k = cfg.train.num_classes
+        self.check_dims(statistic_dims({name: v for name, v in sections.items() if name in cfg.release.kinds}, k))
         if cfg.fair.active:
-            self.check_dims(statistic_dims({STAT_FAIR_PSE: cfg.fair}))
+            self.check_dims(statistic_dims({STAT_FAIR_PSE: cfg.fair}, k))
 
     def check_dims(self, dims: dict[str, int]) -> None:
         """Each axis of a statistic asked for (statistic_dims) within `max-stats-dim`."""
@@ -228,12 +238,16 @@ class SitePolicy:
                                 f"the server asked for releases with noise multiplier {noise_multiplier:g}")
 
 
-def statistic_dims(sections: dict) -> dict[str, int]:
-    """The axis lengths the requested statistics would have, by the key that sets each: `sections` maps a
-    statistic's name to its settings (ShiftConfig, FairAuditConfig, FairPenaltyConfig)."""
-    dims = {}
+def statistic_dims(sections: dict, num_classes: int) -> dict[str, int]:
+    """The sizes the requested statistics would have, by the keys that set each: `sections` maps a statistic's
+    name to its settings (ShiftConfig, FairAuditConfig, FairPenaltyConfig); every per-label table grows with
+    `num_classes` (the output histogram with its square)."""
+    dims = {"num-classes": num_classes}
     if STAT_SHIFT in sections:
+        outputs = 1 if num_classes == 2 else num_classes
         dims["stats-rff-dim"] = sections[STAT_SHIFT].rff_dim
+        dims["num-classes x stats-rff-dim"] = num_classes * sections[STAT_SHIFT].rff_dim
+        dims["num-classes x outputs x log-odds bins"] = num_classes * outputs * N_BINS
     if STAT_FAIRNESS in sections:
         dims["stats-fairness-score-bins"] = sections[STAT_FAIRNESS].score_bins
     if STAT_FAIR_PSE in sections:

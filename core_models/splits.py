@@ -1,12 +1,13 @@
 """Patient-level train/validation/test splits and the leakage guard.
 
 Images of one patient are strongly correlated; if a patient sits in both train and
-test, test metrics are inflated. Splits are therefore drawn over patients, stratified
-by each patient's label, deterministic from a seed, and checked before use.
+test, test metrics are inflated. Splits are therefore drawn over patients, each from its own id and the seed
+(so one patient never moves another), and checked before use.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +44,25 @@ def patient_split(
 ) -> pd.Series:
     """Assign each row a split name so that every patient lands in exactly one split.
 
-    Patients are stratified by their label (the maximum label over their images, so a
-    patient with any positive image counts as positive). Same frame + seed -> same split.
+    Each patient's split is a function of the seed and its own id alone (a hash of both, cut at the fractions),
+    never of the other patients: adding or removing one patient moves no one else between splits. A statistic
+    released from one split then changes by one patient's records when a patient joins or leaves (the sensitivity
+    its noise is sized for), and a hospital's test split stays the same as its data grow. Split sizes follow the
+    fractions in expectation (not stratified by label: a per-label shuffle would let one patient reorder
+    everyone). Same ids + seed -> same split.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    patient_label = frame.groupby(frame["patient_id"].astype(str))["label"].max().sort_index()
-    rng = np.random.default_rng(seed)
-    assignment: dict[str, str] = {}
-    for label in sorted(patient_label.unique()):
-        patients = patient_label.index[patient_label == label].to_numpy()
-        patients = patients[rng.permutation(len(patients))]
-        n = len(patients)
-        n_train = int(round(fractions[0] * n))
-        n_val = int(round(fractions[1] * n))
-        if fractions[2] == 0:
-            n_val = n - n_train
-        for i, pid in enumerate(patients):
-            assignment[pid] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-    return frame["patient_id"].astype(str).map(assignment).rename("split")
+    ids = frame["patient_id"].astype(str)
+    cut_train, cut_val = fractions[0], fractions[0] + fractions[1]
+
+    def split_of(pid: str) -> str:
+        digest = hashlib.sha256(f"equifed-split\0{int(seed)}\0{pid}".encode()).digest()
+        u = int.from_bytes(digest[:8], "big") / 2.0**64
+        return "train" if u < cut_train else "val" if u < cut_val or fractions[2] == 0 else "test"
+
+    assignment = {pid: split_of(pid) for pid in ids.unique()}
+    return ids.map(assignment).rename("split")
 
 
 def save_split(frame: pd.DataFrame, path: str | Path, split_column: str = "split") -> None:

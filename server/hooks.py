@@ -343,9 +343,9 @@ class BestModel:
 
 
 class Checkpointing:
-    """After each round: the best model, then (on the run's last round: the planned last, or the one patience
-    stopped at) the `on_final` hook, e.g. the calibration, then the round's checkpoint (model, optimiser state,
-    history)."""
+    """After each round: the best model, the round's checkpoint (model, optimiser state, history), then (on the
+    run's last round: the planned last, or the one patience stopped at) the `on_final` hook, e.g. the calibration,
+    and the checkpoint again with what it added."""
 
     def __init__(self, history: RunHistory, best: BestModel, on_final: Hook | None = None):
         self.history, self.best, self.on_final = history, best, on_final
@@ -355,8 +355,12 @@ class Checkpointing:
         state = rnd.arrays.to_torch_state_dict()
         self.last_arrays = rnd.arrays
         self.best.update(rnd, state, self.history.total_rounds)
+        self._save(rnd, state)  # first: a crash in the final step must not make a resume train (and charge) again
         if self.on_final is not None and (rnd.number >= self.history.total_rounds or rnd.row.get("stopped")):
             self.on_final(rnd)
+            self._save(rnd, state)  # with what the final step added to the round's row
+
+    def _save(self, rnd: Round, state: dict) -> None:
         strategy = self.history.strategy
         save_checkpoint(self.history.out_dir, rnd.number, state, strategy.state(),
                         {"global": self.history.rows + [rnd.row], "sites": strategy.site_rows,

@@ -85,7 +85,7 @@ def load_manifest_source(folder: Path, seed: int) -> tuple[pd.DataFrame, list, s
     else:
         note = (f"no split column in {folder / 'manifest.csv'}: split by patient "
                 f"({', '.join(f'{f:.0%} {s}' for f, s in zip(FRACTIONS, ('train', 'val', 'test')))}, "
-                f"stratified by label, seed {seed}; a patient's images stay together)")
+                f"each patient's from its id and seed {seed}; a patient's images stay together)")
     try:
         frame["split"] = assign_splits(frame, FRACTIONS, seed=seed).to_numpy()
     except ValueError as err:  # unknown split names, or a patient in two splits (LeakageError)

@@ -11,8 +11,10 @@ with and without a target patient (or a target fact about the site): the observa
 
 import json
 import math
+import re
 import shutil
 import stat
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,9 @@ import client.app as client_app
 import client.site as client_site
 from client.adapt import adapt_site
 from client.app import evaluate_global, statistics, train
-from client.ledger import SITE_KEY, PrivacyLedger, dataset_fingerprint, ledger_path
-from client.policy import default_delta
-from core_models.config import ConfigError, app_defaults, APP_PYPROJECT
+from client.ledger import SITE_KEY, LedgerError, PrivacyLedger, dataset_fingerprint, dataset_tag, ledger_path, ledger_report
+from client.policy import PolicyRefusal, SitePolicy, default_delta
+from core_models.config import APP_PYPROJECT, app_defaults, run_config_of
 from core_models.data import load_site
 from core_models.networks import build_model
 from core_models.protocol import DATASET_TAG, POLICY_REFUSED, PRIVACY
@@ -282,3 +284,51 @@ def test_padded_header_and_ids_are_read_alike_by_loader_and_fingerprint(tmp_path
     pd.concat([frame, extra]).to_csv(site / "manifest.csv", index=False)
     data = load_site(site, image_size=16, cache=False)
     assert data.frame["patient_id"].nunique() == 8 and len(data.frame) == 9
+
+
+def test_the_site_raises_or_lowers_its_own_ceilings(tmp_path, never_read):
+    site = write_site(tmp_path / "s", [0, 1] * 5)
+    (site / "site.toml").write_text("max-image-size = 1024\n")
+    raised = SitePolicy.load(site)
+    assert raised.ceilings["max-image-size"] == 1024
+    raised.check_request(run_config_of({"image-size": 1000}))  # the hospital's own, larger bound stands
+    both = SitePolicy.load(site, {"max-image-size": 256})  # node config and site.toml: the stricter
+    assert both.ceilings["max-image-size"] == 256
+
+
+@pytest.mark.parametrize("override, asked", [
+    ({"num-classes": 5000}, "num-classes = 5000"),
+    ({"num-classes": 200, "statistics": "shift", "stats-rff-dim": 2}, "num-classes x outputs x log-odds bins"),
+    ({"num-classes": 100, "statistics": "shift", "stats-rff-dim": 64}, "num-classes x stats-rff-dim"),
+    ({"in-channels": 3, "image-size": 400}, "3 x 400^2"),
+])
+def test_products_of_sizes_are_bounded_too(override, asked):
+    policy = SitePolicy()
+    with pytest.raises(PolicyRefusal, match=re.escape(asked)):
+        policy.check_request(run_config_of(override))
+
+
+def test_a_short_or_readable_site_key_is_refused_and_racing_creators_agree(tmp_path):
+    site = write_site(tmp_path / "s", [0, 1] * 5)
+    key = site / ".equifed" / SITE_KEY
+    with ProcessPoolExecutor(4) as pool:  # four processes making the key at once
+        tags = set(pool.map(dataset_tag, [site] * 8, ["fp"] * 8))
+    assert len(tags) == 1 and len(key.read_text().strip()) == 64
+    assert not list(key.parent.glob("*.tmp"))
+    key.chmod(0o644)
+    with pytest.raises(LedgerError, match="owner-only"):
+        dataset_tag(site, "fp")
+    key.write_text("")
+    key.chmod(0o600)
+    with pytest.raises(LedgerError, match="64 hex digits"):
+        dataset_tag(site, "fp")
+
+
+def test_the_ethics_report_states_epsilon_at_the_delta_the_ledger_keeps(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    PrivacyLedger.open(folder, delta=1e-4, max_epsilon=None, fingerprint="a").charge(1.0, 0.1, 100)
+    ledger = PrivacyLedger.open(folder, delta=1e-6, max_epsilon=None, fingerprint="b")
+    report = ledger_report(folder)
+    assert report["delta"] == 1e-6 and report["epsilon"] == pytest.approx(ledger.epsilon())
+    assert all(d["delta"] == 1e-6 for d in report["datasets"])

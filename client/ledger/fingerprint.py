@@ -10,7 +10,7 @@ import secrets
 import time
 from pathlib import Path
 
-from client.ledger.storage import STATE_DIR, atomic_write
+from client.ledger.storage import STATE_DIR, LedgerError, atomic_write
 from core_models.data import manifest_table
 from core_models.paths import UnsafePath, resolve_site_file
 
@@ -90,22 +90,34 @@ SITE_KEY = "site_key"  # a secret of the site's, made once from OS entropy; it n
 
 
 def _site_key(data_dir) -> bytes:
-    """The site's secret key (`<data>/.equifed/site_key`, owner-only), created on first use."""
+    """The site's secret key (`<data>/.equifed/site_key`, owner-only, 64 hex digits), created on first use.
+
+    It is written whole to a private temporary file and linked into place, so no reader ever sees a partial
+    key, and two processes racing to make it end with the one key that was linked first. A key file that is not
+    64 hex digits or that others may read is refused (LedgerError): a short or known key would make the tag a
+    membership test again."""
     path = Path(data_dir) / STATE_DIR / SITE_KEY
-    try:
-        return bytes.fromhex(path.read_text().strip())
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it meanwhile: use theirs
-        return bytes.fromhex(path.read_text().strip())
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-        fh.flush()
-        os.fsync(fh.fileno())
-    return bytes.fromhex(path.read_text().strip())
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{SITE_KEY}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic; fails if another process linked its key first
+            except FileExistsError:
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    text = path.read_text().strip()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise LedgerError(f"{path} is not a site key (64 hex digits); restore it from the site's backup")
+    if path.stat().st_mode & 0o077:
+        raise LedgerError(f"{path} can be read by others; make it owner-only (chmod 600) or restore it")
+    return bytes.fromhex(text)
 
 
 def dataset_tag(data_dir, fingerprint: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from client.ledger.accounting import epsilon_of, epsilon_trail, history_of
-from client.ledger.storage import DEFAULT_DELTA, all_history, ledger_path, load_ledger_file
+from client.ledger.storage import DEFAULT_DELTA, all_history, ledger_path, load_ledger_file, site_delta_of
 
 RDP_NOTE = (
     "epsilon from training and from releases are each computed from their own sub-history; under RDP "
@@ -32,13 +32,15 @@ def ledger_report(data_dir, delta: float | None = None) -> dict:
     """Everything an ethics board asks about the site's ledger, read-only (for the CLI).
 
     Raises FileNotFoundError when the site has no ledger, LedgerError when it is corrupted.
-    `epsilon_after` of each entry is recomputed at `delta` (default: each dataset's stored delta).
+    `epsilon_after` of each entry is recomputed at `delta` (default: the site's delta, the one the ledger keeps and
+    checks the budget at).
     """
     path = ledger_path(data_dir)
     doc = load_ledger_file(path)
+    kept = site_delta_of(doc)
     datasets = []
     for fp, ds in doc["datasets"].items():
-        d = float(delta if delta is not None else ds.get("delta", DEFAULT_DELTA))
+        d = float(delta if delta is not None else kept if kept is not None else ds.get("delta", DEFAULT_DELTA))
         summary = dataset_summary(fp, ds, d)
         trail = epsilon_trail(ds["entries"], d)
         summary["entries"] = [dict(e, epsilon_after=eps) for e, eps in zip(ds["entries"], trail)]
