@@ -1,6 +1,6 @@
 """The best global model (best_model.pt) and patience: the tracking rules on their own, then one real federated
-run whose holdout labels are flipped, so that every round of learning makes the holdout loss worse: the best
-round is the first, and patience 1 stops the run after the second of three planned rounds."""
+run whose holdout labels are flipped, so that every round of learning makes the holdout AUROC worse (its loss
+can dip while the probabilities sit near 0.5, so the test follows the AUROC): the best round is the first, and patience 1 stops the run after the second of three planned rounds."""
 
 import json
 import math
@@ -164,7 +164,7 @@ def stopped_run(tmp_path_factory) -> Path:
     frame["label"] = 1 - frame["label"]  # the better the model, the worse its holdout loss
     frame.to_csv(manifest, index=False)
     code = simulate([str(out / "tiny.toml"), "--out", str(out), "--rounds", "3", "--timeout", "300", *ONE_ACTOR,
-                     "-c", "local-epochs=2", "-c", "learning-rate=0.003", "-c", "best-by=holdout-loss",
+                     "-c", "local-epochs=2", "-c", "learning-rate=0.003", "-c", "best-by=holdout-auroc",
                      "-c", "patience=1"])
     assert code == 0
     return out
@@ -178,9 +178,9 @@ def test_patience_stops_the_run_and_keeps_the_best_round(stopped_run):
     assert (summary["stopped_early"], summary["stopped_at_round"], summary["rounds"], summary["planned_rounds"]) == (
         True, 2, 2, 3)
     trained = metrics[metrics["round"] >= 1]
-    best = trained.loc[trained["holdout_loss"].idxmin()]
-    assert (summary["best_metric"], summary["best_round"]) == ("holdout-loss", int(best["round"]))
-    assert summary["best_value"] == pytest.approx(best["holdout_loss"])
+    best = trained.loc[trained["holdout_auroc"].idxmax()]
+    assert (summary["best_metric"], summary["best_round"]) == ("holdout-auroc", int(best["round"]))
+    assert summary["best_value"] == pytest.approx(best["holdout_auroc"])
     assert summary["best_round"] == 1 and summary["best_model"] == BEST_MODEL
     assert "STOPPED EARLY" in (stopped_run / "flower.log").read_text()
 
