@@ -95,7 +95,7 @@ def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
 class TrainingConfig:
     """What each site's local training does with the global model."""
 
-    MODELS = ("cnn", "resnet", "resnet18", "scatter")  # what core_models.networks.build_model builds
+    MODELS = ("cnn", "resnet", "resnet18", "scatter", "scatter-linear")  # what core_models.networks.build_model builds
     PRETEXTS = ("", "rotation", "inpainting", "contrastive")  # "" and core_models.pretext.PRETEXT_TASKS
     BATCH_COUPLED_PRETEXTS = ("contrastive",)  # a loss over the whole batch: no per-sample gradient for DP-SGD
 

@@ -239,3 +239,33 @@ def test_scatter_coefficients_of_seen_images_come_from_a_bounded_cache(monkeypat
     assert torch.equal(first.scatter(more), first._transform(more)(more).flatten(1, 2))
     assert len(cache) == 10 and cache.bytes == cache.max_bytes  # full: the rest were computed, not kept
     assert first.scatter(torch.rand(0, 1, 32, 32)).shape == (0, 81, 8, 8)  # DP-SGD's empty Poisson batch
+
+
+def test_scatter_linear_trains_under_dp_sgd_and_normalises_each_order(tmp_path):
+    """The DP recipe's model: fixed features, OrderNorm (no parameters), one linear layer; a DP-SGD round moves only
+    the linear layer and leaves finite weights; each coefficient block is standardised per image."""
+    from client.dp import plan_dp, train_dp
+    from client.ledger import PrivacyLedger
+    from core_models.networks import OrderNorm
+
+    rng = np.random.default_rng(0)
+    model = build_model("scatter-linear", 2)
+    assert [n for n, _ in model.named_parameters()] == ["head.weight", "head.bias"]
+    assert model.head.in_features == 81 * 49
+    x = rng.uniform(0, 1, (40, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 2, 40)
+    coefficients = model.scatter(torch.as_tensor(x[:4]))
+    normed = OrderNorm()(coefficients)
+    for lo, hi in OrderNorm.BLOCKS:
+        assert torch.allclose(normed[:, lo:hi].mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-4)
+        assert torch.allclose(normed[:, lo:hi].std(dim=(1, 2, 3)), torch.ones(4), atol=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = plan_dp(40, 64, 1, 2, 8.0, 1e-3)
+    ledger = PrivacyLedger.open(tmp_path, delta=1e-3, fingerprint="t")
+    train_dp(model, x, y, plan, ledger, batch_size=64, physical_batch_size=16, max_grad_norm=1.0, optimizer="sgd",
+             lr=0.5, sampling_rng=np.random.default_rng(1), noise_generator=torch.Generator().manual_seed(2))
+    after = model.state_dict()
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert ledger.epsilon() > 0
+    assert build_model("scatter-linear", 5, in_channels=3).head.in_features == 3 * 81 * 49
