@@ -489,4 +489,12 @@ def load_graph_spec(path: str | Path) -> CausalSpec:
         raise SpecError(f"{p}: graph spec not found (a TOML path, or a shipped name: {', '.join(shipped)})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{p}: not valid TOML: {exc}") from None
-    return CausalSpec.from_dict(raw, where=str(p))
+    return CausalSpec.from_dict(raw, where=_where(p))
+
+
+def _where(path: Path) -> str:
+    """How reports name a spec: a shipped graph by its name (the package may run from a temporary install, whose
+    path says nothing to a reader), any other file by its path."""
+    if path.resolve().parent == GRAPH_DIR:
+        return f"{path.stem} (shipped with equifed: fairness/graphs/{path.name})"
+    return str(path)

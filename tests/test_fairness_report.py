@@ -16,6 +16,7 @@ import pytest
 
 from fairness import identify, load_graph_spec, run_audit
 from fairness.cli import main as audit_main
+from fairness.graph import GRAPH_DIR
 from fairness.dowhy_checks import independence_tests
 from fairness.report import SECTIONS, run_context, write_report
 from fairness.results import AuditResult
@@ -131,7 +132,7 @@ def test_cli_writes_the_report_and_rejects_bad_input(tmp_path, capsys):
     fails(["--predictions", str(tmp_path / "nope.csv"), *base], "predictions file not found")
     fails(["--predictions", str(csv), *base], "columns missing from the data: 'score' (node Yhat)")
     cyclic = tmp_path / "cyclic.toml"
-    cyclic.write_text(load_graph_spec("synthetic").source and open(load_graph_spec("synthetic").source).read()
+    cyclic.write_text((GRAPH_DIR / "synthetic.toml").read_text()
                       + '\n[[edges]]\nfrom = "Yhat"\nto = "A"\npermissible = true\n')
     fails(["--predictions", str(csv), "--graph", str(cyclic), "--out", str(tmp_path / "x")], "cycle")
     fails(["--predictions", str(csv), "--graph", "no_such_graph", "--out", str(tmp_path / "x")], "not found")
@@ -171,3 +172,11 @@ def test_cli_fits_the_post_processing_correction(tmp_path, capsys):
     frame.assign(scanner_legacy=frame.scanner_legacy + 1).to_csv(csv, index=False)
     assert audit_main(base + ["--fit-correction", str(tmp_path / "bad.json")]) == 2
     assert "coded 0..k" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_a_shipped_graph_is_named_by_name_not_by_where_it_was_installed(tmp_path):
+    """The consortium's report names the graph a reader can find (the server runs from a temporary install)."""
+    assert load_graph_spec("synthetic").source == "synthetic (shipped with equifed: fairness/graphs/synthetic.toml)"
+    own = tmp_path / "ours.toml"
+    own.write_text((GRAPH_DIR / "synthetic.toml").read_text())
+    assert load_graph_spec(own).source == str(own)  # a consortium's own file: its path
