@@ -75,7 +75,10 @@ from fairness.graph import CausalSpec, GraphError, load_graph_spec
 from fairness.group_metrics import GAP_METRICS, METRICS
 from fairness.identification import identify
 from fairness.results import AuditResult
-from fairness.pse import EffectTable, EstimationError, Design, Var, effects_from_design
+from fairness.design import Design, EstimationError, Problem, Settings, Var
+from fairness.gformula import smoothed_gformula
+from fairness.pse import EffectTable, Fitted, effects_from_design
+from fairness.replicates import Linearized
 
 SENSITIVITY = {"cells_n": 1.0, "cells_score": 1.0, "cells_score_sq": 1.0, "hist": 1.0}
 OTHER = "other"  # the extra cell's level name in reports
@@ -427,7 +430,6 @@ def _cell_moments(n: np.ndarray, t: np.ndarray, q: np.ndarray) -> tuple[np.ndarr
 
 # noise std per count above this share of the mean count per cell: the cells say nothing about the effect
 NOISE_DOMINATES = 0.5
-_STEPS = (1.0, 0.5)  # finite-difference steps of the linearisation: one row (counts), half a score unit (sums)
 
 
 def _perturbations(n0: np.ndarray, t0: np.ndarray, q0: np.ndarray, stats: FairnessStats, n_boot: int,
@@ -453,34 +455,6 @@ def _perturbations(n0: np.ndarray, t0: np.ndarray, q0: np.ndarray, stats: Fairne
     return dn, dt
 
 
-def _step_columns(n0: np.ndarray, t0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Counts and sums at the data (column 0), then each count stepped up and down, then each sum: 1 + 4K columns."""
-    k = n0.size
-    hn, ht = _STEPS
-    eye = np.eye(k)
-    same_n, same_t = np.repeat(n0[:, None], 2 * k, 1), np.repeat(t0[:, None], 2 * k, 1)
-    n_cols = np.concatenate([n0[:, None] + hn * eye, n0[:, None] - hn * eye], axis=1)
-    t_cols = np.concatenate([t0[:, None] + ht * eye, t0[:, None] - ht * eye], axis=1)
-    return (np.concatenate([n0[:, None], n_cols, same_n], axis=1),
-            np.concatenate([t0[:, None], same_t, t_cols], axis=1))
-
-
-def _linearized(dn: np.ndarray, dt: np.ndarray):
-    """Map an effect's values on :func:`_step_columns` to the estimate and its replicates
-    ``estimate + gradient . (dn_j, dt_j)``. Re-evaluating the estimator on twice-noised cells would spread the
-    replicates wider than the estimate varies (its ratios are steeper near small cells); a second-order bias
-    correction was tried and is unstable at large noise (its curvature is dominated by the smallest cells)."""
-    k = dn.shape[0]
-    hn, ht = _STEPS
-
-    def replicates(values: np.ndarray) -> np.ndarray:
-        est = values[0]
-        up_n, down_n, up_t, down_t = (values[1 + i * k:1 + (i + 1) * k] for i in range(4))
-        grad = np.concatenate([(up_n - down_n) / (2 * hn), (up_t - down_t) / (2 * ht)])
-        return np.concatenate([[est], est + grad @ np.concatenate([dn, dt], axis=0)])
-    return replicates
-
-
 def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: int = 0, ci: float = 0.95,
                             max_weight: float = 50.0, gformula_bins: int = 4, positivity_ratio: float = 20.0,
                             min_cell: int = 5, max_gformula_cells: int = 200_000) -> EffectTable:
@@ -489,84 +463,109 @@ def effects_from_statistics(stats: FairnessStats, *, n_boot: int = 200, seed: in
     minus its expectation (the row bootstrap's law), score sums by the cell mean times that change plus a normal
     with the cell's within-cell variance, and, when the cells are noised, fresh privacy noise of the released size
     (std ``stats.sigma``). Without noise the estimators are re-evaluated on the perturbed cells. With noise each
-    effect is linearised around the estimate (finite differences in every cell, :func:`_linearized`) and the
-    replicates are the estimate plus its gradient times the perturbation, so the CIs cover sampling and noise
-    and are centred on the estimate; the primary estimate is then the g-formula with smooth (logit) models of the
-    score and the mediators, whose fits pool all cells. Only the declared cells (:func:`known_cells`) enter: rows
-    in the extra "other" cells are left out."""
+    effect is linearised around the estimate (finite differences in every cell,
+    :class:`fairness.replicates.Linearized`) and the replicates are the estimate plus its gradient times the
+    perturbation, so the CIs cover sampling and noise and are centred on the estimate; the primary estimate is
+    then the g-formula with smooth (logit) models of the score and the mediators, whose fits pool all cells
+    (:func:`fairness.gformula.smoothed_gformula`). Only the declared cells (:func:`known_cells`) enter: rows in
+    the extra "other" cells are left out."""
     t0 = time.perf_counter()
+    layout = stats.layout
+    settings = Settings(n_boot=n_boot, ci=ci, max_weight=max_weight, gformula_bins=gformula_bins,
+                        positivity_ratio=positivity_ratio, min_cell=min_cell, max_gformula_cells=max_gformula_cells)
+    n0, t0c, q0, idx = _declared_cells(stats)
+    dn, dt = _perturbations(n0, t0c, q0, stats, n_boot, seed)
+    if not stats.noisy:
+        N = np.concatenate([n0[:, None], n0[:, None] + dn], axis=1)
+        T = np.concatenate([t0c[:, None], np.clip(t0c[:, None] + dt, 0.0, N[:, 1:])], axis=1)
+        return effects_from_design(_cell_problem(layout, idx, N, T), layout.a_levels, settings, t0=t0)
+    linearized = Linearized(dn, dt)
+    N, T = linearized.columns(n0, t0c)
+    table = effects_from_design(_cell_problem(layout, idx, N, T), layout.a_levels, settings,
+                                extra=(smoothed_gformula,), replicates=linearized, checks=(noised_cell_checks,), t0=t0)
+    _note_noise(table, stats, n0)
+    return table
+
+
+def _declared_cells(stats: FairnessStats) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """The counts, score sums and sums of squares of the cells that enter (:func:`_cells`), flat, and each one's
+    code on every axis of the declared grid."""
     layout, spec = stats.layout, stats.layout.spec
     n, t, q, use = _cells(stats)
     present = np.flatnonzero(use.ravel())
     if present.size == 0:
         raise EstimationError("every released cell is empty")
-    idx = np.unravel_index(present, layout.known_shape)
-    a = idx[0].astype(np.int64)
     if (n.reshape(2, -1).sum(1) <= 0).any():
         raise EstimationError(f"one of the groups {layout.a_levels} of '{spec.column(spec.sensitive)}' is empty")
-    n0, t0c, q0 = n.ravel()[present], t.ravel()[present], q.ravel()[present]
+    return n.ravel()[present], t.ravel()[present], q.ravel()[present], np.unravel_index(present, layout.known_shape)
 
-    def var(codes_axis: np.ndarray, f: Factor) -> Var:
-        used = np.unique(codes_axis)
-        values = [f.levels[i] for i in used]
-        codes = np.searchsorted(used, codes_axis)
-        numeric = f.edges is not None
-        return Var(f.node, f.column, codes.astype(np.int64), values if not numeric else [float(v) for v in values],
-                    numeric, np.asarray(values, dtype=np.float64) if numeric else None)
 
+def _cell_var(codes_axis: np.ndarray, f: Factor) -> Var:
+    """A factor as the estimators' variable: the levels its cells use, coded 0..."""
+    used = np.unique(codes_axis)
+    values = [f.levels[i] for i in used]
+    codes = np.searchsorted(used, codes_axis)
+    numeric = f.edges is not None
+    return Var(f.node, f.column, codes.astype(np.int64), values if not numeric else [float(v) for v in values],
+               numeric, np.asarray(values, dtype=np.float64) if numeric else None)
+
+
+def _cell_problem(layout: CellLayout, idx: tuple[np.ndarray, ...], N: np.ndarray, T: np.ndarray) -> Problem:
+    """The cells (codes ``idx``) as the estimators' design: each cell one pattern, with counts ``N`` and score
+    sums ``T`` per column."""
+    spec = layout.spec
     ident = identify(spec)
     by_node = {f.node: (i, f) for i, f in enumerate(layout.factors)}
-    meds = [var(idx[1 + by_node[m][0]], by_node[m][1]) for m in ident.mediators]
-    covs = [var(idx[1 + by_node[c][0]], by_node[c][1]) for c in spec.covariates]
+    meds = [_cell_var(idx[1 + by_node[m][0]], by_node[m][1]) for m in ident.mediators]
+    covs = [_cell_var(idx[1 + by_node[c][0]], by_node[c][1]) for c in spec.covariates]
     lab = layout.label_factor
     label = None if lab is None else np.asarray([float(lab.levels[i]) for i in idx[1 + layout.factors.index(lab)]])
+    k = len(idx[0])
+    med = np.stack([m.codes for m in meds], axis=1) if meds else np.zeros((k, 0), np.int64)
+    design = Design(idx[0].astype(np.int64), med, [c.codes for c in covs], label, N, T)
+    return Problem(design, spec, ident, meds, covs)
 
-    k = present.size
-    dn, dt = _perturbations(n0, t0c, q0, stats, n_boot, seed)
-    if stats.noisy:
-        N, T = _step_columns(n0, t0c)
-        replicate_map = _linearized(dn, dt)
-    else:
-        N = np.concatenate([n0[:, None], n0[:, None] + dn], axis=1)
-        T = np.concatenate([t0c[:, None], np.clip(t0c[:, None] + dt, 0.0, N[:, 1:])], axis=1)
-        replicate_map = None
 
-    d = object.__new__(Design)
-    d.k, d.pattern, d.a = k, None, a
-    d.med = np.stack([m.codes for m in meds], axis=1) if meds else np.zeros((k, 0), np.int64)
-    d.cov = [c.codes for c in covs]
-    d.label, d.N, d.T = label, N, T
-    d.L = None if label is None else N * label[:, None]
-    table = effects_from_design(d, spec, ident, meds, covs, layout.a_levels, n_boot=n_boot, ci=ci,
-                                max_weight=max_weight, gformula_bins=gformula_bins, positivity_ratio=positivity_ratio,
-                                min_cell=min_cell, max_gformula_cells=max_gformula_cells, t0=t0,
-                                smoothed=stats.noisy, replicate_map=replicate_map)
-    if stats.noisy:
-        table.diagnostics["notes"].append(
-            "federated: cells carry Gaussian privacy noise (std per cell: counts {:.3g}, score sums {:.3g}); the "
-            "replicates add it again (linearised around the estimate), so the CIs include it; the primary "
-            "estimate is the smoothed g-formula (logit models of the score and of each mediator, additive in A, "
-            "fitted over all cells), the weighting and cell g-formula rows are unsmoothed checks".format(
-                stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)))
-        s_n, per_cell = stats.sigma.get("cells_n", 0.0), float(np.maximum(n0, 0.0).sum()) / k
-        imp = table.get("impermissible", estimator=table.primary)
-        why = None
-        if s_n > NOISE_DOMINATES * per_cell:
-            # the fits then saturate or collapse toward no effect, with intervals that look narrow: say nothing
-            why = (f"the counts' noise std ({s_n:.3g}) exceeds {NOISE_DOMINATES:g} x the mean count per cell "
-                   f"({per_cell:.3g} patients in each of {k} cells); every CI is set to the effect's whole range")
-            for i, r in table.table.iterrows():
-                bound = 2.0 if r["outcome"] == "amplification" else 1.0
-                table.table.loc[i, ["ci_low", "ci_high", "p_value"]] = [-bound, bound, 1.0]
-        elif not imp["ci_high"] - imp["ci_low"] < 0.5:
-            why = f"the CI spans {imp['ci_high'] - imp['ci_low']:.2f} of the effect's [-1, 1] range"
-        if why:
-            table.diagnostics["uninformative"] = (
-                f"The privacy noise dominates ({why}), so this audit cannot tell a large effect from none; it needs "
-                "more patients per cell (larger sites, coarser stats-fairness-bins) or less release-noise (at a "
-                "privacy cost).")
-            table.diagnostics["notes"].append(table.diagnostics["uninformative"])
-    return table
+def noised_cell_checks(fitted: Fitted, reps: dict) -> tuple[dict[str, Any], list[str]]:
+    """The checks of the rows on noised cells: none. The weighting and cell g-formula rows that the bounds and
+    the graph checks rest on are heavy-tailed there (as the graph checks would be); the notes say so."""
+    ident = fitted.problem.ident
+    notes = []
+    if ident.interventional and ident.total_effect_identified:
+        notes.append("no bounds on the PSEs themselves: the statistics are noised")
+    notes.append("graph checks skipped: on noised cells the weighting and cell g-formula rows they compare are too "
+                 "noisy to test the graph")
+    return {"graph_checks": []}, notes
+
+
+def _note_noise(table: EffectTable, stats: FairnessStats, n0: np.ndarray) -> None:
+    """Say, in place, that the cells carry privacy noise, and when it swamps the effect (every CI then set to the
+    effect's whole range: the fits saturate or collapse toward no effect, with intervals that look narrow)."""
+    notes = table.diagnostics["notes"]
+    notes.append(
+        "federated: cells carry Gaussian privacy noise (std per cell: counts {:.3g}, score sums {:.3g}); the "
+        "replicates add it again (linearised around the estimate), so the CIs include it; the primary "
+        "estimate is the smoothed g-formula (logit models of the score and of each mediator, additive in A, "
+        "fitted over all cells), the weighting and cell g-formula rows are unsmoothed checks".format(
+            stats.sigma.get("cells_n", 0.0), stats.sigma.get("cells_score", 0.0)))
+    k = n0.size
+    s_n, per_cell = stats.sigma.get("cells_n", 0.0), float(np.maximum(n0, 0.0).sum()) / k
+    imp = table.get("impermissible", estimator=table.primary)
+    why = None
+    if s_n > NOISE_DOMINATES * per_cell:
+        why = (f"the counts' noise std ({s_n:.3g}) exceeds {NOISE_DOMINATES:g} x the mean count per cell "
+               f"({per_cell:.3g} patients in each of {k} cells); every CI is set to the effect's whole range")
+        for i, r in table.table.iterrows():
+            bound = 2.0 if r["outcome"] == "amplification" else 1.0
+            table.table.loc[i, ["ci_low", "ci_high", "p_value"]] = [-bound, bound, 1.0]
+    elif not imp["ci_high"] - imp["ci_low"] < 0.5:
+        why = f"the CI spans {imp['ci_high'] - imp['ci_low']:.2f} of the effect's [-1, 1] range"
+    if why:
+        table.diagnostics["uninformative"] = (
+            f"The privacy noise dominates ({why}), so this audit cannot tell a large effect from none; it needs "
+            "more patients per cell (larger sites, coarser stats-fairness-bins) or less release-noise (at a "
+            "privacy cost).")
+        notes.append(table.diagnostics["uninformative"])
 
 
 # --------------------------------------------------------------------------------------------- group metrics
