@@ -27,8 +27,10 @@ Public API::
 
 Modules: :mod:`fairness.graph` (spec, validation, paths, projection; errors :class:`GraphError`,
 :class:`SpecError`, :class:`CycleError`, :class:`RoleError`, :class:`MissingColumnError`),
-:mod:`fairness.identification` (recanting witness / district criterion), :mod:`fairness.pse` (estimators,
-bootstrap), :mod:`fairness.group_metrics`, :mod:`fairness.audit`, :mod:`fairness.results` (the audit's result), :mod:`fairness.dowhy_checks` (DoWhy total effect,
+:mod:`fairness.identification` (recanting witness / district criterion), :mod:`fairness.pse` (the effect table
+from its parts: :mod:`fairness.design` (the rows as codes), :mod:`fairness.nuisance` (the small regressions),
+:mod:`fairness.weighting`, :mod:`fairness.gformula` (cell and smoothed), :mod:`fairness.replicates` (bootstrap or
+linearised replicates)), :mod:`fairness.group_metrics`, :mod:`fairness.audit`, :mod:`fairness.results` (the audit's result), :mod:`fairness.dowhy_checks` (DoWhy total effect,
 refuters, kernel independence tests), :mod:`fairness.federated` (the audit from per-site DP-noised cell
 statistics), :mod:`fairness.report` (HTML + JSON) and :mod:`fairness.cli` (``equifed-audit``).
 """
