@@ -188,7 +188,7 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
     reference-group score sums every round, Gaussian noise ``release_noise``), charged to the same ledger as the
     DP-SGD steps, as a site does for the server; ``epsilon`` in the result is the ledger's total. SGD (momentum)
     lr 0.1, logical batch 64: the DP settings benchmarks/RESULTS.md found best (Adam lr 0.002 does not learn here)."""
-    from client.dp import plan_dp, train_dp
+    from client.dp import DPSettings, PatientData, plan_dp, train_dp
     from client.ledger import PrivacyLedger
     from client.statistics import Releaser
     from fairness.mitigation import consortium_pse
@@ -208,10 +208,9 @@ def train_dp_cnn(data: dict, epochs: int, seed: int, lam: float, epsilon: float,
         hook = MediatorOffset.from_counts(counts, inner=penalty) if offset else penalty
         model = SmallCNN()
         model.load_state_dict(state)  # a fresh module per round, as a client gets the global weights
-        train_dp(model, tr["x"], tr["y"], plan, ledger, batch_size=batch_size, physical_batch_size=64,
-                 max_grad_norm=1.0, optimizer=optimizer, lr=lr, server_round=r + 1,
-                 sampling_rng=np.random.default_rng(seed * 1000 + r),
-                 meta=tr["meta"] if hook else None, penalty_fn=hook)
+        train_dp(model, PatientData(tr["x"], tr["y"], meta=tr["meta"] if hook else None), plan, ledger,
+                 DPSettings(max_grad_norm=1.0, physical_batch_size=64, optimizer=optimizer, lr=lr),
+                 server_round=r + 1, sampling_rng=np.random.default_rng(seed * 1000 + r), penalty_fn=hook)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if lam > 0 and r + 1 < epochs:
             model = SmallCNN()

@@ -12,6 +12,8 @@ per class and split, seeded by the seed); each site trains on its train rows; it
 (method, epsilon, mode), with the method's settings: the project's defaults without DP, `DP_RECIPE` (below;
 `--no-recipe`: the defaults) under DP, then `-c`, `--dp-config` and `--method-config` on top:
 
+The training is `simulations.baselines` (what `equifed-simulate --baselines` runs), with every draw seeded:
+
 * `fed`: a loop of rounds without Flower or Ray. Each site trains a fresh copy of the global model with the
   project's own functions (`client.dp.plan_dp` + `client.dp.train_dp` charging a `client.ledger.PrivacyLedger`
   opened in a temporary folder per site at delta = `client.policy.default_delta(train + val patients)`, the site's
@@ -26,17 +28,16 @@ per class and split, seeded by the seed); each site trains on its train rows; it
 Scores: holdout AUROC, accuracy at 0.5 (argmax: what the deployed model predicts), accuracy at the
 prevalence-matched threshold (`acc_prev`: the top pi fraction of holdout scores called class 1, pi = the training
 prevalence of class 1: ranks only, so it says what a recalibrated threshold could give; it reads the holdout's
-score distribution, no labels), ECE (10 bins on the predicted class's probability) and Brier score; the global
+score distribution, no labels), ECE and Brier score (metrics.csv's: core_models.calibration; before Session 18
+this benchmark had its own, 10 ECE bins and a Brier score summed over both classes, twice the binary one); the global
 model on each site's own part; and (`--benefit`) the per-site benefit of joining: local-only vs federated, on the
 holdout and on the site's own part.
 
-Methods: `cnn`, `scatter`, `resnet` (`core_models.networks.build_model`; resnet with its residual additions and
-ReLUs made out of place, `dp_safe_resnet`: as build_model gives it, it fails under DP-SGD) and two prototypes
-defined here: `scatter-linear`, kymatio's fixed scattering transform (J=2, 8 angles; ScatterNet's coefficient
-cache), `OrderNorm` (each image's order-0, order-1 j=0, order-1 j=1 and order-2 channels standardised per block;
-no parameters, no data statistics) and one linear layer on the 81 x 7 x 7 coefficients (adaptively
-average-pooled to `pool` x `pool`): Tramer & Boneh (2021)'s ScatterNet + linear model; and `scatter-order`, the
-project's ScatterNet with OrderNorm in place of its GroupNorm(9, 81). `--epsilons` takes `inf` (no DP) and
+Methods: `cnn`, `scatter`, `resnet` (its residual blocks work out of place, so it trains under DP-SGD) and
+`scatter-linear` (`core_models.networks.build_model`; scatter-linear: kymatio's fixed scattering transform, J=2,
+8 angles, OrderNorm and one linear layer on the coefficients average-pooled to `pool` x `pool`, Tramer & Boneh
+(2021)'s ScatterNet + linear model; `-c norm=gn9` puts ScatterNet's GroupNorm(9, 81) in OrderNorm's place), and
+`scatter-order`, the project's ScatterNet with OrderNorm in place of its GroupNorm(9, 81). `--epsilons` takes `inf` (no DP) and
 `clip` (DP-SGD's clipping and sampling without noise: an ablation that shows what the noise costs).
 `--method-config METHOD:KEY=VALUE` overrides one method's settings (e.g. `scatter-linear:lr=0.25`); `-c KEY=VALUE`
 every method's (keys: the fields of `Settings`); `--dp-config KEY=VALUE` every method's DP runs.
@@ -58,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -76,16 +78,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from client.dp import DPPlan, plan_dp, train_dp  # noqa: E402
-from client.ledger import PrivacyLedger  # noqa: E402
-from client.policy import default_delta  # noqa: E402
-from core_models.networks import SCATTER_CACHE, ScatterNet, build_model  # noqa: E402
-from core_models.pretrained import freeze  # noqa: E402
-from core_models.training import make_loader, predict_proba, train_epochs  # noqa: E402
+from core_models.config import RECIPES  # noqa: E402
+from core_models.networks import SCATTER_CACHE, OrderNorm, ScatterLinear, build_model  # noqa: E402
+from core_models.training import make_loader, predict_proba  # noqa: E402
+from simulations import baselines  # noqa: E402
+from simulations.baselines import CLIP_ONLY, Training  # noqa: E402
 from simulations.partition import assign_sites, load_npz_source  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-COUNT_NOISE = 20.0  # client.app.COUNT_NOISE: the std of the patient counts a site noises once
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,6 +112,13 @@ class Settings:
     pool: int = 7                    # scatter-linear only: coefficients average-pooled to pool x pool
     norm: str = "order"              # scatter-linear only: order (OrderNorm) | gn9 (GroupNorm(9, 81))
 
+    def training(self, eps: float) -> Training:
+        """What simulations.baselines trains with: these settings at `eps` (inf: no DP; CLIP_ONLY: no noise)."""
+        return Training(rounds=self.rounds, local_epochs=self.local_epochs, lr=self.lr, optimizer=self.optimizer,
+                        batch_size=self.batch_size, weight_decay=self.weight_decay, epsilon=eps,
+                        max_grad_norm=self.max_grad_norm, physical_batch_size=self.physical_batch_size,
+                        freeze=self.freeze)
+
     def override(self, items: list[str]) -> "Settings":
         out = copy.copy(self)
         fields = {f.name: f.type for f in dataclasses.fields(self)}
@@ -135,12 +142,14 @@ METHOD_DEFAULTS: dict[str, list[str]] = {
     "scatter-linear": [],
     "scatter-order": [],
 }
-# what a method trains with under DP (finite epsilon) unless overridden: the recipe of Session 17 (RESULTS.md).
-# Full-batch DP-GD: batch 256 >= a hospital's patient count, so q = 1 and one noised step per local epoch; one
-# local epoch a round (FedSGD: no client drift under label skew); plain SGD (its momentum restarts every round, so
-# each round is one gradient step), learning rate 0.5 on the clipped (C = 1) mean gradient; 20 rounds.
-RECIPE = ["optimizer=sgd", "lr=0.5", "batch_size=256", "physical_batch_size=64", "local_epochs=1", "rounds=20",
-          "max_grad_norm=1.0"]
+# what a method trains with under DP (finite epsilon) unless overridden: what dp = true trains scatter-linear with
+# (core_models.config.RECIPES; RESULTS.md Session 17), 20 rounds. Full-batch DP-GD: batch 256 >= a hospital's
+# patient count, so q = 1 and one noised step per local epoch; one local epoch a round (FedSGD: no client drift under
+# label skew); plain SGD (its momentum restarts every round, so each round is one gradient step), learning rate 0.5
+# on the clipped (C = 1) mean gradient.
+_DP = RECIPES[("scatter-linear", True)]
+RECIPE = [f"optimizer={_DP.optimizer}", f"lr={_DP.learning_rate}", f"batch_size={_DP.batch_size}",
+          "physical_batch_size=64", f"local_epochs={_DP.local_epochs}", "rounds=20", "max_grad_norm=1.0"]
 DP_RECIPE: dict[str, list[str]] = {
     "cnn": RECIPE,
     "scatter": RECIPE,
@@ -151,93 +160,24 @@ DP_RECIPE: dict[str, list[str]] = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the prototype network
-
-
-class OrderNorm(nn.Module):
-    """Per-image standardisation of each block of scattering channels of one order and scale: order 0 (channel
-    0), order 1 at j = 0 (1-8), order 1 at j = 1 (9-16), order 2 (17-80) for J = 2, L = 8. No parameters and no
-    data statistics (no privacy cost). GroupNorm(9, 81) mixes order 0 (sd ~0.19 on BreastMNIST) with order-1
-    channels (sd ~0.005-0.014) in one group, and order-2 channels (sd ~0.0007) stay ~300x below order 0: the
-    linear model then sees almost only the low-pass image; per-block standardisation equalises the orders as the
-    dataset's per-channel standardisation would (logistic-regression probe, 546 images: 0.874 vs 0.815 for
-    GroupNorm at the same strong regularisation)."""
-
-    BLOCKS = ((0, 1), (1, 9), (9, 17), (17, 81))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = []
-        for lo, hi in self.BLOCKS:
-            block = x[:, lo:hi]
-            mean = block.mean(dim=(1, 2, 3), keepdim=True)
-            per_image = block.shape[1] * block.shape[2] * block.shape[3]  # (an empty DP-SGD batch has no rows)
-            std = block.std(dim=(1, 2, 3), keepdim=True) if per_image > 1 else torch.ones_like(mean)
-            out.append((block - mean) / (std + 1e-6))
-        return torch.cat(out, 1)
-
-
-class ScatterLinear(ScatterNet):
-    """Fixed scattering coefficients (ScatterNet's transform and cache), a normalisation and one linear layer on
-    the 81 x `pool` x `pool` coefficients: Tramer & Boneh's ScatterNet + linear model. `norm`: "order"
-    (OrderNorm, no parameters) or "gn9" (ScatterNet's GroupNorm(9, 81), 162 trained parameters). Trained
-    parameters besides: the linear layer's (81 x pool^2 + 1) x classes (7940 at pool 7, two classes)."""
-
-    def __init__(self, num_classes: int = 2, pool: int = 7, norm: str = "order") -> None:
-        nn.Module.__init__(self)
-        self._transforms = {}
-        if norm not in ("order", "gn9"):
-            raise SystemExit(f"unknown norm {norm!r}; choose order or gn9")
-        self.norm = OrderNorm() if norm == "order" else nn.GroupNorm(9, 81)
-        self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.head = nn.Linear(81 * pool * pool, num_classes)
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.norm(self.scatter(x))), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
-
-def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """MONAI ResNetBlock.forward with the residual added out of place (`out + residual`, not `out += residual`)."""
-    out = self.act(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    residual = x if self.downsample is None else self.downsample(x)
-    return self.act(out + residual)
-
-
-def dp_safe_resnet(model: nn.Module) -> nn.Module:
-    """`model=resnet` as build_model gives it fails under DP-SGD (torch 2.13, Opacus 1.6): MONAI's ResNetBlock adds
-    the residual in place and its ReLUs are in place, on outputs of Opacus' full backward hooks ("Output 0 of
-    BackwardHookFunction is a view and is being modified inplace"). Here: every ReLU out of place and the blocks'
-    residual out of place (same parameters, same function)."""
-    import types
-
-    from monai.networks.nets.resnet import ResNetBlock
-
-    for module in model.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-        if isinstance(module, ResNetBlock):
-            module.forward = types.MethodType(_block_forward, module)
-    return model
-
-
-_SHARED_TRANSFORMS: dict = {}  # kymatio filter banks, shared by every scattering network of this process
+# the networks
 
 
 def make_model(method: str, num_classes: int = 2, pool: int = 7, norm: str = "order") -> nn.Module:
+    """build_model's network, or a variant: scatter-linear with `pool` x `pool` pooled coefficients and `norm`
+    "gn9" (ScatterNet's GroupNorm(9, 81), 162 trained parameters) in place of OrderNorm; scatter-order, ScatterNet
+    with OrderNorm in place of its GroupNorm(9, 81)."""
     if method == "scatter-linear":
-        model = ScatterLinear(num_classes, pool, norm)
-    elif method == "scatter-order":  # ScatterNet with OrderNorm in place of its GroupNorm(9, 81)
+        model = ScatterLinear(num_classes, pool=pool)
+        if norm not in ("order", "gn9"):
+            raise SystemExit(f"unknown norm {norm!r}; choose order or gn9")
+        if norm == "gn9":
+            model.norm = nn.GroupNorm(9, 81)
+    elif method == "scatter-order":
         model = build_model("scatter", num_classes)
         model.norm = OrderNorm()
     else:
         model = build_model(method, num_classes)
-    if method == "resnet":
-        dp_safe_resnet(model)
-    if isinstance(model, ScatterNet):
-        model._transforms = _SHARED_TRANSFORMS  # the transform is fixed: build its filters once per process
     return model
 
 
@@ -255,14 +195,7 @@ def fresh_copy(method: str, state: dict, num_classes: int) -> nn.Module:
 # data
 
 
-@dataclass
-class Site:
-    name: str
-    x: np.ndarray        # training images
-    y: np.ndarray
-    x_own: np.ndarray    # the site's own test part (its val rows)
-    y_own: np.ndarray
-    n_manifest: int      # patients its manifest would name (train + val): what the site's delta is sized from
+Site = baselines.SiteRows  # a site's training rows and its own test part (its val rows)
 
 
 @dataclass
@@ -299,7 +232,7 @@ def load_federation(set_name: str, partition: str, k: int, seed: int, min_per_si
             name=f"site_{j + 1}",
             x=images["train"][tr["source_index"].to_numpy()], y=tr["label"].to_numpy().astype(np.int64),
             x_own=images["val"][va["source_index"].to_numpy()], y_own=va["label"].to_numpy().astype(np.int64),
-            n_manifest=len(rows)))
+            n_manifest=len(rows), own_split="val"))
     test = frame[frame["split"] == "test"]
     return Federation(set_name, partition, seed, sites, images["test"][test["source_index"].to_numpy()],
                       test["label"].to_numpy().astype(np.int64), int(frame["label"].max()) + 1)
@@ -310,103 +243,24 @@ def load_federation(set_name: str, partition: str, k: int, seed: int, min_per_si
 
 
 def scores(model: nn.Module, x: np.ndarray, y: np.ndarray, prevalence: float) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
+    """simulations.baselines.scores (AUROC, accuracy, ECE, Brier: metrics.csv's), with accuracy at the
+    prevalence-matched threshold and the mean p(class 1) (binary tasks)."""
+    out = baselines.scores(model, x, y)
+    out["acc"] = out["accuracy"]
+    out["acc_prev"] = out["mean_p1"] = math.nan
     probs = predict_proba(model, make_loader(x, y, 256), torch.device("cpu"))
-    out = {"acc": float(np.mean(probs.argmax(1) == y)), "n": len(y)}
-    conf = probs.max(1)
-    bins = np.minimum((conf * 10).astype(int), 9)
-    correct = probs.argmax(1) == y
-    out["ece"] = float(sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * np.mean(bins == b)
-                           for b in range(10) if np.any(bins == b)))
-    onehot = np.eye(probs.shape[1])[y]
-    out["brier"] = float(np.mean(np.sum((probs - onehot) ** 2, 1)))
     if probs.shape[1] == 2:
         p1 = probs[:, 1]
-        out["auroc"] = float(roc_auc_score(y, p1)) if len(np.unique(y)) == 2 else math.nan
         k = int(round(prevalence * len(y)))  # the top k scores called class 1
         called = np.zeros(len(y), dtype=bool)
         called[np.argsort(-p1, kind="stable")[:k]] = True
         out["acc_prev"] = float(np.mean(called == (y == 1)))
         out["mean_p1"] = float(p1.mean())
-    else:
-        from core_models.training import auroc
-        out["auroc"], out["acc_prev"], out["mean_p1"] = auroc(y, probs), math.nan, math.nan
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # training
-
-
-CLIP_ONLY = 0.0  # `--epsilons clip`: DP-SGD's clipping and sampling without noise (an ablation, no guarantee)
-
-
-class _NoLedger:
-    """The ledger of a clip-only run: nothing to charge (no noise, no guarantee)."""
-
-    delta = 0.0
-
-    def optimizer_hook(self, *args, **kwargs):
-        return lambda optimizer: None
-
-    def check_budget(self, mechanisms) -> None:
-        pass
-
-    def epsilon(self) -> float:
-        return math.inf
-
-
-class DPSite:
-    """A site's ledger (a temporary folder), its noised counts and its DP plan, as `client.app.train` builds them."""
-
-    def __init__(self, folder: Path, site_name: str, n_train: int, n_test: int, n_manifest: int, s: Settings,
-                 epsilon: float, rng: np.random.Generator):
-        if epsilon == CLIP_ONLY:
-            self.ledger, self.n_noised, self.epsilon_target = _NoLedger(), float(n_train), math.inf
-            q = min(1.0, s.batch_size / n_train)
-            self.plan = DPPlan(noise_multiplier=0.0, sample_rate=q, expected_batch_size=q * n_train,
-                               steps_per_round=s.local_epochs * max(1, math.ceil(1 / q)))
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        self.ledger = PrivacyLedger.open(folder, delta=default_delta(n_manifest), fingerprint=f"bench-{site_name}")
-        release = (COUNT_NOISE, 1.0, 1)
-        noised = self.ledger.noised_once("train-patients", [float(n_train)], 1.0, COUNT_NOISE,
-                                         label="train-patient-count", rng=rng)
-        self.ledger.noised_once("test-patients", [float(n_test)], 1.0, COUNT_NOISE, label="test-patient-count",
-                                rng=rng)
-        self.n_noised = max(2.0, float(np.round(noised[0])))
-        self.plan = plan_dp(self.n_noised, s.batch_size, s.local_epochs, s.rounds, epsilon, self.ledger.delta,
-                            one_off=[release, release])
-        self.epsilon_target = epsilon
-
-
-def train_site(model: nn.Module, x: np.ndarray, y: np.ndarray, s: Settings, dp: DPSite | None, rnd: int,
-               seed: int) -> None:
-    if s.freeze != "none":
-        freeze(model, s.freeze)
-    if dp is None:
-        loader = make_loader(x, y, s.batch_size, shuffle=True, seed=seed * 1000 + rnd)
-        train_epochs(model, loader, epochs=s.local_epochs, optimizer=s.optimizer, lr=s.lr,
-                     weight_decay=s.weight_decay, device=torch.device("cpu"))
-        return
-    dp.ledger.check_budget([dp.plan.mechanism])
-    gen = torch.Generator().manual_seed(seed * 7919 + rnd)
-    train_dp(model, x, y, dp.plan, dp.ledger, batch_size=s.batch_size, physical_batch_size=s.physical_batch_size,
-             max_grad_norm=s.max_grad_norm, optimizer=s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
-             server_round=rnd, sampling_rng=np.random.default_rng([seed, rnd, 17]), noise_generator=gen)
-
-
-def average(states: list[dict], weights: list[float]) -> dict:
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    out = {}
-    for key, first in states[0].items():
-        if torch.is_floating_point(first):
-            out[key] = sum(float(wi) * st[key].float() for wi, st in zip(w, states)).to(first.dtype)
-        else:
-            out[key] = first.clone()
-    return out
 
 
 class ServerOpt:
@@ -437,50 +291,26 @@ class ServerOpt:
         return out
 
 
-def mean_state(states: list[dict]) -> dict:
-    return average(states, [1.0] * len(states)) if len(states) > 1 else states[0]
-
-
 def run_fed(fed: Federation, method: str, s: Settings, eps: float, work: Path, seed: int) -> dict:
-    """FedAvg over the sites; returns the final (or averaged) global state, per-round holdout AUROC, spends."""
+    """FedAvg over the sites (simulations.baselines.run_federated, draws seeded by `seed`); returns the final (or
+    averaged) global state, per-round holdout AUROC, spends."""
     torch.manual_seed(seed)
-    state = make_model(method, fed.num_classes, s.pool, s.norm).state_dict()
-    rng = np.random.default_rng([seed, 99])
-    dps = [None if math.isinf(eps) else
-           DPSite(work / site.name, site.name, len(site.y), len(site.y_own), site.n_manifest, s, eps, rng)
-           for site in fed.sites]
-    weights = [len(site.y) if dp is None else dp.n_noised for site, dp in zip(fed.sites, dps)]
-    server, history, curve = ServerOpt(s), [], []
-    prevalence = float(np.mean(np.concatenate([site.y for site in fed.sites]) == 1))
-    for rnd in range(1, s.rounds + 1):
-        states = []
-        for j, (site, dp) in enumerate(zip(fed.sites, dps)):
-            model = fresh_copy(method, state, fed.num_classes)
-            train_site(model, site.x, site.y, s, dp, rnd, seed * 100 + j)
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        state = server.step(state, average(states, weights))
-        history = (history + [state])[-s.avg_last:]
-        curve.append(scores(fresh_copy(method, state, fed.num_classes), fed.x_hold, fed.y_hold, prevalence)["auroc"])
-    spent = [dp.ledger.epsilon() if dp else math.inf for dp in dps]
-    return {"state": mean_state(history), "curve": curve, "spent": spent,
-            "sigma": dps[0].plan.noise_multiplier if dps[0] else 0.0, "prevalence": prevalence}
+    make = functools.partial(make_model, method, fed.num_classes, s.pool, s.norm)
+    res = baselines.run_federated(make, make().state_dict(), fed.sites, s.training(eps), work, seed,
+                                  server_step=ServerOpt(s).step, keep_last=s.avg_last,
+                                  holdout=(fed.x_hold, fed.y_hold), noise_seed=seed)
+    res["prevalence"] = float(np.mean(np.concatenate([site.y for site in fed.sites]) == 1))
+    return res
 
 
 def run_alone(method: str, x: np.ndarray, y: np.ndarray, n_own: int, n_manifest: int, s: Settings, eps: float,
               folder: Path, seed: int, num_classes: int) -> dict:
-    """One site alone (or the pooled data): the same rounds x epochs, a fresh module each round."""
+    """One site alone (or the pooled data): the same rounds x epochs (simulations.baselines.run_alone)."""
     torch.manual_seed(seed)
-    state = make_model(method, num_classes, s.pool, s.norm).state_dict()
-    dp = None if math.isinf(eps) else DPSite(folder, folder.name, len(y), n_own, n_manifest, s, eps,
-                                             np.random.default_rng([seed, 98]))
-    history = []
-    for rnd in range(1, s.rounds + 1):
-        model = fresh_copy(method, state, num_classes)
-        train_site(model, x, y, s, dp, rnd, seed)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        history = (history + [state])[-s.avg_last:]
-    return {"state": mean_state(history), "spent": [dp.ledger.epsilon()] if dp else [math.inf],
-            "sigma": dp.plan.noise_multiplier if dp else 0.0}
+    make = functools.partial(make_model, method, num_classes, s.pool, s.norm)
+    res = baselines.run_alone(make, make().state_dict(), x, y, n_own, n_manifest, s.training(eps), folder, seed,
+                              noise_seed=seed)
+    return {**res, "spent": [res["spent"]]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

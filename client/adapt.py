@@ -27,8 +27,9 @@ from client.policy import SitePolicy
 from client.shift_stats import model_outputs
 from client.site import STATE_DIR
 from core_models.data import load_site
-from core_models.networks import build_model
+from core_models.model_factory import ModelSpec
 from core_models.model_card import load_state_dict_file
+from core_models.protocol import CONFUSION, LABEL_COUNTS, NUM_CLASSES, OUTPUT_HIST
 from core_models.label_shift import N_BINS, bbse_prior, mlls_interval, output_bins
 
 
@@ -60,10 +61,10 @@ def estimate_prior(logits: np.ndarray, consortium: dict, rng: np.random.Generato
         raise ValueError("the consortium statistics use other log-odds bins than this client")
     bins = output_bins(logits)
     target = np.stack([np.bincount(bins[:, o], minlength=N_BINS) for o in range(bins.shape[1])]).astype(float)
-    cond = np.asarray(consortium["output_hist"], float)
+    cond = np.asarray(consortium[OUTPUT_HIST], float)
     prior, lo, hi = mlls_interval(target, 0.0, cond, float(consortium["output_hist_sigma"]), rng)
     k = cond.shape[0]
-    bbse = bbse_prior(np.bincount(logits.argmax(1), minlength=k), np.asarray(consortium["confusion"], float))
+    bbse = bbse_prior(np.bincount(logits.argmax(1), minlength=k), np.asarray(consortium[CONFUSION], float))
     return {"prior": prior, "lo": lo, "hi": hi, "bbse": bbse}
 
 
@@ -110,8 +111,8 @@ def _load_images(data: Path, image_size: int, num_classes: int, channels: int = 
 def _checked_sizes(consortium: dict, image_size: int | None, policy: SitePolicy) -> tuple[int, int]:
     """(classes, image size) from the consortium's file (it comes from outside the site), within the site's
     ceilings (max-stats-dim, max-image-size) and checked before anything is allocated."""
-    k, size = consortium.get("num_classes"), image_size or consortium.get("image_size")
-    for name, value, ceiling in (("num_classes", k, policy.ceilings["max-stats-dim"]),
+    k, size = consortium.get(NUM_CLASSES), image_size or consortium.get("image_size")
+    for name, value, ceiling in ((NUM_CLASSES, k, policy.ceilings["max-stats-dim"]),
                                  ("image_size", size, policy.ceilings["max-image-size"])):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
             raise ValueError(f"the consortium file's {name} must be an integer in [1, {ceiling}] (the site's "
@@ -132,13 +133,13 @@ def adapt_site(data: str | Path, model_path: str | Path, consortium_path: str | 
     channels = consortium.get("in_channels", 1)  # a file from outside the site: 1 or 3 only
     if channels not in (1, 3) or isinstance(channels, bool):
         raise ValueError(f"the consortium file's in_channels must be 1 or 3, got {channels!r}")
-    model = build_model(str(consortium["model"]), k, channels)
+    model = ModelSpec(model=str(consortium["model"]), num_classes=k, in_channels=channels).network()
     model.load_state_dict(load_model_weights(model_path))
     images, frame, labels = _load_images(data, size, k, channels)
     logits, _ = model_outputs(model, images)
     probs = torch.softmax(torch.as_tensor(logits), 1).numpy()
     est = estimate_prior(logits, consortium, np.random.default_rng(seed))
-    train_prior = np.clip(np.asarray(consortium["label_counts"], float), 0.0, None)
+    train_prior = np.clip(np.asarray(consortium[LABEL_COUNTS], float), 0.0, None)
     train_prior = train_prior / train_prior.sum()
     adapted = prior_correct(probs, est["prior"], train_prior)
     before = scores(probs, labels) if labels is not None else None

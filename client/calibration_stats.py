@@ -27,6 +27,7 @@ from client.shift_stats import known_labels, model_outputs, one_per_patient
 from client.site import LocalSite
 from client.statistics import Releaser
 from core_models.calibration import N_BINS, calibration_histograms
+from core_models.protocol import BINS, HIST, NUM_CLASSES, SIGMA
 
 SPLIT = "val"
 
@@ -44,5 +45,5 @@ def produce_calibration(site: LocalSite, model, request: dict, releaser: Release
     if model is None:
         raise ValueError("the calibration statistics need the global model")
     hist, k = site_histograms(site, model)
-    values = releaser.release("calibration/hist", hist, 1.0)
-    return {"hist": values, "num_classes": k, "bins": N_BINS, "sigma_hist": releaser.released["calibration/hist"]}
+    values = releaser.release(f"calibration/{HIST}", hist, 1.0)
+    return {HIST: values, NUM_CLASSES: k, BINS: N_BINS, SIGMA + HIST: releaser.released[f"calibration/{HIST}"]}

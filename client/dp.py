@@ -234,63 +234,88 @@ def patient_loader(images: np.ndarray, labels: np.ndarray, patients, plan: DPPla
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 
 
+@dataclass(frozen=True)
+class PatientData:
+    """What DP-SGD draws from: images, labels, each image's patient (the privacy unit; default: every image its own
+    patient) and the metadata rows a penalty reads beside the images."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    patients: np.ndarray | None = None
+    meta: np.ndarray | None = None
+
+    def patient_ids(self) -> np.ndarray:
+        patients = np.arange(len(self.labels)) if self.patients is None else np.asarray(self.patients)
+        if len(patients) != len(self.labels):
+            raise ValueError(f"{len(patients)} patient ids for {len(self.labels)} images")
+        return patients
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """How a site takes its DP-SGD steps, besides the plan: the clip norm, the physical chunk (memory), the optimiser
+    and FedProx's mu."""
+
+    max_grad_norm: float
+    physical_batch_size: int
+    optimizer: str = "adam"
+    lr: float = 0.002
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+
+    @classmethod
+    def of_run(cls, cfg, proximal_mu: float = 0.0) -> DPSettings:
+        """From the run config (core_models.config.RunConfig) and the round's mu."""
+        return cls(max_grad_norm=cfg.dp.max_grad_norm, physical_batch_size=cfg.dp.physical_batch_size,
+                   optimizer=cfg.train.optimizer, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                   proximal_mu=proximal_mu)
+
+
 def train_dp(
     model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
+    data: PatientData,
     plan: DPPlan,
     ledger: PrivacyLedger,
+    settings: DPSettings,
     *,
-    patients=None,
-    batch_size: int,
-    physical_batch_size: int,
-    max_grad_norm: float,
-    optimizer: str = "adam",
-    lr: float = 0.002,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
+    penalty_fn: Penalty | None = None,
+    loss_fn: LossFn | None = None,
     server_round: int | None = None,
     run_id: str | None = None,
-    meta: np.ndarray | None = None,
-    penalty_fn: Penalty | None = None,
     sampling_rng: np.random.Generator | None = None,
     noise_generator: torch.Generator | None = None,
-    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
-    """Train `model` in place with DP-SGD for `plan.steps_per_round` logical steps.
+    """Train `model` in place with DP-SGD for `plan.steps_per_round` logical steps, each charged to `ledger` (tagged
+    with the round and run).
 
-    `patients` gives each image's patient id (default: every image its own patient). Logical batches are
-    processed in physical chunks of `physical_batch_size` (BatchMemoryManager): noise and one ledger step per
-    logical batch, so memory follows the physical size and privacy the logical one. FedProx's term is added to
-    the noised gradient (core_models.training.ProximalTerm: post-processing, no privacy cost). `penalty_fn`
-    (with `meta` rows next to the images) is a Penalty: a mean of per-sample terms with public coefficients
-    (e.g. the fairness penalty with the server's broadcast PSE), so per-sample clipping still bounds each
-    patient's influence. `loss_fn` replaces the cross-entropy (a per-sample self-supervised pretext loss; labels
-    unused).
+    Logical batches are processed in physical chunks of `settings.physical_batch_size` (BatchMemoryManager): noise
+    and one ledger step per logical batch, so memory follows the physical size and privacy the logical one.
+    FedProx's term is added to the noised gradient (core_models.training.ProximalTerm: post-processing, no privacy
+    cost). `penalty_fn` (with `data.meta` rows next to the images) is a Penalty: a mean of per-sample terms with
+    public coefficients (e.g. the fairness penalty with the server's broadcast PSE), so per-sample clipping still
+    bounds each patient's influence. `loss_fn` replaces the cross-entropy (a per-sample self-supervised pretext
+    loss; labels unused).
     `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
-    `batch_size` is the logical batch the plan was sized for.
     Returns the mean training loss (withheld from DP replies; inf or NaN under a crafted model, never an error),
     the step count and `nonfinite_samples`: how many drawn samples had a non-finite per-sample gradient and added a
     zero gradient instead (NonfiniteGuard; also a warning in the site's log, never in a reply).
     """
-    del batch_size  # the plan's sample rate and expected batch size already carry it
     device = get_device()
     model.to(device).train()
     # Frozen stem + no summed conv gradients: 1.25x a plain step instead of 1.7x
     # (benchmarks/bench_dp.py). The frozen stem keeps the global model's weights.
     prepare_for_dp(model)
-    opt, counter = local_optimizer(model, optimizer, lr, weight_decay, proximal_mu)
-    patients = np.arange(len(labels)) if patients is None else np.asarray(patients)
-    if len(patients) != len(labels):
-        raise ValueError(f"{len(patients)} patient ids for {len(labels)} images")
-    loader = patient_loader(images, labels, patients, plan, sampling_rng or os_entropy_rng(), meta)
+    opt, counter = local_optimizer(model, settings.optimizer, settings.lr, settings.weight_decay,
+                                   settings.proximal_mu)
+    loader = patient_loader(data.images, data.labels, data.patient_ids(), plan, sampling_rng or os_entropy_rng(),
+                            data.meta)
     engine = PrivacyEngine(accountant="rdp")
     private_model, private_opt, private_loader = engine.make_private(
         module=model,
         optimizer=opt,
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=settings.max_grad_norm,
         poisson_sampling=False,  # the loader already samples patients by Poisson draws
         noise_generator=noise_generator or os_entropy_generator(device),
     )
@@ -300,7 +325,7 @@ def train_dp(
     # hook once per noised (logical) step, never on the physical chunks in between.
     private_opt.attach_step_hook(ledger.optimizer_hook(plan.noise_multiplier, plan.sample_rate, round=server_round,
                                                        run_id=run_id))
-    with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=physical_batch_size,
+    with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=settings.physical_batch_size,
                             optimizer=private_opt) as batches:
         total_loss, total_n = train_steps(private_model, batches, private_opt, device, penalty_fn, loss_fn=loss_fn)
     if guard.count:

@@ -41,7 +41,8 @@ from client.site import LocalSite
 from client.statistics import Releaser
 from core_models.config import ShiftConfig, read_section
 from core_models.label_shift import N_BINS, output_bins
-from core_models.protocol import SEED
+from core_models.protocol import (BINS, CONFUSION, INTENSITY_HIST, LABEL_COUNTS, MANUFACTURERS, MIN_COUNT, NUM_CLASSES,
+                                  NUM_OUTPUTS, OUTPUT_HIST, RFF_DIM, RFF_SUM, SEED, SIGMA)
 
 INTENSITY_BINS = 16
 log = logging.getLogger(__name__)
@@ -164,18 +165,17 @@ def release_shift(releaser: Releaser, k: int, labels_all: np.ndarray, images_all
     freqs = rff_map(settings.seed, features.shape[1], shift.rff_dim, shift.rff_bandwidth)
     rff = rff_features(features, freqs, shift.feature_clip)
     values = {
-        "label_counts": releaser.release_counts("shift/label_counts", np.bincount(labels_all, minlength=k), 1.0),
-        "confusion": releaser.release_counts("shift/confusion", confusion_counts(holdout_labels, logits, k), 1.0),
-        "output_hist": releaser.release_counts("shift/output_hist", class_output_hist(holdout_labels, logits, k),
-                                               float(np.sqrt(k_out))),
-        "rff_sum": releaser.release("shift/rff_sum", rff_class_sums(holdout_labels, rff, k), 1.0),
-        "intensity_hist": releaser.release_counts("shift/intensity_hist", intensity_hist(images_all), 1.0),
-        "manufacturers": releaser.release_counts("shift/manufacturers",
-                                                 manufacturer_counts(manufacturers, shift.vocabulary), 1.0),
+        LABEL_COUNTS: releaser.release_counts(f"shift/{LABEL_COUNTS}", np.bincount(labels_all, minlength=k), 1.0),
+        CONFUSION: releaser.release_counts(f"shift/{CONFUSION}", confusion_counts(holdout_labels, logits, k), 1.0),
+        OUTPUT_HIST: releaser.release_counts(f"shift/{OUTPUT_HIST}", class_output_hist(holdout_labels, logits, k),
+                                             float(np.sqrt(k_out))),
+        RFF_SUM: releaser.release(f"shift/{RFF_SUM}", rff_class_sums(holdout_labels, rff, k), 1.0),
+        INTENSITY_HIST: releaser.release_counts(f"shift/{INTENSITY_HIST}", intensity_hist(images_all), 1.0),
+        MANUFACTURERS: releaser.release_counts(f"shift/{MANUFACTURERS}",
+                                               manufacturer_counts(manufacturers, shift.vocabulary), 1.0),
     }
-    shape = {"num_classes": k, "num_outputs": k_out, "bins": N_BINS, "rff_dim": rff.shape[1],
-             "min_count": releaser.min_count}
-    sigmas = {f"sigma_{name}": releaser.released[f"shift/{name}"] for name in values}
+    shape = {NUM_CLASSES: k, NUM_OUTPUTS: k_out, BINS: N_BINS, RFF_DIM: rff.shape[1], MIN_COUNT: releaser.min_count}
+    sigmas = {SIGMA + name: releaser.released[f"shift/{name}"] for name in values}
     return {**values, **shape, **sigmas}
 
 

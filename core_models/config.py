@@ -4,7 +4,9 @@ Flower hands every handler the whole run config: pyproject's `[tool.flwr.app.con
 defaults live) merged with the run's overrides. Each concern below reads its keys into a frozen
 dataclass, so a handler reads `RunConfig.from_flower(context.run_config)` at its top and never looks
 a key up again; a missing or mistyped key fails there, by name. The field-to-key map is explicit
-(`key(...)`); a test checks that the dataclasses and pyproject's table name the same keys.
+(`key(...)`); a test checks that the dataclasses and pyproject's table name the same keys. The training keys
+pyproject leaves at "auto" (model, optimizer, learning-rate, batch-size, local-epochs) are resolved first, by
+(model, dp): `resolve_auto`, `RECIPES`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def key(name: str):
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    if value == AUTO and name in AUTO_KEYS:  # resolved by resolve_auto before any section reads it
+        return value
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -86,9 +90,70 @@ def _within(name: str, value: float, low: float, high: float, *, above: bool = F
         raise ConfigError(f"run config {name!r} must be a finite number in {bound}, got {value!r}")
 
 
-def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _one_of(name: str, value: str, choices: tuple[str, ...], also: tuple[str, ...] = ()) -> None:
+    """`value` is one of `choices` (the message names `also` too: values resolved before the check)."""
     if value not in choices:
-        raise ConfigError(f"run config {name!r} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"run config {name!r} must be one of {[*also, *choices]}, got {value!r}")
+
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a model trains: what the training keys a run leaves at "auto" become."""
+
+    optimizer: str
+    learning_rate: float
+    batch_size: int
+    local_epochs: int
+
+
+# Without DP every model trains with these (make demo's settings).
+PLAIN_RECIPE = Recipe(optimizer="adam", learning_rate=0.002, batch_size=16, local_epochs=2)
+# (model, dp) -> its measured recipe; any other pair trains with PLAIN_RECIPE. Under DP, scatter-linear learns on
+# real scans at hospital sizes with full-batch DP-GD (benchmarks/RESULTS.md, Session 17: BreastMNIST, 3 sites,
+# epsilon 8, holdout AUROC 0.83 where the cnn stays at the majority rate): a logical batch of 256 (>= a site's
+# patients, so every local epoch is one noised step of the whole site), plain SGD with a large step on the clipped
+# mean gradient (Adam, or many small steps, let clipping pull the probabilities to the majority class), and one
+# local epoch a round (no client drift under label skew).
+RECIPES: dict[tuple[str, bool], Recipe] = {
+    ("scatter-linear", True): Recipe(optimizer="sgd", learning_rate=0.5, batch_size=256, local_epochs=1),
+}
+# model = "auto", by dp: under DP, fixed scattering features and one linear layer (few noised parameters)
+AUTO_MODEL = {False: "cnn", True: "scatter-linear"}
+AUTO_KEYS = {"model": "model", "optimizer": "optimizer", "learning-rate": "learning_rate",
+             "batch-size": "batch_size", "local-epochs": "local_epochs"}  # run-config key -> Recipe field
+
+
+def recipe_for(model: str, dp: bool) -> Recipe:
+    return RECIPES.get((model, dp), PLAIN_RECIPE)
+
+
+def resolve_auto(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`run_config` with each training key left at "auto" set for this run; a value the run gives is kept.
+    model: scatter-linear under dp, cnn otherwise (and whenever the run needs a trainable encoder: a pretext task,
+    detection, a pretrained checkpoint); optimizer, learning-rate, batch-size, local-epochs: the recipe of
+    (model, dp). Server and sites read the same run config, so they resolve it alike."""
+    out = dict(run_config)
+    if not any(out.get(name) == AUTO for name in AUTO_KEYS):
+        return out
+    dp = _coerce("dp", out.get("dp", False), bool)
+    if out.get("model") == AUTO:
+        needs_encoder = bool(out.get("pretext")) or out.get("detection") in (True, "true") \
+            or bool(out.get("pretrained-path"))
+        out["model"] = AUTO_MODEL[dp and not needs_encoder]
+    recipe = recipe_for(str(out.get("model")), dp)
+    for name, attr in AUTO_KEYS.items():
+        if out.get(name) == AUTO:
+            out[name] = getattr(recipe, attr)
+    return out
+
+
+def auto_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The training keys this run config leaves at "auto", with what they resolve to (to print and record)."""
+    resolved = resolve_auto(run_config)
+    return {name: resolved[name] for name in AUTO_KEYS if run_config.get(name) == AUTO}
 
 
 @dataclass(frozen=True)
@@ -118,13 +183,16 @@ class TrainingConfig:
     detection: bool = key("detection")  # also train a lesion detector on the encoder (sites' boxes.csv)
 
     def check(self) -> None:
-        _one_of("model", self.model, self.MODELS)
+        _one_of("model", self.model, self.MODELS, also=(AUTO,))
+        if self.model.startswith("scatter") and self.image_size % 4:
+            raise ConfigError(f"run config 'model' = {self.model!r} scatters the image at two scales: 'image-size' "
+                              f"must be a multiple of 4, got {self.image_size}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"run config 'in-channels' must be 1 (grey) or 3 (RGB), got {self.in_channels}")
         _one_of("pretext", self.pretext, self.PRETEXTS)
         if self.pretext and self.freeze == "encoder":
             raise ConfigError("run config 'pretext' trains the encoder: it cannot be frozen (freeze = 'encoder')")
-        _one_of("optimizer", self.optimizer, ("adam", "sgd"))
+        _one_of("optimizer", self.optimizer, ("adam", "sgd"), also=(AUTO,))
         _one_of("freeze", self.freeze, ("none", "stem", "encoder"))  # core_models.pretrained.FREEZE_CHOICES
         if self.unfreeze_after < 0:
             raise ConfigError(f"run config 'unfreeze-after' must be >= 0, got {self.unfreeze_after}")
@@ -356,6 +424,8 @@ class RunConfig:
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """The run config read section by section, its "auto" training keys resolved (resolve_auto)."""
+        run_config = resolve_auto(run_config)
         hints = get_type_hints(cls)
         return cls(**{f.name: read_section(hints[f.name], run_config) for f in dataclasses.fields(cls)})
 

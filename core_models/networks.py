@@ -13,6 +13,7 @@ at full resolution, and `prepare_for_dp` trims what DP-SGD has to do per sample.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -220,6 +221,9 @@ class CoefficientCache:
 
 
 SCATTER_CACHE = CoefficientCache()
+# kymatio's filter banks by (input size, device), shared by every ScatterNet of the process: the transform is fixed,
+# and building one takes longer than a site's round on a few hundred cached images
+_FILTER_BANKS: dict = {}
 
 
 class ScatterNet(nn.Module):
@@ -229,14 +233,14 @@ class ScatterNet(nn.Module):
     Why: the scattering transform is fixed (no parameters, no privacy cost), and DP-SGD learns far better on such
     features than end to end (Tramer & Boneh, 2021: ScatterNet + a small CNN or a linear model beat end-to-end
     CNNs under DP). The transform is kept outside the module tree, so its filter banks are neither in the state dict
-    nor sent; one is built per input size (a multiple of 4) on first use, on the input's device. On CPU the
-    coefficients of images seen before come from :data:`SCATTER_CACHE`.
+    nor sent; one is built per input size (a multiple of 4) and device on first use, for every ScatterNet of the
+    process. On CPU the coefficients of images seen before come from :data:`SCATTER_CACHE`.
     `freeze=encoder` leaves a linear model on the (normalised, pooled) features. An RGB input (`in_channels=3`) is
     scattered channel by channel: 3 x 81 coefficient maps, normalised in groups of 9 as the grey ones are."""
 
     def __init__(self, num_classes: int = 2, width: int = 32, in_channels: int = 1) -> None:
         super().__init__()
-        self._transforms: dict = {}
+        self._transforms: dict = _FILTER_BANKS
         self.in_channels = int(in_channels)
         coefficients = 81 * self.in_channels
         self.norm = nn.GroupNorm(coefficients // 9, coefficients)
@@ -317,7 +321,7 @@ class ScatterLinear(ScatterNet):
 
     def __init__(self, num_classes: int = 2, in_channels: int = 1, pool: int = 7) -> None:
         nn.Module.__init__(self)
-        self._transforms: dict = {}
+        self._transforms: dict = _FILTER_BANKS
         self.in_channels = int(in_channels)
         self.norm = OrderNorm()
         self.pool = nn.AdaptiveAvgPool2d(pool)
@@ -380,17 +384,50 @@ def with_detector(model: nn.Module, train) -> nn.Module:
     return LesionDetector(model, train.image_size)
 
 
+_OUT_OF_PLACE_RELU = ("relu", {"inplace": False})
+
+
+@functools.cache
+def _out_of_place_block() -> type:
+    """MONAI's basic ResNetBlock (same layers, parameters and function) with its residual added and its ReLUs
+    applied out of place. Under DP-SGD Opacus' full backward hooks wrap each layer's output, and MONAI's in-place
+    `out += residual` and ReLU modify those outputs ("Output 0 of BackwardHookFunction is a view and is being
+    modified inplace": torch 2.13, Opacus 1.6), so model = resnet could not train with dp = true."""
+    from monai.networks.nets.resnet import ResNetBlock
+
+    class OutOfPlaceResNetBlock(ResNetBlock):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "act": _OUT_OF_PLACE_RELU})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+            residual = x if self.downsample is None else self.downsample(x)
+            return self.act(out + residual)
+
+    # a module-level name (served by __getattr__ below), so that the module pickles: Opacus' ModuleValidator clones
+    # the network through torch.save
+    OutOfPlaceResNetBlock.__module__, OutOfPlaceResNetBlock.__qualname__ = __name__, "OutOfPlaceResNetBlock"
+    return OutOfPlaceResNetBlock
+
+
+def __getattr__(name: str):
+    if name == "OutOfPlaceResNetBlock":  # built on first use: importing MONAI costs every process seconds
+        return _out_of_place_block()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _monai_resnet(num_classes: int, *, layers: list[int], widths: list[int], stem_kernel: int, stem_stride: int,
                   groups: int, bias_downsample: bool, in_channels: int = 1) -> nn.Module:
     """A 2-D MONAI ResNet of basic blocks (one input channel, or `in_channels`) behind `Standardize`, with GroupNorm
     throughout: MONAI 1.6 applies `norm` only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm
-    (DP-SGD needs it)."""
+    (DP-SGD needs it); its blocks and ReLUs work out of place (`_out_of_place_block`: DP-SGD needs that too)."""
     from monai.networks.nets import ResNet  # here: importing MONAI costs every process seconds
     from opacus.validators import ModuleValidator  # and so does Opacus (the server never needs it)
 
-    resnet = ResNet(block="basic", layers=layers, block_inplanes=widths, spatial_dims=2, n_input_channels=in_channels,
-                    conv1_t_size=stem_kernel, conv1_t_stride=stem_stride, no_max_pool=False,
-                    bias_downsample=bias_downsample, num_classes=num_classes, norm=("group", {"num_groups": groups}))
+    resnet = ResNet(block=_out_of_place_block(), layers=layers, block_inplanes=widths, spatial_dims=2,
+                    n_input_channels=in_channels, conv1_t_size=stem_kernel, conv1_t_stride=stem_stride,
+                    no_max_pool=False, bias_downsample=bias_downsample, num_classes=num_classes,
+                    norm=("group", {"num_groups": groups}), act=_OUT_OF_PLACE_RELU)
     return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
 
 

@@ -176,18 +176,16 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     card says so), the detector's classifier, which is what scores and explanations use. Raises ValueError naming
     the file when the weights do not fit that network."""
     from core_models.model_card import read_card
-    from core_models.networks import build_model
+    from core_models.model_factory import ModelSpec
 
     state = load_state_dict_file(path)
     card = read_card(path) or {}
     arch = arch or card.get("model", "cnn")
-    channels = in_channels or card.get("in_channels") or _stem_channels(state)
-    model = build_model(arch, num_classes or card.get("num_classes", 2), channels)
-    holder = model
-    if card.get("detector"):
-        from core_models.detection import LesionDetector
-
-        holder = LesionDetector(model, card["image_size"])
+    spec = ModelSpec(model=arch, num_classes=num_classes or card.get("num_classes", 2),
+                     in_channels=in_channels or card.get("in_channels") or _stem_channels(state),
+                     image_size=card.get("image_size", 64), detection=bool(card.get("detector")))
+    model = spec.network()
+    holder = spec.build(model)
     try:
         holder.load_state_dict(state)
     except RuntimeError as err:

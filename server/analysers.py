@@ -14,6 +14,7 @@ from flwr.common import log
 
 from core_models.config import RunConfig
 from core_models.protocol import STAT_CALIBRATION, STAT_FAIRNESS, STAT_SHIFT
+from core_models.run_files import ANALYSIS_ERRORS_LOG
 from server import calibration, fairness_audit, shift
 from server.site_statistics import SiteRelease
 
@@ -42,7 +43,7 @@ def analyse(out_dir: Path, server_round: int, releases: list[SiteRelease], cfg: 
         except Exception as err:  # a report or a figure never ends a training run
             failures[kind] = f"{type(err).__name__}: {err}"
             log(WARNING, "equifed round %d: %s analysis failed (%s); training goes on; traceback in %s",
-                server_round, kind, failures[kind], out_dir / "analysis_errors.log")
-            with open(out_dir / "analysis_errors.log", "a", encoding="utf-8") as fh:
+                server_round, kind, failures[kind], out_dir / ANALYSIS_ERRORS_LOG)
+            with open(out_dir / ANALYSIS_ERRORS_LOG, "a", encoding="utf-8") as fh:
                 fh.write(f"--- round {server_round}: {kind}\n{traceback.format_exc()}\n")
     return failures

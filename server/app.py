@@ -10,18 +10,19 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
 from core_models.config import RunConfig
-from core_models.networks import build_model, with_detector
-from core_models.pretext import PretextModel, encoder_state
+from core_models.model_factory import ModelSpec
+from core_models.pretext import encoder_state
 from core_models.pretrained import load_pretrained
 from core_models.model_card import write_card
 from core_models.protocol import DETECTION_HEAD
-from server.checkpoint import BEST_MODEL, load_latest
+from core_models.run_files import BEST_MODEL, FINAL_MODEL, PRIVACY_REGISTRY_JSON, detector_file
+from server.checkpoint import load_latest
 from server.hooks import (BestModel, CalibrationStep, Checkpointing, FairnessBroadcast, HoldoutEvaluation,
                           RoundEvaluation, RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly)
 from server.privacy_registry import PrivacyRegistry
@@ -44,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = _resume(out_dir, cfg, model, best)
     done = int(checkpoint["round"]) if checkpoint else 0
     saved = checkpoint["history"] if checkpoint else {"global": [], "sites": []}
-    registry = PrivacyRegistry(cfg.server.registry_path or out_dir / "privacy_registry.json")
+    registry = PrivacyRegistry(cfg.server.registry_path or out_dir / PRIVACY_REGISTRY_JSON)
     strategy = build_strategy(cfg.server, registry, round_offset=done, site_rows=saved["sites"],
                               state=checkpoint["strategy"] if checkpoint else None)
     history = RunHistory(out_dir, strategy, list(saved["global"]), cfg.server.num_rounds)
@@ -61,30 +62,29 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = _runner(strategy, cfg).start(
             grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=max(cfg.server.num_rounds - done, 0),
-            timeout=cfg.server.round_timeout, train_config=ConfigRecord({"local-epochs": cfg.train.local_epochs}),
-            evaluate_fn=evaluate_round)
+            timeout=cfg.server.round_timeout, evaluate_fn=evaluate_round)
         final = result.arrays.to_torch_state_dict() if result.arrays is not None else model.state_dict()
     except StopEarly as why:
         stopped = str(why)
         log(WARNING, "equifed: stopped early after round %d: %s", history.rows[-1]["round"], stopped)
         final = checkpoints.last_arrays.to_torch_state_dict()
-    torch.save(final, out_dir / "final_model.pt")
+    torch.save(final, out_dir / FINAL_MODEL)
     if cfg.train.pretext:  # the encoder (a plain network state dict, its head untrained): a pretrained-path
-        for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):
+        for saved in (out_dir / FINAL_MODEL, out_dir / BEST_MODEL):
             state = torch.load(saved, weights_only=True) if saved.exists() else {}
             if any(k.startswith("network.") for k in state):  # (already converted when a finished run resumed)
                 torch.save(_network_of(cfg, state), saved)
     if cfg.train.detection:  # the classifier alone (what scoring and auditing load); the whole detector beside it
-        for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):
+        for saved in (out_dir / FINAL_MODEL, out_dir / BEST_MODEL):
             state = torch.load(saved, weights_only=True) if saved.exists() else {}
             if any(k.startswith(DETECTION_HEAD) for k in state):  # (already split when a finished run resumed)
-                torch.save(state, saved.with_name(saved.stem + "_detector.pt"))
+                torch.save(state, detector_file(saved))
                 torch.save({k[len(CLASSIFIER):]: v for k, v in state.items() if k.startswith(CLASSIFIER)}, saved)
-    for saved in (out_dir / "final_model.pt", out_dir / BEST_MODEL):  # what scoring the model later needs
+    for saved in (out_dir / FINAL_MODEL, out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size,
                        in_channels=cfg.train.in_channels)
-        detector = saved.with_name(saved.stem + "_detector.pt")
+        detector = detector_file(saved)
         if cfg.train.detection and detector.exists():
             write_card(detector, cfg.train.model, cfg.train.num_classes, cfg.train.image_size, detector=True,
                        in_channels=cfg.train.in_channels)
@@ -98,20 +98,20 @@ CLASSIFIER = "classifier."  # a LesionDetector's state-dict prefix of its classi
 def initial_model(cfg: RunConfig) -> torch.nn.Module:
     """The round-0 global model: fresh weights, or the run config's pretrained checkpoint mapped onto them; in a
     pretext run, with the pretext task's head (PretextModel); with detection, wrapped in its LesionDetector."""
-    model = build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels)
+    spec = ModelSpec.of_run(cfg.train)
+    network = spec.network()
     if cfg.train.pretrained_path:
-        report = load_pretrained(model, cfg.train.pretrained_path, cfg.train.pretrained_key_map)
+        report = load_pretrained(network, cfg.train.pretrained_path, cfg.train.pretrained_key_map)
         log(INFO, "equifed: pretrained %s: %d tensors loaded (%d adapted %s), %d kept fresh: %s",
             cfg.train.pretrained_path, len(report.loaded), len(report.adapted),
             "grey -> RGB" if cfg.train.in_channels == 3 else "RGB -> grey", len(report.skipped),
             ", ".join(f"{k} ({why})" for k, why in list(report.skipped.items())[:5]) or "none")
-    return PretextModel(model, cfg.train.pretext) if cfg.train.pretext else with_detector(model, cfg.train)
+    return spec.build(network)
 
 
 def _network_of(cfg: RunConfig, pretext_state: dict) -> dict:
     """The network's own state dict from a PretextModel's."""
-    model = PretextModel(build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels),
-                         cfg.train.pretext)
+    model = ModelSpec.of_run(cfg.train).build()
     model.load_state_dict(pretext_state)
     return encoder_state(model)
 
@@ -142,7 +142,7 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
     """The run's tables, learning curve and summary.json."""
     history.write()
     try:
-        plot_learning_curve(out_dir, history.rows, history.strategy.site_rows)
+        plot_learning_curve(out_dir, history.rows, history.strategy.sites.rows)
     except Exception as err:  # a figure never fails a finished run
         log(WARNING, "equifed: the learning curve could not be drawn (%s: %s)", type(err).__name__, err)
         analysis_failures.append({"round": cfg.server.num_rounds, "analysis": "learning_curve",

@@ -24,11 +24,10 @@ import numpy as np
 from core_models.calibration import N_BINS, Calibration, fit_from_histograms
 from core_models.config import RunConfig, run_config_of
 from core_models.jsonable import jsonable
-from core_models.protocol import STAT_CALIBRATION
+from core_models.protocol import BINS, HIST, NUM_CLASSES, SIGMA, STAT_CALIBRATION
+from core_models.run_files import CALIBRATION_DIR, CALIBRATION_JSON, round_file
 from server.site_statistics import SiteRelease
 
-CALIBRATION_JSON = "calibration.json"
-CALIBRATED_MODEL = "calibrated_model.pt"
 KIND = STAT_CALIBRATION
 
 
@@ -40,11 +39,11 @@ def pooled(releases: list[SiteRelease], num_classes: int) -> tuple[np.ndarray, f
         rec = rel.records.get(KIND) if rel.status == "ok" else None
         if rec is None:
             continue
-        hist = np.asarray(rec["hist"], dtype=np.float64)
-        if int(rec["num_classes"]) != num_classes or int(rec["bins"]) != N_BINS or hist.size != 2 * N_BINS:
+        hist = np.asarray(rec[HIST], dtype=np.float64)
+        if int(rec[NUM_CLASSES]) != num_classes or int(rec[BINS]) != N_BINS or hist.size != 2 * N_BINS:
             continue
         total += hist.reshape(2, N_BINS)
-        variance += float(rec["sigma_hist"]) ** 2
+        variance += float(rec[SIGMA + HIST]) ** 2
         sites.append(rel.site)
     return total, math.sqrt(variance), sites
 
@@ -70,8 +69,8 @@ def analyse_calibration(out_dir: Path, server_round: int, releases: list[SiteRel
     result = {"round": server_round, **fit_releases(releases, cfg.train.num_classes)}
     text = json.dumps(jsonable(result), indent=1) + "\n"
     (Path(out_dir) / CALIBRATION_JSON).write_text(text)
-    (Path(out_dir) / "calibration").mkdir(exist_ok=True)
-    (Path(out_dir) / "calibration" / f"round_{server_round:03d}.json").write_text(text)
+    (Path(out_dir) / CALIBRATION_DIR).mkdir(exist_ok=True)
+    round_file(Path(out_dir) / CALIBRATION_DIR, server_round, ".json").write_text(text)
 
 
 def read_fit(out_dir: Path, server_round: int) -> Calibration | None:

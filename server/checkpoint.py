@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core_models.protocol import NUM_EXAMPLES
+from core_models.protocol import NUM_EXAMPLES, VAL_AUROC, VAL_LOSS
+from core_models.run_files import BEST_MODEL, CHECKPOINTS, LATEST_CHECKPOINT, round_file
 
 FORMAT = 2  # 1: numpy arrays and dicts pickled (needed weights_only=False; no longer read)
 
@@ -48,7 +49,7 @@ def _tensor(value) -> torch.Tensor:
 
 def save_checkpoint(out_dir: Path, server_round: int, state_dict: dict, strategy_state: dict, history: dict) -> Path:
     """Write checkpoints/round_NNN.pt and point latest.pt at it (atomic rename)."""
-    folder = Path(out_dir) / "checkpoints"
+    folder = Path(out_dir) / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
@@ -57,13 +58,13 @@ def save_checkpoint(out_dir: Path, server_round: int, state_dict: dict, strategy
         "strategy": {str(name): {str(k): _tensor(v) for k, v in part.items()} for name, part in strategy_state.items()},
         "history": json.dumps(history, default=_jsonable, allow_nan=True),
     }
-    path = folder / f"round_{server_round:03d}.pt"
-    tmp = folder / f".round_{server_round:03d}.pt.tmp"
+    path = round_file(folder, server_round, ".pt")
+    tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     latest_tmp = folder / ".latest.pt.tmp"
     torch.save(payload, latest_tmp)
-    os.replace(latest_tmp, folder / "latest.pt")
+    os.replace(latest_tmp, folder / LATEST_CHECKPOINT)
     return path
 
 
@@ -115,7 +116,7 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_latest(out_dir: Path) -> dict | None:
     """The most recent checkpoint of a run folder, or None when there is none."""
-    path = Path(out_dir) / "checkpoints" / "latest.pt"
+    path = Path(out_dir) / CHECKPOINTS / LATEST_CHECKPOINT
     if not path.exists():
         return None
     return read_checkpoint(path)
@@ -124,8 +125,7 @@ def load_latest(out_dir: Path) -> dict | None:
 
 # --- the best global model ---------------------------------------------------------------------------------
 
-BEST_BY = ("val-loss", "val-auroc", "holdout-loss", "holdout-auroc", "none")
-BEST_MODEL = "best_model.pt"
+BEST_BY = (VAL_LOSS, VAL_AUROC, "holdout-loss", "holdout-auroc", "none")  # the sites' val-* metrics, or the holdout's
 
 
 def choose_best_metric(best_by: str, dp: bool, has_holdout: bool) -> tuple[str, str]:
@@ -230,7 +230,7 @@ def restore_best_model(out_dir: Path, best_round: int) -> None:
     best_model.pt for a round that is now run again). Without that checkpoint, the best_model.pt already there
     is kept; with neither, a CheckpointError says so."""
     out_dir = Path(out_dir)
-    path = out_dir / "checkpoints" / f"round_{best_round:03d}.pt"
+    path = round_file(out_dir / CHECKPOINTS, best_round, ".pt")
     if path.exists():
         save_model(out_dir / BEST_MODEL, read_checkpoint(path)["model"])
     elif not (out_dir / BEST_MODEL).exists():

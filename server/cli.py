@@ -28,10 +28,12 @@ import pandas as pd
 
 from core_models.config import ConfigError, RunConfig, app_defaults
 from core_models.processes import APP_DIR, port_is_free
+from core_models.run_files import CHECKPOINTS, LATEST_CHECKPOINT, METRICS_CSV, PRIVACY_REGISTRY_JSON
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
                            hospital_private_keys_in_folder, load_index, register_site, setup_consortium,
                            sync_allow_list)
-from server.console import annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
+from server.console import (add_run_arguments, annotate_summary, follow_run, nothing_trained, save_overrides,
+                            settle_overrides)
 
 
 def _warn_hospital_keys(folder: Path) -> None:
@@ -130,7 +132,7 @@ def _lock_state(folder: Path):
 
 
 def _last_round(out: Path) -> int:
-    metrics = out / "metrics.csv"
+    metrics = out / METRICS_CSV
     if not metrics.exists() or metrics.stat().st_size == 0:
         return -1
     return int(pd.read_csv(metrics)["round"].max())
@@ -161,7 +163,7 @@ def _check_folder(folder: Path) -> dict | None:
 def _check_run(args: argparse.Namespace, out: Path) -> dict | None:
     """The run's checked overrides, or None after saying why the run cannot start (bad -c, a run already in
     `out` without --resume, a busy port)."""
-    checkpoint = out / "checkpoints" / "latest.pt"
+    checkpoint = out / CHECKPOINTS / LATEST_CHECKPOINT
     try:  # every key and value checked before anything is written or started
         defaults = app_defaults(APP_DIR / "pyproject.toml")
         overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds,
@@ -220,7 +222,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
     run_config = {"out-dir": str(out), "resume": bool(args.resume), "min-train-nodes": args.min_sites,
-                  "registry-path": str(folder / "state" / "privacy_registry.json"),  # outlives any one run
+                  "registry-path": str(folder / "state" / PRIVACY_REGISTRY_JSON),  # outlives any one run
                   **overrides}
     _raise_on_sigterm()
     link = deployment_superlink(folder, host=args.host, port=args.port)
@@ -288,14 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (metrics, per-site table, checkpoints)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     p.add_argument("--port", type=int, default=9092, help="port the hospitals dial (default 9092)")
-    p.add_argument("--rounds", type=int, help="number of rounds (run config num-server-rounds)")
-    p.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any [tool.flwr.app.config] key")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint, with the settings it was started with "
-                        "(a -c given again may change only rounds, timeouts and reporting)")
-    p.add_argument("--force-config", action="store_true",
-                   help="with --resume: apply every -c given, even one that changes the experiment")
+    add_run_arguments(p)
     p.add_argument("--min-sites", type=int, default=2,
                    help="a round goes on with this many sites; fewer connected and the round waits")
     p.add_argument("--wait-for-sites", type=int, default=0,

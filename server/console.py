@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -12,12 +13,13 @@ import pandas as pd
 
 from core_models.config import ConfigError, check_overrides, schema
 from core_models.processes import app_snapshot
+from core_models.run_files import FLOWER_LOG, METRICS_CSV, PER_SITE_CSV, SAVED_OVERRIDES, SUMMARY_JSON
 
 # Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
 # results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.
 RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "out-dir", "statistics",
                                "fraction-evaluate", "min-train-nodes", "patience", "calibrate"})
-SAVED_CONFIG = "run_overrides.json"
+SAVED_CONFIG = SAVED_OVERRIDES
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -70,6 +72,18 @@ def settle_overrides(out: Path, items: list[str], defaults: dict, *, rounds: int
     return overrides
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every command that runs the app takes: rounds, -c overrides, and resuming the run folder."""
+    parser.add_argument("--rounds", type=int, help="number of federated rounds (run config num-server-rounds)")
+    parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any [tool.flwr.app.config] key, e.g. -c strategy=fedprox")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run folder's last checkpoint, with the settings the run was started "
+                             "with (a -c given again may change only rounds, timeouts and reporting)")
+    parser.add_argument("--force-config", action="store_true",
+                        help="with --resume: apply every -c given, even one that changes the experiment")
+
+
 class RoundPrinter:
     """Prints each new round of per_site.csv / metrics.csv as the server writes them."""
 
@@ -79,13 +93,15 @@ class RoundPrinter:
 
     def __call__(self) -> None:
         from server.results import round_table
+        from server.site_rows import SiteRow
 
-        metrics, per_site = self.out / "metrics.csv", self.out / "per_site.csv"
+        metrics, per_site = self.out / METRICS_CSV, self.out / PER_SITE_CSV
         if not metrics.exists() or not per_site.exists():
             return
         try:
             glob = pd.read_csv(metrics).to_dict("records")
             sites = pd.read_csv(per_site).to_dict("records") if per_site.stat().st_size > 1 else []
+            sites = [SiteRow.from_row(r) for r in sites]
         except (pd.errors.EmptyDataError, pd.errors.ParserError):
             return  # caught mid-write; next poll
         for row in glob:
@@ -106,14 +122,14 @@ def follow_run(link, run_config: dict, out: Path, *, timeout: float, announce: C
     printer.printed = printed
     status = link.wait(run_id, timeout=timeout, on_poll=printer)
     printer()
-    (out / "flower.log").write_text(link.logs(run_id))
+    (out / FLOWER_LOG).write_text(link.logs(run_id))
     return run_id, status
 
 
 def annotate_summary(out: Path, **fields) -> dict | None:
     """summary.json (which the ServerApp writes when the run completes) with the command's own facts added;
     None when the run wrote none."""
-    path = out / "summary.json"
+    path = out / SUMMARY_JSON
     if not path.exists():
         return None
     summary = {**json.loads(path.read_text()), **fields}

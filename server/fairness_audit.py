@@ -23,6 +23,7 @@ from flwr.common import log
 
 from core_models.config import RunConfig, run_config_of
 from core_models.protocol import STAT_FAIRNESS
+from core_models.run_files import FAIRNESS_AUDIT_JSON, FAIRNESS_DIR, round_file
 from fairness.federated import audit_from_statistics, layout_for, stats_from_record, sum_statistics
 from fairness.graph import GraphError
 from fairness.report import run_context, write_report
@@ -55,11 +56,11 @@ def analyse_fairness(out_dir: Path, server_round: int, releases: list[SiteReleas
     audit = audit.replace(round=server_round, federated={**audit.federated, "not_released": missing})
     context = run_context(out_dir, {r.site: r.epsilon for r in ok})
     write_report(audit, out_dir, context=context, title=f"Federated causal fairness audit, round {server_round}")
-    audit.write(Path(out_dir) / "fairness" / f"round_{server_round:03d}.json")
+    audit.write(round_file(Path(out_dir) / FAIRNESS_DIR, server_round, ".json"))
     log(INFO, "equifed fairness: round %d: %s (rows outside the declared levels, noised: %.1f)", server_round,
         audit.verdict["text"], audit.federated["rows_in_other_cells"])
 
 
 def load_audit(out_dir: Path) -> AuditResult:
     """The latest federated audit of a run folder."""
-    return AuditResult.read(Path(out_dir) / "fairness_audit.json")
+    return AuditResult.read(Path(out_dir) / FAIRNESS_AUDIT_JSON)

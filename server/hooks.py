@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -25,16 +25,18 @@ from core_models.calibration import fold_into_head, probability_metrics
 from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
 from core_models.data import load_site
 from core_models.model_card import card_path, write_card
-from core_models.networks import build_model, with_detector
-from core_models.protocol import (FAIR_COUNTS, NUM_EXAMPLES, PSE_COUNTS, PSE_SUMS, SEED, SERVER_ROUND, STAT_FAIR_PSE,
-                                  STATISTICS, TRAIN_LOSS, VAL_AUROC, VAL_LOSS)
+from core_models.model_factory import ModelSpec
+from core_models.protocol import (NUM_EXAMPLES, PSE_COUNTS, PSE_SUMS, STAT_FAIR_PSE, TRAIN_LOSS, VAL_AUROC, VAL_LOSS,
+                                  StatisticsRequest)
+from core_models.run_files import BEST_MODEL, CALIBRATED_MODEL, CALIBRATION_JSON, HOLDOUT_BOXES_PNG, detector_file
 from core_models.training import evaluate, make_loader, predict_proba
 from fairness import mitigation
 from server.analysers import analyse
-from server.calibration import CALIBRATED_MODEL, KIND as CALIBRATION, read_fit
-from server.checkpoint import (BEST_MODEL, BestTracker, choose_best_metric, pooled, restore_best_model,
+from server.calibration import KIND as CALIBRATION, read_fit
+from server.checkpoint import (BestTracker, choose_best_metric, pooled, restore_best_model,
                                save_checkpoint, save_model)
 from server.results import round_table, write_tables
+from server.site_rows import BUDGET_EXHAUSTED, OK, STATISTICS, TRAIN
 from server.site_statistics import request_config, to_releases
 from server.strategy import SiteTrackingMixin
 
@@ -69,13 +71,13 @@ class RunHistory:
         self.out_dir, self.strategy, self.rows, self.total_rounds = out_dir, strategy, rows, total_rounds
 
     def write(self) -> None:
-        write_tables(self.out_dir, self.rows, self.strategy.site_rows)
+        write_tables(self.out_dir, self.rows, self.strategy.sites.rows)
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
         self.write()
         log(INFO, "equifed round %d/%d\n%s", row["round"], self.total_rounds,
-            round_table(row["round"], self.strategy.site_rows, row))
+            round_table(row["round"], self.strategy.sites.rows, row))
 
 
 class HoldoutEvaluation:
@@ -87,7 +89,7 @@ class HoldoutEvaluation:
         data = load_site(path, image_size=train.image_size, num_classes=train.num_classes, channels=train.in_channels)
         self.images, self.labels = data.images, data.labels
         self.loader = make_loader(data.images, data.labels, batch_size=256)
-        self.model = with_detector(build_model(train.model, train.num_classes, train.in_channels), train)
+        self.model = ModelSpec.of_run(train).scoring().build()
         self.boxes = None
         if train.detection:
             from core_models.data.boxes import image_boxes
@@ -115,7 +117,7 @@ class HoldoutEvaluation:
                 shown = [i for i, t in enumerate(truth) if len(t)][:6] + [i for i, t in enumerate(truth)
                                                                           if not len(t)][:2]
                 draw_detections(self.images[keep][shown], [truth[i] for i in shown], [found[i] for i in shown],
-                                Path(self.out_dir) / "holdout_boxes.png")
+                                Path(self.out_dir) / HOLDOUT_BOXES_PNG)
             except Exception as err:  # noqa: BLE001  a plot never ends a training run
                 log(WARNING, "equifed: holdout_boxes.png not drawn: %s: %s", type(err).__name__, err)
         return ap
@@ -129,15 +131,14 @@ class SiteOutcomes:
         self.history = history
 
     def __call__(self, rnd: Round) -> None:
-        site_rows = self.history.strategy.site_rows
-        train_ok = [r for r in site_rows if r["round"] == rnd.number and r["phase"] == "train" and r["status"] == "ok"]
-        exhausted = [r for r in site_rows if r["round"] == rnd.number and r["status"] == "budget exhausted"]
-        if not train_ok and not exhausted:
+        sites = self.history.strategy.sites
+        train_ok = [r.metrics for r in sites.of(rnd.number, TRAIN, OK)]
+        if not train_ok and not sites.of(rnd.number, status=BUDGET_EXHAUSTED):
             self.history.write()  # the sites' reasons reach per_site.csv
             raise RunFailed(f"round {rnd.number}: no site returned a model; see per_site.csv")
         row = rnd.row
         row["sites_trained"] = len(train_ok)
-        losses = [(r[TRAIN_LOSS], r[NUM_EXAMPLES]) for r in train_ok if math.isfinite(r[TRAIN_LOSS])]
+        losses = [(m[TRAIN_LOSS], m[NUM_EXAMPLES]) for m in train_ok if math.isfinite(m[TRAIN_LOSS])]
         if losses:  # sites under DP withhold their training loss (NaN)
             row["train_loss"] = float(np.average([v for v, _ in losses], weights=[max(w, 1.0) for _, w in losses]))
         for key in (VAL_LOSS, VAL_AUROC):  # of the sites' models after this round's local training
@@ -160,9 +161,9 @@ class FairnessBroadcast:
 
     def collect(self, rnd: Round) -> dict:
         fair, current = self.cfg.fair, rnd.number
-        request = ConfigRecord({STATISTICS: STAT_FAIR_PSE, SERVER_ROUND: current, SEED: self.cfg.train.seed,
-                                FAIR_COUNTS: not self.counts, **keys_of(fair)})
-        replies = self.strategy.query(self.grid, rnd.arrays, request, current, STAT_FAIR_PSE,
+        request = StatisticsRequest((STAT_FAIR_PSE,), current, self.cfg.train.seed, fair_counts=not self.counts,
+                                    settings=keys_of(fair))
+        replies = self.strategy.query(self.grid, rnd.arrays, request, STAT_FAIR_PSE,
                                       timeout=self.cfg.server.round_timeout)
         releases = to_releases(replies, [STAT_FAIR_PSE])
         got = [r.records[STAT_FAIR_PSE] for r in releases if STAT_FAIR_PSE in r.records]
@@ -200,8 +201,8 @@ class StatisticsCollection:
 
     def __call__(self, rnd: Round) -> None:
         kinds = self.cfg.release.kinds
-        replies = self.strategy.query(self.grid, rnd.arrays, request_config(self.cfg, rnd.number), rnd.number,
-                                      "statistics", timeout=self.cfg.server.round_timeout)
+        replies = self.strategy.query(self.grid, rnd.arrays, request_config(self.cfg, rnd.number), STATISTICS,
+                                      timeout=self.cfg.server.round_timeout)
         failed = analyse(self.out_dir, rnd.number, to_releases(replies, kinds), self.cfg, kinds)
         if failed:
             self.failures.extend({"round": rnd.number, "analysis": k, "error": v} for k, v in failed.items())
@@ -225,8 +226,8 @@ class CalibrationStep:
     def __call__(self, rnd: Round) -> None:
         fit = read_fit(self.out_dir, rnd.number) if CALIBRATION in self.cfg.release.kinds else None
         if fit is None:
-            request = ConfigRecord({STATISTICS: CALIBRATION, SERVER_ROUND: rnd.number, SEED: self.cfg.train.seed})
-            replies = self.strategy.query(self.grid, rnd.arrays, request, rnd.number, CALIBRATION,
+            request = StatisticsRequest((CALIBRATION,), rnd.number, self.cfg.train.seed)
+            replies = self.strategy.query(self.grid, rnd.arrays, request, CALIBRATION,
                                           timeout=self.cfg.server.round_timeout)
             failed = analyse(self.out_dir, rnd.number, to_releases(replies, [CALIBRATION]), self.cfg, [CALIBRATION])
             self._failed(rnd, failed)
@@ -236,7 +237,7 @@ class CalibrationStep:
         card_path(path).unlink(missing_ok=True)
         if fit is None:
             log(WARNING, "equifed: no calibration after round %d; see %s", rnd.number,
-                self.out_dir / "calibration.json")
+                self.out_dir / CALIBRATION_JSON)
             return
         try:
             self._apply(rnd, fit, path)
@@ -259,7 +260,7 @@ class CalibrationStep:
 
     def _apply(self, rnd: Round, fit, path: Path) -> None:
         train = self.cfg.train
-        model = with_detector(build_model(train.model, train.num_classes, train.in_channels), train)
+        model = ModelSpec.of_run(train).scoring().build()
         model.load_state_dict(rnd.arrays.to_torch_state_dict())
         fold_into_head(model, fit)
         save_model(path, getattr(model, "classifier", model).state_dict())  # the classifier, as final_model.pt
@@ -310,7 +311,7 @@ class BestModel:
         """No best model so far: an earlier one here, and its card, would be taken for this run's."""
         (self.out_dir / BEST_MODEL).unlink(missing_ok=True)
         card_path(self.out_dir / BEST_MODEL).unlink(missing_ok=True)
-        (self.out_dir / BEST_MODEL).with_name(Path(BEST_MODEL).stem + "_detector.pt").unlink(missing_ok=True)
+        detector_file(self.out_dir / BEST_MODEL).unlink(missing_ok=True)
 
     def update(self, rnd: Round, state: dict, total_rounds: int) -> None:
         """Keep the round's model when it is the best; say so in its row, and whether patience ran out."""
@@ -363,7 +364,7 @@ class Checkpointing:
     def _save(self, rnd: Round, state: dict) -> None:
         strategy = self.history.strategy
         save_checkpoint(self.history.out_dir, rnd.number, state, strategy.state(),
-                        {"global": self.history.rows + [rnd.row], "sites": strategy.site_rows,
+                        {"global": self.history.rows + [rnd.row], "sites": strategy.sites.to_rows(),
                          "best": self.best.tracker.to_json()})
 
 

@@ -12,34 +12,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core_models.protocol import EPSILON, EVAL_AUROC, NOISED, NUM_EXAMPLES, TRAIN_LOSS  # noqa: E402
+from core_models.protocol import EPSILON, EVAL_AUROC, NUM_EXAMPLES, TRAIN_LOSS  # noqa: E402
+from core_models.run_files import (CALIBRATED_MODEL, CALIBRATION_JSON, LEARNING_CURVE_PNG, METRICS_CSV,  # noqa: E402
+                                   PER_SITE_CSV, SUMMARY_JSON)
+from server.site_rows import EVALUATE, OK, TRAIN, SiteRow  # noqa: E402
 
 
-def write_tables(out_dir: Path, global_rows: list[dict], site_rows: list[dict]) -> None:
+def write_tables(out_dir: Path, global_rows: list[dict], site_rows: list[SiteRow]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(global_rows).to_csv(out_dir / "metrics.csv", index=False)
-    pd.DataFrame(site_rows).to_csv(out_dir / "per_site.csv", index=False)
+    pd.DataFrame(global_rows).to_csv(out_dir / METRICS_CSV, index=False)
+    pd.DataFrame([r.to_row() for r in site_rows]).to_csv(out_dir / PER_SITE_CSV, index=False)
 
 
-def round_table(server_round: int, site_rows: list[dict], global_row: dict | None) -> str:
+def round_table(server_round: int, site_rows: list[SiteRow], global_row: dict | None) -> str:
     """One round as printed lines: each site's train loss and AUROC of the global model."""
-    rows = [r for r in site_rows if r["round"] == server_round]
-    sites = sorted({r["site"] for r in rows})
+    rows = [r for r in site_rows if r.round == server_round]
     lines = []
-    for site in sites:
-        train = next((r for r in rows if r["site"] == site and r["phase"] == "train"), {})
-        ev = next((r for r in rows if r["site"] == site and r["phase"] == "evaluate"), {})
+    for site in sorted({r.site for r in rows}):
+        train, ev = (next((r for r in rows if r.site == site and r.phase == ph), None) for ph in (TRAIN, EVALUATE))
         # a site that trained is "ok" unless its evaluation failed; evaluation may be off
-        status = train.get("status", "absent") if train.get("status") != "ok" else ev.get("status", "ok")
-        eps = _number(train.get(EPSILON))
-        spent = f" | eps {eps:6.2f}" if math.isfinite(eps) else ""
-        n = _number(train.get(NUM_EXAMPLES))
-        approx = "~" if NUM_EXAMPLES in str(train.get(NOISED, "")) else " "  # a noised count
-        lines.append(
-            f"  round {server_round:>3} | {site:<18} | train loss {_fmt(train.get(TRAIN_LOSS))} "
-            f"| site AUROC {_fmt(ev.get(EVAL_AUROC))} | n{approx}{int(n) if math.isfinite(n) else 0:>5}{spent} "
-            f"| {status}"
-        )
+        status = (ev.status if ev else OK) if train and train.ok else (train.status if train else "absent")
+        lines.append(f"  round {server_round:>3} | {site:<18} | {_site_figures(train, ev)} | {status}")
     if global_row:
         if any(math.isfinite(_number(global_row.get(k))) for k in ("holdout_loss", "holdout_auroc")):  # a holdout
             lines.append(
@@ -62,6 +55,16 @@ def round_table(server_round: int, site_rows: list[dict], global_row: dict | Non
         if global_row.get("analysis_failed"):
             lines.append(f"  round {server_round:>3} | analysis failed (training goes on): {global_row['analysis_failed']}")
     return "\n".join(lines)
+
+
+def _site_figures(train: SiteRow | None, ev: SiteRow | None) -> str:
+    """A site's train loss, the global model's AUROC at the site, its count ("~": noised) and its epsilon."""
+    nothing = SiteRow(0, "", "", "")
+    train, ev = train or nothing, ev or nothing
+    eps, n = train.metric(EPSILON), train.metric(NUM_EXAMPLES)
+    approx = "~" if train.disclosure and NUM_EXAMPLES in train.disclosure.noised else " "
+    return (f"train loss {_fmt(train.metrics.get(TRAIN_LOSS))} | site AUROC {_fmt(ev.metrics.get(EVAL_AUROC))} "
+            f"| n{approx}{int(n) if math.isfinite(n) else 0:>5}" + (f" | eps {eps:6.2f}" if math.isfinite(eps) else ""))
 
 
 def _calibrated_line(row: dict) -> str:
@@ -94,13 +97,12 @@ def _fmt(value) -> str:
     return f"{float(value):.3f}"
 
 
-def plot_learning_curve(out_dir: Path, global_rows: list[dict], site_rows: list[dict]) -> Path:
+def plot_learning_curve(out_dir: Path, global_rows: list[dict], site_rows: list[SiteRow]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    sites = pd.DataFrame(site_rows)
-    if not sites.empty and EVAL_AUROC in sites.columns:
-        ev = sites[(sites["phase"] == "evaluate") & (sites["status"] == "ok")]
-        for site, part in ev.groupby("site"):
-            ax.plot(part["round"], part[EVAL_AUROC], marker="o", alpha=0.6, label=str(site))
+    scored = [r for r in site_rows if r.phase == EVALUATE and r.ok and EVAL_AUROC in r.metrics]
+    for site in sorted({r.site for r in scored}):
+        part = [r for r in scored if r.site == site]
+        ax.plot([r.round for r in part], [r.metric(EVAL_AUROC) for r in part], marker="o", alpha=0.6, label=site)
     glob = pd.DataFrame(global_rows)
     if not glob.empty and "holdout_auroc" in glob.columns and glob["holdout_auroc"].notna().any():
         ax.plot(glob["round"], glob["holdout_auroc"], "k-", lw=2.5, marker="s", label="holdout (global)")
@@ -109,7 +111,7 @@ def plot_learning_curve(out_dir: Path, global_rows: list[dict], site_rows: list[
     ax.set_title("equifed learning curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = out_dir / "learning_curve.png"
+    path = out_dir / LEARNING_CURVE_PNG
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -117,7 +119,7 @@ def plot_learning_curve(out_dir: Path, global_rows: list[dict], site_rows: list[
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, default=_json_default))
 
 
 def _json_default(value):
@@ -210,7 +212,7 @@ def calibration_summary(row: dict) -> dict | None:
     None when none was fitted."""
     if not math.isfinite(_number(row.get("calibration_temperature"))):
         return None
-    out = {"round": row.get("round"), "model": "calibrated_model.pt", "fit": "calibration.json",
+    out = {"round": row.get("round"), "model": CALIBRATED_MODEL, "fit": CALIBRATION_JSON,
            "temperature": _number(row.get("calibration_temperature")), "bias": _number(row.get("calibration_bias"))}
     for key in ("loss", "ece", "brier", "auroc", "accuracy"):
         if math.isfinite(_number(row.get(f"holdout_{key}"))):

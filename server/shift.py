@@ -38,7 +38,9 @@ import pandas as pd  # noqa: E402
 from core_models.config import RunConfig, run_config_of  # noqa: E402
 from core_models.label_shift import LOGODDS_EDGES, bbse_prior, mlls_interval, mlls_prior  # noqa: E402,F401
 from core_models.label_shift import normalise as _normalise  # noqa: E402
-from core_models.protocol import STAT_SHIFT  # noqa: E402
+from core_models.protocol import (BINS, CONFUSION, INTENSITY_HIST, LABEL_COUNTS, MANUFACTURERS, MIN_COUNT,  # noqa: E402
+                                  NUM_CLASSES, NUM_OUTPUTS, OUTPUT_HIST, RFF_SUM, SHIFT_TABLES, SIGMA, STAT_SHIFT)
+from core_models.run_files import SHIFT_CONSORTIUM_JSON, SHIFT_CSV, SHIFT_PNG  # noqa: E402
 from server.site_statistics import SiteRelease  # noqa: E402
 
 DEFAULT_ALPHA = 0.05
@@ -56,23 +58,22 @@ class ShiftStats:
     rff_sum: np.ndarray  # (K, D)
     intensity: np.ndarray  # (I,)
     manufacturers: np.ndarray  # (V+1,)
-    sigma: dict
+    sigma: dict  # noise std by the release's table name (protocol.SHIFT_TABLES)
     min_count: float = 0.0
 
     @classmethod
     def from_record(cls, site: str, rec: dict) -> ShiftStats:
-        k, k_out, b = int(rec["num_classes"]), int(rec["num_outputs"]), int(rec["bins"])
-        names = ("label_counts", "confusion", "output_hist", "rff_sum", "intensity_hist", "manufacturers")
+        k, k_out, b = int(rec[NUM_CLASSES]), int(rec[NUM_OUTPUTS]), int(rec[BINS])
         return cls(
             site=site,
-            label_counts=np.asarray(rec["label_counts"], float),
-            confusion=np.asarray(rec["confusion"], float).reshape(k, k),
-            output_hist=np.asarray(rec["output_hist"], float).reshape(k, k_out, b),
-            rff_sum=np.asarray(rec["rff_sum"], float).reshape(k, -1),
-            intensity=np.asarray(rec["intensity_hist"], float),
-            manufacturers=np.asarray(rec["manufacturers"], float),
-            sigma={n.removesuffix("_hist"): float(rec[f"sigma_{n}"]) for n in names},
-            min_count=float(rec.get("min_count", 0)),
+            label_counts=np.asarray(rec[LABEL_COUNTS], float),
+            confusion=np.asarray(rec[CONFUSION], float).reshape(k, k),
+            output_hist=np.asarray(rec[OUTPUT_HIST], float).reshape(k, k_out, b),
+            rff_sum=np.asarray(rec[RFF_SUM], float).reshape(k, -1),
+            intensity=np.asarray(rec[INTENSITY_HIST], float),
+            manufacturers=np.asarray(rec[MANUFACTURERS], float),
+            sigma={n: float(rec[SIGMA + n]) for n in SHIFT_TABLES},
+            min_count=float(rec.get(MIN_COUNT, 0)),
         )
 
     @property
@@ -192,29 +193,29 @@ def compare_site(site: ShiftStats, rest: list[ShiftStats], rng: np.random.Genera
         if n_site_y[y] < 1:
             continue  # this site has no holdout images of label y
         for o in range(k_out):
-            tests.append(hist_test(site.output_hist[y, o], site.sigma["output"],
-                                   [r.output_hist[y, o] for r in rest], [r.sigma["output"] for r in rest], mc,
+            tests.append(hist_test(site.output_hist[y, o], site.sigma[OUTPUT_HIST],
+                                   [r.output_hist[y, o] for r in rest], [r.sigma[OUTPUT_HIST] for r in rest], mc,
                                    rng, n_boot, n_site_y[y], [r.holdout_counts()[y] for r in rest]))
     row["p_covariate"] = min(1.0, len(tests) * min(p for p, _ in tests)) if tests else float("nan")
     row["tv_covariate"] = max(tv for _, tv in tests) if tests else float("nan")
     # label-blind BBSD: the output distribution, whatever the labels
-    blind = [hist_test(site.output_hist[:, o].sum(0), site.sigma["output"] * np.sqrt(k),
-                       [r.output_hist[:, o].sum(0) for r in rest], [r.sigma["output"] * np.sqrt(k) for r in rest],
+    blind = [hist_test(site.output_hist[:, o].sum(0), site.sigma[OUTPUT_HIST] * np.sqrt(k),
+                       [r.output_hist[:, o].sum(0) for r in rest], [r.sigma[OUTPUT_HIST] * np.sqrt(k) for r in rest],
                        0.0, rng, n_boot, n_site_y.sum(), [r.holdout_counts().sum() for r in rest])
              for o in range(k_out)]
     row["p_bbsd"] = min(1.0, k_out * min(p for p, _ in blind))
     row["tv_bbsd"] = max(tv for _, tv in blind)
 
     # label shift
-    p_label, _ = hist_test(site.label_counts, site.sigma["label_counts"], [r.label_counts for r in rest],
-                           [r.sigma["label_counts"] for r in rest], mc, rng, n_boot)
+    p_label, _ = hist_test(site.label_counts, site.sigma[LABEL_COUNTS], [r.label_counts for r in rest],
+                           [r.sigma[LABEL_COUNTS] for r in rest], mc, rng, n_boot)
     row["p_label"] = p_label
     rest_cond = imputed_sum(rest)
-    rest_cond_sigma = float(np.sqrt(sum(r.sigma["output"] ** 2 for r in rest)))
+    rest_cond_sigma = float(np.sqrt(sum(r.sigma[OUTPUT_HIST] ** 2 for r in rest)))
     everyone = np.sum([np.clip(s.output_hist, 0.0, None) for s in [site, *rest]], axis=0).sum(0)
     target = np.stack([impute_suppressed(site.output_hist[:, o].sum(0), site.holdout_counts().sum(), everyone[o])
                        for o in range(k_out)])  # label-blind: only the holdout's total is used
-    pi, lo, hi = mlls_interval(target, site.sigma["output"] * np.sqrt(k), rest_cond, rest_cond_sigma, rng,
+    pi, lo, hi = mlls_interval(target, site.sigma[OUTPUT_HIST] * np.sqrt(k), rest_cond, rest_cond_sigma, rng,
                                n_boot=min(200, n_boot))
     bbse = bbse_prior(site.confusion.sum(0), np.sum([r.confusion for r in rest], axis=0))
     prior_site = _normalise(site.label_counts)
@@ -225,22 +226,22 @@ def compare_site(site: ShiftStats, rest: list[ShiftStats], rng: np.random.Genera
     row["label_shift_l1"] = float(np.abs(pi - prior_rest).sum())
 
     # MMD on the random-feature means (effect sizes)
-    rest_var = sum(r.sigma["rff_sum"] ** 2 for r in rest)
+    rest_var = sum(r.sigma[RFF_SUM] ** 2 for r in rest)
     n_rest_y = np.sum([r.holdout_counts() for r in rest], axis=0)
     rest_rff = np.sum([r.rff_sum for r in rest], axis=0)
     row["mmd2"] = _mmd2(site.rff_sum.sum(0), n_site_y.sum(), rest_rff.sum(0), n_rest_y.sum(),
-                        site.sigma["rff_sum"] * np.sqrt(k), rest_var * k)
-    per_label = [_mmd2(site.rff_sum[y], n_site_y[y], rest_rff[y], n_rest_y[y], site.sigma["rff_sum"], rest_var)
+                        site.sigma[RFF_SUM] * np.sqrt(k), rest_var * k)
+    per_label = [_mmd2(site.rff_sum[y], n_site_y[y], rest_rff[y], n_rest_y[y], site.sigma[RFF_SUM], rest_var)
                  for y in range(k)]
     row["mmd2_cond"] = float(np.average(per_label, weights=n_site_y + 1e-9))
 
     # acquisition drift
-    row["p_intensity"], row["tv_intensity"] = hist_test(site.intensity, site.sigma["intensity"],
+    row["p_intensity"], row["tv_intensity"] = hist_test(site.intensity, site.sigma[INTENSITY_HIST],
                                                         [r.intensity for r in rest],
-                                                        [r.sigma["intensity"] for r in rest], mc, rng, n_boot)
-    row["p_scanner"], row["tv_scanner"] = hist_test(site.manufacturers, site.sigma["manufacturers"],
+                                                        [r.sigma[INTENSITY_HIST] for r in rest], mc, rng, n_boot)
+    row["p_scanner"], row["tv_scanner"] = hist_test(site.manufacturers, site.sigma[MANUFACTURERS],
                                                     [r.manufacturers for r in rest],
-                                                    [r.sigma["manufacturers"] for r in rest], mc, rng, n_boot)
+                                                    [r.sigma[MANUFACTURERS] for r in rest], mc, rng, n_boot)
     covariate, label = row["p_covariate"] < alpha, p_label < alpha
     row["shift"] = {(False, False): "none", (True, False): "covariate", (False, True): "label",
                     (True, True): "both"}[(bool(covariate), bool(label))]
@@ -255,14 +256,14 @@ def consortium_summary(stats: list[ShiftStats], run_config: RunConfig | Mapping[
         "round": server_round,
         "sites": [s.site for s in stats],
         "model": train.model,
-        "num_classes": stats[0].k,
+        NUM_CLASSES: stats[0].k,
         "image_size": train.image_size,
         "in_channels": train.in_channels,
         "logodds_edges": LOGODDS_EDGES.tolist(),
-        "output_hist": imputed_sum(stats).tolist(),
-        "output_hist_sigma": float(np.sqrt(sum(s.sigma["output"] ** 2 for s in stats))),
-        "confusion": np.sum([s.confusion for s in stats], axis=0).tolist(),
-        "label_counts": np.sum([s.label_counts for s in stats], axis=0).tolist(),
+        OUTPUT_HIST: imputed_sum(stats).tolist(),
+        "output_hist_sigma": float(np.sqrt(sum(s.sigma[OUTPUT_HIST] ** 2 for s in stats))),
+        CONFUSION: np.sum([s.confusion for s in stats], axis=0).tolist(),
+        LABEL_COUNTS: np.sum([s.label_counts for s in stats], axis=0).tolist(),
     }
 
 
@@ -326,14 +327,14 @@ def analyse_shift(out_dir: Path, server_round: int, releases: list[SiteRelease],
         elif rel.status == "ok":
             row["status"] = "no comparison (fewer than 2 sites released)"
         rows.append(row)
-    path = out_dir / "shift.csv"
+    path = out_dir / SHIFT_CSV
     table = pd.DataFrame(rows)
     if path.exists():
         old = pd.read_csv(path)
         table = pd.concat([old[old["round"] != server_round], table], ignore_index=True)
     table.to_csv(path, index=False)
     if len(stats) >= 2:
-        plot_shift(out_dir / "shift.png", server_round, stats, rows)
+        plot_shift(out_dir / SHIFT_PNG, server_round, stats, rows)
     if stats:
         summary = consortium_summary(list(stats.values()), cfg, server_round)
-        (out_dir / "shift_consortium.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out_dir / SHIFT_CONSORTIUM_JSON).write_text(json.dumps(summary, indent=1) + "\n")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import Message
 
+from core_models import wire
 from core_models.config import RunConfig, keys_of
-from core_models.protocol import EPSILON, METRICS, SEED, SERVER_ROUND, SITE, SITE_NAME, STATISTICS, error_site, error_status
+from core_models.protocol import StatisticsRequest, error_site, error_status
+from server.site_rows import OK
 
 
 @dataclass
@@ -27,10 +29,10 @@ class SiteRelease:
     error: str = ""
 
 
-def request_config(cfg: RunConfig, server_round: int) -> ConfigRecord:
+def request_config(cfg: RunConfig, server_round: int) -> StatisticsRequest:
     """The statistics request: the kinds asked for, the round, the seed and every stats-* key."""
-    return ConfigRecord({STATISTICS: ",".join(cfg.release.kinds), SERVER_ROUND: server_round,
-                         SEED: cfg.train.seed, **keys_of(cfg.shift), **keys_of(cfg.audit)})
+    return StatisticsRequest(tuple(cfg.release.kinds), server_round, cfg.train.seed,
+                             settings={**keys_of(cfg.shift), **keys_of(cfg.audit)})
 
 
 def to_releases(replies: list[Message], kinds: list[str]) -> list[SiteRelease]:
@@ -42,7 +44,7 @@ def to_releases(replies: list[Message], kinds: list[str]) -> list[SiteRelease]:
             site = error_site(reason) or f"node-{msg.metadata.src_node_id}"
             out.append(SiteRelease(site=site, status=error_status(msg.error.code), records={}, error=reason))
             continue
-        records = {k: dict(msg.content.metric_records[k]) for k in kinds if k in msg.content.metric_records}
-        out.append(SiteRelease(site=str(msg.content[SITE][SITE_NAME]), status="ok", records=records,
-                               epsilon=float(msg.content[METRICS][EPSILON])))
+        reply = wire.reply_of(msg)
+        records = {k: dict(reply.statistics[k]) for k in kinds if k in reply.statistics}
+        out.append(SiteRelease(site=str(reply.site), status=OK, records=records, epsilon=reply.epsilon))
     return out

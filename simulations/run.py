@@ -1,7 +1,9 @@
 """`equifed-simulate SCENARIO.toml --out DIR`: generate (or reuse) a synthetic consortium
 and train it federatedly through Flower's simulation engine on a SuperLink we own.
 `equifed-simulate --sites DIR [--holdout DIR] --out DIR`: the same run on existing site folders
-(e.g. from `equifed-partition`), with nothing generated.
+(e.g. from `equifed-partition`), with nothing generated. `--baselines local,central` then trains each site's
+model alone and one on the pooled sites with the same settings (simulations/baselines.py) and writes
+baselines.csv: what a hospital gains by joining.
 
 Exits non-zero when the run fails (Flower's own `flwr run --stream` exits 0 then). A site that
 failed is named with its last error (from its own .equifed/client_errors.log: simulation only).
@@ -19,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 
 from client.site import STATE_DIR, list_sites
-from core_models.config import ConfigError, RunConfig, app_defaults
+from core_models.config import RECIPES, ConfigError, RunConfig, app_defaults, auto_settings
 from core_models.processes import APP_DIR
 from core_models.protocol import EPSILON
-from server.console import annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
+from server.console import add_run_arguments, annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
 from server.superlink import LocalSuperLink
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import ScenarioError, load_scenario
@@ -45,14 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --sites: labelled held-out folder (manifest.csv) scoring the global model each "
                              "round (default: DIR/holdout when it has a manifest.csv; else none)")
     parser.add_argument("--out", default="runs/demo", help="run folder (results, and data/ for a scenario)")
-    parser.add_argument("--rounds", type=int, help="number of federated rounds (run config num-server-rounds)")
-    parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any [tool.flwr.app.config] key, e.g. -c strategy=fedprox")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the run folder's last checkpoint, with the settings the run was started "
-                             "with (a -c given again may change only rounds, timeouts and reporting)")
-    parser.add_argument("--force-config", action="store_true",
-                        help="with --resume: apply every -c given, even one that changes the experiment")
+    add_run_arguments(parser)
+    parser.add_argument("--baselines", metavar="MODES", default="",
+                        help="after the run, train each site's model alone (local) and one on every site's "
+                             "training rows pooled (central: simulation only), with the run's model, rounds x local "
+                             "epochs and DP settings; write baselines.csv (each model on the holdout and on every "
+                             "site's own rows) and print the benefit of joining, e.g. --baselines local,central")
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--overwrite-data", action="store_true", help="regenerate data even if the scenario changed")
@@ -250,6 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg.server.check_holdout()
     except ConfigError as err:
         return _error(str(err))
+    resolved = auto_settings({**defaults, **run_config})
+    if resolved:
+        print(f"equifed: {recipe_line(resolved, cfg)}", flush=True)
+    modes = [m.strip() for m in args.baselines.split(",") if m.strip()]
+    if args.baselines:
+        from simulations.baselines import check_request as check_baselines  # (torch, Opacus: only when asked)
+
+        try:
+            check_baselines(modes, cfg)
+        except ValueError as err:
+            return _error(str(err))
+        if holdout is None:
+            return _error("--baselines scores every model on the holdout: give --holdout DIR (or DIR/holdout)")
     if args.sites is not None:
         mismatch, note = channel_mismatch(args.sites, cfg.train.in_channels)
         if mismatch:
@@ -260,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     save_overrides(out, overrides)  # on a resume: the saved ones with the changes just allowed
     (out / "summary.json").unlink(missing_ok=True)  # written anew when the run completes
     if not args.resume:
-        for stale in ("metrics.csv", "per_site.csv"):
+        for stale in ("metrics.csv", "per_site.csv", "baselines.csv"):
             (out / stale).unlink(missing_ok=True)
     errors_before = error_log_sizes(sites)
     with LocalSuperLink(log_path=out / "superlink.log") as link:
@@ -270,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             announce=lambda rid: print(f"equifed: run {rid} started on SuperLink {link.address}", flush=True))
     n_rejected = collect_rejections(sites, out)
     summary = annotate_summary(out, flower_run_id=run_id, flower_status=status.get("status"),
-                               rejected_images=n_rejected)
+                               rejected_images=n_rejected, auto_settings=resolved)
     for line in site_failures(sites, errors_before):
         print(line, file=sys.stderr, flush=True)
     if status.get("status") != "finished:completed":
@@ -281,7 +294,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"equifed: run {run_id} FAILED: {failed}; results in {out}", file=sys.stderr)
         return 1
     _report(out, summary or {}, n_rejected, t0)
+    if modes:
+        _baselines(cfg, sites, holdout, modes, out)
     return 0
+
+
+def _baselines(cfg: RunConfig, sites: list[Path], holdout: Path, modes: list[str], out: Path) -> None:
+    """--baselines: the local-only and centralised models beside the run's final model; baselines.csv."""
+    import torch
+
+    from simulations.baselines import BASELINES_CSV, benefit_lines, run_baselines
+
+    t0 = time.time()
+    print(f"equifed: baselines ({', '.join(modes)}): training in this process with the run's settings ...",
+          flush=True)
+    federated = torch.load(out / "final_model.pt", weights_only=True)
+    table = run_baselines(cfg, sites, holdout, modes, out, federated, federated_epsilon=_ledger_epsilon(out))
+    for line in benefit_lines(table):
+        print(f"equifed: {line}", flush=True)
+    print(f"equifed: baselines in {time.time() - t0:.0f}s: {out / BASELINES_CSV}", flush=True)
+
+
+def _ledger_epsilon(out: Path) -> float:
+    """The largest epsilon a site's ledger reported in the run (inf: trained without DP; nan: not reported)."""
+    try:
+        rows = pd.read_csv(out / "per_site.csv")
+    except (OSError, ValueError, pd.errors.ParserError):
+        return float("nan")
+    if EPSILON not in rows.columns or not rows[EPSILON].notna().any():
+        return float("nan")
+    return float(rows[EPSILON].max())
+
+
+def recipe_line(resolved: dict, cfg: RunConfig) -> str:
+    """What the training keys left at "auto" became (core_models.config.resolve_auto), in one line."""
+    measured = (cfg.train.model, cfg.dp.enabled) in RECIPES
+    which = f"the {'DP ' if cfg.dp.enabled else ''}recipe of {cfg.train.model}" if measured else "the defaults"
+    return (f"training keys left at auto ({which}): " + ", ".join(f"{k} {v}" for k, v in resolved.items())
+            + "; set any of them with -c KEY=VALUE")
 
 
 def _fmt(value) -> str:

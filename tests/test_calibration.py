@@ -291,7 +291,8 @@ class _InProcessStrategy:
     def __init__(self, contexts):
         self.contexts = contexts
 
-    def query(self, grid, arrays, config, server_round, phase, timeout):
+    def query(self, grid, arrays, request, phase, timeout):
+        config = ConfigRecord(request.to_config())
         return [statistics(Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=7,
                                    message_type=MessageType.QUERY), ctx) for ctx in self.contexts]
 

@@ -214,7 +214,7 @@ def test_three_channel_networks(name):
 
 
 def test_dp_sgd_step_on_rgb_images(tmp_path):
-    from client.dp import plan_dp, train_dp
+    from client.dp import DPSettings, PatientData, plan_dp, train_dp
     from client.ledger import PrivacyLedger
 
     rng = np.random.default_rng(0)
@@ -227,7 +227,7 @@ def test_dp_sgd_step_on_rgb_images(tmp_path):
     ledger = PrivacyLedger.open(site, delta=1e-5, max_epsilon=100, fingerprint="rgb")
     model = build_model("cnn", 5, in_channels=3)
     before = model.features.stem[0].weight.detach().clone()
-    stats = train_dp(model, x, y, plan, ledger, batch_size=16, physical_batch_size=16, max_grad_norm=1.0,
+    stats = train_dp(model, PatientData(x, y), plan, ledger, DPSettings(max_grad_norm=1.0, physical_batch_size=16),
                      sampling_rng=np.random.default_rng(1), noise_generator=torch.Generator().manual_seed(2))
     assert stats["steps"] == plan.steps_per_round and ledger.epsilon() > 0
     assert set(model.state_dict()) == set(build_model("cnn", 5, in_channels=3).state_dict())

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core_models.config import ConfigError, RunConfig, app_defaults, check_overrides, schema
+from core_models.config import (AUTO, AUTO_KEYS, PLAIN_RECIPE, ConfigError, RunConfig, app_defaults, auto_settings,
+                                check_overrides, schema)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = app_defaults(ROOT / "pyproject.toml")
@@ -17,6 +18,9 @@ def test_dataclasses_and_pyproject_declare_the_same_keys_and_types():
     types = schema()
     assert set(types) == set(DEFAULTS)
     for name, value in DEFAULTS.items():
+        if value == AUTO:  # resolved per run (core_models.config.resolve_auto)
+            assert name in AUTO_KEYS, name
+            continue
         # a TOML integer is a valid float setting (e.g. round-timeout = 600)
         assert isinstance(value, types[name]) or (types[name] is float and type(value) is int), name
         assert not (types[name] is int and isinstance(value, bool)), name
@@ -24,7 +28,7 @@ def test_dataclasses_and_pyproject_declare_the_same_keys_and_types():
 
 def test_defaults_build_a_config():
     cfg = RunConfig.from_flower(DEFAULTS)
-    assert cfg.train.batch_size == DEFAULTS["batch-size"] and cfg.dp.enabled is DEFAULTS["dp"]
+    assert cfg.train.batch_size == PLAIN_RECIPE.batch_size and cfg.dp.enabled is DEFAULTS["dp"]
     assert cfg.server.num_rounds == DEFAULTS["num-server-rounds"]
     assert cfg.fair.active is False and cfg.fair.columns == []  # no default names a manifest column
 
@@ -118,3 +122,53 @@ def test_checks_only_the_assembled_config_can_make():
     with pytest.raises(ConfigError, match="needs a holdout set"):
         cfg.server.check_holdout()
     RunConfig.from_flower({**DEFAULTS, "best-by": "holdout-auroc", "holdout-path": "/h"}).server.check_holdout()
+
+
+def _training(**overrides):
+    t = RunConfig.from_flower(check_overrides(overrides, DEFAULTS)).train
+    return t.model, t.optimizer, t.learning_rate, t.batch_size, t.local_epochs
+
+
+def test_auto_keys_are_the_old_defaults_without_dp_and_the_dp_recipe_with_it():
+    assert _training() == ("cnn", "adam", 0.002, 16, 2)  # make demo trains exactly as before
+    assert _training(dp=True) == ("scatter-linear", "sgd", 0.5, 256, 1)  # benchmarks/RESULTS.md's DP recipe
+    assert auto_settings({**DEFAULTS, "dp": True}) == {"model": "scatter-linear", "optimizer": "sgd",
+                                                       "learning-rate": 0.5, "batch-size": 256, "local-epochs": 1}
+
+
+def test_a_value_the_run_gives_wins_over_auto():
+    assert _training(dp=True, **{"learning-rate": 0.1}) == ("scatter-linear", "sgd", 0.1, 256, 1)
+    assert _training(dp=True, model="cnn") == ("cnn", "adam", 0.002, 16, 2)  # the recipe is scatter-linear's
+    assert _training(dp=True, model="cnn", **{"batch-size": 64}) == ("cnn", "adam", 0.002, 64, 2)
+    assert _training(model="scatter-linear", optimizer="sgd") == ("scatter-linear", "sgd", 0.002, 16, 2)
+    assert auto_settings({**DEFAULTS, "dp": True, "model": "cnn", "optimizer": "sgd"}) == {
+        "learning-rate": 0.002, "batch-size": 16, "local-epochs": 2}
+    assert _training(**{"batch-size": "auto", "learning-rate": "auto"}) == _training()  # -c KEY=auto: the default
+
+
+def test_under_dp_a_run_that_needs_a_trainable_encoder_keeps_the_cnn():
+    for extra in ({"pretext": "rotation"}, {"pretrained-path": "/models/start.pt"}):
+        assert _training(dp=True, **extra) == ("cnn", "adam", 0.002, 16, 2), extra
+    assert _training(detection=True) == ("cnn", "adam", 0.002, 16, 2)
+
+
+def test_auto_is_named_in_the_choices_and_checked_after_resolving():
+    with pytest.raises(ConfigError, match=r"'model' must be one of \['auto', 'cnn', 'resnet'"):
+        check_overrides({"model": "vgg"}, DEFAULTS)
+    with pytest.raises(ConfigError, match=r"'optimizer' must be one of \['auto', 'adam', 'sgd'\], got 'rmsprop'"):
+        check_overrides({"optimizer": "rmsprop"}, DEFAULTS)
+    with pytest.raises(ConfigError, match="'image-size' must be a multiple of 4, got 30"):
+        check_overrides({"dp": True, "image-size": 30}, DEFAULTS)  # the scattering of the DP recipe
+    check_overrides({"image-size": 30}, DEFAULTS)  # the cnn takes any size
+
+
+def test_the_server_starts_from_the_network_the_sites_build():
+    """server/app.py's round-0 model and a site's network come from the same resolved run config."""
+    from core_models.networks import ScatterLinear, SmallCNN, build_model
+    from server.app import initial_model
+
+    for overrides, kind in (({}, SmallCNN), ({"dp": True}, ScatterLinear)):
+        cfg = RunConfig.from_flower(check_overrides(overrides, DEFAULTS))
+        server, site = initial_model(cfg), build_model(cfg.train.model, cfg.train.num_classes, cfg.train.in_channels)
+        assert type(server) is type(site) is kind
+        assert {k: v.shape for k, v in server.state_dict().items()} == {k: v.shape for k, v in site.state_dict().items()}

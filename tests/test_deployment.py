@@ -68,7 +68,7 @@ name = "site_a"
 [[sites]]
 name = "site_b"
 """
-RUN_CONFIG = ["local-epochs=1", "image-size=32", "batch-size=16", "dp=true", "fraction-evaluate=0",
+RUN_CONFIG = ["model=cnn", "local-epochs=1", "image-size=32", "batch-size=16", "dp=true", "fraction-evaluate=0",
               "round-timeout=300", "strategy=fedprox"]
 TRAIN_METRICS = {"train-loss", "val-auroc", "val-loss", "num-examples", "rejected", "steps", "epsilon-before",
                  "epsilon", "epsilon-train", "epsilon-release", "noise-multiplier"}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.dp import plan_dp, train_dp
+from client.dp import DPSettings, PatientData, plan_dp, train_dp
 from client.ledger import PrivacyLedger
 from client.ledger.accounting import epsilon_of
 from core_models.networks import build_model
@@ -54,7 +54,8 @@ def test_logical_batches_count_once_whatever_the_physical_size(tmp_path, physica
     plan = plan_dp(len(y), batch_size=64, local_epochs=2, rounds=3, target_epsilon=8, delta=1e-5)
     ledger = PrivacyLedger.open(_site_dir(tmp_path, "s"), delta=1e-5, max_epsilon=100, fingerprint="toy")
     model = build_model("cnn")
-    stats = train_dp(model, x, y, plan, ledger, batch_size=64, physical_batch_size=physical, max_grad_norm=1.0)
+    stats = train_dp(model, PatientData(x, y), plan, ledger,
+                     DPSettings(max_grad_norm=1.0, physical_batch_size=physical))
     assert stats["steps"] == plan.steps_per_round == 4
     steps_in_ledger = sum(steps for _, _, steps in ledger_history(ledger))
     assert steps_in_ledger == plan.steps_per_round
@@ -76,9 +77,10 @@ def test_fedprox_term_pulls_dp_training_towards_the_global_weights(tmp_path):
         torch.manual_seed(0)
         model = build_model("cnn")
         start = [p.detach().clone() for p in model.parameters()]
-        stats = train_dp(model, x, y, plan, ledger, batch_size=32, physical_batch_size=16, max_grad_norm=1.0,
-                         optimizer="sgd", lr=0.01, proximal_mu=mu, sampling_rng=np.random.default_rng(1),
-                         noise_generator=torch.Generator().manual_seed(2))
+        stats = train_dp(model, PatientData(x, y), plan, ledger,
+                         DPSettings(max_grad_norm=1.0, physical_batch_size=16, optimizer="sgd", lr=0.01,
+                                    proximal_mu=mu),
+                         sampling_rng=np.random.default_rng(1), noise_generator=torch.Generator().manual_seed(2))
         assert stats["steps"] == plan.steps_per_round
         drift[mu] = sum(((p.detach() - s) ** 2).sum().item() for p, s in zip(model.parameters(), start))
     assert drift[50.0] < 0.5 * drift[0.0]
@@ -91,8 +93,8 @@ def test_epsilon_grows_every_round_and_matches_opacus(tmp_path):
     eps = []
     for r in range(1, 4):
         ledger = PrivacyLedger.open(site, delta=1e-5, max_epsilon=100, fingerprint="toy")  # as a new round would
-        train_dp(build_model("cnn"), x, y, plan, ledger, batch_size=32, physical_batch_size=16, max_grad_norm=1.0,
-                 server_round=r)
+        train_dp(build_model("cnn"), PatientData(x, y), plan, ledger,
+                 DPSettings(max_grad_norm=1.0, physical_batch_size=16), server_round=r)
         eps.append(ledger.epsilon())
     assert eps[0] < eps[1] < eps[2]
     acc = RDPAccountant()

@@ -16,7 +16,7 @@ from torch import nn
 
 from client.app import statistics as statistics_handler
 from client.app import train as train_handler
-from client.dp import plan_dp, train_dp
+from client.dp import DPSettings, PatientData, plan_dp, train_dp
 from client.ledger import PrivacyLedger
 from core_models.networks import SmallCNN, build_model
 from core_models.training import make_loader, train_epochs
@@ -237,8 +237,9 @@ def test_penalty_is_a_per_sample_loss_under_opacus(tmp_path):
     (tmp_path / "s").mkdir()
     ledger = PrivacyLedger.open(tmp_path / "s", delta=1e-5, max_epsilon=100, fingerprint="toy")
     plan = plan_dp(len(y), 16, 1, 3, 8.0, 1e-5)
-    stats = train_dp(SmallCNN(), x, y, plan, ledger, batch_size=16, physical_batch_size=8, max_grad_norm=1.0,
-                     meta=meta, penalty_fn=PathSpecificPenalty(weights, lam=10.0, pse=0.15))
+    stats = train_dp(SmallCNN(), PatientData(x, y, meta=meta), plan, ledger,
+                     DPSettings(max_grad_norm=1.0, physical_batch_size=8),
+                     penalty_fn=PathSpecificPenalty(weights, lam=10.0, pse=0.15))
     assert stats["steps"] == plan.steps_per_round
     assert ledger.epsilon() > 0
 

@@ -244,7 +244,7 @@ def test_scatter_coefficients_of_seen_images_come_from_a_bounded_cache(monkeypat
 def test_scatter_linear_trains_under_dp_sgd_and_normalises_each_order(tmp_path):
     """The DP recipe's model: fixed features, OrderNorm (no parameters), one linear layer; a DP-SGD round moves only
     the linear layer and leaves finite weights; each coefficient block is standardised per image."""
-    from client.dp import plan_dp, train_dp
+    from client.dp import DPSettings, PatientData, plan_dp, train_dp
     from client.ledger import PrivacyLedger
     from core_models.networks import OrderNorm
 
@@ -262,8 +262,9 @@ def test_scatter_linear_trains_under_dp_sgd_and_normalises_each_order(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan = plan_dp(40, 64, 1, 2, 8.0, 1e-3)
     ledger = PrivacyLedger.open(tmp_path, delta=1e-3, fingerprint="t")
-    train_dp(model, x, y, plan, ledger, batch_size=64, physical_batch_size=16, max_grad_norm=1.0, optimizer="sgd",
-             lr=0.5, sampling_rng=np.random.default_rng(1), noise_generator=torch.Generator().manual_seed(2))
+    train_dp(model, PatientData(x, y), plan, ledger,
+             DPSettings(max_grad_norm=1.0, physical_batch_size=16, optimizer="sgd", lr=0.5),
+             sampling_rng=np.random.default_rng(1), noise_generator=torch.Generator().manual_seed(2))
     after = model.state_dict()
     assert not torch.equal(after["head.weight"], before["head.weight"])
     assert all(torch.isfinite(v).all() for v in after.values())

@@ -55,7 +55,7 @@ def test_resume_keeps_the_saved_settings_and_reports_allowed_changes(tmp_path):
     assert notes == ["num-server-rounds: 3 -> 5"]
     with pytest.raises(ConfigError, match=r"strategy: 'fedprox' -> 'fedavg'.*--force-config"):
         resume_overrides(tmp_path, {"strategy": "fedavg"}, DEFAULTS)
-    with pytest.raises(ConfigError, match=r"learning-rate: 0.002 -> 0.1"):  # against the default it ran with
+    with pytest.raises(ConfigError, match=r"learning-rate: 'auto' -> 0.1"):  # against the default it ran with
         resume_overrides(tmp_path, {"learning-rate": 0.1}, DEFAULTS)
     forced, notes = resume_overrides(tmp_path, {"strategy": "fedavg"}, DEFAULTS, force=True)
     assert forced["strategy"] == "fedavg" and notes == ["strategy: 'fedprox' -> 'fedavg'"]
@@ -95,6 +95,7 @@ def test_a_bad_scenario_or_a_missing_folder_is_one_line_and_exit_2(tmp_path, cap
 
 def test_a_model_worse_than_round_zero_is_flagged_and_no_holdout_line_without_a_holdout():
     from server.results import regressions, round_table
+    from server.site_rows import SiteRow
 
     rows = [{"round": 0, "holdout_auroc": 0.66, "holdout_loss": 0.69},
             {"round": 1, "holdout_auroc": 0.70, "holdout_loss": 0.60},
@@ -109,7 +110,8 @@ def test_a_model_worse_than_round_zero_is_flagged_and_no_holdout_line_without_a_
                     {"round": 1, "holdout_auroc": 0.9887, "holdout_loss": 0.145}]
     assert regressions(within_noise) == []  # 0.989 -> 0.989 and +1.4 % loss: not a regression
     assert regressions([{"round": 0}, {"round": 1, "val_loss": 0.5}]) == []  # no holdout, no verdict
-    site = [{"round": 1, "site": "a", "phase": "train", "status": "ok", "train-loss": 0.5, "num-examples": 10}]
+    site = [SiteRow.from_row({"round": 1, "site": "a", "phase": "train", "status": "ok", "train-loss": 0.5,
+                              "num-examples": 10})]
     assert "HOLDOUT" not in round_table(1, site, {"round": 1, "sites_trained": 1})
     assert "HOLDOUT (global)" in round_table(1, site, rows[1])
 

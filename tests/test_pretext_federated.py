@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import SiteError, train
-from client.dp import plan_dp, train_dp
+from client.dp import DPSettings, PatientData, plan_dp, train_dp
 from client.ledger import PrivacyLedger
 from core_models.config import ConfigError, check_overrides
 from core_models.data import load_site
@@ -213,8 +213,8 @@ def test_dp_training_of_a_contrastive_model_stops_before_its_first_step(sites, t
     ledger = PrivacyLedger.open(tmp_path / "gamma", delta=1e-5, max_epsilon=100, fingerprint="toy")
     model = PretextModel(build_model("cnn"), "contrastive")
     with pytest.raises(ValueError, match="cannot be trained under DP-SGD"):
-        train_dp(model, images, np.zeros(len(images), dtype=np.int64), plan, ledger, batch_size=16,
-                 physical_batch_size=16, max_grad_norm=1.0, sampling_rng=np.random.default_rng(0),
+        train_dp(model, PatientData(images, np.zeros(len(images), dtype=np.int64)), plan, ledger,
+                 DPSettings(max_grad_norm=1.0, physical_batch_size=16), sampling_rng=np.random.default_rng(0),
                  noise_generator=torch.Generator().manual_seed(0),
                  loss_fn=pretext_loss_fn("contrastive", torch.Generator().manual_seed(1)))
     assert ledger.summary()["train_steps"] == 0 and ledger.epsilon() == 0.0

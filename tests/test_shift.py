@@ -239,7 +239,7 @@ def _as_record(s: ShiftStats) -> dict:
             "output_hist": s.output_hist.ravel().tolist(), "rff_sum": s.rff_sum.ravel().tolist(),
             "intensity_hist": s.intensity.tolist(), "manufacturers": s.manufacturers.tolist(),
             "num_classes": 2, "num_outputs": 1, "bins": N_BINS, "rff_dim": s.rff_sum.shape[1],
-            "min_count": s.min_count, **{f"sigma_{n}": s.sigma[n.removesuffix("_hist")] for n in (
+            "min_count": s.min_count, **{f"sigma_{n}": s.sigma[n] for n in (
                 "label_counts", "confusion", "output_hist", "rff_sum", "intensity_hist", "manufacturers")}}
 
 

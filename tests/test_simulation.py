@@ -79,5 +79,5 @@ def test_resume_continues_round_count(run_dir, tmp_path):
 def test_unknown_network_is_a_config_error(tmp_path, run_dir, capsys):
     code = simulate([str(run_dir / "tiny.toml"), "--out", str(tmp_path / "run"), "-c", "model=vgg", *FAST])
     assert code == 2
-    assert "'model' must be one of ['cnn', 'resnet', 'resnet18', 'scatter', 'scatter-linear'], got 'vgg'" in capsys.readouterr().err
+    assert "'model' must be one of ['auto', 'cnn', 'resnet', 'resnet18', 'scatter', 'scatter-linear'], got 'vgg'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

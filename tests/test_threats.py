@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import evaluate_global, statistics, train
-from client.dp import PatientPoissonSampler, plan_dp, train_dp
+from client.dp import DPSettings, PatientData, PatientPoissonSampler, plan_dp, train_dp
 from client.ledger import BudgetExhausted, LedgerError, PrivacyLedger, dataset_fingerprint, ledger_path
 from client.policy import SitePolicy, default_delta
 from client.site import LocalSite
@@ -32,7 +32,7 @@ from core_models.protocol import POLICY_REFUSED
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 
 RUN_CONFIG = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-RUN_CONFIG = {**RUN_CONFIG, **FAIRNESS_RUN_CONFIG}  # the generator's columns, named as a user names theirs
+RUN_CONFIG = {**RUN_CONFIG, **FAIRNESS_RUN_CONFIG, "model": "cnn"}  # the generator's columns, named as a user names theirs
 
 SCENARIO = """
 name = "threats"
@@ -92,8 +92,8 @@ def _noise_of_one_step(tmp_path, name, x, y, patients):
     before = [p.detach().clone() for p in model.parameters()]
     torch.manual_seed(0)  # what the old code did with the server's seed: it must not matter now
     np.random.seed(0)
-    train_dp(model, x, y, plan, ledger, patients=patients, batch_size=4, physical_batch_size=4,
-             max_grad_norm=1.0, optimizer="sgd", lr=1.0)
+    train_dp(model, PatientData(x, y, patients), plan, ledger,
+             DPSettings(max_grad_norm=1.0, physical_batch_size=4, optimizer="sgd", lr=1.0))
     return torch.cat([(b - p.detach()).ravel() for b, p in zip(before, model.parameters())]), plan
 
 

@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
 
 from client.app import SiteError, train
-from client.dp import DPPlan, train_dp
+from client.dp import DPPlan, DPSettings, PatientData, train_dp
 from client.ledger import PrivacyLedger
 from client.shift_stats import rff_features, rff_map
 from client.site import open_site
@@ -32,7 +32,7 @@ from fairness.mitigation import ConsortiumStrata, DensityRatio, consortium_strat
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 
 RUN_CONFIG = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-RUN_CONFIG = {**RUN_CONFIG, **FAIRNESS_RUN_CONFIG}
+RUN_CONFIG = {**RUN_CONFIG, **FAIRNESS_RUN_CONFIG, "model": "cnn"}
 
 SCENARIO = """
 name = "nonfinite"
@@ -255,15 +255,16 @@ def test_train_dp_zeroes_a_nonfinite_sample_and_counts_it(tmp_path, caplog):
     plan = DPPlan(noise_multiplier=1.0, sample_rate=1.0, steps_per_round=1, expected_batch_size=float(n))
     ledger = PrivacyLedger.open(tmp_path, delta=1e-5, fingerprint="toy")
     with caplog.at_level(logging.WARNING, logger="client.dp"):
-        stats = train_dp(model, x, y, plan, ledger, batch_size=n, physical_batch_size=4,  # 3 physical chunks
-                         max_grad_norm=1.0, optimizer="sgd", lr=0.1)
+        stats = train_dp(model, PatientData(x, y), plan, ledger,  # 3 physical chunks
+                         DPSettings(max_grad_norm=1.0, physical_batch_size=4, optimizer="sgd", lr=0.1))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert stats["nonfinite_samples"] == 1
     assert not math.isfinite(stats["train_loss"])  # withheld from replies; never raised on
     assert any("non-finite" in r.getMessage() and r.name == "client.dp" for r in caplog.records)
     # empty Poisson draws: nothing to check, nothing counted
     empty = DPPlan(noise_multiplier=1.0, sample_rate=1e-9, steps_per_round=2, expected_batch_size=1.0)
-    stats = train_dp(_OverflowOnOne(), x, y, empty, ledger, batch_size=1, physical_batch_size=4, max_grad_norm=1.0)
+    stats = train_dp(_OverflowOnOne(), PatientData(x, y), empty, ledger,
+                     DPSettings(max_grad_norm=1.0, physical_batch_size=4))
     assert stats["nonfinite_samples"] == 0
 
 
@@ -278,8 +279,8 @@ def test_guard_changes_nothing_when_every_gradient_is_finite(tmp_path, monkeypat
         torch.manual_seed(0)
         model = _OverflowOnOne()
         nn.init.normal_(model.head.weight)  # an ordinary model this time
-        stats = train_dp(model, x, y, plan, PrivacyLedger.open(_dir(tmp_path / name), delta=1e-5, fingerprint="t"),
-                         batch_size=12, physical_batch_size=5, max_grad_norm=1.0,
+        ledger = PrivacyLedger.open(_dir(tmp_path / name), delta=1e-5, fingerprint="t")
+        stats = train_dp(model, PatientData(x, y), plan, ledger, DPSettings(max_grad_norm=1.0, physical_batch_size=5),
                          sampling_rng=np.random.default_rng(1), noise_generator=torch.Generator().manual_seed(2))
         return [p.detach().clone() for p in model.parameters()], stats
 

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from PIL import Image
 
 import client.app as client_app
+import client.session as client_session
 import client.site as client_site
 from client.adapt import adapt_site
 from client.app import evaluate_global, statistics, train
@@ -34,7 +35,7 @@ from core_models.data import load_site
 from core_models.networks import build_model
 from core_models.protocol import DATASET_TAG, POLICY_REFUSED, PRIVACY
 
-RUN_CONFIG = {**app_defaults(APP_PYPROJECT), "fair-sensitive": "group", "fair-mediator": "scanner_legacy"}
+RUN_CONFIG = {**app_defaults(APP_PYPROJECT), "fair-sensitive": "group", "fair-mediator": "scanner_legacy", "model": "cnn"}
 TRIALS = 4
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -211,7 +212,7 @@ def never_read(monkeypatch):
     """Fails the test if a handler reads the site's data."""
     def refuse(*args, **kwargs):
         raise AssertionError("the site's data were read")
-    monkeypatch.setattr(client_app, "open_site", refuse)
+    monkeypatch.setattr(client_session, "open_site", refuse)
 
 
 @pytest.mark.parametrize("override, setting", [

@@ -30,7 +30,8 @@ for the run's layout: a NaN ratio in a cell fenced around one patient's covariat
 gradient NaN, so whether the model came back NaN would tell the server whether the patient is at the site. The
 check reads the message and the run config only, so the refusal is the same whatever the data.
 
-No Flower import: the server and client glue lives in client/app.py and server/app.py.
+No Flower import: the broadcast's key names are the protocol's (core_models/protocol.py), the glue lives in
+client/ and server/.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core_models.protocol import (FAIR_N_TOTAL, FAIR_P0, FAIR_POOL_GROUPS, FAIR_PSE, FAIR_RATIO, FAIR_STRATUM_MEAN,
+                                  FAIR_STRATUM_N, FAIR_STRATUM_W)
 from fairness.federated import _is_missing, _norm  # the audit's reading of a level, so the penalty and the audit agree
 
 # meta columns carried by the batches of core_models.training.make_loader(..., meta=...)
@@ -121,7 +124,7 @@ class DensityRatio:
 
     # --- broadcast (plain floats for a Flower ConfigRecord) ---
     def to_config(self) -> dict[str, Any]:
-        return {"fair-ratio": [float(x) for x in self.ratio], "fair-p0": float(self.p0)}
+        return {FAIR_RATIO: [float(x) for x in self.ratio], FAIR_P0: float(self.p0)}
 
     @classmethod
     def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "DensityRatio":
@@ -130,10 +133,10 @@ class DensityRatio:
         [MIN_P0, 1). A value outside raises ValueError naming its key (a NaN cell fenced around one patient's
         covariate would otherwise turn that patient's gradient, hence the model, into NaN)."""
         n_cells = check_layout(n_s, c_edges)
-        ratio = _broadcast_vector(config, "fair-ratio", n_cells, 0.0, MAX_BROADCAST)
-        p0 = _broadcast_number(config, "fair-p0", MIN_P0, 1.0)
+        ratio = _broadcast_vector(config, FAIR_RATIO, n_cells, 0.0, MAX_BROADCAST)
+        p0 = _broadcast_number(config, FAIR_P0, MIN_P0, 1.0)
         if not p0 < 1.0:
-            raise ValueError(f"broadcast 'fair-p0' must be below 1 (both groups are needed), got {p0!r}")
+            raise ValueError(f"broadcast '{FAIR_P0}' must be below 1 (both groups are needed), got {p0!r}")
         return cls(ratio, p0, int(n_s), tuple(float(e) for e in c_edges))
 
 
@@ -252,10 +255,9 @@ class ConsortiumStrata:
     c_edges: tuple[float, ...] = ()
 
     def to_config(self) -> dict[str, Any]:
-        return {**self.weights.to_config(), "fair-pse": float(self.pse), "fair-stratum-w": [float(v) for v in self.w],
-                "fair-stratum-n": [float(v) for v in self.n_pool], "fair-n-total": float(self.n_total),
-                "fair-stratum-mean": [float(v) for v in self.means],
-                "fair-pool-groups": bool(self.pool_groups)}
+        return {**self.weights.to_config(), FAIR_PSE: float(self.pse), FAIR_STRATUM_W: [float(v) for v in self.w],
+                FAIR_STRATUM_N: [float(v) for v in self.n_pool], FAIR_N_TOTAL: float(self.n_total),
+                FAIR_STRATUM_MEAN: [float(v) for v in self.means], FAIR_POOL_GROUPS: bool(self.pool_groups)}
 
     @classmethod
     def from_config(cls, config, n_s: int = 2, c_edges: tuple[float, ...] = ()) -> "ConsortiumStrata":
@@ -266,14 +268,14 @@ class ConsortiumStrata:
         |PSE| <= MAX_BROADCAST, ``fair-pool-groups`` a boolean. ValueError naming the key otherwise."""
         weights = DensityRatio.from_config(config, n_s, c_edges)
         n_strata = 2 * len(weights.ratio)
-        w = _broadcast_vector(config, "fair-stratum-w", n_strata, -MAX_BROADCAST, MAX_BROADCAST)
-        n_pool = _broadcast_vector(config, "fair-stratum-n", n_strata, 0.0, MAX_COUNT)
-        n_total = _broadcast_number(config, "fair-n-total", 0.0, MAX_COUNT)
-        pse = _broadcast_number(config, "fair-pse", -MAX_BROADCAST, MAX_BROADCAST)
-        means = _broadcast_vector(config, "fair-stratum-mean", n_strata, 0.0, 1.0)
-        pool_groups = _get(config, "fair-pool-groups")
+        w = _broadcast_vector(config, FAIR_STRATUM_W, n_strata, -MAX_BROADCAST, MAX_BROADCAST)
+        n_pool = _broadcast_vector(config, FAIR_STRATUM_N, n_strata, 0.0, MAX_COUNT)
+        n_total = _broadcast_number(config, FAIR_N_TOTAL, 0.0, MAX_COUNT)
+        pse = _broadcast_number(config, FAIR_PSE, -MAX_BROADCAST, MAX_BROADCAST)
+        means = _broadcast_vector(config, FAIR_STRATUM_MEAN, n_strata, 0.0, 1.0)
+        pool_groups = _get(config, FAIR_POOL_GROUPS)
         if not isinstance(pool_groups, (bool, np.bool_)) and pool_groups not in (0, 1):
-            raise ValueError(f"broadcast 'fair-pool-groups' must be a boolean, got {pool_groups!r}")
+            raise ValueError(f"broadcast '{FAIR_POOL_GROUPS}' must be a boolean, got {pool_groups!r}")
         return cls(weights, w, n_pool, n_total, pse, means, bool(pool_groups), weights.n_s, weights.c_edges)
 
 
