@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client import secagg
 from client.audit import audit_mod
 from client.ledger import BudgetExhausted
 from client.policy import PolicyRefusal, statistic_dims
@@ -28,9 +29,10 @@ from client.statistics import Releaser
 from core_models import wire
 from core_models.networks import get_device
 from core_models.protocol import BUDGET_EXHAUSTED, EvalMetrics, SiteReply, StatisticsRequest, site_error
+from core_models.secagg import ACTION as SECAGG_ACTION, SecAggError
 from core_models.training import evaluate, make_loader
 
-__all__ = ["BUDGET_EXHAUSTED", "SiteError", "app", "evaluate_global", "statistics", "train"]
+__all__ = ["BUDGET_EXHAUSTED", "SiteError", "app", "evaluate_global", "secure_sum", "statistics", "train"]
 
 app = ClientApp(mods=[audit_mod])  # audit_mod: the site's own log of what it sends (client/audit.py)
 
@@ -86,17 +88,35 @@ def _error_log(context: Context) -> Path | None:
 @keep_details_local
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the site's train split (or its pretext task); with DP, within the site's budget
-    and policy."""
+    and policy. In a secure round the model stays here until the secure sum (`secure_sum`)."""
     session = SiteSession(msg, context)
     try:
         session.policy.check_training(session.cfg.dp.enabled)
+        session.policy.check_aggregation(session.round.secure_sites)
         session.policy.check_request(session.cfg)
         session.open_data()  # now that the request passed every check
         model = session.global_model()
         report = (pretext_round if session.cfg.train.pretext else label_round)(session, model)
     except REFUSALS as err:  # (mid-round only if another process charged meanwhile: nothing is sent)
         return session.refusal(err)
+    if session.round.secure_sites:
+        return session.keep_for_sum(report, model)
     return session.reply(report, model)
+
+
+@app.train(SECAGG_ACTION)
+@keep_details_local
+def secure_sum(msg: Message, context: Context) -> Message:
+    """One stage of the secure sum of this round's trained models (core_models/secagg.py): the site's keys,
+    shares and model stay in its Context state; a stage its policy (secagg-min-sites) or the protocol's rules
+    forbid is refused with the reason."""
+    session = SiteSession(msg, context)
+    try:
+        record = secagg.answer(context.state, context.node_id, session.round.server_round,
+                               session.policy.secagg_min_sites, wire.secagg_record(msg))
+    except SecAggError as err:
+        return session.refusal(err)
+    return wire.secagg_reply(msg, record)
 
 
 @app.evaluate()

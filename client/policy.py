@@ -14,6 +14,8 @@ Keys (site.toml, or the same names in the node config):
 | `delta`              | the power of ten <= 1/(10 n_patients)     | the delta every epsilon is stated at             |
 | `require-dp`         | true in deployment, false in simulation   | refuse to train without DP-SGD                   |
 | `release`            | every statistic the site's equifed ships  | statistics the site agrees to release            |
+| `require-secagg`     | false                                     | send a trained model only inside a secure sum    |
+| `secagg-min-sites`   | 2                                         | fewest sites a secure sum may have, every stage  |
 | `min-release-noise`  | 1.0                                       | smallest noise multiplier accepted for a release |
 | `max-image-pixels`   | the data layer's default                  | images larger than this are rejected undecoded   |
 | `max-file-mb`        | the data layer's default                  | files larger than this are rejected unread       |
@@ -57,8 +59,9 @@ DEFAULT_MAX_EPSILON = 10.0  # a site without its own budget still gets a finite 
 DEFAULT_MIN_RELEASE_NOISE = 1.0
 STATISTICS = STATISTICS_KINDS  # the names a `release` list may hold
 CEILINGS = {"max-image-size": 512, "max-local-epochs": 50, "max-rounds": 1000, "max-stats-dim": 4096}
+DEFAULT_SECAGG_MIN_SITES = 2  # the protocol's own minimum; two sites can each subtract theirs from the sum
 KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
-        "multi-frame", *CEILINGS)
+        "multi-frame", "require-secagg", "secagg-min-sites", *CEILINGS)
 
 
 class PolicyError(ValueError):
@@ -108,6 +111,18 @@ def _flag(source: str, key: str, value) -> bool:
     raise PolicyError(f"{source}: {key} must be true or false, got {value!r}")
 
 
+def _count(source: str, key: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PolicyError(f"{source}: {key} must be a whole number >= {low}, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise PolicyError(f"{source}: {key} must be a whole number >= {low}, got {value!r}") from None
+    if not (number.is_integer() and number >= low):
+        raise PolicyError(f"{source}: {key} must be a whole number >= {low}, got {value!r}")
+    return int(number)
+
+
 def _names(source: str, value) -> frozenset[str]:
     names = value if isinstance(value, list) else [v for v in str(value).split(",")]
     names = frozenset(str(v).strip() for v in names if str(v).strip())
@@ -136,6 +151,8 @@ class SitePolicy:
     max_image_pixels: int | None = None
     max_file_mb: float | None = None
     multi_frame: str | None = None  # None: the data layer's default ("reject")
+    require_secagg: bool = False
+    secagg_min_sites: int = DEFAULT_SECAGG_MIN_SITES
     ceilings: dict[str, int] = field(default_factory=lambda: dict(CEILINGS))  # CEILINGS' keys, tightened
 
     @classmethod
@@ -146,6 +163,7 @@ class SitePolicy:
                    ("node config", {k: v for k, v in node_config.items() if k in KEYS})]
         deployment = bool(node_config.get("data-path"))
         eps, deltas, noise, pixels, mbs, dp_flags, frames = [], [], [], [], [], [], []
+        secagg_flags, secagg_sites = [], []
         release: frozenset[str] | None = None
         set_ceilings: dict[str, list[int]] = {}
         for source, table in sources:
@@ -169,6 +187,11 @@ class SitePolicy:
                 mbs.append(_number(source, "max-file-mb", table["max-file-mb"], 0.0))
             if "multi-frame" in table:
                 frames.append(_multi_frame(source, table["multi-frame"]))
+            if "require-secagg" in table:
+                secagg_flags.append(_flag(source, "require-secagg", table["require-secagg"]))
+            if "secagg-min-sites" in table:
+                secagg_sites.append(_count(source, "secagg-min-sites", table["secagg-min-sites"],
+                                           DEFAULT_SECAGG_MIN_SITES))
         # the site's own value stands (raised or lowered); where both its sources set one, the stricter
         ceilings = {name: min(set_ceilings[name]) if name in set_ceilings else default
                     for name, default in CEILINGS.items()}
@@ -179,6 +202,8 @@ class SitePolicy:
                    min_release_noise=max(noise) if noise else DEFAULT_MIN_RELEASE_NOISE,
                    max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None,
                    multi_frame=("reject" if "reject" in frames else "first") if frames else None,
+                   require_secagg=any(secagg_flags),
+                   secagg_min_sites=max(secagg_sites) if secagg_sites else DEFAULT_SECAGG_MIN_SITES,
                    ceilings=ceilings)
 
     def image_limits(self) -> ImageLimits:
@@ -201,6 +226,18 @@ class SitePolicy:
             raise PolicyRefusal("require-dp = true",
                                 "the run trains without differential privacy (dp = false); this site sends "
                                 "only DP-SGD updates")
+
+    def check_aggregation(self, secure_sites: int) -> None:
+        """A train request: into a secure sum when the site requires one, over at least its minimum of sites
+        (checked here before training, so no budget is spent on a sum the site would refuse; and again at every
+        stage of the sum, client/secagg.py)."""
+        if self.require_secagg and not secure_sites:
+            raise PolicyRefusal("require-secagg = true",
+                                "the run asks for a plain train round (secagg = false); this site sends its trained "
+                                "model only inside a secure sum")
+        if secure_sites and secure_sites < self.secagg_min_sites:
+            raise PolicyRefusal(f"secagg-min-sites = {self.secagg_min_sites}",
+                                f"the secure sum would be over {secure_sites} site(s)")
 
     def check_request(self, cfg: "RunConfig") -> None:
         """The run's sizes within the site's ceilings (run config only: called before any data are read)."""

@@ -11,6 +11,9 @@ A site refuses (SecAggError) when
   (it dropped): the two together remove every mask of that site's input;
 - a stage comes out of order or a second time: one unmask answer per round.
 After masking, the site forgets its own seed and secret keys: only the others' shares remain until unmasking.
+
+`keep_update` and `answer` are the handlers' side: the trained model waits in the site's Context state for the
+sum of its round, leaves it once (masked), and the state of the sum is saved there before each reply leaves.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 from cryptography.fernet import InvalidToken
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_utils import (
@@ -37,6 +40,7 @@ from flwr.supercore.primitives.asymmetric import (
 )
 
 from core_models.secagg import (
+    STAGE,
     STAGE_ADVERTISE_KEYS,
     STAGE_COLLECT_MASKED_INPUT,
     STAGE_SHARE_KEYS,
@@ -50,13 +54,17 @@ from core_models.secagg import (
     ShareKeysRequest,
     UnmaskRequest,
     UnmaskShares,
+    VectorLayout,
     add_mod,
+    encode,
     mask,
     pairwise_seed,
     pairwise_sign,
 )
 
 _SEED_BYTES = 32
+# the site's Context state: the protocol state, the trained model waiting for its sum, and its round and weight
+STATE, UPDATE, INPUT = "secagg-state", "secagg-update", "secagg-input"
 
 
 @dataclass(frozen=True)
@@ -226,3 +234,49 @@ def _check_policy(count: int, threshold: int, min_sites: int, *, what: str, majo
             f"secagg refused: threshold {threshold} is not a strict majority of {count} {what} "
             f"(at least {count // 2 + 1})"
         )
+
+
+# --- the site's Context ------------------------------------------------------------------------------------------
+
+
+def keep_update(state: RecordDict, server_round: int, arrays: ArrayRecord, weight: float) -> None:
+    """A secure train round's model and weight, kept for the sum that follows (a new round's model replaces
+    them, and its sum starts afresh)."""
+    state[UPDATE] = arrays
+    state[INPUT] = ConfigRecord({"round": server_round, "weight": float(weight)})
+    if STATE in state:
+        del state[STATE]
+
+
+def answer(state: RecordDict, node_id: int, server_round: int, min_sites: int,
+           request: ConfigRecord | ArrayRecord) -> ConfigRecord | ArrayRecord:
+    """One stage of the sum of round `server_round`: the reply's record. The new protocol state is in `state`
+    before this returns; the kept model is encoded, masked and forgotten at stage 3, so it is in one sum only."""
+    stage = request.get(STAGE) if isinstance(request, ConfigRecord) else None
+    held = state.config_records.get(INPUT)
+    if stage == STAGE_ADVERTISE_KEYS:
+        params = SecAggParams.from_record(request)
+        if held is None or held["round"] != server_round:
+            raise SecAggError(f"secagg site {node_id}: no model trained in round {server_round} waits for a sum")
+        if held["weight"] > params.max_weight:
+            raise SecAggError(f"secagg site {node_id}: its weight is above the sum's max-weight {params.max_weight}")
+        new, reply = advertise_keys(node_id, params, min_sites)
+    else:
+        if STATE not in state.config_records:
+            raise SecAggError(f"secagg site {node_id}: a {stage!r} request before the keys were advertised")
+        current = SiteState.from_record(state.config_records[STATE])
+        if stage == STAGE_SHARE_KEYS:
+            new, reply = share_keys(current, ShareKeysRequest.from_record(request))
+        elif stage == STAGE_COLLECT_MASKED_INPUT:
+            if held is None or held["round"] != server_round:
+                raise SecAggError(f"secagg site {node_id}: no model of round {server_round} left to sum")
+            arrays = {k: v.numpy() for k, v in state.array_records[UPDATE].items()}
+            encoded = encode(arrays, held["weight"], VectorLayout.of(arrays), current.params)
+            new, reply = masked_input(current, MaskedInputRequest.from_record(request), encoded)
+            del state[UPDATE], state[INPUT]
+        elif stage == STAGE_UNMASK:
+            new, reply = unmask(current, UnmaskRequest.from_record(request))
+        else:
+            raise SecAggError(f"secagg site {node_id}: unknown stage {stage!r}")
+    state[STATE] = new.to_record()
+    return reply.to_record()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MessageType
 
+from client import secagg
 from client.dp import os_entropy_generator
 from client.ledger import BudgetExhausted, PrivacyLedger, dataset_fingerprint, dataset_tag
 from client.ledger.accounting import epsilon_of
@@ -22,7 +23,9 @@ from core_models import wire
 from core_models.config import RunConfig
 from core_models.data import manifest_patients
 from core_models.model_factory import ModelSpec
-from core_models.protocol import ARRAYS, BUDGET_EXHAUSTED, POLICY_REFUSED, RoundInstructions, SiteReply
+from core_models.protocol import (ARRAYS, BUDGET_EXHAUSTED, NUM_EXAMPLES, POLICY_REFUSED, RoundInstructions,
+                                  SiteReply)
+from core_models.secagg import SecAggError
 from fairness import mitigation
 
 # noise multiplier of the counts a site noises once (patients: FedAvg weights, DP-SGD's q): +-20 patients moves
@@ -149,7 +152,16 @@ class SiteSession:
     def reply(self, report: SiteReply, model: torch.nn.Module | None = None) -> Message:
         return wire.reply(self.msg, report, None if model is None else ArrayRecord(model.state_dict()))
 
-    def refusal(self, err: PolicyRefusal | BudgetExhausted) -> Message:
+    def keep_for_sum(self, report: SiteReply, model: torch.nn.Module) -> Message:
+        """A secure round's reply: the figures only. The trained model (in the order of the model received, the
+        order the server reads the sum in) and its weight wait in the site's Context for the secure sum."""
+        trained = ArrayRecord(model.state_dict())
+        secagg.keep_update(self.context.state, self.round.server_round,
+                           ArrayRecord({k: trained[k] for k in self.msg.content[ARRAYS].keys()}),
+                           float(report.metrics[NUM_EXAMPLES]))
+        return wire.reply(self.msg, report)
+
+    def refusal(self, err: PolicyRefusal | BudgetExhausted | SecAggError) -> Message:
         """An Error reply the server records under the site's name; the run goes on with the others."""
         if isinstance(err, BudgetExhausted):
             return wire.error_reply(self.msg, BUDGET_EXHAUSTED, self.name, f"budget exhausted: {err}")

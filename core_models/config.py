@@ -362,6 +362,9 @@ class ServerConfig:
     resume: bool = key("resume")
     best_by: str = key("best-by")
     patience: int = key("patience")
+    secagg: bool = key("secagg")  # train rounds securely aggregated: the server learns the sum, never one model
+    tracking_uri: str = key("tracking-uri")  # "" = no experiment tracking (server/tracking.py)
+    tracking_experiment: str = key("tracking-experiment")
 
     def check(self) -> None:
         _one_of("strategy", self.strategy, ("fedavg", "fedprox", "fedadam"))
@@ -412,6 +415,12 @@ class RunConfig:
                 raise ConfigError(f"run config 'pretext' = {self.train.pretext!r} cannot run with dp = true: its loss "
                                   "compares each image with the rest of the batch, so DP-SGD's per-sample clipping "
                                   "would not bound one patient's influence; use 'rotation' or 'inpainting'")
+        if self.server.secagg:
+            # secure aggregation sums weight x model: Flower's central-DP clipping needs each site's model at the
+            # server, and the detection head is weighted by annotations, not num-examples
+            clash = [name for name, on in (("central-dp", self.dp.central), ("detection", self.train.detection)) if on]
+            if clash:
+                raise ConfigError(f"run config 'secagg' = true is not available with {', '.join(clash)}")
         if self.train.detection:
             # central-dp: its noise is sized for equal weights, and the detection head is weighted by annotations
             clash = [name for name, on in (("pretext", bool(self.train.pretext)), ("dp", self.dp.enabled),

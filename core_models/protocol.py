@@ -80,6 +80,9 @@ PROXIMAL_MU = "proximal-mu"  # FedProx's mu (Flower's FedProx sets it)
 STATISTICS = "statistics"  # a query: the statistics asked for, comma-separated (STATISTICS_KINDS)
 SEED = "seed"  # a query: the run seed (shared randomness, e.g. a random-feature map all sites must use)
 FAIR_COUNTS = "fair-counts"  # a fair-pse query: whether the cell counts are released too (the server asks once)
+# a secure train request (run config secagg): how many sites it went to. The site keeps its trained model and
+# sends it only inside the secure sum that follows (core_models/secagg.py); its reply carries the metrics alone.
+SECURE_SITES = "secagg-sites"
 
 # --- a train reply's metrics ---------------------------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class RoundInstructions:
     server_round: int = 0
     proximal_mu: float = 0.0
     broadcast: Mapping[str, Any] = field(default_factory=dict)  # the FAIR_BROADCAST entries the request carries
+    secure_sites: int = 0  # a secure train round: the sites asked (0: a plain round, the model in the reply)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RoundInstructions:
@@ -159,7 +163,8 @@ class RoundInstructions:
         against the run's layout by fairness.mitigation.ConsortiumStrata.from_config."""
         return cls(server_round=int(number_in(config, SERVER_ROUND, 0, 0, 10**9)),
                    proximal_mu=float(number_in(config, PROXIMAL_MU, 0.0, 0.0, 1e6)),
-                   broadcast={k: config[k] for k in FAIR_BROADCAST if k in config})
+                   broadcast={k: config[k] for k in FAIR_BROADCAST if k in config},
+                   secure_sites=int(number_in(config, SECURE_SITES, 0, 0, 10**6)))
 
     @property
     def has_strata(self) -> bool:

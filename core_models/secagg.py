@@ -45,6 +45,8 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 SECAGG = "secagg"  # the RecordDict key of a secure-aggregation message's record
+ACTION = "secagg"  # the stages travel as train messages of this action (the ClientApp's @app.train(ACTION))
+MESSAGE_TYPE = f"train.{ACTION}"
 STAGE = "stage"
 STAGE_ADVERTISE_KEYS = "advertise-keys"
 STAGE_SHARE_KEYS = "share-keys"
@@ -105,6 +107,18 @@ class SecAggParams:
     def majority(cls, num_sites: int, **kwargs: Any) -> "SecAggParams":
         """Parameters with the smallest threshold a site accepts: a strict majority of the sites."""
         return cls(num_sites=num_sites, threshold=num_sites // 2 + 1, **kwargs)
+
+    @classmethod
+    def for_weights(cls, weights: list[float], **kwargs: Any) -> "SecAggParams":
+        """Majority parameters for sites of these weights (their reported num-examples): max-weight is the
+        smallest power of two >= the largest, so the largest site's quantised weight keeps at least half of the
+        quantisation range (a larger bound would only coarsen every site's input)."""
+        if len(weights) < 2:
+            raise SecAggError(f"secagg needs at least 2 sites, got {len(weights)}")
+        usable = [w for w in weights if math.isfinite(w) and w > 0]
+        if len(usable) != len(weights):
+            raise SecAggError(f"secagg weights must be positive numbers, got {weights}")
+        return cls.majority(len(weights), max_weight=float(2 ** max(0, math.ceil(math.log2(max(usable))))), **kwargs)
 
     @property
     def quantum(self) -> float:
@@ -380,7 +394,10 @@ class UnmaskShares:
 
 
 def _numpy(value: Any) -> np.ndarray:
-    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    """A torch tensor, a Flower Array or an array-like as numpy."""
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return value.numpy() if isinstance(value, Array) else np.asarray(value)
 
 
 def _get(record: ConfigRecord, key: str) -> Any:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from core_models.protocol import ARRAYS, CONFIG, Records, SiteReply, StatisticsRequest, site_error
+from core_models.protocol import (ARRAYS, CONFIG, SECURE_SITES, SERVER_ROUND, Records, SiteReply, StatisticsRequest,
+                                  site_error)
+from core_models.secagg import MESSAGE_TYPE, SECAGG, SecAggError
 
 
 def records_of(msg: Message) -> Records:
@@ -40,3 +42,35 @@ def query(request: StatisticsRequest, arrays: ArrayRecord, node: int) -> Message
 def reply_of(msg: Message) -> SiteReply:
     """A site's (non-error) reply, typed."""
     return SiteReply.from_records(records_of(msg))
+
+
+def secure_train(msg: Message, sites: int) -> None:
+    """Make a train request secure (protocol.SECURE_SITES): the site keeps its model for the secure sum."""
+    msg.content[CONFIG] = ConfigRecord({**dict(msg.content[CONFIG]), SECURE_SITES: sites})
+
+
+def with_arrays(msg: Message, arrays: ArrayRecord) -> Message:
+    """A secure round's train reply given the consortium's mean, for Flower's aggregation (which then averages
+    identical models, so FedAvg's mean and FedAdam's step act on the unmasked aggregate)."""
+    msg.content[ARRAYS] = arrays
+    return msg
+
+
+def secagg_request(record: ConfigRecord, node: int, server_round: int) -> Message:
+    """One stage of a secure sum (core_models/secagg.py) to one site, with the round it sums."""
+    content = RecordDict({SECAGG: record, CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
+    return Message(content=content, dst_node_id=node, message_type=MESSAGE_TYPE)
+
+
+def secagg_record(msg: Message) -> ConfigRecord | ArrayRecord:
+    """The stage record a secure-sum request or reply carries (SecAggError when it carries none)."""
+    content = msg.content
+    if SECAGG in content.array_records:
+        return content.array_records[SECAGG]
+    if SECAGG in content.config_records:
+        return content.config_records[SECAGG]
+    raise SecAggError("secagg message without a stage record")
+
+
+def secagg_reply(msg: Message, record: ConfigRecord | ArrayRecord) -> Message:
+    return Message(content=RecordDict({SECAGG: record}), reply_to=msg)

@@ -24,10 +24,12 @@ from core_models.protocol import DETECTION_HEAD
 from core_models.run_files import BEST_MODEL, FINAL_MODEL, PRIVACY_REGISTRY_JSON, detector_file
 from server.checkpoint import load_latest
 from server.hooks import (BestModel, CalibrationStep, Checkpointing, FairnessBroadcast, HoldoutEvaluation,
-                          RoundEvaluation, RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly)
+                          RoundEvaluation, RunFailed, RunHistory, SiteOutcomes, StatisticsCollection, StopEarly,
+                          refresh_run_page)
 from server.privacy_registry import PrivacyRegistry
 from server.results import calibration_notes, calibration_summary, plot_learning_curve, regressions, write_summary
 from server.strategy import SiteTrackingMixin, build_strategy
+from server.tracking import MlflowTracker
 
 __all__ = ["RunFailed", "StopEarly", "app", "main"]
 
@@ -39,6 +41,22 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
     out_dir = Path(cfg.server.out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = None
+    if cfg.server.tracking_uri:  # a store that cannot be used fails the run here, before any site trains
+        tracker = MlflowTracker(cfg.server.tracking_uri, cfg.server.tracking_experiment, run_name=out_dir.name)
+        tracker.start(dict(context.run_config))
+    try:
+        _run(grid, context, cfg, out_dir, tracker)
+    except BaseException as err:  # RunFailed, a crash, or the run stopped: said on the page and in MLflow
+        refresh_run_page(out_dir, cfg.server.num_rounds, dict(context.run_config),
+                         [f"the run did not complete: {type(err).__name__}: {err}"])
+        if tracker is not None:
+            tracker.end("killed" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed")
+        raise
+
+
+def _run(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path, tracker: MlflowTracker | None) -> None:
+    """The run itself: rounds, the final models with their cards, the run folder."""
     torch.manual_seed(cfg.train.seed)
     model = initial_model(cfg)
     best = BestModel(out_dir, cfg.server, dp=cfg.dp.enabled)
@@ -48,7 +66,9 @@ def main(grid: Grid, context: Context) -> None:
     registry = PrivacyRegistry(cfg.server.registry_path or out_dir / PRIVACY_REGISTRY_JSON)
     strategy = build_strategy(cfg.server, registry, round_offset=done, site_rows=saved["sites"],
                               state=checkpoint["strategy"] if checkpoint else None)
-    history = RunHistory(out_dir, strategy, list(saved["global"]), cfg.server.num_rounds)
+    history = RunHistory(out_dir, strategy, list(saved["global"]), cfg.server.num_rounds, tracker=tracker,
+                         run_config=dict(context.run_config))
+    history.track_earlier_rounds()  # a resume: its MLflow run gets the rounds done before too
     # a pretext run has no classifier to score yet: its sites' pretext losses are its validation figures
     scored = cfg.server.holdout_path and not cfg.train.pretext
     holdout = HoldoutEvaluation(cfg.train, Path(cfg.server.holdout_path), out_dir) if scored else None
@@ -89,7 +109,8 @@ def main(grid: Grid, context: Context) -> None:
             write_card(detector, cfg.train.model, cfg.train.num_classes, cfg.train.image_size, detector=True,
                        in_channels=cfg.train.in_channels)
     failures = (list(statistics.failures) if statistics else []) + (list(calibration.failures) if calibration else [])
-    _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures)
+    _finish(out_dir, cfg, dict(context.run_config), history, best, done, stopped, evaluate_round.started, failures,
+            tracker)
 
 
 CLASSIFIER = "classifier."  # a LesionDetector's state-dict prefix of its classifier
@@ -138,8 +159,9 @@ def _runner(strategy: SiteTrackingMixin, cfg: RunConfig):
 
 
 def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory, best: BestModel, done: int,
-            stopped: str, started: float, analysis_failures: list[dict]) -> None:
-    """The run's tables, learning curve and summary.json."""
+            stopped: str, started: float, analysis_failures: list[dict], tracker: MlflowTracker | None) -> None:
+    """The run's tables, learning curve and summary.json; then the final run page and, with tracking, the models
+    and reports sent to MLflow and its run closed."""
     history.write()
     try:
         plot_learning_curve(out_dir, history.rows, history.strategy.sites.rows)
@@ -161,6 +183,7 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
         "rounds": int(last.get("round", done)),  # fewer than planned_rounds when the run stopped early
         "planned_rounds": cfg.server.num_rounds,
         "strategy": cfg.server.strategy,
+        "secure_aggregation": cfg.server.secagg,  # train rounds summed under SecAgg+ masks (server/secagg.py)
         "model": cfg.train.model,
         "initial_holdout_auroc": first.get("holdout_auroc"),
         "final_holdout_auroc": last.get("holdout_auroc"),
@@ -175,6 +198,10 @@ def _finish(out_dir: Path, cfg: RunConfig, run_config: dict, history: RunHistory
         "stopped_at_round": int(last["round"]) if stopped else None,
         "stopped_reason": stopped or None,
         "wall_time_s": round(time.time() - started, 1),
-        "analysis_failures": analysis_failures,
+        "analysis_failures": analysis_failures + (list(tracker.failures) if tracker else []),
         "run_config": run_config,
     })
+    history.write_page()  # final: no refresh, summary.json's warnings and notes
+    if tracker is not None:
+        tracker.log_artifacts(out_dir)
+        tracker.end("completed")

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -14,11 +16,13 @@ import pandas as pd
 from core_models.config import ConfigError, check_overrides, schema
 from core_models.processes import app_snapshot
 from core_models.run_files import FLOWER_LOG, METRICS_CSV, PER_SITE_CSV, SAVED_OVERRIDES, SUMMARY_JSON
+from server.tracking import INSTALL_HINT, store_uri
 
 # Overrides a resume may change without changing what the experiment is: how long it runs and waits, where
 # results go, what is reported. Any other difference (strategy, learning rate, DP, ...) is refused.
 RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "out-dir", "statistics",
-                               "fraction-evaluate", "min-train-nodes", "patience", "calibrate"})
+                               "fraction-evaluate", "min-train-nodes", "patience", "calibrate",
+                               "tracking-uri", "tracking-experiment"})
 SAVED_CONFIG = SAVED_OVERRIDES
 
 
@@ -61,15 +65,33 @@ def settle_overrides(out: Path, items: list[str], defaults: dict, *, rounds: int
         if not path.is_file():
             raise ConfigError(f"pretrained-path {overrides['pretrained-path']!r}: no such file")
         overrides["pretrained-path"] = str(path)
-    if not resuming:
-        return overrides
-    if not (out / SAVED_CONFIG).exists():
-        say(f"no {SAVED_CONFIG} in {out}: the run resumes with the app's defaults and the -c given now, "
-            f"which may not be the settings it started with")
-    overrides, changes = resume_overrides(out, overrides, defaults, force=force)
-    for line in changes:
-        say(f"resume changes {line}")
+    if overrides.get("tracking-uri"):  # likewise: a folder, absolute (an MLflow URI as given)
+        overrides["tracking-uri"] = tracking_location(str(overrides["tracking-uri"]))
+    if resuming:
+        if not (out / SAVED_CONFIG).exists():
+            say(f"no {SAVED_CONFIG} in {out}: the run resumes with the app's defaults and the -c given now, "
+                f"which may not be the settings it started with")
+        overrides, changes = resume_overrides(out, overrides, defaults, force=force)
+        for line in changes:
+            say(f"resume changes {line}")
+    if overrides.get("tracking-uri") and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"tracking-uri {overrides['tracking-uri']!r} asks for MLflow tracking, but MLflow is not "
+                          f"installed: {INSTALL_HINT}")
     return overrides
+
+
+def tracking_location(value: str) -> str:
+    """run config tracking-uri as the ServerApp (in another folder) must get it: a folder made absolute, an
+    MLflow URI (http://, sqlite:///, file:) as given."""
+    value = value.strip()
+    return value if store_uri(value) == value else str(Path(value).expanduser().resolve())
+
+
+class _TrackingFolder(argparse.Action):
+    """--mlflow DIR: the same as -c tracking-uri=DIR (made absolute when the overrides are settled)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.run_config = [*(getattr(namespace, "run_config", None) or []), f"tracking-uri={values}"]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +104,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "with (a -c given again may change only rounds, timeouts and reporting)")
     parser.add_argument("--force-config", action="store_true",
                         help="with --resume: apply every -c given, even one that changes the experiment")
+    parser.add_argument("--mlflow", metavar="DIR", action=_TrackingFolder,
+                        help="log the run to MLflow: a folder (MLflow's file store; `mlflow ui --backend-store-uri "
+                             "DIR` shows it) or an MLflow tracking URI; the same as -c tracking-uri=DIR. Needs "
+                             "equifed[tracking]")
 
 
 class RoundPrinter:
@@ -115,12 +141,21 @@ def follow_run(link, run_config: dict, out: Path, *, timeout: float, announce: C
                federation: dict | None = None, printed: int = -1) -> tuple[int, dict]:
     """Submit the app (a snapshot: edits to the tree meanwhile cannot break its build) with `run_config`, print
     each round after `printed` as the server writes it, keep Flower's log as flower.log; (run id, final status)."""
+    summary = out / SUMMARY_JSON
+    submitted = time.time()
     with tempfile.TemporaryDirectory(prefix="equifed-app-") as tmp:
         run_id = link.submit(app_snapshot(Path(tmp) / "app"), run_config, federation)
     announce(run_id)
     printer = RoundPrinter(out)
     printer.printed = printed
-    status = link.wait(run_id, timeout=timeout, on_poll=printer)
+
+    def ending() -> bool:  # the ServerApp writes summary.json last: Flower marks the run finished right after
+        try:
+            return summary.stat().st_mtime >= submitted - 1
+        except OSError:
+            return False
+
+    status = link.wait(run_id, timeout=timeout, on_poll=printer, ending=ending)
     printer()
     (out / FLOWER_LOG).write_text(link.logs(run_id))
     return run_id, status

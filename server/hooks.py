@@ -36,9 +36,11 @@ from server.calibration import KIND as CALIBRATION, read_fit
 from server.checkpoint import (BestTracker, choose_best_metric, pooled, restore_best_model,
                                save_checkpoint, save_model)
 from server.results import round_table, write_tables
+from server.run_page import PAGE, write_run_page
 from server.site_rows import BUDGET_EXHAUSTED, OK, STATISTICS, TRAIN
 from server.site_statistics import request_config, to_releases
 from server.strategy import SiteTrackingMixin
+from server.tracking import MlflowTracker
 
 
 class RunFailed(RuntimeError):
@@ -65,10 +67,14 @@ Hook = Callable[[Round], None]
 
 
 class RunHistory:
-    """metrics.csv's rows so far and the strategy's per-site rows (per_site.csv), written after every round."""
+    """metrics.csv's rows so far and the strategy's per-site rows (per_site.csv), written after every round; then
+    the run page (index.html) rebuilt from them and the round sent to the experiment tracker, when there is one.
+    A page or tracker that fails is logged: neither ends a training run."""
 
-    def __init__(self, out_dir: Path, strategy: SiteTrackingMixin, rows: list[dict], total_rounds: int):
+    def __init__(self, out_dir: Path, strategy: SiteTrackingMixin, rows: list[dict], total_rounds: int,
+                 tracker: MlflowTracker | None = None, run_config: dict | None = None):
         self.out_dir, self.strategy, self.rows, self.total_rounds = out_dir, strategy, rows, total_rounds
+        self.tracker, self.run_config = tracker, run_config
 
     def write(self) -> None:
         write_tables(self.out_dir, self.rows, self.strategy.sites.rows)
@@ -78,6 +84,28 @@ class RunHistory:
         self.write()
         log(INFO, "equifed round %d/%d\n%s", row["round"], self.total_rounds,
             round_table(row["round"], self.strategy.sites.rows, row))
+        if self.tracker is not None:
+            self.tracker.log_round(row["round"], row, self.strategy.sites.to_rows())
+        self.write_page()
+
+    def track_earlier_rounds(self) -> None:
+        """A resumed run's rounds done before, sent to its tracker: its MLflow run holds the whole history."""
+        if self.tracker is not None and self.rows:
+            sites = self.strategy.sites.to_rows()
+            for row in self.rows:
+                self.tracker.log_round(row["round"], row, sites)
+
+    def write_page(self) -> None:
+        refresh_run_page(self.out_dir, self.total_rounds, self.run_config)
+
+
+def refresh_run_page(out_dir: Path, planned_rounds: int, run_config: dict | None, warnings: list[str] = ()) -> None:
+    """index.html rebuilt from the run folder (server/run_page.py); a page that cannot be written is logged."""
+    try:
+        write_run_page(out_dir, planned_rounds=planned_rounds, run_config=run_config, warnings=warnings)
+    except OSError as err:  # the page never ends a training run
+        log(WARNING, "equifed: the run page %s could not be written (%s: %s)", out_dir / PAGE, type(err).__name__,
+            err)
 
 
 class HoldoutEvaluation:

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 from core_models.protocol import EPSILON, EVAL_AUROC, NUM_EXAMPLES, TRAIN_LOSS  # noqa: E402
 from core_models.run_files import (CALIBRATED_MODEL, CALIBRATION_JSON, LEARNING_CURVE_PNG, METRICS_CSV,  # noqa: E402
                                    PER_SITE_CSV, SUMMARY_JSON)
-from server.site_rows import EVALUATE, OK, TRAIN, SiteRow  # noqa: E402
+from server.site_rows import EVALUATE, OK, SECURE, TRAIN, SiteRow  # noqa: E402
 
 
 def write_tables(out_dir: Path, global_rows: list[dict], site_rows: list[SiteRow]) -> None:
@@ -32,7 +32,8 @@ def round_table(server_round: int, site_rows: list[SiteRow], global_row: dict | 
         train, ev = (next((r for r in rows if r.site == site and r.phase == ph), None) for ph in (TRAIN, EVALUATE))
         # a site that trained is "ok" unless its evaluation failed; evaluation may be off
         status = (ev.status if ev else OK) if train and train.ok else (train.status if train else "absent")
-        lines.append(f"  round {server_round:>3} | {site:<18} | {_site_figures(train, ev)} | {status}")
+        secure = " (secure sum)" if train is not None and train.aggregation == SECURE else ""
+        lines.append(f"  round {server_round:>3} | {site:<18} | {_site_figures(train, ev)} | {status}{secure}")
     if global_row:
         if any(math.isfinite(_number(global_row.get(k))) for k in ("holdout_loss", "holdout_auroc")):  # a holdout
             lines.append(

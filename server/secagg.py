@@ -5,18 +5,28 @@ The server routes what it cannot read and sums what it cannot unmask alone. It r
 when fewer than the threshold remain, since no one site's shares can then be combined; it never puts one site
 in both the survivors and the dropped of an unmask request. What it ends with (SecureSum): the sum of the
 survivors' inputs, the survivors and the dropped sites.
+
+`sum_over_grid` drives the four stages over the ServerApp's grid (train messages of action "secagg"); a site that
+answers a stage with an error, a malformed record or not at all is out from that stage on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from logging import WARNING
 from typing import Mapping
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, public_key_to_bytes
 
+from core_models import wire
 from core_models.secagg import (
+    STAGE,
     STAGE_ADVERTISE_KEYS,
     STAGE_COLLECT_MASKED_INPUT,
     STAGE_SHARE_KEYS,
@@ -188,3 +198,53 @@ def _combine(shares: list[bytes], threshold: int, what: str) -> bytes:
         return combine_shares(shares[:threshold])
     except ValueError:
         raise SecAggError(f"secagg: the shares of {what} do not combine") from None
+
+
+# --- over the grid ---------------------------------------------------------------------------------------------------
+
+
+def sum_over_grid(grid: Grid, params: SecAggParams, layout: VectorLayout, nodes: list[int], server_round: int,
+                  timeout: float, left: dict[int, str]) -> SecureSum:
+    """The secure sum of the inputs `nodes` hold for `server_round`. `left` gets why each site left (node -> the
+    reason), also when the sum fails (SecAggError: fewer than the threshold remain)."""
+    state, request = start(params, layout, nodes)
+    keys = _exchange(grid, {n: request.to_record() for n in nodes}, PublicKeys.from_record, server_round, timeout,
+                     left)
+    state, requests = share_keys(state, keys)
+    shares = _exchange(grid, _records(requests), EncryptedShares.from_record, server_round, timeout, left)
+    state, requests = route_shares(state, shares)
+    masked = _exchange(grid, _records(requests), MaskedInput.from_record, server_round, timeout, left)
+    state, requests = request_unmask(state, masked)
+    answers = _exchange(grid, _records(requests), UnmaskShares.from_record, server_round, timeout, left)
+    return unmask(state, answers)
+
+
+def _records(requests: Mapping[int, object]) -> dict[int, ConfigRecord]:
+    return {nid: request.to_record() for nid, request in requests.items()}
+
+
+def _exchange(grid: Grid, records: Mapping[int, ConfigRecord], read: Callable[[ConfigRecord | ArrayRecord], object],
+              server_round: int, timeout: float, left: dict[int, str]) -> dict[int, object]:
+    """One stage: a request to each site, the readable replies by node id; the others' reasons into `left`."""
+    stage = next(iter(records.values()))[STAGE] if records else "?"
+    replies = grid.send_and_receive([wire.secagg_request(r, nid, server_round) for nid, r in records.items()],
+                                    timeout=timeout)
+    got: dict[int, object] = {}
+    for msg in replies:
+        nid = msg.metadata.src_node_id
+        if nid not in records or nid in got:
+            continue  # e.g. the SuperLink's stand-in for a site that went away: "no reply" below
+        if msg.has_error():
+            left[nid] = f"{stage}: {msg.error.reason}"
+            continue
+        try:
+            got[nid] = read(wire.secagg_record(msg))
+        except SecAggError as err:
+            left[nid] = f"{stage}: unreadable reply ({err})"
+    for nid in records:
+        if nid not in got and nid not in left:
+            left[nid] = f"{stage}: no reply"
+    for nid in records:
+        if nid not in got:
+            log(WARNING, "equifed secure sum, round %d: node %d left at %s", server_round, nid, left[nid])
+    return got

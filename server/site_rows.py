@@ -1,14 +1,16 @@
 """The server's memory of each site's answers: one typed row per (round, phase, site), per_site.csv's rows.
 
 A row is a site's reply (its metrics, what it noised or withheld), an error reply's status and reason, a refusal
-by the privacy screen, or a site that was asked and did not answer. `SiteTable` builds them from Flower's replies
-and survives a resume (its rows travel in the round checkpoint)."""
+by the privacy screen, or a site that was asked and did not answer. A train reply's row also says how its model
+reached the global one: `aggregation` "plain" (the model itself was sent) or "secure" (only inside the secure
+sum); a site that trained but is not in the round's secure sum is "not in secure sum", with the reason.
+`SiteTable` builds them from Flower's replies and survives a resume (its rows travel in the round checkpoint)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import WARNING
 
 from flwr.app import Message
@@ -21,12 +23,14 @@ from core_models.protocol import NOISED, WITHHELD, Disclosure, error_site, error
 # the phases of a round: a train or evaluate request, or a query (its phase names what it asked for)
 TRAIN, EVALUATE, STATISTICS = "train", "evaluate", "statistics"
 OK, REFUSED, NO_REPLY, BUDGET_EXHAUSTED = "ok", "refused", "no reply", "budget exhausted"
+NOT_SUMMED = "not in secure sum"  # trained, but its model is not in the round's secure sum (or the sum failed)
+PLAIN, SECURE = "plain", "secure"  # a train row's `aggregation`
 
 # Error replies the SuperLink makes up for a site that stopped heartbeating (or a reply lost
 # with it); they come from the SuperLink's node id, not the site's.
 UNREACHABLE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
-_COLUMNS = ("round", "phase", "site", "status", "node", "error", NOISED, WITHHELD)  # per_site.csv's own columns
+_COLUMNS = ("round", "phase", "site", "status", "node", "error", "aggregation", NOISED, WITHHELD)  # per_site.csv's own
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class SiteRow:
     error: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     disclosure: Disclosure | None = None  # which of its metrics the site noised, which it withheld (NaN)
+    aggregation: str | None = None  # a train reply: PLAIN or SECURE
 
     @property
     def ok(self) -> bool:
@@ -54,7 +59,8 @@ class SiteRow:
     def to_row(self) -> dict:
         """per_site.csv's row: round, phase, site, status, the error or the node, the metrics, the disclosure."""
         row = {"round": self.round, "phase": self.phase, "site": self.site, "status": self.status}
-        row.update({k: v for k, v in (("error", self.error), ("node", self.node)) if v is not None})
+        row.update({k: v for k, v in (("error", self.error), ("node", self.node), ("aggregation", self.aggregation))
+                    if v is not None})
         return {**row, **self.metrics, **({} if self.disclosure is None else self.disclosure.to_config())}
 
     @classmethod
@@ -63,7 +69,7 @@ class SiteRow:
         for is empty there: NaN)."""
         row = {k: v for k, v in row.items() if not (k in _COLUMNS and isinstance(v, float) and math.isnan(v))}
         return cls(round=row["round"], phase=row["phase"], site=row["site"], status=row["status"],
-                   node=row.get("node"), error=row.get("error"),
+                   node=row.get("node"), error=row.get("error"), aggregation=row.get("aggregation"),
                    metrics={k: v for k, v in row.items() if k not in _COLUMNS},
                    disclosure=Disclosure.from_config(row) if NOISED in row else None)
 
@@ -90,9 +96,10 @@ class SiteTable:
                 return row.site
         return f"node-{node}"
 
-    def record(self, server_round: int, phase: str, replies: list[Message], skip: Iterable[int] = ()) -> None:
-        """One row per reply (its metrics, or why there are none), and a "no reply" row per node asked that did not
-        answer (`skip`: nodes refused for the rest of the run)."""
+    def record(self, server_round: int, phase: str, replies: list[Message], skip: Iterable[int] = (),
+               aggregation: str | None = None) -> None:
+        """One row per reply (its metrics, or why there are none; a reply's row its `aggregation`), and a
+        "no reply" row per node asked that did not answer (`skip`: nodes refused for the rest of the run)."""
         answered = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -107,7 +114,7 @@ class SiteTable:
             reply = wire.reply_of(msg)
             self.rows.append(SiteRow(server_round, phase, reply.site or f"node-{node}", OK, node=str(node),
                                      metrics={k: float(v) for k, v in reply.metrics.items()},
-                                     disclosure=reply.disclosure))
+                                     disclosure=reply.disclosure, aggregation=aggregation))
         skip = set(skip)
         for node in self.asked.get((server_round, phase), []):
             if node not in answered and node not in skip:
@@ -115,6 +122,13 @@ class SiteTable:
                 log(WARNING, "equifed round %d (%s): site %s did not reply; the round goes on without it",
                     server_round, phase, site)
                 self.rows.append(SiteRow(server_round, phase, site, NO_REPLY, node=str(node)))
+
+    def not_summed(self, server_round: int, reasons: Mapping[int, str]) -> None:
+        """The round's train replies from these nodes are not in its secure sum: their rows say why (the figures
+        the site released stay)."""
+        self.rows = [replace(r, status=NOT_SUMMED, error=reasons[int(r.node)])
+                     if r.round == server_round and r.phase == TRAIN and r.ok and r.node is not None
+                     and int(r.node) in reasons else r for r in self.rows]
 
     def to_rows(self) -> list[dict]:
         """per_site.csv's rows (and the checkpoint's)."""

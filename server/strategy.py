@@ -4,6 +4,10 @@ Flower's FedAvg keeps only the weighted mean of the sites' metrics. A consortium
 each site's numbers (which hospital is lagging, which dropped out), and a restart must
 continue the round count and the optimiser state. The mixin adds both on top of
 Flower's own FedAvg / FedProx / FedAdam; aggregation itself stays Flower's.
+
+With secure aggregation (run config secagg) the sites keep their trained models and the server learns only
+their weighted sum and the sum of weights (server/secagg.py); Flower's aggregation then gets every reply with
+the unmasked mean, so FedAvg's mean is that mean and FedProx and FedAdam act on it.
 """
 
 from __future__ import annotations
@@ -11,17 +15,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from core_models import wire
 from core_models.config import ServerConfig
 from core_models.protocol import ARRAYS, BOX_EXAMPLES, DETECTION_HEAD, NUM_EXAMPLES, StatisticsRequest
+from core_models.secagg import SecAggError, SecAggParams, VectorLayout
+from server import secagg
 from server.privacy_registry import PrivacyRegistry
-from server.site_rows import EVALUATE, TRAIN, SiteRow, SiteTable
+from server.site_rows import EVALUATE, PLAIN, SECURE, TRAIN, SiteRow, SiteTable
 
 
 def pool_detection_heads(replies: list[Message]) -> list[Message]:
@@ -67,10 +75,14 @@ class SiteTrackingMixin:
 
     def _init_tracking(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
                        site_rows: Iterable[SiteRow | dict] | None = None,
-                       state: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+                       state: dict[str, dict[str, np.ndarray]] | None = None, secure: bool = False,
+                       stage_timeout: float = 600.0) -> None:
         """`registry`: each site's spend so far (None: nothing checked); a resumed run's `round_offset` (rounds
-        done), `site_rows` (per_site.csv so far) and optimiser `state` (from its checkpoint)."""
+        done), `site_rows` (per_site.csv so far) and optimiser `state` (from its checkpoint); `secure`: train
+        rounds securely aggregated, each stage waiting at most `stage_timeout` seconds."""
         self.registry = registry
+        self.secure, self.stage_timeout = secure, stage_timeout
+        self.sent: tuple[Grid, ArrayRecord] | None = None  # a secure round's grid and model sent
         self.round_offset = round_offset
         self.sites = SiteTable(site_rows or [])  # one row per (round, phase, site)
         self.round_started: dict[int, float] = {}
@@ -120,13 +132,50 @@ class SiteTrackingMixin:
         messages = [m for m in super().configure_train(server_round, arrays, config, grid)
                     if m.metadata.dst_node_id not in self.refused_nodes]
         self.sites.asked[(server_round, TRAIN)] = [m.metadata.dst_node_id for m in messages]
+        if self.secure:
+            self.sent = (grid, arrays)
+            for m in messages:
+                wire.secure_train(m, len(messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.round_offset
         replies = self.screen_privacy(server_round, list(replies))
-        self.sites.record(server_round, TRAIN, replies, skip=self.refused_nodes)
+        self.sites.record(server_round, TRAIN, replies, skip=self.refused_nodes,
+                          aggregation=SECURE if self.secure else PLAIN)
+        if self.secure:
+            replies = self.secure_mean(server_round, replies)
         return super().aggregate_train(server_round, pool_detection_heads(replies))
+
+    def secure_mean(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies Flower aggregates in a secure round: those in the secure sum, each given the mean it
+        unmasks (the sum of weight x model over the sum of weights), and the error replies. The sites that trained
+        but are not in the sum, or all of them when the sum fails (fewer than the threshold left), are recorded
+        "not in secure sum" with the reason: a round in which none is in it is a round without trainers."""
+        grid, sent = self.sent
+        trained = {m.metadata.src_node_id: m for m in replies if not m.has_error()}
+        errors = [m for m in replies if m.has_error()]
+        weights = {n: _weight(m) for n, m in trained.items()}
+        left = {n: f"its {NUM_EXAMPLES} ({w}) is not a positive number" for n, w in weights.items()
+                if not (math.isfinite(w) and w > 0)}
+        nodes = [n for n in trained if n not in left]
+        started = time.time()
+        try:
+            params = SecAggParams.for_weights([weights[n] for n in nodes])
+            total = secagg.sum_over_grid(grid, params, VectorLayout.of(sent), nodes, server_round,
+                                         self.stage_timeout, left)
+        except SecAggError as err:
+            log(WARNING, "equifed round %d: no secure sum (%s); the global model stays as it was", server_round, err)
+            self.sites.not_summed(server_round, {n: (f"{left[n]}; " if n in left else "") + f"the sum failed: {err}"
+                                                 for n in trained})
+            return errors
+        self.sites.not_summed(server_round, {n: left.get(n, "not in the sum") for n in trained
+                                             if n not in total.sites})
+        log(INFO, "equifed round %d: secure sum of %d site(s), %d left, in %.2f s", server_round, len(total.sites),
+            len(trained) - len(total.sites), time.time() - started)
+        mean = total.result.mean()
+        arrays = ArrayRecord({k: Array(mean[k].astype(sent[k].numpy().dtype)) for k in sent.keys()})
+        return [wire.with_arrays(trained[n], arrays) for n in total.sites] + errors
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset
@@ -158,25 +207,36 @@ class SiteTrackingMixin:
             setattr(self, name, {k: np.asarray(v) for k, v in value.items()})
 
 
+def _weight(reply: Message) -> float:
+    """A train reply's aggregation weight (NaN when it is not a number)."""
+    try:
+        return float(wire.reply_of(reply).metrics.get(NUM_EXAMPLES, math.nan))
+    except (TypeError, ValueError):
+        return math.nan
+
+
 class TrackedFedAvg(SiteTrackingMixin, FedAvg):
     def __init__(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
-                 site_rows: Iterable[SiteRow | dict] | None = None, state: dict | None = None, **kwargs):
+                 site_rows: Iterable[SiteRow | dict] | None = None, state: dict | None = None, secure: bool = False,
+                 stage_timeout: float = 600.0, **kwargs):
         super().__init__(**kwargs)
-        self._init_tracking(registry, round_offset, site_rows, state)
+        self._init_tracking(registry, round_offset, site_rows, state, secure, stage_timeout)
 
 
 class TrackedFedProx(SiteTrackingMixin, FedProx):
     def __init__(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
-                 site_rows: Iterable[SiteRow | dict] | None = None, state: dict | None = None, **kwargs):
+                 site_rows: Iterable[SiteRow | dict] | None = None, state: dict | None = None, secure: bool = False,
+                 stage_timeout: float = 600.0, **kwargs):
         super().__init__(**kwargs)
-        self._init_tracking(registry, round_offset, site_rows, state)
+        self._init_tracking(registry, round_offset, site_rows, state, secure, stage_timeout)
 
 
 class TrackedFedAdam(SiteTrackingMixin, FedAdam):
     def __init__(self, registry: PrivacyRegistry | None = None, round_offset: int = 0,
-                 site_rows: Iterable[SiteRow | dict] | None = None, state: dict | None = None, **kwargs):
+                 site_rows: Iterable[SiteRow | dict] | None = None, state: dict | None = None, secure: bool = False,
+                 stage_timeout: float = 600.0, **kwargs):
         super().__init__(**kwargs)
-        self._init_tracking(registry, round_offset, site_rows, state)
+        self._init_tracking(registry, round_offset, site_rows, state, secure, stage_timeout)
 
 
 def build_strategy(server: ServerConfig, registry: PrivacyRegistry | None = None, round_offset: int = 0,
@@ -190,6 +250,7 @@ def build_strategy(server: ServerConfig, registry: PrivacyRegistry | None = None
         min_evaluate_nodes=server.min_train_nodes,
         min_available_nodes=server.min_train_nodes,
         registry=registry, round_offset=round_offset, site_rows=site_rows, state=state,
+        secure=server.secagg, stage_timeout=server.round_timeout,
     )
     if server.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {server.strategy!r}; choose one of {tuple(STRATEGIES)}")

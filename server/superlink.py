@@ -5,12 +5,18 @@ Flower's auto-started local SuperLink needs the network and outlives the command
 simulations, tests and CI use this instead. The same class runs the consortium's
 deployment SuperLink (`equifed-server start`): TLS, a database file that survives a
 restart, and SuperNode authentication against an allow-list of public keys.
+
+`ExistingSuperLink` is a SuperLink someone else runs (`equifed-simulate --superlink`, e.g.
+one whose simulation engine is a Ray cluster): runs are submitted to it and followed with
+the same calls, and it is never started or stopped here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -41,7 +47,147 @@ class PortTaken(RuntimeError):
     """The SuperLink could not listen: another process holds its port."""
 
 
-class LocalSuperLink:
+def write_connection(home: Path, address: str, root_certificates: Path | None = None, insecure: bool = False) -> None:
+    """The `flwr` CLI's connection to a SuperLink (`CONNECTION`), in the FLWR_HOME `home`: plain HTTP when
+    `insecure`, else TLS trusting `root_certificates` (a PEM file) or, without one, the system's store."""
+    security = (f"root-certificates = {json.dumps(str(root_certificates))}\n" if root_certificates else
+                "insecure = true\n" if insecure else "")
+    (Path(home) / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n{security}"
+    )
+
+
+class FlowerRuns:
+    """A run's life on a SuperLink through the `flwr` CLI (submit, status, wait, log), with the connection in our
+    own FLWR_HOME (`self.home`). `status_every`: how often a run's status is asked while nothing says it is ending
+    (each ask is a `flwr` process: about a second of CPU)."""
+
+    home: Path
+    status_every = 30.0
+    ending_every = 2.0
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, FLWR_HOME=str(self.home))
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, app_dir: Path, run_config: dict | None = None, federation_config: dict | None = None) -> int:
+        """Start a run of the Flower app in `app_dir`; return its run id."""
+        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
+        if run_config:
+            args += ["--run-config", flower_config(run_config)]
+        if federation_config:
+            args += ["--federation-config", flower_config(federation_config)]
+        done = self.flwr(*args)
+        try:
+            payload = json.loads(done.stdout[done.stdout.index("{"):])
+        except ValueError:
+            payload = {}
+        if done.returncode != 0 or not payload.get("success"):
+            said = payload.get("error-message") or f"{done.stdout}\n{done.stderr}"
+            raise RuntimeError(f"flwr run failed (code {done.returncode}): {said}")
+        return int(payload["run-id"])
+
+    def status(self, run_id: int) -> dict:
+        """The run's row from `flwr ls` (status, sub-status, ...)."""
+        done = self.flwr("ls", "--run-id", str(run_id), "--format", "json")
+        try:
+            payload = json.loads(done.stdout[done.stdout.index("{"):])
+        except ValueError:
+            raise RuntimeError(f"flwr ls failed (code {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+        runs = payload.get("runs", [])
+        if not runs:
+            raise RuntimeError(f"run {run_id} unknown to the SuperLink: {done.stdout}")
+        return runs[0]
+
+    @staticmethod
+    def outcome(row: dict) -> str:
+        """A status row as one phrase: "finished:failed: ServerApp failed with exception: ..."."""
+        details = row.get("status-details") or ""
+        return f"{row.get('status')}: {details}" if details else str(row.get("status"))
+
+    def app_running(self) -> bool:
+        """Whether the run's app process is seen alive (only a SuperLink we started can be looked into)."""
+        return False
+
+    def wait(self, run_id: int, timeout: float, poll: float = 1.0, on_poll=None, status_every: float | None = None,
+             ending=None) -> dict:
+        """Block until the run finishes; return its status row. Raises TimeoutError.
+
+        `on_poll` runs every `poll` seconds. The run's status (a `flwr` process: a second of CPU each) is asked
+        every `ending_every` seconds once the run looks as if it is ending: its app process has been seen and has
+        gone (Flower then marks the run finished), or `ending()` says so (e.g. the run wrote its summary);
+        otherwise only every `status_every` seconds, in case the run dies unseen."""
+        status_every = self.status_every if status_every is None else status_every
+        deadline = time.time() + timeout
+        asked, seen = -math.inf, False
+        try:
+            while time.time() < deadline:
+                if on_poll:
+                    on_poll()
+                running = self.app_running()
+                seen = seen or running
+                soon = (seen and not running) or (ending is not None and ending())
+                if time.time() - asked >= (self.ending_every if soon else status_every):
+                    asked = time.time()
+                    row = self.status(run_id)
+                    if str(row.get("status", "")).startswith("finished"):
+                        if on_poll:
+                            on_poll()
+                        return row
+                time.sleep(poll)
+        except KeyboardInterrupt:  # Ctrl-C: the run stops too (on a SuperLink we did not start it would go on)
+            self.flwr("stop", str(run_id), CONNECTION)
+            raise
+        self.flwr("stop", str(run_id), CONNECTION)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
+
+    def logs(self, run_id: int) -> str:
+        return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
+
+
+class ExistingSuperLink(FlowerRuns):
+    """A SuperLink someone else runs, at `address` (HOST:PORT of its Control API): runs are submitted to it and
+    followed, and nothing here starts or stops it. `insecure`: plain HTTP (loopback, a trusted network); else
+    TLS, trusting `root_certificates` (the CA's PEM) or the system's store. A context manager: on exit only our
+    throw-away FLWR_HOME goes."""
+
+    status_every = 10.0  # no process table to look into: the run's status is asked more often
+
+    def __init__(self, address: str, root_certificates: Path | str | None = None, insecure: bool = False):
+        if insecure and root_certificates:
+            raise ValueError("a connection is either insecure (plain HTTP) or TLS with root certificates, not both")
+        self.address = address
+        self.root_certificates = Path(root_certificates).expanduser().resolve() if root_certificates else None
+        if self.root_certificates is not None and not self.root_certificates.is_file():
+            raise FileNotFoundError(f"root certificates {root_certificates}: no such file")
+        self.insecure = insecure
+        self.home = Path(tempfile.mkdtemp(prefix="equifed-flwr-home-"))
+        write_connection(self.home, address, self.root_certificates, insecure)
+
+    def __enter__(self) -> "ExistingSuperLink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets) -> (host, port); ValueError naming what is wrong."""
+    host, sep, port = str(text).strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:9092, superlink.example.org:9092)")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9092")
+    return host, int(port)
+
+
+class LocalSuperLink(FlowerRuns):
     """A SuperLink we start and stop by PID, used as a context manager.
 
     Default: simulation mode, plain HTTP on a free loopback port, a throw-away FLWR_HOME.
@@ -74,18 +220,7 @@ class LocalSuperLink:
         return f"{self.dial_host}:{self.port}"
 
     def _write_connection(self) -> None:
-        """The `flwr` CLI's connection to this SuperLink, in its FLWR_HOME."""
-        security = (f'root-certificates = "{self.tls.ca}"\n' if self.tls else "insecure = true\n")
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.address}"\n{security}'
-        )
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ, FLWR_HOME=str(self.home))
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        write_connection(self.home, self.address, self.tls.ca if self.tls else None, insecure=self.tls is None)
 
     def __enter__(self) -> "LocalSuperLink":
         self.start()
@@ -168,40 +303,6 @@ class LocalSuperLink:
         self._log.close()
 
     # --- runs ----------------------------------------------------------------------
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def submit(self, app_dir: Path, run_config: dict | None = None, federation_config: dict | None = None) -> int:
-        """Start a run of the Flower app in `app_dir`; return its run id."""
-        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
-        if run_config:
-            args += ["--run-config", flower_config(run_config)]
-        if federation_config:
-            args += ["--federation-config", flower_config(federation_config)]
-        done = self.flwr(*args)
-        try:
-            payload = json.loads(done.stdout[done.stdout.index("{"):])
-        except ValueError:
-            payload = {}
-        if done.returncode != 0 or not payload.get("success"):
-            raise RuntimeError(f"flwr run failed (code {done.returncode}):\n{done.stdout}\n{done.stderr}")
-        return int(payload["run-id"])
-
-    def status(self, run_id: int) -> dict:
-        """The run's row from `flwr ls` (status, sub-status, ...)."""
-        done = self.flwr("ls", "--run-id", str(run_id), "--format", "json")
-        payload = json.loads(done.stdout[done.stdout.index("{"):])
-        runs = payload.get("runs", [])
-        if not runs:
-            raise RuntimeError(f"run {run_id} unknown to the SuperLink: {done.stdout}")
-        return runs[0]
-
-    @staticmethod
-    def outcome(row: dict) -> str:
-        """A status row as one phrase: "finished:failed: ServerApp failed with exception: ..."."""
-        details = row.get("status-details") or ""
-        return f"{row.get('status')}: {details}" if details else str(row.get("status"))
-
     def app_running(self) -> bool:
         """Whether a run's app process (`flwr-serverapp`, or `flwr-simulation` with its Ray engine) is alive
         under this SuperLink: a look at the process table, far cheaper than a `flwr` status query."""
@@ -218,33 +319,6 @@ class LocalSuperLink:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         return False
-
-    def wait(self, run_id: int, timeout: float, poll: float = 1.0, on_poll=None, status_every: float = 30.0) -> dict:
-        """Block until the run finishes; return its status row. Raises TimeoutError.
-
-        `on_poll` runs every `poll` seconds. The run's status (a `flwr` process: seconds of CPU each) is asked
-        once its app process has been seen and has gone (Flower then marks the run finished), and otherwise
-        only every `status_every` seconds, in case the app dies before it is ever seen."""
-        deadline = time.time() + timeout
-        next_status, seen = 0.0, False
-        while time.time() < deadline:
-            if on_poll:
-                on_poll()
-            running = self.app_running()
-            seen = seen or running
-            if time.time() >= next_status or (seen and not running):
-                row = self.status(run_id)
-                if str(row.get("status", "")).startswith("finished"):
-                    if on_poll:
-                        on_poll()
-                    return row
-                next_status = time.time() + status_every
-            time.sleep(poll)
-        self.flwr("stop", str(run_id), CONNECTION)
-        raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
-
-    def logs(self, run_id: int) -> str:
-        return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
 
     def runs(self) -> list[dict]:
         """Every run the SuperLink knows (its database keeps them across restarts)."""

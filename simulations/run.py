@@ -5,6 +5,11 @@ and train it federatedly through Flower's simulation engine on a SuperLink we ow
 model alone and one on the pooled sites with the same settings (simulations/baselines.py) and writes
 baselines.csv: what a hospital gains by joining.
 
+`--superlink HOST:PORT` submits the run to a SuperLink that is already running (in simulation mode, e.g. with a
+Ray cluster as its engine) instead of starting one; it is followed the same way and never stopped. Its ServerApp
+and ClientApps must see this machine's paths (the run folder, the sites' data): the same machine or a shared
+file system.
+
 Exits non-zero when the run fails (Flower's own `flwr run --stream` exits 0 then). A site that
 failed is named with its last error (from its own .equifed/client_errors.log: simulation only).
 """
@@ -25,7 +30,8 @@ from core_models.config import RECIPES, ConfigError, RunConfig, app_defaults, au
 from core_models.processes import APP_DIR
 from core_models.protocol import EPSILON
 from server.console import add_run_arguments, annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
-from server.superlink import LocalSuperLink
+from server.run_page import write_run_page
+from server.superlink import ExistingSuperLink, LocalSuperLink, parse_address
 from simulations.generator import FAIRNESS_RUN_CONFIG, generate_consortium
 from simulations.scenario import ScenarioError, load_scenario
 
@@ -56,7 +62,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="give up on the run after this many seconds")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--overwrite-data", action="store_true", help="regenerate data even if the scenario changed")
+    link = parser.add_argument_group("an existing SuperLink (default: start one of our own on loopback)")
+    link.add_argument("--superlink", metavar="HOST:PORT",
+                      help="submit the run to this SuperLink (its Control API; a simulation-mode SuperLink, e.g. "
+                           "on a Ray cluster) instead of starting one; it is never stopped. Its apps must see this "
+                           "machine's paths (the same machine or a shared file system)")
+    security = link.add_mutually_exclusive_group()
+    security.add_argument("--root-certificates", metavar="PEM",
+                          help="with --superlink: TLS, trusting this CA certificate (default: the system's store)")
+    security.add_argument("--insecure", action="store_true",
+                          help="with --superlink: plain HTTP, no TLS (loopback or a trusted network only)")
     args = parser.parse_args(argv)
+    if (args.root_certificates or args.insecure) and not args.superlink:
+        parser.error("--root-certificates and --insecure go with --superlink (our own SuperLink is on loopback)")
+    if args.superlink:
+        try:
+            parse_address(args.superlink)
+        except ValueError as err:
+            parser.error(f"--superlink: {err}")
+        if args.root_certificates and not Path(args.root_certificates).is_file():
+            parser.error(f"--root-certificates {args.root_certificates}: no such file")
     if args.sites is not None and args.scenario is not None:
         parser.error("give a scenario or --sites, not both (--sites trains on existing folders, nothing is generated)")
     if args.sites is not None and args.overwrite_data:
@@ -276,14 +301,29 @@ def main(argv: list[str] | None = None) -> int:
         for stale in ("metrics.csv", "per_site.csv", "baselines.csv"):
             (out / stale).unlink(missing_ok=True)
     errors_before = error_log_sizes(sites)
-    with LocalSuperLink(log_path=out / "superlink.log") as link:
-        run_id, status = follow_run(
-            link, run_config, out, timeout=args.timeout,
-            federation={"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client},
-            announce=lambda rid: print(f"equifed: run {rid} started on SuperLink {link.address}", flush=True))
+    existing = bool(args.superlink)
+    try:
+        with _superlink(args, out) as link:
+            run_id, status = follow_run(
+                link, run_config, out, timeout=args.timeout,
+                federation={"num-supernodes": len(sites), "client-resources-num-cpus": args.cpus_per_client},
+                announce=lambda rid: print(f"equifed: run {rid} started on "
+                                           f"{'the existing ' if existing else ''}SuperLink {link.address}",
+                                           flush=True))
+    except (RuntimeError, TimeoutError) as err:
+        if not existing:
+            raise
+        print(f"equifed-simulate: error: SuperLink {args.superlink}: {err}", file=sys.stderr, flush=True)
+        return 1
     n_rejected = collect_rejections(sites, out)
     summary = annotate_summary(out, flower_run_id=run_id, flower_status=status.get("status"),
-                               rejected_images=n_rejected, auto_settings=resolved)
+                               rejected_images=n_rejected, auto_settings=resolved,
+                               **({"superlink": args.superlink} if existing else {}))
+    if summary is not None:  # the page again, with the rejected files just gathered from the sites
+        try:
+            write_run_page(out)
+        except OSError as err:
+            print(f"equifed: WARNING: the run page could not be written: {err}", file=sys.stderr, flush=True)
     for line in site_failures(sites, errors_before):
         print(line, file=sys.stderr, flush=True)
     if status.get("status") != "finished:completed":
@@ -297,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     if modes:
         _baselines(cfg, sites, holdout, modes, out)
     return 0
+
+
+def _superlink(args: argparse.Namespace, out: Path) -> ExistingSuperLink | LocalSuperLink:
+    """--superlink: the SuperLink that is already running (never stopped here); else one of our own."""
+    if args.superlink:
+        return ExistingSuperLink(args.superlink, root_certificates=args.root_certificates, insecure=args.insecure)
+    return LocalSuperLink(log_path=out / "superlink.log")
 
 
 def _baselines(cfg: RunConfig, sites: list[Path], holdout: Path, modes: list[str], out: Path) -> None:

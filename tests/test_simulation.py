@@ -5,6 +5,7 @@ end from `LocalSuperLink.wait` and exit 1 unless Flower says it completed.)"""
 
 import json
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 
 import pandas as pd
@@ -62,10 +63,13 @@ def test_run_folder_contents(run_dir):
     assert not [w for w in warnings if w.startswith("the final")]  # the final model beat round 0
 
 
-def test_resume_continues_round_count(run_dir, tmp_path):
+def test_resume_continues_round_count(run_dir, tmp_path, monkeypatch):
     resumed = tmp_path / "sim"  # a copy: the shared run stays as other tests read it
     shutil.copytree(run_dir, resumed)
-    code = simulate([str(resumed / "tiny.toml"), "--out", str(resumed), "--rounds", "3", "--resume", *FAST])
+    page_before = (resumed / "index.html").read_text()
+    tracking = find_spec("mlflow") is not None  # the extra equifed[tracking]; without it the run page alone
+    mlflow = ["--mlflow", str(tmp_path / "mlruns")] if tracking else []
+    code = simulate([str(resumed / "tiny.toml"), "--out", str(resumed), "--rounds", "3", "--resume", *FAST, *mlflow])
     assert code == 0
     metrics = pd.read_csv(resumed / "metrics.csv")
     assert list(metrics["round"]) == [0, 1, 2, 3]
@@ -74,6 +78,33 @@ def test_resume_continues_round_count(run_dir, tmp_path):
     assert (resumed / "checkpoints" / "round_003.pt").exists()
     saved = json.loads((resumed / "run_overrides.json").read_text())
     assert saved["num-server-rounds"] == 3 and saved["statistics"] == "shift"  # the resume's own, kept for the next
+
+    # the run page: rewritten by the resumed run, every site's row and the final round, the run marked finished
+    assert "completed, 2 round(s)" in page_before and 'http-equiv="refresh"' not in page_before
+    page = (resumed / "index.html").read_text()
+    assert "completed, 3 round(s)" in page and 'http-equiv="refresh"' not in page
+    assert "<td>alpha</td>" in page and "<td>beta</td>" in page and "<th>3</th>" in page
+    refused = per_site[per_site["status"] != "ok"]  # round 3's statistics go over the sites' budgets
+    assert len(refused) and all(f"<td>{r.round}</td><td>{r.phase}</td><td>{r.site}</td>" in page
+                                for r in refused.itertuples())
+    if not tracking:
+        return
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a folder store only when asked to
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("equifed").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["num-server-rounds"] == "3"
+    # the rounds done before the resume too: the MLflow run holds the whole history
+    history = client.get_metric_history(run.info.run_id, "holdout_auroc")
+    assert sorted((m.step, round(m.value, 6)) for m in history) == [
+        (r, round(v, 6)) for r, v in zip(metrics["round"], metrics["holdout_auroc"])]
+    for site in ("alpha", "beta"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, f"site/{site}/train-loss"))
+        assert steps == [1, 2, 3]
+    models = [f.path for f in client.list_artifacts(run.info.run_id, "models")]
+    assert "models/final_model.pt" in models and "models/final_model.json" in models
+    assert "reports/index.html" in [f.path for f in client.list_artifacts(run.info.run_id, "reports")]
 
 
 def test_unknown_network_is_a_config_error(tmp_path, run_dir, capsys):
