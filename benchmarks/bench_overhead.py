@@ -10,10 +10,11 @@ One SuperLink (simulation engine, one Ray actor: the sites train one after the o
   evaluation (-c fraction-evaluate=0 -c holdout-path=);
 - "equifed": the same with equifed's defaults (the holdout scored each round, every site's evaluate round).
 Each ServerApp stamps the time as each round's evaluation starts (equifed: metrics.csv elapsed_s); a round's time is
-the difference between consecutive stamps, and round 1 (Ray's actor, the data loading) is left out of the mean.
-Where the difference goes: equifed's per-round server steps timed again in this process on the run's own files
-(the checkpoint, the tables, the run page, the holdout's evaluation), and the rest (the sites' validation score and
-the reply's checks, the extra messages).
+the difference between consecutive stamps, and round 1 (Ray's actor, the data loading) is left out of the median.
+Where the difference goes, timed again in this process: equifed's per-round server steps on the run's own files
+(the checkpoint, the tables, the run page, the holdout's evaluation) and a site's train handler (equifed's ClientApp
+against the minimal one, the same global model and round: the session's checks, the validation score, the reply);
+what is left is Flower's messaging of the larger records and the machine's noise (2 shared cores: rerun to see it).
 """
 
 from __future__ import annotations
@@ -171,6 +172,50 @@ def run_equifed(link, data: Path, out: Path, train: dict, rounds: int, extra: li
     return round_seconds(list(pd.read_csv(out / "metrics.csv")["elapsed_s"]))
 
 
+def client_steps(data: Path, train: dict, repeats: int = 4) -> dict[str, float]:
+    """Seconds of one site's train handler, equifed's and the minimal one's (interleaved, data already loaded), and
+    of the validation score equifed's adds."""
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import train as equifed_train
+    from core_models.config import app_defaults
+    from core_models.processes import APP_DIR
+    from core_models.training import evaluate
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1  # as Flower's runtime sets them
+    defaults = app_defaults(APP_DIR / "pyproject.toml")
+    node = {"partition-id": 0, "num-partitions": 2}
+    equifed = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                      run_config={**defaults, **train, "data-root": str(data)})
+    minimal = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                      run_config={**train, "data-root": str(data), "rounds": 1, "stamps": ""})
+    spec = ModelSpec.of_run(_train_config(train))
+
+    def message(server_round: int) -> Message:
+        content = RecordDict({"arrays": ArrayRecord(spec.build().state_dict()),
+                              "config": ConfigRecord({"server-round": server_round})})
+        return Message(content=content, dst_node_id=7, message_type="train")
+
+    handlers = {"equifed": lambda r: equifed_train(message(r), equifed),
+                "minimal": lambda r: _minimal_train(message(r), minimal)}
+    for handler in handlers.values():
+        handler(1)  # the data loaded and split once, as in a run's first round
+    seconds = {name: 0.0 for name in handlers}
+    for r in range(2, 2 + repeats):
+        for name, handler in handlers.items():
+            t0 = time.perf_counter()
+            handler(r)
+            seconds[name] += (time.perf_counter() - t0) / repeats
+    site = open_site(list_sites(data)[0], int(train["image-size"]), int(train["seed"]))
+    model = spec.build()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        evaluate(model, make_loader(*site.part("val"), 256), torch.device("cpu"))
+    seconds["validation score"] = (time.perf_counter() - t0) / repeats
+    return seconds
+
+
 def server_steps(run: Path, train: dict, holdout: Path | None, repeats: int = 5) -> dict[str, float]:
     """Seconds of equifed's per-round server steps, timed here on a finished run's own files."""
     from core_models.run_files import METRICS_CSV, PER_SITE_CSV
@@ -210,7 +255,7 @@ def server_steps(run: Path, train: dict, holdout: Path | None, repeats: int = 5)
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=4, help="rounds per run (round 1 is left out of the mean)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds per run (round 1 is left out of the median)")
     p.add_argument("--n", type=int, default=300, help="patients per site (and in the holdout)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=2, help="local epochs")
@@ -239,22 +284,28 @@ def main(argv: list[str] | None = None) -> int:
                                                   ["-c", "fraction-evaluate=0", "-c", "holdout-path="])
             seconds["equifed"] = run_equifed(link, data, work / "default", train, args.rounds, [])
         steps = server_steps(work / "default", train, data / "holdout")
+        site = client_steps(data, train)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    mean = {name: float(np.mean(values[1:])) for name, values in seconds.items()}
-    print("\nseconds per round (round 1 left out of the mean):")
+    median = {name: float(np.median(values[1:])) for name, values in seconds.items()}
+    print("\nseconds per round (round 1 left out of the median):")
     for name, values in seconds.items():
-        print(f"  {name:13s} {', '.join(f'{v:.2f}' for v in values)}  mean {mean[name]:.2f}  "
-              f"({mean[name] / mean['minimal']:.2f}x minimal)")
+        print(f"  {name:13s} {', '.join(f'{v:.2f}' for v in values)}  median {median[name]:.2f}  "
+              f"({median[name] / median['minimal']:.2f}x minimal)")
     print("\nequifed's server steps per round (timed here on the run's files):")
     for name, value in steps.items():
         print(f"  {name:45s} {value * 1000:7.1f} ms")
-    named = sum(v for k, v in steps.items() if k != "holdout evaluation")
-    lean_extra = mean["equifed lean"] - mean["minimal"]
-    print(f"\nequifed lean - minimal: {lean_extra:+.2f} s per round, of which checkpoint + tables + page "
-          f"{named:.2f} s; the rest ({lean_extra - named:+.2f} s): the sites' validation score, the reply's checks")
-    print(f"equifed - equifed lean: {mean['equifed'] - mean['equifed lean']:+.2f} s per round: the holdout's "
+    print("one site's train handler (here, data loaded):")
+    for name, value in site.items():
+        print(f"  {name:45s} {value * 1000:7.1f} ms")
+    server = sum(v for k, v in steps.items() if k != "holdout evaluation")
+    client = 2 * (site["equifed"] - site["minimal"])  # the two sites train one after the other
+    extra = median["equifed lean"] - median["minimal"]
+    print(f"\nequifed lean - minimal: {extra:+.2f} s per round: server steps {server:.2f} s, the two sites' handlers "
+          f"{client:+.2f} s (of which validation scores {2 * site['validation score']:.2f} s), the rest "
+          f"{extra - server - client:+.2f} s (messaging, noise)")
+    print(f"equifed - equifed lean: {median['equifed'] - median['equifed lean']:+.2f} s per round: the holdout's "
           f"evaluation ({steps.get('holdout evaluation', float('nan')):.2f} s here) and every site's evaluate round")
     return 0
 

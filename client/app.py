@@ -25,10 +25,11 @@ from client.producers import produce, request_sections
 from client.rounds import label_round, pretext_round, pretext_loss_on
 from client.session import SiteSession
 from client.site import SITE_LOG, resolve_site_path
-from client.statistics import Releaser
+from client.statistics import Releaser, keep_for_sum, secure_share
 from core_models import wire
 from core_models.networks import get_device
-from core_models.protocol import BUDGET_EXHAUSTED, EvalMetrics, SiteReply, StatisticsRequest, site_error
+from core_models.protocol import (BUDGET_EXHAUSTED, SECURE_SITES, STAT_FAIRNESS, EvalMetrics, SiteReply,
+                                  StatisticsRequest, site_error)
 from core_models.secagg import ACTION as SECAGG_ACTION, SecAggError
 from core_models.training import evaluate, make_loader
 
@@ -92,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     session = SiteSession(msg, context)
     try:
         session.policy.check_training(session.cfg.dp.enabled)
-        session.policy.check_aggregation(session.round.secure_sites)
+        session.policy.check_aggregation(session.round.secure_sites, session.cfg.server.secagg)
         session.policy.check_request(session.cfg)
         session.open_data()  # now that the request passed every check
         model = session.global_model()
@@ -160,27 +161,40 @@ def _map50(model, session: SiteSession, x) -> float:
 @keep_details_local
 def statistics(msg: Message, context: Context) -> Message:
     """Release the statistics the server asks for, each noised and charged to the site's ledger, if the site's
-    policy agrees to release them at the requested noise; a site out of budget releases nothing."""
+    policy agrees to release them at the requested noise; a site out of budget releases nothing. With a secure
+    sum (request entry secagg-sites) the fairness cells wait in the Context for the sum (`secure_sum`)."""
     session = SiteSession(msg, context)
     request = StatisticsRequest.from_config(wire.records_of(msg).config())
     cfg, policy = session.cfg, session.policy
+    secure_sites = int(request.settings.get(SECURE_SITES, 0) or 0)
     try:
+        if secure_sites:
+            policy.check_aggregation(secure_sites)
         policy.check_release(list(request.kinds), cfg.release.noise)
         policy.check_request(cfg)
         sections = request_sections(list(request.kinds), request.to_config())  # each setting read and checked
         policy.check_dims(statistic_dims(sections, cfg.train.num_classes))
-        return session.reply(_release(session, request))
+        return session.reply(_release(session, request, secure_sites))
     except REFUSALS as err:
         return session.refusal(err)
 
 
-def _release(session: SiteSession, request: StatisticsRequest) -> SiteReply:
+def _release(session: SiteSession, request: StatisticsRequest, secure_sites: int = 0) -> SiteReply:
     site = session.site
     model = session.global_model()
+    model = getattr(model, "classifier", model)  # a detector's classifier
     ledger = session.ledger
-    releaser = Releaser(ledger, noise_multiplier=session.cfg.release.noise, min_count=session.cfg.release.min_count,
-                        round=session.round.server_round, run_id=session.run_id)
+    common = dict(min_count=session.cfg.release.min_count, round=session.round.server_round, run_id=session.run_id)
+    releaser = Releaser(ledger, noise_multiplier=session.cfg.release.noise, **common)
     epsilon_before = ledger.epsilon()
-    released = produce(list(request.kinds), site, getattr(model, "classifier", model),  # a detector's classifier
-                       request.to_config(), releaser)
+    kinds = list(request.kinds)
+    summed = secure_sites and STAT_FAIRNESS in kinds
+    plain = [k for k in kinds if not (summed and k == STAT_FAIRNESS)]
+    released = produce(plain, site, model, request.to_config(), releaser)
+    if summed:
+        share, charged = secure_share(session.cfg.release.noise, secure_sites)
+        sharer = Releaser(ledger, noise_multiplier=share, charged_multiplier=charged, **common)
+        record = produce([STAT_FAIRNESS], site, model, request.to_config(), sharer)[STAT_FAIRNESS]
+        released[STAT_FAIRNESS] = keep_for_sum(session.context.state, session.round.server_round, record,
+                                               secure_sites)
     return SiteReply.released(site.name, released, session.dataset_tag(), epsilon_before, ledger.epsilon())

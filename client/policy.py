@@ -227,14 +227,18 @@ class SitePolicy:
                                 "the run trains without differential privacy (dp = false); this site sends "
                                 "only DP-SGD updates")
 
-    def check_aggregation(self, secure_sites: int) -> None:
-        """A train request: into a secure sum when the site requires one, over at least its minimum of sites
-        (checked here before training, so no budget is spent on a sum the site would refuse; and again at every
-        stage of the sum, client/secagg.py)."""
+    def check_aggregation(self, secure_sites: int, run_secagg: bool = False) -> None:
+        """A train request: into a secure sum when the site requires one or the run says it is secure (a request
+        without the sum in a secagg run is the server asking for the plain model), over at least its minimum of
+        sites (checked here before training, so no budget is spent on a sum the site would refuse; and again at
+        every stage of the sum, client/secagg.py)."""
         if self.require_secagg and not secure_sites:
             raise PolicyRefusal("require-secagg = true",
                                 "the run asks for a plain train round (secagg = false); this site sends its trained "
                                 "model only inside a secure sum")
+        if run_secagg and not secure_sites:
+            raise PolicyRefusal("secagg = true", "the run is securely aggregated but this train request asks for "
+                                                 "the plain model")
         if secure_sites and secure_sites < self.secagg_min_sites:
             raise PolicyRefusal(f"secagg-min-sites = {self.secagg_min_sites}",
                                 f"the secure sum would be over {secure_sites} site(s)")

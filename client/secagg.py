@@ -9,7 +9,10 @@ A site refuses (SecAggError) when
   participants (then two disjoint groups of t sites could each hand over one kind of share of the same site);
 - the server asks, for one site, both the share of its self-mask seed (it survived) and the share of its mask key
   (it dropped): the two together remove every mask of that site's input;
-- a stage comes out of order or a second time: one unmask answer per round.
+- a stage comes out of order or a second time: one unmask answer per round;
+- the shares of any site that shared keys did not reach it: with every masking site holding the same peers, the
+  strict majority means no two survivor lists the server hands out can both reach the threshold for one site's
+  seed and its peers' keys (a site dropping between sharing and masking therefore ends that round's sum).
 After masking, the site forgets its own seed and secret keys: only the others' shares remain until unmasking.
 
 `keep_update` and `answer` are the handlers' side: the trained model waits in the site's Context state for the
@@ -167,6 +170,10 @@ def masked_input(state: SiteState, request: MaskedInputRequest, encoded: np.ndar
     unknown = set(request.sources) - set(state.peer_keys) | ({state.node_id} & set(request.sources))
     if unknown:
         raise SecAggError(f"secagg site {state.node_id}: shares from non-participants {sorted(unknown)}")
+    missing = set(state.peer_keys) - set(request.sources) - {state.node_id}
+    if missing:  # a server that routed fewer could hand each survivor a different list and unmask this site
+        raise SecAggError(f"secagg site {state.node_id} refuses to mask: no shares from participant(s) "
+                          f"{sorted(missing)}; it masks only with shares from every site that shared keys")
     _check_policy(len(request.sources) + 1, params.threshold, state.min_sites, what="sites left", majority=False)
     encoded = np.asarray(encoded)
     if encoded.ndim != 1 or not np.issubdtype(encoded.dtype, np.integer):
@@ -260,6 +267,9 @@ def answer(state: RecordDict, node_id: int, server_round: int, min_sites: int,
             raise SecAggError(f"secagg site {node_id}: no model trained in round {server_round} waits for a sum")
         if held["weight"] > params.max_weight:
             raise SecAggError(f"secagg site {node_id}: its weight is above the sum's max-weight {params.max_weight}")
+        if "sites" in held and held["sites"] != params.num_sites:  # its noise share was sized for that many
+            raise SecAggError(f"secagg site {node_id}: the sum is over {params.num_sites} sites, its statistics were "
+                              f"noised for {held['sites']}")
         new, reply = advertise_keys(node_id, params, min_sites)
     else:
         if STATE not in state.config_records:

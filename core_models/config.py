@@ -363,6 +363,7 @@ class ServerConfig:
     best_by: str = key("best-by")
     patience: int = key("patience")
     secagg: bool = key("secagg")  # train rounds securely aggregated: the server learns the sum, never one model
+    secagg_statistics: bool = key("secagg-statistics")  # the fairness audit's cells through the secure sum too
     tracking_uri: str = key("tracking-uri")  # "" = no experiment tracking (server/tracking.py)
     tracking_experiment: str = key("tracking-experiment")
 
@@ -421,6 +422,9 @@ class RunConfig:
             clash = [name for name, on in (("central-dp", self.dp.central), ("detection", self.train.detection)) if on]
             if clash:
                 raise ConfigError(f"run config 'secagg' = true is not available with {', '.join(clash)}")
+        if self.server.secagg_statistics and not (self.server.secagg and "fairness" in self.release.kinds):
+            raise ConfigError("run config 'secagg-statistics' = true needs 'secagg' = true and 'fairness' among "
+                              "'statistics' (it sums the fairness audit's cells securely)")
         if self.train.detection:
             # central-dp: its noise is sized for equal weights, and the detection head is weighted by annotations
             clash = [name for name, on in (("pretext", bool(self.train.pretext)), ("dp", self.dp.enabled),

@@ -19,8 +19,10 @@ Stages (one message each way per stage; the stage names are the STAGE_* constant
 
 Trust: an honest-but-curious server and at most t-1 sites colluding with it learn only the sum of the survivors'
 inputs (t is the Shamir threshold). A site also refuses a threshold that is not a strict majority of the
-participants and answers one unmask request per round: then even a server that lies about who dropped cannot
-collect t self-seed shares and t key shares of one site from honest sites. What the server still sees: who took
+participants, answers one unmask request per round and masks only with the shares of every site that shared keys
+with it: then a server that lies about who dropped cannot collect t self-seed shares and t key shares of one site
+from honest sites. Not covered: a server that swaps a site's public key for its own (keys are not signed) or
+otherwise deviates actively (no signed consistency round). What the server still sees: who took
 part, who dropped, the sum (weighted update and total weight), the vector's length and the timing.
 
 Masks come from ChaCha20 keyed by HKDF of the seed (the `cryptography` library). Flower's `pseudo_rand_gen` is not
@@ -344,7 +346,10 @@ class MaskedInput:
     def from_record(cls, record: ArrayRecord) -> "MaskedInput":
         if list(record) != ["masked-input"]:
             raise SecAggError(f"secagg masked input record holds {list(record)}, expected ['masked-input']")
-        vector = record["masked-input"].numpy()
+        try:
+            vector = record["masked-input"].numpy()
+        except (AttributeError, TypeError, ValueError) as err:  # not an array, or bytes that do not parse
+            raise SecAggError(f"secagg masked input does not read as an array: {err}") from None
         if vector.dtype != np.uint32 or vector.ndim != 1:
             raise SecAggError(f"secagg masked input is {vector.dtype}{vector.shape}, expected a uint32 vector")
         return cls(vector)

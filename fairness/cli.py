@@ -183,7 +183,8 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     arch = arch or card.get("model", "cnn")
     spec = ModelSpec(model=arch, num_classes=num_classes or card.get("num_classes", 2),
                      in_channels=in_channels or card.get("in_channels") or _stem_channels(state),
-                     image_size=card.get("image_size", 64), detection=bool(card.get("detector")))
+                     image_size=card["image_size"] if card.get("detector") else card.get("image_size", 64),
+                     detection=bool(card.get("detector")))  # a detector's anchors need its own size
     model = spec.network()
     holder = spec.build(model)
     try:

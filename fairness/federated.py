@@ -361,6 +361,24 @@ def release_statistics(stats: FairnessStats, releaser, prefix: str = "fairness")
     return out
 
 
+SECURE_SUM = "secure-sum"  # a record's entry: how many sites' shares the vectors are the secure sum of
+SECURE_SUM_SITES = "secure-sum-sites"  # ... and the names of those sites
+SECURE_SUM_SITE = "secure sum"  # the release the server makes of the sum (it has no one site's cells)
+SUMMED = ("cells_n", "cells_score", "cells_score_sq", "hist")  # the vectors a secure sum adds, in this order
+# each site's noised cells within +-2**16 (a count or score sum of up to 65536 patients per cell; more is clipped):
+# with the sum's 2**24 quantisation levels, a quantum of 2**-7, far below any share's noise
+STATS_CLIPPING_RANGE = 2.0**16
+
+
+def summed_shapes(layout: CellLayout) -> dict[str, tuple[int, ...]]:
+    """The vectors a secure sum adds, in the order site and server both flatten them (a record's names)."""
+    size = int(np.prod(layout.shape))
+    shapes = {name: (size,) for name in SUMMED[:3]}
+    if layout.label_factor is not None:
+        shapes[SUMMED[3]] = (4 * layout.score_bins,)
+    return shapes
+
+
 def stats_from_record(record: Mapping[str, Any], layout: CellLayout, site: str = "") -> FairnessStats:
     """Parse one site's released record (what :func:`release_statistics` returned) on the server."""
     size = int(np.prod(layout.shape))

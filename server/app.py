@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
         _run(grid, context, cfg, out_dir, tracker)
     except BaseException as err:  # RunFailed, a crash, or the run stopped: said on the page and in MLflow
         refresh_run_page(out_dir, cfg.server.num_rounds, dict(context.run_config),
-                         [f"the run did not complete: {type(err).__name__}: {err}"])
+                         [f"the run did not complete: {type(err).__name__}: {err}"], finished=True)
         if tracker is not None:
             tracker.end("killed" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed")
         raise

@@ -23,14 +23,18 @@ from flwr.serverapp import Grid
 
 from core_models.calibration import fold_into_head, probability_metrics
 from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
+from core_models import wire
 from core_models.data import load_site
 from core_models.model_card import card_path, write_card
 from core_models.model_factory import ModelSpec
-from core_models.protocol import (NUM_EXAMPLES, PSE_COUNTS, PSE_SUMS, STAT_FAIR_PSE, TRAIN_LOSS, VAL_AUROC, VAL_LOSS,
-                                  StatisticsRequest)
+from core_models.protocol import (NUM_EXAMPLES, PSE_COUNTS, PSE_SUMS, STAT_FAIR_PSE, STAT_FAIRNESS, TRAIN_LOSS,
+                                  VAL_AUROC, VAL_LOSS, StatisticsRequest)
 from core_models.run_files import BEST_MODEL, CALIBRATED_MODEL, CALIBRATION_JSON, HOLDOUT_BOXES_PNG, detector_file
 from core_models.training import evaluate, make_loader, predict_proba
+from core_models.secagg import SecAggError
 from fairness import mitigation
+from fairness.federated import (SECURE_SUM, SECURE_SUM_SITE, SECURE_SUM_SITES, STATS_CLIPPING_RANGE, layout_for,
+                                summed_shapes)
 from server.analysers import analyse
 from server.calibration import KIND as CALIBRATION, read_fit
 from server.checkpoint import (BestTracker, choose_best_metric, pooled, restore_best_model,
@@ -38,7 +42,7 @@ from server.checkpoint import (BestTracker, choose_best_metric, pooled, restore_
 from server.results import round_table, write_tables
 from server.run_page import PAGE, write_run_page
 from server.site_rows import BUDGET_EXHAUSTED, OK, STATISTICS, TRAIN
-from server.site_statistics import request_config, to_releases
+from server.site_statistics import SiteRelease, request_config, to_releases
 from server.strategy import SiteTrackingMixin
 from server.tracking import MlflowTracker
 
@@ -99,11 +103,13 @@ class RunHistory:
         refresh_run_page(self.out_dir, self.total_rounds, self.run_config)
 
 
-def refresh_run_page(out_dir: Path, planned_rounds: int, run_config: dict | None, warnings: list[str] = ()) -> None:
+def refresh_run_page(out_dir: Path, planned_rounds: int, run_config: dict | None, warnings: list[str] = (),
+                     finished: bool = False) -> None:
     """index.html rebuilt from the run folder (server/run_page.py); a page that cannot be written is logged."""
     try:
-        write_run_page(out_dir, planned_rounds=planned_rounds, run_config=run_config, warnings=warnings)
-    except OSError as err:  # the page never ends a training run
+        write_run_page(out_dir, planned_rounds=planned_rounds, run_config=run_config, warnings=warnings,
+                       finished=finished)
+    except Exception as err:  # noqa: BLE001 - the page never ends a training run, whatever the files held
         log(WARNING, "equifed: the run page %s could not be written (%s: %s)", out_dir / PAGE, type(err).__name__,
             err)
 
@@ -229,12 +235,42 @@ class StatisticsCollection:
 
     def __call__(self, rnd: Round) -> None:
         kinds = self.cfg.release.kinds
+        secure = self.cfg.server.secagg_statistics
         replies = self.strategy.query(self.grid, rnd.arrays, request_config(self.cfg, rnd.number), STATISTICS,
-                                      timeout=self.cfg.server.round_timeout)
-        failed = analyse(self.out_dir, rnd.number, to_releases(replies, kinds), self.cfg, kinds)
+                                      timeout=self.cfg.server.round_timeout, secure=secure)
+        releases = to_releases(replies, kinds)
+        if secure:
+            releases.extend(self.secure_fairness(rnd.number, replies))
+        failed = analyse(self.out_dir, rnd.number, releases, self.cfg, kinds)
         if failed:
             self.failures.extend({"round": rnd.number, "analysis": k, "error": v} for k, v in failed.items())
             rnd.row["analysis_failed"] = "; ".join(f"{k}: {v}" for k, v in failed.items())
+
+
+    def secure_fairness(self, server_round: int, replies: list) -> list[SiteRelease]:
+        """Run config secagg-statistics: the secure sum of the fairness cells the sites keep, as one release
+        (site SECURE_SUM_SITE) whose noise std is that of the summed shares; none when the sum fails."""
+        sites = {}
+        for msg in replies:
+            reply = None if msg.has_error() else wire.reply_of(msg)
+            if reply is not None and SECURE_SUM in reply.statistics.get(STAT_FAIRNESS, {}):
+                sites[msg.metadata.src_node_id] = (reply.site, dict(reply.statistics[STAT_FAIRNESS]))
+        left: dict[int, str] = {}
+        try:
+            total = self.strategy.sum_statistics(self.grid, list(sites), summed_shapes(layout_for(self.cfg.audit)),
+                                                 server_round, STATS_CLIPPING_RANGE, left)
+        except SecAggError as err:
+            log(WARNING, "equifed round %d: no secure sum of the fairness statistics (%s)", server_round, err)
+            return []
+        summed = total.result.weighted_sum
+        members = [sites[n] for n in total.sites]
+        record = {k: np.asarray(v, dtype=np.float64).ravel().tolist() for k, v in summed.items()}
+        record.update({k: math.sqrt(sum(float(r.get(k, 0.0)) ** 2 for _, r in members))
+                       for k in {k for _, r in members for k in r if k.startswith("sigma_")}})
+        record.update({SECURE_SUM: len(members), SECURE_SUM_SITES: [name for name, _ in members]})
+        log(INFO, "equifed round %d: fairness statistics securely summed over %d site(s)%s", server_round,
+            len(members), f"; left: {left}" if left else "")
+        return [SiteRelease(site=SECURE_SUM_SITE, status=OK, records={STAT_FAIRNESS: record})]
 
 
 class CalibrationStep:

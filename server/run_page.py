@@ -33,8 +33,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
             "#17becf")
 _STATUS_CLASS = {"ok": "ok", "no reply": "gone", "budget exhausted": "budget", "refused by policy": "refused",
-                 "refused": "refused"}
-_STATUS_RANK = {"ok": 0, "no reply": 1, "budget exhausted": 2, "refused by policy": 3, "refused": 3}
+                 "refused": "refused", "not in secure sum": "unsummed"}
+_STATUS_RANK = {"ok": 0, "no reply": 1, "budget exhausted": 2, "refused by policy": 3, "refused": 3,
+                "not in secure sum": 1}
+_SPENT = ("ok", "not in secure sum")  # rows whose epsilon is the ledger after training (spent either way)
+_STATUS_LETTER = {"ok": "&#10003;", "not in secure sum": "S"}  # others: the status's first letter
 _DIGITS = {"elapsed_s": 1, "sites_trained": 0}
 _MODELS = ("final_model.pt", "best_model.pt", "calibrated_model.pt", "final_model_detector.pt",
            "best_model_detector.pt")
@@ -53,6 +56,7 @@ th,td{border-bottom:1px solid #e6e9ef;padding:3px 8px;text-align:left;vertical-a
 th{background:#f0f2f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.note{color:#5a6477;font-size:13px}
 .problem{color:#8a1c1c}.ok{background:#d8f0dc}.gone{background:#e3e5e8}.budget{background:#ffe4b3}
+.unsummed{background:#d6e4f5}
 .refused{background:#f3d3f0}.error{background:#f7c9c9}.verdict-none{color:#1d6b2c}.verdict-shift{color:#9a5b00}
 .grid td{text-align:center;min-width:26px;font-size:12px}.grid td:first-child{text-align:left}
 ul{margin:4px 0;padding-left:20px}
@@ -94,17 +98,19 @@ class Folder:
 
 def write_run_page(out_dir: Path, *, budgets: Mapping[str, float] | None = None,
                    run_config: Mapping | None = None, planned_rounds: int | None = None,
-                   warnings: Sequence[str] = ()) -> Path:
+                   warnings: Sequence[str] = (), finished: bool = False) -> Path:
     """Write `<out_dir>/index.html` from the run folder's files and return its path.
 
     `budgets`: each site's epsilon budget when the caller knows it (else a budget a site stated in a refusal is
     used); `run_config`: the run's config (else summary.json's, once the run has finished); `planned_rounds`: the
-    rounds the run will have; `warnings`: lines the caller wants shown. Files are never the reason this raises:
+    rounds the run will have; `warnings`: lines the caller wants shown; `finished`: the run has ended (a failed run
+    has no summary.json), so the page stops reloading itself. Files are never the reason this raises:
     only a failure to write the page does (an OSError)."""
     out_dir = Path(out_dir)
     problems: list[str] = []
     folder = Folder.read(out_dir, problems)
-    config = dict(run_config or (folder.summary or {}).get("run_config") or {})
+    saved = (folder.summary if isinstance(folder.summary, dict) else {}).get("run_config")
+    config = dict(run_config or (saved if isinstance(saved, dict) else {}))
     planned = planned_rounds or _int(config.get("num-server-rounds")) or _int((folder.summary or {})
                                                                               .get("planned_rounds"))
     sections = [
@@ -119,7 +125,8 @@ def write_run_page(out_dir: Path, *, budgets: Mapping[str, float] | None = None,
     body = [_guard(problems, name, build) or "" for name, build in sections]
     header = _guard(problems, "header", lambda: _header(folder, planned)) or "<header><h1>equifed run</h1></header>"
     warned = _guard(problems, "warnings", lambda: _warnings(folder, warnings, problems)) or ""
-    refresh = "" if folder.summary else '<meta http-equiv="refresh" content="30">'  # the run is still going
+    going = not (folder.summary or finished)  # a failed run writes no summary: `finished` says it ended
+    refresh = '<meta http-equiv="refresh" content="30">' if going else ""
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{refresh}'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>equifed run {_e(out_dir.name)}</title><style>{_CSS}</style></head>\n<body>{header}<main>"
@@ -283,7 +290,7 @@ def _privacy(folder: Folder, budgets: Mapping[str, float], config: Mapping) -> s
         by_round: dict[int, float] = {}
         for r in grouped[name]:
             eps = _num(r.get("epsilon"))
-            if r.get("status") != "ok" or math.isnan(eps):
+            if r.get("status") not in _SPENT or math.isnan(eps):
                 continue
             if math.isinf(eps):
                 no_dp.add(name)  # trained without DP: the weights carry no epsilon
@@ -357,7 +364,7 @@ def _sites(folder: Folder) -> str:
             status = str(worst.get("status"))
             tip = "; ".join(f"{r.get('phase')}: {r.get('status')}" for r in here)
             cells.append(f'<td class="{_STATUS_CLASS.get(status, "error")}" title="{_e(tip)}">'
-                         f"{'&#10003;' if status == 'ok' else _e(status[:1].upper())}</td>")
+                         f"{_STATUS_LETTER.get(status, _e(status[:1].upper()))}</td>")
         train = [r for r in mine if r.get("phase") == "train" and r.get("status") == "ok"]
         ev = [r for r in mine if r.get("phase") == "evaluate" and r.get("status") == "ok"]
         last_train, last_ev = (train[-1] if train else {}), (ev[-1] if ev else {})
@@ -369,7 +376,9 @@ def _sites(folder: Folder) -> str:
     legend = ('<p class="note"><span class="ok">&nbsp;&#10003;&nbsp;</span> ok &nbsp; '
               '<span class="budget">&nbsp;B&nbsp;</span> budget exhausted &nbsp; '
               '<span class="refused">&nbsp;R&nbsp;</span> refused &nbsp; '
-              '<span class="gone">&nbsp;N&nbsp;</span> no reply &nbsp; <span class="error">&nbsp;E&nbsp;</span> '
+              '<span class="gone">&nbsp;N&nbsp;</span> no reply &nbsp; '
+              '<span class="unsummed">&nbsp;S&nbsp;</span> trained, not in the secure sum &nbsp; '
+              '<span class="error">&nbsp;E&nbsp;</span> '
               "error (hover a cell for each request)"
               + (f"; the latest {MAX_GRID_ROUNDS} rounds" if len(_rounds(sites)) > MAX_GRID_ROUNDS else "") + "</p>")
     refusals = [r for r in sites if r.get("status") != "ok"]

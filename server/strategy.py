@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from logging import INFO, WARNING
 
 import numpy as np
@@ -25,7 +26,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from core_models import wire
 from core_models.config import ServerConfig
-from core_models.protocol import ARRAYS, BOX_EXAMPLES, DETECTION_HEAD, NUM_EXAMPLES, StatisticsRequest
+from core_models.protocol import ARRAYS, BOX_EXAMPLES, DETECTION_HEAD, NUM_EXAMPLES, SECURE_SITES, StatisticsRequest
 from core_models.secagg import SecAggError, SecAggParams, VectorLayout
 from server import secagg
 from server.privacy_registry import PrivacyRegistry
@@ -96,11 +97,15 @@ class SiteTrackingMixin:
         self.train_extras = dict(entries)
 
     def query(self, grid: Grid, arrays: ArrayRecord, request: StatisticsRequest, phase: str,
-              timeout: float) -> list[Message]:
+              timeout: float, secure: bool = False) -> list[Message]:
         """Ask every site still in the run (`phase`, e.g. "statistics"); the replies that pass the privacy
-        screen, each reply (and each site that did not reply) recorded in the per-site rows."""
+        screen, each reply (and each site that did not reply) recorded in the per-site rows. `secure`: the request
+        says how many sites are asked (secagg-sites), so that the sites keep what the secure sum adds
+        (`sum_statistics`) and noise it with their share."""
         server_round = request.server_round
         nodes = [n for n in grid.get_node_ids() if n not in self.refused_nodes]
+        if secure:
+            request = replace(request, settings={**request.settings, SECURE_SITES: len(nodes)})
         replies = list(grid.send_and_receive([wire.query(request, arrays, node) for node in nodes], timeout=timeout))
         self.sites.asked[(server_round, phase)] = nodes
         replies = self.screen_privacy(server_round, replies, phase=phase)
@@ -123,6 +128,15 @@ class SiteTrackingMixin:
                 self.refused_nodes[msg.metadata.src_node_id] = reason
                 self.sites.refused(server_round, phase, reply.site, reason)
         return kept
+
+    def sum_statistics(self, grid: Grid, nodes: list[int], shapes: Mapping[str, tuple[int, ...]],
+                       server_round: int, clipping_range: float, left: dict[int, str]) -> secagg.SecureSum:
+        """The secure sum of the statistics `nodes` keep for round `server_round` (vectors of `shapes`, each entry
+        within +-clipping_range), weight 1 each so the sum is the plain sum; SecAggError when it fails, `left` gets
+        why each site left."""
+        params = SecAggParams.majority(len(nodes), clipping_range=float(clipping_range), max_weight=1.0)
+        layout = VectorLayout(tuple(shapes), tuple(tuple(s) for s in shapes.values()))
+        return secagg.sum_over_grid(grid, params, layout, nodes, server_round, self.stage_timeout, left)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         server_round += self.round_offset

@@ -170,3 +170,13 @@ def test_a_browser_renders_the_page(run_folder, tmp_path):
     text = dom.stdout.decode()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script" not in text  # parsed as text, not code
     assert text.count("<svg") >= 3  # the learning curves and the epsilon chart
+
+
+def test_a_failed_run_page_stops_reloading(tmp_path):
+    """A run that failed writes no summary.json: the page it leaves must not keep reloading as if the run went on."""
+    from server.run_page import write_run_page
+
+    going = write_run_page(tmp_path, planned_rounds=3).read_text()
+    assert 'http-equiv="refresh"' in going
+    ended = write_run_page(tmp_path, planned_rounds=3, warnings=["the run did not complete"], finished=True).read_text()
+    assert 'http-equiv="refresh"' not in ended and "the run did not complete" in ended

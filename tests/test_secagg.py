@@ -229,8 +229,44 @@ def test_a_site_refuses_fewer_participants_than_its_policy_or_a_minority_thresho
         Round(SecAggParams.majority(4), layout, min_sites=5)
     with pytest.raises(SecAggError, match="threshold 2 is not a strict majority of 4"):
         Round(SecAggParams(num_sites=4, threshold=2), layout)
-    # min-sites 4: one site failing to share keys leaves 3, and the others refuse to mask
+    # one site failing to share keys: the others refuse to mask without its shares
     rnd = Round(SecAggParams.majority(4), layout, min_sites=4)
     rnd.share_keys(NODES[:3])
-    with pytest.raises(SecAggError, match="3 sites left, fewer than this site's secagg-min-sites=4"):
+    with pytest.raises(SecAggError, match=rf"refuses to mask: no shares from participant\(s\) \[{NODES[3]}\]"):
         rnd.site(NODES[0], site.masked_input, MaskedInputRequest, MaskedInput, np.zeros(6, np.int64))
+
+
+def test_a_server_that_withholds_shares_to_split_the_survivors_is_refused():
+    """The deviating server's attack: route a target only t-1 peers' shares, then hand the others different survivor
+    lists so that t of them return the target's seed shares and t its peers' key shares. The target refuses to mask
+    with fewer shares than it shared keys with."""
+    layout = VectorLayout.of({"w": np.zeros(5, np.float32)})
+    nodes = NODES + [77]
+    rnd = Round(SecAggParams.majority(5), layout, nodes)
+    rnd.share_keys(nodes)
+    target = nodes[0]
+    request = rnd.requests[target]
+    keep = [i for i, src in enumerate(request.sources) if src not in nodes[1:3]]  # two peers' shares withheld
+    rnd.requests[target] = MaskedInputRequest(tuple(request.sources[i] for i in keep),
+                                              tuple(request.ciphertexts[i] for i in keep))
+    x = encode({"w": np.full(5, 0.25)}, 1.0, layout, SecAggParams.majority(5))
+    with pytest.raises(SecAggError, match="refuses to mask: no shares from participant"):
+        rnd.site(target, site.masked_input, MaskedInputRequest, MaskedInput, x)
+
+
+def test_a_site_masks_once_and_forgets_its_secrets():
+    """After masking, the state a site keeps holds no seed and no secret key, and a replayed stage is refused."""
+    layout = VectorLayout.of({"w": np.zeros(5, np.float32)})
+    params = SecAggParams.majority(4)
+    rnd = Round(params, layout)
+    rnd.share_keys(NODES)
+    before = site.SiteState.from_record(_wire(rnd.states[NODES[0]]))
+    assert before.seed and before.mask_secret and before.encryption_secret
+    x = encode({"w": np.full(5, 0.25)}, 1.0, layout, params)
+    masked = rnd.site(NODES[0], site.masked_input, MaskedInputRequest, MaskedInput, x)
+    after = site.SiteState.from_record(_wire(rnd.states[NODES[0]]))
+    assert after.seed == after.mask_secret == after.encryption_secret == b""
+    secrets = (before.seed, before.mask_secret, before.encryption_secret)
+    assert not any(sec in masked.vector.tobytes() for sec in secrets)
+    with pytest.raises(SecAggError, match="out of order"):  # a second masked input of the same update
+        rnd.site(NODES[0], site.masked_input, MaskedInputRequest, MaskedInput, x)

@@ -203,6 +203,12 @@ def test_a_site_requiring_secure_aggregation_refuses_a_plain_round_and_a_small_s
     assert "secagg-min-sites = 3" in reply.error.reason and "over 2 site(s)" in reply.error.reason
     assert not context.state.array_records  # refused before training: nothing kept
     assert not train(request(**{SECURE_SITES: 3}), context).has_error()
+    # a secagg run whose train request leaves the sum out is the server asking for the plain model: refused
+    (context,) = list(_contexts(sites[:1], _run_config()).values())
+    reply = train(request(), context)
+    assert reply.has_error() and reply.error.code == POLICY_REFUSED
+    assert "secagg = true" in reply.error.reason and "asks for the plain model" in reply.error.reason
+    assert not context.state.array_records
     # site.toml and node config: the stricter of each wins
     (tmp_path / "site.toml").write_text("require-secagg = false\nsecagg-min-sites = 4\n")
     policy = SitePolicy.load(tmp_path, {"require-secagg": "true", "secagg-min-sites": 3})
