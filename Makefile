@@ -20,7 +20,8 @@ setup: $(STAMP)
 # a second run on the same data would find its release budget already spent (as it should).
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/equifed-simulate simulations/scenarios/default.toml --out runs/demo -c statistics=shift,fairness
+	$(BIN)/equifed-simulate simulations/scenarios/default.toml --out runs/demo -c statistics=shift,fairness \
+		-c secagg=true -c secagg-statistics=true -c stats-fairness-once=true -c stats-fairness-noise=2.7
 
 # The import rule between rooms first (seconds), then the suite on two workers (tests/conftest.py says
 # which tests share one).

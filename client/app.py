@@ -25,7 +25,7 @@ from client.producers import produce, request_sections
 from client.rounds import label_round, pretext_round, pretext_loss_on
 from client.session import SiteSession
 from client.site import SITE_LOG, resolve_site_path
-from client.statistics import Releaser, keep_for_sum, secure_share
+from client.statistics import Releaser, fairness_noise, keep_for_sum, secure_share
 from core_models import wire
 from core_models.networks import get_device
 from core_models.protocol import (BUDGET_EXHAUSTED, SECURE_SITES, STAT_FAIRNESS, EvalMetrics, SiteReply,
@@ -171,6 +171,8 @@ def statistics(msg: Message, context: Context) -> Message:
         if secure_sites:
             policy.check_aggregation(secure_sites)
         policy.check_release(list(request.kinds), cfg.release.noise)
+        if STAT_FAIRNESS in request.kinds:
+            policy.check_release([STAT_FAIRNESS], fairness_noise(cfg))
         policy.check_request(cfg)
         sections = request_sections(list(request.kinds), request.to_config())  # each setting read and checked
         policy.check_dims(statistic_dims(sections, cfg.train.num_classes))
@@ -189,10 +191,13 @@ def _release(session: SiteSession, request: StatisticsRequest, secure_sites: int
     epsilon_before = ledger.epsilon()
     kinds = list(request.kinds)
     summed = secure_sites and STAT_FAIRNESS in kinds
-    plain = [k for k in kinds if not (summed and k == STAT_FAIRNESS)]
+    plain = [k for k in kinds if k != STAT_FAIRNESS]
     released = produce(plain, site, model, request.to_config(), releaser)
+    if STAT_FAIRNESS in kinds and not summed:
+        cells = Releaser(ledger, noise_multiplier=fairness_noise(session.cfg), **common)
+        released.update(produce([STAT_FAIRNESS], site, model, request.to_config(), cells))
     if summed:
-        share, charged = secure_share(session.cfg.release.noise, secure_sites)
+        share, charged = secure_share(fairness_noise(session.cfg), secure_sites)
         sharer = Releaser(ledger, noise_multiplier=share, charged_multiplier=charged, **common)
         record = produce([STAT_FAIRNESS], site, model, request.to_config(), sharer)[STAT_FAIRNESS]
         released[STAT_FAIRNESS] = keep_for_sum(session.context.state, session.round.server_round, record,

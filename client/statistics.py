@@ -20,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from client import secagg
 from client.ledger import PrivacyLedger, os_entropy_rng
 from client.site import LocalSite
+from core_models.config import RunConfig
 from fairness.federated import SECURE_SUM, SUMMED
 
 
@@ -94,6 +95,12 @@ class Releaser:
 
 
 Producer = Callable[[LocalSite, torch.nn.Module | None, dict, Releaser], dict]
+
+
+def fairness_noise(cfg: RunConfig) -> float:
+    """The noise multiplier of the fairness cells: stats-fairness-noise, or release-noise when it is 0 (the cells
+    released once can carry less noise than the every-round statistics at the same epsilon)."""
+    return cfg.audit.noise or cfg.release.noise
 
 
 def secure_share(noise_multiplier: float, sites: int) -> tuple[float, float]:

@@ -284,10 +284,13 @@ class FairAuditConfig:
     levels: str = key("stats-fairness-levels")
     score_bins: int = key("stats-fairness-score-bins")
     boot: int = key("stats-fairness-boot")
+    once: bool = key("stats-fairness-once")  # the cells asked for after the planned last round only
+    noise: float = key("stats-fairness-noise")  # noise multiplier of the cells; 0 = release-noise
 
     def check(self) -> None:
         _within("stats-fairness-score-bins", self.score_bins, 1, 1e9)  # ceiling: the site's max-stats-dim
         _within("stats-fairness-boot", self.boot, 0, 1e6)
+        _within("stats-fairness-noise", self.noise, 0.0, 1e6)
 
 
 @dataclass(frozen=True)

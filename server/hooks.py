@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -234,9 +234,12 @@ class StatisticsCollection:
         self.failures: list[dict] = []
 
     def __call__(self, rnd: Round) -> None:
-        kinds = self.cfg.release.kinds
-        secure = self.cfg.server.secagg_statistics
-        replies = self.strategy.query(self.grid, rnd.arrays, request_config(self.cfg, rnd.number), STATISTICS,
+        kinds = self.kinds(rnd.number)
+        if not kinds:
+            return
+        secure = self.cfg.server.secagg_statistics and STAT_FAIRNESS in kinds
+        request = replace(request_config(self.cfg, rnd.number), kinds=tuple(kinds))
+        replies = self.strategy.query(self.grid, rnd.arrays, request, STATISTICS,
                                       timeout=self.cfg.server.round_timeout, secure=secure)
         releases = to_releases(replies, kinds)
         if secure:
@@ -246,6 +249,13 @@ class StatisticsCollection:
             self.failures.extend({"round": rnd.number, "analysis": k, "error": v} for k, v in failed.items())
             rnd.row["analysis_failed"] = "; ".join(f"{k}: {v}" for k, v in failed.items())
 
+    def kinds(self, server_round: int) -> list[str]:
+        """The statistics asked for after `server_round`: with stats-fairness-once the fairness cells only after
+        the planned last round (a run that patience stops earlier has no audit), so they are released once."""
+        kinds = list(self.cfg.release.kinds)
+        if self.cfg.audit.once and server_round < self.cfg.server.num_rounds:
+            kinds = [k for k in kinds if k != STAT_FAIRNESS]
+        return kinds
 
     def secure_fairness(self, server_round: int, replies: list) -> list[SiteRelease]:
         """Run config secagg-statistics: the secure sum of the fairness cells the sites keep, as one release

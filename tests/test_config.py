@@ -47,6 +47,7 @@ def test_unknown_key_is_named_with_the_closest_known_one():
     ("learning-rate", True, "'learning-rate' must be float"),
     ("strategy", "fedsgd", r"'strategy' must be one of \['fedavg', 'fedprox', 'fedadam'\]"),
     ("local-epochs", 0, "'local-epochs' must be >= 1"),
+    ("stats-fairness-noise", -1.0, r"'stats-fairness-noise' must be a finite number in \[0, 1e\+06\]"),
 ])
 def test_wrong_values_are_named(name, value, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -12,11 +12,12 @@ from flwr.app import ArrayRecord
 
 from client import secagg as site_secagg
 from client.ledger import PrivacyLedger
-from client.statistics import secure_share
+from client.statistics import fairness_noise, secure_share
 from core_models.config import ConfigError, RunConfig
 from core_models.model_factory import ModelSpec
 from fairness.federated import SECURE_SUM, SUMMED
 from server.hooks import Round, StatisticsCollection
+from server.site_statistics import request_config
 from server.strategy import build_strategy
 from simulations.generator import generate_consortium
 from tests.test_secagg_rounds import NODES, LocalGrid, _contexts, _run_config, seeded_rounding  # noqa: F401
@@ -125,3 +126,39 @@ def test_secure_statistics_need_secure_rounds_and_the_fairness_audit():
     with pytest.raises(ConfigError, match="'secagg-statistics' = true needs"):
         RunConfig.from_flower(_config(statistics="shift"))
     assert not RunConfig.from_flower(_run_config()).server.secagg_statistics  # off by default
+
+
+def test_fairness_once_asks_for_the_cells_after_the_planned_last_round_only(sites, tmp_path):
+    run_config = _config(**{"statistics": "shift,fairness", "stats-fairness-once": True, "num-server-rounds": 3,
+                            "stats-fairness-noise": 1.5})
+    cfg = RunConfig.from_flower(run_config)
+    collect = StatisticsCollection(LocalGrid(_contexts(sites, run_config)), build_strategy(cfg.server), cfg, tmp_path)
+    assert [collect.kinds(r) for r in (1, 2, 3)] == [["shift"], ["shift"], ["shift", "fairness"]]
+    assert fairness_noise(cfg) == 1.5 and request_config(cfg, 3).settings["stats-fairness-noise"] == 1.5
+    every = RunConfig.from_flower(_config(**{"statistics": "shift,fairness", "num-server-rounds": 3}))
+    assert StatisticsCollection(None, None, every, tmp_path).kinds(1) == ["shift", "fairness"]
+    assert fairness_noise(every) == NOISE  # 0: the release noise
+
+
+def test_fairness_once_with_fairness_alone_sends_nothing_before_the_last_round(sites, tmp_path):
+    run_config = _config(**{"stats-fairness-once": True, "num-server-rounds": 2})
+    grid = LocalGrid(_contexts(sites, run_config))
+    cfg = RunConfig.from_flower(run_config)
+    arrays = ArrayRecord(ModelSpec.of_run(cfg.train).build().state_dict())
+    StatisticsCollection(grid, build_strategy(cfg.server), cfg, tmp_path)(Round(flower_round=1, number=1,
+                                                                                 arrays=arrays, row={}))
+    assert grid.received == [] and not any(PrivacyLedger.open(p).entries for p in sites)
+
+
+def test_the_fairness_cells_carry_stats_fairness_noise_and_are_charged_for_it(sites, tmp_path):
+    run_config = _config(**{"stats-fairness-noise": 3.0})  # release-noise stays NOISE (2)
+    cfg = RunConfig.from_flower(run_config)
+    arrays = ArrayRecord(ModelSpec.of_run(cfg.train).build().state_dict())
+    collect = StatisticsCollection(LocalGrid(_contexts(sites, run_config)), build_strategy(cfg.server), cfg, tmp_path)
+    collect(Round(flower_round=1, number=1, arrays=arrays, row={}))
+    audit = json.loads((tmp_path / "fairness_audit.json").read_text())
+    assert audit["federated"]["noise_sigma"]["cells_n"] == pytest.approx(3.0)
+    _, charged = secure_share(3.0, 3)
+    for path in sites:
+        entries = [e for e in PrivacyLedger.open(path).entries if e["kind"] == "release"]
+        assert entries and all(e["sigma"] == pytest.approx(charged) for e in entries)
