@@ -24,6 +24,7 @@ from core_models.secagg import SECAGG, STAGE, STAGE_COLLECT_MASKED_INPUT
 from server.site_rows import NOT_SUMMED, OK, SECURE, TRAIN, SiteRow
 from server.strategy import build_strategy
 from simulations.generator import generate_consortium
+from tests.test_secagg import seeded_rounding  # noqa: F401 (autouse: Flower's quantize rounds with numpy's global generator)
 
 RUN_CONFIG = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 NODES = [11, 2**63 + 5, 40]  # Flower node ids are uint64
@@ -42,15 +43,6 @@ name = "west"
 """
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-
-
-@pytest.fixture(autouse=True)
-def seeded_rounding():
-    """Flower's quantize rounds stochastically with numpy's global generator: seeded here, restored after."""
-    saved = np.random.get_state()
-    np.random.seed(20240534)
-    yield
-    np.random.set_state(saved)
 
 
 @pytest.fixture(scope="module")
