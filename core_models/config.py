@@ -141,7 +141,7 @@ def resolve_auto(run_config: Mapping[str, Any]) -> dict[str, Any]:
     dp = _coerce("dp", out.get("dp", False), bool)
     if out.get("model") == AUTO:
         needs_encoder = bool(out.get("pretext")) or out.get("detection") in (True, "true") \
-            or bool(out.get("pretrained-path"))
+            or bool(out.get("pretrained-path")) or str(out.get("dims", 2)) == "3"  # scattering is 2-D only
         out["model"] = AUTO_MODEL[dp and not needs_encoder]
     recipe = recipe_for(str(out.get("model")), dp)
     for name, attr in AUTO_KEYS.items():
@@ -181,6 +181,39 @@ class TrainingConfig:
     unfreeze_after: int = key("unfreeze-after")
     pretext: str = key("pretext")  # "" = label training; else the run trains the encoder on this pretext task
     detection: bool = key("detection")  # also train a lesion detector on the encoder (sites' boxes.csv)
+    dims: int = key("dims")  # 2 = images; 3 = volumes (image_path: a DICOM series folder or a NIfTI file)
+    volume_window: str = key("volume-window")  # CT window: a preset or "centre,width" in HU; "none" = MR scaling
+    volume_spacing: float = key("volume-spacing")  # mm, isotropic, then cropped/padded; 0 = resize the whole volume
+
+    def load_options(self) -> dict[str, Any]:
+        """What core_models.data.load_site needs from this run to read a site's or the holdout's files."""
+        return {"image_size": self.image_size, "num_classes": self.num_classes, "channels": self.in_channels,
+                "volume": self.volume_settings()}
+
+    def volume_settings(self):
+        """How a volume run reads its studies (core_models.data.VolumeSettings); None for an image run."""
+        if self.dims != 3:
+            return None
+        from core_models.data.volumes import VolumeSettings
+
+        return VolumeSettings.from_window(self.volume_window, spacing=self.volume_spacing or None)
+
+    def _check_volumes(self) -> None:
+        _one_of("dims", self.dims, (2, 3))
+        _within("volume-spacing", self.volume_spacing, 0.0, 100.0)
+        if self.dims != 3:
+            return
+        try:
+            self.volume_settings()
+        except ValueError as err:
+            raise ConfigError(f"run config 'volume-window': {err}") from None
+        refused = [(self.model.startswith("scatter"), f"model = {self.model!r} (2-D wavelet features)"),
+                   (self.in_channels != 1, "in-channels = 3"), (bool(self.detection), "detection"),
+                   (bool(self.pretext), f"pretext = {self.pretext!r}"), (self.image_size > 128, "image-size > 128")]
+        for bad, what in refused:
+            if bad:
+                raise ConfigError(f"run config 'dims' = 3 (volumes) does not go with {what}: volumes train the "
+                                  f"cnn or resnet classifier on one channel, at most 128 voxels a side")
 
     def check(self) -> None:
         _one_of("model", self.model, self.MODELS, also=(AUTO,))
@@ -193,6 +226,7 @@ class TrainingConfig:
         if self.pretext and self.freeze == "encoder":
             raise ConfigError("run config 'pretext' trains the encoder: it cannot be frozen (freeze = 'encoder')")
         _one_of("optimizer", self.optimizer, ("adam", "sgd"), also=(AUTO,))
+        self._check_volumes()
         _one_of("freeze", self.freeze, ("none", "stem", "encoder"))  # core_models.pretrained.FREEZE_CHOICES
         if self.unfreeze_after < 0:
             raise ConfigError(f"run config 'unfreeze-after' must be >= 0, got {self.unfreeze_after}")

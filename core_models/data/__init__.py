@@ -13,7 +13,8 @@ Submodules, in import order (each imports only those above it):
 - ``images``: the Pillow path and read_image (dispatch by suffix / DICOM magic)
 - ``npz``: MedMNIST load_npz
 - ``cache``: the decoded-site cache (``.equifed_cache/``)
-- ``site``: SiteData and load_site
+- ``volumes``: CT / MR volumes (DICOM series folders, NIfTI files): VolumeSettings, read_volume
+- ``site``: SiteData and load_site (volume=VolumeSettings(...) for volume sites)
 - ``boxes``: a site's optional lesion boxes (``boxes.csv``): load_boxes, rescale_boxes to the model's input size
 """
 
@@ -26,6 +27,7 @@ from core_models.data.manifest import Rejection, manifest_patients, manifest_tab
 from core_models.data.npz import load_npz
 from core_models.data.pixels import META_COLUMNS
 from core_models.data.site import SiteData, load_site
+from core_models.data.volumes import WINDOWS, VolumeSettings, read_volume
 
 __all__ = [
     "CACHE_DIR",
@@ -38,6 +40,8 @@ __all__ = [
     "ManifestError",
     "Rejection",
     "SiteData",
+    "VolumeSettings",
+    "WINDOWS",
     "boxes_by_patient",
     "load_boxes",
     "load_npz",
@@ -48,6 +52,7 @@ __all__ = [
     "read_dicom",
     "read_image",
     "read_manifest",
+    "read_volume",
     "rescale_boxes",
     "write_rejected",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -31,11 +32,12 @@ CACHE_VERSION = 3  # bump when decoding changes, so stale caches are never reuse
 
 def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], image_size: int,
                num_classes: int | None, limits: ImageLimits = DEFAULT_LIMITS, unlabelled: bool = False,
-               channels: int = 1) -> str:
+               channels: int = 1, volume: str | None = None) -> str:
     """Hash of everything the decoded stack depends on: format version, size, limits (they decide rejections),
     manifest bytes, each image's (path, size, mtime_ns), whether rows without a label were kept and the channels
     (RGB, 3; each only hashed when it is not the default, so the keys of ordinary grey loads are what they always
-    were)."""
+    were). A volume load passes every file of every volume as `paths` / `stamps` and its settings as `volume`
+    (VolumeSettings.key), which are hashed with the volume caps."""
     h = hashlib.sha256()
     h.update(f"equifed-cache v{CACHE_VERSION}\0size={image_size}\0classes={num_classes}\0".encode())
     if unlabelled:
@@ -43,6 +45,9 @@ def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], imag
     if channels != 1:
         h.update(f"channels={channels}\0".encode())
     h.update(f"pixels={limits.max_pixels}\0bytes={limits.max_file_bytes}\0frames={limits.multi_frame}\0".encode())
+    if volume is not None:
+        h.update(f"volume\0{volume}\0slices={limits.max_slices}\0voxels={limits.max_voxels}\0"
+                 f"volume-bytes={limits.max_volume_bytes}\0".encode())
     h.update(hashlib.sha256(raw).digest())
     for p, (size, mtime_ns) in zip(paths, stamps):
         h.update(f"{p}\0{size}\0{mtime_ns}\0".encode())
@@ -50,13 +55,14 @@ def _cache_key(raw: bytes, paths: list[str], stamps: list[tuple[int, int]], imag
 
 
 def _cache_file(data_dir: Path, manifest: str, image_size: int, num_classes, key: str,
-                unlabelled: bool = False, channels: int = 1) -> Path:
+                unlabelled: bool = False, channels: int = 1, volume: bool = False) -> Path:
     """The cache slot's file. A load that keeps unlabelled rows has its own slot ("k2u-" rather than "k2-"), and so
-    has an RGB load ("k2c3-", "k2uc3-"), so alternating the kinds of load never makes one's save delete the other's
-    file (a save deletes the files of its own slot prefix, which no other slot's name starts with)."""
+    has an RGB load ("k2c3-", "k2uc3-") and a volume load ("-v64-" for "-s64-"), so alternating the kinds of load
+    never makes one's save delete the other's file (a save deletes the files of its own slot prefix, which no other
+    slot's name starts with)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(manifest).stem)
     slot = f"k{num_classes}{'u' if unlabelled else ''}{f'c{channels}' if channels != 1 else ''}"
-    return data_dir / CACHE_DIR / f"{stem}-s{image_size}-{slot}-{key[:32]}.npz"
+    return data_dir / CACHE_DIR / f"{stem}-{'v' if volume else 's'}{image_size}-{slot}-{key[:32]}.npz"
 
 
 def _cache_dir_ok(cache_dir: Path) -> bool:
@@ -70,14 +76,15 @@ def _cache_dir_ok(cache_dir: Path) -> bool:
         return False
 
 
-def _cache_load(path: Path, key: str, n_images: int, image_size: int, channels: int = 1):
+def _cache_load(path: Path, key: str, n_images: int, image_size: int, channels: int = 1, volume: bool = False):
     """The cached (stack, ok_rows, metas, rejected), or None. The cache lives in the (untrusted) data folder, so
     the file must be a regular file of plausible size and its arrays' headers must match what this site can
-    produce (at most n_images uint16 image_size^2 images, of `channels` planes each when that is not 1, a bounded
-    info text) before anything is loaded."""
+    produce (at most n_images uint16 image_size^2 images, of `channels` planes each when that is not 1, or
+    image_size^3 volumes, a bounded info text) before anything is loaded."""
     info_chars = 65536 + 4096 * n_images
-    max_bytes = n_images * channels * image_size * image_size * 2 + 4 * info_chars + 65536
-    plane = (image_size, image_size) if channels == 1 else (channels, image_size, image_size)
+    plane = ((image_size,) * 3 if volume else (image_size, image_size) if channels == 1
+             else (channels, image_size, image_size))
+    max_bytes = n_images * math.prod(plane) * 2 + 4 * info_chars + 65536
     if not _cache_dir_ok(path.parent):
         return None
     try:

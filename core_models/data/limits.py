@@ -55,15 +55,26 @@ class ImageLimits:
         default because a multi-frame object is usually a volume, cine loop or tomosynthesis stack whose first frame
         is an arbitrary slice, not the image its label describes; a site whose multi-frame files do hold one image
         each says so (site.toml `multi-frame = "first"`).
+
+    Volumes (CT / MR: a DICOM series folder or a NIfTI file, :mod:`core_models.data.volumes`), checked from stat and
+    headers before any voxel is decoded:
+    max_slices: files in one series folder. Default 4096 (a thin-slice whole-body CT has ~2000).
+    max_voxels: voxels of one volume. Default 512 x 512 x 1024 = 268 M (a 0.5 mm chest-abdomen CT); the float32
+        volume is then 1 GiB, and resampling holds about two more copies transiently.
+    max_volume_bytes: bytes of one series' files together, or of a NIfTI's voxels once inflated. Default 2 GiB.
     """
 
     max_pixels: int = 100_000_000
     max_file_bytes: int = 512 * 1024**2
     max_manifest_bytes: int = 256 * 1024**2
     multi_frame: str = "reject"
+    max_slices: int = 4096
+    max_voxels: int = 512 * 512 * 1024
+    max_volume_bytes: int = 2 * 1024**3
 
     def __post_init__(self):
-        for name in ("max_pixels", "max_file_bytes", "max_manifest_bytes"):
+        for name in ("max_pixels", "max_file_bytes", "max_manifest_bytes", "max_slices", "max_voxels",
+                     "max_volume_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"ImageLimits.{name} must be a positive integer, got {value!r}")

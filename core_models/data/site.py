@@ -1,12 +1,16 @@
 """load_site: a site folder to what everything downstream (splits, training, shift statistics, fairness audits)
 needs from it: grayscale images in [0, 1] where bright means dense on every scanner (or, with channels=3, RGB images
 for colour modalities: dermoscopy, fundus photographs, pathology tiles), integer labels, and the manifest rows that
-survived, with the acquisition metadata (manufacturer, model, ...) that explains site shift.
+survived, with the acquisition metadata (manufacturer, model, ...) that explains site shift. With
+``volume=VolumeSettings(...)`` every row names a CT / MR volume instead (a DICOM series folder or a NIfTI file) and
+the images are (N, 1, S, S, S).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +20,18 @@ import pandas as pd
 from core_models.data.cache import _cache_file, _cache_key, _cache_load, _cache_save
 from core_models.data.images import read_image
 from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, ManifestError, _limits
-from core_models.data.manifest import _NO_LABEL, Rejection, _first_reasons, _parse_manifest, _read_manifest_bytes
+from core_models.data.manifest import (
+    _NO_LABEL,
+    Rejection,
+    _first_reasons,
+    _label_missing,
+    _parse_label,
+    _parse_manifest,
+    _read_manifest_bytes,
+    _table,
+)
 from core_models.data.pixels import META_COLUMNS, _check_channels
+from core_models.data.volumes import VolumeSettings, read_volume, volume_files
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +40,8 @@ _Q = 65535.0  # images are quantised to uint16 steps (error <= 7.7e-6) so cached
 
 @dataclass
 class SiteData:
-    images: np.ndarray  # (N, C, S, S) float32 in [0, 1]; C = 1 (grey) or 3 (RGB: load_site(channels=3))
+    images: np.ndarray  # (N, C, S, S) float32 in [0, 1]; C = 1 (grey) or 3 (RGB: load_site(channels=3));
+    # volumes (load_site(volume=...)): (N, 1, S, S, S)
     labels: np.ndarray  # (N,) int64
     frame: pd.DataFrame  # accepted labelled manifest rows (index reset) + META_COLUMNS
     rejected: list[Rejection]
@@ -38,9 +53,9 @@ class SiteData:
 
     def __post_init__(self):
         if self.unlabelled is None:
-            four = getattr(self.images, "ndim", 0) == 4
-            side, channels = (self.images.shape[-1], self.images.shape[1]) if four else (0, 1)
-            self.unlabelled = np.empty((0, channels, side, side), dtype=np.float32)
+            ndim = getattr(self.images, "ndim", 0)
+            side, channels = (self.images.shape[-1], self.images.shape[1]) if ndim in (4, 5) else (0, 1)
+            self.unlabelled = np.empty((0, channels, *(side,) * (3 if ndim == 5 else 2)), dtype=np.float32)
 
 
 def _meta_frame(metas: list[dict]) -> pd.DataFrame:
@@ -52,25 +67,29 @@ def _meta_frame(metas: list[dict]) -> pd.DataFrame:
 
 
 def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: ImageLimits | None = None,
-                 channels: int = 1):
+                 channels: int = 1, read: Callable[[str], tuple[np.ndarray, dict]] | None = None):
     """Decode each accepted row into a preallocated uint16 stack (a big site never holds two float copies):
-    (N, S, S) grey, (N, 3, S, S) with channels=3.
+    (N, S, S) grey, (N, 3, S, S) with channels=3, (N, S, S, S) with `read` (a volume reader: path -> (1, S, S, S)).
 
     Returns (stack, ok_rows, metas, rejections, transient); transient means some failure may go away without the
     file changing (permission denied, out of memory, no decoder installed), so that result must not be cached.
     """
-    plane = (image_size, image_size) if channels == 1 else (channels, image_size, image_size)
+    plane = ((image_size,) * 3 if read is not None else (image_size, image_size) if channels == 1
+             else (channels, image_size, image_size))
     stack = np.empty((len(paths), *plane), dtype=np.uint16)
     ok_rows, metas, rejected, transient = [], [], [], False
     done: dict[str, tuple | str] = {}  # a path listed twice is decoded once
     # read_image(path, size) when no limits were given (the defaults) and grey is asked for, so wrappers of that
     # call keep working
     extra = ({} if limits is None else {"limits": limits}) | ({} if channels == 1 else {"channels": channels})
+    if read is None:
+        def read(p):
+            return read_image(p, image_size, **extra)
     for row, shown, p in zip(df.index, df["image_path"], paths):
         result = done.get(p)
         if result is None:
             try:
-                result = read_image(p, image_size, **extra)
+                result = read(p)
             except ImageError as e:
                 result = str(e)
                 transient |= isinstance(e.__cause__, PermissionError) or isinstance(e, DecoderMissing)
@@ -81,10 +100,48 @@ def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: Im
         if isinstance(result, str):
             rejected.append(Rejection(str(shown), int(row), result))
         else:
-            stack[len(ok_rows)] = np.rint(result[0] * np.float32(_Q))
+            stack[len(ok_rows)] = np.rint(result[0].reshape(plane) * np.float32(_Q))
             metas.append(result[1])
             ok_rows.append(int(row))
     return stack[: len(ok_rows)], ok_rows, metas, rejected, transient
+
+
+def _parse_volumes(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path, unlabelled: bool,
+                   limits: ImageLimits):
+    """_parse_manifest for a volume site: each image_path names a series folder or a NIfTI file inside the site,
+    listed now (:func:`volume_files`); that listing (every file's size and mtime_ns) is what the cache key covers
+    and what is read. Returns (accepted rows, each row's resolved path, its listing, rejections, number of rows)."""
+    df = _table(raw, manifest_path)
+    base = os.path.abspath(manifest_path.parent)
+    keep, labels, paths, listings, rejected = [], [], [], [], []
+    for row, pid, shown, lab in zip(range(len(df)), df["patient_id"], df["image_path"], df["label"]):
+        if shown == "":
+            rejected.append(Rejection(shown, row, "missing image_path"))
+            continue
+        if pid == "":
+            rejected.append(Rejection(shown, row, "missing patient_id"))
+            continue
+        label, why = (_NO_LABEL, "") if unlabelled and _label_missing(lab) else _parse_label(lab, num_classes)
+        if label is None:
+            rejected.append(Rejection(shown, row, why))
+            continue
+        target = os.path.join(base, shown)
+        try:
+            files = volume_files(site_dir, target, limits)
+        except ImageError as e:
+            rejected.append(Rejection(shown, row, str(e)))
+            continue
+        except (OSError, ValueError) as e:  # e.g. an over-long name or a NUL: still this row's problem only
+            rejected.append(Rejection(shown, row, f"unusable image path ({type(e).__name__}: {e})"))
+            continue
+        keep.append(row)
+        labels.append(label)
+        paths.append(os.path.realpath(target))
+        listings.append(files)
+    n_rows = len(df)
+    df = df.iloc[keep].copy()
+    df["label"] = np.asarray(labels, dtype=np.int64)
+    return df, paths, listings, rejected, n_rows
 
 
 def load_site(
@@ -96,6 +153,7 @@ def load_site(
     limits: ImageLimits | None = None,
     unlabelled: bool = False,
     channels: int = 1,
+    volume: VolumeSettings | None = None,
 ) -> SiteData:
     """Load a site: validate the manifest, decode every usable image at image_size, collect rejections.
 
@@ -112,8 +170,18 @@ def load_site(
     ``channels=3`` (run config in-channels=3) gives RGB images (N, 3, S, S): colour PNG/JPEG and DICOM keep their
     colour (which channels=1 refuses or reduces to luminance, see :func:`read_image`), grey images are replicated to
     three channels; it is part of the cache key, so grey and RGB loads of one site have their own cache files.
+
+    ``volume``: every row names a CT / MR volume (a DICOM series folder or a ``.nii`` / ``.nii.gz`` file, see
+    :func:`core_models.data.volumes.read_volume`), read with these settings onto an image_size^3 grid: images are
+    (N, 1, S, S, S). A row that is not one usable volume is a Rejection with its reason. The cache key covers every
+    file of every volume (size, mtime_ns), the settings and the volume caps of `limits`.
     """
     channels = _check_channels(channels)
+    if volume is not None:
+        if not isinstance(volume, VolumeSettings):
+            raise TypeError(f"volume must be a VolumeSettings, got {type(volume).__name__}")
+        if channels != 1:
+            raise ValueError("volumes are grey: channels must be 1")
     if limits is not None:
         _limits(limits)  # type check now, not once per image
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
@@ -122,8 +190,21 @@ def load_site(
     data_dir = Path(data_dir)
     manifest_path = data_dir / manifest
     raw = _read_manifest_bytes(manifest_path, limits)
-    df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir,
-                                                          unlabelled=unlabelled)
+    read, settings_key = None, None
+    if volume is None:
+        df, paths, stamps, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir,
+                                                              unlabelled=unlabelled)
+        key_paths = paths
+    else:
+        df, paths, listings, rejected, n_rows = _parse_volumes(raw, manifest_path, num_classes, data_dir,
+                                                               unlabelled, _limits(limits))
+        listing = dict(zip(paths, listings))
+        key_paths = [p for files in listings for p, _, _ in files]
+        stamps = [(size, mtime) for files in listings for _, size, mtime in files]
+        settings_key = volume.key
+
+        def read(p):
+            return read_volume(p, image_size, volume, limits, files=listing[p])
 
     def nothing_usable(all_rejected):
         detail = "manifest has no rows" if n_rows == 0 else (
@@ -133,15 +214,18 @@ def load_site(
     if df.empty:
         raise nothing_usable(rejected)
 
-    key = (_cache_key(raw, paths, stamps, image_size, num_classes, _limits(limits), unlabelled, channels)
-           if cache else None)
-    cache_path = _cache_file(data_dir, manifest, image_size, num_classes, key, unlabelled, channels) if key else None
-    hit = _cache_load(cache_path, key, len(paths), image_size, channels) if cache_path is not None else None
+    key = (_cache_key(raw, key_paths, stamps, image_size, num_classes, _limits(limits), unlabelled, channels,
+                      settings_key) if cache else None)
+    cache_path = (_cache_file(data_dir, manifest, image_size, num_classes, key, unlabelled, channels,
+                              volume is not None) if key else None)
+    hit = (_cache_load(cache_path, key, len(paths), image_size, channels, volume is not None)
+           if cache_path is not None else None)
     if hit is not None:
         stack, ok_rows, metas, decode_rejected = hit
         log.info("%s: %d images from cache %s", data_dir, len(ok_rows), cache_path.name)
     else:
-        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size, limits, channels)
+        stack, ok_rows, metas, decode_rejected, transient = _decode_rows(df, paths, image_size, limits, channels,
+                                                                         read)
         if cache_path is not None and not transient:
             _cache_save(cache_path, key, stack, ok_rows, metas, decode_rejected)
 
