@@ -27,7 +27,6 @@ from client.session import SiteSession
 from client.site import SITE_LOG, resolve_site_path
 from client.statistics import Releaser, fairness_noise, keep_for_sum, secure_share
 from core_models import wire
-from core_models.networks import get_device
 from core_models.protocol import (BUDGET_EXHAUSTED, SECURE_SITES, STAT_FAIRNESS, EvalMetrics, SiteReply,
                                   StatisticsRequest, site_error)
 from core_models.secagg import ACTION as SECAGG_ACTION, SecAggError
@@ -144,8 +143,9 @@ def _scores(session: SiteSession) -> SiteReply:
     x, y = site.part("test")
     if cfg.train.pretext:  # no classifier yet: the pretext loss on the test images
         return SiteReply.evaluated(site.name, EvalMetrics(auroc=math.nan, accuracy=math.nan,
-                                                          loss=pretext_loss_on(model, x, cfg), num_examples=len(y)))
-    result = evaluate(model, make_loader(x, y, 256), get_device())
+                                                          loss=pretext_loss_on(model, x, cfg, session.device),
+                                                          num_examples=len(y)))
+    result = evaluate(model, make_loader(x, y, 256), session.device)
     return SiteReply.evaluated(site.name, EvalMetrics(
         auroc=result["auroc"], accuracy=result["accuracy"], loss=result["loss"], num_examples=len(y),
         map50=_map50(model, session, x) if cfg.train.detection else None))
@@ -154,7 +154,7 @@ def _scores(session: SiteSession) -> SiteReply:
 def _map50(model, session: SiteSession, x) -> float:
     """Average precision at IoU 0.5 of the global detector on the annotated test images (NaN without any)."""
     from core_models.detection import score_annotated
-    return score_annotated(model, x, *session.site.boxes("test"), device=get_device())[0]
+    return score_annotated(model, x, *session.site.boxes("test"), device=session.device)[0]
 
 
 @app.query()
@@ -185,6 +185,8 @@ def _release(session: SiteSession, request: StatisticsRequest, secure_sites: int
     site = session.site
     model = session.global_model()
     model = getattr(model, "classifier", model)  # a detector's classifier
+    if model is not None:
+        model.to(session.device)  # scored where the site trains (client/shift_stats.model_outputs follows it)
     ledger = session.ledger
     common = dict(min_count=session.cfg.release.min_count, round=session.round.server_round, run_id=session.run_id)
     releaser = Releaser(ledger, noise_multiplier=session.cfg.release.noise, **common)

@@ -13,7 +13,8 @@ would use more images per step but needs per-patient gradient sums that Opacus' 
 Randomness: the Poisson draws and the Gaussian noise come from generators seeded from OS entropy (os.urandom)
 on every call. Nothing in the run config (the server's `seed`) reaches them, so the server cannot regenerate
 and subtract the noise. Opacus' `secure_mode` would do the same with torchcsprng, which does not install with
-torch 2.x.
+torch 2.x. On CUDA the noise generator is a CUDA generator on the parameters' own card (Opacus draws the noise
+there, with the generator it is given, and cannot take one from another device), seeded from OS entropy alike.
 
 Non-finite per-sample gradients: the server crafts the model, so it can make one sample's gradient inf or NaN
 (a logit that overflows only on a target image). Opacus' clip factor `C / (norm + 1e-6)` is then NaN for that
@@ -44,7 +45,8 @@ from torch.utils.data._utils.collate import default_collate
 import core_models.grad_samplers  # noqa: F401  (DPConv2d's per-sample gradient, registered with Opacus)
 from client.ledger import PrivacyLedger, os_entropy_rng
 from client.ledger.accounting import epsilon_of
-from core_models.networks import get_device, prepare_for_dp
+from core_models.devices import resolve_device
+from core_models.networks import prepare_for_dp
 from core_models.training import LossFn, Penalty, local_optimizer, tensor_dataset, train_steps
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,8 @@ class PatientPoissonSampler:
 
 
 def os_entropy_generator(device) -> torch.Generator:
-    """A torch generator for the DP noise, seeded from the OS."""
+    """A torch generator for the DP noise on `device` (Opacus draws the noise where the parameters are), seeded
+    from the OS."""
     generator = torch.Generator(device=device)
     generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     return generator
@@ -284,6 +287,7 @@ def train_dp(
     run_id: str | None = None,
     sampling_rng: np.random.Generator | None = None,
     noise_generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Train `model` in place with DP-SGD for `plan.steps_per_round` logical steps, each charged to `ledger` (tagged
     with the round and run).
@@ -295,12 +299,16 @@ def train_dp(
     public coefficients (e.g. the fairness penalty with the server's broadcast PSE), so per-sample clipping still
     bounds each patient's influence. `loss_fn` replaces the cross-entropy (a per-sample self-supervised pretext
     loss; labels unused).
-    `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own.
+    `sampling_rng` / `noise_generator` default to OS entropy; tests that must be reproducible pass their own (the
+    generator on `device`). `device` (default: "auto", core_models.devices) is where the steps run.
     Returns the mean training loss (withheld from DP replies; inf or NaN under a crafted model, never an error),
     the step count and `nonfinite_samples`: how many drawn samples had a non-finite per-sample gradient and added a
     zero gradient instead (NonfiniteGuard; also a warning in the site's log, never in a reply).
     """
-    device = get_device()
+    device = device or resolve_device()
+    if noise_generator is not None and noise_generator.device.type != device.type:
+        raise ValueError(f"the noise generator is on {noise_generator.device}, the training on {device}: Opacus "
+                         f"draws the noise where the parameters are")
     model.to(device).train()
     # Frozen stem + no summed conv gradients: 1.25x a plain step instead of 1.7x
     # (benchmarks/bench_dp.py). The frozen stem keeps the global model's weights.

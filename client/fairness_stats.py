@@ -23,7 +23,6 @@ from client.shift_stats import model_outputs, one_per_patient
 from client.site import LocalSite
 from client.statistics import Releaser
 from core_models.config import FairAuditConfig, FairPenaltyConfig, read_section
-from core_models.networks import get_device
 from core_models.protocol import FAIR_COUNTS, PSE_COUNTS, PSE_SUMS
 from core_models.training import make_loader, predict_proba
 from fairness import mitigation
@@ -65,7 +64,7 @@ def produce_fair_pse(site: LocalSite, model, request: dict, releaser: Releaser) 
     fair = read_section(FairPenaltyConfig, request)
     keep = one_per_patient(site.data.frame) & (site.split == fair.pool_split).to_numpy()
     x, y = site.data.images[keep], site.data.labels[keep]
-    p1 = predict_proba(model, make_loader(x, y, 256), get_device())[:, 1]
+    p1 = predict_proba(model, make_loader(x, y, 256), next(model.parameters(), torch.zeros(0)).device)[:, 1]
     meta = fair_meta_rows(site.data.frame[keep], fair)
     counts, sums = mitigation.site_release_vectors(meta, p1, y, mitigation.parse_edges(fair.covariate_edges),
                                                    fair.mediator_levels)

@@ -24,6 +24,7 @@ Keys (site.toml, or the same names in the node config):
 | `max-local-epochs`   | 50                                        | most local epochs a round may ask                |
 | `max-rounds`         | 1000                                      | most rounds (num-server-rounds) a run may plan   |
 | `max-stats-dim`      | 4096                                      | longest axis of a statistic a run may ask for    |
+| `device`             | the run config's `device` (default auto)  | auto, cpu, cuda or cuda:N: where the site trains |
 
 The four ceilings bound what a request makes the site allocate and compute (a 20000-pixel image size would
 allocate 1.6 GB per image before anything is decoded); they are checked against the run config, before any data
@@ -33,6 +34,11 @@ are read, so a refusal says nothing about the data.
 sources set it, "reject" wins. It defaults to "reject" because a multi-frame object is usually a volume, cine loop
 or tomosynthesis stack whose first frame is an arbitrary slice, not the image its label describes; every such file
 is then listed, with its frame count, in the site's rejected.csv.
+
+`device` is the hospital's hardware, its own business: the site's setting wins over the run config's, and where
+both sources set it the node config wins (it is given to the process on this machine; site.toml may sit on shared
+storage). A card the machine lacks is refused (`DeviceRefusal`, with what the machine has) before any data are
+read, never a crash mid-round; a malformed name stops the site at start, like any unreadable setting.
 
 The default delta is rounded down to a power of ten so that the epsilon the site reports (a function of delta)
 reveals the order of magnitude of its patient count, not the count.
@@ -48,10 +54,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core_models.data import MULTI_FRAME, ImageLimits
+from core_models.devices import DeviceUnavailable, parse_device, resolve_device
 from core_models.label_shift import N_BINS
 from core_models.protocol import STAT_FAIR_PSE, STAT_FAIRNESS, STAT_SHIFT, STATISTICS_KINDS
 
 if TYPE_CHECKING:
+    import torch
+
     from core_models.config import RunConfig
 
 SITE_SETTINGS = "site.toml"  # the hospital's own settings; nothing the server sends overrides them
@@ -61,7 +70,7 @@ STATISTICS = STATISTICS_KINDS  # the names a `release` list may hold
 CEILINGS = {"max-image-size": 512, "max-local-epochs": 50, "max-rounds": 1000, "max-stats-dim": 4096}
 DEFAULT_SECAGG_MIN_SITES = 2  # the protocol's own minimum; two sites can each subtract theirs from the sum
 KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
-        "multi-frame", "require-secagg", "secagg-min-sites", *CEILINGS)
+        "multi-frame", "require-secagg", "secagg-min-sites", "device", *CEILINGS)
 
 
 class PolicyError(ValueError):
@@ -73,6 +82,14 @@ class PolicyRefusal(RuntimeError):
 
     def __init__(self, setting: str, why: str):
         super().__init__(f"refused by the site's privacy policy ({setting}): {why}")
+        self.setting = setting
+
+
+class DeviceRefusal(PolicyRefusal):
+    """The device the site's setting (or, without one, the run config) names is not on the site's machine."""
+
+    def __init__(self, setting: str, why: str):
+        RuntimeError.__init__(self, f"the site's machine cannot train on {setting}: {why}")
         self.setting = setting
 
 
@@ -132,6 +149,14 @@ def _names(source: str, value) -> frozenset[str]:
     return names
 
 
+def _device(source: str, value) -> str:
+    try:
+        parse_device(value)
+    except ValueError as err:
+        raise PolicyError(f"{source}: device {err}") from None
+    return str(value)
+
+
 def _multi_frame(source: str, value) -> str:
     choice = str(value).strip().lower()
     if choice not in MULTI_FRAME:
@@ -154,6 +179,7 @@ class SitePolicy:
     require_secagg: bool = False
     secagg_min_sites: int = DEFAULT_SECAGG_MIN_SITES
     ceilings: dict[str, int] = field(default_factory=lambda: dict(CEILINGS))  # CEILINGS' keys, tightened
+    device: str | None = None  # None: the run config's
 
     @classmethod
     def load(cls, site_dir, node_config: dict | None = None) -> "SitePolicy":
@@ -165,6 +191,7 @@ class SitePolicy:
         eps, deltas, noise, pixels, mbs, dp_flags, frames = [], [], [], [], [], [], []
         secagg_flags, secagg_sites = [], []
         release: frozenset[str] | None = None
+        device: str | None = None
         set_ceilings: dict[str, list[int]] = {}
         for source, table in sources:
             for name in CEILINGS:
@@ -189,6 +216,8 @@ class SitePolicy:
                 frames.append(_multi_frame(source, table["multi-frame"]))
             if "require-secagg" in table:
                 secagg_flags.append(_flag(source, "require-secagg", table["require-secagg"]))
+            if "device" in table:  # sources in order: the node config's, read last, wins
+                device = _device(source, table["device"])
             if "secagg-min-sites" in table:
                 secagg_sites.append(_count(source, "secagg-min-sites", table["secagg-min-sites"],
                                            DEFAULT_SECAGG_MIN_SITES))
@@ -204,7 +233,7 @@ class SitePolicy:
                    multi_frame=("reject" if "reject" in frames else "first") if frames else None,
                    require_secagg=any(secagg_flags),
                    secagg_min_sites=max(secagg_sites) if secagg_sites else DEFAULT_SECAGG_MIN_SITES,
-                   ceilings=ceilings)
+                   ceilings=ceilings, device=device)
 
     def image_limits(self) -> ImageLimits:
         """The data layer's caps, tightened (never loosened past its defaults) by the site's settings, and its
@@ -258,6 +287,16 @@ class SitePolicy:
         self.check_dims(statistic_dims({name: v for name, v in sections.items() if name in cfg.release.kinds}, k))
         if cfg.fair.active:
             self.check_dims(statistic_dims({STAT_FAIR_PSE: cfg.fair}, k))
+        self.device_for(cfg)
+
+    def device_for(self, cfg: "RunConfig") -> "torch.device":
+        """Where this site trains and scores: its own `device`, else the run config's, on this machine; DeviceRefusal
+        for a card the machine lacks."""
+        name, whose = (self.device, "the site's setting") if self.device else (cfg.train.device, "the run config")
+        try:
+            return resolve_device(name)
+        except DeviceUnavailable as err:
+            raise DeviceRefusal(f"device = {name!r} ({whose})", err.why) from None
 
     def check_dims(self, dims: dict[str, int]) -> None:
         """Each axis of a statistic asked for (statistic_dims) within `max-stats-dim`."""

@@ -15,7 +15,6 @@ from client.penalty import dp_objective, keep_mu, site_penalty
 from client.session import SiteSession
 from client.site import LocalSite
 from core_models.config import RunConfig
-from core_models.networks import get_device
 from core_models.pretext import get_task, pretext_loss_fn
 from core_models.pretrained import freeze, frozen_part
 from core_models.protocol import SiteReply, TrainMetrics
@@ -49,7 +48,7 @@ def label_round(session: SiteSession, model: torch.nn.Module) -> SiteReply:
     stats = plain_epochs(session, model, make_loader(x, y, cfg.train.batch_size, shuffle=True, seed=seed, meta=meta),
                          penalty_fn=penalty, loss_fn=loss_fn, grad_accumulation=cfg.train.grad_accumulation)
     keep_mu(session.context, penalty)  # (under DP the penalty has no multiplier to carry)
-    val = evaluate(model, make_loader(*site.part("val"), 256), get_device())
+    val = evaluate(model, make_loader(*site.part("val"), 256), session.device)
     return SiteReply.trained(site.name, TrainMetrics(
         train_loss=stats["train_loss"], val_auroc=val["auroc"], val_loss=val["loss"], num_examples=len(y),
         rejected=len(site.data.rejected), steps=stats["steps"], box_examples=boxed))
@@ -75,15 +74,16 @@ def pretext_round(session: SiteSession, model: torch.nn.Module) -> SiteReply:
     loader = make_loader(images, zeros, train.batch_size, shuffle=True, seed=train.seed + session.round.server_round)
     stats = plain_epochs(session, model, loader, loss_fn=loss_fn)
     return SiteReply.trained(site.name, TrainMetrics(
-        train_loss=stats["train_loss"], val_auroc=math.nan, val_loss=pretext_loss_on(model, site.part("val")[0], cfg),
+        train_loss=stats["train_loss"], val_auroc=math.nan,
+        val_loss=pretext_loss_on(model, site.part("val")[0], cfg, session.device),
         num_examples=len(images), rejected=len(site.data.rejected), steps=stats["steps"]))
 
 
 def plain_epochs(session: SiteSession, model: torch.nn.Module, loader, **objective) -> dict:
-    """The round's local epochs without DP."""
+    """The round's local epochs without DP, on the site's device."""
     train = session.cfg.train
     return train_epochs(model, loader, epochs=train.local_epochs, optimizer=train.optimizer, lr=train.learning_rate,
-                        weight_decay=train.weight_decay, proximal_mu=session.round.proximal_mu, device=get_device(),
+                        weight_decay=train.weight_decay, proximal_mu=session.round.proximal_mu, device=session.device,
                         **objective)
 
 
@@ -103,7 +103,7 @@ def private_round(session: SiteSession, model: torch.nn.Module, data: PatientDat
     ledger.check_budget([plan.mechanism])  # after every one-off release: the whole round must fit
     train_dp(model, PatientData(data.images, data.labels, data.patients, meta), plan, ledger,
              DPSettings.of_run(cfg, session.round.proximal_mu), penalty_fn=penalty, loss_fn=loss_fn,
-             server_round=session.round.server_round, run_id=session.run_id)
+             server_round=session.round.server_round, run_id=session.run_id, device=session.device)
     spent = ledger.summary()
     return SiteReply.trained(session.site.name, TrainMetrics(
         train_loss=math.nan, val_auroc=math.nan, val_loss=math.nan, num_examples=n_noised, rejected=math.nan,
@@ -125,16 +125,19 @@ def pretext_images(site: LocalSite) -> tuple[np.ndarray, np.ndarray]:
     return images, patients.astype(str)
 
 
-def pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig) -> float:
-    """The mean pretext loss of the model on images (a validation figure for best-by = val-loss). A loss that
-    compares the images of a batch is scored in batches of at most the training size (the last may be smaller)."""
+def pretext_loss_on(model: torch.nn.Module, images: np.ndarray, cfg: RunConfig,
+                    device: torch.device | None = None) -> float:
+    """The mean pretext loss of the model on images (a validation figure for best-by = val-loss), on `device`
+    (default: where the model is). A loss that compares the images of a batch is scored in batches of at most the
+    training size (the last may be smaller)."""
     if len(images) == 0:
         return math.nan
-    model.eval()
+    device = device or next(model.parameters()).device
+    model.to(device).eval()
     loss_fn = pretext_loss_fn(cfg.train.pretext, torch.Generator().manual_seed(cfg.train.seed))
     batch = 256 if get_task(cfg.train.pretext).per_sample else cfg.train.batch_size
     total = 0.0
     with torch.no_grad():
         for (x, _y) in make_loader(images, np.zeros(len(images), dtype=np.int64), batch):
-            total += float(loss_fn(model, x.to(get_device()), _y)) * len(x)
+            total += float(loss_fn(model, x.to(device), _y)) * len(x)
     return total / len(images)

@@ -48,6 +48,7 @@ class SiteSession:
         self._name = str(node.get("site") or self.path.name)  # the site's name in a refusal made before the data
         self._site: LocalSite | None = None
         self._ledger: PrivacyLedger | None = None
+        self._device: torch.device | None = None
 
     @property
     def site(self) -> LocalSite:
@@ -80,6 +81,14 @@ class SiteSession:
             self._ledger = PrivacyLedger.open(path, delta=policy.delta_for(n_patients), max_epsilon=policy.max_epsilon,
                                               fingerprint=dataset_fingerprint(path))
         return self._ledger
+
+    @property
+    def device(self) -> torch.device:
+        """Where this site trains and scores: its own `device` setting, else the run config's (SitePolicy.device_for;
+        the handlers' policy.check_request refuses a card this machine lacks before any data are read)."""
+        if self._device is None:
+            self._device = self.policy.device_for(self.cfg)
+        return self._device
 
     @property
     def under_dp(self) -> bool:

@@ -126,21 +126,23 @@ def manufacturer_counts(names, vocabulary) -> np.ndarray:
 
 @torch.no_grad()
 def model_outputs(model: torch.nn.Module, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, penultimate features); networks without `embed` give their logits as features."""
+    """(logits, penultimate features) as numpy, computed where the model is; networks without `embed` give their
+    logits as features."""
     model.eval()
+    device = next(model.parameters(), torch.zeros(0)).device  # (a module without weights: the CPU)
     if len(images) == 0:
         logits, feats = model_outputs(model, np.zeros((1, *np.shape(images)[1:]), np.float32))
         return logits[:0], feats[:0]
     logits, feats = [], []
     for i in range(0, len(images), batch):
-        x = torch.as_tensor(images[i:i + batch], dtype=torch.float32)
+        x = torch.as_tensor(images[i:i + batch], dtype=torch.float32, device=device)
         if hasattr(model, "embed"):
             f = model.embed(x)
             out = model.head(f) if hasattr(model, "head") else model(x)
         else:
             out = f = model(x)
-        logits.append(out.numpy())
-        feats.append(f.numpy())
+        logits.append(out.cpu().numpy())
+        feats.append(f.cpu().numpy())
     return np.concatenate(logits), np.concatenate(feats)
 
 

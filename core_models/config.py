@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
+from core_models.devices import parse_device
+
 
 class ConfigError(ValueError):
     """A run-config key that is missing, unknown or of the wrong type (named in the message)."""
@@ -181,6 +183,7 @@ class TrainingConfig:
     unfreeze_after: int = key("unfreeze-after")
     pretext: str = key("pretext")  # "" = label training; else the run trains the encoder on this pretext task
     detection: bool = key("detection")  # also train a lesion detector on the encoder (sites' boxes.csv)
+    device: str = key("device")  # auto | cpu | cuda | cuda:N (core_models.devices); a site's own setting wins there
     dims: int = key("dims")  # 2 = images; 3 = volumes (image_path: a DICOM series folder or a NIfTI file)
     volume_window: str = key("volume-window")  # CT window: a preset or "centre,width" in HU; "none" = MR scaling
     volume_spacing: float = key("volume-spacing")  # mm, isotropic, then cropped/padded; 0 = resize the whole volume
@@ -223,6 +226,10 @@ class TrainingConfig:
         if self.in_channels not in (1, 3):
             raise ConfigError(f"run config 'in-channels' must be 1 (grey) or 3 (RGB), got {self.in_channels}")
         _one_of("pretext", self.pretext, self.PRETEXTS)
+        try:  # the name only: whether the card exists is known where it trains (core_models.devices)
+            parse_device(self.device)
+        except ValueError as err:
+            raise ConfigError(f"run config 'device' {err}") from None
         if self.pretext and self.freeze == "encoder":
             raise ConfigError("run config 'pretext' trains the encoder: it cannot be frozen (freeze = 'encoder')")
         _one_of("optimizer", self.optimizer, ("adam", "sgd"), also=(AUTO,))

@@ -160,7 +160,7 @@ def detection_loss(objectness: torch.Tensor, offsets: torch.Tensor, anchors: tor
                    gamma: float = 2.0) -> torch.Tensor:
     """Per image: sigmoid focal loss over the anchors that are not ignored, plus smooth-L1 on the positives'
     offsets, both divided by the image's positives (at least one). ``boxes``: :func:`pack_boxes`'s tensor."""
-    labels, matched = match(anchors, boxes.cpu())
+    labels, matched = match(anchors.cpu(), boxes.cpu())  # a small per-image loop: on the CPU, moved once
     labels, matched = labels.to(objectness.device), matched.to(objectness.device)
     keep = labels >= 0
     target = labels.clamp(min=0)
@@ -252,9 +252,9 @@ def detection_objective(weight: float = 1.0):
 @torch.no_grad()
 def predict_boxes(model: LesionDetector, images: np.ndarray, batch_size: int = 64,
                   device: torch.device | None = None, **kwargs) -> list[Detections]:
-    """:func:`postprocess` over a stack of ``(N, 1, H, W)`` images."""
+    """:func:`postprocess` over a stack of ``(N, 1, H, W)`` images, on ``device`` (default: where the model is)."""
     device = device or next(model.parameters()).device
-    model.eval()
+    model.to(device).eval()
     out: list[Detections] = []
     for i in range(0, len(images), batch_size):
         x = torch.as_tensor(images[i:i + batch_size], dtype=torch.float32, device=device)

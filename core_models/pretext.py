@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core_models.networks import SmallCNN, get_device, input_channels
+from core_models.devices import resolve_device
+from core_models.networks import SmallCNN, input_channels
 from core_models.pretrained import head_of
 from core_models.training import LossFn, local_optimizer, make_loader, train_steps
 
@@ -390,7 +391,7 @@ def train_pretext(model: PretextModel, images: np.ndarray, task: str | PretextTa
         raise ValueError(f"the model was built for the {model.task.name!r} task, not {get_task(task).name!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-    device = device or get_device()
+    device = device or resolve_device()
     model.to(device).train()
     opt, counter = local_optimizer(model, optimizer, lr, weight_decay=0.0, proximal_mu=0.0)
     shuffle_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=_draw_device(generator)))

@@ -1,4 +1,7 @@
-"""Local train and evaluation loops shared by clients, centralised baselines and tests."""
+"""Local train and evaluation loops shared by clients, centralised baselines and tests.
+
+Each loop runs on the `device` it is given (default "auto": core_models.devices), moves every batch there once and
+brings what numpy reads (probabilities, losses) back to the CPU."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from core_models.networks import get_device
+from core_models.devices import resolve_device
 
 # (forward, images, labels[, meta]) -> a mean of per-image losses: what train_steps minimises in place of
 # cross-entropy (meta: the loader's metadata rows, when it has them); under DP-SGD each must be per-sample
@@ -165,7 +168,7 @@ def train_epochs(
     """
     if grad_accumulation < 1:
         raise ValueError("grad_accumulation must be >= 1")
-    device = device or get_device()
+    device = device or resolve_device()
     model.to(device).train()
     opt, counter = local_optimizer(model, optimizer, lr, weight_decay, proximal_mu)
     total_loss, total_n = 0.0, 0
@@ -179,7 +182,7 @@ def train_epochs(
 @torch.no_grad()
 def predict_proba(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> np.ndarray:
     """Class probabilities, shape (N, num_classes)."""
-    device = device or get_device()
+    device = device or resolve_device()
     model.to(device).eval()
     return torch.cat([torch.softmax(model(x.to(device)), 1).cpu() for x, _ in loader]).numpy()
 
@@ -232,7 +235,7 @@ def fit(
     best_state, best_auc, best_epoch, history = None, -math.inf, 0, []
     for epoch in range(1, max_epochs + 1):
         stats = train_epochs(model, train_loader, epochs=1, progress=progress, **train_kwargs)
-        val = evaluate(model, val_loader)
+        val = evaluate(model, val_loader, train_kwargs.get("device"))
         history.append({"epoch": epoch, **stats, **{f"val_{k}": v for k, v in val.items()}})
         score = val["auroc"] if not math.isnan(val["auroc"]) else -val["loss"]
         if score > best_auc:

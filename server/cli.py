@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from core_models.config import ConfigError, RunConfig, app_defaults
+from core_models.devices import DeviceUnavailable, check_available
 from core_models.processes import APP_DIR, port_is_free
 from core_models.run_files import CHECKPOINTS, LATEST_CHECKPOINT, METRICS_CSV, PRIVACY_REGISTRY_JSON
 from server.deploy import (ConsortiumError, ca_keys_in_folder, default_ca_key_path, deployment_superlink,
@@ -169,9 +170,15 @@ def _check_run(args: argparse.Namespace, out: Path) -> dict | None:
         overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds,
                                      resuming=args.resume and checkpoint.exists(), force=args.force_config,
                                      say=lambda line: print(f"equifed-server: {line}", flush=True))
-        RunConfig.from_flower({**defaults, **overrides}).server.check_holdout()  # holdout-path only from -c
+        cfg = RunConfig.from_flower({**defaults, **overrides})
+        cfg.server.check_holdout()  # holdout-path only from -c
+        if cfg.server.holdout_path:  # this machine scores the holdout, on the run's device (the sites: on theirs)
+            check_available(cfg.train.device)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+    except DeviceUnavailable as err:
+        print(f"error: run config 'device': {err} (this server scores holdout-path on it)", file=sys.stderr)
         return None
     if not args.resume and checkpoint.exists():
         print(f"error: {out} already holds a run (checkpoints/latest.pt); continue it with --resume "

@@ -25,6 +25,7 @@ from core_models.calibration import fold_into_head, probability_metrics
 from core_models.config import RunConfig, ServerConfig, TrainingConfig, keys_of
 from core_models import wire
 from core_models.data import load_site
+from core_models.devices import resolve_device
 from core_models.model_card import card_path, write_card
 from core_models.model_factory import ModelSpec
 from core_models.protocol import (NUM_EXAMPLES, PSE_COUNTS, PSE_SUMS, STAT_FAIR_PSE, STAT_FAIRNESS, TRAIN_LOSS,
@@ -120,6 +121,7 @@ class HoldoutEvaluation:
     ``holdout_boxes.png`` in ``out_dir`` (every round; a failing plot is logged, never fatal)."""
 
     def __init__(self, train: TrainingConfig, path: Path, out_dir: Path | None = None):
+        self.device = resolve_device(train.device)  # the run's device on this machine, before round 1 (or an error)
         data = load_site(path, image_size=train.image_size, num_classes=train.num_classes, channels=train.in_channels)
         self.images, self.labels = data.images, data.labels
         self.loader = make_loader(data.images, data.labels, batch_size=256)
@@ -139,12 +141,13 @@ class HoldoutEvaluation:
     def metrics(self, model) -> dict[str, float]:
         """Loss, accuracy and AUROC (core_models.training.evaluate), and the probabilities' ECE (15 equal-width
         bins of the top-class probability) and Brier score (core_models.calibration)."""
-        return {**evaluate(model, self.loader), **probability_metrics(predict_proba(model, self.loader), self.labels)}
+        return {**evaluate(model, self.loader, self.device),
+                **probability_metrics(predict_proba(model, self.loader, self.device), self.labels)}
 
     def _map50(self) -> float:
         from core_models.detection import draw_detections, score_annotated
         per_image, annotated = self.boxes
-        ap, keep, found = score_annotated(self.model, self.images, per_image, annotated)
+        ap, keep, found = score_annotated(self.model, self.images, per_image, annotated, device=self.device)
         truth = [per_image[i] for i in keep]
         if self.out_dir is not None and len(keep):
             try:

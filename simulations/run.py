@@ -27,6 +27,7 @@ import pandas as pd
 
 from client.site import STATE_DIR, list_sites
 from core_models.config import RECIPES, ConfigError, RunConfig, app_defaults, auto_settings
+from core_models.devices import DeviceUnavailable, check_available
 from core_models.processes import APP_DIR
 from core_models.protocol import EPSILON
 from server.console import add_run_arguments, annotate_summary, follow_run, nothing_trained, save_overrides, settle_overrides
@@ -263,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = settle_overrides(out, args.run_config, defaults, rounds=args.rounds, resuming=resuming,
                                      force=args.force_config, implied=generated,
                                      say=lambda line: print(f"equifed: {line}", flush=True))
+        if not args.superlink:  # our own simulation trains on this machine: a card it lacks stops the run here
+            check_available(str({**defaults, **overrides}["device"]))
     except ConfigError as err:
         return _error(str(err))
+    except DeviceUnavailable as err:
+        return _error(f"run config 'device': {err}")
     try:  # a scenario or folder error is the user's input: said in one line, exit 2, nothing written
         sites, holdout, data_dir, implied = _prepare_sites(args, out, t0)
     except (UsageError, ScenarioError) as err:
