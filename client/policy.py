@@ -20,7 +20,7 @@ Keys (site.toml, or the same names in the node config):
 | `max-image-pixels`   | the data layer's default                  | images larger than this are rejected undecoded   |
 | `max-file-mb`        | the data layer's default                  | files larger than this are rejected unread       |
 | `multi-frame`        | "reject"                                  | multi-frame DICOM: "reject" or its "first" frame |
-| `max-image-size`     | 512                                       | largest model input side (pixels) a run may ask  |
+| `max-image-size`     | 512                                       | largest input side; squared: values per input  |
 | `max-local-epochs`   | 50                                        | most local epochs a round may ask                |
 | `max-rounds`         | 1000                                      | most rounds (num-server-rounds) a run may plan   |
 | `max-stats-dim`      | 4096                                      | longest axis of a statistic a run may ask for    |
@@ -275,11 +275,14 @@ class SitePolicy:
     def check_request(self, cfg: "RunConfig") -> None:
         """The run's sizes within the site's ceilings (run config only: called before any data are read)."""
         self._within("max-image-size", "image-size", cfg.train.image_size)
-        # a colour image holds three planes: its pixels count against the same bound (max-image-size squared)
-        pixels = cfg.train.in_channels * cfg.train.image_size ** 2
-        if pixels > self.ceilings["max-image-size"] ** 2:
+        # a colour image holds three planes, a volume image-size slices: their values count against the same bound
+        # (max-image-size squared: at the default 512, volumes up to 64^3)
+        dims = cfg.train.dims
+        values = cfg.train.in_channels * cfg.train.image_size ** dims
+        if values > self.ceilings["max-image-size"] ** 2:
             raise PolicyRefusal(f"max-image-size = {self.ceilings['max-image-size']}",
-                                f"the run asks for {cfg.train.in_channels} x {cfg.train.image_size}^2 values per image")
+                                f"the run asks for {cfg.train.in_channels} x {cfg.train.image_size}^{dims} values per "
+                                f"{'volume' if dims == 3 else 'image'}")
         self._within("max-local-epochs", "local-epochs", cfg.train.local_epochs)
         self._within("max-rounds", "num-server-rounds", cfg.server.num_rounds)
         sections = {STAT_SHIFT: cfg.shift, STAT_FAIRNESS: cfg.audit, STAT_FAIR_PSE: cfg.fair}

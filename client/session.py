@@ -63,7 +63,8 @@ class SiteSession:
             train, name = self.cfg.train, self.context.node_config.get("site")
             self._site = open_site(self.path, image_size=train.image_size, seed=train.seed,
                                    num_classes=train.num_classes, name=str(name) if name else None,
-                                   node_config=dict(self.context.node_config), channels=train.in_channels)
+                                   node_config=dict(self.context.node_config), channels=train.in_channels,
+                                   volume=train.volume_settings())
         return self._site
 
     @property

@@ -82,18 +82,20 @@ def list_sites(root: Path) -> list[Path]:
 
 
 def open_site(path: Path, image_size: int, seed: int, num_classes: int = 2, name: str | None = None,
-              node_config: dict | None = None, channels: int = 1) -> LocalSite:
+              node_config: dict | None = None, channels: int = 1, volume=None) -> LocalSite:
     """Load (once per process) and split a site; write its split and rejection list locally. The manifest's rows
     without a label are kept apart (`data.unlabelled`): only a self-supervised pretext run trains on them, and every
     run sees the same patients (the site's delta counts them all). `channels`: 1 grey, 3 RGB (run config
-    in-channels)."""
-    key = (str(path.resolve()), image_size, seed, num_classes) + ((channels,) if channels != 1 else ())
+    in-channels); `volume`: how a volume run reads its studies (core_models.data.VolumeSettings; None: images)."""
+    key = (str(path.resolve()), image_size, seed, num_classes) + ((channels,) if channels != 1 else ()) \
+        + ((volume.key,) if volume is not None else ())
     if key in _LOADED:
         return _LOADED[key]
     with pydicom_to_site_log(path):
         data = load_site(path, image_size=image_size, num_classes=num_classes,
                          limits=SitePolicy.load(path, node_config).image_limits(), unlabelled=True,
-                         **({"channels": channels} if channels != 1 else {}))
+                         **({"channels": channels} if channels != 1 else {}),
+                         **({"volume": volume} if volume is not None else {}))
     split = assign_splits(data.frame, seed=seed) if len(data.frame) else pd.Series([], dtype=object)
     frame = data.frame.assign(split=split.to_numpy())
     check_no_leakage(frame)

@@ -122,7 +122,7 @@ class HoldoutEvaluation:
 
     def __init__(self, train: TrainingConfig, path: Path, out_dir: Path | None = None):
         self.device = resolve_device(train.device)  # the run's device on this machine, before round 1 (or an error)
-        data = load_site(path, image_size=train.image_size, num_classes=train.num_classes, channels=train.in_channels)
+        data = load_site(path, **train.load_options())
         self.images, self.labels = data.images, data.labels
         self.loader = make_loader(data.images, data.labels, batch_size=256)
         self.model = ModelSpec.of_run(train).scoring().build()

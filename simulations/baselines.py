@@ -258,7 +258,7 @@ def load_rows(site_dirs: list[Path], holdout: Path, cfg: RunConfig) -> tuple[lis
     sites = []
     for path in site_dirs:
         site = open_site(path, image_size=t.image_size, seed=t.seed, num_classes=t.num_classes,
-                         channels=t.in_channels)
+                         channels=t.in_channels, volume=t.volume_settings())
         own = "test" if site.count("test") else "val"
         x, y = site.part("train")
         x_own, y_own = site.part(own)
@@ -267,7 +267,7 @@ def load_rows(site_dirs: list[Path], holdout: Path, cfg: RunConfig) -> tuple[lis
                               n_manifest=int(site.data.frame["patient_id"].nunique()),
                               patients=site.data.frame.loc[train_rows, "patient_id"].astype(str).to_numpy(),
                               own_split=own))
-    data = load_site(holdout, image_size=t.image_size, num_classes=t.num_classes, channels=t.in_channels)
+    data = load_site(holdout, **t.load_options())
     return sites, (data.images, data.labels)
 
 
