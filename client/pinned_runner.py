@@ -20,8 +20,9 @@ takes those tasks instead of `flower-superexec` + `flwr-clientapp`:
   flwr/supercore/superexec/run_superexec.py) and hands each task to its own `flwr-clientapp`
   task process of this module (a fresh interpreter per task, as Flower does). From the first
   task on, the next task's process is started ahead: it imports the installed ClientApp and
-  builds the reference bundle while the site waits, then reads its task's token from stdin
-  (never from its command line, which other local users can read), so later rounds do not
+  builds the reference bundle while the site waits; its task's token comes on stdin (never on
+  its command line, which other local users can read) and starts the task's heartbeat at once,
+  even while the imports are still running (TokenWatch), so later rounds do not
   wait seconds for torch and Opacus to import (a site that never gets a task starts none);
 * the task process pulls the message, context, run and FAB (Flower's own
   `pull_task_input`), then compares the FAB with the bundle built from the installed
@@ -163,6 +164,7 @@ def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: i
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     _background_errors_to_log(site_log)
+    watch = TokenWatch(runtime_api_address)
     try:
         loaded = load_installed_clientapp()
     except Exception as err:  # noqa: BLE001  (answered as the task's failure, below)
@@ -171,34 +173,69 @@ def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: i
         reference: bytes | Exception = installed_bundle()
     except Exception as err:  # noqa: BLE001  (no pyproject.toml next to the packages, unreadable file, ...)
         reference = err
-    token = sys.stdin.readline().strip()
-    if token:
-        run_task(runtime_api_address, token, site_log, loaded, reference)
+    watch.arrived.wait()
+    if watch.token:
+        run_task(runtime_api_address, watch.token, site_log, loaded, reference, heartbeat=watch.heartbeat)
 
 
-def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded, reference) -> None:
+class TokenWatch:
+    """The task's token read from stdin in the background, and kept alive with heartbeats from the moment it
+    arrives: a task handed over while this process still imports torch (seconds, minutes on a loaded machine)
+    would otherwise send no heartbeat until the imports end, and the SuperNode voids a silent task's token."""
+
+    def __init__(self, runtime_api_address: str):
+        self.token: str = ""
+        self.heartbeat = None  # a started HeartbeatSender once a token came; None: run_task starts its own
+        self.arrived = threading.Event()
+        threading.Thread(target=self._read, args=(runtime_api_address,), name="task-token", daemon=True).start()
+
+    def _read(self, runtime_api_address: str) -> None:
+        token = sys.stdin.readline().strip()
+        if token:
+            try:
+                from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+
+                sender = HeartbeatSender(make_task_heartbeat_fn_http(_runtime_client(runtime_api_address, token)))
+                sender.start()
+                self.heartbeat = sender
+            except Exception:  # noqa: BLE001  (run_task starts the heartbeat itself, as before)
+                self.heartbeat = None
+        self.token = token
+        self.arrived.set()
+
+
+def _runtime_client(runtime_api_address: str, token: str, retry_invoker=None):
+    """A client of the SuperNode's Runtime API that speaks for the task holding `token`."""
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    return RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry_invoker or make_simple_http_retry_invoker(),
+    )
+
+
+def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded, reference,
+             heartbeat=None) -> None:
     """Answer one ClientApp task; modelled on flwr.supernode.runtime.run_clientapp.run_clientapp,
     with the FAB compared instead of installed and the ClientApp imported from this site
     (`loaded`: the ClientApp, or why it could not be imported; `reference`: the installed
-    bundle, or why it could not be built)."""
+    bundle, or why it could not be built; `heartbeat`: the task's heartbeat, already running)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supercore.telemetry import EventType
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     retry_invoker = make_simple_http_retry_invoker()
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                      RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=retry_invoker,
-    )
-    state = {"context": None, "sub_status": SubStatus.FAILED, "details": "ClientApp task failed", "heartbeat": None}
+    client = _runtime_client(runtime_api_address, token, retry_invoker)
+    state = {"context": None, "sub_status": SubStatus.FAILED, "details": "ClientApp task failed",
+             "heartbeat": heartbeat}
 
     def on_exit() -> None:
         retry_invoker.max_tries = 1
@@ -213,8 +250,9 @@ def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded
     message = reply = None
     exit_code = ExitCode.SUCCESS
     try:
-        state["heartbeat"] = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        state["heartbeat"].start()
+        if state["heartbeat"] is None:
+            state["heartbeat"] = HeartbeatSender(make_task_heartbeat_fn_http(client))
+            state["heartbeat"].start()
         message, context, run, fab = pull_task_input(client)
         state["context"] = context
         problems = bundle_differences(fab.content, reference)

@@ -4,14 +4,15 @@ processes started and killed by PID here. One scenario, in this order:
 
 1. each hospital makes its own key pair (`equifed-client keygen`) and sends the public key;
    set-up makes the CA (its key outside the server folder) and the server certificate, and
-   `register` puts the 2 public keys on the allow-list; a 3rd hospital (a stranger) makes a
+   `register` puts the 3 public keys on the allow-list; a 4th hospital (a stranger) makes a
    key pair that is never registered. Each hospital receives only ca.crt;
-2. the 2 hospitals and the stranger start first and back off (no server yet); the server
-   starts a 2-round DP run; the hospitals connect; the stranger is refused;
-3. once site_b has received round 1's task its client is killed: round 1 completes with
-   site_a alone, site_b is restarted at once;
+2. the 3 hospitals and the stranger start first and back off (no server yet); the server
+   starts a 2-round DP run with secure aggregation (`secagg=true`); the hospitals connect; the
+   stranger is refused;
+3. once site_b has received round 1's task its client is killed: round 1's secure sum is that
+   of site_a and site_c (threshold 2 of 2), site_b is restarted at once;
 4. as soon as round 1 is checkpointed the whole server (command, SuperLink, ServerApp) is
-   SIGKILLed and restarted with --resume: round 2 runs with both sites;
+   SIGKILLed and restarted with --resume: round 2 is a secure sum of the 3 sites (threshold 2);
 5. a run whose ServerApp fails makes `equifed-server start` exit 1.
 
 Each test below checks one part of the outcome. Runs alone with
@@ -42,6 +43,8 @@ import torch
 from client.ledger import dataset_fingerprint, ledger_report
 from client.supernode import EXIT_REFUSED, probe_server
 from core_models.networks import build_model
+from core_models.secagg import (STAGE_ADVERTISE_KEYS, STAGE_COLLECT_MASKED_INPUT, STAGE_SHARE_KEYS, STAGE_UNMASK,
+                                STAGES, VectorLayout)
 from client.cli import main as client_main
 from client.cli import make_site_keys
 from server.cli import main as server_main
@@ -50,7 +53,7 @@ from simulations.generator import generate_consortium
 
 pytestmark = pytest.mark.deployment
 
-SITES = ["site_a", "site_b"]
+SITES = ["site_a", "site_b", "site_c"]
 ROUNDS = 2
 SCENARIO = """
 name = "deploy"
@@ -67,9 +70,12 @@ name = "site_a"
 
 [[sites]]
 name = "site_b"
+
+[[sites]]
+name = "site_c"
 """
 RUN_CONFIG = ["model=cnn", "local-epochs=1", "image-size=32", "batch-size=16", "dp=true", "fraction-evaluate=0",
-              "round-timeout=300", "strategy=fedprox"]
+              "round-timeout=300", "strategy=fedprox", "secagg=true"]
 TRAIN_METRICS = {"train-loss", "val-auroc", "val-loss", "num-examples", "rejected", "steps", "epsilon-before",
                  "epsilon", "epsilon-train", "epsilon-release", "noise-multiplier"}
 
@@ -156,7 +162,7 @@ def deployment(tmp_path_factory):
         for site, folder in hospital.items():
             cli("client.cli", "keygen", "--site", site, "--out", str(folder))
         facts["setup_stdout"] = cli("server.cli", "setup", "--dir", str(cons), "--host", "127.0.0.1").stdout
-        for i, site in enumerate(SITES):  # the last call registers both with the SuperLink's database
+        for i, site in enumerate(SITES):  # the last call registers them all with the SuperLink's database
             extra = ["--no-register"] if i < len(SITES) - 1 else []
             facts[f"register_{site}"] = cli("server.cli", "register", "--dir", str(cons), "--site", site,
                                             "--public-key", str(hospital[site] / f"{site}.pub"), *extra).stdout
@@ -248,7 +254,7 @@ def train_rows(facts) -> pd.DataFrame:
 
 def test_setup_and_tls(deployment):
     cons = deployment["cons"]
-    assert "allow-list: 2 site key(s)" in deployment["register_site_b"]
+    assert f"allow-list: {len(SITES)} site key(s)" in deployment[f"register_{SITES[-1]}"]
     assert "keep this offline" in deployment["setup_stdout"]
     assert not list(cons.rglob("ca.key")) and (cons.parent / f"{cons.name}-ca-offline" / "ca.key").is_file()
     for site in SITES:
@@ -277,7 +283,7 @@ def test_unregistered_supernode_is_refused(deployment):
     assert procs.log("stranger").index("images   40 usable") < procs.log("stranger").index("connecting to")
 
 
-def test_both_sites_complete_the_run(deployment):
+def test_every_site_completes_the_run(deployment):
     assert deployment["server2_rc"] == 0, deployment["procs"].log("server2")
     summary = json.loads((deployment["out"] / "summary.json").read_text())
     assert summary["flower_status"] == "finished:completed"
@@ -311,14 +317,14 @@ def test_dropout_in_round_1_and_rejoin(deployment):
     assert deployment["site_b_stop_rc"] == 0
     train = train_rows(deployment)
     round1 = train[train["round"] == 1]
-    assert sorted(round1[round1["status"] == "ok"]["site"]) == ["site_a"]
+    assert sorted(round1[round1["status"] == "ok"]["site"]) == ["site_a", "site_c"]
     # a site that has never replied is known to the server by its node id only: the id site_b replies from later
     site_b_node = train[(train["round"] == 2) & (train["site"] == "site_b")]["node"].iloc[0]
     missing = round1[round1["status"] != "ok"]
     assert missing[["site", "node", "status"]].values.tolist() == [[f"node-{site_b_node}", site_b_node, "no reply"]]
     metrics = pd.read_csv(deployment["out"] / "metrics.csv").set_index("round")
-    assert metrics.loc[1, "sites_trained"] == 1
-    assert metrics.loc[2, "sites_trained"] == 2
+    assert metrics.loc[1, "sites_trained"] == 2
+    assert metrics.loc[2, "sites_trained"] == 3
     assert ((train["round"] == 2) & (train["site"] == "site_b") & (train["status"] == "ok")).sum() == 1
 
 
@@ -333,12 +339,37 @@ def test_server_crash_resumes_round_count(deployment):
     assert "TrackedFedProx" in resumed and "TrackedFedAvg" not in resumed  # the run's own settings, not defaults
     summary = json.loads((deployment["out"] / "summary.json").read_text())
     assert summary["strategy"] == "fedprox" and summary["run_config"]["dp"] is True
+    assert summary["run_config"]["secagg"] is True
     metrics = pd.read_csv(deployment["out"] / "metrics.csv")
     assert metrics["round"].tolist() == [0, 1, 2]  # history kept, counter continued, nothing redone
     train = train_rows(deployment)
     assert train.groupby(["round", "site"]).size().max() == 1
     ckpts = sorted(p.name for p in (deployment["out"] / "checkpoints").glob("round_*.pt"))
     assert ckpts == ["round_001.pt", "round_002.pt"]
+
+
+def test_each_round_is_a_secure_sum_of_the_sites_that_trained(deployment):
+    """Round 1 sums site_a and site_c (site_b left before replying), round 2 all three; the server records every
+    trained model as reaching the global one only inside the sum, and round 2's sum moved the global model."""
+    train = train_rows(deployment)
+    ok = train[train["status"] == "ok"]
+    assert sorted(ok["aggregation"].unique()) == ["secure"]
+    assert len(ok) == 5  # 2 + 3: no trained site was left out of its round's sum
+    summary = json.loads((deployment["out"] / "summary.json").read_text())
+    assert summary["secure_aggregation"] is True
+    assert sorted(ok[ok["round"] == 1]["site"]) == ["site_a", "site_c"]  # threshold 2 of 2
+    # flower.log is the resumed run's (round 2): its sum and its round table
+    flower_log = (deployment["out"] / "flower.log").read_text()
+    assert re.search(r"round 2: secure sum of 3 site\(s\), 0 left", flower_log)
+    assert "no secure sum" not in flower_log
+    secure = sorted(re.findall(r"round +2 \| (site_\w) +\|.*\| ok \(secure sum\)", flower_log))
+    assert secure == SITES
+    ckpt = deployment["out"] / "checkpoints"
+    before, after = (torch.load(ckpt / f"round_00{r}.pt", weights_only=True)["model"] for r in (1, 2))
+    assert before.keys() == after.keys()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    changed = max(float((after[k].double() - before[k].double()).abs().max()) for k in after)
+    assert changed > 1e-4, changed  # the 3-site sum moved the model (quantisation alone is below 1e-6)
 
 
 def test_epsilon_never_decreases(deployment):
@@ -373,9 +404,12 @@ def _strings(value):
 
 
 def test_message_audit(deployment):
-    """Every message a site sent: model weights with the model's own keys and shapes, the
-    declared scalar metrics, the site's name and a dataset hash; nothing else."""
-    model = {k: list(v.shape) for k, v in build_model("cnn", 2).state_dict().items()}
+    """Every message a site sent: in a train reply the declared scalar metrics, the site's name and a dataset hash,
+    no model (it waits at the site for the secure sum); then, per round, the four secure-sum replies: two public
+    keys, one encrypted share per peer, one masked vector of the model's length and the shares asked for; nothing
+    else."""
+    model = {k: v.numpy() for k, v in build_model("cnn", 2).state_dict().items()}
+    vector = [VectorLayout.of(model).size + 1]  # weight x model, then the weight
     train = train_rows(deployment)
     for site in SITES:
         manifest = pd.read_csv(deployment["data"][site] / "manifest.csv", dtype=str)
@@ -383,30 +417,65 @@ def test_message_audit(deployment):
         secrets.add(dataset_fingerprint(deployment["data"][site]))  # what an adversary could hash for itself
         entries = [json.loads(line) for line in (deployment["root"] / f"audit_{site}.jsonl").read_text().splitlines()]
         assert entries, site
+        stages: dict[int, list[str]] = {}
         for entry in entries:
-            assert entry["message_type"] == "train"
             assert "error" not in entry and "raised" not in entry, entry
-            assert set(entry["arrays"]) == {"arrays"}
-            assert {k: v["shape"] for k, v in entry["arrays"]["arrays"].items()} == model
-            assert set(entry["metrics"]) == {"metrics"}
-            metrics = entry["metrics"]["metrics"]
-            assert set(metrics) == TRAIN_METRICS
-            assert all(isinstance(v, (int, float)) for v in metrics.values())  # scalars, no per-record lists
-            assert set(entry["configs"]) == {"site", "privacy", "disclosure"}
-            assert entry["configs"]["site"] == {"name": site}
-            # under DP the FedAvg weight is the noised patient count; losses and AUROCs are withheld (NaN)
-            assert entry["configs"]["disclosure"] == {"noised": "num-examples",
-                                                      "withheld": "train-loss,val-auroc,val-loss,rejected"}
-            assert all(math.isnan(metrics[k]) for k in ("train-loss", "val-auroc", "val-loss", "rejected"))
-            assert set(entry["configs"]["privacy"]) == {"dataset-tag"}  # keyed: never the fingerprint itself
-            assert re.fullmatch(r"[0-9a-f]{64}", entry["configs"]["privacy"]["dataset-tag"])
+            if entry["message_type"] == "train":
+                _check_train_reply(entry, site)
+            else:
+                assert entry["message_type"] == "train.secagg", entry
+                stages.setdefault(entry["server_round"], []).append(_check_secagg_reply(entry, vector))
             for text in _strings({k: v for k, v in entry.items() if k not in ("message_type", "reply_to")}):
                 assert "/" not in text and str(deployment["root"]) not in text, text
                 assert text not in secrets, text
-        # every round the server recorded for this site is in the site's own log
-        audited = {e["server_round"] for e in entries}
+        # every round the server recorded for this site is in the site's own log, with the whole secure sum
+        audited = {e["server_round"] for e in entries if e["message_type"] == "train"}
         recorded = set(train[(train["site"] == site) & (train["status"] == "ok")]["round"])
         assert recorded <= audited, (site, recorded, audited)
+        # (a task Flower re-ran after its token lapsed may be logged twice: one stage, answered from the same state)
+        stages = {r: [s for i, s in enumerate(seq) if i == 0 or s != seq[i - 1]] for r, seq in stages.items()}
+        assert stages == {r: list(STAGES) for r in recorded}, (site, stages)
+
+
+def _check_train_reply(entry: dict, site: str) -> None:
+    assert entry["arrays"] == {}  # the trained model stays in the site's Context until the secure sum
+    assert set(entry["metrics"]) == {"metrics"}
+    metrics = entry["metrics"]["metrics"]
+    assert set(metrics) == TRAIN_METRICS
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # scalars, no per-record lists
+    assert set(entry["configs"]) == {"site", "privacy", "disclosure"}
+    assert entry["configs"]["site"] == {"name": site}
+    # under DP the FedAvg weight is the noised patient count; losses and AUROCs are withheld (NaN)
+    assert entry["configs"]["disclosure"] == {"noised": "num-examples",
+                                              "withheld": "train-loss,val-auroc,val-loss,rejected"}
+    assert all(math.isnan(metrics[k]) for k in ("train-loss", "val-auroc", "val-loss", "rejected"))
+    assert set(entry["configs"]["privacy"]) == {"dataset-tag"}  # keyed: never the fingerprint itself
+    assert re.fullmatch(r"[0-9a-f]{64}", entry["configs"]["privacy"]["dataset-tag"])
+
+
+def _check_secagg_reply(entry: dict, vector: list[int]) -> str:
+    """One secure-sum reply holds exactly its stage's record; returns the stage."""
+    assert entry["metrics"] == {}
+    if entry["arrays"]:  # stage 3: the masked vector, nothing else
+        assert entry["configs"] == {}
+        assert entry["arrays"] == {"secagg": {"masked-input": {"shape": vector, "dtype": "uint32"}}}
+        return STAGE_COLLECT_MASKED_INPUT
+    assert set(entry["configs"]) == {"secagg"}
+    record = entry["configs"]["secagg"]
+    stage = record["stage"]
+    if stage == STAGE_ADVERTISE_KEYS:
+        assert set(record) == {"stage", "mask-key", "encryption-key"}
+        assert all(set(record[k]) == {"bytes"} for k in ("mask-key", "encryption-key"))
+    elif stage == STAGE_SHARE_KEYS:
+        assert set(record) == {"stage", "destinations", "ciphertexts"}
+        assert len(record["ciphertexts"]) == len(record["destinations"]) >= 1  # one per peer, encrypted to it
+        assert all(set(c) == {"bytes"} for c in record["ciphertexts"])
+    else:
+        assert stage == STAGE_UNMASK, record
+        assert set(record) == {"stage", "seed-owners", "seed-shares", "key-owners", "key-shares"}
+        assert record["key-owners"] == record["key-shares"] == []  # no site dropped after sharing keys
+        assert len(record["seed-shares"]) == len(record["seed-owners"]) >= 2  # the survivors' self-mask seeds
+    return stage
 
 
 # --- quick checks of the commands' own refusals (no Flower process needed) -------------------------
