@@ -1,4 +1,5 @@
-"""What a saved model needs to be used again: its network, classes, training image size and image channels.
+"""What a saved model needs to be used again: its network, classes, training image size, image channels and
+spatial dims (2 images, 3 volumes).
 
 A model file holds tensors only (it is read with ``torch.load(weights_only=True)``); the card beside it
 (`final_model.json` for `final_model.pt`) is plain JSON, so scoring or auditing a model never guesses the size
@@ -15,13 +16,15 @@ def card_path(model_path: str | Path) -> Path:
 
 
 def write_card(model_path: str | Path, arch: str, num_classes: int, image_size: int, detector: bool = False,
-               in_channels: int = 1) -> Path:
+               in_channels: int = 1, dims: int = 2) -> Path:
     """``detector``: the file holds a LesionDetector (the classifier under "classifier.", its box head under
     "head."), not the bare network. ``in_channels``: 3 for a network of RGB images (written only then: a card
-    without it is a grey model's)."""
+    without it is a grey model's). ``dims``: 3 for a network of volumes, ``image_size`` then the side of its
+    cubic grid (written only then: a card without it is a 2-D model's)."""
     path = card_path(model_path)
     card = {"model": arch, "num_classes": int(num_classes), "image_size": int(image_size)}
     extra = ({"detector": True} if detector else {}) | ({"in_channels": int(in_channels)} if in_channels != 1 else {})
+    extra |= {"dims": int(dims)} if dims != 2 else {}
     path.write_text(json.dumps({**card, **extra}, indent=1) + "\n")
     return path
 
@@ -37,6 +40,10 @@ def read_card(model_path: str | Path) -> dict | None:
                "image_size": int(card["image_size"]), "detector": bool(card.get("detector", False))}
         if "in_channels" in card:  # an RGB model's; read `card.get("in_channels", 1)`
             out["in_channels"] = int(card["in_channels"])
+        if "dims" in card:  # a volume model's; read `card.get("dims", 2)`
+            out["dims"] = int(card["dims"])
+            if out["dims"] not in (2, 3):
+                raise ValueError(f"dims must be 2 or 3, got {out['dims']}")
         return out
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a model card ({type(err).__name__}: {err})") from None
@@ -69,3 +76,24 @@ def load_state_dict_file(path: str | Path) -> dict:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise ValueError(f"model file {path} holds no state dict (a mapping of parameter names to tensors)")
     return state
+
+
+def state_dims(state: dict) -> int | None:
+    """2 or 3: the spatial dims of the network whose state dict this is, from the rank of its convolution weights
+    (4-D: images, 5-D: volumes; norms and biases are 1-D, linear layers 2-D); None when it has no convolution."""
+    ranks = {t.dim() for t in state.values() if t.dim() >= 4}
+    if len(ranks) > 1:
+        raise ValueError(f"the state dict mixes convolution weights of ranks {sorted(ranks)} (2-D and 3-D)")
+    return ranks.pop() - 2 if ranks else None
+
+
+def model_dims(path: str | Path, state: dict, card: dict | None) -> int:
+    """The spatial dims to build the network of the model file `path` with: its card's, else its weights', else 2.
+    A card that contradicts the weights raises ValueError naming the file."""
+    weights = state_dims(state)
+    if card is not None and "dims" in card:
+        if weights is not None and weights != card["dims"]:
+            raise ValueError(f"model file {path}: its model card says dims = {card['dims']} but its convolution "
+                             f"weights are {weights}-D")
+        return int(card["dims"])
+    return weights or 2

@@ -15,8 +15,9 @@ from core_models.pretext import PretextModel
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model is built from: the network's name, classes and image channels; the image size a detector's
-    anchors follow; the pretext task whose head the network trains under ("" for none). Detection and a pretext task
-    exclude each other (core_models.config)."""
+    anchors follow; the pretext task whose head the network trains under ("" for none); `dims`: 2 for images
+    (N, C, H, W), 3 for volumes (N, C, D, H, W). Detection and a pretext task exclude each other
+    (core_models.config), and both are 2-D only."""
 
     model: str = "cnn"
     num_classes: int = 2
@@ -24,16 +25,23 @@ class ModelSpec:
     image_size: int = 64
     detection: bool = False
     pretext: str = ""
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dims == 3 and (self.detection or self.pretext):
+            part = "lesion detection" if self.detection else f"the pretext task {self.pretext!r}"
+            raise ValueError(f"{part} is 2-D only: a volume run (dims = 3) trains the classifier alone")
 
     @classmethod
     def of_run(cls, train) -> ModelSpec:
         """From the run config's training section (its `model` already resolved)."""
         return cls(model=train.model, num_classes=train.num_classes, in_channels=train.in_channels,
-                   image_size=train.image_size, detection=bool(train.detection), pretext=train.pretext)
+                   image_size=train.image_size, detection=bool(train.detection), pretext=train.pretext,
+                   dims=train.dims)
 
     def network(self) -> nn.Module:
         """A fresh classifier network: what scoring, auditing and a saved final_model.pt hold."""
-        return build_model(self.model, self.num_classes, self.in_channels)
+        return build_model(self.model, self.num_classes, self.in_channels, self.dims)
 
     def build(self, network: nn.Module | None = None) -> nn.Module:
         """The model the run trains around `network` (a fresh one by default): under its pretext head, inside its

@@ -1,5 +1,6 @@
 """Networks for 1-channel (grey) or 3-channel (RGB: dermoscopy, fundus, pathology) medical images that Opacus can
-train; `in_channels` (run config in-channels) is the input's channel count, 1 by default.
+train; `in_channels` (run config in-channels) is the input's channel count, 1 by default. `dims=3` builds the
+same networks for volumes (CT, MRI: float32 tensors (N, C, D, H, W)); the scattering networks are 2-D only.
 
 Both use GroupNorm (never BatchNorm): BatchNorm mixes samples inside a batch, so
 per-sample gradients (DP-SGD) are undefined for it.
@@ -43,7 +44,7 @@ class Standardize(nn.Module):
 
 
 class _ConvInputGradOnly(torch.autograd.Function):
-    """conv2d whose backward computes only the input gradient.
+    """A convolution (2-D or 3-D) whose backward computes only the input gradient.
 
     Under Opacus' hooks the weight and bias gradients come per sample from the grad sampler;
     the summed ones autograd would also compute are overwritten by the DP optimizer unused.
@@ -53,7 +54,8 @@ class _ConvInputGradOnly(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight)
         ctx.conf = (stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        conv = F.conv3d if weight.dim() == 5 else F.conv2d
+        return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -62,7 +64,8 @@ class _ConvInputGradOnly(torch.autograd.Function):
             x, weight = ctx.saved_tensors
             stride, padding, dilation, groups = ctx.conf
             grad_in = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
+                grad_out, x, weight, None, stride, padding, dilation, False, [0] * (weight.dim() - 2), groups,
+                [True, False, False],
             )[0]
         return grad_in, None, None, None, None, None, None
 
@@ -85,13 +88,15 @@ def _per_sample_hooks_attached(module: nn.Module) -> bool:
     return False
 
 
-class DPConv2d(nn.Conv2d):
-    """`nn.Conv2d` (same parameters, same state_dict) with two DP-SGD speed-ups.
+class DPConv:
+    """The DP-SGD speed-ups of `DPConv2d` and `DPConv3d` (`nn.Conv2d` / `nn.Conv3d`: same parameters, same
+    state_dict).
 
-    * Its per-sample weight gradients (Opacus hooks mode) come from one grouped
+    * Their per-sample weight gradients (Opacus hooks mode) come from one grouped
       convolution-backward over the batch when the channel counts suit the CPU kernels,
-      rather than Opacus' unfold + einsum (1.2-1.6x faster per layer on this CPU).
-    * With `skip_summed_grads` (set by `prepare_for_dp`) its backward computes only the
+      rather than Opacus' unfold + einsum (2-D: 1.2-1.6x faster per layer on this CPU; 3-D: see
+      benchmarks/bench_volume.py).
+    * With `skip_summed_grads` (set by `prepare_for_dp`) their backward computes only the
       input gradient: Opacus discards the summed weight/bias gradients anyway. This is only
       valid while an Opacus hooks-mode GradSampleModule wraps the model, so the forward
       raises otherwise (a plain optimizer would silently never update the layer).
@@ -103,15 +108,28 @@ class DPConv2d(nn.Conv2d):
         if self.skip_summed_grads and torch.is_grad_enabled() and self.weight.requires_grad:
             if not _per_sample_hooks_attached(self):
                 raise RuntimeError(
-                    "DPConv2d.skip_summed_grads is set but no Opacus grad_sample_mode='hooks' module wraps this "
-                    "layer: train it through PrivacyEngine.make_private(..., grad_sample_mode='hooks') or call "
-                    "prepare_for_dp(model, skip_summed_grads=False)"
+                    f"{type(self).__name__}.skip_summed_grads is set but no Opacus grad_sample_mode='hooks' module "
+                    "wraps this layer: train it through PrivacyEngine.make_private(..., grad_sample_mode='hooks') or "
+                    "call prepare_for_dp(model, skip_summed_grads=False)"
                 )
             if self.padding_mode == "zeros" and not isinstance(self.padding, str):
                 return _ConvInputGradOnly.apply(
                     x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
                 )
         return super().forward(x)
+
+
+class DPConv2d(DPConv, nn.Conv2d):
+    """`nn.Conv2d` with the DP-SGD speed-ups of `DPConv`."""
+
+
+class DPConv3d(DPConv, nn.Conv3d):
+    """`nn.Conv3d` with the DP-SGD speed-ups of `DPConv`."""
+
+
+SPATIAL_DIMS = (2, 3)  # images, volumes
+# per spatial dims: the convolution, the max-pool and the global pool SmallCNN is built of
+_LAYERS = {2: (DPConv2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d), 3: (DPConv3d, nn.MaxPool3d, nn.AdaptiveMaxPool3d)}
 
 
 class SmallCNN(nn.Module):
@@ -122,32 +140,37 @@ class SmallCNN(nn.Module):
     under DP-SGD, of its per-sample gradients; same parameters, same accuracy).
     Global pooling makes it work for any input size from 28 to 224 px; max rather than
     average pooling because a finding is small and local (a lesion anywhere => positive).
+    `dims=3`: the same layers in 3-D (kernels 3x3x3, pools 2x2x2) for volumes from 16^3 voxels.
     """
 
-    def __init__(self, num_classes: int = 2, width: int = 16, stem_stride: int = 2, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 2, width: int = 16, stem_stride: int = 2, in_channels: int = 1,
+                 dims: int = 2) -> None:
         super().__init__()
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
-        self.in_channels = int(in_channels)
+        if dims not in _LAYERS:
+            raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims!r}")
+        conv, max_pool, global_pool = _LAYERS[dims]
+        self.in_channels, self.dims = int(in_channels), int(dims)
         stem: list[nn.Module] = [
-            DPConv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1),
+            conv(in_channels, width, kernel_size=3, stride=stem_stride, padding=1),
             _group_norm(width),
             nn.ReLU(),
         ]
         if stem_stride == 1:
-            stem.append(nn.MaxPool2d(2))
+            stem.append(max_pool(2))
         blocks: list[tuple[str, nn.Module]] = [("standardize", Standardize()), ("stem", nn.Sequential(*stem))]
         in_ch = width
         for i, out_ch in enumerate((width * 2, width * 4, width * 4), start=2):
             blocks.append((f"block{i}", nn.Sequential(
-                DPConv2d(in_ch, out_ch, kernel_size=3, padding=1),
+                conv(in_ch, out_ch, kernel_size=3, padding=1),
                 _group_norm(out_ch),
                 nn.ReLU(),
-                nn.MaxPool2d(2),
+                max_pool(2),
             )))
             in_ch = out_ch
         self.features = nn.Sequential(OrderedDict(blocks))
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.pool = global_pool(1)
         self.head = nn.Linear(in_ch, num_classes)
 
     @property
@@ -169,21 +192,21 @@ def prepare_for_dp(model: nn.Module, *, freeze_stem: bool = True, skip_summed_gr
     * `freeze_stem`: the stem (a `.stem` submodule, as in `SmallCNN`) keeps its current,
       e.g. the global model's, weights: no per-sample gradients at the highest resolution and
       no backward pass through it (0.3% of SmallCNN's parameters).
-    * `skip_summed_grads`: `DPConv2d` layers skip autograd's summed weight/bias gradients,
+    * `skip_summed_grads`: `DPConv2d` / `DPConv3d` layers skip autograd's summed weight/bias gradients,
       which the DP optimizer overwrites with the clipped, noised per-sample sum.
 
     Call it before `PrivacyEngine.make_private` (the optimizer may hold frozen parameters:
     they get no gradient and are not updated). Undo with
     `prepare_for_dp(model, freeze_stem=False, skip_summed_grads=False)` (which unfreezes the stem).
     """
-    import core_models.grad_samplers  # noqa: F401  (registers DPConv2d's per-sample gradient with Opacus)
+    import core_models.grad_samplers  # noqa: F401  (registers DPConv's per-sample gradients with Opacus)
 
     stem = getattr(model, "stem", None)
     if isinstance(stem, nn.Module):
         for p in stem.parameters():
             p.requires_grad_(not freeze_stem)
     for module in model.modules():
-        if isinstance(module, DPConv2d):
+        if isinstance(module, DPConv):
             module.skip_summed_grads = skip_summed_grads
     return model
 
@@ -331,9 +354,12 @@ class ScatterLinear(ScatterNet):
         return torch.flatten(self.pool(self.norm(self.scatter(x))), 1)
 
 
-def build_model(name: str = "cnn", num_classes: int = 2, in_channels: int = 1) -> nn.Module:
+SCATTER_MODELS = ("scatter", "scatter-linear")  # 2-D only: kymatio's 2-D wavelet scattering
+
+
+def build_model(name: str = "cnn", num_classes: int = 2, in_channels: int = 1, dims: int = 2) -> nn.Module:
     """Return a fresh, DP-compatible network producing `num_classes` logits from `in_channels`-channel images
-    (1 grey, 3 RGB: run config in-channels).
+    (1 grey, 3 RGB: run config in-channels), 2-D images (N, C, H, W) or, with `dims=3`, volumes (N, C, D, H, W).
 
     Binary tasks use two logits (softmax), so one loss and one metric path serve
     binary and multi-class heads alike.
@@ -342,22 +368,27 @@ def build_model(name: str = "cnn", num_classes: int = 2, in_channels: int = 1) -
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer (1 grey, 3 RGB), got {in_channels!r}")
+    if isinstance(dims, bool) or dims not in SPATIAL_DIMS:
+        raise ValueError(f"dims must be 2 (images) or 3 (volumes), got {dims!r}")
+    if dims == 3 and name in SCATTER_MODELS:
+        raise ValueError(f"model {name!r} is 2-D only (wavelet scattering of images); for volumes (dims = 3) "
+                         f"choose one of {[m for m in MODEL_NAMES if m not in SCATTER_MODELS]}")
     if name == "cnn":
-        return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+        return SmallCNN(num_classes=num_classes, in_channels=in_channels, dims=dims)
     if name == "scatter":
         return ScatterNet(num_classes=num_classes, in_channels=in_channels)
     if name == "scatter-linear":
         return ScatterLinear(num_classes=num_classes, in_channels=in_channels)
     if name == "resnet":
-        # MONAI's ResNet-10 layout in 2-D, narrowed for CPU
+        # MONAI's ResNet-10 layout, narrowed for CPU
         return _monai_resnet(num_classes, layers=[1, 1, 1, 1], widths=[16, 32, 64, 128], stem_kernel=3,
-                             stem_stride=1, groups=8, bias_downsample=True, in_channels=in_channels)
+                             stem_stride=1, groups=8, bias_downsample=True, in_channels=in_channels, dims=dims)
     if name == "resnet18":
         # torchvision's ResNet-18 layout and parameter names (7x7 stride-2 stem, max-pool, [2, 2, 2, 2] basic
         # blocks of 64-512 channels, bias-free 1x1 shortcuts), so its public checkpoints map onto it
-        # (pretrained-key-map "=1.")
+        # (pretrained-key-map "=1."); in 3-D, MedicalNet's ResNet-18 layout
         return _monai_resnet(num_classes, layers=[2, 2, 2, 2], widths=[64, 128, 256, 512], stem_kernel=7,
-                             stem_stride=2, groups=32, bias_downsample=False, in_channels=in_channels)
+                             stem_stride=2, groups=32, bias_downsample=False, in_channels=in_channels, dims=dims)
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
 
 
@@ -371,8 +402,20 @@ def input_channels(model: nn.Module) -> int:
     channels = getattr(model, "in_channels", None)
     if isinstance(channels, int):
         return channels
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     return int(first.in_channels) if first is not None else 1
+
+
+def input_dims(model: nn.Module) -> int:
+    """2 when `model` takes images (N, C, H, W), 3 when it takes volumes (N, C, D, H, W): the spatial dims of its
+    first convolution (2 for a network without one, e.g. ScatterLinear); looks through the same wrappers as
+    `input_channels`."""
+    for attr in ("_module", "network", "classifier"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return input_dims(inner)
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return len(first.kernel_size) if first is not None else 2
 
 
 def with_detector(model: nn.Module, train) -> nn.Module:
@@ -417,20 +460,43 @@ def __getattr__(name: str):
 
 
 def _monai_resnet(num_classes: int, *, layers: list[int], widths: list[int], stem_kernel: int, stem_stride: int,
-                  groups: int, bias_downsample: bool, in_channels: int = 1) -> nn.Module:
-    """A 2-D MONAI ResNet of basic blocks (one input channel, or `in_channels`) behind `Standardize`, with GroupNorm
-    throughout: MONAI 1.6 applies `norm` only to the stem, so Opacus swaps the blocks' BatchNorm for GroupNorm
-    (DP-SGD needs it); its blocks and ReLUs work out of place (`_out_of_place_block`: DP-SGD needs that too)."""
+                  groups: int, bias_downsample: bool, in_channels: int = 1, dims: int = 2) -> nn.Module:
+    """A MONAI ResNet of basic blocks (one input channel, or `in_channels`; 2-D, or 3-D with `dims=3`) behind
+    `Standardize`, with GroupNorm throughout: MONAI 1.6 applies `norm` only to the stem, so Opacus swaps the blocks'
+    BatchNorm for GroupNorm (DP-SGD needs it); its blocks and ReLUs work out of place (`_out_of_place_block`:
+    DP-SGD needs that too). In 3-D its convolutions are `DPConv3d` (same parameters, same state dict) and it names
+    its stem (`VolumeResNet`): with Opacus' own unfold3d per-sample gradients a DP-SGD step was 2.3x a plain one at
+    32^3, with `DPConv3d` 1.73x, with the stem frozen too 1.35x (benchmarks/bench_volume.py)."""
     from monai.networks.nets import ResNet  # here: importing MONAI costs every process seconds
     from opacus.validators import ModuleValidator  # and so does Opacus (the server never needs it)
 
-    resnet = ResNet(block=_out_of_place_block(), layers=layers, block_inplanes=widths, spatial_dims=2,
+    resnet = ResNet(block=_out_of_place_block(), layers=layers, block_inplanes=widths, spatial_dims=dims,
                     n_input_channels=in_channels, conv1_t_size=stem_kernel, conv1_t_stride=stem_stride,
                     no_max_pool=False, bias_downsample=bias_downsample, num_classes=num_classes,
                     norm=("group", {"num_groups": groups}), act=_OUT_OF_PLACE_RELU)
-    return nn.Sequential(Standardize(), ModuleValidator.fix(resnet))
+    resnet = ModuleValidator.fix(resnet)
+    if dims == 2:
+        return nn.Sequential(Standardize(), resnet)
+    for module in resnet.modules():
+        if type(module) is nn.Conv3d:
+            module.__class__ = DPConv3d  # a subclass adding no state: only the forward and the grad sampler
+    return VolumeResNet(Standardize(), resnet)
+
+
+class VolumeResNet(nn.Sequential):
+    """`Standardize` then a 3-D MONAI ResNet (the same modules and state dict as the 2-D network's `nn.Sequential`),
+    with a `stem`: its first convolution and norm, at the volume's full resolution. Under DP-SGD `prepare_for_dp`
+    freezes it as it freezes SmallCNN's (under 0.1 % of the parameters; no per-sample gradients and no backward
+    pass at full resolution), and `freeze=stem` keeps it fixed."""
+
+    @property
+    def stem(self) -> nn.Module:
+        resnet = self[1]
+        return nn.ModuleList([resnet.conv1, resnet.bn1])
 
 
 def get_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The "auto" device (core_models.devices.resolve_device): CUDA when present, else CPU."""
+    from core_models.devices import resolve_device
+
+    return resolve_device()

@@ -1,6 +1,7 @@
 """Start from weights trained elsewhere: a checkpoint file on local disk mapped onto an equifed network, its RGB
 first convolution adapted to one (grey) channel when the network takes grey images (an RGB network, in-channels=3,
-takes it as it is), and the parts a site keeps frozen while it trains.
+takes it as it is), and the parts a site keeps frozen while it trains. A 3-D (volume) network takes 3-D
+checkpoints only: a 2-D one offered to it (or the reverse) is refused, not partly loaded.
 
 Why: labelled scans are scarce at one hospital and DP-SGD's noise grows with the number of trained parameters; good
 features learnt elsewhere (a public chest X-ray model, a self-supervised encoder) leave little to learn, and a frozen
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core_models.model_card import load_state_dict_file
+from core_models.model_card import load_state_dict_file, state_dims
 
 FREEZE_CHOICES = ("none", "stem", "encoder")
 
@@ -76,15 +77,29 @@ def rename(key: str, rules: list[tuple[str, str]]) -> str:
 
 
 def grey_first_conv(weight: torch.Tensor) -> torch.Tensor:
-    """An RGB convolution's weight (out, 3, k, k) as a one-channel one (out, 1, k, k): the sum over the input
-    channels, so a grey image gives what the RGB network gave the same image replicated to three channels."""
+    """An RGB convolution's weight (out, 3, k, k[, k]) as a one-channel one (out, 1, k, k[, k]): the sum over the
+    input channels, so a grey image gives what the RGB network gave the same image replicated to three channels."""
     return weight.sum(dim=1, keepdim=True)
 
 
 def rgb_first_conv(weight: torch.Tensor) -> torch.Tensor:
-    """A grey convolution's weight (out, 1, k, k) as an RGB one (out, 3, k, k): a third in each channel, so an RGB
-    image gives what the grey network gave the image's channel mean (a grey image: exactly what it gave)."""
-    return weight.repeat(1, 3, 1, 1) / 3.0
+    """A grey convolution's weight (out, 1, k, k[, k]) as an RGB one (out, 3, k, k[, k]): a third in each channel,
+    so an RGB image gives what the grey network gave the image's channel mean (a grey image: exactly what it
+    gave)."""
+    return weight.repeat(1, 3, *[1] * (weight.dim() - 2)) / 3.0
+
+
+def _check_dims(path: str | Path, source: dict, target: dict) -> None:
+    """Refuse a checkpoint of other spatial dims than the network's (2-D images, 3-D volumes): only its norms and
+    head would fit, and a silently half-loaded network is worse than none."""
+    try:
+        theirs, mine = state_dims(source), state_dims(target)
+    except ValueError as err:  # a file that mixes both
+        raise CheckpointFormatError(f"pretrained checkpoint {path}: {err}") from None
+    if theirs is not None and mine is not None and theirs != mine:
+        what = {2: "2-D network (images)", 3: "3-D network (volumes)"}
+        raise CheckpointFormatError(f"pretrained checkpoint {path} holds a {what[theirs]} but this run trains a "
+                                    f"{what[mine]} (dims = {mine}): give a {mine}-D checkpoint")
 
 
 def load_pretrained(model: nn.Module, path: str | Path, key_map: str = "") -> LoadReport:
@@ -92,16 +107,18 @@ def load_pretrained(model: nn.Module, path: str | Path, key_map: str = "") -> Lo
 
     A first convolution whose input channels differ is adapted: an RGB one (out, 3, k, k) into a grey network is
     summed to one channel (:func:`grey_first_conv`); a grey one into an RGB network (in-channels=3) is spread over
-    the three (:func:`rgb_first_conv`). An RGB checkpoint into an RGB network is copied unchanged."""
+    the three (:func:`rgb_first_conv`). An RGB checkpoint into an RGB network is copied unchanged. A checkpoint of
+    other spatial dims (2-D into a 3-D network or the reverse) raises CheckpointFormatError."""
     source = {rename(k, parse_key_map(key_map)): v for k, v in read_state_dict(path).items()}
     target = model.state_dict()
+    _check_dims(path, source, target)
     loaded, adapted, skipped = [], [], {}
     for name, mine in target.items():
         theirs = source.get(name)
         if theirs is None:
             skipped[name] = "not in the checkpoint"
             continue
-        if theirs.dim() == 4 and mine.dim() == 4 and {int(mine.shape[1]), int(theirs.shape[1])} == {1, 3} \
+        if theirs.dim() == mine.dim() >= 4 and {int(mine.shape[1]), int(theirs.shape[1])} == {1, 3} \
                 and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]:
             theirs = grey_first_conv(theirs) if mine.shape[1] == 1 else rgb_first_conv(theirs)
             adapted.append(name)
