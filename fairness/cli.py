@@ -175,7 +175,7 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     given; without a card, 1 grey channel unless the weights' first convolution takes 3); of a detector file (its
     card says so), the detector's classifier, which is what scores and explanations use. Raises ValueError naming
     the file when the weights do not fit that network."""
-    from core_models.model_card import read_card
+    from core_models.model_card import model_dims, read_card
     from core_models.model_factory import ModelSpec
 
     state = load_state_dict_file(path)
@@ -184,7 +184,8 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     spec = ModelSpec(model=arch, num_classes=num_classes or card.get("num_classes", 2),
                      in_channels=in_channels or card.get("in_channels") or _stem_channels(state),
                      image_size=card["image_size"] if card.get("detector") else card.get("image_size", 64),
-                     detection=bool(card.get("detector")))  # a detector's anchors need its own size
+                     detection=bool(card.get("detector")),  # a detector's anchors need its own size
+                     dims=model_dims(path, state, card))
     model = spec.network()
     holder = spec.build(model)
     try:
@@ -197,9 +198,9 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
 
 
 def _stem_channels(state: dict) -> int:
-    """The image channels of a state dict's network from its first 4-D (convolution) weight: 3 when it takes 3 (a
+    """The image channels of a state dict's network from its first convolution weight: 3 when it takes 3 (a
     ScatterNet's: 3 x 81 scattering maps), else 1."""
-    first = next((v for v in state.values() if getattr(v, "dim", lambda: 0)() == 4), None)
+    first = next((v for v in state.values() if getattr(v, "dim", lambda: 0)() >= 4), None)  # 2-D or 3-D
     return 3 if first is not None and first.shape[1] in (3, 3 * 81) else 1
 
 

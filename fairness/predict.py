@@ -17,7 +17,8 @@ from pathlib import Path
 
 from core_models.data import ManifestError, load_site, write_rejected
 from core_models.model_card import read_card
-from core_models.networks import input_channels
+from core_models.data.volumes import VolumeSettings
+from core_models.networks import input_channels, input_dims
 from core_models.training import make_loader, predict_proba
 from fairness.cli import load_weights
 
@@ -33,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="network (cnn | resnet); default: the model card's")
     p.add_argument("--num-classes", type=int, default=None, help="default: the model card's")
     p.add_argument("--image-size", type=int, default=None, help="default: the model card's (its training size)")
+    p.add_argument("--volume-window", default="none",
+                   help="a volume model's CT window, as the run trained it (run config volume-window)")
     return p
 
 
 def predictions(model_path: str | Path, data: str | Path, columns: list[str] | None = None, arch: str | None = None,
-                num_classes: int | None = None, image_size: int | None = None):
+                num_classes: int | None = None, image_size: int | None = None, volume_window: str = "none"):
     """(the predictions table, the site's rejections). Raises ValueError with the reason on bad input."""
     card = read_card(model_path) or {}
     num_classes = num_classes or card.get("num_classes", 2)
@@ -45,7 +48,9 @@ def predictions(model_path: str | Path, data: str | Path, columns: list[str] | N
     if image_size is None:
         raise ValueError(f"no model card beside {model_path}: give --image-size (the size the model trained at)")
     model = load_weights(model_path, arch, num_classes)
-    site = load_site(Path(data), image_size=image_size, num_classes=num_classes, channels=input_channels(model))
+    volume = VolumeSettings.from_window(volume_window) if input_dims(model) == 3 else None
+    site = load_site(Path(data), image_size=image_size, num_classes=num_classes, channels=input_channels(model),
+                     volume=volume)
     frame = site.frame.reset_index(drop=True)
     extra = [c for c in frame.columns if c not in KEY_COLUMNS] if columns is None else columns
     missing = [c for c in extra if c not in frame.columns]
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] or None
     try:
-        table, rejected = predictions(args.model, args.data, columns, args.arch, args.num_classes, args.image_size)
+        table, rejected = predictions(args.model, args.data, columns, args.arch, args.num_classes, args.image_size,
+                                      args.volume_window)
     except (ValueError, ManifestError, FileNotFoundError) as err:
         print(f"equifed-predict: error: {err}", file=sys.stderr)
         return 2

@@ -341,7 +341,8 @@ class CalibrationStep:
         model.load_state_dict(rnd.arrays.to_torch_state_dict())
         fold_into_head(model, fit)
         save_model(path, getattr(model, "classifier", model).state_dict())  # the classifier, as final_model.pt
-        card = write_card(path, train.model, train.num_classes, train.image_size, in_channels=train.in_channels)
+        card = write_card(path, train.model, train.num_classes, train.image_size, in_channels=train.in_channels,
+                          dims=train.dims)
         card.write_text(json.dumps({**json.loads(card.read_text()),
                                     "calibration": {"round": rnd.number, **fit.to_json()}}, indent=1) + "\n")
         rnd.row.update({"calibration_temperature": fit.temperature, "calibration_bias": fit.bias})

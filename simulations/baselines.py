@@ -357,7 +357,7 @@ def run_baselines(cfg: RunConfig, site_dirs: list[Path], holdout: Path, modes: l
 
     def make() -> nn.Module:
         from core_models.networks import build_model
-        return build_model(t.model, t.num_classes, t.in_channels)
+        return build_model(t.model, t.num_classes, t.in_channels, t.dims)
 
     sites, held = load_rows(site_dirs, holdout, cfg)
     with tempfile.TemporaryDirectory(prefix="equifed-baselines-") as tmp, warnings.catch_warnings():

@@ -69,14 +69,18 @@ class VolumeSpec:
     modern_slice_ratio: float = 1.0  # slice thickness / in-plane spacing, S = 0
     legacy_slice_ratio: float = 2.0  # S = 1
     subslices: int = 4  # thin samples averaged per slice
+    # the lesion's radius over the 2D lesion's (in field-of-view units): a volume of side 32 has half the voxels
+    # across of the 2D default's 64 pixels, and a 2D lesion's size would be about one voxel wide there
+    lesion_scale: float = 2.0
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if not 16 <= self.side <= 256:
             raise ValueError(f"side must lie in [16, 256], got {self.side}")
-        if min(self.fov_mm, self.modern_slice_ratio, self.legacy_slice_ratio) <= 0 or self.subslices < 1:
-            raise ValueError("fov_mm, the slice ratios and subslices must be positive")
+        if min(self.fov_mm, self.modern_slice_ratio, self.legacy_slice_ratio, self.lesion_scale) <= 0 \
+                or self.subslices < 1:
+            raise ValueError("fov_mm, the slice ratios, lesion_scale and subslices must be positive")
 
     @property
     def pixel_spacing(self) -> float:
@@ -151,7 +155,7 @@ def base_volume(row: Mapping[str, Any], spec: VolumeSpec, s: int) -> np.ndarray:
     if int(row["D"]) == 1:
         p = lesion_params(int(row["seed_lesion"]))
         vol = vol + float(row["lesion_contrast"]) * p["amp"] * _blob(z, u, u, lesion_centre(int(row["seed_lesion"])),
-                                                                       p["sigma"])
+                                                                       spec.lesion_scale * p["sigma"])
     vol = vol.reshape(spec.side, spec.subslices, spec.side, spec.side).mean(axis=1)  # the slice's thickness
     return np.clip(vol, 0.0, 1.0).astype(np.float64)
 

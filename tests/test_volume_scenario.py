@@ -164,7 +164,7 @@ def test_lesion_size_and_contrast_follow_the_2d_parameters():
     contrast * amp and its extent the 2D sigma; thick slices lower the peak (partial volume)."""
     site = dataclasses.replace(scenario().sites[0], lesion_contrast=0.3)
     rows = sample_truth(site, 5, 30).to_dict("records")
-    spec = VolumeSpec(side=32)
+    spec = VolumeSpec(side=32, lesion_scale=1.0)  # the 2D lesion's own size
     peak, extent, strength, sigma, thick_over_thin = [], [], [], [], []
     for row in rows:
         lesion = {s: base_volume({**row, "D": 1}, spec, s) - base_volume({**row, "D": 0}, spec, s) for s in (0, 1)}
@@ -178,6 +178,9 @@ def test_lesion_size_and_contrast_follow_the_2d_parameters():
     assert spearmanr(sigma, extent).statistic > 0.6
     assert np.median(np.array(peak) / np.array(strength)) == pytest.approx(1.0, abs=0.1)
     assert np.mean(thick_over_thin) < 0.97
+    row = rows[int(np.argmax(strength))]
+    wide = base_volume({**row, "D": 1}, VolumeSpec(side=32), 0) - base_volume({**row, "D": 0}, VolumeSpec(side=32), 0)
+    assert (wide > 0.05).sum() > 4 * extent[int(np.argmax(strength))]  # the default: twice the radius
 
 
 def _noise(hu: np.ndarray) -> float:
