@@ -122,13 +122,19 @@ PLAIN_RECIPE = Recipe(optimizer="adam", learning_rate=0.002, batch_size=16, loca
 RECIPES: dict[tuple[str, bool], Recipe] = {
     ("scatter-linear", True): Recipe(optimizer="sgd", learning_rate=0.5, batch_size=256, local_epochs=1),
 }
+# Volumes (dims = 3): a site has fewer studies than a 2-D site has images, so each round trains longer (the volume
+# scenario, 4 sites of ~110 training studies, 5 rounds, 3-D cnn at 32^3: holdout AUROC 0.83 with 2 local epochs,
+# 1.00 with 5; under DP at epsilon 8 with 5: 0.72).
+VOLUME_RECIPE = Recipe(optimizer="adam", learning_rate=0.002, batch_size=16, local_epochs=5)
 # model = "auto", by dp: under DP, fixed scattering features and one linear layer (few noised parameters)
 AUTO_MODEL = {False: "cnn", True: "scatter-linear"}
 AUTO_KEYS = {"model": "model", "optimizer": "optimizer", "learning-rate": "learning_rate",
              "batch-size": "batch_size", "local-epochs": "local_epochs"}  # run-config key -> Recipe field
 
 
-def recipe_for(model: str, dp: bool) -> Recipe:
+def recipe_for(model: str, dp: bool, dims: int = 2) -> Recipe:
+    if dims == 3:
+        return VOLUME_RECIPE
     return RECIPES.get((model, dp), PLAIN_RECIPE)
 
 
@@ -145,7 +151,7 @@ def resolve_auto(run_config: Mapping[str, Any]) -> dict[str, Any]:
         needs_encoder = bool(out.get("pretext")) or out.get("detection") in (True, "true") \
             or bool(out.get("pretrained-path")) or str(out.get("dims", 2)) == "3"  # scattering is 2-D only
         out["model"] = AUTO_MODEL[dp and not needs_encoder]
-    recipe = recipe_for(str(out.get("model")), dp)
+    recipe = recipe_for(str(out.get("model")), dp, 3 if str(out.get("dims", 2)) == "3" else 2)
     for name, attr in AUTO_KEYS.items():
         if out.get(name) == AUTO:
             out[name] = getattr(recipe, attr)

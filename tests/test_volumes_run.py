@@ -33,6 +33,7 @@ def volume_site(tmp_path_factory) -> Path:
 def test_a_volume_run_under_dp_trains_the_3d_cnn_and_refuses_what_is_2d_only():
     cfg = run_config(dims=3, image_size=32, dp=True)
     assert cfg.train.model == "cnn"  # auto: the 2-D scattering recipe does not apply to volumes
+    assert (cfg.train.local_epochs, run_config(dims=2).train.local_epochs) == (5, 2)  # fewer studies, longer rounds
     assert cfg.train.volume_settings().window_center is None  # "none": MR-style percentile scaling
     assert run_config(dims=3, volume_window="soft-tissue").train.volume_settings().window_width == 400.0
     assert run_config(dims=2).train.volume_settings() is None
