@@ -144,11 +144,13 @@ class SiteSession:
     def one_off_releases(self) -> list[tuple[float, float, int]]:
         """The noised-once releases a DP run makes besides its training steps, as (sigma, q, steps): the training
         (or pretext) patient count, the test-patient count when the run evaluates, the offset's counts when
-        fair-offset is on. The plan's target-epsilon covers them too (one charged in an earlier run is reserved
+        fair-offset is on, the calibration histograms when the run calibrates. The plan's target-epsilon covers them too (one charged in an earlier run is reserved
         again: spend <= target). Raises PolicyRefusal, before anything is released, when they alone would use the
         target up."""
         cfg, delta = self.cfg, self.ledger.delta
         releases = [(self.count_noise, 1.0, 1)] * (1 + (cfg.server.fraction_evaluate > 0) + bool(cfg.fair.offset))
+        if cfg.release.calibrate:  # noised at the run's release-noise at least (a site's higher minimum spends less)
+            releases.append((cfg.release.noise, 1.0, 1))
         spent = epsilon_of(releases, delta)
         if spent >= cfg.dp.target_epsilon:
             raise PolicyRefusal("target-epsilon", f"{cfg.dp.target_epsilon:g} is used up by this site's noised counts "

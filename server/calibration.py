@@ -2,11 +2,14 @@
 fitted from the sites' released histograms (client/calibration_stats.py), and the calibrated model.
 
 The sites' (2, B) tables are summed; their noise adds up to std sqrt(sum of the sites' variances) per cell. The fit
-(core_models.calibration.fit_from_histograms) keeps the bins whose pooled count stands out of that noise, clips them
-at 0, shrinks each one's share of target-1 records toward the uncalibrated model's own probability (so that noise
-alone cannot make a calibrated model look miscalibrated) and maximises the binomial likelihood of the targets on the
-bin centres. With the default release-noise (5) the fit needs pooled validation splits of about a thousand patients
-to be worth applying; `records` in calibration.json is the pooled count the fit used.
+(core_models.calibration.fit_from_histograms) keeps the bins whose pooled count stands 3 noise stds out of that
+noise, clips them at 0, shrinks each one's share of target-1 records toward the uncalibrated model's own probability
+and maximises the binomial likelihood of the targets on the bin centres under a prior centred on the model as it is,
+weighted by the noise (so that noise alone cannot make a calibrated model look miscalibrated). Where the sites
+score their validation splits only (no DP: 78 BreastMNIST, 120 RetinaMNIST patients in all) the fit stays near the
+model as it is; where they trained the model with DP-SGD they score their training patients too
+(client/calibration_stats.py) and the fit carries the DP model's over-confidence away (benchmarks/RESULTS.md).
+`records` in calibration.json is the pooled count the fit used.
 `calibration.json` records the fit, the sites it came from and the noise; the run's last round folds it into the
 global model's head (`calibrated_model.pt`, server/hooks.py `Calibration`).
 """
@@ -29,6 +32,7 @@ from core_models.run_files import CALIBRATION_DIR, CALIBRATION_JSON, round_file
 from server.site_statistics import SiteRelease
 
 KIND = STAT_CALIBRATION
+SPLITS = "val (and train at a site that trained the model with DP-SGD in this run)"
 
 
 def pooled(releases: list[SiteRelease], num_classes: int) -> tuple[np.ndarray, float, list[str]]:
@@ -52,7 +56,7 @@ def fit_releases(releases: list[SiteRelease], num_classes: int) -> dict:
     """calibration.json's content (without the round): the fit, or why there is none."""
     hist, noise, sites = pooled(releases, num_classes)
     out = {"sites": sites, "missing": [f"{r.site} ({r.status})" for r in releases if r.site not in sites],
-           "noise_std_per_cell": noise, "num_classes": num_classes, "split": "val"}
+           "noise_std_per_cell": noise, "num_classes": num_classes, "split": SPLITS}
     if not sites:
         return {**out, "fitted": False, "reason": "no site released the calibration histograms"}
     try:

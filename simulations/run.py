@@ -396,7 +396,7 @@ def calibration_line(fit: dict) -> str:
     if not fit.get("fitted"):
         return f"calibration (round {fit.get('round')}): none ({fit.get('reason')})"
     bias = f", bias {fit['bias']:+.3f}" if fit.get("kind") == "platt" else ""
-    return (f"calibration (round {fit.get('round')}, from the validation splits of {sites}, about "
+    return (f"calibration (round {fit.get('round')}, from the validation splits (training too under DP) of {sites}, about "
             f"{fit['records']:.0f} patients' counts): temperature {fit['temperature']:.3f}{bias}; calibrated_model.pt")
 
 

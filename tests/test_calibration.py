@@ -73,7 +73,7 @@ def test_fit_from_histograms_matches_a_direct_fit_on_the_raw_scores():
 
     z5, y5 = _multiclass_logits(rng, 4000)
     scores, targets = calibration_scores(z5, y5)
-    direct = fit_scaling(scores, targets, platt=False)
+    direct = fit_scaling(scores, targets, platt=False, offset=math.log(4))  # top_label_offset(5)
     binned = fit_from_histograms(calibration_histograms(z5, y5), 5)
     assert binned.kind == "temperature" and binned.bias == 0.0
     assert binned.temperature == pytest.approx(direct.temperature, rel=SCALE_TOLERANCE)
@@ -92,6 +92,68 @@ def test_noised_pooled_histograms_still_fit_and_a_calibrated_model_stays_near_th
     noised = calibration_histograms(calibrated_logits, y) + rng.normal(0, noise, (2, N_BINS))
     again = fit_from_histograms(noised, 2, noise_std=noise)
     assert again.scale == pytest.approx(1.0, abs=0.2) and abs(again.bias) < 0.3
+
+
+def test_the_prior_pulls_a_fit_from_few_records_toward_the_identity():
+    """Maximum a posteriori under the identity-centred prior: the same optimum as an independent minimisation of
+    the penalised loss, between the plain fit and the identity, the identity itself under an overwhelming prior."""
+    from scipy.optimize import minimize
+
+    from core_models.calibration import PRIOR_BIAS_STD, PRIOR_LOG_SCALE_STD
+
+    rng = np.random.default_rng(11)
+    z, y = _binary_logits(rng, 60)
+    s, t = calibration_scores(z, y)
+    plain = fit_scaling(s, t, platt=True)
+    fit = fit_scaling(s, t, platt=True, prior=20.0)
+
+    def penalised(p):
+        u = np.exp(p[0]) * s + p[1]
+        return (np.sum(np.where(t == 1, np.logaddexp(0, -u), np.logaddexp(0, u)))
+                + 20.0 * (p[0] ** 2 / (2 * PRIOR_LOG_SCALE_STD ** 2) + p[1] ** 2 / (2 * PRIOR_BIAS_STD ** 2)))
+
+    ref = minimize(penalised, [0.0, 0.0], method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10}).x
+    assert math.log(fit.scale) == pytest.approx(ref[0], abs=1e-4) and fit.bias == pytest.approx(ref[1], abs=1e-4)
+    assert plain.scale < fit.scale < 1.0 and abs(fit.bias) < abs(plain.bias)  # over-confident scores: scale < 1
+    still = fit_scaling(s, t, platt=True, prior=1e7)
+    assert still.scale == pytest.approx(1.0, abs=1e-3) and still.bias == pytest.approx(0.0, abs=1e-3)
+
+
+def test_noised_histograms_of_few_records_leave_a_calibrated_model_alone():
+    """300 records of an already calibrated model, their table noised as three sites at release-noise 5 noise
+    theirs: each fit (where a bin stands out of the noise at all) stays near the identity. Without the prior and
+    with bins kept at 2 noise stds the noise of the empty cells drove the median temperature to 2.0 and single
+    fits to 42."""
+    rng = np.random.default_rng(12)
+    z, y = _binary_logits(rng, 4000)
+    calibrated = fit_scaling(*calibration_scores(z, y), platt=True).apply(z)
+    hist = calibration_histograms(calibrated[:300], y[:300])
+    noise = 5.0 * math.sqrt(3)
+    fits = []
+    for _ in range(20):
+        try:
+            fits.append(fit_from_histograms(hist + rng.normal(0, noise, hist.shape), 2, noise_std=noise))
+        except ValueError:  # no bin stands out: no calibration, the model stays as it is
+            continue
+    temperatures = np.array([f.temperature for f in fits])
+    assert len(fits) >= 10 and np.median(temperatures) < 1.2 and np.all(temperatures < 2.0), temperatures
+    assert np.median(np.abs([f.bias for f in fits])) < 0.15
+
+
+def test_a_five_class_temperature_from_the_histograms_is_near_the_softmax_fit():
+    """A five-class model right half the time with logits x 4: the temperature from the top-label histograms is
+    within 25 % of the one that maximises the softmax likelihood (4.0); the top-label log-odds without the
+    log(K - 1) offset would ask for 9.6 (sigmoid(score / T) gives the top class 1/2 at large T, the softmax 1/5)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    rng = np.random.default_rng(3)
+    z, y = _multiclass_logits(rng, 3000, scale=4.0)
+    best = math.exp(minimize_scalar(lambda lt: -np.mean(log_softmax(z / math.exp(lt), 1)[np.arange(len(y)), y]),
+                                    bounds=(-3, 5), method="bounded").x)
+    fit = fit_from_histograms(calibration_histograms(z, y), 5)
+    assert best == pytest.approx(4.0, rel=0.05) and fit.temperature == pytest.approx(best, rel=0.25)
+    assert fit_scaling(*calibration_scores(z, y), platt=False).temperature > 2 * best  # without the offset
 
 
 def test_server_pools_the_sites_releases():
@@ -214,6 +276,30 @@ def test_a_five_image_patient_moves_the_histograms_by_at_most_one(tmp_path):
             moved = float(np.linalg.norm(np.asarray(out_a["hist"]) - np.asarray(out_b["hist"])))
             assert moved == (1.0 if split == "val" else 0.0), (k, split, moved)
             assert len(out_a["hist"]) == 2 * N_BINS and out_a["num_classes"] == k
+
+
+def test_a_site_that_trained_with_dp_this_run_scores_its_training_patients_too(tmp_path):
+    """The table counts the validation patients, and the training patients as well where the site's ledger holds
+    DP-SGD steps of this very run (another run's steps, or none, leave them out); one record per patient either
+    way, and the release is charged."""
+    rng = np.random.default_rng(8)
+    n = 60
+    frame = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "label": rng.integers(0, 2, n),
+                          "split": ["train"] * 40 + ["val"] * 15 + ["test"] * 5})
+    frame = pd.concat([frame, frame.iloc[[0, 45]]], ignore_index=True)  # a second image of a train and a val patient
+    images = rng.uniform(0, 1, (len(frame), 1, 32, 32)).astype(np.float32)
+    site = _site(frame, images, tmp_path)
+    ledger = PrivacyLedger.open(tmp_path, delta=1e-5, max_epsilon=None, fingerprint="fp")
+    ledger.charge(3.0, 1.0, 1, kind="train", round=1, run_id="run-a")
+    torch.manual_seed(0)
+    model = build_model("cnn")
+    counts = {}
+    for run_id in ("run-a", "run-b"):
+        releaser = Releaser(ledger, 0.5, run_id=run_id, rng=np.random.default_rng(0))
+        out = produce_calibration(site, model, {}, releaser)
+        counts[run_id] = float(np.sum(out["hist"]))  # noise std 0.5 x sqrt(70 cells) = 4.2 on the sum
+    assert counts["run-a"] == pytest.approx(55, abs=12) and counts["run-b"] == pytest.approx(15, abs=12)
+    assert [e["label"] for e in ledger.entries if e["kind"] == "release"] == ["calibration/hist"] * 2
 
 
 SCENARIO = """
