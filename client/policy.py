@@ -46,6 +46,7 @@ reveals the order of magnitude of its patient count, not the count.
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from core_models.data import MULTI_FRAME, ImageLimits
 from core_models.devices import DeviceUnavailable, parse_device, resolve_device
 from core_models.label_shift import N_BINS
 from core_models.protocol import STAT_FAIR_PSE, STAT_FAIRNESS, STAT_SHIFT, STATISTICS_KINDS
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -86,11 +89,13 @@ class PolicyRefusal(RuntimeError):
 
 
 class DeviceRefusal(PolicyRefusal):
-    """The device the site's setting (or, without one, the run config) names is not on the site's machine."""
+    """The device the site's setting (or, without one, the run config) names is not on the site's machine. The
+    reason that goes to the server names the run's setting only, never the site's hardware (its cards, its torch
+    build) or its own setting's value: `why` stays in the site's log."""
 
     def __init__(self, setting: str, why: str):
-        RuntimeError.__init__(self, f"the site's machine cannot train on {setting}: {why}")
-        self.setting = setting
+        RuntimeError.__init__(self, f"the site's machine cannot train on {setting}")
+        self.setting, self.why = setting, why
 
 
 def _read_settings(path: Path) -> dict:
@@ -295,11 +300,13 @@ class SitePolicy:
     def device_for(self, cfg: "RunConfig") -> "torch.device":
         """Where this site trains and scores: its own `device`, else the run config's, on this machine; DeviceRefusal
         for a card the machine lacks."""
-        name, whose = (self.device, "the site's setting") if self.device else (cfg.train.device, "the run config")
         try:
-            return resolve_device(name)
+            return resolve_device(self.device or cfg.train.device)
         except DeviceUnavailable as err:
-            raise DeviceRefusal(f"device = {name!r} ({whose})", err.why) from None
+            log.warning("device refused: %s", err)  # the details stay at the site
+            setting = ("the device of its own setting" if self.device
+                       else f"device = {cfg.train.device!r} (the run config)")
+            raise DeviceRefusal(setting, err.why) from None
 
     def check_dims(self, dims: dict[str, int]) -> None:
         """Each axis of a statistic asked for (statistic_dims) within `max-stats-dim`."""

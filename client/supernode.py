@@ -35,6 +35,7 @@ import psutil
 from client.ledger import LedgerError, ledger_report
 from client.site import SITE_LOG, STATE_DIR, open_site, site_max_epsilon
 from client.pinned_runner import launcher
+from core_models.data.volumes import VolumeSettings, names_volumes
 from core_models.processes import APP_DIR, flower_bin, flower_config, free_port, kill_tree
 
 REFUSED_MARKERS = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
@@ -86,8 +87,10 @@ def check_data(path: Path, site: str | None = None, image_size: int = 64, seed: 
     path = Path(path).expanduser().resolve()
     if not (path / "manifest.csv").exists():
         raise DataFolderError(f"{path} has no manifest.csv (columns patient_id, image_path, label)")
+    # a folder of studies is checked as volumes with the default settings (a run's own window and grid come with it)
+    volume = VolumeSettings() if names_volumes(path) else None
     try:
-        local = open_site(path, image_size=image_size, seed=seed, name=site, node_config=node_config)
+        local = open_site(path, image_size=image_size, seed=seed, name=site, node_config=node_config, volume=volume)
     except Exception as err:  # manifest errors, leakage, unreadable folder: all stop the site here
         raise DataFolderError(f"{path}: {type(err).__name__}: {err}") from err
     if local.count("train") == 0 and len(local.data.unlabelled) == 0:

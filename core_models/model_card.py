@@ -16,15 +16,17 @@ def card_path(model_path: str | Path) -> Path:
 
 
 def write_card(model_path: str | Path, arch: str, num_classes: int, image_size: int, detector: bool = False,
-               in_channels: int = 1, dims: int = 2) -> Path:
+               in_channels: int = 1, dims: int = 2, volume_window: str = "none", volume_spacing: float = 0.0) -> Path:
     """``detector``: the file holds a LesionDetector (the classifier under "classifier.", its box head under
     "head."), not the bare network. ``in_channels``: 3 for a network of RGB images (written only then: a card
     without it is a grey model's). ``dims``: 3 for a network of volumes, ``image_size`` then the side of its
-    cubic grid (written only then: a card without it is a 2-D model's)."""
+    cubic grid (written only then: a card without it is a 2-D model's), with how its studies were read
+    (``volume_window``, ``volume_spacing``: the run config's), so that scoring reads new studies the same way."""
     path = card_path(model_path)
     card = {"model": arch, "num_classes": int(num_classes), "image_size": int(image_size)}
     extra = ({"detector": True} if detector else {}) | ({"in_channels": int(in_channels)} if in_channels != 1 else {})
-    extra |= {"dims": int(dims)} if dims != 2 else {}
+    if dims != 2:
+        extra |= {"dims": int(dims), "volume_window": str(volume_window), "volume_spacing": float(volume_spacing)}
     path.write_text(json.dumps({**card, **extra}, indent=1) + "\n")
     return path
 
@@ -44,6 +46,8 @@ def read_card(model_path: str | Path) -> dict | None:
             out["dims"] = int(card["dims"])
             if out["dims"] not in (2, 3):
                 raise ValueError(f"dims must be 2 or 3, got {out['dims']}")
+            out["volume_window"] = str(card.get("volume_window", "none"))
+            out["volume_spacing"] = float(card.get("volume_spacing", 0.0))
         return out
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a model card ({type(err).__name__}: {err})") from None

@@ -34,13 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="network (cnn | resnet); default: the model card's")
     p.add_argument("--num-classes", type=int, default=None, help="default: the model card's")
     p.add_argument("--image-size", type=int, default=None, help="default: the model card's (its training size)")
-    p.add_argument("--volume-window", default="none",
-                   help="a volume model's CT window, as the run trained it (run config volume-window)")
+    p.add_argument("--volume-window", default=None,
+                   help="a volume model's CT window (run config volume-window); default: the model card's")
+    p.add_argument("--volume-spacing", type=float, default=None,
+                   help="a volume model's resampling spacing in mm (run config volume-spacing); default: the card's")
     return p
 
 
 def predictions(model_path: str | Path, data: str | Path, columns: list[str] | None = None, arch: str | None = None,
-                num_classes: int | None = None, image_size: int | None = None, volume_window: str = "none"):
+                num_classes: int | None = None, image_size: int | None = None, volume_window: str | None = None,
+                volume_spacing: float | None = None):
     """(the predictions table, the site's rejections). Raises ValueError with the reason on bad input."""
     card = read_card(model_path) or {}
     num_classes = num_classes or card.get("num_classes", 2)
@@ -48,7 +51,11 @@ def predictions(model_path: str | Path, data: str | Path, columns: list[str] | N
     if image_size is None:
         raise ValueError(f"no model card beside {model_path}: give --image-size (the size the model trained at)")
     model = load_weights(model_path, arch, num_classes)
-    volume = VolumeSettings.from_window(volume_window) if input_dims(model) == 3 else None
+    volume = None
+    if input_dims(model) == 3:  # read the studies as the run did (its card), unless told otherwise
+        spacing = card.get("volume_spacing", 0.0) if volume_spacing is None else volume_spacing
+        volume = VolumeSettings.from_window(volume_window or card.get("volume_window", "none"),
+                                            spacing=spacing or None)
     site = load_site(Path(data), image_size=image_size, num_classes=num_classes, channels=input_channels(model),
                      volume=volume)
     frame = site.frame.reset_index(drop=True)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] or None
     try:
         table, rejected = predictions(args.model, args.data, columns, args.arch, args.num_classes, args.image_size,
-                                      args.volume_window)
+                                      args.volume_window, args.volume_spacing)
     except (ValueError, ManifestError, FileNotFoundError) as err:
         print(f"equifed-predict: error: {err}", file=sys.stderr)
         return 2

@@ -103,7 +103,8 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, out_dir: Path, tracker: M
     for saved in (out_dir / FINAL_MODEL, out_dir / BEST_MODEL):  # what scoring the model later needs
         if saved.exists():
             write_card(saved, cfg.train.model, cfg.train.num_classes, cfg.train.image_size,
-                       in_channels=cfg.train.in_channels, dims=cfg.train.dims)
+                       in_channels=cfg.train.in_channels, dims=cfg.train.dims, volume_window=cfg.train.volume_window,
+                       volume_spacing=cfg.train.volume_spacing)
         detector = detector_file(saved)
         if cfg.train.detection and detector.exists():
             write_card(detector, cfg.train.model, cfg.train.num_classes, cfg.train.image_size, detector=True,

@@ -342,7 +342,7 @@ class CalibrationStep:
         fold_into_head(model, fit)
         save_model(path, getattr(model, "classifier", model).state_dict())  # the classifier, as final_model.pt
         card = write_card(path, train.model, train.num_classes, train.image_size, in_channels=train.in_channels,
-                          dims=train.dims)
+                          dims=train.dims, volume_window=train.volume_window, volume_spacing=train.volume_spacing)
         card.write_text(json.dumps({**json.loads(card.read_text()),
                                     "calibration": {"round": rnd.number, **fit.to_json()}}, indent=1) + "\n")
         rnd.row.update({"calibration_temperature": fit.temperature, "calibration_bias": fit.bias})

@@ -29,7 +29,10 @@ def test_dataclasses_and_pyproject_declare_the_same_keys_and_types():
 def test_defaults_build_a_config():
     cfg = RunConfig.from_flower(DEFAULTS)
     assert cfg.train.batch_size == PLAIN_RECIPE.batch_size and cfg.dp.enabled is DEFAULTS["dp"]
-    assert cfg.server.num_rounds == DEFAULTS["num-server-rounds"]
+    assert cfg.server.num_rounds == PLAIN_RECIPE.rounds == 5
+    dp = RunConfig.from_flower({**DEFAULTS, "dp": True})  # the DP recipe's rounds, unless the run names its own
+    assert (dp.server.num_rounds, RunConfig.from_flower({**DEFAULTS, "dp": True, "num-server-rounds": 3})
+            .server.num_rounds) == (20, 3)
     assert cfg.fair.active is False and cfg.fair.columns == []  # no default names a manifest column
 
 

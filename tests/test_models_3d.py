@@ -176,9 +176,10 @@ def test_3d_checkpoint_round_trip_keeps_its_dims(tmp_path):
     model = build_model("cnn", 2, dims=3).eval()
     path = tmp_path / "final_model.pt"
     torch.save(model.state_dict(), path)
-    write_card(path, "cnn", 2, 32, dims=3)
+    write_card(path, "cnn", 2, 32, dims=3, volume_window="soft-tissue", volume_spacing=2.0)
     card = read_card(path)
-    assert card == {"model": "cnn", "num_classes": 2, "image_size": 32, "detector": False, "dims": 3}
+    assert card == {"model": "cnn", "num_classes": 2, "image_size": 32, "detector": False, "dims": 3,
+                    "volume_window": "soft-tissue", "volume_spacing": 2.0}  # how scoring reads new studies
     state = load_state_dict_file(path)
     assert state_dims(state) == model_dims(path, state, card) == 3
     spec = ModelSpec(model=card["model"], num_classes=card["num_classes"], dims=model_dims(path, state, card))

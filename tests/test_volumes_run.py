@@ -38,7 +38,8 @@ def test_a_volume_run_under_dp_trains_the_3d_cnn_and_refuses_what_is_2d_only():
     assert run_config(dims=3, volume_window="soft-tissue").train.volume_settings().window_width == 400.0
     assert run_config(dims=2).train.volume_settings() is None
     for bad, said in ((dict(model="scatter-linear"), "scatter-linear"), (dict(in_channels=3), "in-channels = 3"),
-                      (dict(detection=True), "detection"), (dict(image_size=160), "image-size > 128")):
+                      (dict(detection=True), "detection"), (dict(image_size=160), "image-size > 128"),
+                      (dict(image_size=8), "image-size < 16")):
         with pytest.raises(ConfigError, match=said):
             run_config(dims=3, **bad)
     with pytest.raises(ConfigError, match="volume-window"):
@@ -64,5 +65,18 @@ def test_the_client_loads_a_volume_site_as_cubes_and_keeps_its_2d_load_apart(vol
     assert set(site.split) <= {"train", "val", "test"} and site.count("train") > 0
     again = open_site(volume_site, image_size=16, seed=0, volume=cfg.train.volume_settings())
     assert again is site  # read once per process
-    with pytest.raises(ManifestError, match="12 rows, all rejected"):  # the same folder read as images, not cached
+    with pytest.raises(ManifestError, match="12 rows, all rejected"):  # the same folder read as images: refused
         open_site(volume_site, image_size=16, seed=0)
+
+
+def test_a_hospital_checks_its_folder_of_studies_as_volumes_before_any_run(volume_site, tmp_path):
+    from client.supernode import check_data
+    from core_models.data.volumes import names_volumes
+
+    summary = check_data(volume_site, image_size=16)  # what `equifed-client check/start` runs
+    assert (summary.images, summary.rejected, summary.patients) == (12, 0, 12)
+    assert names_volumes(volume_site)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "manifest.csv").write_text("patient_id,image_path,label\np1,a.png,0\np2,scan.nii.gz,1\n")
+    assert not names_volumes(flat)  # one image row: an image site (its NIfTI row is then rejected with the reason)

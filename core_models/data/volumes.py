@@ -31,7 +31,7 @@ from core_models.data.dicom import (
     _check_codestream,
     _dicom_meta,
 )
-from core_models.data.limits import ImageError, ImageLimits, _limits, _mb, _open_regular
+from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, _limits, _mb, _open_regular
 from core_models.data.pixels import META_COLUMNS, MIN_SIDE, _check_pixel_count, _check_side
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -298,6 +298,7 @@ def _decode_slice(s: _Slice, limits: ImageLimits) -> np.ndarray:
         st = os.fstat(f.fileno())
         if (st.st_size, st.st_mtime_ns) != s.stamp:
             raise ImageError(f"series file changed while being read: {name}")
+        decoder = None
         try:
             ts = s.opts["transfer_syntax_uid"]
             decoder = _get_decoder(ts)
@@ -309,9 +310,12 @@ def _decode_slice(s: _Slice, limits: ImageLimits) -> np.ndarray:
                 _check_codestream(frame, ts, s.rows, s.cols)
                 f.seek(s.offset)
             arr, _ = _as_array(decoder, f, ts, int(s.opts.get("bits_stored") or 8), validate=True, **s.opts)
-        except ImageError:
-            raise
+        except (ImageError, MemoryError):
+            raise  # out of memory is transient: never cached as the series' rejection
         except Exception as e:
+            if not getattr(decoder, "is_available", True):  # a plugin the site can install: not the file's fault
+                raise DecoderMissing(f"{name}: compressed transfer syntax {ts}: no decoder available (needs one "
+                                     f"of: {'; '.join(decoder.missing_dependencies)})") from e
             raise ImageError(f"cannot decode pixel data of {name} ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]})") from e
     if arr.shape != (s.rows, s.cols):
@@ -470,3 +474,16 @@ def read_volume(path, side: int, settings: VolumeSettings | None = None, limits:
     else:
         vol, affine, meta = _read_series(files, limits, settings)
     return _to_grid(vol, affine, int(side), settings), meta
+
+
+def names_volumes(site_dir, manifest: str = "manifest.csv") -> bool:
+    """Whether a site's manifest names studies (every image_path a folder or a NIfTI file) rather than images: how
+    a site's folder is checked before any run says dims = 3. Unreadable manifests answer False (the image
+    reader then says what is wrong)."""
+    import pandas as pd
+
+    try:
+        paths = pd.read_csv(Path(site_dir) / manifest, usecols=["image_path"], dtype=str)["image_path"].dropna()
+    except (OSError, ValueError):
+        return False
+    return len(paths) > 0 and all(_is_nifti(p.strip()) or (Path(site_dir) / p.strip()).is_dir() for p in paths)
