@@ -17,9 +17,11 @@ Keys (site.toml, or the same names in the node config):
 | `require-secagg`     | false                                     | send a trained model only inside a secure sum    |
 | `secagg-min-sites`   | 2                                         | fewest sites a secure sum may have, every stage  |
 | `min-release-noise`  | 1.0                                       | smallest noise multiplier accepted for a release |
-| `max-image-pixels`   | the data layer's default                  | images larger than this are rejected undecoded   |
+| `max-image-pixels`   | the data layer's default                  | images or volume slices over this: not decoded   |
 | `max-file-mb`        | the data layer's default                  | files larger than this are rejected unread       |
 | `multi-frame`        | "reject"                                  | multi-frame DICOM: "reject" or its "first" frame |
+| `max-volume-mb`      | the data layer's default (2048)           | volumes larger than this are rejected unread     |
+| `max-slices`         | the data layer's default (4096)           | slices per volume (series files, NIfTI z)        |
 | `max-image-size`     | 512                                       | largest input side; squared: values per input  |
 | `max-local-epochs`   | 50                                        | most local epochs a round may ask                |
 | `max-rounds`         | 1000                                      | most rounds (num-server-rounds) a run may plan   |
@@ -29,6 +31,11 @@ Keys (site.toml, or the same names in the node config):
 The four ceilings bound what a request makes the site allocate and compute (a 20000-pixel image size would
 allocate 1.6 GB per image before anything is decoded); they are checked against the run config, before any data
 are read, so a refusal says nothing about the data.
+
+The data caps (`max-image-pixels`, `max-file-mb`, `max-volume-mb`, `max-slices`) only tighten the data layer's
+defaults, never raise them; where both sources set one, the smaller wins. `max-volume-mb` caps a volume's bytes
+(a series folder's files together, a NIfTI's voxels, which also bound an uncompressed .nii file); `max-file-mb`
+caps each image file, series slice and .nii.gz.
 
 `multi-frame` is the site's own choice of what its data mean, not a cap: "reject" is stricter, so where both
 sources set it, "reject" wins. It defaults to "reject" because a multi-frame object is usually a volume, cine loop
@@ -73,7 +80,7 @@ STATISTICS = STATISTICS_KINDS  # the names a `release` list may hold
 CEILINGS = {"max-image-size": 512, "max-local-epochs": 50, "max-rounds": 1000, "max-stats-dim": 4096}
 DEFAULT_SECAGG_MIN_SITES = 2  # the protocol's own minimum; two sites can each subtract theirs from the sum
 KEYS = ("max-epsilon", "delta", "require-dp", "release", "min-release-noise", "max-image-pixels", "max-file-mb",
-        "multi-frame", "require-secagg", "secagg-min-sites", "device", *CEILINGS)
+        "max-volume-mb", "max-slices", "multi-frame", "require-secagg", "secagg-min-sites", "device", *CEILINGS)
 
 
 class PolicyError(ValueError):
@@ -181,6 +188,8 @@ class SitePolicy:
     max_image_pixels: int | None = None
     max_file_mb: float | None = None
     multi_frame: str | None = None  # None: the data layer's default ("reject")
+    max_volume_mb: float | None = None
+    max_slices: int | None = None
     require_secagg: bool = False
     secagg_min_sites: int = DEFAULT_SECAGG_MIN_SITES
     ceilings: dict[str, int] = field(default_factory=lambda: dict(CEILINGS))  # CEILINGS' keys, tightened
@@ -194,6 +203,7 @@ class SitePolicy:
                    ("node config", {k: v for k, v in node_config.items() if k in KEYS})]
         deployment = bool(node_config.get("data-path"))
         eps, deltas, noise, pixels, mbs, dp_flags, frames = [], [], [], [], [], [], []
+        volume_mbs, slices = [], []
         secagg_flags, secagg_sites = [], []
         release: frozenset[str] | None = None
         device: str | None = None
@@ -217,6 +227,10 @@ class SitePolicy:
                 pixels.append(int(_number(source, "max-image-pixels", table["max-image-pixels"], 0.0)))
             if "max-file-mb" in table:
                 mbs.append(_number(source, "max-file-mb", table["max-file-mb"], 0.0))
+            if "max-volume-mb" in table:
+                volume_mbs.append(_number(source, "max-volume-mb", table["max-volume-mb"], 0.0))
+            if "max-slices" in table:
+                slices.append(_count(source, "max-slices", table["max-slices"], 1))
             if "multi-frame" in table:
                 frames.append(_multi_frame(source, table["multi-frame"]))
             if "require-secagg" in table:
@@ -236,6 +250,7 @@ class SitePolicy:
                    min_release_noise=max(noise) if noise else DEFAULT_MIN_RELEASE_NOISE,
                    max_image_pixels=min(pixels) if pixels else None, max_file_mb=min(mbs) if mbs else None,
                    multi_frame=("reject" if "reject" in frames else "first") if frames else None,
+                   max_volume_mb=min(volume_mbs) if volume_mbs else None, max_slices=min(slices) if slices else None,
                    require_secagg=any(secagg_flags),
                    secagg_min_sites=max(secagg_sites) if secagg_sites else DEFAULT_SECAGG_MIN_SITES,
                    ceilings=ceilings, device=device)
@@ -247,8 +262,12 @@ class SitePolicy:
         pixels = base.max_pixels if self.max_image_pixels is None else min(base.max_pixels, self.max_image_pixels)
         size = base.max_file_bytes if self.max_file_mb is None else min(base.max_file_bytes,
                                                                          int(self.max_file_mb * 1024**2))
+        volume = base.max_volume_bytes if self.max_volume_mb is None else min(base.max_volume_bytes,
+                                                                              int(self.max_volume_mb * 1024**2))
+        slices = base.max_slices if self.max_slices is None else min(base.max_slices, self.max_slices)
         return ImageLimits(max_pixels=pixels, max_file_bytes=max(size, 1), max_manifest_bytes=base.max_manifest_bytes,
-                           multi_frame=self.multi_frame or base.multi_frame)
+                           multi_frame=self.multi_frame or base.multi_frame, max_slices=slices,
+                           max_voxels=base.max_voxels, max_volume_bytes=max(volume, 1))
 
     def delta_for(self, n_patients: int) -> float:
         """The site's delta: its own setting, capped by the default for its size (never looser than 1/(10 n))."""

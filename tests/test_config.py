@@ -137,7 +137,8 @@ def test_auto_keys_are_the_old_defaults_without_dp_and_the_dp_recipe_with_it():
     assert _training() == ("cnn", "adam", 0.002, 16, 2)  # make demo trains exactly as before
     assert _training(dp=True) == ("scatter-linear", "sgd", 0.5, 256, 1)  # benchmarks/RESULTS.md's DP recipe
     assert auto_settings({**DEFAULTS, "dp": True}) == {"model": "scatter-linear", "optimizer": "sgd",
-                                                       "learning-rate": 0.5, "batch-size": 256, "local-epochs": 1}
+                                                       "learning-rate": 0.5, "batch-size": 256, "local-epochs": 1,
+                                                       "num-server-rounds": 20}
 
 
 def test_a_value_the_run_gives_wins_over_auto():
@@ -146,7 +147,7 @@ def test_a_value_the_run_gives_wins_over_auto():
     assert _training(dp=True, model="cnn", **{"batch-size": 64}) == ("cnn", "adam", 0.002, 64, 2)
     assert _training(model="scatter-linear", optimizer="sgd") == ("scatter-linear", "sgd", 0.002, 16, 2)
     assert auto_settings({**DEFAULTS, "dp": True, "model": "cnn", "optimizer": "sgd"}) == {
-        "learning-rate": 0.002, "batch-size": 16, "local-epochs": 2}
+        "learning-rate": 0.002, "batch-size": 16, "local-epochs": 2, "num-server-rounds": 5}
     assert _training(**{"batch-size": "auto", "learning-rate": "auto"}) == _training()  # -c KEY=auto: the default
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from nibabel.testing import data_path as NIB_DATA
 from pydicom.data import get_testdata_file
 
+from client.policy import PolicyError, SitePolicy
 from core_models.data import ImageError, ImageLimits, VolumeSettings, load_site, read_volume
 
 SOFT = VolumeSettings.from_window("soft-tissue")  # 40 / 400 HU
@@ -300,3 +301,85 @@ def test_volume_settings_validation():
     with pytest.raises(ValueError):
         VolumeSettings(percentiles=(50.0, 50.0))
     assert VolumeSettings().key != VolumeSettings(spacing=1.0).key != SOFT.key
+
+
+def _site_limits(site, toml: str, node_config: dict | None = None) -> ImageLimits:
+    """The caps a site's own settings give (what client/site.py passes to load_site)."""
+    (site / "site.toml").write_text(toml)
+    return SitePolicy.load(site, node_config).image_limits()
+
+
+def test_site_max_slices_refuses_a_longer_series_with_the_reason(tmp_path):
+    site = tmp_path / "site"
+    _series(site / "long", n=4)
+    _series(site / "short", n=3, series=2)
+    (site / "manifest.csv").write_text("patient_id,image_path,label\na,long,0\nb,short,1\n")
+    limits = _site_limits(site, "max-slices = 3\n")
+    assert limits.max_slices == 3
+    sd = load_site(site, image_size=8, volume=SOFT, limits=limits)
+    assert list(sd.frame["patient_id"]) == ["b"]
+    assert [(r.image_path, r.reason) for r in sd.rejected] == [
+        ("long", "series folder has more than 3 files (the limit per volume)")]
+    # the stricter source wins; a setting never raises the data layer's cap
+    assert _site_limits(site, "max-slices = 3\n", {"max-slices": 2}).max_slices == 2
+    assert _site_limits(site, "max-slices = 3\n", {"max-slices": 100}).max_slices == 3
+    assert _site_limits(site, "max-slices = 100000\n").max_slices == ImageLimits().max_slices
+    with pytest.raises(PolicyError, match="max-slices must be a whole number"):
+        _site_limits(site, "max-slices = 2.5\n")
+
+
+def test_site_max_volume_mb_refuses_a_nifti(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(os.path.join(NIB_DATA, "anatomical.nii"), site / "a.nii")  # 33 x 41 x 25 int16: 67,650 voxel bytes
+    small = _site_limits(site, "max-volume-mb = 0.06\n")  # 62,914 bytes
+    assert small.max_volume_bytes == int(0.06 * 1024**2)
+    with pytest.raises(ImageError, match=r"volume too large: 0\.1 MiB of voxels"):
+        read_volume(site / "a.nii", 8, limits=small, site_dir=site)
+    enough = _site_limits(site, "max-volume-mb = 0.07\n")  # 73,400 bytes
+    np.testing.assert_array_equal(read_volume(site / "a.nii", 8, limits=enough, site_dir=site)[0],
+                                  read_volume(site / "a.nii", 8, site_dir=site)[0])
+    assert _site_limits(site, "max-volume-mb = 1e6\n").max_volume_bytes == ImageLimits().max_volume_bytes
+    with pytest.raises(PolicyError, match="max-volume-mb must be in"):
+        _site_limits(site, "max-volume-mb = 0\n")
+
+
+def test_uncompressed_nifti_file_is_capped_by_the_volume_bytes(tmp_path):
+    src = os.path.join(NIB_DATA, "anatomical.nii")  # 352-byte header + 67,650 voxel bytes
+    path = tmp_path / "a.nii"
+    shutil.copy(src, path)
+    expected = read_volume(path, 8)[0]
+    # a file far over max_file_bytes is read when its voxels are within max_volume_bytes
+    np.testing.assert_array_equal(
+        read_volume(path, 8, limits=ImageLimits(max_file_bytes=1000, max_volume_bytes=67_650))[0], expected)
+    with pytest.raises(ImageError, match="volume too large: .* of voxels"):
+        read_volume(path, 8, limits=ImageLimits(max_file_bytes=1000, max_volume_bytes=67_649))
+    # the file itself: the voxel bytes plus a 16 MiB header allowance (sparse padding: nothing written)
+    allowance = 67_650 + 16 * 1024**2
+    os.truncate(path, allowance)
+    np.testing.assert_array_equal(read_volume(path, 8, limits=ImageLimits(max_volume_bytes=67_650))[0], expected)
+    os.truncate(path, allowance + 1)
+    with pytest.raises(ImageError, match=r"volume file too large: 16\.1 MiB \(limit 16\.1 MiB\)"):
+        read_volume(path, 8, limits=ImageLimits(max_volume_bytes=67_650))
+    # a .nii.gz stays capped by max_file_bytes (the voxels it inflates to by max_volume_bytes)
+    gz = tmp_path / "a.nii.gz"
+    gz.write_bytes(gzip.compress(open(src, "rb").read()))
+    size = gz.stat().st_size
+    np.testing.assert_array_equal(read_volume(gz, 8, limits=ImageLimits(max_file_bytes=size))[0], expected)
+    with pytest.raises(ImageError, match="volume file too large"):
+        read_volume(gz, 8, limits=ImageLimits(max_file_bytes=size - 1))
+
+
+def test_slice_caps_apply_to_series_slices_and_nifti_planes(tmp_path):
+    site = tmp_path / "site"
+    _series(site / "ct", n=3)  # 128 x 128 slices
+    shutil.copy(os.path.join(NIB_DATA, "anatomical.nii"), site / "a.nii")  # 33 x 41 planes, 25 of them
+    limits = _site_limits(site, f"max-image-pixels = {128 * 128 - 1}\n")
+    with pytest.raises(ImageError, match=r"image too large: 128 x 128 pixels \(limit 16,383"):
+        read_volume(site / "ct", 8, SOFT, limits=limits, site_dir=site)
+    with pytest.raises(ImageError, match=r"image too large: 41 x 33 pixels \(limit 1,352"):
+        read_volume(site / "a.nii", 8, limits=ImageLimits(max_pixels=33 * 41 - 1))
+    with pytest.raises(ImageError, match="volume has 25 slices, more than 24"):
+        read_volume(site / "a.nii", 8, limits=ImageLimits(max_pixels=33 * 41, max_slices=24))
+    vol, _ = read_volume(site / "a.nii", 8, limits=ImageLimits(max_pixels=33 * 41, max_slices=25))
+    assert vol.shape == (1, 8, 8, 8)

@@ -45,7 +45,8 @@ class ImageLimits:
         its warning is an error.
     max_file_bytes: bytes of one image file, checked (fstat) before it is read. Default 512 MiB: an uncompressed
         100 M-value 16-bit image is 200 MB, real files are <= ~40 MB (uncompressed mammogram); anything bigger is
-        multi-frame (refused anyway) or not an image.
+        multi-frame (refused anyway) or not an image. It caps each slice of a series and a .nii.gz too, but not an
+        uncompressed .nii, which is its voxels and is capped with them (max_volume_bytes).
     max_manifest_bytes: bytes of the manifest CSV. Default 256 MiB (~2 million rows of ~128 bytes; the largest
         public chest X-ray sets have < 0.5 million images).
 
@@ -57,11 +58,13 @@ class ImageLimits:
         each says so (site.toml `multi-frame = "first"`).
 
     Volumes (CT / MR: a DICOM series folder or a NIfTI file, :mod:`core_models.data.volumes`), checked from stat and
-    headers before any voxel is decoded:
-    max_slices: files in one series folder. Default 4096 (a thin-slice whole-body CT has ~2000).
+    headers before any voxel is decoded; max_pixels caps each slice (a series' Rows x Columns, a NIfTI's x * y):
+    max_slices: files in one series folder, or a NIfTI's slices (z). Default 4096 (a thin-slice whole-body CT has
+        ~2000).
     max_voxels: voxels of one volume. Default 512 x 512 x 1024 = 268 M (a 0.5 mm chest-abdomen CT); the float32
         volume is then 1 GiB, and resampling holds about two more copies transiently.
-    max_volume_bytes: bytes of one series' files together, or of a NIfTI's voxels once inflated. Default 2 GiB.
+    max_volume_bytes: bytes of one series' files together, or of a NIfTI's voxels once inflated; an uncompressed
+        .nii file may be this plus its header (at most 16 MiB with extensions). Default 2 GiB.
     """
 
     max_pixels: int = 100_000_000

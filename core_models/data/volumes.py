@@ -40,7 +40,7 @@ MIN_SLICES = 2
 WINDOWS = {"none": None, "soft-tissue": (40.0, 400.0), "brain": (40.0, 80.0), "lung": (-600.0, 1500.0),
            "bone": (400.0, 1800.0)}
 _SERIES_TAGS = (0x0020000E, 0x00200013, 0x00200032, 0x00200037)  # SeriesInstanceUID, InstanceNumber, IPP, IOP
-_FORMAT = 1  # bump when reading or resampling changes, so cached volumes are never stale
+_FORMAT = 2  # bump when reading or resampling changes, so cached volumes are never stale
 _MAX_NIFTI_OFFSET = 16 * 1024**2  # header + extensions before the voxels; real files have a few kB
 
 
@@ -351,15 +351,23 @@ def _read_series(files: list[tuple[str, int, int]], limits: ImageLimits, setting
 def _read_nifti(path: str, stamp: tuple[int, int], limits: ImageLimits):
     """A NIfTI-1/2 file's voxels (x, y, z) scaled by scl_slope/inter, and its affine (nibabel's best: sform, else
     qform). The header is checked (dimensions, data type, caps, affine) before a voxel is read, and a .nii.gz is
-    inflated only as far as the header says the voxels reach, so a gzip bomb costs nothing."""
+    inflated only as far as the header says the voxels reach, so a gzip bomb costs nothing.
+
+    An uncompressed .nii is its voxels plus a header, so its file is capped like the voxels (max_volume_bytes, plus
+    the header allowance), not by max_file_bytes: a 512 x 512 x 1024 int16 CT is 512 MiB and a few bytes. A .nii.gz
+    keeps max_file_bytes (its compressed size says nothing of the voxels, which max_volume_bytes caps once inflated).
+    The in-plane size (x * y) is one image under max_pixels and the slices (z) are under max_slices, as for a series.
+    """
     import nibabel as nib
 
     name = Path(path).name
-    with _open_regular(path, limits.max_file_bytes, what="volume file") as raw:
+    gzipped = name.lower().endswith(".gz")
+    cap = limits.max_file_bytes if gzipped else limits.max_volume_bytes + _MAX_NIFTI_OFFSET
+    with _open_regular(path, cap, what="volume file") as raw:
         st = os.fstat(raw.fileno())
         if (st.st_size, st.st_mtime_ns) != stamp:
             raise ImageError(f"volume file changed while being read: {name}")
-        f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if name.lower().endswith(".gz") else raw
+        f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
         try:
             head = f.read(540)
             sizeof = int.from_bytes(head[:4], "little") if len(head) >= 4 else 0
@@ -384,6 +392,9 @@ def _read_nifti(path: str, stamp: tuple[int, int], limits: ImageLimits):
             dtype = hdr.get_data_dtype()
             if dtype.kind not in "iuf" or dtype.fields is not None:
                 raise ImageError(f"unsupported NIfTI data type {dtype} in {name}")
+            _check_pixel_count(shape[1], shape[0], 1, 1, limits)
+            if shape[2] > limits.max_slices:
+                raise ImageError(f"volume has {shape[2]} slices, more than {limits.max_slices} (the limit per volume)")
             voxels = math.prod(shape)
             if voxels > limits.max_voxels:
                 raise ImageError(f"volume too large: {' x '.join(map(str, shape))} = {voxels:,} voxels "
