@@ -62,8 +62,10 @@ import tempfile
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TextIO
 
 from core_models.processes import APP_DIR, app_snapshot
 from core_models.protocol import site_error
@@ -156,15 +158,72 @@ def _background_errors_to_log(site_log: Path | None) -> None:
 
 
 # --- one task (the role of flwr-clientapp) ----------------------------------------------
+@dataclass(frozen=True)
+class TaskLink:
+    """The task's one client of the SuperNode's Runtime API and the retry policy it calls through: the
+    heartbeat, the task's pulls and pushes and the exit report share them, and on exit the retries end
+    (`max_tries = 1`) for every one of them, as in flwr-clientapp."""
+
+    client: Any
+    retry_invoker: Any
+
+    @classmethod
+    def open(cls, runtime_api_address: str, token: str) -> "TaskLink":
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+
+        retry_invoker = make_simple_http_retry_invoker()
+        return cls(_runtime_client(runtime_api_address, token, retry_invoker), retry_invoker)
+
+
+@dataclass
+class TaskState:
+    """What the task's exit handler reports and closes, filled in as the task goes (hence not frozen): its
+    link and heartbeat once the token came, its context once pulled, its outcome at the end."""
+
+    link: TaskLink | None = None
+    heartbeat: Any = None  # a started HeartbeatSender
+    context: Any = None
+    sub_status: str = "failed"  # flwr.common.constant.SubStatus.FAILED, until the task completes
+    details: str = "ClientApp task failed"
+
+
+def register_exit_handlers(state: TaskState) -> None:
+    """Flower's SIGINT/SIGTERM/SIGQUIT handlers, reporting `state` to the SuperNode on the way out (main
+    thread only). Registered before any heartbeat runs: Flower's task heartbeat raises SIGINT in this
+    process when the SuperNode answers that the task is over (make_task_heartbeat_fn_http), and its retry
+    policy does the same on '401 Unauthorized' (make_simple_http_retry_invoker). Without these handlers that
+    SIGINT is a KeyboardInterrupt in whatever the main thread runs (importing torch, building the bundle),
+    and the process dies with a traceback and no task output pushed."""
+    from flwr.supercore.exit import register_signal_handlers
+    from flwr.supercore.telemetry import EventType
+    from flwr.supernode.runtime.run_clientapp import push_task_output  # imported now, not mid-signal
+
+    def on_exit() -> None:
+        link = state.link
+        if link is None:  # no task yet (a pre-started process stopped while waiting): nothing to report
+            return
+        link.retry_invoker.max_tries = 1
+        push_task_output(client=link.client, context=state.context, sub_status=state.sub_status,
+                         details=state.details)
+        if state.heartbeat is not None and state.heartbeat.is_running:
+            state.heartbeat.stop()
+        link.client.close()
+
+    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.",
+                             exit_handlers=[on_exit])
+
+
 def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: int | None) -> None:
     """A task process started before its task: load what every task needs, then answer the
     task whose token arrives on stdin (none when the runner stops first: exit quietly)."""
     from flwr.supercore.app_utils import start_parent_process_monitor
 
+    _background_errors_to_log(site_log)
+    state = TaskState()
+    register_exit_handlers(state)  # before the parent monitor or the heartbeat can raise SIGINT
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
-    _background_errors_to_log(site_log)
-    watch = TokenWatch(runtime_api_address)
+    watch = TokenWatch(runtime_api_address, state)
     try:
         loaded = load_installed_clientapp()
     except Exception as err:  # noqa: BLE001  (answered as the task's failure, below)
@@ -175,86 +234,81 @@ def wait_for_task(runtime_api_address: str, site_log: Path | None, parent_pid: i
         reference = err
     watch.arrived.wait()
     if watch.token:
-        run_task(runtime_api_address, watch.token, site_log, loaded, reference, heartbeat=watch.heartbeat)
+        run_task(runtime_api_address, watch.token, site_log, loaded, reference, state=state)
 
 
 class TokenWatch:
     """The task's token read from stdin in the background, and kept alive with heartbeats from the moment it
     arrives: a task handed over while this process still imports torch (seconds, minutes on a loaded machine)
-    would otherwise send no heartbeat until the imports end, and the SuperNode voids a silent task's token."""
+    would otherwise send no heartbeat until the imports end, and the SuperNode voids a silent task's token.
+    The task's link and started heartbeat go into `state`, which run_task then uses as they are; the exit
+    handlers must be registered on `state` first (register_exit_handlers says why). `sender_cls`: the
+    heartbeat's class, Flower's HeartbeatSender when None (imported in the background, with the token)."""
 
-    def __init__(self, runtime_api_address: str):
+    def __init__(self, runtime_api_address: str, state: TaskState, stdin: TextIO | None = None,
+                 sender_cls: type | None = None):
         self.token: str = ""
-        self.heartbeat = None  # a started HeartbeatSender once a token came; None: run_task starts its own
+        self.state = state
         self.arrived = threading.Event()
-        threading.Thread(target=self._read, args=(runtime_api_address,), name="task-token", daemon=True).start()
+        threading.Thread(target=self._read, args=(runtime_api_address, stdin or sys.stdin, sender_cls),
+                         name="task-token", daemon=True).start()
 
-    def _read(self, runtime_api_address: str) -> None:
-        token = sys.stdin.readline().strip()
+    def _read(self, runtime_api_address: str, stdin: TextIO, sender_cls: type | None) -> None:
+        token = stdin.readline().strip()
         if token:
             try:
                 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 
-                sender = HeartbeatSender(make_task_heartbeat_fn_http(_runtime_client(runtime_api_address, token)))
+                self.state.link = TaskLink.open(runtime_api_address, token)
+                sender = (sender_cls or HeartbeatSender)(make_task_heartbeat_fn_http(self.state.link.client))
                 sender.start()
-                self.heartbeat = sender
-            except Exception:  # noqa: BLE001  (run_task starts the heartbeat itself, as before)
-                self.heartbeat = None
+                self.state.heartbeat = sender
+            except Exception:  # noqa: BLE001  (run_task opens what is missing itself, as before)
+                pass
         self.token = token
         self.arrived.set()
 
 
-def _runtime_client(runtime_api_address: str, token: str, retry_invoker=None):
+def _runtime_client(runtime_api_address: str, token: str, retry_invoker):
     """A client of the SuperNode's Runtime API that speaks for the task holding `token`."""
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     return RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                       RuntimeTokenHttpInterceptor(token)],
-        retry_invoker=retry_invoker or make_simple_http_retry_invoker(),
+        retry_invoker=retry_invoker,
     )
 
 
 def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded, reference,
-             heartbeat=None) -> None:
+             state: TaskState | None = None) -> None:
     """Answer one ClientApp task; modelled on flwr.supernode.runtime.run_clientapp.run_clientapp,
     with the FAB compared instead of installed and the ClientApp imported from this site
     (`loaded`: the ClientApp, or why it could not be imported; `reference`: the installed
-    bundle, or why it could not be built; `heartbeat`: the task's heartbeat, already running)."""
+    bundle, or why it could not be built; `state`: the task so far, its exit handlers registered,
+    from TokenWatch; None: a task started here, as flwr-clientapp does)."""
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
+    from flwr.supercore.exit import ExitCode, flwr_exit
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.telemetry import EventType
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message
 
-    retry_invoker = make_simple_http_retry_invoker()
-    client = _runtime_client(runtime_api_address, token, retry_invoker)
-    state = {"context": None, "sub_status": SubStatus.FAILED, "details": "ClientApp task failed",
-             "heartbeat": heartbeat}
-
-    def on_exit() -> None:
-        retry_invoker.max_tries = 1
-        push_task_output(client=client, context=state["context"], sub_status=state["sub_status"],
-                         details=state["details"])
-        if state["heartbeat"] is not None and state["heartbeat"].is_running:
-            state["heartbeat"].stop()
-        client.close()
-
-    register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE, exit_message="Task stopped.",
-                             exit_handlers=[on_exit])
+    if state is None:
+        state = TaskState()
+        register_exit_handlers(state)
+    if state.link is None:
+        state.link = TaskLink.open(runtime_api_address, token)
+    client = state.link.client
     message = reply = None
     exit_code = ExitCode.SUCCESS
     try:
-        if state["heartbeat"] is None:
-            state["heartbeat"] = HeartbeatSender(make_task_heartbeat_fn_http(client))
-            state["heartbeat"].start()
+        if state.heartbeat is None:
+            state.heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+            state.heartbeat.start()
         message, context, run, fab = pull_task_input(client)
-        state["context"] = context
+        state.context = context
         problems = bundle_differences(fab.content, reference)
         if problems:
             stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -264,23 +318,23 @@ def run_task(runtime_api_address: str, token: str, site_log: Path | None, loaded
             site = context.node_config.get("site")  # the hospital's own setting, as in client.app's errors
             reason = site_error(site, BUNDLE_REFUSED) if site else BUNDLE_REFUSED
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message)
-            state["details"] = BUNDLE_REFUSED  # the task FAILED; the process did what it must (exit code 0)
+            state.details = BUNDLE_REFUSED  # the task FAILED; the process did what it must (exit code 0)
         else:
             if isinstance(loaded, Exception):
                 raise loaded
             reply = loaded(message=message, context=context)
-            state["sub_status"], state["details"] = SubStatus.COMPLETED, ""
+            state.sub_status, state.details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001  (as Flower: the server gets the exception type, text stays here)
         _site_log(site_log, f"--- pinned ClientApp task failed: {type(ex).__name__}: {ex}")
         reason = f"{type(ex)}"
-        state["details"] = reason
+        state.details = reason
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
         exit_code = ExitCode.TASK_PROC_EXCEPTION
     finally:
-        if reply is not None and state["context"] is not None:
+        if reply is not None and state.context is not None:
             try:
-                push_message(client, reply, state["context"])
+                push_message(client, reply, state.context)
             except Exception as ex:  # noqa: BLE001
                 _site_log(site_log, f"--- failed to push the reply: {type(ex).__name__}: {ex}")
                 exit_code = ExitCode.CLIENTAPP_COMMUNICATION_ERROR

@@ -1,6 +1,10 @@
 """The ClientApp's handlers called with real Flower records on a generated site:
 what leaves the site, how a site is found, and what the server learns on failure."""
 
+import io
+import os
+import socket
+import threading
 import tomllib
 from pathlib import Path
 
@@ -131,8 +135,6 @@ def test_the_server_reads_the_site_from_an_error_reply():
 
 
 def test_a_task_background_thread_error_goes_to_the_site_log_not_the_console(tmp_path, capsys):
-    import threading
-
     from client.pinned_runner import _background_errors_to_log
 
     saved = threading.excepthook
@@ -152,3 +154,87 @@ def test_a_task_background_thread_error_goes_to_the_site_log_not_the_console(tmp
     assert (tmp_path / "client_errors.log").read_text() == (
         "--- background thread heartbeat: RuntimeError: Client error '401 Unauthorized' for url "
         ".../send-task-heartbeat\n")
+
+
+class _RecordingSender:
+    """Stands in for Flower's HeartbeatSender: records what TokenWatch builds and when it starts it."""
+
+    made: list["_RecordingSender"] = []
+    started = threading.Event()  # set by the first start()
+    watch = None
+
+    def __init__(self, heartbeat_fn):
+        self.heartbeat_fn = heartbeat_fn
+        self.arrived_at_start = None
+        self.made.append(self)
+
+    def start(self):
+        self.arrived_at_start = self.watch.arrived.is_set()
+        type(self).started.set()
+
+    @classmethod
+    def reset(cls):
+        cls.made, cls.started, cls.watch = [], threading.Event(), None
+
+
+def _within(fn, seconds):
+    """[fn()] when it returns within `seconds`, else [] (a heartbeat that retries forever fails the test)."""
+    done = []
+    worker = threading.Thread(target=lambda: done.append(fn()), daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    return done
+
+
+@pytest.fixture
+def refused_address():
+    """A loopback address bound but not listening: connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_token_watch_starts_the_heartbeat_on_the_token_and_hands_it_over(refused_address):
+    from flwr.common.constant import SubStatus
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatResponse  # pylint: disable=E0611
+
+    from client.pinned_runner import TaskState, TokenWatch
+
+    assert TaskState().sub_status == SubStatus.FAILED  # what the exit handler reports until the task completes
+    read_end, write_end = os.pipe()
+    _RecordingSender.reset()
+    state = TaskState()
+    with open(read_end, encoding="utf-8") as stdin, open(write_end, "w", encoding="utf-8") as feed:
+        watch = TokenWatch(refused_address, state, stdin=stdin, sender_cls=_RecordingSender)
+        _RecordingSender.watch = watch  # set before the token is written, so before any start()
+        feed.write("task-token\n")
+        feed.flush()
+        # the main thread is still "importing": it has not looked at the watch, yet the heartbeat runs
+        assert _RecordingSender.started.wait(timeout=30)
+        sender, = _RecordingSender.made
+        assert sender.arrived_at_start is False  # started before the main thread was told of the token
+        assert watch.arrived.wait(timeout=30) and watch.token == "task-token"
+    try:
+        assert len(_RecordingSender.made) == 1 and state.heartbeat is sender and watch.state is state
+        # the heartbeat speaks through the very client run_task is handed ...
+        state.link.client.SendTaskHeartbeat = lambda _req: SendTaskHeartbeatResponse(success=True)
+        assert _within(sender.heartbeat_fn, seconds=30) == [True]
+        del state.link.client.SendTaskHeartbeat
+        # ... whose retries end with the link's retry policy (what run_task's exit handler sets): one refused
+        # connection, and the heartbeat reports the failure instead of retrying forever
+        state.link.retry_invoker.max_tries = 1
+        assert _within(sender.heartbeat_fn, seconds=30) == [False]
+    finally:
+        state.link.client.close()
+
+
+def test_token_watch_without_a_token_starts_no_heartbeat():
+    from client.pinned_runner import TaskState, TokenWatch
+
+    _RecordingSender.reset()
+    for stdin in (io.StringIO("\n"), io.StringIO("")):  # the runner's "no task", or its stdin closed
+        state = TaskState()
+        watch = TokenWatch("127.0.0.1:9", state, stdin=stdin, sender_cls=_RecordingSender)
+        assert watch.arrived.wait(timeout=30)
+        assert watch.token == "" and state.link is None and state.heartbeat is None
+    assert _RecordingSender.made == []
