@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core_models.data.limits import ImageLimits, ManifestError, read_capped
+from core_models.data.limits import ImageError, ImageLimits, ManifestError, read_capped
 from core_models.paths import UnsafePath, resolve_site_file
 
 MANIFEST_REQUIRED = ("patient_id", "image_path", "label")
@@ -115,8 +115,14 @@ def manifest_patients(manifest_path, limits: ImageLimits | None = None) -> int:
     return int(ids[ids != ""].nunique())
 
 
+def _locate_file(site: str, target: str) -> tuple[str, tuple[int, int]]:
+    """An image file's resolved path and its (size, mtime_ns)."""
+    resolved, st = resolve_site_file(site, target)
+    return str(resolved), (st.st_size, st.st_mtime_ns)
+
+
 def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path | None = None,
-                    unlabelled: bool = False):
+                    unlabelled: bool = False, locate=_locate_file):
     """Parse manifest bytes -> (accepted rows indexed by manifest row, resolved paths, their (size, mtime_ns),
     rejections, number of rows). Files are stat-ed here, before decoding, so a file changed meanwhile invalidates.
 
@@ -125,7 +131,9 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, si
 
     Image paths are relative to the manifest's folder and must resolve (symlinks followed) to regular files inside
     `site_dir` (default: the manifest's folder); anything else is a Rejection with the reason from
-    :func:`core_models.paths.resolve_site_file`, and nothing of it is opened."""
+    :func:`core_models.paths.resolve_site_file`, and nothing of it is opened. `locate(site, target)` gives a row's
+    (resolved path, stamp) or raises the row's reason: an image file by default; a volume site passes the listing of
+    a series folder or NIfTI file (core_models.data.volumes.volume_files) as the stamp."""
     df = _table(raw, manifest_path)
     n_rows = len(df)
 
@@ -147,8 +155,8 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, si
             continue
         text = shown.strip()
         try:  # relative to the manifest; an absolute image_path stays as it is (and must still be in the site)
-            resolved, st = resolve_site_file(site, text if same else os.path.join(base, text))
-        except UnsafePath as e:
+            resolved, stamp = locate(site, text if same else os.path.join(base, text))
+        except (UnsafePath, ImageError) as e:
             rejected.append(Rejection(shown, row, str(e)))
             continue
         except (OSError, ValueError) as e:  # e.g. an over-long name: still this row's problem only
@@ -156,8 +164,8 @@ def _parse_manifest(raw: bytes, manifest_path: Path, num_classes: int | None, si
             continue
         keep.append(row)
         labels.append(label)
-        paths.append(str(resolved))
-        stamps.append((st.st_size, st.st_mtime_ns))
+        paths.append(resolved)
+        stamps.append(stamp)
     df = df.iloc[keep].copy()
     df["label"] = np.asarray(labels, dtype=np.int64)
     return df, paths, stamps, rejected, n_rows

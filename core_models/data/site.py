@@ -20,16 +20,7 @@ import pandas as pd
 from core_models.data.cache import _cache_file, _cache_key, _cache_load, _cache_save
 from core_models.data.images import read_image
 from core_models.data.limits import DecoderMissing, ImageError, ImageLimits, ManifestError, _limits
-from core_models.data.manifest import (
-    _NO_LABEL,
-    Rejection,
-    _first_reasons,
-    _label_missing,
-    _parse_label,
-    _parse_manifest,
-    _read_manifest_bytes,
-    _table,
-)
+from core_models.data.manifest import _NO_LABEL, Rejection, _first_reasons, _parse_manifest, _read_manifest_bytes
 from core_models.data.pixels import META_COLUMNS, _check_channels
 from core_models.data.volumes import VolumeSettings, read_volume, volume_files
 
@@ -106,42 +97,14 @@ def _decode_rows(df: pd.DataFrame, paths: list[str], image_size: int, limits: Im
     return stack[: len(ok_rows)], ok_rows, metas, rejected, transient
 
 
-def _parse_volumes(raw: bytes, manifest_path: Path, num_classes: int | None, site_dir: Path, unlabelled: bool,
-                   limits: ImageLimits):
-    """_parse_manifest for a volume site: each image_path names a series folder or a NIfTI file inside the site,
-    listed now (:func:`volume_files`); that listing (every file's size and mtime_ns) is what the cache key covers
-    and what is read. Returns (accepted rows, each row's resolved path, its listing, rejections, number of rows)."""
-    df = _table(raw, manifest_path)
-    base = os.path.abspath(manifest_path.parent)
-    keep, labels, paths, listings, rejected = [], [], [], [], []
-    for row, pid, shown, lab in zip(range(len(df)), df["patient_id"], df["image_path"], df["label"]):
-        if shown == "":
-            rejected.append(Rejection(shown, row, "missing image_path"))
-            continue
-        if pid == "":
-            rejected.append(Rejection(shown, row, "missing patient_id"))
-            continue
-        label, why = (_NO_LABEL, "") if unlabelled and _label_missing(lab) else _parse_label(lab, num_classes)
-        if label is None:
-            rejected.append(Rejection(shown, row, why))
-            continue
-        target = os.path.join(base, shown)
-        try:
-            files = volume_files(site_dir, target, limits)
-        except ImageError as e:
-            rejected.append(Rejection(shown, row, str(e)))
-            continue
-        except (OSError, ValueError) as e:  # e.g. an over-long name or a NUL: still this row's problem only
-            rejected.append(Rejection(shown, row, f"unusable image path ({type(e).__name__}: {e})"))
-            continue
-        keep.append(row)
-        labels.append(label)
-        paths.append(os.path.realpath(target))
-        listings.append(files)
-    n_rows = len(df)
-    df = df.iloc[keep].copy()
-    df["label"] = np.asarray(labels, dtype=np.int64)
-    return df, paths, listings, rejected, n_rows
+def _volume_locator(limits: ImageLimits):
+    """_parse_manifest's `locate` for a volume site: a series folder or NIfTI file inside the site, listed now
+    (:func:`volume_files`); that listing (every file's size and mtime_ns) is what the cache key covers and what is
+    read."""
+    def locate(site: str, target: str) -> tuple[str, list[tuple[str, int, int]]]:
+        full = os.path.join(site, target)
+        return os.path.realpath(full), volume_files(site, full, limits)
+    return locate
 
 
 def load_site(
@@ -196,8 +159,9 @@ def load_site(
                                                               unlabelled=unlabelled)
         key_paths = paths
     else:
-        df, paths, listings, rejected, n_rows = _parse_volumes(raw, manifest_path, num_classes, data_dir,
-                                                               unlabelled, _limits(limits))
+        df, paths, listings, rejected, n_rows = _parse_manifest(raw, manifest_path, num_classes, site_dir=data_dir,
+                                                                unlabelled=unlabelled,
+                                                                locate=_volume_locator(_limits(limits)))
         listing = dict(zip(paths, listings))
         key_paths = [p for files in listings for p, _, _ in files]
         stamps = [(size, mtime) for files in listings for _, size, mtime in files]
