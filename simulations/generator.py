@@ -443,9 +443,26 @@ def _uid(*parts: Any) -> str:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
+def set_synthetic_patient(ds, row: Mapping[str, Any], s: int) -> None:
+    """The study, patient and scanner header of a synthetic patient's DICOM (no real PHI: a SYNTHETIC^ name, no
+    birth date; the scanner of the row's S), shared by the 2-D images and the volume series."""
+    kind = "legacy" if int(s) == 1 else "modern"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20250101"
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "090000"
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
+    ds.SeriesNumber = 1
+    ds.PatientName = f"SYNTHETIC^{row['patient_id']}"
+    ds.PatientID = str(row["patient_id"])
+    ds.PatientBirthDate = ""
+    ds.PatientSex = str(row["sex"])
+    ds.PatientAge = f"{int(row['C']):03d}Y"
+    ds.InstitutionName = str(row["site"])
+    ds.Manufacturer = str(row[f"{kind}_manufacturer"])
+    ds.ManufacturerModelName = str(row[f"{kind}_model"])
+
+
 def write_dicom(path: Path, pixels: np.ndarray, row: Mapping[str, Any], s: int, uid_key: str) -> None:
     """One DX-for-presentation DICOM. UIDs are derived from ``uid_key`` so regeneration is byte-identical."""
-    kind = "legacy" if int(s) == 1 else "modern"
     sop_uid = _uid(uid_key, row["patient_id"], "sop")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
@@ -462,21 +479,8 @@ def write_dicom(path: Path, pixels: np.ndarray, row: Mapping[str, Any], s: int, 
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20250101"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "090000"
-    ds.StudyID = "1"
-    ds.AccessionNumber = ""
-    ds.ReferringPhysicianName = ""
-    ds.SeriesNumber = 1
+    set_synthetic_patient(ds, row, s)
     ds.InstanceNumber = 1
-    ds.PatientName = f"SYNTHETIC^{row['patient_id']}"
-    ds.PatientID = str(row["patient_id"])
-    ds.PatientBirthDate = ""
-    ds.PatientSex = str(row["sex"])
-    ds.PatientAge = f"{int(row['C']):03d}Y"
-    ds.InstitutionName = str(row["site"])
-    ds.Manufacturer = str(row[f"{kind}_manufacturer"])
-    ds.ManufacturerModelName = str(row[f"{kind}_model"])
     ds.set_pixel_data(pixels, "MONOCHROME2", 12, generate_instance_uid=False)
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"

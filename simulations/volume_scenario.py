@@ -41,6 +41,7 @@ from scipy.special import expit
 from simulations.generator import (
     BOX_COLUMNS,
     apply_scanner,
+    set_synthetic_patient,
     lesion_params,
     manifest_from_truth,
     sample_holdout_truth,
@@ -194,7 +195,6 @@ def write_nifti(path: Path, hu: np.ndarray, spec: VolumeSpec, s: int) -> None:
 def write_dicom_series(folder: Path, hu: np.ndarray, row: Mapping[str, Any], spec: VolumeSpec, s: int,
                        uid_key: str) -> None:
     """One CT file per slice; UIDs derived from ``uid_key`` and the patient, so a rewrite is byte-identical."""
-    kind = "legacy" if int(s) == 1 else "modern"
     pid = str(row["patient_id"])
 
     def uid(*parts: Any) -> str:
@@ -214,18 +214,7 @@ def write_dicom_series(folder: Path, hu: np.ndarray, row: Mapping[str, Any], spe
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.BodyPartExamined = "CHEST"
     ds.PatientPosition = "HFS"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20250101"
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "090000"
-    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-    ds.SeriesNumber = 1
-    ds.PatientName = f"SYNTHETIC^{pid}"
-    ds.PatientID = pid
-    ds.PatientBirthDate = ""
-    ds.PatientSex = str(row["sex"])
-    ds.PatientAge = f"{int(row['C']):03d}Y"
-    ds.InstitutionName = str(row["site"])
-    ds.Manufacturer = str(row[f"{kind}_manufacturer"])
-    ds.ManufacturerModelName = str(row[f"{kind}_model"])
+    set_synthetic_patient(ds, row, s)
     ds.KVP = "120"
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
     ds.PositionReferenceIndicator = ""
